@@ -1,0 +1,21 @@
+"""tl_linmap: a TransformerLens model's inference on one input as an exact linear system."""
+
+from tl_linmap.errors import FreezeError, InputError, LinmapError, MemoryBudgetError, UnsupportedArchitectureError
+from tl_linmap.freezing import freeze_hooks, frozen, replay_hooks, same_path_hooks
+from tl_linmap.maps import LinearMap, linear_map
+from tl_linmap.rules import FREEZE_RULES
+
+__all__ = [
+    "FREEZE_RULES",
+    "FreezeError",
+    "InputError",
+    "LinearMap",
+    "LinmapError",
+    "MemoryBudgetError",
+    "UnsupportedArchitectureError",
+    "freeze_hooks",
+    "frozen",
+    "linear_map",
+    "replay_hooks",
+    "same_path_hooks",
+]

@@ -1,0 +1,215 @@
+"""Freezing: TransformerLens hook lists that turn a model into its detached linear system.
+
+Three hook lists share the rule table in `tl_linmap.rules`:
+
+- `freeze_hooks`: detach every factor ``A(x)``; forward values stay bit-identical, so
+  reverse mode through the model yields the *detached Jacobian*.
+- `replay_hooks`: substitute factors recorded from another pass; the model then *is*
+  the affine map ``x -> Σ_i J_i x_i + b`` for any embeddings, which gives the bias
+  (embeddings zero) and an independent forward-mode check of the Jacobian.
+- `same_path_hooks`: keep everything live but route norms through the same code path
+  the frozen pass takes, for a reference forward in true float64 (the bridge's native
+  RMSNorm path computes in float32 even in a float64 model).
+"""
+
+from __future__ import annotations
+
+import warnings
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import torch
+from torch import Tensor
+
+from tl_linmap.rules import Detach, Ratio, rules_for
+
+HookFn = Callable[..., "Tensor | None"]
+HookList = list[tuple[str, HookFn]]
+Factors = dict[str, Tensor]
+
+# The bridge warns each time a hook edits a norm's scale; here that edit is the point.
+_NORM_EDIT_WARNING = r"A forward hook edited hook_scale"
+
+
+def _straight_through(post: Tensor, pre: Tensor, ratio: Tensor) -> Tensor:
+    # (pre - pre.detach()) is exactly zero, so the value is post's bits; its gradient is ratio.
+    return post.detach() + (pre - pre.detach()) * ratio
+
+
+def _ratio(post: Tensor, pre: Tensor, at_zero: float) -> Tensor:
+    zero = pre == 0
+    return torch.where(zero, torch.full_like(pre, at_zero), post / torch.where(zero, torch.ones_like(pre), pre)).detach()
+
+
+def freeze_hooks(model, *, factors: Factors | None = None) -> HookList:
+    """Hooks that detach every input-dependent factor of the model.
+
+    Forward values are bit-identical to the unfrozen forward on the same norm path;
+    gradients see a linear (affine) function of the token embeddings.
+
+    Args:
+        model: A TransformerBridge of a supported architecture.
+        factors: If given, filled with the frozen factor of every hook point
+            (the detached value, or for `Ratio` rules the ratio under the post name),
+            ready for `replay_hooks`.
+
+    Returns:
+        ``(hook_name, fn)`` pairs for ``model.hooks(fwd_hooks=...)``.
+
+    Raises:
+        UnsupportedArchitectureError: if the architecture has no freeze rules.
+    """
+    hooks: HookList = []
+    n_layers = model.cfg.n_layers
+    for rule in rules_for(model):
+        if isinstance(rule, Detach):
+            hooks += [(name, _detach_fn(name, factors)) for name in rule.hook_names(n_layers)]
+        else:
+            for pre_name, post_name in rule.hook_names(n_layers):
+                live: dict[str, Tensor] = {}
+                hooks.append((pre_name, _keep_fn(live)))
+                hooks.append((post_name, _ratio_fn(post_name, live, rule, factors)))
+    return hooks
+
+
+def _detach_fn(name: str, factors: Factors | None) -> HookFn:
+    def hook(act: Tensor, hook=None) -> Tensor:
+        frozen = act.detach()
+        if factors is not None:
+            factors[name] = frozen
+        return frozen
+
+    return hook
+
+
+def _keep_fn(live: dict[str, Tensor]) -> HookFn:
+    # Keyed by this closure, not hook.name: an alias hook reports its canonical name.
+    def hook(act: Tensor, hook=None) -> None:
+        live["pre"] = act
+
+    return hook
+
+
+def _ratio_fn(name: str, live: dict[str, Tensor], rule: Ratio, factors: Factors | None) -> HookFn:
+    def hook(post: Tensor, hook=None) -> Tensor:
+        pre = live.pop("pre")
+        ratio = _ratio(post, pre, rule.ratio_at_zero)
+        if factors is not None:
+            factors[name] = ratio
+        return _straight_through(post, pre, ratio)
+
+    return hook
+
+
+def factor_names(model) -> list[str]:
+    """Hook names under which `freeze_hooks` records a factor.
+
+    Args:
+        model: A TransformerBridge of a supported architecture.
+
+    Returns:
+        Every `Detach` hook name, and the post-activation name of every `Ratio` pair.
+    """
+    n_layers = model.cfg.n_layers
+    return [
+        name if isinstance(rule, Detach) else name[1]
+        for rule in rules_for(model)
+        for name in rule.hook_names(n_layers)
+    ]
+
+
+def replay_hooks(model, factors: Factors) -> HookList:
+    """Hooks that replace every factor by a recorded one, making the model exactly affine.
+
+    Args:
+        model: The model `factors` were recorded on (same prompt length).
+        factors: Filled by `freeze_hooks(model, factors=...)`; batch 1, broadcast to any batch.
+
+    Returns:
+        ``(hook_name, fn)`` pairs for ``model.hooks(fwd_hooks=...)``.
+
+    Raises:
+        KeyError: if a factor the rules need was not recorded.
+    """
+    hooks: HookList = []
+    n_layers = model.cfg.n_layers
+    for rule in rules_for(model):
+        if isinstance(rule, Detach):
+            hooks += [(name, _replace_fn(factors[name])) for name in rule.hook_names(n_layers)]
+        else:
+            for pre_name, post_name in rule.hook_names(n_layers):
+                live: dict[str, Tensor] = {}
+                hooks.append((pre_name, _keep_fn(live)))
+                hooks.append((post_name, _replay_ratio_fn(live, factors[post_name])))
+    return hooks
+
+
+def _replace_fn(factor: Tensor) -> HookFn:
+    def hook(act: Tensor, hook=None) -> Tensor:
+        return factor.expand_as(act)
+
+    return hook
+
+
+def _replay_ratio_fn(live: dict[str, Tensor], ratio: Tensor) -> HookFn:
+    def hook(post: Tensor, hook=None) -> Tensor:
+        return live.pop("pre") * ratio
+
+    return hook
+
+
+def same_path_hooks(model) -> HookList:
+    """Hooks that leave every value live but send norms down the frozen pass's code path.
+
+    Args:
+        model: A TransformerBridge of a supported architecture.
+
+    Returns:
+        ``(hook_name, fn)`` pairs returning a copy of each norm scale.
+    """
+    names = [
+        name
+        for rule in rules_for(model)
+        if isinstance(rule, Detach) and rule.act == "scale"
+        for name in rule.hook_names(model.cfg.n_layers)
+    ]
+    return [(name, _copy) for name in names]
+
+
+def _copy(act: Tensor, hook=None) -> Tensor:
+    # A new tensor object is the bridge's signal for "edited"; the values are unchanged.
+    return act.clone()
+
+
+@contextmanager
+def quiet_norm_edits() -> Iterator[None]:
+    """Silence the bridge's warning that a hook edited a norm scale (expected here).
+
+    Returns:
+        A context manager.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_NORM_EDIT_WARNING)
+        yield
+
+
+@contextmanager
+def frozen(model, *, factors: Factors | None = None) -> Iterator:
+    """Context manager: run the model as its detached linear system.
+
+    Composes with the user's own hooks (``model.hooks``, ``run_with_cache``,
+    ``run_with_hooks``); the freeze hooks are removed on exit, also on error.
+
+    Args:
+        model: A TransformerBridge of a supported architecture.
+        factors: Optional dict to record the frozen factors in (see `freeze_hooks`).
+
+    Returns:
+        A context manager yielding the model.
+
+    Example:
+        >>> with tl_linmap.frozen(model):
+        ...     logits, cache = model.run_with_cache(tokens)
+    """
+    with quiet_norm_edits(), model.hooks(fwd_hooks=freeze_hooks(model, factors=factors)):
+        yield model

@@ -1,0 +1,132 @@
+"""The freeze-rule table: where each architecture keeps its input-dependent factors A(x).
+
+Every nonlinearity of a supported transformer is a product ``A(x) · x`` whose factor
+``A(x)`` is visible at one TransformerLens hook point. A rule names that hook point and
+how to freeze the factor there; all per-architecture knowledge lives in `FREEZE_RULES`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Union
+
+from transformer_lens import utilities as utils
+
+from tl_linmap.errors import UnsupportedArchitectureError
+
+
+@dataclass(frozen=True)
+class Detach:
+    """The activation at this hook point *is* the factor: detach it.
+
+    Used for norm scales (``x / scale``), attention patterns (``pattern · V``) and the
+    gate pre-activation of gated MLPs (detaching ``x W_gate`` freezes the whole
+    activated gate ``act(x W_gate)`` while ``x W_in`` stays linear).
+    """
+
+    act: str
+    layer_type: str | None = None
+    per_layer: bool = True
+
+    def hook_names(self, n_layers: int) -> list[str]:
+        """Hook names this rule covers.
+
+        Args:
+            n_layers: Number of transformer blocks.
+
+        Returns:
+            One name per block, or the single global name for a rule like ``ln_final``.
+        """
+        if not self.per_layer:
+            return [utils.get_act_name(self.act)]
+        return [utils.get_act_name(self.act, layer, self.layer_type) for layer in range(n_layers)]
+
+
+@dataclass(frozen=True)
+class Ratio:
+    """A pointwise activation ``post = act(pre)`` written as ``(act(pre) / pre) · pre``.
+
+    The ratio is frozen while ``pre`` stays live. ``ratio_at_zero`` is the limit of
+    ``act(p) / p`` at ``p = 0`` (``act'(0) = 1/2`` for GELU and its tanh form); any
+    finite value keeps the system exact since it multiplies ``pre == 0``.
+    """
+
+    ratio_at_zero: float = 0.5
+
+    def hook_names(self, n_layers: int) -> list[tuple[str, str]]:
+        """(pre, post) hook-name pairs, one per block.
+
+        Args:
+            n_layers: Number of transformer blocks.
+
+        Returns:
+            ``[(blocks.L.mlp.hook_pre, blocks.L.mlp.hook_post), ...]``.
+        """
+        return [(utils.get_act_name("pre", layer), utils.get_act_name("post", layer)) for layer in range(n_layers)]
+
+
+Rule = Union[Detach, Ratio]
+
+_FINAL_NORM = Detach("scale", per_layer=False)
+_PATTERN = Detach("pattern")
+_GATE = Detach("pre")  # on gated bridges `mlp.hook_pre` is the gate projection's output
+_PRE_NORMS = (Detach("scale", "ln1"), Detach("scale", "ln2"))
+_QK_NORMS = (Detach("scale", "attn.q_norm"), Detach("scale", "attn.k_norm"))
+_POST_NORMS = (Detach("scale", "ln1_post"), Detach("scale", "ln2_post"))
+
+_GATED = (*_PRE_NORMS, _PATTERN, _GATE, _FINAL_NORM)
+_NON_GATED = (*_PRE_NORMS, _PATTERN, Ratio(), _FINAL_NORM)
+
+#: Freeze rules per Hugging Face architecture (``model.cfg.architecture``).
+#: Rotary embeddings, GQA, sliding windows and attention softcapping all act on the
+#: scores before ``hook_pattern`` and need no rule of their own.
+FREEZE_RULES: dict[str, tuple[Rule, ...]] = {
+    "LlamaForCausalLM": _GATED,  # Llama 3, SmolLM2: SwiGLU, RMSNorm
+    "Qwen2ForCausalLM": _GATED,  # QKV biases are affine, no rule needed
+    "Qwen3ForCausalLM": (*_GATED, *_QK_NORMS),
+    "Gemma3ForCausalLM": (*_GATED, *_QK_NORMS, *_POST_NORMS),  # GeGLU-tanh, sandwich norms
+    "GPT2LMHeadModel": _NON_GATED,  # gelu_new, LayerNorm, learned positions
+    "GPTNeoXForCausalLM": _NON_GATED,  # Pythia: parallel attn+MLP, partial rotary
+}
+
+
+def architecture_of(model) -> str:
+    """The Hugging Face architecture name a bridge was booted from.
+
+    Args:
+        model: A TransformerBridge.
+
+    Returns:
+        For example ``"LlamaForCausalLM"``.
+    """
+    return str(getattr(model.cfg, "architecture", None) or type(model).__name__)
+
+
+def rules_for(model) -> tuple[Rule, ...]:
+    """Look up the freeze rules of a model's architecture.
+
+    Args:
+        model: A TransformerBridge.
+
+    Returns:
+        The architecture's rules from `FREEZE_RULES`.
+
+    Raises:
+        UnsupportedArchitectureError: if the architecture has no entry, or the model
+            carries a nonlinearity (for example logit softcapping) no rule covers.
+    """
+    arch = architecture_of(model)
+    if arch not in FREEZE_RULES:
+        raise UnsupportedArchitectureError(
+            f"tl_linmap has no freeze rules for architecture {arch!r}. "
+            f"Supported: {', '.join(sorted(FREEZE_RULES))}."
+        )
+    rules = FREEZE_RULES[arch]
+    covered = {name for rule in rules if isinstance(rule, Detach) for name in rule.hook_names(model.cfg.n_layers)}
+    uncovered = sorted(n for n in model.hook_dict if n.endswith("hook_scale") and n not in covered)
+    if uncovered:
+        raise UnsupportedArchitectureError(
+            f"{arch} has normalisation hook points that no freeze rule covers: {uncovered[:4]}; "
+            "the detached system would not be linear."
+        )
+    return rules

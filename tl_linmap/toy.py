@@ -1,0 +1,122 @@
+"""Toy models: random-weight bridges of every supported family, built offline.
+
+Each is a real Hugging Face model class booted through ``TransformerBridge.boot_transformers``,
+so the real architecture adapters run; only the weights are random and the sizes tiny.
+Used by the tests and benchmarks, and handy for trying tl_linmap without a download.
+"""
+
+from __future__ import annotations
+
+import functools
+import tempfile
+
+import torch
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+#: Family name -> (HF config class, HF model class, architecture name).
+FAMILIES = {
+    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+    "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM),
+    "gpt2": (transformers.GPT2Config, transformers.GPT2LMHeadModel),
+    "pythia": (transformers.GPTNeoXConfig, transformers.GPTNeoXForCausalLM),
+}
+
+_SPECIAL = ("<bos>", "<eos>", "<unk>")
+
+
+@functools.lru_cache(maxsize=None)
+def _tokenizer_dir() -> str:
+    # Saved to disk because the bridge re-loads the tokenizer by path to force a BOS token.
+    vocab = {tok: i for i, tok in enumerate(_SPECIAL)}
+    for char in pre_tokenizers.ByteLevel.alphabet():
+        vocab[char] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>", pad_token="<eos>"
+    )
+    path = tempfile.mkdtemp(prefix="tl_linmap_toy_tokenizer_")
+    fast.save_pretrained(path)
+    return path
+
+
+def toy_tokenizer() -> transformers.PreTrainedTokenizerFast:
+    """A byte-level tokenizer (one token per byte, no merges) with BOS/EOS.
+
+    Returns:
+        A fast tokenizer with a vocabulary of 259 tokens.
+    """
+    return transformers.AutoTokenizer.from_pretrained(_tokenizer_dir())
+
+
+def _config(family: str, d_model: int, n_layers: int, n_heads: int, d_mlp: int, n_ctx: int, vocab: int, **overrides):
+    config_cls, model_cls = FAMILIES[family]
+    common = dict(vocab_size=vocab, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    if family == "gpt2":
+        kwargs = dict(n_embd=d_model, n_layer=n_layers, n_head=n_heads, n_inner=d_mlp, n_positions=n_ctx)
+    else:
+        kwargs = dict(
+            hidden_size=d_model,
+            intermediate_size=d_mlp,
+            num_hidden_layers=n_layers,
+            num_attention_heads=n_heads,
+            max_position_embeddings=n_ctx,
+        )
+    if family in ("llama", "qwen2", "qwen3", "gemma3"):
+        kwargs.update(num_key_value_heads=max(1, n_heads // 2), head_dim=d_model // n_heads)  # GQA
+    if family == "gemma3":
+        kwargs.update(sliding_window=4, layer_types=None)  # short window, so the test prompts cross it
+    if family == "pythia":
+        kwargs.update(rotary_pct=0.25)  # partial rotary
+    kwargs.update(common, architectures=[model_cls.__name__], **overrides)
+    return config_cls(**kwargs), model_cls
+
+
+def toy_model(
+    family: str = "llama",
+    *,
+    d_model: int = 64,
+    n_layers: int = 2,
+    n_heads: int = 4,
+    d_mlp: int = 96,
+    n_ctx: int = 64,
+    dtype: torch.dtype = torch.float64,
+    seed: int = 0,
+    **overrides,
+):
+    """A TransformerBridge of one family with random weights.
+
+    Args:
+        family: One of `FAMILIES`.
+        d_model: Residual width.
+        n_layers: Number of blocks.
+        n_heads: Attention heads (key/value heads are half of them where the family has GQA).
+        d_mlp: MLP width.
+        n_ctx: Context length.
+        dtype: Parameter dtype.
+        seed: Torch seed for the weights.
+        **overrides: Extra Hugging Face config fields.
+
+    Returns:
+        A TransformerBridge in eval mode, with the toy tokenizer.
+    """
+    from transformer_lens.model_bridge import TransformerBridge
+
+    if family not in FAMILIES:
+        raise ValueError(f"Unknown toy family {family!r}; choose from {sorted(FAMILIES)}.")
+    tokenizer = toy_tokenizer()
+    config, model_cls = _config(family, d_model, n_layers, n_heads, d_mlp, n_ctx, len(tokenizer), **overrides)
+    torch.manual_seed(seed)
+    hf_model = model_cls(config).to(dtype).eval()
+    # Random init leaves norm gains at one and biases at zero; perturb both so that
+    # neither the norms' weights nor the affine part are trivial.
+    with torch.no_grad():
+        for name, param in hf_model.named_parameters():
+            if "norm" in name or "ln" in name or name.endswith("bias"):
+                param.add_(0.1 * torch.randn_like(param))
+    bridge = TransformerBridge.boot_transformers(model_cls.__name__, hf_model=hf_model, tokenizer=tokenizer, dtype=dtype)
+    return bridge.eval()
