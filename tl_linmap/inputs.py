@@ -43,6 +43,8 @@ def to_tokens(model, prompt: Prompt) -> Int[Tensor, "1 pos"]:
         )
     else:
         tokens = torch.as_tensor(prompt)
+        if tokens.numel() == 0:
+            raise InputError("The prompt has no tokens.")
         if tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
             raise InputError(f"Token ids must be integers, got dtype {tokens.dtype}.")
         if tokens.ndim == 1:

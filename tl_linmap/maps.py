@@ -101,6 +101,7 @@ def run_to_target(
     target: str,
     hooks: HookList = (),
     embeddings: Tensor | None = None,
+    stop: bool = True,
 ) -> Tensor:
     """Run the model with hooks until ``target`` fires and return its activation.
 
@@ -110,6 +111,7 @@ def run_to_target(
         target: Hook name whose activation is returned.
         hooks: Extra ``(name, fn)`` forward hooks (freeze, replay, user's).
         embeddings: If given, replace the output of ``hook_embed``.
+        stop: Abort the forward once the target fired (False: run every hook).
 
     Returns:
         The activation at ``target`` (with its batch axis).
@@ -121,7 +123,8 @@ def run_to_target(
 
     def capture(act: Tensor, hook=None) -> None:
         captured["act"] = act
-        raise _Stop
+        if stop:
+            raise _Stop
 
     fwd = list(hooks) + [(target, capture)]
     if embeddings is not None:
@@ -136,7 +139,12 @@ def run_to_target(
     return captured["act"]
 
 
-def _at(act: Tensor, position: int) -> Tensor:
+def _at(act: Tensor, position: int, n_tokens: int) -> Tensor:
+    if act.ndim < 3 or act.shape[1] != n_tokens:
+        raise InputError(
+            f"The target's activation has shape {tuple(act.shape)}, not (batch, pos={n_tokens}, ...): "
+            "tl_linmap maps activations indexed by sequence position."
+        )
     return act[:, position].flatten(1)
 
 
@@ -192,23 +200,26 @@ def linear_map(
         FreezeError: if a freeze hook did not take effect.
     """
     tokens = to_tokens(model, prompt_or_tokens)
-    position = check_position(position, tokens.shape[1])
+    n = tokens.shape[1]
+    position = check_position(position, n)
     name = resolve_target(model, target)
     if chunk_size is not None and chunk_size < 1:
         raise InputError(f"chunk_size must be a positive number of output dimensions, got {chunk_size}.")
     with borrowed(model, dtype):
-        native = _at(run_to_target(model, tokens, name), position)[0]
-        output = _at(run_to_target(model, tokens, name, same_path_hooks(model)), position)[0]
+        native = _at(run_to_target(model, tokens, name), position, n)[0]
+        output = _at(run_to_target(model, tokens, name, same_path_hooks(model)), position, n)[0]
         inputs = run_to_target(model, tokens, EMBED_HOOK)
         x = inputs.detach().clone().requires_grad_(True)
         factors: Factors = {}
         with torch.enable_grad():
-            y = _at(run_to_target(model, tokens, name, freeze_hooks(model, factors=factors), x), position)[0]
+            # The whole forward runs so every factor is recorded (and checked) for the replay.
+            frozen_act = run_to_target(model, tokens, name, freeze_hooks(model, factors=factors), x, stop=False)
+            y = _at(frozen_act, position, n)[0]
             _check_factors(model, factors)
             if not y.requires_grad:
                 raise InputError(f"{target!r} does not depend on the token embeddings (a frozen factor?).")
             operators = _jacobian(y, x, chunk_size or y.shape[0], progress)
-        bias = _at(run_to_target(model, tokens, name, replay_hooks(model, factors), torch.zeros_like(inputs)), position)[0]
+        bias = _at(run_to_target(model, tokens, name, replay_hooks(model, factors), torch.zeros_like(inputs)), position, n)[0]
     result = LinearMap(
         operators=operators,
         inputs=inputs[0].detach(),

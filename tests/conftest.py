@@ -1,0 +1,36 @@
+"""Fixtures: tiny random-weight bridges of every supported family, in float64."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tests never reach a model hub
+
+import pytest
+import torch
+
+from tl_linmap.toy import FAMILIES, toy_model
+
+PROMPT = "The cat sat on the mat, and then"  # crosses Gemma's sliding window of 4
+ALL_FAMILIES = sorted(FAMILIES)
+BIASED = {"gpt2", "pythia", "qwen2"}  # biases or learned positions: nonzero affine part
+
+
+@pytest.fixture(scope="session")
+def toy_models():
+    """One float64 toy bridge per family, shared read-only across tests."""
+    return {family: toy_model(family) for family in ALL_FAMILIES}
+
+
+@pytest.fixture(params=ALL_FAMILIES)
+def family(request):
+    return request.param
+
+
+@pytest.fixture
+def model(toy_models, family):
+    return toy_models[family]
+
+
+@pytest.fixture
+def fresh_llama():
+    """A float32 bridge the test may put through anything (it is not shared)."""
+    return toy_model("llama", dtype=torch.float32)

@@ -1,0 +1,157 @@
+"""Freeze hooks: bit-identical forwards, linear gradients, composable with user hooks."""
+
+import pytest
+import torch
+
+import tl_linmap
+from tl_linmap import freezing
+from tl_linmap.errors import FreezeError, UnsupportedArchitectureError
+from tl_linmap.freezing import factor_names, freeze_hooks, replay_hooks, same_path_hooks
+from tl_linmap.guard import borrowed, hook_count
+from tl_linmap.maps import run_to_target
+from tl_linmap.rules import FREEZE_RULES, Detach
+
+from conftest import PROMPT
+
+
+def _cache(model, tokens, hooks):
+    with freezing.quiet_norm_edits(), model.hooks(fwd_hooks=hooks):
+        _, cache = model.run_with_cache(tokens)
+    return cache
+
+
+def test_frozen_forward_is_bit_identical_everywhere(model):
+    """Every cached activation of the frozen forward equals the same-path forward's bits."""
+    tokens = model.to_tokens(PROMPT)
+    reference = _cache(model, tokens, same_path_hooks(model))
+    frozen = _cache(model, tokens, freeze_hooks(model))
+    assert reference.keys() == frozen.keys()
+    for name in reference.keys():
+        assert torch.equal(reference[name], frozen[name]), name
+
+
+def test_native_forward_gap_is_rounding_only(model):
+    """The native path (HF norms in float32) differs from the true-float64 one by rounding only."""
+    tokens = model.to_tokens(PROMPT)
+    native = model(tokens)
+    with freezing.quiet_norm_edits(), model.hooks(fwd_hooks=same_path_hooks(model)):
+        reference = model(tokens)
+    assert (native - reference).norm() <= 1e-5 * reference.norm()
+
+
+def test_every_factor_hook_fires_and_is_recorded(model):
+    factors = {}
+    with tl_linmap.frozen(model, factors=factors):
+        model(model.to_tokens(PROMPT))
+    assert sorted(factors) == sorted(factor_names(model))
+    assert all(not f.requires_grad for f in factors.values())
+
+
+def test_factors_are_keyed_by_the_registered_alias(toy_models):
+    """`mlp.hook_pre` is an alias of `mlp.gate.hook_out` on gated bridges: keep our name."""
+    model = toy_models["llama"]
+    factors = {}
+    with tl_linmap.frozen(model, factors=factors):
+        model(model.to_tokens(PROMPT))
+    assert "blocks.0.mlp.hook_pre" in factors
+    assert "blocks.0.mlp.gate.hook_out" not in factors
+
+
+def test_frozen_model_is_affine_in_the_embeddings(model):
+    """Replaying the factors gives F with F(a u + b v) - F(0) = a (F(u) - F(0)) + b (F(v) - F(0))."""
+    tokens = model.to_tokens(PROMPT)
+    factors = {}
+    with borrowed(model, None):
+        x = run_to_target(model, tokens, "hook_embed")
+        run_to_target(model, tokens, "ln_final.hook_out", freeze_hooks(model, factors=factors), stop=False)
+        u, v = torch.randn_like(x), torch.randn_like(x)
+        batch = torch.cat([torch.zeros_like(x), u, v, 2 * u - 3 * v, x])
+        out = run_to_target(model, tokens.expand(5, -1), "ln_final.hook_out", replay_hooks(model, factors), batch)
+        reference = run_to_target(model, tokens, "ln_final.hook_out", same_path_hooks(model))
+    f0, fu, fv, fuv, fx = out
+    assert torch.allclose(fuv - f0, 2 * (fu - f0) - 3 * (fv - f0), rtol=0, atol=1e-12 * fu.norm())
+    assert torch.allclose(fx, reference[0], rtol=0, atol=1e-12 * fx.norm())  # the replay passes through y
+
+
+def test_user_hooks_compose_with_freeze_hooks(toy_models):
+    model = toy_models["gpt2"]
+    tokens = model.to_tokens(PROMPT)
+    seen = {}
+
+    def mine(act, hook):
+        seen["requires_grad"] = act.requires_grad
+        seen["pattern"] = act
+
+    with torch.enable_grad(), tl_linmap.frozen(model), model.hooks(fwd_hooks=[("blocks.1.attn.hook_pattern", mine)]):
+        model(tokens)
+    assert seen["requires_grad"] is False  # the user's hook runs after ours and sees the frozen pattern
+    assert hook_count(model) == 0
+
+
+def test_frozen_removes_its_hooks_on_error(toy_models):
+    model = toy_models["llama"]
+    with pytest.raises(RuntimeError, match="boom"):
+        with tl_linmap.frozen(model):
+            assert hook_count(model) > 0
+            raise RuntimeError("boom")
+    assert hook_count(model) == 0
+
+
+def test_unsupported_architecture_is_named():
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from tl_linmap.toy import toy_tokenizer
+
+    tokenizer = toy_tokenizer()
+    config = MistralConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, architectures=["MistralForCausalLM"],
+    )
+    model = TransformerBridge.boot_transformers("MistralForCausalLM", hf_model=MistralForCausalLM(config), tokenizer=tokenizer)
+    with pytest.raises(UnsupportedArchitectureError, match="MistralForCausalLM"):
+        freeze_hooks(model)
+    with pytest.raises(UnsupportedArchitectureError):
+        tl_linmap.linear_map(model, PROMPT)
+
+
+def test_a_norm_without_rule_is_refused(toy_models, monkeypatch):
+    model = toy_models["gemma3"]
+    without_post_norms = tuple(r for r in FREEZE_RULES["Gemma3ForCausalLM"] if getattr(r, "layer_type", "") != "ln2_post")
+    monkeypatch.setitem(FREEZE_RULES, "Gemma3ForCausalLM", without_post_norms)
+    with pytest.raises(UnsupportedArchitectureError, match="ln2_post.hook_scale"):
+        freeze_hooks(model)
+
+
+def test_a_silently_ignored_freeze_is_caught(toy_models, monkeypatch):
+    """If edits at hook_scale were ignored (an old TransformerLens bug), linear_map must fail loudly."""
+    model = toy_models["llama"]
+    real = freezing._detach_fn
+
+    def ignored_at_scale(name, factors):
+        detach = real(name, factors)
+        if not name.endswith("hook_scale"):
+            return detach
+
+        def observe_only(act, hook=None):
+            detach(act)  # records the factor, but the returned edit is dropped
+            return None
+
+        return observe_only
+
+    monkeypatch.setattr(freezing, "_detach_fn", ignored_at_scale)
+    with pytest.raises(FreezeError, match="misses the model's output"):
+        tl_linmap.linear_map(model, PROMPT)
+
+
+def test_a_freeze_hook_that_never_fires_is_caught(toy_models, monkeypatch):
+    """A factor the frozen pass never delivered means some rule had no effect: refuse."""
+    model = toy_models["llama"]
+    real = freezing._detach_fn
+
+    def skip_one(name, factors):
+        return (lambda act, hook=None: None) if name == "blocks.1.attn.hook_pattern" else real(name, factors)
+
+    monkeypatch.setattr(freezing, "_detach_fn", skip_one)
+    with pytest.raises(FreezeError, match="never ran at .'blocks.1.attn.hook_pattern'"):
+        tl_linmap.linear_map(model, PROMPT)

@@ -1,0 +1,73 @@
+"""Bad input gets a clear, specific error."""
+
+import pytest
+import torch
+
+import tl_linmap
+from tl_linmap.errors import InputError
+
+from conftest import PROMPT
+
+
+@pytest.fixture
+def llama(toy_models):
+    return toy_models["llama"]
+
+
+@pytest.mark.parametrize("prompt", ["", "   "])
+def test_empty_prompt(llama, prompt):
+    with pytest.raises(InputError, match="empty"):
+        tl_linmap.linear_map(llama, prompt)
+
+
+def test_empty_token_list(llama):
+    with pytest.raises(InputError, match="no tokens"):
+        tl_linmap.linear_map(llama, [])
+
+
+def test_prompt_longer_than_context(llama):
+    with pytest.raises(InputError, match="more than the model's context of 64"):
+        tl_linmap.linear_map(llama, "x" * 100)
+
+
+def test_unknown_hook_suggests_close_names(llama):
+    with pytest.raises(InputError, match="no hook point 'blocks.0.hook_resid_pots'.*blocks.0.hook_resid_post"):
+        tl_linmap.linear_map(llama, PROMPT, target="blocks.0.hook_resid_pots")
+
+
+@pytest.mark.parametrize("position", [40, -41])
+def test_position_out_of_range(llama, position):
+    with pytest.raises(InputError, match=f"Position {position} is out of range"):
+        tl_linmap.linear_map(llama, "short", position=position)
+
+
+def test_several_prompts(llama):
+    with pytest.raises(InputError, match="Got 2 prompts"):
+        tl_linmap.linear_map(llama, ["one", "two"])
+    with pytest.raises(InputError, match=r"shape \(pos,\) or \(1, pos\); got \(2, 5\)"):
+        tl_linmap.linear_map(llama, torch.ones(2, 5, dtype=torch.long))
+
+
+def test_float_tokens(llama):
+    with pytest.raises(InputError, match="integers"):
+        tl_linmap.linear_map(llama, torch.ones(5))
+
+
+def test_token_outside_vocabulary(llama):
+    with pytest.raises(InputError, match=r"\[0, 259\)"):
+        tl_linmap.linear_map(llama, [0, 5, 300])
+
+
+def test_bad_chunk_size(llama):
+    with pytest.raises(InputError, match="chunk_size"):
+        tl_linmap.linear_map(llama, PROMPT, chunk_size=0)
+
+
+def test_target_that_does_not_depend_on_embeddings(llama):
+    with pytest.raises(InputError, match="does not depend on the token embeddings"):
+        tl_linmap.linear_map(llama, PROMPT, target="blocks.0.ln1.hook_scale")
+
+
+def test_target_without_position_axis(llama):
+    with pytest.raises(InputError, match=r"not \(batch, pos=33, ...\)"):
+        tl_linmap.linear_map(llama, PROMPT, target="blocks.0.attn.hook_pattern")

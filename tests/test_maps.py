@@ -1,0 +1,116 @@
+"""Exactness of `linear_map`, checked against computations that do not share its code."""
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import tl_linmap
+from tl_linmap.freezing import freeze_hooks, replay_hooks, same_path_hooks
+from tl_linmap.guard import borrowed
+from tl_linmap.maps import run_to_target
+
+from conftest import BIASED, PROMPT
+
+
+def _forward_columns(model, lm, token):
+    """J_token by pushing basis vectors *forward* through the replayed (affine) system."""
+    tokens = lm.tokens[None]
+    x = lm.inputs[None]
+    factors = {}
+    run_to_target(model, tokens, lm.target, freeze_hooks(model, factors=factors), stop=False)
+    d_in = x.shape[-1]
+    pushed = x.repeat(d_in + 1, 1, 1)
+    pushed[1:, token] += torch.eye(d_in, dtype=x.dtype)
+    out = run_to_target(model, tokens.expand(d_in + 1, -1), lm.target, replay_hooks(model, factors), pushed)
+    out = out[:, lm.position].flatten(1)
+    return (out[1:] - out[0]).T  # d_out x d_in
+
+
+@pytest.mark.parametrize("target", ["output", "blocks.0.hook_resid_post", "blocks.1.hook_attn_out", "blocks.0.hook_mlp_out"])
+def test_float64_reconstruction_is_exact(model, target):
+    lm = tl_linmap.linear_map(model, PROMPT, target=target)
+    assert lm.operators.shape == (len(lm.tokens), lm.output.shape[0], model.cfg.d_model)
+    assert lm.relative_error() < 1e-12
+
+
+def test_float32_reconstruction(model):
+    lm = tl_linmap.linear_map(model, PROMPT, dtype=torch.float32)
+    assert lm.operators.dtype == torch.float32
+    assert lm.relative_error() < 1e-4
+    assert next(model.parameters()).dtype == torch.float64
+
+
+def test_jacobian_matches_forward_pushes(model):
+    lm = tl_linmap.linear_map(model, PROMPT, position=-2)
+    with borrowed(model, torch.float64):
+        for token in (0, 3, len(lm.tokens) - 2):
+            expected = _forward_columns(model, lm, token)
+            assert torch.allclose(lm.operators[token], expected, rtol=0, atol=1e-10 * expected.abs().max())
+
+
+def test_operators_vanish_after_target_position(model):
+    lm = tl_linmap.linear_map(model, PROMPT, position=4)
+    assert lm.operators[5:].abs().max() == 0
+    assert lm.operators[:5].abs().amax(dim=(1, 2)).min() > 0
+
+
+def test_bias_is_zero_exactly_when_model_has_no_affine_part(model, family):
+    lm = tl_linmap.linear_map(model, PROMPT)
+    if family in BIASED:
+        assert lm.bias.norm() > 1e-3 * lm.output.norm()
+    else:
+        assert lm.bias.abs().max() == 0
+
+
+def test_contributions_sum_to_output_minus_bias(model):
+    lm = tl_linmap.linear_map(model, PROMPT)
+    total = lm.contributions().sum(0)
+    assert torch.allclose(total, lm.output - lm.bias, rtol=0, atol=1e-12 * lm.output.norm())
+
+
+def test_plain_jacobian_is_not_the_detached_one(model):
+    """Detaching matters: the ordinary Jacobian neither equals J nor reconstructs y."""
+    lm = tl_linmap.linear_map(model, PROMPT)
+    tokens = lm.tokens[None]
+
+    def plain(x):
+        return run_to_target(model, tokens, lm.target, same_path_hooks(model), x[None])[0, -1]
+
+    with borrowed(model, torch.float64), torch.enable_grad():
+        jac = torch.autograd.functional.jacobian(plain, lm.inputs, vectorize=True)
+    plain_ops = jac.permute(1, 0, 2)
+    assert (plain_ops - lm.operators).norm() > 1e-3 * lm.operators.norm()
+    plain_recon = torch.einsum("poi,pi->o", plain_ops, lm.inputs) + lm.bias
+    assert (plain_recon - lm.output).norm() > 1e-3 * lm.output.norm()
+
+
+def test_chunked_jacobian_equals_unchunked(model):
+    whole = tl_linmap.linear_map(model, PROMPT)
+    chunked = tl_linmap.linear_map(model, PROMPT, chunk_size=7)
+    assert torch.allclose(whole.operators, chunked.operators, rtol=0, atol=1e-14 * whole.operators.abs().max())
+
+
+def test_token_ids_and_text_give_the_same_map(toy_models):
+    model = toy_models["llama"]
+    by_text = tl_linmap.linear_map(model, PROMPT)
+    by_ids = tl_linmap.linear_map(model, by_text.tokens.tolist())
+    assert torch.equal(by_text.operators, by_ids.operators)
+
+
+def test_processed_weights_stay_exact():
+    from tl_linmap.toy import toy_model
+
+    model = toy_model("gpt2")
+    model.enable_compatibility_mode(disable_warnings=True)  # fold_ln, centering, value-bias folding
+    assert tl_linmap.linear_map(model, PROMPT).relative_error() < 1e-12
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.text(min_size=1, max_size=24).filter(str.strip), position=st.integers(-8, -1))
+def test_exact_on_any_prompt(toy_models, text, position):
+    for family in ("llama", "gpt2"):
+        model = toy_models[family]
+        n_tokens = model.to_tokens(text).shape[1]
+        lm = tl_linmap.linear_map(model, text, position=max(position, -n_tokens))
+        assert lm.relative_error() < 1e-12
