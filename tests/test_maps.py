@@ -98,6 +98,22 @@ def test_token_ids_and_text_give_the_same_map(toy_models):
     assert torch.equal(by_text.operators, by_ids.operators)
 
 
+def test_gemma_sliding_and_full_attention_layers_are_exact(toy_models):
+    model = toy_models["gemma3"]
+    _, cache = model.run_with_cache(PROMPT)
+    keys_seen = [(cache[f"blocks.{layer}.attn.hook_pattern"][0, 0, -1] > 0).sum().item() for layer in (0, 1)]
+    assert keys_seen == [4, len(cache["hook_embed"][0])]  # window of 4, then full attention
+    assert tl_linmap.linear_map(model, PROMPT).relative_error() < 1e-12
+
+
+def test_attention_softcapping_is_frozen_with_the_pattern():
+    from tl_linmap.toy import toy_model
+
+    model = toy_model("gemma3", attn_logit_softcapping=5.0, final_logit_softcapping=30.0)
+    assert model.cfg.attn_scores_soft_cap == 5.0
+    assert tl_linmap.linear_map(model, PROMPT).relative_error() < 1e-12
+
+
 def test_processed_weights_stay_exact():
     from tl_linmap.toy import toy_model
 

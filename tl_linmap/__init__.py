@@ -1,11 +1,22 @@
 """tl_linmap: a TransformerLens model's inference on one input as an exact linear system."""
 
 from tl_linmap.errors import FreezeError, InputError, LinmapError, MemoryBudgetError, UnsupportedArchitectureError
+from tl_linmap.analysis import effective_rank, energy_rank, nearest_tokens, stable_rank, top_singular, top_tokens, unembed
 from tl_linmap.freezing import freeze_hooks, frozen, replay_hooks, same_path_hooks
+from tl_linmap.loading import BUNDLED, load_model
 from tl_linmap.maps import LinearMap, linear_map
 from tl_linmap.rules import FREEZE_RULES
 
 __all__ = [
+    "BUNDLED",
+    "effective_rank",
+    "energy_rank",
+    "load_model",
+    "nearest_tokens",
+    "stable_rank",
+    "top_singular",
+    "top_tokens",
+    "unembed",
     "FREEZE_RULES",
     "FreezeError",
     "InputError",

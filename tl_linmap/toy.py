@@ -69,7 +69,9 @@ def _config(family: str, d_model: int, n_layers: int, n_heads: int, d_mlp: int, 
     if family in ("llama", "qwen2", "qwen3", "gemma3"):
         kwargs.update(num_key_value_heads=max(1, n_heads // 2), head_dim=d_model // n_heads)  # GQA
     if family == "gemma3":
-        kwargs.update(sliding_window=4, layer_types=None)  # short window, so the test prompts cross it
+        # A short window that test prompts cross, on alternating sliding/full layers.
+        kinds = ("sliding_attention", "full_attention")
+        kwargs.update(sliding_window=4, layer_types=[kinds[i % 2] for i in range(n_layers)])
     if family == "pythia":
         kwargs.update(rotary_pct=0.25)  # partial rotary
     kwargs.update(common, architectures=[model_cls.__name__], **overrides)
