@@ -15,6 +15,7 @@ against the model, not an identity.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import einops
 import torch
@@ -95,38 +96,42 @@ class _Stop(Exception):
     """Raised by the capture hook: nothing after the target is needed."""
 
 
-def run_to_target(
+def capture(
     model,
     tokens: Int[Tensor, "batch pos"],
-    target: str,
+    targets: Sequence[str],
     hooks: HookList = (),
     embeddings: Tensor | None = None,
     stop: bool = True,
-) -> Tensor:
-    """Run the model with hooks until ``target`` fires and return its activation.
+) -> dict[str, Tensor]:
+    """Run the model with hooks and return the activations at ``targets``.
 
     Args:
         model: A TransformerBridge.
         tokens: Input tokens; their batch must match ``embeddings``' if given.
-        target: Hook name whose activation is returned.
+        targets: Hook names whose activations are returned.
         hooks: Extra ``(name, fn)`` forward hooks (freeze, replay, user's).
         embeddings: If given, replace the output of ``hook_embed``.
-        stop: Abort the forward once the target fired (False: run every hook).
+        stop: Abort the forward once every target fired (False: run every hook).
 
     Returns:
-        The activation at ``target`` (with its batch axis).
+        Activation (with its batch axis) per target name.
 
     Raises:
-        FreezeError: if the target hook never fired.
+        FreezeError: if a target hook never fired.
     """
     captured: dict[str, Tensor] = {}
+    wanted = set(targets)
 
-    def capture(act: Tensor, hook=None) -> None:
-        captured["act"] = act
-        if stop:
-            raise _Stop
+    def keep(name: str):
+        def hook(act: Tensor, hook=None) -> None:
+            captured[name] = act
+            if stop and wanted <= captured.keys():
+                raise _Stop
 
-    fwd = list(hooks) + [(target, capture)]
+        return hook
+
+    fwd = list(hooks) + [(name, keep(name)) for name in wanted]
     if embeddings is not None:
         fwd.insert(0, (EMBED_HOOK, lambda act, hook=None: embeddings))
     with quiet_norm_edits(), model.hooks(fwd_hooks=fwd):
@@ -134,9 +139,27 @@ def run_to_target(
             model(tokens)
         except _Stop:
             pass
-    if "act" not in captured:
-        raise FreezeError(f"The hook point {target!r} never fired in a forward pass of this model.")
-    return captured["act"]
+    missing = sorted(wanted - captured.keys())
+    if missing:
+        raise FreezeError(f"The hook points {missing[:4]} never fired in a forward pass of this model.")
+    return captured
+
+
+def run_to_target(model, tokens: Int[Tensor, "batch pos"], target: str, hooks: HookList = (), embeddings: Tensor | None = None, stop: bool = True) -> Tensor:
+    """`capture` of a single target.
+
+    Args:
+        model: A TransformerBridge.
+        tokens: Input tokens.
+        target: Hook name.
+        hooks: Extra forward hooks.
+        embeddings: If given, replace the output of ``hook_embed``.
+        stop: Abort the forward once the target fired.
+
+    Returns:
+        The activation at ``target`` (with its batch axis).
+    """
+    return capture(model, tokens, [target], hooks, embeddings, stop)[target]
 
 
 def _at(act: Tensor, position: int, n_tokens: int) -> Tensor:
@@ -148,14 +171,13 @@ def _at(act: Tensor, position: int, n_tokens: int) -> Tensor:
     return act[:, position].flatten(1)
 
 
-def _jacobian(y: Float[Tensor, " d_out"], x: Tensor, chunk_size: int, progress: bool) -> Float[Tensor, "pos d_out d_in"]:
+def _jacobian(y: Float[Tensor, " d_out"], x: Tensor, chunk_size: int, bar: tqdm) -> Float[Tensor, "pos d_out d_in"]:
     # One vmapped backward per chunk of output dimensions over a single retained graph.
     eye = torch.eye(y.shape[0], dtype=y.dtype, device=y.device)
-    starts = range(0, y.shape[0], chunk_size)
-    rows = [
-        torch.autograd.grad(y, x, eye[s : s + chunk_size], is_grads_batched=True, retain_graph=True)[0][:, 0]
-        for s in tqdm(starts, disable=not progress, desc="detached Jacobian")
-    ]
+    rows = []
+    for start in range(0, y.shape[0], chunk_size):
+        rows.append(torch.autograd.grad(y, x, eye[start : start + chunk_size], is_grads_batched=True, retain_graph=True)[0][:, 0])
+        bar.update(len(rows[-1]))
     return einops.rearrange(torch.cat(rows), "d_out pos d_in -> pos d_out d_in")
 
 
@@ -163,6 +185,135 @@ def _check_factors(model, factors: Factors) -> None:
     missing = [name for name in factor_names(model) if name not in factors]
     if missing:
         raise FreezeError(f"Freeze hooks never ran at {missing[:4]}: the bridge bypassed them; no exact map.")
+
+
+@dataclass
+class FrozenAffine:
+    """A frozen norm at one position as ``v -> matrix @ v + offset``."""
+
+    matrix: Float[Tensor, "d_out d_in"]
+    offset: Float[Tensor, " d_out"]
+
+
+def _frozen_norm(model, norm: str, factors: Factors, position: int) -> FrozenAffine:
+    # The bridge's own norm module, its scale replaced by the frozen one: no norm code copied here.
+    scale = factors[f"{norm}.hook_scale"][:, position : position + 1]
+    d_model = model.cfg.d_model
+    probes = torch.cat([torch.zeros(1, d_model), torch.eye(d_model)]).to(scale)[:, None]
+    hook = (f"{norm}.hook_scale", lambda act, hook=None: scale.expand_as(act))
+    with quiet_norm_edits(), model.hooks(fwd_hooks=[hook]):
+        out = model.get_submodule(norm)(probes)[:, 0]
+    return FrozenAffine(matrix=(out[1:] - out[0]).T.detach(), offset=out[0].detach())
+
+
+def linear_maps(
+    model,
+    prompt_or_tokens: Prompt,
+    targets: Sequence[str],
+    *,
+    position: int = -1,
+    dtype: torch.dtype | None = torch.float64,
+    chunk_size: int | None = None,
+    check: bool = True,
+    progress: bool = False,
+    norms: Sequence[str] = (),
+) -> tuple[dict[str, LinearMap], dict[str, FrozenAffine]]:
+    """Linear maps of several targets of one inference, sharing every forward pass.
+
+    One reference, one frozen and one replay forward serve all targets; each target's
+    Jacobian is a batched backward from its own node of the shared frozen graph, so it
+    only walks the layers below that target.
+
+    Args:
+        model: A TransformerBridge of a supported architecture.
+        prompt_or_tokens: One prompt as text or token ids.
+        targets: Hook names (or ``"output"``).
+        position: Sequence position of the targets.
+        dtype: Working dtype (the model's own is restored afterwards).
+        chunk_size: Output dimensions per batched backward pass.
+        check: Raise `FreezeError` if a map does not reconstruct its output.
+        progress: Show a progress bar over Jacobian rows.
+        norms: Norm modules (e.g. ``"ln_final"``) to also return frozen at ``position``.
+
+    Returns:
+        ``(maps, frozen_norms)``: a `LinearMap` per target name, a `FrozenAffine` per norm.
+    """
+    tokens = to_tokens(model, prompt_or_tokens)
+    n = tokens.shape[1]
+    position = check_position(position, n)
+    names = list(dict.fromkeys(resolve_target(model, t) for t in targets))
+    if chunk_size is not None and chunk_size < 1:
+        raise InputError(f"chunk_size must be a positive number of output dimensions, got {chunk_size}.")
+    with borrowed(model, dtype):
+        native = capture(model, tokens, names)
+        output = capture(model, tokens, names, same_path_hooks(model))
+        inputs = run_to_target(model, tokens, EMBED_HOOK)
+        x = inputs.detach().clone().requires_grad_(True)
+        factors: Factors = {}
+        with torch.enable_grad():
+            # The whole forward runs so every factor is recorded (and checked) for the replay.
+            frozen_acts = capture(model, tokens, names, freeze_hooks(model, factors=factors), x, stop=False)
+            _check_factors(model, factors)
+            ys = {name: _at(frozen_acts[name], position, n)[0] for name in names}
+            for name, y in ys.items():
+                if not y.requires_grad:
+                    raise InputError(f"{name!r} does not depend on the token embeddings (a frozen factor?).")
+            rows = sum(y.shape[0] for y in ys.values())
+            with tqdm(total=rows, disable=not progress, desc="detached Jacobian rows") as bar:
+                operators = {name: _jacobian(y, x, chunk_size or y.shape[0], bar) for name, y in ys.items()}
+        del frozen_acts, ys
+        bias = capture(model, tokens, names, replay_hooks(model, factors), torch.zeros_like(inputs))
+        frozen_norms = {norm: _frozen_norm(model, norm, factors, position) for norm in norms}
+    maps = {
+        name: LinearMap(
+            operators=operators[name],
+            inputs=inputs[0].detach(),
+            bias=_at(bias[name], position, n)[0].detach(),
+            output=_at(output[name], position, n)[0].detach(),
+            native_output=_at(native[name], position, n)[0].detach(),
+            tokens=tokens[0],
+            target=name,
+            position=position,
+        )
+        for name in names
+    }
+    if check:
+        for lm in maps.values():
+            _check_exact(lm)
+    return maps, frozen_norms
+
+
+def plain_jacobians(
+    model, tokens: Int[Tensor, "1 pos"], targets: Sequence[str], position: int, dtype: torch.dtype | None
+) -> dict[str, Float[Tensor, "pos d_out d_in"]]:
+    """Ordinary (not detached) Jacobians of targets, for comparison with the detached ones.
+
+    Args:
+        model: A TransformerBridge of a supported architecture.
+        tokens: Tokens of one prompt, shape ``(1, pos)``.
+        targets: Hook names.
+        position: Non-negative sequence position.
+        dtype: Working dtype.
+
+    Returns:
+        Operators per target, as in `LinearMap.operators`.
+    """
+    n = tokens.shape[1]
+    with borrowed(model, dtype), torch.enable_grad():
+        x = run_to_target(model, tokens, EMBED_HOOK).detach().clone().requires_grad_(True)
+        acts = capture(model, tokens, targets, same_path_hooks(model), x)
+        with tqdm(disable=True) as bar:
+            return {name: _jacobian(_at(acts[name], position, n)[0], x, model.cfg.d_model, bar) for name in targets}
+
+
+def _check_exact(lm: LinearMap) -> None:
+    tolerance = torch.finfo(lm.operators.dtype).eps ** 0.5
+    if lm.relative_error() > tolerance:
+        raise FreezeError(
+            f"The detached system of {lm.target} misses the model's output by {lm.relative_error():.2e} "
+            f"(tolerance {tolerance:.1e}): a freeze rule had no effect, or the model's weights were "
+            "processed in a way the rules do not cover."
+        )
 
 
 def linear_map(
@@ -189,7 +340,7 @@ def linear_map(
         chunk_size: Output dimensions per batched backward pass (default: all at once).
         check: Raise `FreezeError` if the system does not reconstruct the output
             (a freeze rule silently had no effect).
-        progress: Show a progress bar over chunks.
+        progress: Show a progress bar over Jacobian rows.
 
     Returns:
         A `LinearMap`.
@@ -199,42 +350,7 @@ def linear_map(
         UnsupportedArchitectureError: if the architecture has no freeze rules.
         FreezeError: if a freeze hook did not take effect.
     """
-    tokens = to_tokens(model, prompt_or_tokens)
-    n = tokens.shape[1]
-    position = check_position(position, n)
-    name = resolve_target(model, target)
-    if chunk_size is not None and chunk_size < 1:
-        raise InputError(f"chunk_size must be a positive number of output dimensions, got {chunk_size}.")
-    with borrowed(model, dtype):
-        native = _at(run_to_target(model, tokens, name), position, n)[0]
-        output = _at(run_to_target(model, tokens, name, same_path_hooks(model)), position, n)[0]
-        inputs = run_to_target(model, tokens, EMBED_HOOK)
-        x = inputs.detach().clone().requires_grad_(True)
-        factors: Factors = {}
-        with torch.enable_grad():
-            # The whole forward runs so every factor is recorded (and checked) for the replay.
-            frozen_act = run_to_target(model, tokens, name, freeze_hooks(model, factors=factors), x, stop=False)
-            y = _at(frozen_act, position, n)[0]
-            _check_factors(model, factors)
-            if not y.requires_grad:
-                raise InputError(f"{target!r} does not depend on the token embeddings (a frozen factor?).")
-            operators = _jacobian(y, x, chunk_size or y.shape[0], progress)
-        bias = _at(run_to_target(model, tokens, name, replay_hooks(model, factors), torch.zeros_like(inputs)), position, n)[0]
-    result = LinearMap(
-        operators=operators,
-        inputs=inputs[0].detach(),
-        bias=bias.detach(),
-        output=output.detach(),
-        native_output=native.detach(),
-        tokens=tokens[0],
-        target=name,
-        position=position,
+    maps, _ = linear_maps(
+        model, prompt_or_tokens, [target], position=position, dtype=dtype, chunk_size=chunk_size, check=check, progress=progress
     )
-    tolerance = torch.finfo(operators.dtype).eps ** 0.5
-    if check and result.relative_error() > tolerance:
-        raise FreezeError(
-            f"The detached system misses the model's output by {result.relative_error():.2e} "
-            f"(tolerance {tolerance:.1e}): a freeze rule had no effect, or the model's weights were "
-            "processed in a way the rules do not cover."
-        )
-    return result
+    return next(iter(maps.values()))
