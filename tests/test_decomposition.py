@@ -1,0 +1,111 @@
+"""Layers, modules and heads: every decomposition sums exactly, for every family."""
+
+import pytest
+import torch
+from transformer_lens import utilities as utils
+
+import tl_linmap
+from tl_linmap.decomposition import layer_maps, nonlinearity_gap, token_attribution
+from tl_linmap.freezing import same_path_hooks
+from tl_linmap.guard import borrowed
+from tl_linmap.maps import run_to_target
+
+from conftest import PROMPT
+
+
+@pytest.fixture
+def maps(model):
+    return layer_maps(model, PROMPT, modules=True, position=-2)
+
+
+def _close(a, b, scale):
+    return (a - b).abs().max() <= 1e-12 * scale
+
+
+def test_every_map_is_exact(maps):
+    assert max(lm.relative_error() for lm in maps.values()) < 1e-12
+
+
+def test_layer_maps_equal_separate_linear_maps(model):
+    """The shared passes give the same operators as one linear_map call per target."""
+    maps = layer_maps(model, PROMPT, layers=[1])
+    for name, lm in maps.items():
+        alone = tl_linmap.linear_map(model, PROMPT, target=name)
+        assert _close(lm.operators, alone.operators, alone.operators.abs().max())
+        assert torch.equal(lm.output, alone.output)
+
+
+def test_layer_maps_keys_are_hook_names(model, maps):
+    assert utils.get_act_name("resid_post", 1) in maps
+    assert utils.get_act_name("mlp_out", 0) in maps
+    assert (utils.get_act_name("resid_mid", 0) in maps) == (not model.cfg.parallel_attn_mlp)
+
+
+def test_attention_mlp_and_residual_sum_to_the_layer_output(model, maps):
+    for layer in range(model.cfg.n_layers):
+        pre, attn, mlp, post = (maps[utils.get_act_name(n, layer)] for n in ("resid_pre", "attn_out", "mlp_out", "resid_post"))
+        scale = post.operators.abs().max()
+        assert _close(pre.operators + attn.operators + mlp.operators, post.operators, scale)
+        assert _close(pre.bias + attn.bias + mlp.bias, post.bias, post.output.abs().max())
+
+
+def test_heads_sum_to_the_attention_output(model, maps):
+    for layer in range(model.cfg.n_layers):
+        attn = maps[utils.get_act_name("attn_out", layer)]
+        heads = maps.heads(layer)
+        assert len(heads) == model.cfg.n_heads
+        assert max(h.relative_error() for h in heads) < 1e-12
+        rest = maps.readouts[layer].rest()
+        scale = attn.operators.abs().max()
+        assert _close(sum(h.operators for h in heads), attn.operators, scale)
+        assert _close(sum(h.bias for h in heads) + rest, attn.bias, attn.output.abs().max())
+        assert _close(sum(h.output for h in heads) + rest, attn.output, attn.output.abs().max())
+        contributions = maps.head_contributions(layer)
+        assert _close(contributions.sum(0), attn.contributions(), attn.output.abs().max())
+
+
+def test_layer_increments_sum_to_the_final_residual(model, maps):
+    final = maps[utils.get_act_name("resid_post", model.cfg.n_layers - 1)]
+    total = maps[utils.get_act_name("resid_pre", 0)].contributions()
+    for layer in range(model.cfg.n_layers):
+        total = total + maps[utils.get_act_name("resid_post", layer)].contributions() - maps[utils.get_act_name("resid_pre", layer)].contributions()
+    assert _close(total, final.contributions(), final.output.abs().max())
+
+
+def test_token_attribution_sums_to_the_models_logit(model, maps):
+    tokens = maps[utils.get_act_name("resid_pre", 0)].tokens[None]
+    with borrowed(model, torch.float64):
+        logits = run_to_target(model, tokens, "unembed.hook_out", same_path_hooks(model))[0, -2]
+    token = int(logits.argmax())
+    att = token_attribution(model, maps, token)
+    assert att.logit == pytest.approx(float(logits[token]), abs=1e-12 * float(logits.abs().max()))
+    assert att.total() == pytest.approx(att.logit, abs=1e-12 * abs(att.logit))
+    assert torch.allclose(att.per_token, sum(att.per_component.values()))
+    for layer in range(model.cfg.n_layers):
+        heads = sum(att.per_head[(layer, h)] for h in range(model.cfg.n_heads))
+        attn = att.per_component[utils.get_act_name("attn_out", layer)]
+        assert _close(heads, attn, att.per_token.abs().max())
+
+
+def test_attribution_by_token_string(toy_models):
+    model = toy_models["gpt2"]
+    maps = layer_maps(model, PROMPT, modules=True)
+    assert token_attribution(model, maps, " ").token == " "
+    with pytest.raises(ValueError, match="give one token"):
+        token_attribution(model, maps, "two tokens")
+
+
+def test_contributions_as_an_activation_cache(model, maps):
+    cache = maps.to_cache(model)
+    name = utils.get_act_name("attn_out", 1)
+    assert torch.equal(cache[name], maps[name].contributions())
+    stacked = cache.stack_activation("attn_out")  # TransformerLens' own cache API
+    assert stacked.shape == (model.cfg.n_layers, len(maps[name].tokens), model.cfg.d_model)
+
+
+def test_nonlinearity_gap_shows_why_detaching_matters(model):
+    rows = nonlinearity_gap(model, PROMPT)
+    assert len(rows) == model.cfg.n_layers
+    for row in rows:
+        assert row.detached_error < 1e-12
+        assert row.plain_error > 1e-4 and row.operator_gap > 1e-4
