@@ -6,6 +6,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import tl_linmap
+from tl_linmap import maps
+from tl_linmap.errors import MemoryBudgetError
 from tl_linmap.freezing import freeze_hooks, replay_hooks, same_path_hooks
 from tl_linmap.guard import borrowed
 from tl_linmap.maps import run_to_target
@@ -89,6 +91,28 @@ def test_chunked_jacobian_equals_unchunked(model):
     whole = tl_linmap.linear_map(model, PROMPT)
     chunked = tl_linmap.linear_map(model, PROMPT, chunk_size=7)
     assert torch.allclose(whole.operators, chunked.operators, rtol=0, atol=1e-14 * whole.operators.abs().max())
+
+
+def test_default_chunk_shrinks_to_the_memory_budget(toy_models, monkeypatch):
+    model = toy_models["llama"]
+    whole = tl_linmap.linear_map(model, PROMPT)
+    planned = []
+    real_jacobian = maps._jacobian
+    monkeypatch.setattr(maps, "_jacobian", lambda y, x, chunk, bar: planned.append(chunk) or real_jacobian(y, x, chunk, bar))
+    monkeypatch.setattr(maps, "available_bytes", lambda device: 4 * 2**20)  # 4 MiB free
+    small = tl_linmap.linear_map(model, PROMPT)
+    assert 1 <= planned[0] < model.cfg.d_model
+    assert torch.allclose(small.operators, whole.operators, rtol=0, atol=1e-14 * whole.operators.abs().max())
+
+
+def test_out_of_memory_risk_suggests_a_chunk_size(toy_models, monkeypatch):
+    model = toy_models["llama"]
+    monkeypatch.setattr(maps, "available_bytes", lambda device: 4 * 2**20)
+    with pytest.raises(MemoryBudgetError, match=r"risks running out of memory.*use chunk_size=\d+ or less"):
+        tl_linmap.linear_map(model, PROMPT, chunk_size=64)
+    monkeypatch.setattr(maps, "available_bytes", lambda device: 2**16)
+    with pytest.raises(MemoryBudgetError, match="The operators need"):
+        tl_linmap.linear_map(model, PROMPT)
 
 
 def test_token_ids_and_text_give_the_same_map(toy_models):

@@ -14,6 +14,7 @@ against the model, not an identity.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -23,7 +24,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from tl_linmap.errors import FreezeError, InputError
+from tl_linmap.errors import FreezeError, InputError, MemoryBudgetError
 from tl_linmap.freezing import Factors, HookList, factor_names, freeze_hooks, quiet_norm_edits, replay_hooks, same_path_hooks
 from tl_linmap.guard import borrowed
 from tl_linmap.inputs import EMBED_HOOK, Prompt, check_position, resolve_target, to_tokens
@@ -181,6 +182,62 @@ def _jacobian(y: Float[Tensor, " d_out"], x: Tensor, chunk_size: int, bar: tqdm)
     return einops.rearrange(torch.cat(rows), "d_out pos d_in -> pos d_out d_in")
 
 
+def available_bytes(device: torch.device) -> int:
+    """Memory free for new tensors on a device.
+
+    Args:
+        device: Where the computation runs.
+
+    Returns:
+        Free bytes (GPU: ``cuda.mem_get_info``; CPU: available physical pages).
+    """
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def plan_chunk(model, n_tokens: int, d_out: int, n_targets: int, dtype: torch.dtype, chunk_size: int | None, device: torch.device) -> int:
+    """Output rows per batched backward that fit in half the free memory.
+
+    A rough but conservative model: each row in flight holds a gradient of the
+    embeddings plus about ten activation-sized gradients of the widest layer.
+
+    Args:
+        model: The model (for its widths).
+        n_tokens: Prompt length.
+        d_out: Rows of the largest target.
+        n_targets: Targets whose operators are kept.
+        dtype: Working dtype.
+        chunk_size: The user's choice, or None to pick one.
+        device: Where the computation runs.
+
+    Returns:
+        The chunk size to use.
+
+    Raises:
+        MemoryBudgetError: if the operators themselves, or the user's chunk, would not fit.
+    """
+    item = torch.finfo(dtype).bits // 8
+    width = max(model.cfg.d_model, getattr(model.cfg, "d_mlp", None) or 0)
+    per_row = item * n_tokens * (model.cfg.d_model + 10 * width)
+    operators = item * n_tokens * d_out * model.cfg.d_model * n_targets
+    free = available_bytes(device)
+    budget = free // 2 - operators
+    gib = 2**30
+    if budget < per_row:
+        raise MemoryBudgetError(
+            f"The operators need {operators / gib:.2f} GiB, with {free / gib:.2f} GiB free: "
+            "use fewer targets or a shorter prompt."
+        )
+    fits = int(min(d_out, budget // per_row))
+    if chunk_size is not None and chunk_size > fits:
+        raise MemoryBudgetError(
+            f"chunk_size={chunk_size} risks running out of memory (about {chunk_size * per_row / gib:.2f} GiB "
+            f"in flight, {budget / gib:.2f} GiB to spare); use chunk_size={fits} or less."
+        )
+    return chunk_size or fits
+
+
 def _check_factors(model, factors: Factors) -> None:
     missing = [name for name in factor_names(model) if name not in factors]
     if missing:
@@ -258,9 +315,11 @@ def linear_maps(
             for name, y in ys.items():
                 if not y.requires_grad:
                     raise InputError(f"{name!r} does not depend on the token embeddings (a frozen factor?).")
+            d_out = max(y.shape[0] for y in ys.values())
+            chunk = plan_chunk(model, n, d_out, len(ys), x.dtype, chunk_size, x.device)
             rows = sum(y.shape[0] for y in ys.values())
             with tqdm(total=rows, disable=not progress, desc="detached Jacobian rows") as bar:
-                operators = {name: _jacobian(y, x, chunk_size or y.shape[0], bar) for name, y in ys.items()}
+                operators = {name: _jacobian(y, x, chunk, bar) for name, y in ys.items()}
         del frozen_acts, ys
         bias = capture(model, tokens, names, replay_hooks(model, factors), torch.zeros_like(inputs))
         frozen_norms = {norm: _frozen_norm(model, norm, factors, position) for norm in norms}
@@ -302,8 +361,10 @@ def plain_jacobians(
     with borrowed(model, dtype), torch.enable_grad():
         x = run_to_target(model, tokens, EMBED_HOOK).detach().clone().requires_grad_(True)
         acts = capture(model, tokens, targets, same_path_hooks(model), x)
+        ys = {name: _at(acts[name], position, n)[0] for name in targets}
+        chunk = plan_chunk(model, n, max(y.shape[0] for y in ys.values()), len(ys), x.dtype, None, x.device)
         with tqdm(disable=True) as bar:
-            return {name: _jacobian(_at(acts[name], position, n)[0], x, model.cfg.d_model, bar) for name in targets}
+            return {name: _jacobian(y, x, chunk, bar) for name, y in ys.items()}
 
 
 def _check_exact(lm: LinearMap) -> None:
@@ -337,7 +398,8 @@ def linear_map(
         position: Sequence position of the target vector.
         dtype: Working dtype (float64 for exactness; None keeps the model's). The model's
             own dtype is restored afterwards.
-        chunk_size: Output dimensions per batched backward pass (default: all at once).
+        chunk_size: Output dimensions per batched backward pass (default: as many as fit in
+            half the free memory; a larger one raises `MemoryBudgetError` with a safe size).
         check: Raise `FreezeError` if the system does not reconstruct the output
             (a freeze rule silently had no effect).
         progress: Show a progress bar over Jacobian rows.
