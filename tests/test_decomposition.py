@@ -8,7 +8,7 @@ import tl_linmap
 from tl_linmap.decomposition import layer_maps, nonlinearity_gap, token_attribution
 from tl_linmap.freezing import same_path_hooks
 from tl_linmap.guard import borrowed
-from tl_linmap.maps import run_to_target
+from tl_linmap.system import run_to_target
 
 from conftest import PROMPT
 

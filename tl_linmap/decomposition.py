@@ -341,7 +341,7 @@ def nonlinearity_gap(
     detached = layer_maps(model, prompt_or_tokens, layers=layers, position=position, dtype=dtype)
     names = [n for n in detached if n.endswith("hook_resid_post")]
     first = detached[names[0]]
-    plain = plain_jacobians(model, first.tokens[None], names, first.position, dtype)
+    plain = plain_jacobians(model, first.tokens, names, position=first.position, dtype=dtype)
     rows = []
     for name in names:
         lm = detached[name]

@@ -1,15 +1,9 @@
 """Maps: the exact linear system of one inference, ``y = Σ_i J_i x_i + b``.
 
-`linear_map` runs four passes over one prompt, all through hook points:
-
-1. a reference forward (norms on the same code path as the frozen pass) gives ``output``;
-2. a frozen forward with the token embeddings as a leaf records the factors ``A(x)``;
-   reverse mode through it, batched over output dimensions, gives the operators ``J_i``;
-3. a replay forward with the recorded factors and all embeddings zero gives ``b``;
-4. a plain forward gives the model's native value, reported as ``native_gap``.
-
-``b`` comes from its own pass, so ``relative_error()`` is a real check of ``J`` and ``b``
-against the model, not an identity.
+The operators ``J_i`` come from reverse mode through the frozen graph of
+`tl_linmap.system.frozen_system`, batched over output dimensions; ``b`` comes from its own
+replay pass with zero embeddings, so ``relative_error()`` is a real check of ``J`` and ``b``
+against the model's reference forward, not an identity.
 """
 
 from __future__ import annotations
@@ -25,9 +19,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from tl_linmap.errors import FreezeError, InputError, MemoryBudgetError
-from tl_linmap.freezing import Factors, HookList, factor_names, freeze_hooks, quiet_norm_edits, replay_hooks, same_path_hooks
+from tl_linmap.freezing import same_path_hooks
 from tl_linmap.guard import borrowed
-from tl_linmap.inputs import EMBED_HOOK, Prompt, check_position, resolve_target, to_tokens
+from tl_linmap.inputs import EMBED_HOOK, Prompt, check_position, to_tokens
+from tl_linmap.system import FrozenAffine, FrozenSystem, at_position, capture, frozen_system, run_to_target
 
 
 @dataclass
@@ -93,91 +88,13 @@ def _relative(a: Tensor, b: Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-class _Stop(Exception):
-    """Raised by the capture hook: nothing after the target is needed."""
-
-
-def capture(
-    model,
-    tokens: Int[Tensor, "batch pos"],
-    targets: Sequence[str],
-    hooks: HookList = (),
-    embeddings: Tensor | None = None,
-    stop: bool = True,
-) -> dict[str, Tensor]:
-    """Run the model with hooks and return the activations at ``targets``.
-
-    Args:
-        model: A TransformerBridge.
-        tokens: Input tokens; their batch must match ``embeddings``' if given.
-        targets: Hook names whose activations are returned.
-        hooks: Extra ``(name, fn)`` forward hooks (freeze, replay, user's).
-        embeddings: If given, replace the output of ``hook_embed``.
-        stop: Abort the forward once every target fired (False: run every hook).
-
-    Returns:
-        Activation (with its batch axis) per target name.
-
-    Raises:
-        FreezeError: if a target hook never fired.
-    """
-    captured: dict[str, Tensor] = {}
-    wanted = set(targets)
-
-    def keep(name: str):
-        def hook(act: Tensor, hook=None) -> None:
-            captured[name] = act
-            if stop and wanted <= captured.keys():
-                raise _Stop
-
-        return hook
-
-    fwd = list(hooks) + [(name, keep(name)) for name in wanted]
-    if embeddings is not None:
-        fwd.insert(0, (EMBED_HOOK, lambda act, hook=None: embeddings))
-    with quiet_norm_edits(), model.hooks(fwd_hooks=fwd):
-        try:
-            model(tokens)
-        except _Stop:
-            pass
-    missing = sorted(wanted - captured.keys())
-    if missing:
-        raise FreezeError(f"The hook points {missing[:4]} never fired in a forward pass of this model.")
-    return captured
-
-
-def run_to_target(model, tokens: Int[Tensor, "batch pos"], target: str, hooks: HookList = (), embeddings: Tensor | None = None, stop: bool = True) -> Tensor:
-    """`capture` of a single target.
-
-    Args:
-        model: A TransformerBridge.
-        tokens: Input tokens.
-        target: Hook name.
-        hooks: Extra forward hooks.
-        embeddings: If given, replace the output of ``hook_embed``.
-        stop: Abort the forward once the target fired.
-
-    Returns:
-        The activation at ``target`` (with its batch axis).
-    """
-    return capture(model, tokens, [target], hooks, embeddings, stop)[target]
-
-
-def _at(act: Tensor, position: int, n_tokens: int) -> Tensor:
-    if act.ndim < 3 or act.shape[1] != n_tokens:
-        raise InputError(
-            f"The target's activation has shape {tuple(act.shape)}, not (batch, pos={n_tokens}, ...): "
-            "tl_linmap maps activations indexed by sequence position."
-        )
-    return act[:, position].flatten(1)
-
-
-def _jacobian(y: Float[Tensor, " d_out"], x: Tensor, chunk_size: int, bar: tqdm) -> Float[Tensor, "pos d_out d_in"]:
-    # One vmapped backward per chunk of output dimensions over a single retained graph.
+def _jacobian(system: FrozenSystem, name: str, chunk_size: int, bar: tqdm) -> Float[Tensor, "pos d_out d_in"]:
+    # One vmapped backward per chunk of output dimensions over the shared frozen graph.
+    y = system.ys[name]
     eye = torch.eye(y.shape[0], dtype=y.dtype, device=y.device)
     rows = []
     for start in range(0, y.shape[0], chunk_size):
-        rows.append(torch.autograd.grad(y, x, eye[start : start + chunk_size], is_grads_batched=True, retain_graph=True)[0][:, 0])
+        rows.append(system.vjp(name, eye[start : start + chunk_size]))
         bar.update(len(rows[-1]))
     return einops.rearrange(torch.cat(rows), "d_out pos d_in -> pos d_out d_in")
 
@@ -238,31 +155,6 @@ def plan_chunk(model, n_tokens: int, d_out: int, n_targets: int, dtype: torch.dt
     return chunk_size or fits
 
 
-def _check_factors(model, factors: Factors) -> None:
-    missing = [name for name in factor_names(model) if name not in factors]
-    if missing:
-        raise FreezeError(f"Freeze hooks never ran at {missing[:4]}: the bridge bypassed them; no exact map.")
-
-
-@dataclass
-class FrozenAffine:
-    """A frozen norm at one position as ``v -> matrix @ v + offset``."""
-
-    matrix: Float[Tensor, "d_out d_in"]
-    offset: Float[Tensor, " d_out"]
-
-
-def _frozen_norm(model, norm: str, factors: Factors, position: int) -> FrozenAffine:
-    # The bridge's own norm module, its scale replaced by the frozen one: no norm code copied here.
-    scale = factors[f"{norm}.hook_scale"][:, position : position + 1]
-    d_model = model.cfg.d_model
-    probes = torch.cat([torch.zeros(1, d_model), torch.eye(d_model)]).to(scale)[:, None]
-    hook = (f"{norm}.hook_scale", lambda act, hook=None: scale.expand_as(act))
-    with quiet_norm_edits(), model.hooks(fwd_hooks=[hook]):
-        out = model.get_submodule(norm)(probes)[:, 0]
-    return FrozenAffine(matrix=(out[1:] - out[0]).T.detach(), offset=out[0].detach())
-
-
 def linear_maps(
     model,
     prompt_or_tokens: Prompt,
@@ -295,46 +187,26 @@ def linear_maps(
     Returns:
         ``(maps, frozen_norms)``: a `LinearMap` per target name, a `FrozenAffine` per norm.
     """
-    tokens = to_tokens(model, prompt_or_tokens)
-    n = tokens.shape[1]
-    position = check_position(position, n)
-    names = list(dict.fromkeys(resolve_target(model, t) for t in targets))
     if chunk_size is not None and chunk_size < 1:
         raise InputError(f"chunk_size must be a positive number of output dimensions, got {chunk_size}.")
-    with borrowed(model, dtype):
-        native = capture(model, tokens, names)
-        output = capture(model, tokens, names, same_path_hooks(model))
-        inputs = run_to_target(model, tokens, EMBED_HOOK)
-        x = inputs.detach().clone().requires_grad_(True)
-        factors: Factors = {}
-        with torch.enable_grad():
-            # The whole forward runs so every factor is recorded (and checked) for the replay.
-            frozen_acts = capture(model, tokens, names, freeze_hooks(model, factors=factors), x, stop=False)
-            _check_factors(model, factors)
-            ys = {name: _at(frozen_acts[name], position, n)[0] for name in names}
-            for name, y in ys.items():
-                if not y.requires_grad:
-                    raise InputError(f"{name!r} does not depend on the token embeddings (a frozen factor?).")
-            d_out = max(y.shape[0] for y in ys.values())
-            chunk = plan_chunk(model, n, d_out, len(ys), x.dtype, chunk_size, x.device)
-            rows = sum(y.shape[0] for y in ys.values())
-            with tqdm(total=rows, disable=not progress, desc="detached Jacobian rows") as bar:
-                operators = {name: _jacobian(y, x, chunk, bar) for name, y in ys.items()}
-        del frozen_acts, ys
-        bias = capture(model, tokens, names, replay_hooks(model, factors), torch.zeros_like(inputs))
-        frozen_norms = {norm: _frozen_norm(model, norm, factors, position) for norm in norms}
+    with frozen_system(model, prompt_or_tokens, targets, position=position, dtype=dtype) as system:
+        x, ys = system.x, system.ys
+        chunk = plan_chunk(model, x.shape[1], max(y.shape[0] for y in ys.values()), len(ys), x.dtype, chunk_size, x.device)
+        with torch.enable_grad(), tqdm(total=sum(y.shape[0] for y in ys.values()), disable=not progress, desc="detached Jacobian rows") as bar:
+            operators = {name: _jacobian(system, name, chunk, bar) for name in system.names}
+        frozen_norms = {norm: system.frozen_norm(norm) for norm in norms}
     maps = {
         name: LinearMap(
             operators=operators[name],
-            inputs=inputs[0].detach(),
-            bias=_at(bias[name], position, n)[0].detach(),
-            output=_at(output[name], position, n)[0].detach(),
-            native_output=_at(native[name], position, n)[0].detach(),
-            tokens=tokens[0],
+            inputs=x[0].detach(),
+            bias=system.biases[name],
+            output=system.outputs[name],
+            native_output=system.natives[name],
+            tokens=system.tokens[0],
             target=name,
-            position=position,
+            position=system.position,
         )
-        for name in names
+        for name in system.names
     }
     if check:
         for lm in maps.values():
@@ -342,29 +214,30 @@ def linear_maps(
     return maps, frozen_norms
 
 
-def plain_jacobians(
-    model, tokens: Int[Tensor, "1 pos"], targets: Sequence[str], position: int, dtype: torch.dtype | None
-) -> dict[str, Float[Tensor, "pos d_out d_in"]]:
+def plain_jacobians(model, prompt_or_tokens: Prompt, targets: Sequence[str], *, position: int = -1, dtype: torch.dtype | None = torch.float64) -> dict[str, Float[Tensor, "pos d_out d_in"]]:
     """Ordinary (not detached) Jacobians of targets, for comparison with the detached ones.
 
     Args:
         model: A TransformerBridge of a supported architecture.
-        tokens: Tokens of one prompt, shape ``(1, pos)``.
+        prompt_or_tokens: One prompt.
         targets: Hook names.
-        position: Non-negative sequence position.
+        position: Sequence position.
         dtype: Working dtype.
 
     Returns:
         Operators per target, as in `LinearMap.operators`.
     """
+    tokens = to_tokens(model, prompt_or_tokens)
     n = tokens.shape[1]
+    position = check_position(position, n)
     with borrowed(model, dtype), torch.enable_grad():
         x = run_to_target(model, tokens, EMBED_HOOK).detach().clone().requires_grad_(True)
         acts = capture(model, tokens, targets, same_path_hooks(model), x)
-        ys = {name: _at(acts[name], position, n)[0] for name in targets}
+        ys = {name: at_position(acts[name], position, n)[0] for name in targets}
         chunk = plan_chunk(model, n, max(y.shape[0] for y in ys.values()), len(ys), x.dtype, None, x.device)
+        system = FrozenSystem(model, tokens, position, list(targets), x, {}, ys, {}, {}, {})
         with tqdm(disable=True) as bar:
-            return {name: _jacobian(y, x, chunk, bar) for name, y in ys.items()}
+            return {name: _jacobian(system, name, chunk, bar) for name in targets}
 
 
 def _check_exact(lm: LinearMap) -> None:

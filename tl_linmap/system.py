@@ -1,0 +1,292 @@
+"""The frozen system of one inference: every pass `linear_maps` and the matrix-free tools share.
+
+Inside `frozen_system` the model is borrowed in the working dtype and has run:
+
+1. a plain forward (the bridge's native value, for ``native_gap``);
+2. a reference forward, norms on the same code path as the frozen pass (``outputs``);
+3. a frozen forward with the token embeddings as a leaf, recording the factors ``A(x)``
+   and keeping the graph for reverse mode (``ys``);
+4. a replay forward with the recorded factors and all embeddings zero (``biases``).
+
+`FrozenSystem.push` runs the replayed (exactly affine) system forward on any embeddings,
+`FrozenSystem.vjp` runs reverse mode through the frozen graph.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from tl_linmap.errors import FreezeError, InputError
+from tl_linmap.freezing import Factors, HookList, factor_names, freeze_hooks, quiet_norm_edits, replay_hooks, same_path_hooks
+from tl_linmap.guard import borrowed
+from tl_linmap.inputs import EMBED_HOOK, Prompt, check_position, resolve_target, to_tokens
+
+
+class _Stop(Exception):
+    """Raised by the capture hook: nothing after the target is needed."""
+
+
+def capture(
+    model,
+    tokens: Int[Tensor, "batch pos"],
+    targets: Sequence[str],
+    hooks: HookList = (),
+    embeddings: Tensor | None = None,
+    stop: bool = True,
+) -> dict[str, Tensor]:
+    """Run the model with hooks and return the activations at ``targets``.
+
+    Args:
+        model: A TransformerBridge.
+        tokens: Input tokens; their batch must match ``embeddings``' if given.
+        targets: Hook names whose activations are returned.
+        hooks: Extra ``(name, fn)`` forward hooks (freeze, replay, user's).
+        embeddings: If given, replace the output of ``hook_embed``.
+        stop: Abort the forward once every target fired (False: run every hook).
+
+    Returns:
+        Activation (with its batch axis) per target name.
+
+    Raises:
+        FreezeError: if a target hook never fired.
+    """
+    captured: dict[str, Tensor] = {}
+    wanted = set(targets)
+
+    def keep(name: str):
+        def hook(act: Tensor, hook=None) -> None:
+            captured[name] = act
+            if stop and wanted <= captured.keys():
+                raise _Stop
+
+        return hook
+
+    fwd = list(hooks) + [(name, keep(name)) for name in wanted]
+    if embeddings is not None:
+        fwd.insert(0, (EMBED_HOOK, lambda act, hook=None: embeddings))
+    with quiet_norm_edits(), model.hooks(fwd_hooks=fwd):
+        try:
+            model(tokens)
+        except _Stop:
+            pass
+    missing = sorted(wanted - captured.keys())
+    if missing:
+        raise FreezeError(f"The hook points {missing[:4]} never fired in a forward pass of this model.")
+    return captured
+
+
+def run_to_target(model, tokens: Int[Tensor, "batch pos"], target: str, hooks: HookList = (), embeddings: Tensor | None = None, stop: bool = True) -> Tensor:
+    """`capture` of a single target.
+
+    Args:
+        model: A TransformerBridge.
+        tokens: Input tokens.
+        target: Hook name.
+        hooks: Extra forward hooks.
+        embeddings: If given, replace the output of ``hook_embed``.
+        stop: Abort the forward once the target fired.
+
+    Returns:
+        The activation at ``target`` (with its batch axis).
+    """
+    return capture(model, tokens, [target], hooks, embeddings, stop)[target]
+
+
+def at_position(act: Tensor, position: int, n_tokens: int) -> Tensor:
+    """The target vectors at one position, flattened: ``act[:, position]`` as ``(batch, d_out)``.
+
+    Args:
+        act: An activation with batch and position axes first.
+        position: Non-negative position.
+        n_tokens: Expected length of the position axis.
+
+    Returns:
+        The flattened vectors.
+
+    Raises:
+        InputError: if the activation has no position axis of that length.
+    """
+    if act.ndim < 3 or act.shape[1] != n_tokens:
+        raise InputError(
+            f"The target's activation has shape {tuple(act.shape)}, not (batch, pos={n_tokens}, ...): "
+            "tl_linmap maps activations indexed by sequence position."
+        )
+    return act[:, position].flatten(1)
+
+
+def check_factors(model, factors: Factors) -> None:
+    """Raise `FreezeError` if some rule's factor was never recorded (its hook did not run).
+
+    Args:
+        model: The model.
+        factors: Recorded by the frozen pass.
+    """
+    missing = [name for name in factor_names(model) if name not in factors]
+    if missing:
+        raise FreezeError(f"Freeze hooks never ran at {missing[:4]}: the bridge bypassed them; no exact map.")
+
+
+@dataclass
+class FrozenAffine:
+    """A frozen norm at one position as ``v -> matrix @ v + offset``."""
+
+    matrix: Float[Tensor, "d_out d_in"]
+    offset: Float[Tensor, " d_out"]
+
+
+def frozen_norm(model, norm: str, factors: Factors, position: int) -> FrozenAffine:
+    """A norm module frozen at one position, as an affine map.
+
+    Args:
+        model: The model, in the working dtype.
+        norm: Module name, e.g. ``"ln_final"`` or ``"blocks.3.ln1_post"``.
+        factors: Recorded by the frozen pass.
+        position: Non-negative position.
+
+    Returns:
+        A `FrozenAffine`.
+    """
+    # The bridge's own norm module, its scale replaced by the frozen one: no norm code copied here.
+    scale = factors[f"{norm}.hook_scale"][:, position : position + 1]
+    d_model = model.cfg.d_model
+    probes = torch.cat([torch.zeros(1, d_model), torch.eye(d_model)]).to(scale)[:, None]
+    hook = (f"{norm}.hook_scale", lambda act, hook=None: scale.expand_as(act))
+    with quiet_norm_edits(), model.hooks(fwd_hooks=[hook]):
+        out = model.get_submodule(norm)(probes)[:, 0]
+    return FrozenAffine(matrix=(out[1:] - out[0]).T.detach(), offset=out[0].detach())
+
+
+
+
+@dataclass
+class FrozenSystem:
+    """One prompt's frozen system, valid inside `frozen_system`.
+
+    Attributes:
+        model: The borrowed model.
+        tokens: ``(1, pos)``.
+        position: Target position (non-negative).
+        names: Target hook names.
+        x: The token embeddings as a leaf of the frozen graph, ``(1, pos, d_in)``.
+        factors: The frozen factors by hook name.
+        ys: Per target, its vector at ``position`` in the frozen graph (``None`` without graph).
+        outputs: Per target, the reference value.
+        natives: Per target, the plain forward's value.
+        biases: Per target, the affine part ``b``.
+    """
+
+    model: object
+    tokens: Int[Tensor, "1 pos"]
+    position: int
+    names: list[str]
+    x: Float[Tensor, "1 pos d_in"]
+    factors: Factors
+    ys: dict[str, Tensor]
+    outputs: dict[str, Tensor]
+    natives: dict[str, Tensor]
+    biases: dict[str, Tensor]
+
+    def push(self, embeddings: Float[Tensor, "batch pos d_in"]) -> dict[str, Float[Tensor, "batch d_out"]]:
+        """The linear part ``Σ_i J_i e_i`` for a batch of embedding sequences, by forward passes.
+
+        Args:
+            embeddings: Any embeddings, one sequence per batch row.
+
+        Returns:
+            Per target, ``F(e) − b`` at the target position.
+        """
+        n = self.tokens.shape[1]
+        tokens = self.tokens.expand(len(embeddings), -1)
+        acts = capture(self.model, tokens, self.names, replay_hooks(self.model, self.factors), embeddings)
+        return {name: at_position(acts[name], self.position, n) - self.biases[name] for name in self.names}
+
+    def vjp(self, name: str, rows: Float[Tensor, "k d_out"]) -> Float[Tensor, "k pos d_in"]:
+        """``rows @ [J_0 … J_n]`` by one batched backward through the frozen graph.
+
+        Args:
+            name: Target hook name.
+            rows: Output-space covectors.
+
+        Returns:
+            ``J_i^T r`` for every token ``i`` and row ``r``.
+        """
+        return torch.autograd.grad(self.ys[name], self.x, rows, is_grads_batched=True, retain_graph=True)[0][:, 0]
+
+    def frozen_norm(self, norm: str) -> FrozenAffine:
+        """A norm module frozen at the target position (see `frozen_norm`).
+
+        Args:
+            norm: Module name.
+
+        Returns:
+            A `FrozenAffine`.
+        """
+        return frozen_norm(self.model, norm, self.factors, self.position)
+
+
+@contextmanager
+def frozen_system(
+    model,
+    prompt_or_tokens: Prompt,
+    targets: Sequence[str],
+    *,
+    position: int = -1,
+    dtype: torch.dtype | None = torch.float64,
+    graph: bool = True,
+) -> Iterator[FrozenSystem]:
+    """Borrow the model and run the passes every linear-system computation shares.
+
+    Args:
+        model: A TransformerBridge of a supported architecture.
+        prompt_or_tokens: One prompt as text or token ids.
+        targets: Hook names (or ``"output"``).
+        position: Sequence position of the targets.
+        dtype: Working dtype (the model's own is restored on exit).
+        graph: Keep the frozen graph for reverse mode (`FrozenSystem.vjp`).
+
+    Returns:
+        A context manager yielding the `FrozenSystem`.
+
+    Raises:
+        InputError: for a bad prompt, position or target, or a target that does not
+            depend on the embeddings.
+        FreezeError: if a freeze hook never ran.
+    """
+    tokens = to_tokens(model, prompt_or_tokens)
+    n = tokens.shape[1]
+    position = check_position(position, n)
+    names = list(dict.fromkeys(resolve_target(model, t) for t in targets))
+    with borrowed(model, dtype):
+        natives = capture(model, tokens, names)
+        outputs = capture(model, tokens, names, same_path_hooks(model))
+        x = run_to_target(model, tokens, EMBED_HOOK).detach().clone().requires_grad_(graph)
+        factors: Factors = {}
+        with torch.set_grad_enabled(graph):
+            # The whole forward runs so every factor is recorded (and checked) for the replay.
+            frozen = capture(model, tokens, names, freeze_hooks(model, factors=factors), x, stop=False)
+        check_factors(model, factors)
+        ys = {name: at_position(frozen[name], position, n)[0] for name in names}
+        del frozen
+        for name, y in ys.items():
+            if graph and not y.requires_grad:
+                raise InputError(f"{name!r} does not depend on the token embeddings (a frozen factor?).")
+        biases = capture(model, tokens, names, replay_hooks(model, factors), torch.zeros_like(x.detach()))
+        at = {name: lambda acts, name=name: at_position(acts[name], position, n)[0].detach() for name in names}
+        yield FrozenSystem(
+            model=model,
+            tokens=tokens,
+            position=position,
+            names=names,
+            x=x,
+            factors=factors,
+            ys=ys if graph else {},
+            outputs={name: at[name](outputs) for name in names},
+            natives={name: at[name](natives) for name in names},
+            biases={name: at[name](biases) for name in names},
+        )
