@@ -5,11 +5,18 @@ from tl_linmap.errors import FreezeError, InputError, LinmapError, MemoryBudgetE
 from tl_linmap.analysis import effective_rank, energy_rank, nearest_tokens, stable_rank, top_singular, top_tokens, unembed
 from tl_linmap.freezing import freeze_hooks, frozen, replay_hooks, same_path_hooks
 from tl_linmap.loading import BUNDLED, load_model
-from tl_linmap.maps import LinearMap, linear_map
+from tl_linmap.maps import LinearMap, linear_map, linear_maps
+from tl_linmap.matrix_free import Contributions, MatrixFree, matrix_free, randomized_svd, token_contributions
 from tl_linmap.rules import FREEZE_RULES
 from tl_linmap.steering import concept_vector, steering_hooks
 
 __all__ = [
+    "Contributions",
+    "MatrixFree",
+    "linear_maps",
+    "matrix_free",
+    "randomized_svd",
+    "token_contributions",
     "Attribution",
     "LinearMaps",
     "concept_vector",

@@ -1,0 +1,63 @@
+"""Matrix-free routes agree with the dense Jacobian route (correctness, not speed)."""
+
+import pytest
+import torch
+
+import tl_linmap
+from tl_linmap.guard import hook_count
+from tl_linmap.matrix_free import matrix_free, token_contributions
+
+from conftest import PROMPT
+
+
+@pytest.fixture
+def dense(model):
+    return tl_linmap.linear_map(model, PROMPT, position=-3)
+
+
+def test_forward_contributions_equal_the_jacobian_route(model, dense):
+    fast = token_contributions(model, PROMPT, position=-3)
+    scale = dense.output.norm()
+    assert (fast.contributions - dense.contributions()).norm() < 1e-12 * scale
+    assert fast.relative_error() < 1e-12
+    assert fast.contributions[-2:].abs().max() == 0  # tokens after the target position
+    assert torch.equal(fast.bias, dense.bias) and torch.equal(fast.output, dense.output)
+
+
+def test_contributions_in_chunks_of_one_token(toy_models):
+    model = toy_models["gpt2"]
+    whole = token_contributions(model, PROMPT)
+    one_by_one = token_contributions(model, PROMPT, chunk_size=1)
+    assert torch.allclose(whole.contributions, one_by_one.contributions, rtol=0, atol=1e-13 * whole.output.norm())
+
+
+def test_matvec_and_rmatvec_apply_the_operator(model, dense):
+    with matrix_free(model, PROMPT, position=-3) as mf:
+        op = mf.operator(4)
+        v = torch.randn(3, model.cfg.d_model, dtype=torch.float64)
+        u = torch.randn(3, dense.output.shape[0], dtype=torch.float64)
+        jv, jtu = op.matvec(v), op.rmatvec(u)
+    scale = dense.operators[4].abs().max() * 10
+    assert torch.allclose(jv, v @ dense.operators[4].T, rtol=0, atol=1e-12 * scale)
+    assert torch.allclose(jtu, u @ dense.operators[4], rtol=0, atol=1e-12 * scale)
+    assert hook_count(model) == 0
+
+
+@pytest.mark.parametrize("token", [0, 3, -3])
+def test_randomized_svd_matches_the_dense_svd(model, dense, token):
+    with matrix_free(model, PROMPT, position=-3) as mf:
+        top = mf.svd(token=token, k=6, oversample=16, max_iter=200)  # random weights: flat spectra
+    u, s, vh = torch.linalg.svd(dense.operators[token])
+    assert torch.allclose(top.values, s[:6], rtol=1e-8, atol=0)
+    well_separated = (s[:6] - s[1:7]).abs() > 1e-3 * s[0]
+    alignment = (top.left @ u[:, :6]).diagonal().abs()
+    assert (alignment[well_separated] > 1 - 1e-6).all()
+    assert (top.left @ dense.output >= 0).all()  # signed along the output
+    op = dense.operators[token]  # each triplet is a singular triplet: J v = σ u and J^T u = σ v
+    assert torch.allclose(top.right @ op.T, top.values[:, None] * top.left, atol=1e-6 * s[0])
+    assert torch.allclose(top.left @ op, top.values[:, None] * top.right, atol=1e-6 * s[0])
+
+
+def test_randomized_svd_warns_when_it_stops_early(toy_models):
+    with matrix_free(toy_models["gpt2"], PROMPT) as mf, pytest.warns(UserWarning, match="stopped after 2 iterations"):
+        mf.svd(token=-1, k=6, max_iter=2)

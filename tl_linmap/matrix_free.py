@@ -1,0 +1,262 @@
+"""Matrix-free: contributions and top singular vectors without the dense operators.
+
+The frozen system is exactly affine, so a forward pass of the replayed system applies
+``Σ_i J_i e_i`` to any embeddings, and a backward pass through the frozen graph applies
+``J_i^T``. Per-token contributions then cost one forward row per token instead of
+``d_out`` backward rows, and the top-k singular triplets of one token's operator cost
+O(k) products (randomized subspace iteration) instead of the whole operator.
+"""
+
+from __future__ import annotations
+
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from tl_linmap.analysis import Singular
+from tl_linmap.inputs import Prompt
+from tl_linmap.maps import available_bytes
+from tl_linmap.system import FrozenSystem, frozen_system
+
+
+@dataclass
+class Contributions:
+    """Per-token contributions ``J_i x_i`` of one target, computed by forward passes.
+
+    Attributes:
+        contributions: One output-space vector per input token (zero after ``position``).
+        bias: The affine part ``b``.
+        output: The model's reference value of the target.
+        native_output: The plain forward's value.
+        tokens: The input tokens.
+        target: Hook name.
+        position: Target position.
+    """
+
+    contributions: Float[Tensor, "pos d_out"]
+    bias: Float[Tensor, " d_out"]
+    output: Float[Tensor, " d_out"]
+    native_output: Float[Tensor, " d_out"] = field(repr=False)
+    tokens: Int[Tensor, " pos"] = field(repr=False)
+    target: str = "ln_final.hook_out"
+    position: int = -1
+
+    def reconstruct(self) -> Float[Tensor, " d_out"]:
+        """``Σ_i J_i x_i + b``.
+
+        Returns:
+            The reconstructed target vector.
+        """
+        return self.contributions.sum(0) + self.bias
+
+    def relative_error(self) -> float:
+        """``‖reconstruct() − output‖ / ‖output‖``.
+
+        Returns:
+            The relative reconstruction error.
+        """
+        return float((self.reconstruct() - self.output).norm() / self.output.norm())
+
+
+def _rows_per_pass(system: FrozenSystem, chunk_size: int | None) -> int:
+    # A replayed forward row holds about ten activations of the widest layer per token.
+    cfg = system.model.cfg
+    x = system.x
+    per_row = x.element_size() * x.shape[1] * 10 * max(cfg.d_model, getattr(cfg, "d_mlp", None) or 0)
+    return chunk_size or max(1, min(x.shape[1], available_bytes(x.device) // 2 // per_row))
+
+
+def _one_token_each(x: Float[Tensor, "pos d"], tokens: range, values: Tensor | None = None) -> Tensor:
+    # Row r holds values[r] (default: token r's own embedding) at position tokens[r], zero elsewhere.
+    rows = torch.zeros(len(tokens), *x.shape, dtype=x.dtype, device=x.device)
+    index = torch.arange(len(tokens), device=x.device)
+    rows[index, torch.tensor(list(tokens), device=x.device)] = x[list(tokens)] if values is None else values
+    return rows
+
+
+def token_contributions(
+    model,
+    prompt_or_tokens: Prompt,
+    *,
+    target: str = "output",
+    position: int = -1,
+    dtype: torch.dtype | None = torch.float64,
+    chunk_size: int | None = None,
+) -> Contributions:
+    """Per-token contributions ``J_i x_i`` by batched forward passes of the frozen system.
+
+    The same numbers as ``linear_map(...).contributions()`` (to float64 rounding), at the
+    cost of one forward row per token up to ``position`` instead of ``d_out`` backward rows.
+
+    Args:
+        model: A TransformerBridge of a supported architecture.
+        prompt_or_tokens: One prompt.
+        target: ``"output"`` or a hook name.
+        position: Target position.
+        dtype: Working dtype.
+        chunk_size: Tokens per forward pass (default: as many as fit in half the free memory).
+
+    Returns:
+        A `Contributions`.
+    """
+    with frozen_system(model, prompt_or_tokens, [target], position=position, dtype=dtype, graph=False) as system:
+        name, x = system.names[0], system.x[0].detach()
+        step = _rows_per_pass(system, chunk_size)
+        parts = [
+            system.push(_one_token_each(x, range(start, min(start + step, system.position + 1))))[name]
+            for start in range(0, system.position + 1, step)
+        ]
+        after = torch.zeros(len(x) - system.position - 1, parts[0].shape[-1], dtype=x.dtype, device=x.device)
+    return Contributions(
+        contributions=torch.cat(parts + [after]),
+        bias=system.biases[name],
+        output=system.outputs[name],
+        native_output=system.natives[name],
+        tokens=system.tokens[0],
+        target=name,
+        position=system.position,
+    )
+
+
+@dataclass
+class TokenOperator:
+    """One token's operator ``J_i``, applied without materialising it.
+
+    Attributes:
+        system: The frozen system (valid inside `matrix_free`).
+        target: Hook name.
+        token: Input token index ``i``.
+    """
+
+    system: FrozenSystem
+    target: str
+    token: int
+
+    def matvec(self, vectors: Float[Tensor, "k d_in"]) -> Float[Tensor, "k d_out"]:
+        """``J_i v`` for each row ``v``, by one forward pass of the replayed system.
+
+        Args:
+            vectors: Input-space vectors.
+
+        Returns:
+            Output-space vectors.
+        """
+        x = self.system.x[0]
+        embeddings = torch.zeros(len(vectors), *x.shape, dtype=x.dtype, device=x.device)
+        embeddings[:, self.token] = vectors
+        return self.system.push(embeddings)[self.target]
+
+    def rmatvec(self, covectors: Float[Tensor, "k d_out"]) -> Float[Tensor, "k d_in"]:
+        """``J_i^T u`` for each row ``u``, by one batched backward through the frozen graph.
+
+        Args:
+            covectors: Output-space vectors.
+
+        Returns:
+            Input-space vectors.
+        """
+        with torch.enable_grad():
+            return self.system.vjp(self.target, covectors)[:, self.token]
+
+
+def randomized_svd(operator: TokenOperator, k: int, *, oversample: int = 8, max_iter: int = 30, tol: float = 1e-12) -> Singular:
+    """Top-k singular triplets by randomized subspace iteration (Halko, Martinsson, Tropp).
+
+    Each iteration costs one `matvec` and one `rmatvec` of ``k + oversample`` rows; it stops
+    once the top-k singular values change by less than ``tol`` (relative to the largest).
+    Convergence goes as ``(σ_{k+oversample+1} / σ_k)^(2·iterations)``: fast for the steep
+    spectra of trained models, slow for flat ones, which get a warning if ``max_iter`` ends it.
+
+    Args:
+        operator: Anything with ``matvec`` and ``rmatvec``.
+        k: Number of triplets.
+        oversample: Extra directions that speed up convergence.
+        max_iter: Iteration cap.
+        tol: Relative change of the top-k singular values that ends the iteration.
+
+    Returns:
+        A `Singular`, each pair signed so that ``u`` points along the target's output.
+    """
+    x = operator.system.x
+    generator = torch.Generator(device=x.device).manual_seed(0)
+    probe = torch.randn(k + oversample, x.shape[-1], generator=generator, dtype=x.dtype, device=x.device)
+    basis = torch.linalg.qr(operator.matvec(probe).T).Q
+    rows = operator.rmatvec(basis.T)  # basis^T J: its singular values approximate J's
+    values = torch.linalg.svdvals(rows)[:k]
+    for _ in range(max_iter):
+        basis = torch.linalg.qr(operator.matvec(torch.linalg.qr(rows.T).Q.T).T).Q
+        rows = operator.rmatvec(basis.T)
+        previous, values = values, torch.linalg.svdvals(rows)[:k]
+        if ((values - previous).abs() <= tol * values[0]).all():
+            break
+    else:
+        change = float(((values - previous).abs() / values[0]).max())
+        warnings.warn(f"randomized_svd stopped after {max_iter} iterations with a relative change of {change:.1e}; "
+                      "raise max_iter or oversample for this flat spectrum.", stacklevel=2)
+    u_small, values, right = torch.linalg.svd(rows, full_matrices=False)
+    left = (basis @ u_small[:, :k]).T
+    output = operator.system.outputs[operator.target]
+    sign = torch.where(left @ output >= 0, 1.0, -1.0).to(left)
+    return Singular(values[:k], left * sign[:, None], right[:k] * sign[:, None])
+
+
+@dataclass
+class MatrixFree:
+    """Matrix-free access to one prompt's frozen system, valid inside `matrix_free`."""
+
+    system: FrozenSystem
+
+    def operator(self, token: int, target: str | None = None) -> TokenOperator:
+        """The operator of one input token.
+
+        Args:
+            token: Input token index (negative counts from the end).
+            target: Hook name (default: the first target).
+
+        Returns:
+            A `TokenOperator`.
+        """
+        return TokenOperator(self.system, target or self.system.names[0], token % self.system.tokens.shape[1])
+
+    def svd(self, token: int = -1, k: int = 8, target: str | None = None, **options) -> Singular:
+        """Top-k singular triplets of one token's operator (see `randomized_svd`).
+
+        Args:
+            token: Input token index.
+            k: Number of triplets.
+            target: Hook name (default: the first target).
+            **options: Passed to `randomized_svd`.
+
+        Returns:
+            A `Singular`.
+        """
+        return randomized_svd(self.operator(token, target), k, **options)
+
+
+@contextmanager
+def matrix_free(
+    model, prompt_or_tokens: Prompt, *, target: str = "output", position: int = -1, dtype: torch.dtype | None = torch.float64
+) -> Iterator[MatrixFree]:
+    """Borrow the model and give matrix-free products with its frozen system.
+
+    Args:
+        model: A TransformerBridge of a supported architecture.
+        prompt_or_tokens: One prompt.
+        target: ``"output"`` or a hook name.
+        position: Target position.
+        dtype: Working dtype (restored on exit).
+
+    Returns:
+        A context manager yielding a `MatrixFree`.
+
+    Example:
+        >>> with tl_linmap.matrix_free(model, "The capital of France is") as mf:
+        ...     top = mf.svd(token=-1, k=8)
+    """
+    with frozen_system(model, prompt_or_tokens, [target], position=position, dtype=dtype) as system:
+        yield MatrixFree(system)
