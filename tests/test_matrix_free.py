@@ -46,7 +46,7 @@ def test_matvec_and_rmatvec_apply_the_operator(model, dense):
 @pytest.mark.parametrize("token", [0, 3, -3])
 def test_randomized_svd_matches_the_dense_svd(model, dense, token):
     with matrix_free(model, PROMPT, position=-3) as mf:
-        top = mf.svd(token=token, k=6, oversample=16, max_iter=200)  # random weights: flat spectra
+        top = mf.svd(token=token, k=6)
     u, s, vh = torch.linalg.svd(dense.operators[token])
     assert torch.allclose(top.values, s[:6], rtol=1e-8, atol=0)
     well_separated = (s[:6] - s[1:7]).abs() > 1e-3 * s[0]
@@ -59,5 +59,5 @@ def test_randomized_svd_matches_the_dense_svd(model, dense, token):
 
 
 def test_randomized_svd_warns_when_it_stops_early(toy_models):
-    with matrix_free(toy_models["gpt2"], PROMPT) as mf, pytest.warns(UserWarning, match="stopped after 2 iterations"):
+    with matrix_free(toy_models["gpt2"], PROMPT) as mf, pytest.warns(UserWarning, match="stopped after 30 directions"):
         mf.svd(token=-1, k=6, max_iter=2)
