@@ -6,7 +6,7 @@ from tl_linmap.analysis import effective_rank, energy_rank, nearest_tokens, stab
 from tl_linmap.freezing import freeze_hooks, frozen, replay_hooks, same_path_hooks
 from tl_linmap.loading import BUNDLED, load_model
 from tl_linmap.maps import LinearMap, linear_map, linear_maps
-from tl_linmap.matrix_free import Contributions, MatrixFree, matrix_free, randomized_svd, token_contributions
+from tl_linmap.operators import Contributions, MatrixFree, matrix_free, randomized_svd, token_contributions
 from tl_linmap.rules import FREEZE_RULES
 from tl_linmap.steering import concept_vector, steering_hooks
 

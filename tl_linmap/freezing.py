@@ -110,12 +110,20 @@ def factor_names(model) -> list[str]:
     Returns:
         Every `Detach` hook name, and the post-activation name of every `Ratio` pair.
     """
-    n_layers = model.cfg.n_layers
-    return [
-        name if isinstance(rule, Detach) else name[1]
-        for rule in rules_for(model)
-        for name in rule.hook_names(n_layers)
-    ]
+    return [name for rule in rules_for(model) for name in factor_names_of(rule, model.cfg.n_layers)]
+
+
+def factor_names_of(rule, n_layers: int) -> list[str]:
+    """Hook names under which one rule records its factors.
+
+    Args:
+        rule: A `Detach` or `Ratio` rule.
+        n_layers: Number of blocks.
+
+    Returns:
+        The `Detach` names, or the post-activation names of a `Ratio` rule.
+    """
+    return rule.hook_names(n_layers) if isinstance(rule, Detach) else [post for _, post in rule.hook_names(n_layers)]
 
 
 def replay_hooks(model, factors: Factors) -> HookList:
@@ -156,6 +164,32 @@ def _replay_ratio_fn(live: dict[str, Tensor], ratio: Tensor) -> HookFn:
         return live.pop("pre") * ratio
 
     return hook
+
+
+def slice_factors(model, factors: Factors, start: int, stop: int) -> Factors:
+    """Factors of positions ``[start, stop)`` only, for replaying a window of the prompt.
+
+    With the factors frozen, a window's linear part is exactly the full prompt's restricted
+    to inputs in the window: what earlier positions add is all affine (their inputs are zero).
+
+    Args:
+        model: The model the factors were recorded on.
+        factors: Recorded by `freeze_hooks`.
+        start: First position kept.
+        stop: One past the last position kept.
+
+    Returns:
+        The sliced factors, cut on every sequence axis the rule table names.
+    """
+    sliced = {}
+    for rule in rules_for(model):
+        axes = rule.position_axes if isinstance(rule, Detach) else (1,)
+        for name in factor_names_of(rule, model.cfg.n_layers):
+            factor = factors[name]
+            for axis in axes:
+                factor = factor.narrow(axis, start, stop - start)
+            sliced[name] = factor
+    return sliced
 
 
 def same_path_hooks(model) -> HookList:

@@ -27,6 +27,7 @@ class Detach:
     act: str
     layer_type: str | None = None
     per_layer: bool = True
+    position_axes: tuple[int, ...] = (1,)  # where the factor's sequence axes are (for windows)
 
     def hook_names(self, n_layers: int) -> list[str]:
         """Hook names this rule covers.
@@ -68,10 +69,10 @@ class Ratio:
 Rule = Union[Detach, Ratio]
 
 _FINAL_NORM = Detach("scale", per_layer=False)
-_PATTERN = Detach("pattern")
+_PATTERN = Detach("pattern", position_axes=(2, 3))  # (batch, head, query, key)
 _GATE = Detach("pre")  # on gated bridges `mlp.hook_pre` is the gate projection's output
 _PRE_NORMS = (Detach("scale", "ln1"), Detach("scale", "ln2"))
-_QK_NORMS = (Detach("scale", "attn.q_norm"), Detach("scale", "attn.k_norm"))
+_QK_NORMS = tuple(Detach("scale", f"attn.{qk}_norm", position_axes=(2,)) for qk in "qk")  # per head
 _POST_NORMS = (Detach("scale", "ln1_post"), Detach("scale", "ln2_post"))
 
 _GATED = (*_PRE_NORMS, _PATTERN, _GATE, _FINAL_NORM)

@@ -23,7 +23,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from tl_linmap.errors import FreezeError, InputError
-from tl_linmap.freezing import Factors, HookList, factor_names, freeze_hooks, quiet_norm_edits, replay_hooks, same_path_hooks
+from tl_linmap.freezing import Factors, HookList, factor_names, freeze_hooks, quiet_norm_edits, replay_hooks, same_path_hooks, slice_factors
 from tl_linmap.guard import borrowed
 from tl_linmap.inputs import EMBED_HOOK, Prompt, check_position, resolve_target, to_tokens
 
@@ -217,6 +217,30 @@ class FrozenSystem:
             ``J_i^T r`` for every token ``i`` and row ``r``.
         """
         return torch.autograd.grad(self.ys[name], self.x, rows, is_grads_batched=True, retain_graph=True)[0][:, 0]
+
+    def window(self, start: int) -> FrozenSystem:
+        """The same linear system restricted to inputs at positions ``start..position``.
+
+        The prompt is cut to that window and replayed with the sliced factors, so products
+        with one token's operator cost a forward or backward of ``position - start + 1``
+        positions instead of the whole prompt (a single position for the target token).
+
+        Args:
+            start: First input position kept (``0 <= start <= position``).
+
+        Returns:
+            A `FrozenSystem` whose token 0 is this one's token ``start``; its ``biases``
+            are the window's own affine part, so `push` still returns the linear part.
+        """
+        tokens = self.tokens[:, start : self.position + 1]
+        n = tokens.shape[1]
+        factors = slice_factors(self.model, self.factors, start, self.position + 1)
+        x = torch.zeros(1, n, self.x.shape[-1], dtype=self.x.dtype, device=self.x.device, requires_grad=True)
+        with torch.enable_grad():
+            acts = capture(self.model, tokens, self.names, replay_hooks(self.model, factors), x)
+        ys = {name: at_position(acts[name], n - 1, n)[0] for name in self.names}
+        biases = {name: y.detach() for name, y in ys.items()}  # the replay at zero input
+        return FrozenSystem(self.model, tokens, n - 1, self.names, x, factors, ys, self.outputs, self.natives, biases)
 
     def frozen_norm(self, norm: str) -> FrozenAffine:
         """A norm module frozen at the target position (see `frozen_norm`).

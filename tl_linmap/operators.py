@@ -19,6 +19,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from tl_linmap.analysis import Singular
+from tl_linmap.errors import InputError
 from tl_linmap.inputs import Prompt
 from tl_linmap.maps import available_bytes
 from tl_linmap.system import FrozenSystem, frozen_system
@@ -128,9 +129,10 @@ class TokenOperator:
     """One token's operator ``J_i``, applied without materialising it.
 
     Attributes:
-        system: The frozen system (valid inside `matrix_free`).
+        system: The frozen system (valid inside `matrix_free`), usually a
+            `FrozenSystem.window` starting at the token, which makes products cheaper.
         target: Hook name.
-        token: Input token index ``i``.
+        token: Input token index ``i`` in ``system``.
     """
 
     system: FrozenSystem
@@ -237,7 +239,10 @@ class MatrixFree:
         Returns:
             A `TokenOperator`.
         """
-        return TokenOperator(self.system, target or self.system.names[0], token % self.system.tokens.shape[1])
+        token = token % self.system.tokens.shape[1]
+        if token > self.system.position:
+            raise InputError(f"Token {token} comes after the target position {self.system.position}: its operator is zero.")
+        return TokenOperator(self.system.window(token), target or self.system.names[0], 0)
 
     def svd(self, token: int = -1, k: int = 8, target: str | None = None, **options) -> Singular:
         """Top-k singular triplets of one token's operator (see `randomized_svd`).

@@ -5,7 +5,7 @@ import torch
 
 import tl_linmap
 from tl_linmap.guard import hook_count
-from tl_linmap.matrix_free import matrix_free, token_contributions
+from tl_linmap.operators import matrix_free, token_contributions
 
 from conftest import PROMPT
 
@@ -61,3 +61,10 @@ def test_randomized_svd_matches_the_dense_svd(model, dense, token):
 def test_randomized_svd_warns_when_it_stops_early(toy_models):
     with matrix_free(toy_models["gpt2"], PROMPT) as mf, pytest.warns(UserWarning, match="stopped after 30 directions"):
         mf.svd(token=-1, k=6, max_iter=2)
+
+
+def test_operator_after_the_target_position_is_refused(toy_models):
+    from tl_linmap.errors import InputError
+
+    with matrix_free(toy_models["llama"], PROMPT, position=3) as mf, pytest.raises(InputError, match="after the target position"):
+        mf.operator(5)
