@@ -287,9 +287,9 @@ def frozen_system(
     position = check_position(position, n)
     names = list(dict.fromkeys(resolve_target(model, t) for t in targets))
     with borrowed(model, dtype):
-        natives = capture(model, tokens, names)
+        natives = capture(model, tokens, names + [EMBED_HOOK])
         outputs = capture(model, tokens, names, same_path_hooks(model))
-        x = run_to_target(model, tokens, EMBED_HOOK).detach().clone().requires_grad_(graph)
+        x = natives[EMBED_HOOK].detach().clone().requires_grad_(graph)
         factors: Factors = {}
         with torch.set_grad_enabled(graph):
             # The whole forward runs so every factor is recorded (and checked) for the replay.
