@@ -124,7 +124,7 @@ def contributions_table(model, label, lengths, dense_up_to=256):
             print(f"| {n} | - | - | {t_fast:.2f} | {gib(m_fast)} | - | reconstruction {fast.relative_error():.1e} |")
             continue
         t_dense, m_dense, lm = measure(lambda: tl_linmap.linear_map(model, tokens))
-        diff = float((fast.contributions - lm.contributions()).norm() / lm.output.norm())
+        diff = float((fast.contributions() - lm.contributions()).norm() / lm.output.norm())
         print(f"| {n} | {t_dense:.2f} | {gib(m_dense)} | {t_fast:.2f} | {gib(m_fast)} | {t_dense / t_fast:.1f} | {diff:.1e} |")
 
 

@@ -8,6 +8,7 @@ one, the frozen post-attention norm), so they cost no extra Jacobian.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
@@ -147,7 +148,10 @@ class LinearMaps(Mapping):
         bias, output, native = (self._per_head(layer, v) for v in (z.bias, z.output, z.native_output))
         name = utils.get_act_name("result", layer)
         return [
-            LinearMap(operators[h], z.inputs, bias[h], output[h], native[h], z.tokens, f"{name}.{h}", z.position)
+            LinearMap(
+                operators=operators[h], inputs=z.inputs, bias=bias[h], output=output[h],
+                native_output=native[h], tokens=z.tokens, target=f"{name}.{h}", position=z.position,
+            )
             for h in range(len(operators))
         ]
 
@@ -345,7 +349,7 @@ def nonlinearity_gap(
     rows = []
     for name in names:
         lm = detached[name]
-        plain_map = LinearMap(plain[name], lm.inputs, lm.bias, lm.output, lm.native_output, lm.tokens, name, lm.position)
+        plain_map = dataclasses.replace(lm, operators=plain[name])
         gap = float((plain[name] - lm.operators).norm() / lm.operators.norm())
         rows.append(GapRow(name, lm.relative_error(), plain_map.relative_error(), gap))
     return rows

@@ -25,13 +25,11 @@ from tl_linmap.inputs import EMBED_HOOK, Prompt, check_position, to_tokens
 from tl_linmap.system import FrozenAffine, FrozenSystem, at_position, capture, frozen_system, run_to_target
 
 
-@dataclass
-class LinearMap:
-    """The detached-Jacobian linear system of one target vector of one inference.
+@dataclass(kw_only=True)
+class TargetResult:
+    """What every result about one target vector shares: its affine part and the model's values.
 
     Attributes:
-        operators: ``J_i``, one ``d_out x d_in`` block per input token (zero after ``position``).
-        inputs: ``x_i``, the token embeddings (output of ``hook_embed``).
         bias: ``b``, everything that does not scale with the token embeddings
             (biases, learned positions), computed through the frozen system.
         output: The model's value of the target (reference forward, true working dtype).
@@ -42,8 +40,6 @@ class LinearMap:
         position: The sequence position of the target.
     """
 
-    operators: Float[Tensor, "pos d_out d_in"]
-    inputs: Float[Tensor, "pos d_in"]
     bias: Float[Tensor, " d_out"]
     output: Float[Tensor, " d_out"]
     native_output: Float[Tensor, " d_out"] = field(repr=False)
@@ -52,12 +48,12 @@ class LinearMap:
     position: int = -1
 
     def contributions(self) -> Float[Tensor, "pos d_out"]:
-        """Per-token contributions ``J_i x_i``.
+        """Per-token contributions ``J_i x_i``; they sum to ``output - bias``.
 
         Returns:
-            One output-space vector per input token; they sum to ``output - bias``.
+            One output-space vector per input token.
         """
-        return einops.einsum(self.operators, self.inputs, "pos d_out d_in, pos d_in -> pos d_out")
+        raise NotImplementedError
 
     def reconstruct(self) -> Float[Tensor, " d_out"]:
         """The linear system's value ``Σ_i J_i x_i + b``.
@@ -82,6 +78,27 @@ class LinearMap:
             The relative gap (about 1e-7 for RMSNorm models in float64, 0 for LayerNorm ones).
         """
         return _relative(self.native_output, self.output)
+
+
+@dataclass(kw_only=True)
+class LinearMap(TargetResult):
+    """The detached-Jacobian linear system of one target vector of one inference.
+
+    Attributes:
+        operators: ``J_i``, one ``d_out x d_in`` block per input token (zero after ``position``).
+        inputs: ``x_i``, the token embeddings (output of ``hook_embed``).
+    """
+
+    operators: Float[Tensor, "pos d_out d_in"]
+    inputs: Float[Tensor, "pos d_in"]
+
+    def contributions(self) -> Float[Tensor, "pos d_out"]:
+        """Per-token contributions ``J_i x_i``.
+
+        Returns:
+            One output-space vector per input token; they sum to ``output - bias``.
+        """
+        return einops.einsum(self.operators, self.inputs, "pos d_out d_in, pos d_in -> pos d_out")
 
 
 def _relative(a: Tensor, b: Tensor) -> float:
@@ -196,16 +213,7 @@ def linear_maps(
             operators = {name: _jacobian(system, name, chunk, bar) for name in system.names}
         frozen_norms = {norm: system.frozen_norm(norm) for norm in norms}
     maps = {
-        name: LinearMap(
-            operators=operators[name],
-            inputs=x[0].detach(),
-            bias=system.biases[name],
-            output=system.outputs[name],
-            native_output=system.natives[name],
-            tokens=system.tokens[0],
-            target=name,
-            position=system.position,
-        )
+        name: LinearMap(operators=operators[name], inputs=x[0].detach(), **system.result_fields(name))
         for name in system.names
     }
     if check:

@@ -11,57 +11,37 @@ from __future__ import annotations
 
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Float
 from torch import Tensor
 
 from tl_linmap.analysis import Singular
 from tl_linmap.errors import InputError
 from tl_linmap.inputs import Prompt
-from tl_linmap.maps import available_bytes
+from tl_linmap.maps import TargetResult, available_bytes
 from tl_linmap.system import FrozenSystem, frozen_system
 
 
-@dataclass
-class Contributions:
+@dataclass(kw_only=True)
+class Contributions(TargetResult):
     """Per-token contributions ``J_i x_i`` of one target, computed by forward passes.
 
     Attributes:
-        contributions: One output-space vector per input token (zero after ``position``).
-        bias: The affine part ``b``.
-        output: The model's reference value of the target.
-        native_output: The plain forward's value.
-        tokens: The input tokens.
-        target: Hook name.
-        position: Target position.
+        values: One output-space vector per input token (zero after ``position``).
     """
 
-    contributions: Float[Tensor, "pos d_out"]
-    bias: Float[Tensor, " d_out"]
-    output: Float[Tensor, " d_out"]
-    native_output: Float[Tensor, " d_out"] = field(repr=False)
-    tokens: Int[Tensor, " pos"] = field(repr=False)
-    target: str = "ln_final.hook_out"
-    position: int = -1
+    values: Float[Tensor, "pos d_out"]
 
-    def reconstruct(self) -> Float[Tensor, " d_out"]:
-        """``Σ_i J_i x_i + b``.
+    def contributions(self) -> Float[Tensor, "pos d_out"]:
+        """Per-token contributions ``J_i x_i``.
 
         Returns:
-            The reconstructed target vector.
+            `values`; they sum to ``output - bias``.
         """
-        return self.contributions.sum(0) + self.bias
-
-    def relative_error(self) -> float:
-        """``‖reconstruct() − output‖ / ‖output‖``.
-
-        Returns:
-            The relative reconstruction error.
-        """
-        return float((self.reconstruct() - self.output).norm() / self.output.norm())
+        return self.values
 
 
 def _rows_per_pass(system: FrozenSystem, chunk_size: int | None) -> int:
@@ -113,15 +93,7 @@ def token_contributions(
             for start in range(0, system.position + 1, step)
         ]
         after = torch.zeros(len(x) - system.position - 1, parts[0].shape[-1], dtype=x.dtype, device=x.device)
-    return Contributions(
-        contributions=torch.cat(parts + [after]),
-        bias=system.biases[name],
-        output=system.outputs[name],
-        native_output=system.natives[name],
-        tokens=system.tokens[0],
-        target=name,
-        position=system.position,
-    )
+    return Contributions(values=torch.cat(parts + [after]), **system.result_fields(name))
 
 
 @dataclass

@@ -242,6 +242,24 @@ class FrozenSystem:
         biases = {name: y.detach() for name, y in ys.items()}  # the replay at zero input
         return FrozenSystem(self.model, tokens, n - 1, self.names, x, factors, ys, self.outputs, self.natives, biases)
 
+    def result_fields(self, name: str) -> dict:
+        """The `tl_linmap.maps.TargetResult` fields of one target.
+
+        Args:
+            name: Target hook name.
+
+        Returns:
+            ``bias``, ``output``, ``native_output``, ``tokens``, ``target``, ``position``.
+        """
+        return dict(
+            bias=self.biases[name],
+            output=self.outputs[name],
+            native_output=self.natives[name],
+            tokens=self.tokens[0],
+            target=name,
+            position=self.position,
+        )
+
     def frozen_norm(self, norm: str) -> FrozenAffine:
         """A norm module frozen at the target position (see `frozen_norm`).
 
