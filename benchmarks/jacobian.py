@@ -49,7 +49,7 @@ def main():
     tokens = torch.randint(3, 259, (1, args.tokens))
     print(f"Llama-like random model: d_model {args.d_model}, MLP {3 * args.d_model}, {args.layers} layers, "
           f"{args.heads} heads, {args.tokens} tokens, torch threads {torch.get_num_threads()}")
-    print(f"| dtype | matmul GFLOP/s | autograd.functional.jacobian s | linear_map s | ratio | max abs diff |")
+    print("| dtype | matmul GFLOP/s | autograd.functional.jacobian s | linear_map s | ratio | max abs diff |")
     print("|---|---|---|---|---|---|")
     for dtype in (torch.float32, torch.float64):
         with borrowed(model, dtype):

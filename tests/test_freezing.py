@@ -9,7 +9,7 @@ from tl_linmap.errors import FreezeError, UnsupportedArchitectureError
 from tl_linmap.freezing import factor_names, freeze_hooks, replay_hooks, same_path_hooks
 from tl_linmap.guard import borrowed, hook_count
 from tl_linmap.system import run_to_target
-from tl_linmap.rules import FREEZE_RULES, Detach
+from tl_linmap.rules import FREEZE_RULES
 
 from conftest import PROMPT
 

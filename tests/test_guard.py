@@ -74,7 +74,7 @@ def test_borrowed_restores_buffers_and_parameters(fresh_llama):
     _assert_same(fresh_llama, before)
 
 
-def test_result_is_the_same_with_a_float32_model(toy_models, fresh_llama):
+def test_result_is_the_same_with_a_float32_model(fresh_llama):
     """Widening float32 weights to float64 gives the exact map of those weights."""
     lm = tl_linmap.linear_map(fresh_llama, PROMPT)
     assert lm.relative_error() < 1e-12

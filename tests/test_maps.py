@@ -98,7 +98,7 @@ def test_default_chunk_shrinks_to_the_memory_budget(toy_models, monkeypatch):
     whole = tl_linmap.linear_map(model, PROMPT)
     planned = []
     real_jacobian = maps._jacobian
-    monkeypatch.setattr(maps, "_jacobian", lambda system, name, chunk, bar: planned.append(chunk) or real_jacobian(system, name, chunk, bar))
+    monkeypatch.setattr(maps, "_jacobian", lambda y, x, chunk, bar: planned.append(chunk) or real_jacobian(y, x, chunk, bar))
     monkeypatch.setattr(maps, "available_bytes", lambda device: 4 * 2**20)  # 4 MiB free
     small = tl_linmap.linear_map(model, PROMPT)
     assert 1 <= planned[0] < model.cfg.d_model

@@ -22,7 +22,7 @@ from tl_linmap.errors import FreezeError, InputError, MemoryBudgetError
 from tl_linmap.freezing import same_path_hooks
 from tl_linmap.guard import borrowed
 from tl_linmap.inputs import EMBED_HOOK, Prompt, check_position, to_tokens
-from tl_linmap.system import FrozenAffine, FrozenSystem, at_position, capture, frozen_system, run_to_target
+from tl_linmap.system import FrozenAffine, at_position, capture, frozen_system, run_to_target, vjp
 
 
 @dataclass(kw_only=True)
@@ -105,13 +105,12 @@ def _relative(a: Tensor, b: Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-def _jacobian(system: FrozenSystem, name: str, chunk_size: int, bar: tqdm) -> Float[Tensor, "pos d_out d_in"]:
+def _jacobian(y: Float[Tensor, " d_out"], x: Tensor, chunk_size: int, bar: tqdm) -> Float[Tensor, "pos d_out d_in"]:
     # One vmapped backward per chunk of output dimensions over the shared frozen graph.
-    y = system.ys[name]
     eye = torch.eye(y.shape[0], dtype=y.dtype, device=y.device)
     rows = []
     for start in range(0, y.shape[0], chunk_size):
-        rows.append(system.vjp(name, eye[start : start + chunk_size]))
+        rows.append(vjp(y, x, eye[start : start + chunk_size]))
         bar.update(len(rows[-1]))
     return einops.rearrange(torch.cat(rows), "d_out pos d_in -> pos d_out d_in")
 
@@ -210,7 +209,7 @@ def linear_maps(
         x, ys = system.x, system.ys
         chunk = plan_chunk(model, x.shape[1], max(y.shape[0] for y in ys.values()), len(ys), x.dtype, chunk_size, x.device)
         with torch.enable_grad(), tqdm(total=sum(y.shape[0] for y in ys.values()), disable=not progress, desc="detached Jacobian rows") as bar:
-            operators = {name: _jacobian(system, name, chunk, bar) for name in system.names}
+            operators = {name: _jacobian(ys[name], x, chunk, bar) for name in system.names}
         frozen_norms = {norm: system.frozen_norm(norm) for norm in norms}
     maps = {
         name: LinearMap(operators=operators[name], inputs=x[0].detach(), **system.result_fields(name))
@@ -243,9 +242,8 @@ def plain_jacobians(model, prompt_or_tokens: Prompt, targets: Sequence[str], *, 
         acts = capture(model, tokens, targets, same_path_hooks(model), x)
         ys = {name: at_position(acts[name], position, n)[0] for name in targets}
         chunk = plan_chunk(model, n, max(y.shape[0] for y in ys.values()), len(ys), x.dtype, None, x.device)
-        system = FrozenSystem(model, tokens, position, list(targets), x, {}, ys, {}, {}, {})
         with tqdm(disable=True) as bar:
-            return {name: _jacobian(system, name, chunk, bar) for name in targets}
+            return {name: _jacobian(y, x, chunk, bar) for name, y in ys.items()}
 
 
 def _check_exact(lm: LinearMap) -> None:

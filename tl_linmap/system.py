@@ -164,6 +164,20 @@ def frozen_norm(model, norm: str, factors: Factors, position: int) -> FrozenAffi
 
 
 
+def vjp(y: Float[Tensor, " d_out"], x: Float[Tensor, "1 pos d_in"], rows: Float[Tensor, "k d_out"]) -> Float[Tensor, "k pos d_in"]:
+    """``rows @ dy/dx`` for a batch of rows, by one vmapped backward (the graph is kept).
+
+    Args:
+        y: An output vector in a graph with leaf ``x``.
+        x: The leaf (token embeddings).
+        rows: Output-space covectors.
+
+    Returns:
+        One input-space gradient per row.
+    """
+    return torch.autograd.grad(y, x, rows, is_grads_batched=True, retain_graph=True)[0][:, 0]
+
+
 @dataclass
 class FrozenSystem:
     """One prompt's frozen system, valid inside `frozen_system`.
@@ -216,7 +230,7 @@ class FrozenSystem:
         Returns:
             ``J_i^T r`` for every token ``i`` and row ``r``.
         """
-        return torch.autograd.grad(self.ys[name], self.x, rows, is_grads_batched=True, retain_graph=True)[0][:, 0]
+        return vjp(self.ys[name], self.x, rows)
 
     def window(self, start: int) -> FrozenSystem:
         """The same linear system restricted to inputs at positions ``start..position``.
