@@ -59,7 +59,7 @@ def test_source_from_layer_maps_and_wrong_layer(llama):
 @pytest.mark.parametrize("kv_cache", [False, True])
 def test_steering_works_with_generate(llama, kv_cache):
     source = tl_linmap.linear_map(llama, "Golden Gate", target="blocks.1.hook_resid_post")
-    kwargs = dict(max_new_tokens=6, do_sample=False, use_past_kv_cache=kv_cache, verbose=False, return_type="tokens")
+    kwargs = dict(max_new_tokens=6, do_sample=False, stop_at_eos=False, use_past_kv_cache=kv_cache, verbose=False, return_type="tokens")
     plain = llama.generate(PROMPT, **kwargs)
     with llama.hooks(fwd_hooks=steering_hooks(llama, source, layer=1, alpha=4.0)):
         steered = llama.generate(PROMPT, **kwargs)
