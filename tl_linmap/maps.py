@@ -129,6 +129,21 @@ def available_bytes(device: torch.device) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
+def activation_bytes(model, n_tokens: int, itemsize: int) -> int:
+    """Rough memory one batch row holds in a pass: about ten activations of the widest layer.
+
+    Args:
+        model: The model (for its widths).
+        n_tokens: Prompt length.
+        itemsize: Bytes per number.
+
+    Returns:
+        Bytes per row in flight.
+    """
+    width = max(model.cfg.d_model, getattr(model.cfg, "d_mlp", None) or 0)
+    return itemsize * n_tokens * 10 * width
+
+
 def plan_chunk(model, n_tokens: int, d_out: int, n_targets: int, dtype: torch.dtype, chunk_size: int | None, device: torch.device) -> int:
     """Output rows per batched backward that fit in half the free memory.
 
@@ -151,8 +166,7 @@ def plan_chunk(model, n_tokens: int, d_out: int, n_targets: int, dtype: torch.dt
         MemoryBudgetError: if the operators themselves, or the user's chunk, would not fit.
     """
     item = torch.finfo(dtype).bits // 8
-    width = max(model.cfg.d_model, getattr(model.cfg, "d_mlp", None) or 0)
-    per_row = item * n_tokens * (model.cfg.d_model + 10 * width)
+    per_row = item * n_tokens * model.cfg.d_model + activation_bytes(model, n_tokens, item)  # + the row's gradient
     operators = item * n_tokens * d_out * model.cfg.d_model * n_targets
     free = available_bytes(device)
     budget = free // 2 - operators

@@ -21,7 +21,7 @@ from torch import Tensor
 from tl_linmap.analysis import Singular
 from tl_linmap.errors import InputError
 from tl_linmap.inputs import Prompt
-from tl_linmap.maps import TargetResult, available_bytes
+from tl_linmap.maps import TargetResult, activation_bytes, available_bytes
 from tl_linmap.system import FrozenSystem, frozen_system
 
 
@@ -45,18 +45,15 @@ class Contributions(TargetResult):
 
 
 def _rows_per_pass(system: FrozenSystem, chunk_size: int | None) -> int:
-    # A replayed forward row holds about ten activations of the widest layer per token.
-    cfg = system.model.cfg
     x = system.x
-    per_row = x.element_size() * x.shape[1] * 10 * max(cfg.d_model, getattr(cfg, "d_mlp", None) or 0)
+    per_row = activation_bytes(system.model, x.shape[1], x.element_size())
     return chunk_size or max(1, min(x.shape[1], available_bytes(x.device) // 2 // per_row))
 
 
-def _one_token_each(x: Float[Tensor, "pos d"], tokens: range, values: Tensor | None = None) -> Tensor:
-    # Row r holds values[r] (default: token r's own embedding) at position tokens[r], zero elsewhere.
+def _one_token_each(x: Float[Tensor, "pos d"], tokens: range) -> Tensor:
+    # Row r holds token tokens[r]'s own embedding at its position, zero elsewhere.
     rows = torch.zeros(len(tokens), *x.shape, dtype=x.dtype, device=x.device)
-    index = torch.arange(len(tokens), device=x.device)
-    rows[index, torch.tensor(list(tokens), device=x.device)] = x[list(tokens)] if values is None else values
+    rows[torch.arange(len(tokens), device=x.device), list(tokens)] = x[list(tokens)]
     return rows
 
 
