@@ -9,9 +9,8 @@ one, the frozen post-attention norm), so they cost no extra Jacobian.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
 
 import einops
 import torch

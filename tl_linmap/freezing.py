@@ -15,8 +15,8 @@ Three hook lists share the rule table in `tl_linmap.rules`:
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator
 
 import torch
 from torch import Tensor

@@ -8,8 +8,8 @@ weights round-trip through the working dtype, which is exact when widening
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 from torch import nn

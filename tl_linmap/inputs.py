@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import difflib
-from typing import Sequence, Union
+from collections.abc import Sequence
+from typing import Union
 
 import torch
 from jaxtyping import Int

@@ -9,8 +9,8 @@ against the model's reference forward, not an identity.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import einops
 import torch
@@ -18,11 +18,27 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from tl_linmap.analysis import (
+    LogitSplit,
+    OperatorSVD,
+    Readout,
+    dimensionality,
+    logit_contributions,
+    operator_svd,
+)
 from tl_linmap.errors import FreezeError, InputError, MemoryBudgetError
 from tl_linmap.freezing import same_path_hooks
 from tl_linmap.guard import borrowed
 from tl_linmap.inputs import EMBED_HOOK, Prompt, check_position, to_tokens
-from tl_linmap.system import FrozenAffine, at_position, capture, frozen_system, run_to_target, vjp
+from tl_linmap.system import (
+    FrozenAffine,
+    at_position,
+    capture,
+    frozen_system,
+    run_to_target,
+    vjp,
+)
+from tl_linmap.table import Table
 
 
 @dataclass(kw_only=True)
@@ -38,6 +54,7 @@ class TargetResult:
         tokens: The input tokens.
         target: The hook name mapped (flattened after the position axis).
         position: The sequence position of the target.
+        readout: How its vectors are read as tokens (`tl_linmap.analysis.Readout`).
     """
 
     bias: Float[Tensor, " d_out"]
@@ -46,6 +63,7 @@ class TargetResult:
     tokens: Int[Tensor, " pos"] = field(repr=False)
     target: str = "ln_final.hook_out"
     position: int = -1
+    readout: Readout | None = field(default=None, repr=False)
 
     def contributions(self) -> Float[Tensor, "pos d_out"]:
         """Per-token contributions ``J_i x_i``; they sum to ``output - bias``.
@@ -54,6 +72,17 @@ class TargetResult:
             One output-space vector per input token.
         """
         raise NotImplementedError
+
+    def logit_contributions(self, token: int | str) -> LogitSplit:
+        """One token's logit split exactly over the input tokens (see `tl_linmap.analysis.logit_contributions`).
+
+        Args:
+            token: Output token id or single-token string.
+
+        Returns:
+            A `LogitSplit`.
+        """
+        return logit_contributions(self, token)
 
     def reconstruct(self) -> Float[Tensor, " d_out"]:
         """The linear system's value ``Σ_i J_i x_i + b``.
@@ -99,6 +128,45 @@ class LinearMap(TargetResult):
             One output-space vector per input token; they sum to ``output - bias``.
         """
         return einops.einsum(self.operators, self.inputs, "pos d_out d_in, pos d_in -> pos d_out")
+
+    def svd(self, k: int | None = None, *, skip_first: bool = False) -> OperatorSVD:
+        """SVD of each token's operator and of the stacked operator (see `tl_linmap.analysis.operator_svd`).
+
+        Args:
+            k: Pairs kept per operator (default: all).
+            skip_first: Leave the first token (BOS, attention sink) out of the stacked operator.
+
+        Returns:
+            An `OperatorSVD`, each pair signed so that ``u`` points along the output.
+        """
+        return operator_svd(self, k, skip_first=skip_first)
+
+    def decode(self, k: int = 3, top: int = 10, tokens: list[int] | int | None = None, *, skip_first: bool = False, stacked: bool = False) -> Table:
+        """The top-k singular pairs of the operators, read as tokens (see `OperatorSVD.decode`).
+
+        Args:
+            k: Pairs per operator.
+            top: Tokens per vector.
+            tokens: Input token indices (default: all up to the target position).
+            skip_first: Leave the first token out.
+            stacked: Also read the stacked operator ``[J_0 … J_n]``.
+
+        Returns:
+            A `tl_linmap.table.Table` of `DecodedPair`.
+        """
+        return self.svd(k, skip_first=skip_first).decode(k, top, tokens, skip_first=skip_first, stacked=stacked)
+
+    def dimensionality(self, *, skip_first: bool = False, per_token: bool = True) -> Table:
+        """Stable, effective and 90%/99% energy ranks (see `tl_linmap.analysis.dimensionality`).
+
+        Args:
+            skip_first: Leave the first token out.
+            per_token: One row per token as well as the stacked operator's.
+
+        Returns:
+            A `tl_linmap.table.Table` of `RankRow`.
+        """
+        return dimensionality(self, skip_first=skip_first, per_token=per_token)
 
 
 def _relative(a: Tensor, b: Tensor) -> float:

@@ -10,9 +10,9 @@ O(k) products (randomized subspace iteration) instead of the whole operator.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 from jaxtyping import Float

@@ -9,7 +9,8 @@ every layer and model. The hooks work with ``model.hooks``, ``run_with_hooks`` a
 
 from __future__ import annotations
 
-from typing import Literal, Sequence, Union
+from collections.abc import Sequence
+from typing import Literal, Union
 
 import torch
 from jaxtyping import Float

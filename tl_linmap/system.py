@@ -14,18 +14,35 @@ Inside `frozen_system` the model is borrowed in the working dtype and has run:
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Iterator, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from tl_linmap.analysis import Readout
 from tl_linmap.errors import FreezeError, InputError
-from tl_linmap.freezing import Factors, HookList, factor_names, freeze_hooks, quiet_norm_edits, replay_hooks, same_path_hooks, slice_factors
+from tl_linmap.freezing import (
+    Factors,
+    HookList,
+    factor_names,
+    freeze_hooks,
+    quiet_norm_edits,
+    replay_hooks,
+    same_path_hooks,
+    slice_factors,
+)
 from tl_linmap.guard import borrowed
-from tl_linmap.inputs import EMBED_HOOK, Prompt, check_position, resolve_target, to_tokens
+from tl_linmap.inputs import (
+    EMBED_HOOK,
+    OUTPUT_HOOK,
+    Prompt,
+    check_position,
+    resolve_target,
+    to_tokens,
+)
 
 
 class _Stop(Exception):
@@ -205,6 +222,7 @@ class FrozenSystem:
     outputs: dict[str, Tensor]
     natives: dict[str, Tensor]
     biases: dict[str, Tensor]
+    _norms: dict[str, FrozenAffine] = field(default_factory=dict, repr=False)
 
     def push(self, embeddings: Float[Tensor, "batch pos d_in"]) -> dict[str, Float[Tensor, "batch d_out"]]:
         """The linear part ``Σ_i J_i e_i`` for a batch of embedding sequences, by forward passes.
@@ -263,9 +281,10 @@ class FrozenSystem:
             name: Target hook name.
 
         Returns:
-            ``bias``, ``output``, ``native_output``, ``tokens``, ``target``, ``position``.
+            ``bias``, ``output``, ``native_output``, ``tokens``, ``target``, ``position``, ``readout``.
         """
         return dict(
+            readout=self.readout(name),
             bias=self.biases[name],
             output=self.outputs[name],
             native_output=self.natives[name],
@@ -273,6 +292,21 @@ class FrozenSystem:
             target=name,
             position=self.position,
         )
+
+    def readout(self, name: str) -> Readout:
+        """How the target's vectors are read as tokens: through ``ln_final`` frozen at the target position.
+
+        Args:
+            name: Target hook name.
+
+        Returns:
+            A `tl_linmap.analysis.Readout` (no norm for the final norm's own output).
+        """
+        if name == OUTPUT_HOOK:
+            return Readout(model=self.model, final_norm=None)
+        if "ln_final" not in self._norms:
+            self._norms["ln_final"] = self.frozen_norm("ln_final")
+        return Readout(model=self.model, final_norm=self._norms["ln_final"])
 
     def frozen_norm(self, norm: str) -> FrozenAffine:
         """A norm module frozen at the target position (see `frozen_norm`).

@@ -27,7 +27,7 @@ FAMILIES = {
 _SPECIAL = ("<bos>", "<eos>", "<unk>")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tokenizer_dir() -> str:
     # Saved to disk because the bridge re-loads the tokenizer by path to force a BOS token.
     vocab = {tok: i for i, tok in enumerate(_SPECIAL)}
