@@ -54,3 +54,113 @@ def test_nearest_tokens_finds_a_token_from_its_own_embedding(toy_models):
     token = model.to_tokens("Q", prepend_bos=False)[0, 0]
     best, cosine = nearest_tokens(model, model.W_E[token].detach(), 1)[0]
     assert best == "Q" and cosine == pytest.approx(1.0)
+
+
+# --- SVD, decoding, dimensionality and logit splits of maps ---------------------------------
+
+LAST = "blocks.1.hook_resid_post"  # the toys have two layers
+
+
+@pytest.fixture(scope="module")
+def llama_maps(toy_models):
+    return tl_linmap.layer_maps(toy_models["llama"], PROMPT, layers=[0, 1])
+
+
+def test_svd_values_match_independent_svdvals_and_pairs_point_along_the_output(toy_models):
+    lm = tl_linmap.linear_map(toy_models["qwen3"], PROMPT, position=-3)
+    svd = lm.svd(k=4)
+    live = lm.operators[: lm.position + 1]
+    assert svd.values.shape[0] == lm.position + 1  # tokens after the target have no operator
+    assert torch.allclose(svd.values, torch.linalg.svdvals(live), rtol=1e-12, atol=0)
+    # u_j = J v_j / σ_j: the pairs are singular pairs of the operator itself
+    for i in (0, lm.position):
+        assert torch.allclose(svd.right[i] @ live[i].T, svd.values[i, :4, None] * svd.left[i], atol=1e-10)
+    assert (torch.einsum("pkd,d->pk", svd.left, lm.output) >= 0).all()
+
+
+def test_stacked_svd_and_skip_first(toy_models):
+    lm = tl_linmap.linear_map(toy_models["gpt2"], PROMPT)
+    wide = torch.cat(list(lm.operators), dim=1)  # [J_0 ... J_n]
+    assert torch.allclose(lm.svd().stacked.values, torch.linalg.svdvals(wide), rtol=1e-12, atol=0)
+    without = lm.svd(k=2, skip_first=True).stacked
+    assert torch.allclose(without.values, torch.linalg.svdvals(torch.cat(list(lm.operators[1:]), dim=1)), rtol=1e-12, atol=0)
+    assert without.right.shape == (2, len(lm.tokens) - 1, lm.inputs.shape[1])
+    assert (without.left @ lm.output >= 0).all()
+
+
+def test_decode_reads_left_vectors_through_the_unembedding_and_right_ones_through_the_embeddings(toy_models):
+    model = toy_models["llama"]
+    lm = tl_linmap.linear_map(model, PROMPT)  # the final norm's output: read by W_U alone
+    u, s, vh = torch.linalg.svd(lm.operators[-1])
+    sign = torch.sign(u[:, 0] @ lm.output)
+    logits = sign * u[:, 0] @ model.W_U.detach().double()
+    embeddings = model.W_E.detach().double()
+    cosines = (embeddings @ (sign * vh[0]) / (embeddings.norm(dim=-1) * vh[0].norm())).nan_to_num(-1.0)  # zero rows
+    (row,) = lm.decode(k=1, top=3, tokens=-1)
+    assert row.source == len(lm.tokens) - 1 and row.index == 0 and row.sigma == pytest.approx(float(s[0]))
+    assert [t for t, _ in row.left] == [model.tokenizer.decode([int(i)]) for i in logits.topk(3).indices]
+    assert row.left[0][1] == pytest.approx(float(logits.max()))
+    assert row.right[0][1] == pytest.approx(float(cosines.max()))
+    assert row.share == pytest.approx(float(s[0] ** 2 / s.pow(2).sum()))
+
+
+def test_readout_of_the_last_residual_stream_gives_the_models_logits(toy_models, family):
+    # ln_final frozen at the target position is ln_final itself at that position.
+    model = toy_models[family]
+    lm = tl_linmap.linear_map(model, PROMPT, target=f"blocks.{model.cfg.n_layers - 1}.hook_resid_post")
+    with torch.no_grad():
+        logits = model(lm.tokens[None])[0, -1]
+    assert torch.allclose(lm.readout.logits(lm.output, affine=True), logits, atol=1e-6 * logits.abs().max())
+
+
+def test_decode_options_select_operators(llama_maps):
+    lm = llama_maps[LAST]
+    n = len(lm.tokens)
+    rows = lm.decode(k=2, top=1)
+    assert [r.source for r in rows] == [i for i in range(n) for _ in range(2)]
+    assert {r.source for r in lm.decode(k=1, top=1, skip_first=True)} == set(range(1, n))
+    stacked = [r for r in lm.decode(k=2, top=1, tokens=[], stacked=True)]
+    assert [r.source for r in stacked] == ["all", "all"]
+    table = llama_maps.decode(k=1, top=2, tokens=-1)
+    assert [r.target for r in table] == [n for n in llama_maps]  # one row per residual map
+
+
+def test_decode_refuses_vectors_outside_the_residual_stream(toy_models):
+    lm = tl_linmap.linear_map(toy_models["llama"], PROMPT, target="blocks.0.attn.hook_z")
+    with pytest.raises(tl_linmap.InputError, match="residual stream"):
+        lm.decode(k=1)
+
+
+def test_dimensionality_rows_match_independent_ranks(llama_maps):
+    lm = llama_maps[LAST]
+    rows = lm.dimensionality()
+    assert [r.source for r in rows] == list(range(len(lm.tokens))) + ["all"]
+    values = torch.linalg.svdvals(lm.operators[3])
+    assert rows[3].rank90 == energy_rank(values, 0.9) and rows[3].rank99 == energy_rank(values, 0.99)
+    assert rows[3].norm == pytest.approx(float(lm.operators[3].norm()))
+    wide = torch.linalg.svdvals(torch.cat(list(lm.operators[1:]), dim=1))
+    (summary,) = lm.dimensionality(skip_first=True, per_token=False)
+    assert summary.stable_rank == pytest.approx(stable_rank(wide)) and summary.effective_rank == pytest.approx(effective_rank(wide))
+    assert len(llama_maps.dimensionality(per_token=False)) == len(llama_maps)
+
+
+@pytest.mark.parametrize("family_name", ["llama", "gpt2"])
+def test_logit_split_sums_to_the_models_own_logit(toy_models, family_name):
+    model = toy_models[family_name]  # gpt2: biases, learned positions, b_U
+    lm = tl_linmap.linear_map(model, PROMPT)
+    with torch.no_grad():
+        logits = model(lm.tokens[None])[0, -1]
+    token = int(logits.argmax())
+    split = lm.logit_contributions(token)
+    assert split.logit == pytest.approx(float(logits[token]), abs=1e-6)
+    assert split.total() == pytest.approx(split.logit, abs=1e-10)
+    assert torch.allclose(split.per_token, lm.contributions() @ model.W_U.detach().double()[:, token])
+    forward = tl_linmap.token_contributions(model, PROMPT).logit_contributions(token)  # the forward route too
+    assert torch.allclose(forward.per_token, split.per_token, atol=1e-10)
+
+
+def test_logit_split_of_an_intermediate_layer_is_the_exact_logit_lens(llama_maps):
+    lm = llama_maps["blocks.0.hook_resid_post"]
+    split = lm.logit_contributions(7)
+    assert split.total() == pytest.approx(split.logit, abs=1e-10)
+    assert split.logit == pytest.approx(float(lm.readout.logits(lm.output, affine=True)[7]))

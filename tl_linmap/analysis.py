@@ -183,10 +183,13 @@ class Readout:
         model: The model (for ``W_U``, ``W_E`` and the tokenizer).
         final_norm: ``ln_final`` frozen at the target position; None when the target is
             the final norm's own output.
+        residual: Whether the target's vectors live in the residual stream (False for
+            ``hook_z``, MLP neurons, ...: they cannot be read through the unembedding).
     """
 
     model: object = field(repr=False)
     final_norm: FrozenAffine | None = None
+    residual: bool = True
 
     def logits(self, vectors: Float[Tensor, "... d_model"], affine: bool = False) -> Float[Tensor, "... d_vocab"]:
         """Read output-space vectors through the frozen final norm and ``W_U``.
@@ -203,8 +206,11 @@ class Readout:
             InputError: if the vectors do not live in the residual stream.
         """
         d_model = self.model.cfg.d_model
-        if vectors.shape[-1] != d_model:
-            raise InputError(f"Vectors of width {vectors.shape[-1]} are not residual-stream vectors (d_model={d_model}).")
+        if not self.residual or vectors.shape[-1] != d_model:
+            raise InputError(
+                "These vectors are not in the residual stream, so the unembedding cannot read them; "
+                "decode a residual-stream target (hook_resid_*, hook_attn_out, hook_mlp_out, output) or a head map."
+            )
         if self.final_norm is not None:
             vectors = vectors @ self.final_norm.matrix.T + (self.final_norm.offset if affine else 0)
         logits = vectors @ self.model.W_U.detach().to(vectors)

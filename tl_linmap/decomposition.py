@@ -18,8 +18,10 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import utilities as utils
 
-from tl_linmap.inputs import Prompt
+from tl_linmap.analysis import OperatorSVD
+from tl_linmap.inputs import RESIDUAL_HOOKS, Prompt
 from tl_linmap.maps import FrozenAffine, LinearMap, linear_maps, plain_jacobians
+from tl_linmap.table import Table
 
 # Gemma-style sandwich norms: the attention/MLP output passes this norm before the residual.
 _POST_ATTN_NORM = "ln1_post"
@@ -94,6 +96,63 @@ class LinearMaps(Mapping):
         """
         return {name: lm.contributions() for name, lm in self.maps.items()}
 
+    def _residual(self, targets: Sequence[str] | None) -> list[str]:
+        # Only residual-stream maps can be read through the unembedding (not hook_z).
+        if targets is not None:
+            return list(targets)
+        return [n for n in self.maps if n.endswith(RESIDUAL_HOOKS)]
+
+    def svd(self, k: int | None = None, *, skip_first: bool = False, targets: Sequence[str] | None = None) -> dict[str, OperatorSVD]:
+        """`LinearMap.svd` of every residual-stream map.
+
+        Args:
+            k: Pairs kept per operator (default: all).
+            skip_first: Leave the first token out of the stacked operators.
+            targets: Hook names (default: every residual-stream map, i.e. not ``hook_z``).
+
+        Returns:
+            An `OperatorSVD` per hook name.
+        """
+        return {name: self.maps[name].svd(k, skip_first=skip_first) for name in self._residual(targets)}
+
+    def decode(
+        self, k: int = 3, top: int = 10, tokens: list[int] | int | None = None, *,
+        skip_first: bool = False, stacked: bool = False, targets: Sequence[str] | None = None,
+    ) -> Table:
+        """`LinearMap.decode` of every residual-stream map, in one table (layer by layer).
+
+        Args:
+            k: Pairs per operator.
+            top: Tokens per vector.
+            tokens: Input token indices (default: all up to the target position).
+            skip_first: Leave the first token out.
+            stacked: Also read each stacked operator.
+            targets: Hook names (default: every residual-stream map, i.e. not ``hook_z``).
+
+        Returns:
+            A `tl_linmap.table.Table` of `tl_linmap.analysis.DecodedPair`.
+        """
+        rows = Table()
+        for name in self._residual(targets):
+            rows.extend(self.maps[name].decode(k, top, tokens, skip_first=skip_first, stacked=stacked))
+        return rows
+
+    def dimensionality(self, *, skip_first: bool = False, per_token: bool = True, targets: Sequence[str] | None = None) -> Table:
+        """`LinearMap.dimensionality` of every map, in one table (per layer: ``source="all"`` rows).
+
+        Args:
+            skip_first: Leave the first token out.
+            per_token: One row per token as well as each stacked operator's.
+            targets: Hook names (default: every map).
+
+        Returns:
+            A `tl_linmap.table.Table` of `tl_linmap.analysis.RankRow`.
+        """
+        rows = Table()
+        for name in targets or self.maps:
+            rows.extend(self.maps[name].dimensionality(skip_first=skip_first, per_token=per_token))
+        return rows
+
     def to_cache(self, model):
         """Per-token contributions as a TransformerLens ``ActivationCache``.
 
@@ -146,10 +205,12 @@ class LinearMaps(Mapping):
         operators = einops.rearrange(operators, "pos d_in h d_model -> h pos d_model d_in")
         bias, output, native = (self._per_head(layer, v) for v in (z.bias, z.output, z.native_output))
         name = utils.get_act_name("result", layer)
+        readout = z.readout and dataclasses.replace(z.readout, residual=True)  # heads write the residual stream
         return [
             LinearMap(
                 operators=operators[h], inputs=z.inputs, bias=bias[h], output=output[h],
                 native_output=native[h], tokens=z.tokens, target=f"{name}.{h}", position=z.position,
+                readout=readout,
             )
             for h in range(len(operators))
         ]

@@ -16,6 +16,8 @@ Prompt = Union[str, Sequence[int], Tensor]
 
 #: ``target="output"``: the final norm's output, the vector the unembedding reads.
 OUTPUT_HOOK = "ln_final.hook_out"
+#: Hook names (by suffix) whose vectors live in the residual stream, where the unembedding reads.
+RESIDUAL_HOOKS = ("hook_embed", "hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out", OUTPUT_HOOK)
 EMBED_HOOK = "hook_embed"
 
 
