@@ -154,3 +154,113 @@ def test_exact_on_any_prompt(toy_models, text, position):
         n_tokens = model.to_tokens(text).shape[1]
         lm = tl_linmap.linear_map(model, text, position=max(position, -n_tokens))
         assert lm.relative_error() < 1e-12
+
+
+# The forward route: basis embeddings pushed through each token's window of the replayed system.
+
+ROUTE_TARGETS = ["output", "blocks.0.hook_resid_post", "blocks.1.hook_mlp_out", "blocks.0.attn.hook_z"]
+SHORT = "The cat sat on"  # last position of a short prompt keeps the forward route fast
+
+
+def _relative_diff(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("prompt, position", [(SHORT, -1), (PROMPT, 6)])
+def test_forward_route_equals_backward_route(model, prompt, position):
+    backward, _ = tl_linmap.linear_maps(model, prompt, ROUTE_TARGETS, position=position, route="backward")
+    forward, _ = tl_linmap.linear_maps(model, prompt, ROUTE_TARGETS, position=position, route="forward")
+    assert forward.keys() == backward.keys()
+    for name, lm in forward.items():
+        assert lm.operators.shape == backward[name].operators.shape
+        assert _relative_diff(lm.operators, backward[name].operators) < 1e-12
+        assert not lm.operators[lm.position + 1 :].any()
+        assert torch.equal(lm.bias, backward[name].bias) and torch.equal(lm.output, backward[name].output)
+        assert lm.relative_error() < 1e-12
+
+
+def test_forward_route_float32_keeps_backward_accuracy(toy_models):
+    """A large affine part (GPT-2's learned positions and biases) does not swamp F(e) − b."""
+    model = toy_models["gpt2"]
+    exact = tl_linmap.linear_map(model, SHORT, route="backward").operators
+    for route in ("backward", "forward"):
+        lm = tl_linmap.linear_map(model, SHORT, dtype=torch.float32, route=route)
+        assert lm.relative_error() < 1e-5
+        assert _relative_diff(lm.operators.double(), exact) < 1e-6
+
+
+def test_forward_route_chunks_and_memory_budget(toy_models, monkeypatch):
+    model = toy_models["llama"]
+    whole = tl_linmap.linear_map(model, SHORT, route="forward")
+    chunked = tl_linmap.linear_map(model, SHORT, route="forward", chunk_size=24)
+    assert torch.allclose(whole.operators, chunked.operators, rtol=0, atol=1e-14 * whole.operators.abs().max())
+    planned = []
+    real_plan = maps.plan_columns
+    monkeypatch.setattr(maps, "plan_columns", lambda *args: planned.append(real_plan(*args)) or planned[-1])
+    monkeypatch.setattr(maps, "available_bytes", lambda device: 4 * 2**20)  # 4 MiB free
+    small = tl_linmap.linear_map(model, SHORT, route="forward")
+    assert 1 <= planned[0] <= planned[-1] and planned[0] < model.cfg.d_model  # longer windows, fewer rows
+    assert torch.allclose(small.operators, whole.operators, rtol=0, atol=1e-14 * whole.operators.abs().max())
+    with pytest.raises(MemoryBudgetError, match=r"risks running out of memory.*use chunk_size=\d+ or less"):
+        tl_linmap.linear_map(model, SHORT, route="forward", chunk_size=64)
+    monkeypatch.setattr(maps, "available_bytes", lambda device: 2**16)
+    with pytest.raises(MemoryBudgetError, match="The operators need"):
+        tl_linmap.linear_map(model, SHORT, route="forward")
+
+
+def test_forward_route_rejects_a_target_without_embedding_dependence(toy_models):
+    with pytest.raises(tl_linmap.InputError, match="does not depend on the token embeddings"):
+        tl_linmap.linear_map(toy_models["llama"], SHORT, target="blocks.0.ln1.hook_scale", route="forward")
+
+
+def test_unknown_route_is_an_input_error(toy_models):
+    with pytest.raises(tl_linmap.InputError, match=r"route must be one of 'auto', 'backward', 'forward', got 'sideways'"):
+        tl_linmap.linear_map(toy_models["llama"], SHORT, route="sideways")
+
+
+@pytest.mark.parametrize("route, unit", [("backward", "rows"), ("forward", "columns")])
+def test_progress_bar_counts_both_routes(toy_models, capsys, route, unit):
+    model = toy_models["llama"]
+    lm = tl_linmap.linear_map(model, SHORT, route=route, progress=True)
+    total = model.cfg.d_model * (len(lm.tokens) if route == "forward" else 1)
+    err = capsys.readouterr().err
+    assert f"detached Jacobian {unit}" in err and f"{total}/{total}" in err
+
+
+def test_target_depth():
+    assert maps.target_depth("blocks.0.hook_resid_post", 4) == 1
+    assert maps.target_depth("blocks.3.attn.hook_z", 4) == 4
+    assert maps.target_depth("ln_final.hook_out", 4) == 4
+    assert maps.target_depth("hook_embed", 4) == 0
+
+
+def test_auto_route_rule():
+    d, layers, n = 576, 30, 16
+    residual = [(d, layer + 1) for layer in range(layers) for _ in ("mid", "post")]
+    assert maps.choose_route(d, n, n - 1, residual) == "forward"  # every layer's residual stream
+    assert maps.choose_route(d, n, n - 1, [(d, layers)]) == "backward"  # only the output
+    assert maps.choose_route(d, 512, 511, residual) == "backward"  # a long prompt
+    assert maps.choose_route(d, 512, 3, residual) == "forward"  # ... read early: short windows
+    eight = [(d, layer + 1) for layer in range(8) for _ in ("mid", "post")]
+    assert maps.choose_route(d, n, n - 1, eight) == "forward"  # 1088 vs 1152 rows·positions·layers per d
+    assert maps.choose_route(d, n, n - 1, eight, forward_cost=1.6) == "backward"  # forward rows cost more
+
+
+def test_forward_row_cost():
+    from types import SimpleNamespace
+
+    llama = SimpleNamespace(n_heads=9, d_head=64, n_key_value_heads=3, d_mlp=1536, gated_mlp=True, d_model=576)
+    gpt2 = SimpleNamespace(n_heads=12, d_head=64, n_key_value_heads=None, d_mlp=3072, gated_mlp=False, d_model=768)
+    assert maps.forward_row_cost(llama) == pytest.approx(1.6)  # + Q, K and the gate
+    assert maps.forward_row_cost(gpt2) == pytest.approx(1.2)  # + Q and K
+
+
+def test_auto_route_picks_forward_for_many_targets(toy_models, monkeypatch):
+    model = toy_models["llama"]
+    kinds = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post")
+    targets = [f"blocks.{layer}.hook_{kind}" for layer in range(2) for kind in kinds]
+    expected, _ = tl_linmap.linear_maps(model, "Hi", targets, route="backward")
+    monkeypatch.setattr(maps, "_jacobian", lambda *args: pytest.fail("auto took the backward route"))
+    auto, _ = tl_linmap.linear_maps(model, "Hi", targets)
+    for name, lm in auto.items():
+        assert _relative_diff(lm.operators, expected[name].operators) < 1e-12

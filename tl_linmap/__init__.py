@@ -33,6 +33,12 @@ from tl_linmap.operators import (
     randomized_svd,
     token_contributions,
 )
+from tl_linmap.plotting import (
+    plot_contribution_heatmap,
+    plot_decoded,
+    plot_logit_contributions,
+    plot_spectra,
+)
 from tl_linmap.rules import FREEZE_RULES
 from tl_linmap.steering import concept_vector, steering_hooks
 
@@ -61,6 +67,10 @@ __all__ = [
     "matrix_free",
     "nearest_tokens",
     "nonlinearity_gap",
+    "plot_contribution_heatmap",
+    "plot_decoded",
+    "plot_logit_contributions",
+    "plot_spectra",
     "randomized_svd",
     "replay_hooks",
     "same_path_hooks",

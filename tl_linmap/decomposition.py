@@ -234,6 +234,7 @@ def layer_maps(
     dtype: torch.dtype | None = torch.float64,
     chunk_size: int | None = None,
     progress: bool = False,
+    route: str = "auto",
 ) -> LinearMaps:
     """Exact linear maps of the residual stream (and optionally every module) per layer.
 
@@ -245,8 +246,11 @@ def layer_maps(
         modules: Also map ``hook_resid_pre``, ``hook_attn_out``, ``hook_mlp_out`` and
             ``attn.hook_z`` (for `LinearMaps.heads`), and keep what token attributions need.
         dtype: Working dtype (float64 default; the model's own is restored).
-        chunk_size: Output dimensions per batched backward pass.
-        progress: Show a progress bar over Jacobian rows.
+        chunk_size: Rows (backward) or columns (forward) per batched pass.
+        progress: Show a progress bar over Jacobian rows or columns.
+        route: ``"backward"`` (one batched backward per target), ``"forward"`` (basis
+            embeddings pushed through the frozen system: every target's columns at once) or
+            ``"auto"`` (whichever costs fewer products; forward for many targets).
 
     Returns:
         `LinearMaps` keyed by hook name (``blocks.L.hook_resid_post``, ...).
@@ -257,7 +261,8 @@ def layer_maps(
     post_norms = [n for n in post_norms if f"{n}.hook_scale" in model.hook_dict]
     norms = post_norms + (["ln_final"] if modules else [])
     maps, frozen = linear_maps(
-        model, prompt_or_tokens, targets, position=position, dtype=dtype, chunk_size=chunk_size, progress=progress, norms=norms
+        model, prompt_or_tokens, targets, position=position, dtype=dtype, chunk_size=chunk_size, progress=progress,
+        norms=norms, route=route,
     )
     readouts = {}
     if modules:

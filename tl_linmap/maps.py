@@ -8,7 +8,9 @@ against the model's reference forward, not an identity.
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -32,6 +34,7 @@ from tl_linmap.guard import borrowed
 from tl_linmap.inputs import EMBED_HOOK, Prompt, check_position, to_tokens
 from tl_linmap.system import (
     FrozenAffine,
+    FrozenSystem,
     at_position,
     capture,
     frozen_system,
@@ -212,6 +215,25 @@ def activation_bytes(model, n_tokens: int, itemsize: int) -> int:
     return itemsize * n_tokens * 10 * width
 
 
+def _fit_rows(per_row: int, operators: int, limit: int, chunk_size: int | None, device: torch.device) -> int:
+    # Rows per pass that fit in half the free memory once the operators are stored.
+    free = available_bytes(device)
+    budget = free // 2 - operators
+    gib = 2**30
+    if budget < per_row:
+        raise MemoryBudgetError(
+            f"The operators need {operators / gib:.2f} GiB, with {free / gib:.2f} GiB free: "
+            "use fewer targets or a shorter prompt."
+        )
+    fits = int(min(limit, budget // per_row))
+    if chunk_size is not None and chunk_size > fits:
+        raise MemoryBudgetError(
+            f"chunk_size={chunk_size} risks running out of memory (about {chunk_size * per_row / gib:.2f} GiB "
+            f"in flight, {budget / gib:.2f} GiB to spare); use chunk_size={fits} or less."
+        )
+    return chunk_size or fits
+
+
 def plan_chunk(model, n_tokens: int, d_out: int, n_targets: int, dtype: torch.dtype, chunk_size: int | None, device: torch.device) -> int:
     """Output rows per batched backward that fit in half the free memory.
 
@@ -236,21 +258,159 @@ def plan_chunk(model, n_tokens: int, d_out: int, n_targets: int, dtype: torch.dt
     item = torch.finfo(dtype).bits // 8
     per_row = item * n_tokens * model.cfg.d_model + activation_bytes(model, n_tokens, item)  # + the row's gradient
     operators = item * n_tokens * d_out * model.cfg.d_model * n_targets
-    free = available_bytes(device)
-    budget = free // 2 - operators
-    gib = 2**30
-    if budget < per_row:
-        raise MemoryBudgetError(
-            f"The operators need {operators / gib:.2f} GiB, with {free / gib:.2f} GiB free: "
-            "use fewer targets or a shorter prompt."
-        )
-    fits = int(min(d_out, budget // per_row))
-    if chunk_size is not None and chunk_size > fits:
-        raise MemoryBudgetError(
-            f"chunk_size={chunk_size} risks running out of memory (about {chunk_size * per_row / gib:.2f} GiB "
-            f"in flight, {budget / gib:.2f} GiB to spare); use chunk_size={fits} or less."
-        )
-    return chunk_size or fits
+    return _fit_rows(per_row, operators, d_out, chunk_size, device)
+
+
+def plan_columns(model, n_tokens: int, window: int, widths: Sequence[int], dtype: torch.dtype, chunk_size: int | None, device: torch.device) -> int:
+    """Basis embeddings per forward pass of one token's window that fit in half the free memory.
+
+    Each row in flight holds its embeddings, about ten activations of the widest layer
+    over the window, and its target vectors; the operators of every target are stored too.
+
+    Args:
+        model: The model (for its widths).
+        n_tokens: Prompt length (operators cover every token).
+        window: Positions in the window (token to target position).
+        widths: ``d_out`` of each target.
+        dtype: Working dtype.
+        chunk_size: The user's choice, or None to pick one.
+        device: Where the computation runs.
+
+    Returns:
+        The chunk size to use (at most ``d_model``, the basis of one token).
+
+    Raises:
+        MemoryBudgetError: if the operators themselves, or the user's chunk, would not fit.
+    """
+    item = torch.finfo(dtype).bits // 8
+    d_in = model.cfg.d_model
+    per_row = item * (window * d_in + sum(widths)) + activation_bytes(model, window, item)
+    operators = item * n_tokens * d_in * sum(widths)
+    return _fit_rows(per_row, operators, d_in, chunk_size, device)
+
+
+#: Values of ``linear_maps(route=...)``.
+ROUTES = ("auto", "backward", "forward")
+
+
+def target_depth(name: str, n_layers: int) -> int:
+    """Blocks a forward pass runs through before a hook point fires.
+
+    Args:
+        name: Hook name.
+        n_layers: Number of blocks.
+
+    Returns:
+        ``L + 1`` inside ``blocks.L``; 0 for the embeddings; ``n_layers`` after the blocks.
+    """
+    match = re.match(r"blocks\.(\d+)\.", name)
+    if match:
+        return int(match.group(1)) + 1
+    return 0 if name in (EMBED_HOOK, "hook_pos_embed") else n_layers
+
+
+def forward_row_cost(cfg) -> float:
+    """Cost of one forward-route row per position and layer, relative to one backward row.
+
+    A backward row only multiplies through the live projections (V, O and the MLP's
+    ``W_in``/``W_up`` and ``W_out``): the frozen factors' inputs get no gradient. A forward
+    row of the replayed system still computes Q, K and the gated MLP's gate before their
+    factors replace them. The ratio of the matmul widths: about 1.6 for Llama-like blocks
+    (GQA, SwiGLU), 1.2 for GPT-2-like ones; it matches the measured time ratio.
+
+    Args:
+        cfg: The model's config (``d_head``, ``n_heads``, ``n_key_value_heads``, ``d_mlp``,
+            ``gated_mlp``).
+
+    Returns:
+        The ratio (at least 1).
+    """
+    d_q = cfg.n_heads * cfg.d_head
+    d_kv = (getattr(cfg, "n_key_value_heads", None) or cfg.n_heads) * cfg.d_head
+    d_mlp = getattr(cfg, "d_mlp", None) or 4 * cfg.d_model
+    gated = bool(getattr(cfg, "gated_mlp", False))
+    live = d_kv + d_q + 2 * d_mlp  # V, O, MLP in/up and out
+    frozen = d_q + d_kv + (d_mlp if gated else 0)  # Q, K, gate: computed, then replaced
+    return (live + frozen) / live
+
+
+def choose_route(d_in: int, n_tokens: int, position: int, targets: Sequence[tuple[int, int]], forward_cost: float = 1.0) -> str:
+    """Pick the cheaper way to compute dense operators, by a count of row-position-layers.
+
+    The backward route runs ``d_out`` vector-Jacobian rows per target, each through the
+    target's depth over the whole prompt: ``Σ_targets d_out · depth · n_tokens``. The
+    forward route pushes ``d_in`` basis embeddings per token ``i <= position`` through its
+    window ``i..position`` up to the deepest target, serving every target at once:
+    ``forward_cost · Σ_i d_in · (position − i + 1) · max depth``. So the forward route wins
+    for many targets and short prompts (e.g. every layer's residual stream), the backward
+    one for a few narrow targets (e.g. only the output) or long prompts.
+
+    Args:
+        d_in: Embedding width.
+        n_tokens: Prompt length.
+        position: Target position (non-negative).
+        targets: ``(d_out, depth)`` per target, depth in blocks (see `target_depth`).
+        forward_cost: Cost of a forward row relative to a backward row, per position and
+            layer (see `forward_row_cost`).
+
+    Returns:
+        ``"forward"`` if its estimated work is smaller, else ``"backward"``.
+    """
+    windows = (position + 1) * (position + 2) // 2  # Σ_i (position − i + 1)
+    forward = forward_cost * d_in * windows * max((depth for _, depth in targets), default=0)
+    backward = n_tokens * sum(d_out * depth for d_out, depth in targets)
+    return "forward" if forward < backward else "backward"
+
+
+def basis_scale(system: FrozenSystem) -> float:
+    """Length ``s`` of the basis embeddings the forward route pushes: a power of two, at least 1.
+
+    ``F(s·e) − b`` loses about ``eps·‖b‖`` to cancellation, so a model with a large affine
+    part (biases, learned positions) needs ``s·‖J e‖`` well above ``‖b‖``. A column is about
+    as long as the linear part per unit of input, ``‖y − b‖ / Σ_i ‖x_i‖``; ``s`` makes
+    ``s·‖J e‖ ≈ 16·‖b‖`` for the target with the largest ``‖b‖ / ‖y − b‖``, capped at ``2**16``
+    and at a quarter of the dtype's exponent range (float16). Without an affine part ``s = 1``.
+
+    Args:
+        system: The frozen system.
+
+    Returns:
+        The scale (exact to multiply and divide by).
+    """
+    x = system.x[0, : system.position + 1].detach()
+    gain = x.norm(dim=-1).sum().item()
+    ratios = [
+        (system.biases[name].norm() / linear).item()
+        for name in system.names
+        if (linear := (system.outputs[name] - system.biases[name]).norm()) > 0
+    ]
+    wanted = 16 * max(ratios, default=0.0) * gain
+    if not math.isfinite(wanted) or wanted <= 1:
+        return 1.0
+    cap = min(16, math.floor(math.log2(torch.finfo(x.dtype).max) / 4))
+    return float(2 ** min(round(math.log2(wanted)), cap))
+
+
+def _columns(system: FrozenSystem, chunk_size: int | None, bar: tqdm) -> dict[str, Float[Tensor, "pos d_out d_in"]]:
+    # Every target's operators at once, by pushing basis embeddings through each token's window.
+    x = system.x
+    n, d_in = x.shape[1], x.shape[2]
+    widths = [system.outputs[name].shape[0] for name in system.names]
+    last = system.position
+    chunks = [plan_columns(system.model, n, last + 1 - i, widths, x.dtype, chunk_size, x.device) for i in range(last + 1)]
+    operators = {name: x.new_zeros(n, w, d_in) for name, w in zip(system.names, widths)}
+    scale = basis_scale(system)
+    for token, chunk in enumerate(chunks):
+        window = system.replay_window(token)
+        for start in range(0, d_in, chunk):
+            dims = range(start, min(start + chunk, d_in))
+            for name, cols in window.push_basis(0, dims, scale).items():
+                operators[name][token, :, dims.start : dims.stop] = cols.T
+            bar.update(len(dims))
+    for name, ops in operators.items():
+        if not ops.any():
+            raise InputError(f"{name!r} does not depend on the token embeddings (a frozen factor?).")
+    return operators
 
 
 def linear_maps(
@@ -264,12 +424,18 @@ def linear_maps(
     check: bool = True,
     progress: bool = False,
     norms: Sequence[str] = (),
+    route: str = "auto",
 ) -> tuple[dict[str, LinearMap], dict[str, FrozenAffine]]:
     """Linear maps of several targets of one inference, sharing every forward pass.
 
-    One reference, one frozen and one replay forward serve all targets; each target's
-    Jacobian is a batched backward from its own node of the shared frozen graph, so it
-    only walks the layers below that target.
+    One reference, one frozen and one replay forward serve all targets. The operators then
+    come by one of two routes, equal to float64 rounding:
+
+    - ``"backward"``: per target, batched backward passes from its own node of the shared
+      frozen graph (``d_out`` rows per target, each only through the layers below it);
+    - ``"forward"``: the replayed system is exactly affine, so pushing the basis embedding
+      ``e_{i,d}`` through it gives column ``d`` of ``J_i`` for every target at once
+      (``d_in`` rows per token, each through the window from that token to ``position``).
 
     Args:
         model: A TransformerBridge of a supported architecture.
@@ -277,21 +443,44 @@ def linear_maps(
         targets: Hook names (or ``"output"``).
         position: Sequence position of the targets.
         dtype: Working dtype (the model's own is restored afterwards).
-        chunk_size: Output dimensions per batched backward pass.
+        chunk_size: Rows per batched pass: output dimensions per backward pass, or basis
+            embeddings per forward pass (default: as many as fit in half the free memory).
         check: Raise `FreezeError` if a map does not reconstruct its output.
-        progress: Show a progress bar over Jacobian rows.
+        progress: Show a progress bar over Jacobian rows (backward) or columns (forward).
         norms: Norm modules (e.g. ``"ln_final"``) to also return frozen at ``position``.
+        route: ``"backward"``, ``"forward"``, or ``"auto"`` for the one `choose_route`
+            estimates cheaper (forward for many targets on a short prompt, backward for
+            one narrow target or a long prompt).
 
     Returns:
         ``(maps, frozen_norms)``: a `LinearMap` per target name, a `FrozenAffine` per norm.
+
+    Raises:
+        InputError: for a bad prompt, position, target, chunk size or route.
+        MemoryBudgetError: if the operators, or the given chunk size, would not fit.
+        FreezeError: if ``check`` and a map does not reconstruct its output.
     """
     if chunk_size is not None and chunk_size < 1:
-        raise InputError(f"chunk_size must be a positive number of output dimensions, got {chunk_size}.")
-    with frozen_system(model, prompt_or_tokens, targets, position=position, dtype=dtype) as system:
-        x, ys = system.x, system.ys
-        chunk = plan_chunk(model, x.shape[1], max(y.shape[0] for y in ys.values()), len(ys), x.dtype, chunk_size, x.device)
-        with torch.enable_grad(), tqdm(total=sum(y.shape[0] for y in ys.values()), disable=not progress, desc="detached Jacobian rows") as bar:
-            operators = {name: _jacobian(ys[name], x, chunk, bar) for name in system.names}
+        raise InputError(f"chunk_size must be a positive number of rows per pass, got {chunk_size}.")
+    if route not in ROUTES:
+        raise InputError(f"route must be one of {', '.join(map(repr, ROUTES))}, got {route!r}.")
+    # The forward route needs no frozen graph; "auto" keeps it until the target widths are known.
+    with frozen_system(model, prompt_or_tokens, targets, position=position, dtype=dtype, graph=route != "forward") as system:
+        x = system.x
+        if route == "auto":
+            shapes = [(system.outputs[name].shape[0], target_depth(name, model.cfg.n_layers)) for name in system.names]
+            route = choose_route(x.shape[-1], x.shape[1], system.position, shapes, forward_row_cost(model.cfg))
+        if route == "forward":
+            system.ys = {}  # let the frozen graph go (kept by "auto"): only the replay is pushed
+            total = (system.position + 1) * x.shape[-1]
+            with tqdm(total=total, disable=not progress, desc="detached Jacobian columns (forward)") as bar:
+                operators = _columns(system, chunk_size, bar)
+        else:
+            ys = system.ys
+            chunk = plan_chunk(model, x.shape[1], max(y.shape[0] for y in ys.values()), len(ys), x.dtype, chunk_size, x.device)
+            total = sum(y.shape[0] for y in ys.values())
+            with torch.enable_grad(), tqdm(total=total, disable=not progress, desc="detached Jacobian rows (backward)") as bar:
+                operators = {name: _jacobian(ys[name], x, chunk, bar) for name in system.names}
         frozen_norms = {norm: system.frozen_norm(norm) for norm in norms}
     maps = {
         name: LinearMap(operators=operators[name], inputs=x[0].detach(), **system.result_fields(name))
@@ -348,6 +537,7 @@ def linear_map(
     chunk_size: int | None = None,
     check: bool = True,
     progress: bool = False,
+    route: str = "auto",
 ) -> LinearMap:
     """The exact linear system of one target vector of one inference.
 
@@ -363,7 +553,9 @@ def linear_map(
             half the free memory; a larger one raises `MemoryBudgetError` with a safe size).
         check: Raise `FreezeError` if the system does not reconstruct the output
             (a freeze rule silently had no effect).
-        progress: Show a progress bar over Jacobian rows.
+        progress: Show a progress bar over Jacobian rows (backward) or columns (forward).
+        route: ``"backward"``, ``"forward"`` or ``"auto"`` (see `linear_maps`); for one target
+            ``"auto"`` almost always picks the backward route.
 
     Returns:
         A `LinearMap`.
@@ -374,6 +566,7 @@ def linear_map(
         FreezeError: if a freeze hook did not take effect.
     """
     maps, _ = linear_maps(
-        model, prompt_or_tokens, [target], position=position, dtype=dtype, chunk_size=chunk_size, check=check, progress=progress
+        model, prompt_or_tokens, [target], position=position, dtype=dtype, chunk_size=chunk_size, check=check,
+        progress=progress, route=route,
     )
     return next(iter(maps.values()))

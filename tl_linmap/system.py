@@ -38,6 +38,7 @@ from tl_linmap.guard import borrowed
 from tl_linmap.inputs import (
     EMBED_HOOK,
     OUTPUT_HOOK,
+    RESIDUAL_HOOKS,
     Prompt,
     check_position,
     resolve_target,
@@ -274,6 +275,71 @@ class FrozenSystem:
         biases = {name: y.detach() for name, y in ys.items()}  # the replay at zero input
         return FrozenSystem(self.model, tokens, n - 1, self.names, x, factors, ys, self.outputs, self.natives, biases)
 
+    def replay_window(self, start: int) -> FrozenSystem:
+        """`window` without the frozen graph: for forward products (`push`, `push_basis`) only.
+
+        Cheaper than `window` (its zero-input replay runs without autograd), and valid on a
+        system built with ``graph=False``; its ``ys`` is empty, so it has no `vjp`.
+
+        Args:
+            start: First input position kept (``0 <= start <= position``).
+
+        Returns:
+            A `FrozenSystem` whose token 0 is this one's token ``start``, with the window's
+            own affine part as ``biases``.
+        """
+        tokens = self.tokens[:, start : self.position + 1]
+        n = tokens.shape[1]
+        factors = slice_factors(self.model, self.factors, start, self.position + 1)
+        x = torch.zeros(1, n, self.x.shape[-1], dtype=self.x.dtype, device=self.x.device)
+        with torch.no_grad():
+            acts = capture(self.model, tokens, self.names, replay_hooks(self.model, factors), x)
+        biases = {name: at_position(acts[name], n - 1, n)[0] for name in self.names}
+        return FrozenSystem(self.model, tokens, n - 1, self.names, x, factors, {}, self.outputs, self.natives, biases)
+
+    def push_basis(self, token: int, dims: range, scale: float = 1.0) -> dict[str, Float[Tensor, "k d_out"]]:
+        """Columns ``J_token[:, dims]`` of every target at once, by one forward pass of ``len(dims)`` rows.
+
+        Row ``r`` of the batch is the basis embedding ``e_{token, dims[r]}`` (one at that
+        token and dimension, zero elsewhere); the replayed system is exactly affine, so
+        ``F(e) − b`` is the matching column of ``J_token``. Only the target position of each
+        target is kept, and the pass stops after the last target.
+
+        ``scale`` multiplies the basis embeddings and divides the result: exact for a power
+        of two, it keeps ``F(s·e) − b`` from cancelling when the bias ``b`` is large.
+
+        Args:
+            token: Input token index in this system (0 for a `replay_window` of that token).
+            dims: Input dimensions (at most ``d_in`` of them).
+            scale: Length of the pushed basis embeddings (a power of two).
+
+        Returns:
+            Per target, one row per dimension: ``J_token[:, d]`` as ``(len(dims), d_out)``.
+
+        Raises:
+            FreezeError: if a target hook never fired.
+        """
+        x, n, k = self.x, self.tokens.shape[1], len(dims)
+        embeddings = torch.zeros(k, *x.shape[1:], dtype=x.dtype, device=x.device)
+        embeddings[torch.arange(k, device=x.device), token, torch.as_tensor(dims, device=x.device)] = scale
+        kept: dict[str, Tensor] = {}
+
+        def keep(name: str):
+            def hook(act: Tensor, hook=None) -> None:
+                kept[name] = at_position(act, self.position, n).clone()  # not the whole activation
+                if len(kept) == len(self.names):
+                    raise _Stop
+
+            return hook
+
+        hooks = replay_hooks(self.model, self.factors) + [(name, keep(name)) for name in self.names]
+        with torch.no_grad():
+            capture(self.model, self.tokens.expand(k, -1), [], hooks, embeddings)
+        missing = [name for name in self.names if name not in kept]
+        if missing:
+            raise FreezeError(f"The hook points {missing[:4]} never fired in a forward pass of this model.")
+        return {name: (kept[name] - self.biases[name]) / scale for name in self.names}
+
     def result_fields(self, name: str) -> dict:
         """The `tl_linmap.maps.TargetResult` fields of one target.
 
@@ -306,7 +372,7 @@ class FrozenSystem:
             return Readout(model=self.model, final_norm=None)
         if "ln_final" not in self._norms:
             self._norms["ln_final"] = self.frozen_norm("ln_final")
-        return Readout(model=self.model, final_norm=self._norms["ln_final"])
+        return Readout(model=self.model, final_norm=self._norms["ln_final"], residual=name.endswith(RESIDUAL_HOOKS))
 
     def frozen_norm(self, norm: str) -> FrozenAffine:
         """A norm module frozen at the target position (see `frozen_norm`).

@@ -1,0 +1,204 @@
+"""Figures: each plot's content (lines, images, bars, texts) against independently computed values."""
+
+import importlib.util
+import sys
+
+import pytest
+
+matplotlib = pytest.importorskip("matplotlib")  # the optional `plot` extra
+matplotlib.use("Agg")  # before pyplot: no display in tests
+
+import matplotlib.pyplot as plt
+import torch
+from conftest import PROMPT
+
+import tl_linmap
+from tl_linmap import plotting
+from tl_linmap.errors import InputError
+from tl_linmap.plotting import (
+    plot_contribution_heatmap,
+    plot_decoded,
+    plot_logit_contributions,
+    plot_spectra,
+    token_label,
+)
+
+
+@pytest.fixture(scope="module")
+def maps(toy_models):
+    return tl_linmap.layer_maps(toy_models["llama"], PROMPT)
+
+
+@pytest.fixture(scope="module")
+def final(maps):
+    return maps[list(maps)[-1]]
+
+
+@pytest.fixture(autouse=True)
+def close_figures():
+    yield
+    plt.close("all")
+
+
+def _norms(lm):
+    # J_i x_i by a plain batched matmul, not LinearMap.contributions.
+    return (lm.operators @ lm.inputs[..., None])[..., 0].norm(dim=-1)
+
+
+def _tokens(lm):
+    return [lm.readout.model.tokenizer.decode([int(t)]) for t in lm.tokens]
+
+
+def _image_axes(fig):
+    return [ax for ax in fig.axes if ax.images]
+
+
+def test_token_label_makes_tokens_visible():
+    assert token_label(" cat") == "␣cat"
+    assert token_label("a\nb\tc") == "a↵b⇥c"
+    assert token_label("\x1c") == r"\x1c"
+    assert token_label("") == "∅"
+    assert token_label("$5 $6") == r"\$5␣\$6"  # no mathtext
+
+
+def test_spectra_has_one_line_per_map_with_its_singular_values(maps):
+    fig = plot_spectra(maps)
+    ax = fig.axes[0]
+    assert len(ax.lines) == len(maps)
+    for line, lm in zip(ax.lines, maps.values()):
+        assert torch.allclose(torch.as_tensor(line.get_ydata()), torch.linalg.svdvals(lm.operators[-1]))
+    assert ax.get_yscale() == "log"
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["L0 resid_mid", "L0 resid_post", "L1 resid_mid", "L1 resid_post"]
+    colors = [line.get_color() for line in ax.lines]
+    assert len(set(colors)) == len(colors)  # a gradient: every depth its own colour
+
+
+def test_spectra_of_the_stacked_operator_skip_first_and_normalize(maps):
+    ax = plot_spectra(maps, "all", skip_first=True, normalize=True).axes[0]
+    for line, lm in zip(ax.lines, maps.values()):
+        wide = torch.cat(list(lm.operators[1:]), dim=1)  # [J_1 ... J_n] side by side
+        values = torch.linalg.svdvals(wide)
+        assert torch.allclose(torch.as_tensor(line.get_ydata()), values / values[0])
+    assert "J_1" in ax.get_title()
+    with_first = plot_spectra(maps, "all").axes[0]
+    assert len(with_first.lines[0].get_ydata()) == len(ax.lines[0].get_ydata())  # d_out values either way
+    assert not torch.allclose(torch.as_tensor(with_first.lines[0].get_ydata()), torch.as_tensor(ax.lines[0].get_ydata()))
+
+
+def test_spectra_draws_into_a_given_ax_and_takes_one_map(final):
+    fig, ax = plt.subplots()
+    assert plot_spectra(final, 3, ax=ax) is fig
+    assert len(ax.lines) == 1
+    assert torch.allclose(torch.as_tensor(ax.lines[0].get_ydata()), torch.linalg.svdvals(final.operators[3]))
+
+
+def test_spectra_of_many_maps_uses_a_colorbar(final):
+    many = {f"blocks.{i}.hook_resid_post": final for i in range(12)}
+    fig = plot_spectra(many)
+    assert len(fig.axes[0].lines) == 12
+    assert fig.axes[0].get_legend() is None and len(fig.axes) == 2
+
+
+def test_spectra_rejects_tokens_outside_the_prompt_or_skipped(maps, final):
+    with pytest.raises(InputError):
+        plot_spectra(maps, len(final.tokens))
+    with pytest.raises(InputError):
+        plot_spectra(maps, 0, skip_first=True)
+
+
+def test_heatmap_separates_the_first_token(maps, final):
+    fig = plot_contribution_heatmap(maps)
+    sink, main = _image_axes(fig)
+    norms = torch.stack([_norms(lm) for lm in maps.values()])
+    main_data = torch.as_tensor(main.images[0].get_array())
+    assert main_data.shape == (len(maps), len(final.tokens) - 1)
+    assert torch.allclose(main_data, norms[:, 1:])
+    assert torch.allclose(torch.as_tensor(sink.images[0].get_array()), norms[:, :1])
+    assert len(sink.texts) == len(maps)  # the first token's own scale, written out
+    assert [t.get_text() for t in main.get_xticklabels()] == [token_label(s) for s in _tokens(final)[1:]]
+    assert [t.get_text() for t in sink.get_yticklabels()] == ["L0 resid_mid", "L0 resid_post", "L1 resid_mid", "L1 resid_post"]
+
+
+def test_heatmap_skip_first_leaves_it_out(maps, final):
+    fig = plot_contribution_heatmap(maps, skip_first=True)
+    (main,) = _image_axes(fig)
+    data = torch.as_tensor(main.images[0].get_array())
+    assert data.shape == (len(maps), len(final.tokens) - 1)
+    assert torch.allclose(data, torch.stack([_norms(lm)[1:] for lm in maps.values()]))
+
+
+def test_heatmap_draws_into_a_given_ax(maps, final):
+    fig, ax = plt.subplots()
+    assert plot_contribution_heatmap(maps, ax=ax) is fig
+    assert torch.allclose(torch.as_tensor(ax.images[0].get_array()), torch.stack([_norms(lm)[1:] for lm in maps.values()]))
+    (inset,) = ax.child_axes  # the first-token panel, left of ax
+    assert torch.allclose(torch.as_tensor(inset.images[0].get_array()), torch.stack([_norms(lm)[:1] for lm in maps.values()]))
+
+
+def test_logit_bars_are_the_per_token_split_plus_the_constant(final):
+    split = final.logit_contributions("a")
+    fig = plot_logit_contributions(final, "a")
+    ax = fig.axes[0]
+    tokens, constant = ax.containers
+    assert len(ax.patches) == len(final.tokens) + 1
+    assert torch.allclose(torch.tensor([bar.get_height() for bar in tokens]), split.per_token)
+    assert constant.patches[0].get_height() == pytest.approx(split.constant)
+    assert constant.patches[0].get_hatch() and constant.get_label() == "constant"
+    assert "'a'" in ax.get_title() and f"{split.logit:.4g}" in ax.get_title()
+    assert sum(bar.get_height() for bar in ax.patches) == pytest.approx(split.logit, abs=1e-9)  # exact split
+
+
+def test_logit_skip_first_and_default_token(final):
+    fig, ax = plt.subplots()
+    assert plot_logit_contributions(final, skip_first=True, ax=ax) is fig
+    top = int(final.readout.logits(final.output, affine=True).argmax())
+    split = final.logit_contributions(top)
+    assert len(ax.patches) == len(final.tokens)  # one token fewer, plus the constant
+    assert torch.allclose(torch.tensor([bar.get_height() for bar in ax.containers[0]]), split.per_token[1:])
+    assert f"'{token_label(split.token)}'" in ax.get_title()
+
+
+def test_logit_takes_a_split_but_not_a_second_token(final):
+    split = final.logit_contributions("a")
+    ax = plot_logit_contributions(split).axes[0]
+    assert len(ax.patches) == len(final.tokens) + 1
+    with pytest.raises(InputError):
+        plot_logit_contributions(split, "a")
+
+
+def test_decoded_grid_shows_the_top_tokens_of_each_pair(maps):
+    k, top = 2, 3
+    fig = plot_decoded(maps, k=k, top=top)
+    ax = fig.axes[0]
+    assert len(ax.texts) == len(maps) * k
+    expected = [row for lm in maps.values() for row in lm.decode(k, top, tokens=-1)]
+    for text, row in zip(ax.texts, expected):
+        cell = text.get_text()
+        assert all(token_label(token) in cell.split("\n") for token, _ in row.left)
+        assert f"σ_{row.index} " in cell
+    shares = torch.as_tensor(ax.images[0].get_array())
+    assert shares.shape == (len(maps), k)
+    assert torch.allclose(shares.flatten(), torch.tensor([row.share for row in expected], dtype=shares.dtype))
+
+
+def test_decoded_stacked_skip_first_and_given_ax(maps, final):
+    fig, ax = plt.subplots()
+    assert plot_decoded(maps, "all", k=2, top=2, skip_first=True, ax=ax) is fig
+    assert len(ax.texts) == len(maps) * 2
+    expected = [row for lm in maps.values() for row in lm.decode(2, 2, skip_first=True, stacked=True) if row.source == "all"]
+    for text, row in zip(ax.texts, expected):
+        assert all(token_label(token) in text.get_text().split("\n") for token, _ in row.left)
+        assert "from " in text.get_text()
+    one = plot_decoded(final, 1, k=3, top=1).axes[0]
+    assert len(one.texts) == 3
+    with pytest.raises(InputError):
+        plot_decoded(maps, 0, skip_first=True)
+
+
+def test_plotting_imports_without_matplotlib_and_says_how_to_get_it(monkeypatch, final):
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.setitem(sys.modules, name, None)  # None in sys.modules makes import fail
+    spec = importlib.util.spec_from_file_location("_plotting_without_matplotlib", plotting.__file__)
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))  # the module itself needs no matplotlib
+    with pytest.raises(ImportError, match=r"pip install tl_linmap\[plot\]"):
+        plotting.plot_spectra(final)

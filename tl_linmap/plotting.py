@@ -1,0 +1,467 @@
+"""Plotting: figures of the linear maps of one inference (needs the ``plot`` extra).
+
+matplotlib is imported when a function is called, not with this module, so ``import
+tl_linmap`` works without it; calling a plot function without it raises an ImportError
+that says ``pip install tl_linmap[plot]``. Every function draws into ``ax`` when one is
+given (creating a figure otherwise) and returns the matplotlib Figure.
+
+Maps are passed as a `tl_linmap.decomposition.LinearMaps` (or any Mapping of name to
+`tl_linmap.maps.LinearMap`, drawn in its order, so layer by layer for `layer_maps`) or as
+a single `LinearMap`. Tokens are shown through `token_label`, which makes spaces, control
+characters and byte pieces visible.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Literal
+
+import einops
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from tl_linmap.analysis import DecodedPair, LogitSplit
+from tl_linmap.errors import InputError
+from tl_linmap.maps import LinearMap, TargetResult
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+__all__ = ["plot_contribution_heatmap", "plot_decoded", "plot_logit_contributions", "plot_spectra", "token_label"]
+
+#: One map, or several by name (a `LinearMaps` or a dict), drawn in their order.
+MapsLike = Mapping[str, LinearMap] | LinearMap
+#: An input token index (negative counts from the target position back), or the stacked operator.
+TokenChoice = int | Literal["all"]
+
+# Legends stop being readable beyond about this many entries; a colorbar takes over.
+_MAX_LEGEND = 10
+# Characters that would otherwise print as blank or break a line.
+_VISIBLE = {" ": "␣", "\n": "↵", "\t": "⇥"}
+# Most token bars that still have room for their values written on them.
+_MAX_BAR_LABELS = 16
+# Longest token label inside a grid cell before it is cut with an ellipsis.
+_MAX_CELL_LABEL = 14
+
+
+def _pyplot():
+    # Imported here so that tl_linmap (and this module) load without matplotlib.
+    try:
+        import matplotlib.pyplot as plt
+    except ImportError as error:
+        raise ImportError("tl_linmap.plotting needs matplotlib: pip install tl_linmap[plot]") from error
+    return plt
+
+
+def _figure(ax: Axes | None, size: tuple[float, float]) -> tuple[Figure, Axes]:
+    if ax is not None:
+        return ax.figure, ax
+    fig, ax = _pyplot().subplots(figsize=size, layout="constrained")
+    return fig, ax
+
+
+def token_label(token: str) -> str:
+    """A token string made visible for a plot label.
+
+    Spaces become ``␣``, newlines ``↵``, tabs ``⇥``, other unprintable characters their
+    escape (``\\x1c``), an empty string ``∅``; ``$`` is escaped so matplotlib does not
+    read two of them as mathtext. Byte pieces of a multi-byte character decode to ``�``
+    and stay so.
+
+    Args:
+        token: A decoded token.
+
+    Returns:
+        The label.
+    """
+    if not token:
+        return "∅"
+    visible = "".join(_VISIBLE.get(c, c if c.isprintable() else repr(c)[1:-1]) for c in token)
+    return visible.replace("$", r"\$")
+
+
+def _clip(label: str, width: int = _MAX_CELL_LABEL) -> str:
+    return label if len(label) <= width else label[: width - 1] + "…"
+
+
+def _short_name(name: str) -> str:
+    # "blocks.10.hook_resid_post" -> "L10 resid_post": row and legend labels stay narrow.
+    return re.sub(r"^blocks\.(\d+)\.", r"L\1 ", name).replace("hook_", "")
+
+
+def _named(maps: Mapping[str, TargetResult] | TargetResult) -> dict[str, TargetResult]:
+    if isinstance(maps, TargetResult):
+        return {maps.target: maps}
+    if not maps:
+        raise InputError("No maps to plot.")
+    return dict(maps)
+
+
+def _linear(named: dict[str, TargetResult]) -> dict[str, LinearMap]:
+    # Spectra and singular vectors need the operators, which forward-route results lack.
+    for name, lm in named.items():
+        if not isinstance(lm, LinearMap):
+            raise InputError(f"{name} is a {type(lm).__name__}, not a LinearMap: it has no operators to decompose.")
+    return named
+
+
+def _shared_tokens(named: dict[str, TargetResult]) -> TargetResult:
+    # One column per input token only makes sense if every map read the same prompt.
+    first = next(iter(named.values()))
+    for name, lm in named.items():
+        if lm.position != first.position or not torch.equal(lm.tokens, first.tokens):
+            raise InputError(f"{name} comes from another prompt or position than the first map; plot them separately.")
+    return first
+
+
+def _sources(lm: TargetResult) -> list[str]:
+    # Decoded input tokens; token ids where the map has no readout (e.g. per-head maps).
+    tokenizer = lm.readout.model.tokenizer if lm.readout is not None else None
+    return [tokenizer.decode([int(t)]) if tokenizer else str(int(t)) for t in lm.tokens]
+
+
+def _index(lm: TargetResult, token: int, skip_first: bool) -> int:
+    # Operators after the target position are zero, so indices count up to it.
+    n = lm.position + 1
+    if isinstance(token, bool) or not isinstance(token, int) or not -n <= token < n:
+        raise InputError(f"token must be an input token index in [{-n}, {n}) or 'all', got {token!r}.")
+    index = token % n
+    if skip_first and index == 0:
+        raise InputError("skip_first leaves out token 0, the token asked for.")
+    return index
+
+
+def _stacked_range(lm: LinearMap, skip_first: bool) -> range:
+    tokens = range(1 if skip_first else 0, lm.position + 1)
+    if not tokens:
+        raise InputError("skip_first leaves no token in a one-token prompt.")
+    return tokens
+
+
+def _operator(lm: LinearMap, token: TokenChoice, skip_first: bool) -> Float[Tensor, "d_out d_in_total"]:
+    # One J_i, or [J_first ... J_position] side by side (what `OperatorSVD.stacked` decomposes).
+    if token == "all":
+        blocks = lm.operators[_stacked_range(lm, skip_first)]
+        return einops.rearrange(blocks, "pos d_out d_in -> d_out (pos d_in)")
+    return lm.operators[_index(lm, token, skip_first)]
+
+
+def _spectrum(lm: LinearMap, token: TokenChoice, skip_first: bool, normalize: bool) -> Float[Tensor, " r"]:
+    values = torch.linalg.svdvals(_operator(lm, token, skip_first))
+    # A zero operator has no scale to normalise by; it stays at zero.
+    return values / values[0] if normalize and values[0] > 0 else values
+
+
+def _operator_label(lm: LinearMap, token: TokenChoice, skip_first: bool) -> str:
+    if token == "all":
+        tokens = _stacked_range(lm, skip_first)
+        return f"stacked [J_{tokens[0]} … J_{tokens[-1]}]"
+    index = _index(lm, token, skip_first)
+    return f"J_{index} ({token_label(_sources(lm)[index])})"
+
+
+def _depth_colors(n: int) -> list:
+    # viridis without its palest yellow, which is hard to see on white.
+    cmap = _pyplot().get_cmap("viridis")
+    return [cmap(0.9 * i / max(n - 1, 1)) for i in range(n)]
+
+
+def _depth_key(fig: Figure, ax: Axes, names: list[str], colors: list) -> None:
+    # Few maps: a legend; many: a discrete colorbar labelled with a subset of names.
+    if len(names) <= _MAX_LEGEND:
+        ax.legend(fontsize="small", title="map")
+        return
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import BoundaryNorm, ListedColormap
+
+    norm = BoundaryNorm([i - 0.5 for i in range(len(names) + 1)], len(names))
+    bar = fig.colorbar(ScalarMappable(norm, ListedColormap(colors)), ax=ax, label="map (depth)")
+    step = -(-len(names) // _MAX_LEGEND)  # ceiling division
+    ticks = list(range(0, len(names), step))
+    bar.set_ticks(ticks, labels=[_short_name(names[i]) for i in ticks])
+    bar.ax.invert_yaxis()  # shallow layers on top, as in the heatmaps
+
+
+def plot_spectra(
+    maps: MapsLike,
+    token: TokenChoice = -1,
+    *,
+    skip_first: bool = False,
+    normalize: bool = False,
+    ax: Axes | None = None,
+) -> Figure:
+    """Singular value spectra of one input token's operator, one line per map.
+
+    Args:
+        maps: Maps by name (drawn in order, coloured by depth), or one `LinearMap`.
+        token: Input token index ``i`` of ``J_i`` (negative: from the target position back),
+            or ``"all"`` for the stacked operator ``[J_0 … J_n]``.
+        skip_first: Leave the first token out of the stacked operator (and refuse
+            ``token=0``).
+        normalize: Divide each spectrum by its largest value, to compare shapes.
+        ax: Axes to draw into (default: a new figure).
+
+    Returns:
+        The Figure: one line per map, ``y`` = singular values ``σ_j`` (descending) on a log axis.
+
+    Raises:
+        InputError: for a token index outside the prompt, or a map without operators.
+    """
+    _pyplot()  # fail before any decomposition when matplotlib is missing
+    named = _linear(_named(maps))
+    fig, ax = _figure(ax, (7, 4.5))
+    colors = _depth_colors(len(named))
+    for (name, lm), color in zip(named.items(), colors):
+        values = _spectrum(lm, token, skip_first, normalize)
+        ax.plot(range(len(values)), values.detach().cpu().numpy(), color=color, label=_short_name(name))
+    ax.set_yscale("log")
+    ax.set_xlabel("j (0 = largest)")
+    ax.set_ylabel("σ_j / σ_0" if normalize else "σ_j")
+    ax.set_title(f"Singular values of {_operator_label(next(iter(named.values())), token, skip_first)}")
+    ax.grid(True, which="major", alpha=0.3)
+    _depth_key(fig, ax, list(named), colors)
+    return fig
+
+
+def _contribution_norms(named: dict[str, TargetResult]) -> Float[Tensor, "n_maps pos"]:
+    # Tokens after the target position contribute nothing, so columns stop there.
+    n = next(iter(named.values())).position + 1
+    return torch.stack([lm.contributions()[:n].norm(dim=-1) for lm in named.values()]).detach().cpu()
+
+
+def _text_color(rgba) -> str:
+    # Black on light cells, white on dark ones (perceived luminance).
+    r, g, b = rgba[:3]
+    return "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white"
+
+
+def _annotate(ax: Axes, image, values: Float[Tensor, "rows cols"], fontsize: float) -> None:
+    for (row, col), value in zip(((r, c) for r in range(values.shape[0]) for c in range(values.shape[1])), values.flatten()):
+        color = _text_color(image.cmap(image.norm(float(value))))
+        ax.text(col, row, f"{float(value):.3g}", ha="center", va="center", color=color, fontsize=fontsize)
+
+
+def plot_contribution_heatmap(
+    maps: Mapping[str, TargetResult] | TargetResult,
+    *,
+    skip_first: bool = False,
+    ax: Axes | None = None,
+) -> Figure:
+    """Contribution norms ``‖J_i x_i‖`` per map (rows) and input token (columns).
+
+    The first token (BOS, or the first word) is usually an attention sink whose
+    contribution dwarfs the others and would flatten a shared colour scale, so it gets
+    a narrow panel of its own on the left, with its own colour map and its values
+    written in the cells; the main axes hold the other tokens.
+
+    Args:
+        maps: Maps by name from one prompt (rows, in order), or one map; anything with
+            ``contributions()`` (`LinearMap`, `tl_linmap.operators.Contributions`).
+        skip_first: Leave the first token out altogether.
+        ax: Axes for the main heatmap (default: a new figure with the first-token panel
+            as a subplot); with ``ax``, the first-token panel is an inset to its left,
+            outside ``ax``, so leave room there.
+
+    Returns:
+        The Figure. The main axes' ``images[0]`` holds the ``(n_maps, n_tokens - 1)``
+        norms of tokens ``1 … position``, the first-token panel's the ``(n_maps, 1)`` rest.
+
+    Raises:
+        InputError: if the maps come from different prompts or the prompt has one token.
+    """
+    _pyplot()  # fail before any decomposition when matplotlib is missing
+    named = _named(maps)
+    first = _shared_tokens(named)
+    norms = _contribution_norms(named)
+    if norms.shape[1] < 2:
+        raise InputError("A one-token prompt has no tokens besides the first to show.")
+    labels = [token_label(s) for s in _sources(first)[: norms.shape[1]]]
+    rows = [_short_name(name) for name in named]
+    fig, sink, ax = _heatmap_axes(ax, norms.shape[1] - 1, len(rows), skip_first)
+
+    image = ax.imshow(norms[:, 1:].numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
+    ax.set_xticks(range(norms.shape[1] - 1), labels[1:], rotation=90)
+    ax.set_xlabel("input token i")
+    fig.colorbar(image, ax=ax, label="‖J_i x_i‖", fraction=0.05, pad=0.02)
+    ax.set_title("Contribution norms ‖J_i x_i‖" + ("\n(first token left out)" if skip_first else ""), fontsize="medium")
+    if sink is None:
+        ax.set_yticks(range(len(rows)), rows)
+        return fig
+    sink_image = sink.imshow(norms[:, :1].numpy(), aspect="auto", cmap="Reds", interpolation="nearest")
+    _annotate(sink, sink_image, norms[:, :1], fontsize=7)
+    sink.set_xticks([0], labels[:1], rotation=90)
+    sink.set_yticks(range(len(rows)), rows)
+    sink.set_title("first\n(own scale)", fontsize="small")
+    ax.tick_params(labelleft=False)
+    return fig
+
+
+def _heatmap_axes(ax: Axes | None, columns: int, rows: int, skip_first: bool) -> tuple[Figure, Axes | None, Axes]:
+    # Returns (figure, first-token axes or None, main axes).
+    if ax is not None:
+        # The caller owns the layout: the first-token panel is an inset left of ax, one
+        # main column wide (at least 8% of ax, to fit its numbers), sharing its rows.
+        width = max(1 / columns, 0.08)
+        return ax.figure, None if skip_first else ax.inset_axes([-width - 0.02, 0, width, 1], sharey=ax), ax
+    size = (max(5.0, 3.0 + 0.4 * columns), 1.8 + 0.35 * rows)
+    if skip_first:
+        fig, main = _figure(None, size)
+        return fig, None, main
+    # The first-token panel: one main column wide, but at least ~0.7 inch to fit its numbers
+    # (the main panel gets about 2.6 inches less than the figure).
+    cell = (size[0] - 2.6) / columns
+    fig, (sink, main) = _pyplot().subplots(
+        1, 2, figsize=size, width_ratios=[max(1.0, 0.7 / cell), columns], sharey=True, layout="constrained"
+    )
+    return fig, sink, main
+
+
+def _split(lm_or_split: TargetResult | LogitSplit, token: int | str | None) -> LogitSplit:
+    if isinstance(lm_or_split, LogitSplit):
+        if token is not None:
+            raise InputError("A LogitSplit already has its token; pass token only with a map.")
+        return lm_or_split
+    if token is None:
+        # Default: the token the target's own value predicts.
+        if lm_or_split.readout is None:
+            raise InputError("This map has no readout to pick a token; pass token explicitly.")
+        token = int(lm_or_split.readout.logits(lm_or_split.output, affine=True).argmax())
+    return lm_or_split.logit_contributions(token)
+
+
+def plot_logit_contributions(
+    lm_or_split: TargetResult | LogitSplit,
+    token: int | str | None = None,
+    *,
+    skip_first: bool = False,
+    ax: Axes | None = None,
+) -> Figure:
+    """Bar chart of one logit split exactly over the input tokens, plus the constant.
+
+    Args:
+        lm_or_split: A map of a residual-stream target (its logit lens, with
+            ``ln_final`` frozen) or an already computed `LogitSplit`.
+        token: Output token id or single-token string (only with a map; default: the
+            token the target's value gives the highest logit).
+        skip_first: Leave the first token's bar out (the title says how much it held).
+        ax: Axes to draw into (default: a new figure).
+
+    Returns:
+        The Figure: ``ax.containers[0]`` holds one bar per input token
+        (``w · J_i x_i``), ``ax.containers[1]`` the hatched constant bar.
+
+    Raises:
+        InputError: for a token given with a `LogitSplit`, or a map without readout.
+    """
+    _pyplot()  # fail before any decomposition when matplotlib is missing
+    split = _split(lm_or_split, token)
+    start = 1 if skip_first else 0
+    values = split.per_token[start:].detach().cpu()
+    labels = [token_label(s) for s in split.sources[start:]]
+    fig, ax = _figure(ax, (max(6.0, 2.0 + 0.35 * (len(values) + 2)), 4.5))
+
+    colors = ["tab:blue" if v >= 0 else "tab:red" for v in values.tolist()]
+    bars = ax.bar(range(len(values)), values.numpy(), color=colors, label="input tokens")
+    # The constant sits one slot apart, grey and hatched: it does not come from any token.
+    constant = ax.bar([len(values) + 0.5], [split.constant], color="lightgrey", edgecolor="dimgrey", hatch="//", label="constant")
+    # Values on the bars: small parts (often the constant) are otherwise invisible; on
+    # many token bars they would collide, so then only the constant gets one.
+    for container in (bars, constant) if len(values) <= _MAX_BAR_LABELS else (constant,):
+        ax.bar_label(container, fmt="%.3g", fontsize="x-small", padding=2)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.margins(y=0.1)
+    ax.set_xticks([*range(len(values)), len(values) + 0.5], [*labels, "constant"], rotation=90)
+    ax.set_xlabel("input token i")
+    ax.set_ylabel("logit contribution w · J_i x_i")
+    title = (f"Logit of '{token_label(split.token)}' = {split.logit:.4g}\n"
+             f"= Σ tokens ({float(split.per_token.sum()):.4g}) + constant ({split.constant:.4g})")
+    if skip_first:
+        title += f"\nfirst token '{token_label(split.sources[0])}' ({float(split.per_token[0]):.4g}) not shown"
+    ax.set_title(title, fontsize="medium")
+    return fig
+
+
+def _decoded_rows(lm: LinearMap, token: TokenChoice, k: int, top: int, skip_first: bool) -> list[DecodedPair]:
+    if token == "all":
+        _stacked_range(lm, skip_first)  # a clear error for a one-token prompt with skip_first
+        # decode always reads some token too; the target position is always a valid one.
+        table = lm.decode(k, top, tokens=lm.position, skip_first=skip_first, stacked=True)
+        return [row for row in table if row.source == "all"]
+    return list(lm.decode(k, top, tokens=_index(lm, token, skip_first), skip_first=skip_first))
+
+
+def _main_token(text: str) -> str:
+    # A stacked pair's token reads "'<repr>' (NN%)"; relabel the repr like every other token.
+    match = re.fullmatch(r"(.*) \((\d+%)\)", text)
+    try:
+        token = ast.literal_eval(match[1]) if match else None
+    except (ValueError, SyntaxError):
+        token = None
+    return f"{token_label(token)} ({match[2]})" if isinstance(token, str) else text
+
+
+def _cell_text(row: DecodedPair) -> str:
+    head = f"σ_{row.index} {row.sigma:.3g} · {row.share:.0%}"
+    if row.source == "all":
+        head += f"\nfrom {_main_token(row.token)}"  # the token whose block of v is largest
+    return "\n".join([head, *(_clip(token_label(t)) for t, _ in row.left)])
+
+
+def plot_decoded(
+    maps: MapsLike,
+    token: TokenChoice = -1,
+    *,
+    k: int = 3,
+    top: int = 3,
+    skip_first: bool = False,
+    ax: Axes | None = None,
+) -> Figure:
+    """The tokens the top-k left singular vectors write, as a map x ``j`` grid.
+
+    Each cell lists the top tokens of ``u_j`` (read through the frozen ``ln_final`` and
+    ``W_U``, see `tl_linmap.maps.LinearMap.decode`) under ``σ_j`` and its share
+    ``σ_j² / Σσ²`` of the operator's squared Frobenius norm, which also sets the
+    cell's colour.
+
+    Args:
+        maps: Maps by name (rows, in order), or one `LinearMap`; residual-stream targets.
+        token: Input token index of ``J_i``, or ``"all"`` for the stacked operator (then
+            each cell also names the token whose block of ``v_j`` is largest).
+        k: Singular pairs (columns).
+        top: Tokens per cell.
+        skip_first: Leave the first token out of the stacked operator (and refuse ``token=0``).
+        ax: Axes to draw into (default: a new figure).
+
+    Returns:
+        The Figure: ``ax.images[0]`` holds the ``(n_maps, k)`` shares, ``ax.texts`` one
+        text per cell, row by row.
+
+    Raises:
+        InputError: for a token outside the prompt, or maps that cannot be read as tokens.
+    """
+    _pyplot()  # fail before any decomposition when matplotlib is missing
+    named = _linear(_named(maps))
+    grid = [_decoded_rows(lm, token, k, top, skip_first) for lm in named.values()]
+    columns = max(len(rows) for rows in grid)
+    shares = torch.full((len(grid), columns), float("nan"))
+    for r, rows in enumerate(grid):
+        shares[r, : len(rows)] = torch.tensor([row.share for row in rows])
+    lines = top + 1 + (token == "all")
+    fig, ax = _figure(ax, (2.0 + 1.7 * columns, 1.2 + 0.17 * lines * len(grid)))
+
+    image = ax.imshow(shares.numpy(), aspect="auto", cmap="YlOrBr", vmin=0, interpolation="nearest")
+    for r, rows in enumerate(grid):
+        for row in rows:
+            color = _text_color(image.cmap(image.norm(row.share)))
+            ax.text(row.index, r, _cell_text(row), ha="center", va="center", fontsize=7, color=color, linespacing=1.15)
+    ax.set_xticks(range(columns), [f"u_{j}" for j in range(columns)])
+    ax.xaxis.tick_top()
+    ax.set_yticks(range(len(grid)), [_short_name(name) for name in named])
+    fig.colorbar(image, ax=ax, label="σ_j² / Σσ²", fraction=0.05, pad=0.02)
+    operator = _operator_label(next(iter(named.values())), token, skip_first)
+    ax.set_title(f"Top tokens of the left singular vectors of {operator}", fontsize="medium")
+    return fig
