@@ -22,7 +22,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use(os.environ.get("MPLBACKEND", "Agg"))
-from transformer_lens import utils
+from transformer_lens import utilities as utils
 
 import tl_linmap
 from tl_linmap import plotting

@@ -23,7 +23,7 @@ import matplotlib
 matplotlib.use(os.environ.get("MPLBACKEND", "Agg"))
 import matplotlib.pyplot as plt
 import torch
-from transformer_lens import utils
+from transformer_lens import utilities as utils
 
 import tl_linmap
 from tl_linmap import plotting
@@ -76,12 +76,14 @@ for (layer, head), parts in top:
 
 # %% [markdown]
 # A head's own exact linear map: its operators decode like any other residual-stream map.
+# Read the top head's operator of the source token it draws on most.
 
 # %%
-(layer, head), _ = top[0]
+(layer, head), parts = top[0]
+source = int(parts[1:].abs().argmax()) + 1
 head_map = maps.heads(layer)[head]
-print(head_map.target, f"{head_map.relative_error():.1e}")
-print(head_map.decode(k=2, top=6, tokens=-1))
+print(head_map.target, f"exact to {head_map.relative_error():.1e}; reading from {tokens[source]!r}")
+print(head_map.decode(k=2, top=6, tokens=source))
 
 # %% [markdown]
 # Contribution norms of attention and MLP outputs per layer and source token:

@@ -34,16 +34,18 @@ source = tl_linmap.linear_map(model, "The Golden Gate Bridge", target=f"blocks.{
 print(f"source map exact to {source.relative_error():.1e}")
 
 # %% [markdown]
-# What the concept direction says, read through the (frozen) final norm and the unembedding:
-# the sum of the source tokens' contributions, first token left out (it is the attention
-# sink, not the concept), and for comparison with it included.
+# What the source map says: the top singular pairs of its stacked operator `[J_0 … J_n]`, the
+# first token left out (it is the attention sink, not the concept) and, for comparison, kept.
+# Right vectors read which input tokens each direction comes from.
 
 # %%
-for skip in (True, False):
-    v = tl_linmap.concept_vector(source, skip_first=skip)
-    print("skip_first" if skip else "with first", [t for t, _ in source.readout.top(source.readout.logits(v), 8)[0]])
+print(source.decode(k=3, top=8, tokens=[], stacked=True, skip_first=True))
+print(source.decode(k=3, top=8, tokens=[], stacked=True))
 
 # %% [markdown]
+# The steering direction is the sum of the source tokens' contributions, first token left out
+# (`concept_vector(source)`; `how="singular"` uses the top singular directions instead).
+#
 # ## Generate with and without the steering hooks
 # The hooks are a TransformerLens `(name, fn)` list: use them with `model.hooks`.
 
