@@ -11,12 +11,12 @@ import transformers
 
 pytest.importorskip("matplotlib")
 
+from conftest import PROMPT
+
 import tl_linmap
 from tl_linmap.__main__ import main
 from tl_linmap.report import default_layers, report_html
 from tl_linmap.toy import toy_tokenizer
-
-from conftest import PROMPT
 
 
 class Page(HTMLParser):
