@@ -352,7 +352,15 @@ class OperatorSVD:
         ]
 
 
-def _sources(lm: TargetResult) -> list[str]:
+def source_tokens(lm: TargetResult) -> list[str]:
+    """The input tokens of a result, decoded.
+
+    Args:
+        lm: A `tl_linmap.maps.TargetResult`.
+
+    Returns:
+        One string per input token (token ids where the result has no readout).
+    """
     tokenizer = lm.readout.model.tokenizer if lm.readout is not None else None
     return [tokenizer.decode([int(t)]) if tokenizer else str(int(t)) for t in lm.tokens]
 
@@ -385,7 +393,7 @@ def operator_svd(lm: LinearMap, k: int | None = None, *, skip_first: bool = Fals
     su, ss, svh = torch.linalg.svd(wide, full_matrices=False)
     s_left, s_right = _signed(su[:, :k].T, svh[:k], lm.output)
     stacked = Singular(ss, s_left, einops.rearrange(s_right, "k (pos d) -> k pos d", pos=len(stacked_tokens)))
-    return OperatorSVD(lm.target, _sources(lm), s, left, right, stacked, stacked_tokens, lm.readout)
+    return OperatorSVD(lm.target, source_tokens(lm), s, left, right, stacked, stacked_tokens, lm.readout)
 
 
 @dataclass
@@ -430,7 +438,7 @@ def dimensionality(lm: LinearMap, *, skip_first: bool = False, per_token: bool =
         A `tl_linmap.table.Table` of `RankRow`: per token, then ``source="all"``.
     """
     tokens = _stacked_tokens(lm, skip_first)
-    sources = _sources(lm)
+    sources = source_tokens(lm)
     rows = Table()
     if per_token:
         values = torch.linalg.svdvals(lm.operators[tokens])
@@ -488,4 +496,4 @@ def logit_contributions(result: TargetResult, token: int | str) -> LogitSplit:
     logit = float(readout.logits(result.output, affine=True)[token])
     per_token = readout.logits(result.contributions())[:, token]
     constant = float(readout.logits(result.bias, affine=True)[token])
-    return LogitSplit(readout.model.tokenizer.decode([token]), _sources(result), per_token, constant, logit)
+    return LogitSplit(readout.model.tokenizer.decode([token]), source_tokens(result), per_token, constant, logit)

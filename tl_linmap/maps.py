@@ -401,7 +401,7 @@ def _columns(system: FrozenSystem, chunk_size: int | None, bar: tqdm) -> dict[st
     operators = {name: x.new_zeros(n, w, d_in) for name, w in zip(system.names, widths)}
     scale = basis_scale(system)
     for token, chunk in enumerate(chunks):
-        window = system.replay_window(token)
+        window = system.window(token, graph=False)
         for start in range(0, d_in, chunk):
             dims = range(start, min(start + chunk, d_in))
             for name, cols in window.push_basis(0, dims, scale).items():

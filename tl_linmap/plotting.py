@@ -23,7 +23,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from tl_linmap.analysis import DecodedPair, LogitSplit
+from tl_linmap.analysis import DecodedPair, LogitSplit, source_tokens
 from tl_linmap.errors import InputError
 from tl_linmap.maps import LinearMap, TargetResult
 
@@ -118,12 +118,6 @@ def _shared_tokens(named: dict[str, TargetResult]) -> TargetResult:
     return first
 
 
-def _sources(lm: TargetResult) -> list[str]:
-    # Decoded input tokens; token ids where the map has no readout (e.g. per-head maps).
-    tokenizer = lm.readout.model.tokenizer if lm.readout is not None else None
-    return [tokenizer.decode([int(t)]) if tokenizer else str(int(t)) for t in lm.tokens]
-
-
 def _index(lm: TargetResult, token: int, skip_first: bool) -> int:
     # Operators after the target position are zero, so indices count up to it.
     n = lm.position + 1
@@ -161,7 +155,7 @@ def _operator_label(lm: LinearMap, token: TokenChoice, skip_first: bool) -> str:
         tokens = _stacked_range(lm, skip_first)
         return f"stacked [J_{tokens[0]} … J_{tokens[-1]}]"
     index = _index(lm, token, skip_first)
-    return f"J_{index} ({token_label(_sources(lm)[index])})"
+    return f"J_{index} ({token_label(source_tokens(lm)[index])})"
 
 
 def _depth_colors(n: int) -> list:
@@ -279,7 +273,7 @@ def plot_contribution_heatmap(
     norms = _contribution_norms(named)
     if norms.shape[1] < 2:
         raise InputError("A one-token prompt has no tokens besides the first to show.")
-    labels = [token_label(s) for s in _sources(first)[: norms.shape[1]]]
+    labels = [token_label(s) for s in source_tokens(first)[: norms.shape[1]]]
     rows = [_short_name(name) for name in named]
     fig, sink, ax = _heatmap_axes(ax, norms.shape[1] - 1, len(rows), skip_first)
 

@@ -16,8 +16,10 @@ from dataclasses import dataclass
 import torch
 from transformer_lens import utilities as utils
 
-from tl_linmap.decomposition import layer_maps
-from tl_linmap.maps import linear_map
+from tl_linmap.analysis import source_tokens
+from tl_linmap.decomposition import LinearMaps
+from tl_linmap.inputs import OUTPUT_HOOK
+from tl_linmap.maps import linear_maps
 from tl_linmap.table import Table
 
 _STYLE = """
@@ -110,11 +112,12 @@ def report_html(model, prompt: str, *, layers: Sequence[int] | None = None, k: i
     from tl_linmap import plotting  # matplotlib is an optional extra
 
     layers = default_layers(model.cfg.n_layers) if layers is None else list(layers)
-    lm = linear_map(model, prompt)
-    maps = layer_maps(model, lm.tokens, layers=layers)
     names = [utils.get_act_name("resid_post", layer) for layer in layers]
-    resid = {name: maps[name] for name in names}
-    tokens = [lm.readout.model.tokenizer.decode([int(t)]) for t in lm.tokens]
+    # One set of shared passes for the output and every layer's residual stream.
+    computed, _ = linear_maps(model, prompt, [OUTPUT_HOOK, *names])
+    lm = computed[OUTPUT_HOOK]
+    resid = LinearMaps({name: computed[name] for name in names})
+    tokens = source_tokens(lm)
     with torch.no_grad():
         logits = model(lm.tokens[None])[0, -1].double()
     predicted = int(logits.argmax())
@@ -131,7 +134,7 @@ def report_html(model, prompt: str, *, layers: Sequence[int] | None = None, k: i
         TokenRow(i, repr(tok), float(n), float(v))
         for i, (tok, n, v) in enumerate(zip(tokens, lm.contributions().norm(dim=-1), split.per_token))
     )
-    worst = max(maps[name].relative_error() for name in maps)
+    worst = max(m.relative_error() for m in resid.values())
     body = [
         f"<h1>tl_linmap report: <code>{html.escape(prompt)}</code></h1>",
         _p(f"Model {model.cfg.model_name}: {model.cfg.n_layers} layers, d_model {model.cfg.d_model}; "
@@ -156,17 +159,17 @@ def report_html(model, prompt: str, *, layers: Sequence[int] | None = None, k: i
             figure_html(plotting.plot_spectra(resid, token=-1), "spectra of the last token's operator"),
             figure_html(plotting.plot_spectra(resid, token="all", skip_first=True), "spectra of the stacked operators"),
             _p("Dimensionality per layer (stacked operator), first token included and left out:"),
-            maps.dimensionality(per_token=False, targets=names)._repr_html_(),
-            maps.dimensionality(per_token=False, skip_first=True, targets=names)._repr_html_(),
+            resid.dimensionality(per_token=False)._repr_html_(),
+            resid.dimensionality(per_token=False, skip_first=True)._repr_html_(),
         ),
         _section(
             "decoded", "Decoded singular vectors across layers",
             _p("Left vectors read through ln_final frozen at this position and W_U; right vectors by "
                "cosine with the token embeddings; each pair signed along the actual output."),
             figure_html(plotting.plot_decoded(resid, token=-1, k=k, top=3), "decoded singular vectors"),
-            maps.decode(k=k, top=top, tokens=-1, targets=names)._repr_html_(),
+            resid.decode(k=k, top=top, tokens=-1)._repr_html_(),
             _p("Stacked operators, first token left out:"),
-            maps.decode(k=k, top=top, tokens=[], stacked=True, skip_first=True, targets=names)._repr_html_(),
+            resid.decode(k=k, top=top, tokens=[], stacked=True, skip_first=True)._repr_html_(),
         ),
     ]
     title = html.escape(f"tl_linmap: {prompt}")

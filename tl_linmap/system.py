@@ -14,7 +14,7 @@ Inside `frozen_system` the model is borrowed in the working dtype and has run:
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -57,6 +57,7 @@ def capture(
     hooks: HookList = (),
     embeddings: Tensor | None = None,
     stop: bool = True,
+    select: Callable[[Tensor], Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """Run the model with hooks and return the activations at ``targets``.
 
@@ -67,9 +68,11 @@ def capture(
         hooks: Extra ``(name, fn)`` forward hooks (freeze, replay, user's).
         embeddings: If given, replace the output of ``hook_embed``.
         stop: Abort the forward once every target fired (False: run every hook).
+        select: Keep only this part of each activation (e.g. one position), so a wide
+            batch does not hold whole activations.
 
     Returns:
-        Activation (with its batch axis) per target name.
+        Activation (with its batch axis, or its `select`ed part) per target name.
 
     Raises:
         FreezeError: if a target hook never fired.
@@ -79,7 +82,7 @@ def capture(
 
     def keep(name: str):
         def hook(act: Tensor, hook=None) -> None:
-            captured[name] = act
+            captured[name] = act if select is None else select(act)
             if stop and wanted <= captured.keys():
                 raise _Stop
 
@@ -251,7 +254,7 @@ class FrozenSystem:
         """
         return vjp(self.ys[name], self.x, rows)
 
-    def window(self, start: int) -> FrozenSystem:
+    def window(self, start: int, *, graph: bool = True) -> FrozenSystem:
         """The same linear system restricted to inputs at positions ``start..position``.
 
         The prompt is cut to that window and replayed with the sliced factors, so products
@@ -260,6 +263,9 @@ class FrozenSystem:
 
         Args:
             start: First input position kept (``0 <= start <= position``).
+            graph: Keep the window's graph for `vjp`; without it (forward products, `push`
+                and `push_basis`, only) the zero-input replay runs without autograd and works
+                on a system built with ``graph=False``.
 
         Returns:
             A `FrozenSystem` whose token 0 is this one's token ``start``; its ``biases``
@@ -268,34 +274,12 @@ class FrozenSystem:
         tokens = self.tokens[:, start : self.position + 1]
         n = tokens.shape[1]
         factors = slice_factors(self.model, self.factors, start, self.position + 1)
-        x = torch.zeros(1, n, self.x.shape[-1], dtype=self.x.dtype, device=self.x.device, requires_grad=True)
-        with torch.enable_grad():
+        x = torch.zeros(1, n, self.x.shape[-1], dtype=self.x.dtype, device=self.x.device, requires_grad=graph)
+        with torch.set_grad_enabled(graph):
             acts = capture(self.model, tokens, self.names, replay_hooks(self.model, factors), x)
         ys = {name: at_position(acts[name], n - 1, n)[0] for name in self.names}
         biases = {name: y.detach() for name, y in ys.items()}  # the replay at zero input
-        return FrozenSystem(self.model, tokens, n - 1, self.names, x, factors, ys, self.outputs, self.natives, biases)
-
-    def replay_window(self, start: int) -> FrozenSystem:
-        """`window` without the frozen graph: for forward products (`push`, `push_basis`) only.
-
-        Cheaper than `window` (its zero-input replay runs without autograd), and valid on a
-        system built with ``graph=False``; its ``ys`` is empty, so it has no `vjp`.
-
-        Args:
-            start: First input position kept (``0 <= start <= position``).
-
-        Returns:
-            A `FrozenSystem` whose token 0 is this one's token ``start``, with the window's
-            own affine part as ``biases``.
-        """
-        tokens = self.tokens[:, start : self.position + 1]
-        n = tokens.shape[1]
-        factors = slice_factors(self.model, self.factors, start, self.position + 1)
-        x = torch.zeros(1, n, self.x.shape[-1], dtype=self.x.dtype, device=self.x.device)
-        with torch.no_grad():
-            acts = capture(self.model, tokens, self.names, replay_hooks(self.model, factors), x)
-        biases = {name: at_position(acts[name], n - 1, n)[0] for name in self.names}
-        return FrozenSystem(self.model, tokens, n - 1, self.names, x, factors, {}, self.outputs, self.natives, biases)
+        return FrozenSystem(self.model, tokens, n - 1, self.names, x, factors, ys if graph else {}, self.outputs, self.natives, biases)
 
     def push_basis(self, token: int, dims: range, scale: float = 1.0) -> dict[str, Float[Tensor, "k d_out"]]:
         """Columns ``J_token[:, dims]`` of every target at once, by one forward pass of ``len(dims)`` rows.
@@ -309,7 +293,7 @@ class FrozenSystem:
         of two, it keeps ``F(s·e) − b`` from cancelling when the bias ``b`` is large.
 
         Args:
-            token: Input token index in this system (0 for a `replay_window` of that token).
+            token: Input token index in this system (0 for a `window` starting at that token).
             dims: Input dimensions (at most ``d_in`` of them).
             scale: Length of the pushed basis embeddings (a power of two).
 
@@ -322,22 +306,9 @@ class FrozenSystem:
         x, n, k = self.x, self.tokens.shape[1], len(dims)
         embeddings = torch.zeros(k, *x.shape[1:], dtype=x.dtype, device=x.device)
         embeddings[torch.arange(k, device=x.device), token, torch.as_tensor(dims, device=x.device)] = scale
-        kept: dict[str, Tensor] = {}
-
-        def keep(name: str):
-            def hook(act: Tensor, hook=None) -> None:
-                kept[name] = at_position(act, self.position, n).clone()  # not the whole activation
-                if len(kept) == len(self.names):
-                    raise _Stop
-
-            return hook
-
-        hooks = replay_hooks(self.model, self.factors) + [(name, keep(name)) for name in self.names]
         with torch.no_grad():
-            capture(self.model, self.tokens.expand(k, -1), [], hooks, embeddings)
-        missing = [name for name in self.names if name not in kept]
-        if missing:
-            raise FreezeError(f"The hook points {missing[:4]} never fired in a forward pass of this model.")
+            kept = capture(self.model, self.tokens.expand(k, -1), self.names, replay_hooks(self.model, self.factors),
+                           embeddings, select=lambda act: at_position(act, self.position, n).clone())
         return {name: (kept[name] - self.biases[name]) / scale for name in self.names}
 
     def result_fields(self, name: str) -> dict:
@@ -370,12 +341,10 @@ class FrozenSystem:
         """
         if name == OUTPUT_HOOK:
             return Readout(model=self.model, final_norm=None)
-        if "ln_final" not in self._norms:
-            self._norms["ln_final"] = self.frozen_norm("ln_final")
-        return Readout(model=self.model, final_norm=self._norms["ln_final"], residual=name.endswith(RESIDUAL_HOOKS))
+        return Readout(model=self.model, final_norm=self.frozen_norm("ln_final"), residual=name.endswith(RESIDUAL_HOOKS))
 
     def frozen_norm(self, norm: str) -> FrozenAffine:
-        """A norm module frozen at the target position (see `frozen_norm`).
+        """A norm module frozen at the target position (see `frozen_norm`), computed once per norm.
 
         Args:
             norm: Module name.
@@ -383,7 +352,9 @@ class FrozenSystem:
         Returns:
             A `FrozenAffine`.
         """
-        return frozen_norm(self.model, norm, self.factors, self.position)
+        if norm not in self._norms:  # readouts and `linear_maps(norms=...)` both ask for ln_final
+            self._norms[norm] = frozen_norm(self.model, norm, self.factors, self.position)
+        return self._norms[norm]
 
 
 @contextmanager
