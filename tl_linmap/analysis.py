@@ -257,12 +257,14 @@ class DecodedPair:
         target: Hook name of the map.
         source: Input token index of the operator ``J_i``, or ``"all"`` for the stacked
             operator ``[J_0 … J_n]``.
-        token: The input token (for ``"all"``: the token whose block of ``v`` is largest, with its share).
+        token: The input token (for ``"all"``: the token whose block of ``v`` is largest).
         index: ``j`` of ``σ_j`` (0 = largest).
         sigma: The singular value.
         share: ``σ_j² / Σ σ²``: the pair's share of the operator's squared Frobenius norm.
         left: Tokens the left vector ``u`` writes (frozen ``ln_final``, then ``W_U``), with logits.
-        right: Tokens whose embeddings ``v`` reads (cosine with ``W_E``).
+        right: Tokens whose embeddings ``v`` reads (cosine with ``W_E``; for ``"all"``: of
+            the largest block).
+        block_share: For ``"all"``: that block's share of ``‖v‖²`` (None for one token's operator).
     """
 
     target: str
@@ -273,6 +275,7 @@ class DecodedPair:
     share: float
     left: list[tuple[str, float]]
     right: list[tuple[str, float]]
+    block_share: float | None = None
 
 
 @dataclass
@@ -346,8 +349,8 @@ class OperatorSVD:
         right = self.readout.top(self.readout.cosines(blocks[torch.arange(len(main)), main]), top)
         total = float(self.stacked.values.pow(2).sum())
         return [
-            DecodedPair(self.target, "all", f"{self.sources[self.stacked_tokens[m]]!r} ({float(share[j, m]):.0%})", j,
-                        float(values[j]), float(values[j]) ** 2 / total, left[j], right[j])
+            DecodedPair(self.target, "all", self.sources[self.stacked_tokens[m]], j, float(values[j]),
+                        float(values[j]) ** 2 / total, left[j], right[j], float(share[j, m]))
             for j, m in enumerate(main.tolist())
         ]
 
@@ -365,7 +368,19 @@ def source_tokens(lm: TargetResult) -> list[str]:
     return [tokenizer.decode([int(t)]) if tokenizer else str(int(t)) for t in lm.tokens]
 
 
-def _stacked_tokens(lm: LinearMap, skip_first: bool) -> list[int]:
+def stacked_tokens(lm: LinearMap, skip_first: bool) -> list[int]:
+    """The input tokens whose operators the stacked operator ``[J_i …]`` holds.
+
+    Args:
+        lm: A `tl_linmap.maps.LinearMap`.
+        skip_first: Leave the first token out.
+
+    Returns:
+        Token indices up to the target position.
+
+    Raises:
+        InputError: if ``skip_first`` leaves none (a one-token prompt).
+    """
     tokens = list(range(1 if skip_first else 0, lm.position + 1))
     if not tokens:
         raise InputError("skip_first leaves no token to analyse in a one-token prompt.")
@@ -388,12 +403,12 @@ def operator_svd(lm: LinearMap, k: int | None = None, *, skip_first: bool = Fals
     u, s, vh = torch.linalg.svd(operators, full_matrices=False)
     k = k or s.shape[-1]
     left, right = _signed(einops.rearrange(u[..., :k], "pos d k -> pos k d"), vh[:, :k], lm.output)
-    stacked_tokens = _stacked_tokens(lm, skip_first)
-    wide = einops.rearrange(operators[stacked_tokens], "pos d_out d_in -> d_out (pos d_in)")
+    stacked = stacked_tokens(lm, skip_first)
+    wide = einops.rearrange(operators[stacked], "pos d_out d_in -> d_out (pos d_in)")
     su, ss, svh = torch.linalg.svd(wide, full_matrices=False)
     s_left, s_right = _signed(su[:, :k].T, svh[:k], lm.output)
-    stacked = Singular(ss, s_left, einops.rearrange(s_right, "k (pos d) -> k pos d", pos=len(stacked_tokens)))
-    return OperatorSVD(lm.target, source_tokens(lm), s, left, right, stacked, stacked_tokens, lm.readout)
+    split = einops.rearrange(s_right, "k (pos d) -> k pos d", pos=len(stacked))
+    return OperatorSVD(lm.target, source_tokens(lm), s, left, right, Singular(ss, s_left, split), stacked, lm.readout)
 
 
 @dataclass
@@ -437,7 +452,7 @@ def dimensionality(lm: LinearMap, *, skip_first: bool = False, per_token: bool =
     Returns:
         A `tl_linmap.table.Table` of `RankRow`: per token, then ``source="all"``.
     """
-    tokens = _stacked_tokens(lm, skip_first)
+    tokens = stacked_tokens(lm, skip_first)
     sources = source_tokens(lm)
     rows = Table()
     if per_token:

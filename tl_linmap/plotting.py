@@ -13,7 +13,6 @@ characters and byte pieces visible.
 
 from __future__ import annotations
 
-import ast
 import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Literal
@@ -23,7 +22,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from tl_linmap.analysis import DecodedPair, LogitSplit, source_tokens
+from tl_linmap.analysis import DecodedPair, LogitSplit, source_tokens, stacked_tokens
 from tl_linmap.errors import InputError
 from tl_linmap.maps import LinearMap, TargetResult
 
@@ -129,17 +128,10 @@ def _index(lm: TargetResult, token: int, skip_first: bool) -> int:
     return index
 
 
-def _stacked_range(lm: LinearMap, skip_first: bool) -> range:
-    tokens = range(1 if skip_first else 0, lm.position + 1)
-    if not tokens:
-        raise InputError("skip_first leaves no token in a one-token prompt.")
-    return tokens
-
-
 def _operator(lm: LinearMap, token: TokenChoice, skip_first: bool) -> Float[Tensor, "d_out d_in_total"]:
     # One J_i, or [J_first ... J_position] side by side (what `OperatorSVD.stacked` decomposes).
     if token == "all":
-        blocks = lm.operators[_stacked_range(lm, skip_first)]
+        blocks = lm.operators[stacked_tokens(lm, skip_first)]
         return einops.rearrange(blocks, "pos d_out d_in -> d_out (pos d_in)")
     return lm.operators[_index(lm, token, skip_first)]
 
@@ -152,7 +144,7 @@ def _spectrum(lm: LinearMap, token: TokenChoice, skip_first: bool, normalize: bo
 
 def _operator_label(lm: LinearMap, token: TokenChoice, skip_first: bool) -> str:
     if token == "all":
-        tokens = _stacked_range(lm, skip_first)
+        tokens = stacked_tokens(lm, skip_first)
         return f"stacked [J_{tokens[0]} … J_{tokens[-1]}]"
     index = _index(lm, token, skip_first)
     return f"J_{index} ({token_label(source_tokens(lm)[index])})"
@@ -381,27 +373,14 @@ def plot_logit_contributions(
 
 def _decoded_rows(lm: LinearMap, token: TokenChoice, k: int, top: int, skip_first: bool) -> list[DecodedPair]:
     if token == "all":
-        _stacked_range(lm, skip_first)  # a clear error for a one-token prompt with skip_first
-        # decode always reads some token too; the target position is always a valid one.
-        table = lm.decode(k, top, tokens=lm.position, skip_first=skip_first, stacked=True)
-        return [row for row in table if row.source == "all"]
+        return list(lm.decode(k, top, tokens=[], skip_first=skip_first, stacked=True))
     return list(lm.decode(k, top, tokens=_index(lm, token, skip_first), skip_first=skip_first))
-
-
-def _main_token(text: str) -> str:
-    # A stacked pair's token reads "'<repr>' (NN%)"; relabel the repr like every other token.
-    match = re.fullmatch(r"(.*) \((\d+%)\)", text)
-    try:
-        token = ast.literal_eval(match[1]) if match else None
-    except (ValueError, SyntaxError):
-        token = None
-    return f"{token_label(token)} ({match[2]})" if isinstance(token, str) else text
 
 
 def _cell_text(row: DecodedPair) -> str:
     head = f"σ_{row.index} {row.sigma:.3g} · {row.share:.0%}"
     if row.source == "all":
-        head += f"\nfrom {_main_token(row.token)}"  # the token whose block of v is largest
+        head += f"\nfrom {token_label(row.token)} ({row.block_share:.0%})"  # the token whose block of v is largest
     return "\n".join([head, *(_clip(token_label(t)) for t, _ in row.left)])
 
 
