@@ -40,22 +40,24 @@ def _user_state(model):
     return _snapshot(model)
 
 
-def test_model_untouched_after_success(fresh_llama):
+@pytest.mark.parametrize("route", ["backward", "forward"])
+def test_model_untouched_after_success(fresh_llama, route):
     before = _user_state(fresh_llama)
-    lm = tl_linmap.linear_map(fresh_llama, PROMPT)
+    lm = tl_linmap.linear_map(fresh_llama, PROMPT, route=route)
     assert lm.operators.dtype == torch.float64 and lm.relative_error() < 1e-12
     _assert_same(fresh_llama, before)
 
 
-def test_model_untouched_after_error_midway(fresh_llama, monkeypatch):
+@pytest.mark.parametrize(("route", "step"), [("backward", "_jacobian"), ("forward", "_columns")])
+def test_model_untouched_after_error_midway(fresh_llama, monkeypatch, route, step):
     before = _user_state(fresh_llama)
 
     def fail(*args, **kwargs):
         raise RuntimeError("out of memory (simulated)")
 
-    monkeypatch.setattr(maps, "_jacobian", fail)  # after the model was cast and hooked
+    monkeypatch.setattr(maps, step, fail)  # after the model was cast and hooked
     with pytest.raises(RuntimeError, match="simulated"):
-        tl_linmap.linear_map(fresh_llama, PROMPT)
+        tl_linmap.linear_map(fresh_llama, PROMPT, route=route)
     _assert_same(fresh_llama, before)
 
 
