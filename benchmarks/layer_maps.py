@@ -24,7 +24,7 @@ import torch  # noqa: E402
 
 import tl_linmap  # noqa: E402
 from tl_linmap import maps as maps_module  # noqa: E402
-from tl_linmap.inputs import resolve_target  # noqa: E402
+from tl_linmap.inputs import resolve_target, target_depth  # noqa: E402
 from tl_linmap.toy import toy_model  # noqa: E402
 
 
@@ -47,7 +47,7 @@ def tokens_for(model, n):
 def auto_route(model, tokens, targets):
     """The route ``route="auto"`` takes (the pure rule, fed the targets' widths and depths)."""
     d = model.cfg.d_model
-    shapes = [(d, maps_module.target_depth(resolve_target(model, t), model.cfg.n_layers)) for t in targets]
+    shapes = [(d, target_depth(resolve_target(model, t), model.cfg.n_layers)) for t in targets]
     cost = maps_module.forward_row_cost(model.cfg)
     return maps_module.choose_route(d, tokens.shape[1], tokens.shape[1] - 1, shapes, cost)
 

@@ -126,22 +126,20 @@ def test_a_norm_without_rule_is_refused(toy_models, monkeypatch):
 def test_a_silently_ignored_freeze_is_caught(toy_models, monkeypatch):
     """If edits at hook_scale were ignored (an old TransformerLens bug), linear_map must fail loudly."""
     model = toy_models["llama"]
-    real = freezing._detach_fn
+    real_detach, real_replace = freezing._detach_fn, freezing._replace_fn
 
-    def ignored_at_scale(name, factors):
-        detach = real(name, factors)
-        if not name.endswith("hook_scale"):
-            return detach
-
+    def ignored_at_scale(fn):
         def observe_only(act, hook=None):
-            detach(act)  # records the factor, but the returned edit is dropped
-            return None
+            edited = fn(act, hook)  # records the factor, but the returned edit is dropped
+            return None if hook.name.endswith("hook_scale") else edited
 
         return observe_only
 
-    monkeypatch.setattr(freezing, "_detach_fn", ignored_at_scale)
-    with pytest.raises(FreezeError, match="misses the model's output"):
-        tl_linmap.linear_map(model, PROMPT)
+    monkeypatch.setattr(freezing, "_detach_fn", lambda name, factors: ignored_at_scale(real_detach(name, factors)))
+    monkeypatch.setattr(freezing, "_replace_fn", lambda factor: ignored_at_scale(real_replace(factor)))
+    for route in ("backward", "forward"):
+        with pytest.raises(FreezeError, match="misses the model's output"):
+            tl_linmap.linear_map(model, PROMPT, route=route)
 
 
 def test_a_freeze_hook_that_never_fires_is_caught(toy_models, monkeypatch):

@@ -5,6 +5,7 @@ import torch
 
 import tl_linmap
 from tl_linmap.errors import InputError
+from tl_linmap.inputs import target_depth
 
 from conftest import PROMPT
 
@@ -71,3 +72,10 @@ def test_target_that_does_not_depend_on_embeddings(llama):
 def test_target_without_position_axis(llama):
     with pytest.raises(InputError, match=r"not \(batch, pos=33, ...\)"):
         tl_linmap.linear_map(llama, PROMPT, target="blocks.0.attn.hook_pattern")
+
+
+def test_target_depth():
+    assert target_depth("blocks.0.hook_resid_post", 4) == 1
+    assert target_depth("blocks.3.attn.hook_z", 4) == 4
+    assert target_depth("ln_final.hook_out", 4) == 4
+    assert target_depth("hook_embed", 4) == 0

@@ -227,13 +227,6 @@ def test_progress_bar_counts_both_routes(toy_models, capsys, route, unit):
     assert f"detached Jacobian {unit}" in err and f"{total}/{total}" in err
 
 
-def test_target_depth():
-    assert maps.target_depth("blocks.0.hook_resid_post", 4) == 1
-    assert maps.target_depth("blocks.3.attn.hook_z", 4) == 4
-    assert maps.target_depth("ln_final.hook_out", 4) == 4
-    assert maps.target_depth("hook_embed", 4) == 0
-
-
 def test_auto_route_rule():
     d, layers, n = 576, 30, 16
     residual = [(d, layer + 1) for layer in range(layers) for _ in ("mid", "post")]

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 
 import torch
 from torch import Tensor
+from transformer_lens import utilities as utils
 
 from tl_linmap.rules import Detach, Ratio, rules_for
 
@@ -190,6 +191,51 @@ def slice_factors(model, factors: Factors, start: int, stop: int) -> Factors:
                 factor = factor.narrow(axis, start, stop - start)
             sliced[name] = factor
     return sliced
+
+
+def trim_hooks(layer: int, position: int) -> HookList:
+    """Hooks that compute block ``layer`` after its attention at one position only.
+
+    The attention output (at ``hook_z``, before the output projection) and the MLP branch's
+    input (at ``ln2.hook_in``) are cut to ``position``; the block's residual additions then
+    broadcast that one position over the sequence. So the block's output is right at
+    ``position`` (and only there): what a target read at ``position`` after this block
+    needs, without the output projection and MLP products of every other position (no
+    wasted rows in reverse mode). The block's `after_attention` factors must be cut alike
+    (`trim_factors`).
+
+    Args:
+        layer: Block index.
+        position: Non-negative position kept.
+
+    Returns:
+        ``(hook_name, fn)`` pairs for ``model.hooks(fwd_hooks=...)``.
+    """
+
+    def cut(act: Tensor, hook=None) -> Tensor:
+        return act[:, position : position + 1]
+
+    return [(utils.get_act_name("z", layer), cut), (f"blocks.{layer}.ln2.hook_in", cut)]
+
+
+def trim_factors(model, factors: Factors, layer: int, position: int) -> Factors:
+    """The factors with block ``layer``'s `after_attention` ones cut to ``position`` (see `trim_hooks`).
+
+    Args:
+        model: The model the factors were recorded on.
+        factors: Recorded by `freeze_hooks`.
+        layer: Block index.
+        position: Non-negative position kept.
+
+    Returns:
+        A new dict; the other factors are shared.
+    """
+    trimmed = dict(factors)
+    for rule in rules_for(model):
+        if rule.after_attention:
+            name = factor_names_of(rule, model.cfg.n_layers)[layer]
+            trimmed[name] = factors[name].narrow(1, position, 1)
+    return trimmed
 
 
 def same_path_hooks(model) -> HookList:

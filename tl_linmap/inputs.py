@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Sequence
 from typing import Union
 
@@ -104,3 +105,19 @@ def resolve_target(model, target: str) -> str:
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise InputError(f"The model has no hook point {target!r}.{hint}")
     return name
+
+
+def target_depth(name: str, n_layers: int) -> int:
+    """Blocks a forward pass runs through before a hook point fires.
+
+    Args:
+        name: Hook name.
+        n_layers: Number of blocks.
+
+    Returns:
+        ``L + 1`` inside ``blocks.L``; 0 for the embeddings; ``n_layers`` after the blocks.
+    """
+    match = re.match(r"blocks\.(\d+)\.", name)
+    if match:
+        return int(match.group(1)) + 1
+    return 0 if name in (EMBED_HOOK, "hook_pos_embed") else n_layers

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -31,7 +30,7 @@ from tl_linmap.analysis import (
 from tl_linmap.errors import FreezeError, InputError, MemoryBudgetError
 from tl_linmap.freezing import same_path_hooks
 from tl_linmap.guard import borrowed
-from tl_linmap.inputs import EMBED_HOOK, Prompt, check_position, to_tokens
+from tl_linmap.inputs import EMBED_HOOK, Prompt, check_position, target_depth, to_tokens
 from tl_linmap.system import (
     FrozenAffine,
     FrozenSystem,
@@ -293,22 +292,6 @@ def plan_columns(model, n_tokens: int, window: int, widths: Sequence[int], dtype
 ROUTES = ("auto", "backward", "forward")
 
 
-def target_depth(name: str, n_layers: int) -> int:
-    """Blocks a forward pass runs through before a hook point fires.
-
-    Args:
-        name: Hook name.
-        n_layers: Number of blocks.
-
-    Returns:
-        ``L + 1`` inside ``blocks.L``; 0 for the embeddings; ``n_layers`` after the blocks.
-    """
-    match = re.match(r"blocks\.(\d+)\.", name)
-    if match:
-        return int(match.group(1)) + 1
-    return 0 if name in (EMBED_HOOK, "hook_pos_embed") else n_layers
-
-
 def forward_row_cost(cfg) -> float:
     """Cost of one forward-route row per position and layer, relative to one backward row.
 
@@ -464,18 +447,17 @@ def linear_maps(
         raise InputError(f"chunk_size must be a positive number of rows per pass, got {chunk_size}.")
     if route not in ROUTES:
         raise InputError(f"route must be one of {', '.join(map(repr, ROUTES))}, got {route!r}.")
-    # The forward route needs no frozen graph; "auto" keeps it until the target widths are known.
-    with frozen_system(model, prompt_or_tokens, targets, position=position, dtype=dtype, graph=route != "forward") as system:
+    with frozen_system(model, prompt_or_tokens, targets, position=position, dtype=dtype, graph=False) as system:
         x = system.x
         if route == "auto":
             shapes = [(system.outputs[name].shape[0], target_depth(name, model.cfg.n_layers)) for name in system.names]
             route = choose_route(x.shape[-1], x.shape[1], system.position, shapes, forward_row_cost(model.cfg))
         if route == "forward":
-            system.ys = {}  # let the frozen graph go (kept by "auto"): only the replay is pushed
             total = (system.position + 1) * x.shape[-1]
             with tqdm(total=total, disable=not progress, desc="detached Jacobian columns (forward)") as bar:
                 operators = _columns(system, chunk_size, bar)
         else:
+            system.build_graph()
             ys = system.ys
             chunk = plan_chunk(model, x.shape[1], max(y.shape[0] for y in ys.values()), len(ys), x.dtype, chunk_size, x.device)
             total = sum(y.shape[0] for y in ys.values())

@@ -28,6 +28,7 @@ class Detach:
     layer_type: str | None = None
     per_layer: bool = True
     position_axes: tuple[int, ...] = (1,)  # where the factor's sequence axes are (for windows)
+    after_attention: bool = False  # see `Ratio.after_attention`
 
     def hook_names(self, n_layers: int) -> list[str]:
         """Hook names this rule covers.
@@ -53,6 +54,10 @@ class Ratio:
     """
 
     ratio_at_zero: float = 0.5
+    #: Fires after the block's attention has mixed the positions, one position at a time
+    #: (an MLP, the norms of the attention output and of the MLP input): in the last block a
+    #: target reads, only the target position is computed (see `tl_linmap.freezing.trim_hooks`).
+    after_attention: bool = True
 
     def hook_names(self, n_layers: int) -> list[tuple[str, str]]:
         """(pre, post) hook-name pairs, one per block.
@@ -70,10 +75,10 @@ Rule = Union[Detach, Ratio]
 
 _FINAL_NORM = Detach("scale", per_layer=False)
 _PATTERN = Detach("pattern", position_axes=(2, 3))  # (batch, head, query, key)
-_GATE = Detach("pre")  # on gated bridges `mlp.hook_pre` is the gate projection's output
-_PRE_NORMS = (Detach("scale", "ln1"), Detach("scale", "ln2"))
+_GATE = Detach("pre", after_attention=True)  # on gated bridges `mlp.hook_pre` is the gate projection's output
+_PRE_NORMS = (Detach("scale", "ln1"), Detach("scale", "ln2", after_attention=True))
 _QK_NORMS = tuple(Detach("scale", f"attn.{qk}_norm", position_axes=(2,)) for qk in "qk")  # per head
-_POST_NORMS = (Detach("scale", "ln1_post"), Detach("scale", "ln2_post"))
+_POST_NORMS = (Detach("scale", "ln1_post", after_attention=True), Detach("scale", "ln2_post", after_attention=True))
 
 _GATED = (*_PRE_NORMS, _PATTERN, _GATE, _FINAL_NORM)
 _NON_GATED = (*_PRE_NORMS, _PATTERN, Ratio(), _FINAL_NORM)

@@ -4,12 +4,15 @@ Inside `frozen_system` the model is borrowed in the working dtype and has run:
 
 1. a plain forward (the bridge's native value, for ``native_gap``);
 2. a reference forward, norms on the same code path as the frozen pass (``outputs``);
-3. a frozen forward with the token embeddings as a leaf, recording the factors ``A(x)``
-   and keeping the graph for reverse mode (``ys``);
-4. a replay forward with the recorded factors and all embeddings zero (``biases``).
+3. a frozen forward recording the factors ``A(x)``;
+4. a replay forward with the recorded factors and all embeddings zero (``biases``);
+5. with ``graph``, a replay forward with the token embeddings as a leaf, keeping the graph
+   for reverse mode (``ys``).
 
+Every replay computes the last block a target reads at the target position only (see
+`trimmed_block`): the rows the other positions would cost there are never computed.
 `FrozenSystem.push` runs the replayed (exactly affine) system forward on any embeddings,
-`FrozenSystem.vjp` runs reverse mode through the frozen graph.
+`FrozenSystem.vjp` runs reverse mode through its graph.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ from tl_linmap.freezing import (
     replay_hooks,
     same_path_hooks,
     slice_factors,
+    trim_factors,
+    trim_hooks,
 )
 from tl_linmap.guard import borrowed
 from tl_linmap.inputs import (
@@ -42,6 +47,7 @@ from tl_linmap.inputs import (
     Prompt,
     check_position,
     resolve_target,
+    target_depth,
     to_tokens,
 )
 
@@ -153,6 +159,29 @@ def check_factors(model, factors: Factors) -> None:
         raise FreezeError(f"Freeze hooks never ran at {missing[:4]}: the bridge bypassed them; no exact map.")
 
 
+def trimmed_block(names: Sequence[str], n_layers: int) -> int | None:
+    """The block replays may compute at the target position only (`tl_linmap.freezing.trim_hooks`).
+
+    That is the deepest block any target reads, provided every target inside it is the
+    block's output: a target after the blocks reads one position of it, so the output
+    projection and MLP rows of the other positions are wasted there. A target inside
+    that block (its attention, its MLP) keeps the block whole.
+
+    Args:
+        names: Target hook names.
+        n_layers: Number of blocks.
+
+    Returns:
+        The block index, or None when no block may be trimmed.
+    """
+    last = max(target_depth(name, n_layers) for name in names) - 1
+    block_outputs = (f"blocks.{last}.hook_resid_post", f"blocks.{last}.hook_out")
+    inside = [name for name in names if name.startswith(f"blocks.{last}.")]
+    if last < 0 or not all(name in block_outputs for name in inside):
+        return None
+    return last
+
+
 @dataclass
 class FrozenAffine:
     """A frozen norm at one position as ``v -> matrix @ v + offset``."""
@@ -208,12 +237,13 @@ class FrozenSystem:
         tokens: ``(1, pos)``.
         position: Target position (non-negative).
         names: Target hook names.
-        x: The token embeddings as a leaf of the frozen graph, ``(1, pos, d_in)``.
+        x: The token embeddings, ``(1, pos, d_in)``: the leaf of the graph, if built.
         factors: The frozen factors by hook name.
-        ys: Per target, its vector at ``position`` in the frozen graph (``None`` without graph).
+        ys: Per target, its vector at ``position`` in the replay's graph (empty without graph).
         outputs: Per target, the reference value.
         natives: Per target, the plain forward's value.
         biases: Per target, the affine part ``b``.
+        trim: The block replays compute at ``position`` only (see `trimmed_block`), or None.
     """
 
     model: object
@@ -226,7 +256,39 @@ class FrozenSystem:
     outputs: dict[str, Tensor]
     natives: dict[str, Tensor]
     biases: dict[str, Tensor]
+    trim: int | None = None
     _norms: dict[str, FrozenAffine] = field(default_factory=dict, repr=False)
+
+    def replay(self, embeddings: Float[Tensor, "batch pos d_in"]) -> dict[str, Float[Tensor, "batch d_out"]]:
+        """The replayed system ``F(e) = Σ_i J_i e_i + b`` at the target position, one forward pass.
+
+        Args:
+            embeddings: Any embeddings, one sequence per batch row.
+
+        Returns:
+            Per target, its vectors at ``position`` (a graph if ``embeddings`` has one).
+        """
+        n = self.tokens.shape[1]
+        hooks = replay_hooks(self.model, self.factors)
+        if self.trim is not None:
+            trimmed = trim_factors(self.model, self.factors, self.trim, self.position)
+            hooks = replay_hooks(self.model, trimmed) + trim_hooks(self.trim, self.position)
+        tokens = self.tokens.expand(len(embeddings), -1)
+        # A copy of the one position, so a wide batch does not keep whole activations alive.
+        return capture(self.model, tokens, self.names, hooks, embeddings, select=lambda act: at_position(act, self.position, n).clone())
+
+    def build_graph(self) -> None:
+        """Record the replay's graph, the token embeddings ``x`` its leaf, for `vjp`.
+
+        Raises:
+            InputError: if a target does not depend on the token embeddings.
+        """
+        self.x.requires_grad_(True)
+        with torch.enable_grad():
+            self.ys = {name: y[0] for name, y in self.replay(self.x).items()}
+        for name, y in self.ys.items():
+            if not y.requires_grad:
+                raise InputError(f"{name!r} does not depend on the token embeddings (a frozen factor?).")
 
     def push(self, embeddings: Float[Tensor, "batch pos d_in"]) -> dict[str, Float[Tensor, "batch d_out"]]:
         """The linear part ``Σ_i J_i e_i`` for a batch of embedding sequences, by forward passes.
@@ -237,13 +299,10 @@ class FrozenSystem:
         Returns:
             Per target, ``F(e) − b`` at the target position.
         """
-        n = self.tokens.shape[1]
-        tokens = self.tokens.expand(len(embeddings), -1)
-        acts = capture(self.model, tokens, self.names, replay_hooks(self.model, self.factors), embeddings)
-        return {name: at_position(acts[name], self.position, n) - self.biases[name] for name in self.names}
+        return {name: y - self.biases[name] for name, y in self.replay(embeddings).items()}
 
     def vjp(self, name: str, rows: Float[Tensor, "k d_out"]) -> Float[Tensor, "k pos d_in"]:
-        """``rows @ [J_0 … J_n]`` by one batched backward through the frozen graph.
+        """``rows @ [J_0 … J_n]`` by one batched backward through the replay's graph.
 
         Args:
             name: Target hook name.
@@ -251,7 +310,12 @@ class FrozenSystem:
 
         Returns:
             ``J_i^T r`` for every token ``i`` and row ``r``.
+
+        Raises:
+            FreezeError: if the system was built without its graph (see `build_graph`).
         """
+        if name not in self.ys:
+            raise FreezeError("This frozen system has no graph for reverse mode: build it with graph=True.")
         return vjp(self.ys[name], self.x, rows)
 
     def window(self, start: int, *, graph: bool = True) -> FrozenSystem:
@@ -274,12 +338,15 @@ class FrozenSystem:
         tokens = self.tokens[:, start : self.position + 1]
         n = tokens.shape[1]
         factors = slice_factors(self.model, self.factors, start, self.position + 1)
-        x = torch.zeros(1, n, self.x.shape[-1], dtype=self.x.dtype, device=self.x.device, requires_grad=graph)
-        with torch.set_grad_enabled(graph):
-            acts = capture(self.model, tokens, self.names, replay_hooks(self.model, factors), x)
-        ys = {name: at_position(acts[name], n - 1, n)[0] for name in self.names}
-        biases = {name: y.detach() for name, y in ys.items()}  # the replay at zero input
-        return FrozenSystem(self.model, tokens, n - 1, self.names, x, factors, ys if graph else {}, self.outputs, self.natives, biases)
+        x = self.x.new_zeros(1, n, self.x.shape[-1])
+        window = FrozenSystem(self.model, tokens, n - 1, self.names, x, factors, {}, self.outputs, self.natives, {}, self.trim)
+        if graph:  # the graph's own value is the replay at zero input
+            window.build_graph()
+            window.biases = {name: y.detach() for name, y in window.ys.items()}
+        else:
+            with torch.no_grad():
+                window.biases = {name: y[0] for name, y in window.replay(x).items()}
+        return window
 
     def push_basis(self, token: int, dims: range, scale: float = 1.0) -> dict[str, Float[Tensor, "k d_out"]]:
         """Columns ``J_token[:, dims]`` of every target at once, by one forward pass of ``len(dims)`` rows.
@@ -303,13 +370,11 @@ class FrozenSystem:
         Raises:
             FreezeError: if a target hook never fired.
         """
-        x, n, k = self.x, self.tokens.shape[1], len(dims)
+        x, k = self.x, len(dims)
         embeddings = torch.zeros(k, *x.shape[1:], dtype=x.dtype, device=x.device)
         embeddings[torch.arange(k, device=x.device), token, torch.as_tensor(dims, device=x.device)] = scale
         with torch.no_grad():
-            kept = capture(self.model, self.tokens.expand(k, -1), self.names, replay_hooks(self.model, self.factors),
-                           embeddings, select=lambda act: at_position(act, self.position, n).clone())
-        return {name: (kept[name] - self.biases[name]) / scale for name in self.names}
+            return {name: (y - self.biases[name]) / scale for name, y in self.replay(embeddings).items()}
 
     def result_fields(self, name: str) -> dict:
         """The `tl_linmap.maps.TargetResult` fields of one target.
@@ -375,7 +440,8 @@ def frozen_system(
         targets: Hook names (or ``"output"``).
         position: Sequence position of the targets.
         dtype: Working dtype (the model's own is restored on exit).
-        graph: Keep the frozen graph for reverse mode (`FrozenSystem.vjp`).
+        graph: Build the replay's graph for reverse mode now (`FrozenSystem.vjp`; else
+            `FrozenSystem.build_graph` builds it when needed).
 
     Returns:
         A context manager yielding the `FrozenSystem`.
@@ -392,28 +458,28 @@ def frozen_system(
     with borrowed(model, dtype):
         natives = capture(model, tokens, names + [EMBED_HOOK])
         outputs = capture(model, tokens, names, same_path_hooks(model))
-        x = natives[EMBED_HOOK].detach().clone().requires_grad_(graph)
         factors: Factors = {}
-        with torch.set_grad_enabled(graph):
+        with torch.no_grad():
             # The whole forward runs so every factor is recorded (and checked) for the replay.
-            frozen = capture(model, tokens, names, freeze_hooks(model, factors=factors), x, stop=False)
+            capture(model, tokens, names, freeze_hooks(model, factors=factors), stop=False)
         check_factors(model, factors)
-        ys = {name: at_position(frozen[name], position, n)[0] for name in names}
-        del frozen
-        for name, y in ys.items():
-            if graph and not y.requires_grad:
-                raise InputError(f"{name!r} does not depend on the token embeddings (a frozen factor?).")
-        biases = capture(model, tokens, names, replay_hooks(model, factors), torch.zeros_like(x.detach()))
         at = {name: lambda acts, name=name: at_position(acts[name], position, n)[0].detach() for name in names}
-        yield FrozenSystem(
+        system = FrozenSystem(
             model=model,
             tokens=tokens,
             position=position,
             names=names,
-            x=x,
+            x=natives[EMBED_HOOK].detach().clone(),
             factors=factors,
-            ys=ys if graph else {},
+            ys={},
             outputs={name: at[name](outputs) for name in names},
             natives={name: at[name](natives) for name in names},
-            biases={name: at[name](biases) for name in names},
+            biases={},
+            trim=trimmed_block(names, model.cfg.n_layers),
         )
+        del natives, outputs
+        with torch.no_grad():
+            system.biases = {name: y[0] for name, y in system.replay(torch.zeros_like(system.x)).items()}
+        if graph:
+            system.build_graph()
+        yield system

@@ -1,0 +1,67 @@
+"""The frozen system's passes: the trimmed last block changes no number, only the work."""
+
+import pytest
+import torch
+
+from tl_linmap.freezing import freeze_hooks, replay_hooks, trim_factors, trim_hooks
+from tl_linmap.guard import borrowed
+from tl_linmap.system import capture, frozen_system, trimmed_block
+
+from conftest import PROMPT
+
+
+@pytest.mark.parametrize(
+    "names, expected",
+    [
+        (["ln_final.hook_out"], 3),
+        (["blocks.3.hook_resid_post", "blocks.1.attn.hook_z"], 3),
+        (["blocks.2.hook_out", "blocks.0.hook_mlp_out"], 2),
+        (["ln_final.hook_out", "blocks.3.hook_mlp_out"], None),  # the MLP output needs every position
+        (["blocks.3.attn.hook_z"], None),
+        (["blocks.3.mlp.hook_out"], None),  # not the block's own hook_out
+        (["hook_embed"], None),
+    ],
+)
+def test_trimmed_block(names, expected):
+    assert trimmed_block(names, 4) == expected
+
+
+def _jacobians(system):
+    d = system.x.shape[-1]
+    eye = torch.eye(d, dtype=system.x.dtype)
+    return {name: system.vjp(name, eye[: system.ys[name].shape[0]]) for name in system.names}
+
+
+@pytest.mark.parametrize("position", [-1, 4])
+def test_trimmed_system_equals_the_whole_one(model, position):
+    last = model.cfg.n_layers - 1
+    targets = ["output", f"blocks.{last}.hook_resid_post", "blocks.0.hook_resid_post"]
+    with frozen_system(model, PROMPT, targets, position=position) as system:
+        assert system.trim == last
+        trimmed, trimmed_cols = _jacobians(system), system.push_basis(2, range(5))
+        trimmed_bias = system.biases
+        system.trim = None
+        system.build_graph()
+        with torch.no_grad():
+            whole_bias = {name: y[0] for name, y in system.replay(torch.zeros_like(system.x)).items()}
+        whole, whole_cols = _jacobians(system), system.push_basis(2, range(5))
+    for name in system.names:
+        assert torch.allclose(trimmed[name], whole[name], rtol=0, atol=1e-12 * whole[name].abs().max())
+        assert torch.allclose(trimmed_cols[name], whole_cols[name], rtol=0, atol=1e-12 * whole_cols[name].abs().max())
+        assert torch.allclose(trimmed_bias[name], whole_bias[name], rtol=0, atol=1e-12 * (1 + whole_bias[name].abs().max()))
+
+
+def test_trim_hooks_compute_one_position_only(model):
+    """The last block's MLP runs on the target position alone, and the block output there is unchanged."""
+    last, position = model.cfg.n_layers - 1, 3
+    tokens = model.to_tokens(PROMPT)
+    names = [f"blocks.{last}.hook_mlp_out", f"blocks.{last}.hook_resid_post"]
+    with borrowed(model, torch.float64), torch.no_grad():
+        factors = {}
+        whole = capture(model, tokens, names, freeze_hooks(model, factors=factors), stop=False)
+        cut = trim_factors(model, factors, last, position)
+        trimmed = capture(model, tokens, names, replay_hooks(model, cut) + trim_hooks(last, position))
+    mlp_out, resid = trimmed[names[0]], trimmed[names[1]]
+    assert mlp_out.shape[1] == 1
+    expected = whole[names[1]][:, position]
+    assert torch.allclose(resid[:, position], expected, rtol=0, atol=1e-12 * expected.abs().max())
