@@ -15,8 +15,9 @@ def dense(model):
     return tl_linmap.linear_map(model, PROMPT, position=-3)
 
 
-def test_forward_contributions_equal_the_jacobian_route(model, dense):
-    fast = token_contributions(model, PROMPT, position=-3)
+@pytest.mark.parametrize("chunk_size", [None, 3])  # 3: passes on windows of the prompt
+def test_forward_contributions_equal_the_jacobian_route(model, dense, chunk_size):
+    fast = token_contributions(model, PROMPT, position=-3, chunk_size=chunk_size)
     scale = dense.output.norm()
     assert (fast.contributions() - dense.contributions()).norm() < 1e-12 * scale
     assert fast.relative_error() < 1e-12

@@ -44,10 +44,18 @@ class Contributions(TargetResult):
         return self.values
 
 
+#: Tokens per forward pass of `token_contributions` below which a window of its own costs
+#: more (one more pass, hooks included) than the positions it skips.
+WINDOW_ROWS = 32
+
+
 def _rows_per_pass(system: FrozenSystem, chunk_size: int | None) -> int:
-    x = system.x
-    per_row = activation_bytes(system.model, x.shape[1], x.element_size())
-    return chunk_size or max(1, min(x.shape[1], available_bytes(x.device) // 2 // per_row))
+    # As many rows as fit in half the free memory, in up to 8 windows of at least WINDOW_ROWS rows.
+    if chunk_size:
+        return chunk_size
+    x, n = system.x, system.position + 1
+    fit = available_bytes(x.device) // 2 // activation_bytes(system.model, x.shape[1], x.element_size())
+    return max(1, min(fit, max(WINDOW_ROWS, -(-n // 8))))
 
 
 def _one_token_each(x: Float[Tensor, "pos d"], tokens: range) -> Tensor:
@@ -70,6 +78,9 @@ def token_contributions(
 
     The same numbers as ``linear_map(...).contributions()`` (to float64 rounding), at the
     cost of one forward row per token up to ``position`` instead of ``d_out`` backward rows.
+    Each pass of tokens ``s..`` runs on the window of the prompt from ``s`` (earlier
+    positions only add the affine part), so a long prompt costs about half the
+    position-rows of pushing every token through the whole prompt.
 
     Args:
         model: A TransformerBridge of a supported architecture.
@@ -77,19 +88,21 @@ def token_contributions(
         target: ``"output"`` or a hook name.
         position: Target position.
         dtype: Working dtype.
-        chunk_size: Tokens per forward pass (default: as many as fit in half the free memory).
+        chunk_size: Tokens per forward pass (default: as many as fit in half the free
+            memory, at most an eighth of the prompt unless that is under `WINDOW_ROWS`).
 
     Returns:
         A `Contributions`.
     """
     with frozen_system(model, prompt_or_tokens, [target], position=position, dtype=dtype, graph=False) as system:
-        name, x = system.names[0], system.x[0].detach()
+        name, x, last = system.names[0], system.x[0].detach(), system.position
         step = _rows_per_pass(system, chunk_size)
-        parts = [
-            system.push(_one_token_each(x, range(start, min(start + step, system.position + 1))))[name]
-            for start in range(0, system.position + 1, step)
-        ]
-        after = torch.zeros(len(x) - system.position - 1, parts[0].shape[-1], dtype=x.dtype, device=x.device)
+        parts = []
+        for start in range(0, last + 1, step):
+            window = system.window(start, graph=False) if start else system
+            rows = _one_token_each(x[start : start + window.tokens.shape[1]], range(min(step, last + 1 - start)))
+            parts.append(window.push(rows)[name])
+        after = torch.zeros(len(x) - last - 1, parts[0].shape[-1], dtype=x.dtype, device=x.device)
     return Contributions(values=torch.cat(parts + [after]), **system.result_fields(name))
 
 
@@ -248,5 +261,6 @@ def matrix_free(
         >>> with tl_linmap.matrix_free(model, "The capital of France is") as mf:
         ...     top = mf.svd(token=-1, k=8)
     """
-    with frozen_system(model, prompt_or_tokens, [target], position=position, dtype=dtype) as system:
+    # Each token's products run on a window with its own graph: the whole prompt's is not needed.
+    with frozen_system(model, prompt_or_tokens, [target], position=position, dtype=dtype, graph=False) as system:
         yield MatrixFree(system)
