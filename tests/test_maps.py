@@ -1,5 +1,7 @@
 """Exactness of `linear_map`, checked against computations that do not share its code."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -95,14 +97,22 @@ def test_chunked_jacobian_equals_unchunked(model):
 
 def test_default_chunk_shrinks_to_the_memory_budget(toy_models, monkeypatch):
     model = toy_models["llama"]
-    whole = tl_linmap.linear_map(model, PROMPT)
     planned = []
     real_jacobian = maps._jacobian
     monkeypatch.setattr(maps, "_jacobian", lambda y, x, chunk, bar: planned.append(chunk) or real_jacobian(y, x, chunk, bar))
+    whole = tl_linmap.linear_map(model, PROMPT)
     monkeypatch.setattr(maps, "available_bytes", lambda device: 4 * 2**20)  # 4 MiB free
     small = tl_linmap.linear_map(model, PROMPT)
-    assert 1 <= planned[0] < model.cfg.d_model
+    assert 1 <= planned[1] < planned[0]
     assert torch.allclose(small.operators, whole.operators, rtol=0, atol=1e-14 * whole.operators.abs().max())
+
+
+def test_default_chunk_is_wide_enough_not_all_rows():
+    smollm2_widths = SimpleNamespace(cfg=SimpleNamespace(d_model=576, d_mlp=1536))
+    cpu = torch.device("cpu")
+    assert maps.plan_chunk(smollm2_widths, 16, 576, 1, torch.float64, None, cpu) == maps.ROW_POSITIONS // 16
+    assert maps.plan_chunk(smollm2_widths, 4, 64, 1, torch.float64, None, cpu) == 64  # every row
+    assert maps.plan_chunk(smollm2_widths, 1000, 576, 1, torch.float64, None, cpu) == 32
 
 
 def test_out_of_memory_risk_suggests_a_chunk_size(toy_models, monkeypatch):

@@ -3,10 +3,11 @@
 Inside `frozen_system` the model is borrowed in the working dtype and has run:
 
 1. a plain forward (the bridge's native value, for ``native_gap``);
-2. a reference forward, norms on the same code path as the frozen pass (``outputs``);
-3. a frozen forward recording the factors ``A(x)``;
-4. a replay forward with the recorded factors and all embeddings zero (``biases``);
-5. with ``graph``, a replay forward with the token embeddings as a leaf, keeping the graph
+2. a frozen forward recording the factors ``A(x)``; it is also the reference (``outputs``):
+   detaching changes no value, so its activations are bit for bit those of the live forward
+   with norms on the same code path (`tests/test_freezing.py` checks every activation);
+3. a replay forward with the recorded factors and all embeddings zero (``biases``);
+4. with ``graph``, a replay forward with the token embeddings as a leaf, keeping the graph
    for reverse mode (``ys``).
 
 Every replay computes the last block a target reads at the target position only (see
@@ -34,7 +35,6 @@ from tl_linmap.freezing import (
     freeze_hooks,
     quiet_norm_edits,
     replay_hooks,
-    same_path_hooks,
     slice_factors,
     trim_factors,
     trim_hooks,
@@ -457,11 +457,10 @@ def frozen_system(
     names = list(dict.fromkeys(resolve_target(model, t) for t in targets))
     with borrowed(model, dtype):
         natives = capture(model, tokens, names + [EMBED_HOOK])
-        outputs = capture(model, tokens, names, same_path_hooks(model))
         factors: Factors = {}
         with torch.no_grad():
             # The whole forward runs so every factor is recorded (and checked) for the replay.
-            capture(model, tokens, names, freeze_hooks(model, factors=factors), stop=False)
+            outputs = capture(model, tokens, names, freeze_hooks(model, factors=factors), stop=False)
         check_factors(model, factors)
         at = {name: lambda acts, name=name: at_position(acts[name], position, n)[0].detach() for name in names}
         system = FrozenSystem(
