@@ -5,7 +5,7 @@ and prints ratios against the baseline (> 1: the tl_linmap route is faster / sma
 Peak memory is the resident-set growth during a call (sampled every 5 ms).
 
 Usage:
-    python benchmarks/suite.py              # everything (about 15 minutes on 2 cores)
+    python benchmarks/suite.py              # everything (15-40 minutes on 2 cores, by the host)
     python benchmarks/suite.py --quick      # smaller sizes, no SmolLM2 long-prompt row
 """
 
@@ -168,7 +168,7 @@ def main():
     base = llama(256 if args.quick else 512)
     label = f"random Llama-like, d_model {base.cfg.d_model}, MLP {base.cfg.d_mlp}, 8 layers, 8 heads"
     dense_table(base, label, 16)
-    contributions_table(base, label, [16, 64] if args.quick else [16, 64, 256])
+    contributions_table(base, label, [16] if args.quick else [16, 64])
     smollm2 = tl_linmap.load_model("smollm2")
     dense_table(smollm2, "SmolLM2-135M", 16)
     contributions_table(smollm2, "SmolLM2-135M", [16] if args.quick else [16, 64, 256], dense_up_to=64)
