@@ -107,9 +107,11 @@ def test_default_chunk_shrinks_to_the_memory_budget(toy_models, monkeypatch):
     assert torch.allclose(small.operators, whole.operators, rtol=0, atol=1e-14 * whole.operators.abs().max())
 
 
-def test_default_chunk_is_wide_enough_not_all_rows():
+def test_default_chunk_is_wide_enough_not_all_rows(monkeypatch):
+    monkeypatch.setattr(maps, "available_bytes", lambda device: 2**40)
     smollm2_widths = SimpleNamespace(cfg=SimpleNamespace(d_model=576, d_mlp=1536))
     cpu = torch.device("cpu")
+    assert maps.plan_chunk(smollm2_widths, 16, 576, 1, torch.float64, 576, cpu) == 576  # the user's choice stands
     assert maps.plan_chunk(smollm2_widths, 16, 576, 1, torch.float64, None, cpu) == maps.ROW_POSITIONS // 16
     assert maps.plan_chunk(smollm2_widths, 4, 64, 1, torch.float64, None, cpu) == 64  # every row
     assert maps.plan_chunk(smollm2_widths, 1000, 576, 1, torch.float64, None, cpu) == 32

@@ -1,11 +1,15 @@
 """The frozen system's passes: the trimmed last block changes no number, only the work."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
-from tl_linmap.freezing import freeze_hooks, replay_hooks, trim_factors, trim_hooks
+import tl_linmap
+from tl_linmap.freezing import freeze_hooks, replay_hooks, same_path_hooks, trim_factors, trim_hooks
 from tl_linmap.guard import borrowed
-from tl_linmap.system import capture, frozen_system, trimmed_block
+from tl_linmap.system import at_position, capture, frozen_system, trimmed_block
+from tl_linmap.toy import toy_model
 
 from conftest import PROMPT
 
@@ -19,11 +23,34 @@ from conftest import PROMPT
         (["ln_final.hook_out", "blocks.3.hook_mlp_out"], None),  # the MLP output needs every position
         (["blocks.3.attn.hook_z"], None),
         (["blocks.3.mlp.hook_out"], None),  # not the block's own hook_out
+        (["blocks.3.hook_resid_mid"], None),
+        (["blocks.3.hook_out", "ln_final.hook_out"], 3),
+        (["unembed.hook_out"], 3),
         (["hook_embed"], None),
+        (["embed.hook_out"], None),
     ],
 )
 def test_trimmed_block(names, expected):
-    assert trimmed_block(names, 4) == expected
+    assert trimmed_block(names, SimpleNamespace(n_layers=4)) == expected
+    assert trimmed_block(names, SimpleNamespace(n_layers=4, use_attn_result=True)) is None
+
+
+def test_frozen_pass_is_the_live_forward_bit_for_bit(model):
+    """The system's outputs (from the frozen pass) are the same-path live forward's values."""
+    targets = ["output", "blocks.0.hook_resid_post", "blocks.1.attn.hook_z"]
+    with frozen_system(model, PROMPT, targets, position=4, graph=False) as system:
+        live = capture(model, system.tokens, system.names, same_path_hooks(model))
+        for name in system.names:
+            assert torch.equal(system.outputs[name], at_position(live[name], 4, system.tokens.shape[1])[0]), name
+
+
+def test_a_model_with_attention_results_is_not_trimmed():
+    """With use_attn_result the bridge reshapes hook_z to the whole sequence: no trimming, still exact."""
+    model = toy_model("llama")
+    model.set_use_attn_result(True)
+    with frozen_system(model, PROMPT, ["output"]) as system:
+        assert system.trim is None
+    assert tl_linmap.linear_map(model, PROMPT).relative_error() < 1e-12
 
 
 def _jacobians(system):

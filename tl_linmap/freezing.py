@@ -6,10 +6,13 @@ Three hook lists share the rule table in `tl_linmap.rules`:
   reverse mode through the model yields the *detached Jacobian*.
 - `replay_hooks`: substitute factors recorded from another pass; the model then *is*
   the affine map ``x -> Σ_i J_i x_i + b`` for any embeddings, which gives the bias
-  (embeddings zero) and an independent forward-mode check of the Jacobian.
+  (embeddings zero), the graph reverse mode runs on, and forward-mode products.
 - `same_path_hooks`: keep everything live but route norms through the same code path
-  the frozen pass takes, for a reference forward in true float64 (the bridge's native
-  RMSNorm path computes in float32 even in a float64 model).
+  the frozen pass takes, for a live forward in true float64 to compare against (the
+  bridge's native RMSNorm path computes in float32 even in a float64 model).
+
+`trim_hooks` and `trim_factors` cut one block to one position, for replays whose targets
+read that position only.
 """
 
 from __future__ import annotations

@@ -120,4 +120,4 @@ def target_depth(name: str, n_layers: int) -> int:
     match = re.match(r"blocks\.(\d+)\.", name)
     if match:
         return int(match.group(1)) + 1
-    return 0 if name in (EMBED_HOOK, "hook_pos_embed") else n_layers
+    return 0 if name in (EMBED_HOOK, "hook_pos_embed") or name.startswith(("embed.", "pos_embed.")) else n_layers

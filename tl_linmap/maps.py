@@ -1,8 +1,8 @@
 """Maps: the exact linear system of one inference, ``y = Σ_i J_i x_i + b``.
 
-The operators ``J_i`` come from reverse mode through the frozen graph of
-`tl_linmap.system.frozen_system`, batched over output dimensions; ``b`` comes from its own
-replay pass with zero embeddings, so ``relative_error()`` is a real check of ``J`` and ``b``
+The operators ``J_i`` come from reverse mode through the graph of the frozen system's replay
+(`tl_linmap.system.frozen_system`), batched over output dimensions, or from basis embeddings
+pushed forward through it; ``b`` comes from its own replay pass with zero embeddings, so ``relative_error()`` is a real check of ``J`` and ``b``
 against the model's reference forward, not an identity.
 """
 
@@ -176,7 +176,7 @@ def _relative(a: Tensor, b: Tensor) -> float:
 
 
 def _jacobian(y: Float[Tensor, " d_out"], x: Tensor, chunk_size: int, bar: tqdm) -> Float[Tensor, "pos d_out d_in"]:
-    # One vmapped backward per chunk of output dimensions over the shared frozen graph.
+    # One vmapped backward per chunk of output dimensions over the shared replay graph.
     eye = torch.eye(y.shape[0], dtype=y.dtype, device=y.device)
     rows = []
     for start in range(0, y.shape[0], chunk_size):
@@ -263,8 +263,8 @@ def plan_chunk(model, n_tokens: int, d_out: int, n_targets: int, dtype: torch.dt
     item = torch.finfo(dtype).bits // 8
     per_row = item * n_tokens * model.cfg.d_model + activation_bytes(model, n_tokens, item)  # + the row's gradient
     operators = item * n_tokens * d_out * model.cfg.d_model * n_targets
-    wide_enough = max(32, ROW_POSITIONS // n_tokens)
-    return _fit_rows(per_row, operators, min(d_out, wide_enough), chunk_size, device)
+    fits = _fit_rows(per_row, operators, d_out, chunk_size, device)
+    return chunk_size or min(fits, max(32, ROW_POSITIONS // n_tokens))
 
 
 def plan_columns(model, n_tokens: int, window: int, widths: Sequence[int], dtype: torch.dtype, chunk_size: int | None, device: torch.device) -> int:
@@ -418,11 +418,12 @@ def linear_maps(
 ) -> tuple[dict[str, LinearMap], dict[str, FrozenAffine]]:
     """Linear maps of several targets of one inference, sharing every forward pass.
 
-    One reference, one frozen and one replay forward serve all targets. The operators then
-    come by one of two routes, equal to float64 rounding:
+    One plain, one frozen and one zero-input replay forward serve all targets (see
+    `tl_linmap.system`). The operators then come by one of two routes, equal to float64
+    rounding:
 
-    - ``"backward"``: per target, batched backward passes from its own node of the shared
-      frozen graph (``d_out`` rows per target, each only through the layers below it);
+    - ``"backward"``: per target, batched backward passes from its own node of one shared
+      replay graph (``d_out`` rows per target, each only through the layers below it);
     - ``"forward"``: the replayed system is exactly affine, so pushing the basis embedding
       ``e_{i,d}`` through it gives column ``d`` of ``J_i`` for every target at once
       (``d_in`` rows per token, each through the window from that token to ``position``).
@@ -434,7 +435,8 @@ def linear_maps(
         position: Sequence position of the targets.
         dtype: Working dtype (the model's own is restored afterwards).
         chunk_size: Rows per batched pass: output dimensions per backward pass, or basis
-            embeddings per forward pass (default: as many as fit in half the free memory).
+            embeddings per forward pass (default: as many as fit in half the free memory,
+            for backward passes at most about `ROW_POSITIONS` rows times positions).
         check: Raise `FreezeError` if a map does not reconstruct its output.
         progress: Show a progress bar over Jacobian rows (backward) or columns (forward).
         norms: Norm modules (e.g. ``"ln_final"``) to also return frozen at ``position``.
@@ -538,8 +540,9 @@ def linear_map(
         position: Sequence position of the target vector.
         dtype: Working dtype (float64 for exactness; None keeps the model's). The model's
             own dtype is restored afterwards.
-        chunk_size: Output dimensions per batched backward pass (default: as many as fit in
-            half the free memory; a larger one raises `MemoryBudgetError` with a safe size).
+        chunk_size: Output dimensions per batched backward pass (default: about
+            `ROW_POSITIONS` rows times positions, within half the free memory; a larger one
+            than fits raises `MemoryBudgetError` with a safe size).
         check: Raise `FreezeError` if the system does not reconstruct the output
             (a freeze rule silently had no effect).
         progress: Show a progress bar over Jacobian rows (backward) or columns (forward).

@@ -1,7 +1,7 @@
 """Matrix-free: contributions and top singular vectors without the dense operators.
 
 The frozen system is exactly affine, so a forward pass of the replayed system applies
-``Σ_i J_i e_i`` to any embeddings, and a backward pass through the frozen graph applies
+``Σ_i J_i e_i`` to any embeddings, and a backward pass through its graph applies
 ``J_i^T``. Per-token contributions then cost one forward row per token instead of
 ``d_out`` backward rows, and the top-k singular triplets of one token's operator cost
 O(k) products (randomized subspace iteration) instead of the whole operator.
@@ -99,7 +99,9 @@ def token_contributions(
         step = _rows_per_pass(system, chunk_size)
         parts = []
         for start in range(0, last + 1, step):
-            window = system.window(start, graph=False) if start else system
+            # The whole system already ends at the target: no bias pass for a window of it.
+            whole = start == 0 and last == len(x) - 1
+            window = system if whole else system.window(start, graph=False)
             rows = _one_token_each(x[start : start + window.tokens.shape[1]], range(min(step, last + 1 - start)))
             parts.append(window.push(rows)[name])
         after = torch.zeros(len(x) - last - 1, parts[0].shape[-1], dtype=x.dtype, device=x.device)
@@ -136,7 +138,7 @@ class TokenOperator:
         return self.system.push(embeddings)[self.target]
 
     def rmatvec(self, covectors: Float[Tensor, "k d_out"]) -> Float[Tensor, "k d_in"]:
-        """``J_i^T u`` for each row ``u``, by one batched backward through the frozen graph.
+        """``J_i^T u`` for each row ``u``, by one batched backward through the window's graph.
 
         Args:
             covectors: Output-space vectors.

@@ -54,9 +54,9 @@ class Ratio:
     """
 
     ratio_at_zero: float = 0.5
-    #: Fires after the block's attention has mixed the positions, one position at a time
-    #: (an MLP, the norms of the attention output and of the MLP input): in the last block a
-    #: target reads, only the target position is computed (see `tl_linmap.freezing.trim_hooks`).
+    #: Fires on the MLP branch or after the attention's output projection (an MLP, the norms
+    #: of the attention output and of the MLP input): on tensors `tl_linmap.freezing.trim_hooks`
+    #: cuts to the target position in the last block a target reads.
     after_attention: bool = True
 
     def hook_names(self, n_layers: int) -> list[tuple[str, str]]:

@@ -10,8 +10,8 @@ Inside `frozen_system` the model is borrowed in the working dtype and has run:
 4. with ``graph``, a replay forward with the token embeddings as a leaf, keeping the graph
    for reverse mode (``ys``).
 
-Every replay computes the last block a target reads at the target position only (see
-`trimmed_block`): the rows the other positions would cost there are never computed.
+Where `trimmed_block` allows, every replay computes the last block the targets read at the
+target position only: the rows the other positions would cost there are never computed.
 `FrozenSystem.push` runs the replayed (exactly affine) system forward on any embeddings,
 `FrozenSystem.vjp` runs reverse mode through its graph.
 """
@@ -159,22 +159,25 @@ def check_factors(model, factors: Factors) -> None:
         raise FreezeError(f"Freeze hooks never ran at {missing[:4]}: the bridge bypassed them; no exact map.")
 
 
-def trimmed_block(names: Sequence[str], n_layers: int) -> int | None:
+def trimmed_block(names: Sequence[str], cfg) -> int | None:
     """The block replays may compute at the target position only (`tl_linmap.freezing.trim_hooks`).
 
     That is the deepest block any target reads, provided every target inside it is the
     block's output: a target after the blocks reads one position of it, so the output
     projection and MLP rows of the other positions are wasted there. A target inside
-    that block (its attention, its MLP) keeps the block whole.
+    that block (its attention, its MLP) keeps the block whole, and so does
+    ``cfg.use_attn_result`` (the bridge then reshapes ``hook_z`` to the whole sequence).
 
     Args:
         names: Target hook names.
-        n_layers: Number of blocks.
+        cfg: The model's config (``n_layers``, ``use_attn_result``).
 
     Returns:
         The block index, or None when no block may be trimmed.
     """
-    last = max(target_depth(name, n_layers) for name in names) - 1
+    last = max(target_depth(name, cfg.n_layers) for name in names) - 1
+    if getattr(cfg, "use_attn_result", False):
+        return None
     block_outputs = (f"blocks.{last}.hook_resid_post", f"blocks.{last}.hook_out")
     inside = [name for name in names if name.startswith(f"blocks.{last}.")]
     if last < 0 or not all(name in block_outputs for name in inside):
@@ -205,13 +208,11 @@ def frozen_norm(model, norm: str, factors: Factors, position: int) -> FrozenAffi
     # The bridge's own norm module, its scale replaced by the frozen one: no norm code copied here.
     scale = factors[f"{norm}.hook_scale"][:, position : position + 1]
     d_model = model.cfg.d_model
-    probes = torch.cat([torch.zeros(1, d_model), torch.eye(d_model)]).to(scale)[:, None]
+    probes = torch.cat([scale.new_zeros(1, d_model), torch.eye(d_model, dtype=scale.dtype, device=scale.device)])[:, None]
     hook = (f"{norm}.hook_scale", lambda act, hook=None: scale.expand_as(act))
     with quiet_norm_edits(), model.hooks(fwd_hooks=[hook]):
         out = model.get_submodule(norm)(probes)[:, 0]
     return FrozenAffine(matrix=(out[1:] - out[0]).T.detach(), offset=out[0].detach())
-
-
 
 
 def vjp(y: Float[Tensor, " d_out"], x: Float[Tensor, "1 pos d_in"], rows: Float[Tensor, "k d_out"]) -> Float[Tensor, "k pos d_in"]:
@@ -269,8 +270,9 @@ class FrozenSystem:
             Per target, its vectors at ``position`` (a graph if ``embeddings`` has one).
         """
         n = self.tokens.shape[1]
-        hooks = replay_hooks(self.model, self.factors)
-        if self.trim is not None:
+        if self.trim is None:
+            hooks = replay_hooks(self.model, self.factors)
+        else:
             trimmed = trim_factors(self.model, self.factors, self.trim, self.position)
             hooks = replay_hooks(self.model, trimmed) + trim_hooks(self.trim, self.position)
         tokens = self.tokens.expand(len(embeddings), -1)
@@ -312,10 +314,10 @@ class FrozenSystem:
             ``J_i^T r`` for every token ``i`` and row ``r``.
 
         Raises:
-            FreezeError: if the system was built without its graph (see `build_graph`).
+            FreezeError: if the system has no graph yet.
         """
-        if name not in self.ys:
-            raise FreezeError("This frozen system has no graph for reverse mode: build it with graph=True.")
+        if not self.ys:
+            raise FreezeError("This frozen system has no graph for reverse mode yet: call its build_graph() first.")
         return vjp(self.ys[name], self.x, rows)
 
     def window(self, start: int, *, graph: bool = True) -> FrozenSystem:
@@ -474,7 +476,7 @@ def frozen_system(
             outputs={name: at[name](outputs) for name in names},
             natives={name: at[name](natives) for name in names},
             biases={},
-            trim=trimmed_block(names, model.cfg.n_layers),
+            trim=trimmed_block(names, model.cfg),
         )
         del natives, outputs
         with torch.no_grad():
