@@ -64,12 +64,20 @@ def matmul_gflops(dtype, n=2048):
 
 
 def useful_flops(model, n_tokens: int) -> float:
-    """Input-gradient products of V, O and the MLP matrices, per output row, token and layer."""
+    """Products one detached Jacobian of the last position's output needs, in FLOPs.
+
+    Per output row and layer: the input gradients of V, O, and the MLP's up and down
+    projections (Q, K and a gated MLP's gate projection carry no gradient once the pattern
+    and the gate are frozen). In the last layer O and the MLP are needed at the target
+    position only; the baseline computes them at every position (torch.profiler counts its
+    matrix FLOPs as exactly this sum with the last layer whole, 259 GFLOP on the d512 model).
+    """
     cfg = model.cfg
     d_kv = (getattr(cfg, "n_key_value_heads", None) or cfg.n_heads) * cfg.d_head
-    n_mlp = 3 if cfg.gated_mlp else 2
-    per = 2 * (cfg.d_model * d_kv + cfg.d_model * cfg.d_model + n_mlp * cfg.d_model * cfg.d_mlp)
-    return per * cfg.d_model * n_tokens * cfg.n_layers
+    value = 2 * cfg.d_model * d_kv
+    after_attention = 2 * (cfg.d_model * cfg.d_model + 2 * cfg.d_model * cfg.d_mlp)
+    per_row = cfg.n_layers * n_tokens * value + ((cfg.n_layers - 1) * n_tokens + 1) * after_attention
+    return per_row * cfg.d_model
 
 
 def llama(d_model, layers=8, n_ctx=512):
