@@ -78,6 +78,16 @@ def test_trimmed_system_equals_the_whole_one(model, position):
         assert torch.allclose(trimmed_bias[name], whole_bias[name], rtol=0, atol=1e-12 * (1 + whole_bias[name].abs().max()))
 
 
+def test_a_window_of_the_whole_system_is_the_system(toy_models):
+    model = toy_models["llama"]
+    with frozen_system(model, PROMPT, ["output"], graph=False) as system:
+        assert system.window(0, graph=False) is system
+        assert system.window(0, graph=True) is not system  # a graph of its own
+    with frozen_system(model, PROMPT, ["output"], position=4, graph=False) as system:
+        window = system.window(0, graph=False)
+        assert window is not system and window.tokens.shape[1] == 5
+
+
 def test_trim_hooks_compute_one_position_only(model):
     """The last block's MLP runs on the target position alone, and the block output there is unchanged."""
     last, position = model.cfg.n_layers - 1, 3

@@ -2,8 +2,9 @@
 
 The operators ``J_i`` come from reverse mode through the graph of the frozen system's replay
 (`tl_linmap.system.frozen_system`), batched over output dimensions, or from basis embeddings
-pushed forward through it; ``b`` comes from its own replay pass with zero embeddings, so ``relative_error()`` is a real check of ``J`` and ``b``
-against the model's reference forward, not an identity.
+pushed forward through it; ``b`` comes from its own replay pass with zero embeddings, so
+``relative_error()`` is a real check of ``J`` and ``b`` against the model's reference
+forward, not an identity.
 """
 
 from __future__ import annotations

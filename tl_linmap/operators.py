@@ -99,10 +99,8 @@ def token_contributions(
         step = _rows_per_pass(system, chunk_size)
         parts = []
         for start in range(0, last + 1, step):
-            # The whole system already ends at the target: no bias pass for a window of it.
-            whole = start == 0 and last == len(x) - 1
-            window = system if whole else system.window(start, graph=False)
-            rows = _one_token_each(x[start : start + window.tokens.shape[1]], range(min(step, last + 1 - start)))
+            window = system.window(start, graph=False)
+            rows = _one_token_each(x[start : last + 1], range(min(step, last + 1 - start)))
             parts.append(window.push(rows)[name])
         after = torch.zeros(len(x) - last - 1, parts[0].shape[-1], dtype=x.dtype, device=x.device)
     return Contributions(values=torch.cat(parts + [after]), **system.result_fields(name))

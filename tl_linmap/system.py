@@ -175,9 +175,9 @@ def trimmed_block(names: Sequence[str], cfg) -> int | None:
     Returns:
         The block index, or None when no block may be trimmed.
     """
-    last = max(target_depth(name, cfg.n_layers) for name in names) - 1
     if getattr(cfg, "use_attn_result", False):
         return None
+    last = max(target_depth(name, cfg.n_layers) for name in names) - 1
     block_outputs = (f"blocks.{last}.hook_resid_post", f"blocks.{last}.hook_out")
     inside = [name for name in names if name.startswith(f"blocks.{last}.")]
     if last < 0 or not all(name in block_outputs for name in inside):
@@ -279,6 +279,11 @@ class FrozenSystem:
         # A copy of the one position, so a wide batch does not keep whole activations alive.
         return capture(self.model, tokens, self.names, hooks, embeddings, select=lambda act: at_position(act, self.position, n).clone())
 
+    def _replay_at_zero(self) -> dict[str, Tensor]:
+        # The affine part b: the replay with every embedding zero.
+        with torch.no_grad():
+            return {name: y[0] for name, y in self.replay(torch.zeros_like(self.x)).items()}
+
     def build_graph(self) -> None:
         """Record the replay's graph, the token embeddings ``x`` its leaf, for `vjp`.
 
@@ -336,7 +341,10 @@ class FrozenSystem:
         Returns:
             A `FrozenSystem` whose token 0 is this one's token ``start``; its ``biases``
             are the window's own affine part, so `push` still returns the linear part.
+            Without ``graph``, a window that is the whole system is the system itself.
         """
+        if start == 0 and self.position == self.tokens.shape[1] - 1 and not graph:
+            return self  # no second zero-input replay of the same system
         tokens = self.tokens[:, start : self.position + 1]
         n = tokens.shape[1]
         factors = slice_factors(self.model, self.factors, start, self.position + 1)
@@ -346,8 +354,7 @@ class FrozenSystem:
             window.build_graph()
             window.biases = {name: y.detach() for name, y in window.ys.items()}
         else:
-            with torch.no_grad():
-                window.biases = {name: y[0] for name, y in window.replay(x).items()}
+            window.biases = window._replay_at_zero()
         return window
 
     def push_basis(self, token: int, dims: range, scale: float = 1.0) -> dict[str, Float[Tensor, "k d_out"]]:
@@ -479,8 +486,7 @@ def frozen_system(
             trim=trimmed_block(names, model.cfg),
         )
         del natives, outputs
-        with torch.no_grad():
-            system.biases = {name: y[0] for name, y in system.replay(torch.zeros_like(system.x)).items()}
+        system.biases = system._replay_at_zero()
         if graph:
             system.build_graph()
         yield system
