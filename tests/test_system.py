@@ -8,10 +8,10 @@ import torch
 import tl_linmap
 from tl_linmap.freezing import freeze_hooks, replay_hooks, same_path_hooks, trim_factors, trim_hooks
 from tl_linmap.guard import borrowed
-from tl_linmap.system import at_position, capture, frozen_system, trimmed_block
+from tl_linmap.system import at_position, capture, frozen_system, purely_linear, trimmed_block
 from tl_linmap.toy import toy_model
 
-from conftest import PROMPT
+from conftest import BIASED, PROMPT
 
 
 @pytest.mark.parametrize(
@@ -102,3 +102,37 @@ def test_trim_hooks_compute_one_position_only(model):
     assert mlp_out.shape[1] == 1
     expected = whole[names[1]][:, position]
     assert torch.allclose(resid[:, position], expected, rtol=0, atol=1e-12 * expected.abs().max())
+
+
+def test_purely_linear_is_what_the_replay_at_zero_input_measures(model, family):
+    """Where the zero-input replay is skipped (`purely_linear`, graph built), that replay is exactly zero, and only there."""
+    linear = purely_linear(model)
+    assert linear == (family not in BIASED)
+    with frozen_system(model, PROMPT, ["output", "blocks.1.hook_resid_post"], position=5) as system:
+        assert system.linear == linear
+        forwards = []
+        with model.hooks(fwd_hooks=[("hook_embed", lambda act, hook=None: forwards.append(1))]):
+            biases = system.biases
+        assert len(forwards) == (0 if linear else 1)
+        zero = capture(model, system.tokens, system.names, replay_hooks(model, system.factors), torch.zeros_like(system.x))
+        for name in system.names:
+            measured = at_position(zero[name], 5, system.tokens.shape[1])[0]
+            assert bool(measured.any()) != linear, name
+            torch.testing.assert_close(biases[name], measured, rtol=1e-12, atol=1e-14)  # replays trim, this one not
+
+
+def test_a_steering_hook_or_an_added_bias_brings_the_affine_part_back():
+    """A user's hook may add a vector, and a bias may be bolted on: both are constants the map must keep."""
+    model = toy_model("llama")
+    assert purely_linear(model)
+    push = torch.randn(model.cfg.d_model, dtype=torch.float64)
+    with model.hooks(fwd_hooks=[("blocks.0.hook_resid_post", lambda act, hook=None: act + push)]):
+        assert not purely_linear(model)
+        lm = tl_linmap.linear_map(model, PROMPT)
+        assert lm.bias.norm() > 0.1 * lm.output.norm() and lm.relative_error() < 1e-12
+    assert purely_linear(model)
+    o_proj = model.get_submodule("blocks.1._original_component.self_attn._original_component.o_proj._original_component")
+    o_proj.bias = torch.nn.Parameter(torch.randn(model.cfg.d_model, dtype=torch.float64))
+    assert not purely_linear(model)
+    lm = tl_linmap.linear_map(model, PROMPT)
+    assert lm.bias.norm() > 0 and lm.relative_error() < 1e-12

@@ -474,10 +474,10 @@ def linear_maps(
             with torch.enable_grad(), tqdm(total=total, disable=not progress, desc="detached Jacobian rows (backward)") as bar:
                 operators = {name: _jacobian(ys[name], x, chunk, bar) for name in system.names}
         frozen_norms = {norm: system.frozen_norm(norm) for norm in norms}
-    maps = {
-        name: LinearMap(operators=operators[name], inputs=x[0].detach(), **system.result_fields(name))
-        for name in system.names
-    }
+        maps = {
+            name: LinearMap(operators=operators[name], inputs=x[0].detach(), **system.result_fields(name))
+            for name in system.names
+        }
     if check:
         for lm in maps.values():
             _check_exact(lm)

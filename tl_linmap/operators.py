@@ -103,7 +103,7 @@ def token_contributions(
             rows = _one_token_each(x[start : last + 1], range(min(step, last + 1 - start)))
             parts.append(window.push(rows)[name])
         after = torch.zeros(len(x) - last - 1, parts[0].shape[-1], dtype=x.dtype, device=x.device)
-    return Contributions(values=torch.cat(parts + [after]), **system.result_fields(name))
+        return Contributions(values=torch.cat(parts + [after]), **system.result_fields(name))
 
 
 @dataclass

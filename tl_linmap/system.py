@@ -3,12 +3,16 @@
 Inside `frozen_system` the model is borrowed in the working dtype and has run:
 
 1. a plain forward (the bridge's native value, for ``native_gap``);
-2. a frozen forward recording the factors ``A(x)``; it is also the reference (``outputs``):
-   detaching changes no value, so its activations are bit for bit those of the live forward
-   with norms on the same code path (`tests/test_freezing.py` checks every activation);
-3. a replay forward with the recorded factors and all embeddings zero (``biases``);
-4. with ``graph``, a replay forward with the token embeddings as a leaf, keeping the graph
+2. a frozen forward, up to the final norm, recording the factors ``A(x)``; it is also the
+   reference (``outputs``): detaching changes no value, so its activations are bit for bit
+   those of the live forward with norms on the same code path (`tests/test_freezing.py`
+   checks every activation);
+3. with ``graph``, a replay forward with the token embeddings as a leaf, keeping the graph
    for reverse mode (``ys``).
+
+The affine part ``b`` (``biases``) is one more replay, with every embedding zero, run when
+first asked for; it is skipped where `purely_linear` and the graph show ``b`` to be exactly
+zero (one forward of the dense route, on Llama-like models).
 
 Where `trimmed_block` allows, every replay computes the last block the targets read at the
 target position only: the rows the other positions would cost there are never computed.
@@ -39,7 +43,7 @@ from tl_linmap.freezing import (
     trim_factors,
     trim_hooks,
 )
-from tl_linmap.guard import borrowed
+from tl_linmap.guard import borrowed, hook_count
 from tl_linmap.inputs import (
     EMBED_HOOK,
     OUTPUT_HOOK,
@@ -185,6 +189,29 @@ def trimmed_block(names: Sequence[str], cfg) -> int | None:
     return last
 
 
+def purely_linear(model) -> bool:
+    """Whether the model adds no constant anywhere, so that ``b = 0`` for every embedding-dependent target.
+
+    With every factor frozen, the replayed model multiplies embedding-dependent values only
+    by frozen factors, weights and rotary tables: each hook value that depends on the
+    embeddings at all is then zero at zero embeddings, unless a constant is added
+    somewhere. The constants are biases (Hugging Face names every additive weight
+    ``bias``), learned or sinusoidal position embeddings (anything but rotary), and hooks
+    on the model's hook points (a steering hook adds a vector). A raw ``nn.Module``
+    forward hook that adds one is not seen here (the bridge keeps hooks of its own
+    there); the reconstruction check of `tl_linmap.maps.linear_map` then fails loudly.
+
+    Args:
+        model: A TransformerBridge.
+
+    Returns:
+        True only when none of those constants is present (False is the safe answer).
+    """
+    if getattr(model.cfg, "positional_embedding_type", None) != "rotary" or hook_count(model):
+        return False
+    return not any(name.rsplit(".", 1)[-1] == "bias" for name, _ in model.named_parameters())
+
+
 @dataclass
 class FrozenAffine:
     """A frozen norm at one position as ``v -> matrix @ v + offset``."""
@@ -243,8 +270,8 @@ class FrozenSystem:
         ys: Per target, its vector at ``position`` in the replay's graph (empty without graph).
         outputs: Per target, the reference value.
         natives: Per target, the plain forward's value.
-        biases: Per target, the affine part ``b``.
         trim: The block replays compute at ``position`` only (see `trimmed_block`), or None.
+        linear: The model adds no constant (see `purely_linear`).
     """
 
     model: object
@@ -253,12 +280,32 @@ class FrozenSystem:
     names: list[str]
     x: Float[Tensor, "1 pos d_in"]
     factors: Factors
-    ys: dict[str, Tensor]
     outputs: dict[str, Tensor]
     natives: dict[str, Tensor]
-    biases: dict[str, Tensor]
     trim: int | None = None
+    linear: bool = False
+    ys: dict[str, Tensor] = field(default_factory=dict, repr=False)
+    _biases: dict[str, Tensor] = field(default_factory=dict, repr=False)
     _norms: dict[str, FrozenAffine] = field(default_factory=dict, repr=False)
+
+    @property
+    def biases(self) -> dict[str, Tensor]:
+        """Per target, the affine part ``b``: the replay with every embedding zero, run on first use.
+
+        Once the graph has shown every target to depend on the embeddings, a `purely_linear`
+        model needs no replay: ``b`` is exactly zero. (A target that is itself a frozen factor
+        is a constant, all ``b``; only the replay, or the graph, tells.)
+
+        Returns:
+            Per target, ``b`` at the target position.
+        """
+        if not self._biases:
+            if self.linear and self.ys:
+                self._biases = {name: torch.zeros_like(y) for name, y in self.outputs.items()}
+            else:
+                with torch.no_grad():
+                    self._biases = {name: y[0] for name, y in self.replay(torch.zeros_like(self.x)).items()}
+        return self._biases
 
     def replay(self, embeddings: Float[Tensor, "batch pos d_in"]) -> dict[str, Float[Tensor, "batch d_out"]]:
         """The replayed system ``F(e) = Σ_i J_i e_i + b`` at the target position, one forward pass.
@@ -279,11 +326,6 @@ class FrozenSystem:
         # A copy of the one position, so a wide batch does not keep whole activations alive.
         return capture(self.model, tokens, self.names, hooks, embeddings, select=lambda act: at_position(act, self.position, n).clone())
 
-    def _replay_at_zero(self) -> dict[str, Tensor]:
-        # The affine part b: the replay with every embedding zero.
-        with torch.no_grad():
-            return {name: y[0] for name, y in self.replay(torch.zeros_like(self.x)).items()}
-
     def build_graph(self) -> None:
         """Record the replay's graph, the token embeddings ``x`` its leaf, for `vjp`.
 
@@ -292,10 +334,11 @@ class FrozenSystem:
         """
         self.x.requires_grad_(True)
         with torch.enable_grad():
-            self.ys = {name: y[0] for name, y in self.replay(self.x).items()}
-        for name, y in self.ys.items():
+            ys = {name: y[0] for name, y in self.replay(self.x).items()}
+        for name, y in ys.items():
             if not y.requires_grad:
                 raise InputError(f"{name!r} does not depend on the token embeddings (a frozen factor?).")
+        self.ys = ys
 
     def push(self, embeddings: Float[Tensor, "batch pos d_in"]) -> dict[str, Float[Tensor, "batch d_out"]]:
         """The linear part ``Σ_i J_i e_i`` for a batch of embedding sequences, by forward passes.
@@ -335,8 +378,8 @@ class FrozenSystem:
         Args:
             start: First input position kept (``0 <= start <= position``).
             graph: Keep the window's graph for `vjp`; without it (forward products, `push`
-                and `push_basis`, only) the zero-input replay runs without autograd and works
-                on a system built with ``graph=False``.
+                and `push_basis`, only) the window's ``biases`` come from its own zero-input
+                replay, run without autograd on first use.
 
         Returns:
             A `FrozenSystem` whose token 0 is this one's token ``start``; its ``biases``
@@ -349,12 +392,10 @@ class FrozenSystem:
         n = tokens.shape[1]
         factors = slice_factors(self.model, self.factors, start, self.position + 1)
         x = self.x.new_zeros(1, n, self.x.shape[-1])
-        window = FrozenSystem(self.model, tokens, n - 1, self.names, x, factors, {}, self.outputs, self.natives, {}, self.trim)
+        window = FrozenSystem(self.model, tokens, n - 1, self.names, x, factors, self.outputs, self.natives, self.trim, self.linear)
         if graph:  # the graph's own value is the replay at zero input
             window.build_graph()
-            window.biases = {name: y.detach() for name, y in window.ys.items()}
-        else:
-            window.biases = window._replay_at_zero()
+            window._biases = {name: y.detach() for name, y in window.ys.items()}
         return window
 
     def push_basis(self, token: int, dims: range, scale: float = 1.0) -> dict[str, Float[Tensor, "k d_out"]]:
@@ -386,7 +427,7 @@ class FrozenSystem:
             return {name: (y - self.biases[name]) / scale for name, y in self.replay(embeddings).items()}
 
     def result_fields(self, name: str) -> dict:
-        """The `tl_linmap.maps.TargetResult` fields of one target.
+        """The `tl_linmap.maps.TargetResult` fields of one target (inside `frozen_system`: they may run the model).
 
         Args:
             name: Target hook name.
@@ -468,8 +509,8 @@ def frozen_system(
         natives = capture(model, tokens, names + [EMBED_HOOK])
         factors: Factors = {}
         with torch.no_grad():
-            # The whole forward runs so every factor is recorded (and checked) for the replay.
-            outputs = capture(model, tokens, names, freeze_hooks(model, factors=factors), stop=False)
+            # Up to the final norm, so every factor is recorded (and checked) for the replay.
+            outputs = capture(model, tokens, names + [OUTPUT_HOOK], freeze_hooks(model, factors=factors))
         check_factors(model, factors)
         at = {name: lambda acts, name=name: at_position(acts[name], position, n)[0].detach() for name in names}
         system = FrozenSystem(
@@ -479,14 +520,12 @@ def frozen_system(
             names=names,
             x=natives[EMBED_HOOK].detach().clone(),
             factors=factors,
-            ys={},
             outputs={name: at[name](outputs) for name in names},
             natives={name: at[name](natives) for name in names},
-            biases={},
             trim=trimmed_block(names, model.cfg),
+            linear=purely_linear(model),
         )
         del natives, outputs
-        system.biases = system._replay_at_zero()
         if graph:
             system.build_graph()
         yield system
