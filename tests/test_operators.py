@@ -5,7 +5,7 @@ import torch
 
 import tl_linmap
 from tl_linmap.guard import hook_count
-from tl_linmap.operators import matrix_free, token_contributions
+from tl_linmap.operators import WINDOW_ROWS, matrix_free, token_contributions
 
 from conftest import PROMPT
 
@@ -23,6 +23,20 @@ def test_forward_contributions_equal_the_jacobian_route(model, dense, chunk_size
     assert fast.relative_error() < 1e-12
     assert fast.contributions()[-2:].abs().max() == 0  # tokens after the target position
     assert torch.equal(fast.bias, dense.bias) and torch.equal(fast.output, dense.output)
+
+
+def test_the_bias_rides_along_the_first_push(toy_models):
+    """Plain and frozen forwards, then one push per window; each window's b is its push's extra all-zero row."""
+    model = toy_models["gpt2"]  # biases and learned positions: b is far from zero
+    batches = []
+    with model.hooks(fwd_hooks=[("hook_embed", lambda act, hook=None: batches.append(len(act)))]):
+        fast = token_contributions(model, PROMPT)
+    n = len(fast.tokens)
+    assert n == WINDOW_ROWS + 1  # two windows: tokens 0..31, then token 32 alone
+    assert batches == [1, 1, WINDOW_ROWS + 1, 1 + 1]
+    dense = tl_linmap.linear_map(model, PROMPT)
+    assert (fast.bias - dense.bias).norm() < 1e-12 * dense.bias.norm() and dense.bias.norm() > 0.1 * dense.output.norm()
+    assert fast.relative_error() < 1e-12
 
 
 def test_contributions_in_chunks_of_one_token(toy_models):

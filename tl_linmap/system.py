@@ -11,8 +11,9 @@ Inside `frozen_system` the model is borrowed in the working dtype and has run:
    for reverse mode (``ys``).
 
 The affine part ``b`` (``biases``) is one more replay, with every embedding zero, run when
-first asked for; it is skipped where `purely_linear` and the graph show ``b`` to be exactly
-zero (one forward of the dense route, on Llama-like models).
+first asked for: as an extra row of the first `FrozenSystem.push`, or skipped where
+`purely_linear` and the graph show ``b`` to be exactly zero (one forward of the dense route,
+on Llama-like models).
 
 Where `trimmed_block` allows, every replay computes the last block the targets read at the
 target position only: the rows the other positions would cost there are never computed.
@@ -343,12 +344,21 @@ class FrozenSystem:
     def push(self, embeddings: Float[Tensor, "batch pos d_in"]) -> dict[str, Float[Tensor, "batch d_out"]]:
         """The linear part ``Σ_i J_i e_i`` for a batch of embedding sequences, by forward passes.
 
+        The first push of a system whose ``b`` is not known yet also computes it, as one more
+        (all-zero) row of the same batch.
+
         Args:
             embeddings: Any embeddings, one sequence per batch row.
 
         Returns:
             Per target, ``F(e) − b`` at the target position.
         """
+        if not self._biases and not (self.linear and self.ys):
+            # b rides along as one more, all-zero row: a forward of a few rows costs about what
+            # one row costs (the weights are read once), a separate zero-input replay a whole one.
+            ys = self.replay(torch.cat([embeddings, torch.zeros_like(embeddings[:1])]))
+            self._biases = {name: y[-1].detach() for name, y in ys.items()}
+            return {name: y[:-1] - self._biases[name] for name, y in ys.items()}
         return {name: y - self.biases[name] for name, y in self.replay(embeddings).items()}
 
     def vjp(self, name: str, rows: Float[Tensor, "k d_out"]) -> Float[Tensor, "k pos d_in"]:
