@@ -2,9 +2,9 @@
 
 The operators ``J_i`` come from reverse mode through the graph of the frozen system's replay
 (`tl_linmap.system.frozen_system`), batched over output dimensions, or from basis embeddings
-pushed forward through it; ``b`` comes from its own replay pass with zero embeddings, so
-``relative_error()`` is a real check of ``J`` and ``b`` against the model's reference
-forward, not an identity.
+pushed forward through it; ``b`` comes from its own replay pass with zero embeddings (or is
+exactly zero, see `tl_linmap.system.purely_linear`), so ``relative_error()`` is a real check
+of ``J`` and ``b`` against the model's reference forward, not an identity.
 """
 
 from __future__ import annotations
@@ -419,9 +419,9 @@ def linear_maps(
 ) -> tuple[dict[str, LinearMap], dict[str, FrozenAffine]]:
     """Linear maps of several targets of one inference, sharing every forward pass.
 
-    One plain, one frozen and one zero-input replay forward serve all targets (see
-    `tl_linmap.system`). The operators then come by one of two routes, equal to float64
-    rounding:
+    One plain and one frozen forward serve all targets, and so does the zero-input replay for
+    ``b`` where ``b`` is not exactly zero (see `tl_linmap.system`). The operators then come by
+    one of two routes, equal to float64 rounding:
 
     - ``"backward"``: per target, batched backward passes from its own node of one shared
       replay graph (``d_out`` rows per target, each only through the layers below it);
