@@ -74,6 +74,13 @@ def test_target_without_position_axis(llama):
         tl_linmap.linear_map(llama, PROMPT, target="blocks.0.attn.hook_pattern")
 
 
+@pytest.mark.parametrize("n_tokens", [None, "n_heads"])  # n_heads tokens: the head axis passes for a position axis
+def test_attention_scores_have_no_linear_map(llama, n_tokens):
+    tokens = PROMPT if n_tokens is None else torch.arange(3, 3 + llama.cfg.n_heads)[None]
+    with pytest.raises(InputError, match="quadratic in the embeddings"):
+        tl_linmap.linear_map(llama, tokens, target="blocks.0.attn.hook_attn_scores")
+
+
 def test_target_depth():
     assert target_depth("blocks.0.hook_resid_post", 4) == 1
     assert target_depth("blocks.3.attn.hook_z", 4) == 4

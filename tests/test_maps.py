@@ -1,5 +1,6 @@
 """Exactness of `linear_map`, checked against computations that do not share its code."""
 
+import dataclasses
 from types import SimpleNamespace
 
 import pytest
@@ -269,3 +270,12 @@ def test_auto_route_picks_forward_for_many_targets(toy_models, monkeypatch):
     auto, _ = tl_linmap.linear_maps(model, "Hi", targets)
     for name, lm in auto.items():
         assert _relative_diff(lm.operators, expected[name].operators) < 1e-12
+
+
+def test_a_map_that_reconstructs_nan_is_not_exact(toy_models):
+    """NaN compares false with any tolerance: the check must fail on it, not pass it."""
+    lm = tl_linmap.linear_map(toy_models["llama"], SHORT)
+    broken = dataclasses.replace(lm, operators=lm.operators * float("nan"))
+    with pytest.raises(tl_linmap.FreezeError, match="misses the model's output by nan"):
+        maps._check_exact(broken)
+    maps._check_exact(lm)  # the real one passes

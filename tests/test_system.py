@@ -108,7 +108,10 @@ def test_purely_linear_is_what_the_replay_at_zero_input_measures(model, family):
     """Where the zero-input replay is skipped (`purely_linear`, graph built), that replay is exactly zero, and only there."""
     linear = purely_linear(model)
     assert linear == (family not in BIASED)
-    with frozen_system(model, PROMPT, ["output", "blocks.1.hook_resid_post"], position=5) as system:
+    targets = ["output", "blocks.1.hook_resid_post", "blocks.0.attn.hook_q", "blocks.1.attn.hook_z", "blocks.0.mlp.hook_post",
+               "blocks.0.hook_attn_out", "blocks.1.hook_mlp_out", "unembed.hook_out"]
+    with frozen_system(model, PROMPT, targets, position=5, graph=False) as system:
+        system.build_graph()  # as `linear_maps` does: the graph proves every target depends on the embeddings
         assert system.linear == linear
         forwards = []
         with model.hooks(fwd_hooks=[("hook_embed", lambda act, hook=None: forwards.append(1))]):

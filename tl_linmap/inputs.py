@@ -97,13 +97,19 @@ def resolve_target(model, target: str) -> str:
         The hook name to capture.
 
     Raises:
-        InputError: naming the closest existing hook points if it does not exist.
+        InputError: naming the closest existing hook points if it does not exist, or for
+            attention scores (``q·k``, quadratic in the embeddings: no linear map of them exists).
     """
     name = OUTPUT_HOOK if target == "output" else target
     if name not in model.hook_dict:
         close = difflib.get_close_matches(name, list(model.hook_dict), n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise InputError(f"The model has no hook point {target!r}.{hint}")
+    if model.hook_dict[name].name.endswith("attn.hook_attn_scores"):
+        raise InputError(
+            f"{target!r} holds attention scores, q·k: quadratic in the embeddings, so no linear map "
+            "of them exists (the frozen pattern is a factor). Map hook_q, hook_k or hook_z instead."
+        )
     return name
 
 

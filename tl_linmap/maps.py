@@ -511,7 +511,7 @@ def plain_jacobians(model, prompt_or_tokens: Prompt, targets: Sequence[str], *, 
 
 def _check_exact(lm: LinearMap) -> None:
     tolerance = torch.finfo(lm.operators.dtype).eps ** 0.5
-    if lm.relative_error() > tolerance:
+    if not lm.relative_error() <= tolerance:  # NaN fails too
         raise FreezeError(
             f"The detached system of {lm.target} misses the model's output by {lm.relative_error():.2e} "
             f"(tolerance {tolerance:.1e}): a freeze rule had no effect, or the model's weights were "

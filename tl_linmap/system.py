@@ -291,7 +291,7 @@ class FrozenSystem:
 
     @property
     def biases(self) -> dict[str, Tensor]:
-        """Per target, the affine part ``b``: the replay with every embedding zero, run on first use.
+        """Per target, the affine part ``b``: the replay with every embedding zero, run on first use (inside `frozen_system`).
 
         Once the graph has shown every target to depend on the embeddings, a `purely_linear`
         model needs no replay: ``b`` is exactly zero. (A target that is itself a frozen factor
