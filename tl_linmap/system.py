@@ -301,12 +301,16 @@ class FrozenSystem:
             Per target, ``b`` at the target position.
         """
         if not self._biases:
-            if self.linear and self.ys:
+            if self._biases_are_zero():
                 self._biases = {name: torch.zeros_like(y) for name, y in self.outputs.items()}
             else:
                 with torch.no_grad():
                     self._biases = {name: y[0] for name, y in self.replay(torch.zeros_like(self.x)).items()}
         return self._biases
+
+    def _biases_are_zero(self) -> bool:
+        # The graph shows every target to depend on the embeddings, and the model adds no constant.
+        return self.linear and bool(self.ys)
 
     def replay(self, embeddings: Float[Tensor, "batch pos d_in"]) -> dict[str, Float[Tensor, "batch d_out"]]:
         """The replayed system ``F(e) = Σ_i J_i e_i + b`` at the target position, one forward pass.
@@ -353,7 +357,7 @@ class FrozenSystem:
         Returns:
             Per target, ``F(e) − b`` at the target position.
         """
-        if not self._biases and not (self.linear and self.ys):
+        if not self._biases and not self._biases_are_zero():
             # b rides along as one more, all-zero row: a forward of a few rows costs about what
             # one row costs (the weights are read once), a separate zero-input replay a whole one.
             ys = self.replay(torch.cat([embeddings, torch.zeros_like(embeddings[:1])]))
@@ -389,7 +393,7 @@ class FrozenSystem:
             start: First input position kept (``0 <= start <= position``).
             graph: Keep the window's graph for `vjp`; without it (forward products, `push`
                 and `push_basis`, only) the window's ``biases`` come from its own zero-input
-                replay, run without autograd on first use.
+                replay on first use (an extra row of its first `push`).
 
         Returns:
             A `FrozenSystem` whose token 0 is this one's token ``start``; its ``biases``
