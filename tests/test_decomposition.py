@@ -6,9 +6,9 @@ from transformer_lens import utilities as utils
 
 import tl_linmap
 from tl_linmap.decomposition import layer_maps, nonlinearity_gap, token_attribution
-from tl_linmap.freezing import same_path_hooks
+from tl_linmap.hooks import same_path_hooks
 from tl_linmap.guard import borrowed
-from tl_linmap.system import run_to_target
+from tl_linmap.capture import run_to_target
 
 from conftest import PROMPT
 
@@ -52,7 +52,7 @@ def test_attention_mlp_and_residual_sum_to_the_layer_output(model, maps):
 def test_heads_sum_to_the_attention_output(model, maps):
     for layer in range(model.cfg.n_layers):
         attn = maps[utils.get_act_name("attn_out", layer)]
-        heads = maps.heads(layer)
+        heads = list(maps.heads(layer).values())
         assert len(heads) == model.cfg.n_heads
         assert max(h.relative_error() for h in heads) < 1e-12
         rest = maps.readouts[layer].rest()
@@ -91,20 +91,29 @@ def test_attribution_by_token_string(toy_models):
     model = toy_models["gpt2"]
     maps = layer_maps(model, PROMPT, modules=True)
     assert token_attribution(model, maps, " ").token == " "
-    with pytest.raises(ValueError, match="give one token"):
+    with pytest.raises(tl_linmap.InputError, match="give one token"):
         token_attribution(model, maps, "two tokens")
 
 
-def test_contributions_as_an_activation_cache(model, maps):
-    cache = maps.to_cache(model)
+def test_stacked_contributions_index_source_tokens(model, maps):
+    names = [utils.get_act_name("attn_out", layer) for layer in range(model.cfg.n_layers)]
+    stacked = maps.stack_contributions(names)
+    assert stacked.shape == (model.cfg.n_layers, len(maps[names[0]].tokens), model.cfg.d_model)
+    for layer, name in enumerate(names):  # each (layer, source) entry is the term J_i x_i of that module
+        expected = torch.einsum("pij,pj->pi", maps[name].operators, maps[name].inputs)
+        assert torch.allclose(stacked[layer], expected, rtol=0, atol=1e-13 * expected.abs().max())
+
+
+def test_to_cache_is_deprecated(model, maps):
+    with pytest.warns(DeprecationWarning, match="to_cache is deprecated"):
+        cache = maps.to_cache(model)
     name = utils.get_act_name("attn_out", 1)
     assert torch.equal(cache[name], maps[name].contributions())
-    stacked = cache.stack_activation("attn_out")  # TransformerLens' own cache API
-    assert stacked.shape == (model.cfg.n_layers, len(maps[name].tokens), model.cfg.d_model)
 
 
 def test_nonlinearity_gap_shows_why_detaching_matters(model):
     rows = nonlinearity_gap(model, PROMPT)
+    assert isinstance(rows, tl_linmap.Table)
     assert len(rows) == model.cfg.n_layers
     for row in rows:
         assert row.detached_error < 1e-12

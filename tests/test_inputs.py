@@ -60,8 +60,8 @@ def test_token_outside_vocabulary(llama):
 
 
 def test_bad_chunk_size(llama):
-    with pytest.raises(InputError, match="chunk_size"):
-        tl_linmap.linear_map(llama, PROMPT, chunk_size=0)
+    with pytest.raises(InputError, match="rows_per_pass"):
+        tl_linmap.linear_map(llama, PROMPT, rows_per_pass=0)
 
 
 def test_target_that_does_not_depend_on_embeddings(llama):

@@ -171,7 +171,7 @@ def test_decoded_grid_shows_the_top_tokens_of_each_pair(maps):
     fig = plot_decoded(maps, k=k, top=top)
     ax = fig.axes[0]
     assert len(ax.texts) == len(maps) * k
-    expected = [row for lm in maps.values() for row in lm.decode(k, top, tokens=-1)]
+    expected = [row for lm in maps.values() for row in lm.decode(k, top, sources=-1)]
     for text, row in zip(ax.texts, expected):
         cell = text.get_text()
         assert all(token_label(token) in cell.split("\n") for token, _ in row.left)

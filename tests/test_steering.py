@@ -36,7 +36,7 @@ def test_hooks_add_alpha_times_residual_norm_at_chosen_positions(llama):
     name = utils.get_act_name("resid_post", 1)
     tokens = llama.to_tokens(PROMPT)
     _, plain = llama.run_with_cache(tokens, names_filter=name)
-    hooks = steering_hooks(llama, source, layer=1, alpha=0.5, positions=[2, 5])
+    hooks = steering_hooks(source, layer=1, alpha=0.5, positions=[2, 5])
     with llama.hooks(fwd_hooks=hooks):
         _, steered = llama.run_with_cache(tokens, names_filter=name)
     r, s = plain[name][0], steered[name][0]
@@ -49,11 +49,11 @@ def test_hooks_add_alpha_times_residual_norm_at_chosen_positions(llama):
 
 def test_source_from_layer_maps_and_wrong_layer(llama):
     maps = layer_maps(llama, "Golden Gate", layers=[0])
-    assert len(steering_hooks(llama, maps, layer=0)) == 1
+    assert len(steering_hooks(maps, layer=0)) == 1
     with pytest.raises(InputError, match="no 'blocks.1.hook_resid_post'"):
-        steering_hooks(llama, maps, layer=1)
+        steering_hooks(maps, layer=1)
     with pytest.raises(InputError, match="not a residual-stream vector"):
-        steering_hooks(llama, tl_linmap.linear_map(llama, "Golden", target="blocks.0.attn.hook_z"), layer=0)
+        steering_hooks(tl_linmap.linear_map(llama, "Golden", target="blocks.0.attn.hook_z"), layer=0)
 
 
 @pytest.mark.parametrize("kv_cache", [False, True])
@@ -61,7 +61,7 @@ def test_steering_works_with_generate(llama, kv_cache):
     source = tl_linmap.linear_map(llama, "Golden Gate", target="blocks.1.hook_resid_post")
     kwargs = dict(max_new_tokens=6, do_sample=False, stop_at_eos=False, use_past_kv_cache=kv_cache, verbose=False, return_type="tokens")
     plain = llama.generate(PROMPT, **kwargs)
-    with llama.hooks(fwd_hooks=steering_hooks(llama, source, layer=1, alpha=4.0)):
+    with llama.hooks(fwd_hooks=steering_hooks(source, layer=1, alpha=4.0)):
         steered = llama.generate(PROMPT, **kwargs)
     assert steered.shape == plain.shape
     assert not torch.equal(steered, plain)  # each generated step was steered, KV-cached or not
@@ -73,7 +73,7 @@ def test_golden_gate_steering_raises_the_concept_on_smollm2():
     model = tl_linmap.load_model("smollm2")
     concept = [int(model.to_tokens(w, prepend_bos=False)[0, 0]) for w in CONCEPT_WORDS]
     source = tl_linmap.linear_map(model, "The Golden Gate Bridge", target="blocks.15.hook_resid_post")
-    hooks = steering_hooks(model, source, layer=15, alpha=0.1)
+    hooks = steering_hooks(source, layer=15, alpha=0.1)
     prompt = "My favourite thing to do on the weekend is"
     with model.hooks(fwd_hooks=hooks):
         text = model.generate(prompt, max_new_tokens=20, do_sample=False, use_past_kv_cache=False, verbose=False)

@@ -2,13 +2,16 @@
 
 from types import SimpleNamespace
 
+import dataclasses
+
 import pytest
 import torch
 
 import tl_linmap
-from tl_linmap.freezing import freeze_hooks, replay_hooks, same_path_hooks, trim_factors, trim_hooks
+from tl_linmap.hooks import freeze_hooks, replay_hooks, same_path_hooks, trim_factors, trim_hooks
 from tl_linmap.guard import borrowed
-from tl_linmap.system import at_position, capture, frozen_system, purely_linear, trimmed_block
+from tl_linmap.capture import at_position, capture
+from tl_linmap.system import frozen_system, purely_linear, trimmed_block
 from tl_linmap.toy import toy_model
 
 from conftest import BIASED, PROMPT
@@ -38,7 +41,7 @@ def test_trimmed_block(names, expected):
 def test_frozen_pass_is_the_live_forward_bit_for_bit(model):
     """The system's outputs (from the frozen pass) are the same-path live forward's values."""
     targets = ["output", "blocks.0.hook_resid_post", "blocks.1.attn.hook_z"]
-    with frozen_system(model, PROMPT, targets, position=4, graph=False) as system:
+    with frozen_system(model, PROMPT, targets, position=4) as system:
         live = capture(model, system.tokens, system.names, same_path_hooks(model))
         for name in system.names:
             assert torch.equal(system.outputs[name], at_position(live[name], 4, system.tokens.shape[1])[0]), name
@@ -65,13 +68,13 @@ def test_trimmed_system_equals_the_whole_one(model, position):
     targets = ["output", f"blocks.{last}.hook_resid_post", "blocks.0.hook_resid_post"]
     with frozen_system(model, PROMPT, targets, position=position) as system:
         assert system.trim == last
-        trimmed, trimmed_cols = _jacobians(system), system.push_basis(2, range(5))
-        trimmed_bias = system.biases
-        system.trim = None
-        system.build_graph()
+        trimmed = system.with_graph().with_biases()
+        trimmed_jacobians, (trimmed_cols, trimmed_bias) = _jacobians(trimmed), trimmed.push_basis(2, range(5))
+        whole = dataclasses.replace(system, trim=None).with_graph()
         with torch.no_grad():
-            whole_bias = {name: y[0] for name, y in system.replay(torch.zeros_like(system.x)).items()}
-        whole, whole_cols = _jacobians(system), system.push_basis(2, range(5))
+            whole_bias = {name: y[0] for name, y in whole.replay(torch.zeros_like(whole.x)).items()}
+        whole_jacobians, (whole_cols, _) = _jacobians(whole), whole.push_basis(2, range(5))
+    trimmed, whole = trimmed_jacobians, whole_jacobians
     for name in system.names:
         assert torch.allclose(trimmed[name], whole[name], rtol=0, atol=1e-12 * whole[name].abs().max())
         assert torch.allclose(trimmed_cols[name], whole_cols[name], rtol=0, atol=1e-12 * whole_cols[name].abs().max())
@@ -80,10 +83,11 @@ def test_trimmed_system_equals_the_whole_one(model, position):
 
 def test_a_window_of_the_whole_system_is_the_system(toy_models):
     model = toy_models["llama"]
-    with frozen_system(model, PROMPT, ["output"], graph=False) as system:
+    with frozen_system(model, PROMPT, ["output"]) as system:
         assert system.window(0, graph=False) is system
         assert system.window(0, graph=True) is not system  # a graph of its own
-    with frozen_system(model, PROMPT, ["output"], position=4, graph=False) as system:
+        assert system.window(0, graph=True).biases is not None  # from the graph's own value
+    with frozen_system(model, PROMPT, ["output"], position=4) as system:
         window = system.window(0, graph=False)
         assert window is not system and window.tokens.shape[1] == 5
 
@@ -110,12 +114,12 @@ def test_purely_linear_is_what_the_replay_at_zero_input_measures(model, family):
     assert linear == (family not in BIASED)
     targets = ["output", "blocks.1.hook_resid_post", "blocks.0.attn.hook_q", "blocks.1.attn.hook_z", "blocks.0.mlp.hook_post",
                "blocks.0.hook_attn_out", "blocks.1.hook_mlp_out", "unembed.hook_out"]
-    with frozen_system(model, PROMPT, targets, position=5, graph=False) as system:
-        system.build_graph()  # as `linear_maps` does: the graph proves every target depends on the embeddings
+    with frozen_system(model, PROMPT, targets, position=5) as system:
+        system = system.with_graph()  # as `linear_maps` does: the graph proves every target depends on the embeddings
         assert system.linear == linear
         forwards = []
         with model.hooks(fwd_hooks=[("hook_embed", lambda act, hook=None: forwards.append(1))]):
-            biases = system.biases
+            biases = system.with_biases().biases
         assert len(forwards) == (0 if linear else 1)
         zero = capture(model, system.tokens, system.names, replay_hooks(model, system.factors), torch.zeros_like(system.x))
         for name in system.names:
@@ -139,3 +143,22 @@ def test_a_steering_hook_or_an_added_bias_brings_the_affine_part_back():
     assert not purely_linear(model)
     lm = tl_linmap.linear_map(model, PROMPT)
     assert lm.bias.norm() > 0 and lm.relative_error() < 1e-12
+
+
+def test_a_frozen_system_is_immutable_and_refuses_use_after_its_block(toy_models):
+    model = toy_models["llama"]
+    with frozen_system(model, PROMPT, ["output"]) as system:
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            system.position = 0
+        window = system.window(2)
+    for use in (lambda: system.replay(system.x), lambda: system.window(1), lambda: window.vjp("ln_final.hook_out", window.x[0, :1, :]),
+                lambda: system.with_graph(), lambda: system.push(system.x)):
+        with pytest.raises(tl_linmap.LinmapError, match="used after its `with` block ended"):
+            use()
+
+
+def test_matrix_free_operators_refuse_use_after_the_block(toy_models):
+    with tl_linmap.matrix_free(toy_models["llama"], PROMPT) as mf:
+        op = mf.operator(-1)
+    with pytest.raises(tl_linmap.LinmapError, match="used after its `with` block ended"):
+        op.matvec(torch.zeros(1, op.system.x.shape[-1], dtype=torch.float64))

@@ -6,8 +6,8 @@ import time
 
 import torch
 
-from tl_linmap.analysis import nearest_tokens, top_singular, top_tokens
-from tl_linmap.maps import linear_map
+from tl_linmap.jacobian import linear_map
+from tl_linmap.readout import nearest_tokens, top_tokens
 
 
 def _tokens(pairs: list[tuple[str, float]]) -> str:
@@ -30,13 +30,13 @@ def demo_report(model, prompt: str, *, top: int = 5, n_singular: int = 3) -> str
     lm = linear_map(model, prompt)
     seconds = time.perf_counter() - start
     lm32 = linear_map(model, prompt, dtype=torch.float32)
-    str_tokens = [model.tokenizer.decode([int(t)]) for t in lm.tokens]
+    str_tokens = lm.sources
     with torch.no_grad():
         probs = torch.softmax(model(lm.tokens[None])[0, -1].double(), -1)
     model_top = [(model.tokenizer.decode([int(i)]), float(p)) for i, p in zip(*reversed(probs.topk(top)))]
     norms = lm.contributions().norm(dim=-1)
     largest = int(lm.operators.flatten(1).norm(dim=-1).argmax())
-    svd = top_singular(lm.operators[largest], n_singular, output=lm.output)
+    svd = lm.svd(n_singular)
     lines = [
         f"model: {model.cfg.model_name} ({model.cfg.architecture}, d_model {model.cfg.d_model}, {model.cfg.n_layers} layers)",
         f"prompt: {prompt!r} -> {len(lm.tokens)} tokens {str_tokens}",
@@ -54,7 +54,7 @@ def demo_report(model, prompt: str, *, top: int = 5, n_singular: int = 3) -> str
         lines.append(f"  {i:3d} {tok!r:<{width}} {norm:9.3f} {bar}")
     lines.append(f"largest operator: token {largest} {str_tokens[largest]!r}, |J|_F = {lm.operators[largest].norm():.3f}")
     for j in range(n_singular):
-        lines.append(f"  sigma_{j + 1} = {svd.values[j]:.4f}")
-        lines.append(f"    left  (via unembedding): {_tokens(top_tokens(model, svd.left[j], top, bias=False))}")
-        lines.append(f"    right (via embeddings):  {_tokens(nearest_tokens(model, svd.right[j], top))}")
+        lines.append(f"  sigma_{j + 1} = {svd.values[largest, j]:.4f}")
+        lines.append(f"    left  (via unembedding): {_tokens(top_tokens(model, svd.left[largest, j], top, bias=False))}")
+        lines.append(f"    right (via embeddings):  {_tokens(nearest_tokens(model, svd.right[largest, j], top))}")
     return "\n".join(lines)

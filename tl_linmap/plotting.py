@@ -6,7 +6,7 @@ that says ``pip install tl_linmap[plot]``. Every function draws into ``ax`` when
 given (creating a figure otherwise) and returns the matplotlib Figure.
 
 Maps are passed as a `tl_linmap.decomposition.LinearMaps` (or any Mapping of name to
-`tl_linmap.maps.LinearMap`, drawn in its order, so layer by layer for `layer_maps`) or as
+`tl_linmap.results.LinearMap`, drawn in its order, so layer by layer for `layer_maps`) or as
 a single `LinearMap`. Tokens are shown through `token_label`, which makes spaces, control
 characters and byte pieces visible.
 """
@@ -22,9 +22,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from tl_linmap.analysis import DecodedPair, LogitSplit, source_tokens, stacked_tokens
+from tl_linmap.results import LinearMap, TargetResult
+from tl_linmap.spectral import DecodedPair, LogitSplit, _renamed, input_index, stacked_tokens
 from tl_linmap.errors import InputError
-from tl_linmap.maps import LinearMap, TargetResult
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -34,7 +34,7 @@ __all__ = ["plot_contribution_heatmap", "plot_decoded", "plot_logit_contribution
 
 #: One map, or several by name (a `LinearMaps` or a dict), drawn in their order.
 MapsLike = Mapping[str, LinearMap] | LinearMap
-#: An input token index (negative counts from the target position back), or the stacked operator.
+#: An input token index (Python-style over the prompt: -1 is its last token), or the stacked operator.
 TokenChoice = int | Literal["all"]
 
 # Legends stop being readable beyond about this many entries; a colorbar takes over.
@@ -118,20 +118,22 @@ def _shared_tokens(named: dict[str, TargetResult]) -> TargetResult:
 
 
 def _index(lm: TargetResult, token: int, skip_first: bool) -> int:
-    # Operators after the target position are zero, so indices count up to it.
-    n = lm.position + 1
-    if isinstance(token, bool) or not isinstance(token, int) or not -n <= token < n:
-        raise InputError(f"token must be an input token index in [{-n}, {n}) or 'all', got {token!r}.")
-    index = token % n
+    index = input_index(token, len(lm.tokens), lm.position)
     if skip_first and index == 0:
         raise InputError("skip_first leaves out token 0, the token asked for.")
     return index
 
 
+def _source_choice(source: TokenChoice | None, token: TokenChoice | None) -> TokenChoice:
+    # `token=` was this argument's old name; the default is the prompt's last token.
+    source = _renamed("token", token, "source", source)
+    return -1 if source is None else source
+
+
 def _operator(lm: LinearMap, token: TokenChoice, skip_first: bool) -> Float[Tensor, "d_out d_in_total"]:
     # One J_i, or [J_first ... J_position] side by side (what `OperatorSVD.stacked` decomposes).
     if token == "all":
-        blocks = lm.operators[stacked_tokens(lm, skip_first)]
+        blocks = lm.operators[stacked_tokens(lm.position, skip_first)]
         return einops.rearrange(blocks, "pos d_out d_in -> d_out (pos d_in)")
     return lm.operators[_index(lm, token, skip_first)]
 
@@ -144,10 +146,10 @@ def _spectrum(lm: LinearMap, token: TokenChoice, skip_first: bool, normalize: bo
 
 def _operator_label(lm: LinearMap, token: TokenChoice, skip_first: bool) -> str:
     if token == "all":
-        tokens = stacked_tokens(lm, skip_first)
+        tokens = stacked_tokens(lm.position, skip_first)
         return f"stacked [J_{tokens[0]} … J_{tokens[-1]}]"
     index = _index(lm, token, skip_first)
-    return f"J_{index} ({token_label(source_tokens(lm)[index])})"
+    return f"J_{index} ({token_label(lm.sources[index])})"
 
 
 def _depth_colors(n: int) -> list:
@@ -174,22 +176,24 @@ def _depth_key(fig: Figure, ax: Axes, names: list[str], colors: list) -> None:
 
 def plot_spectra(
     maps: MapsLike,
-    token: TokenChoice = -1,
+    source: TokenChoice | None = None,
     *,
     skip_first: bool = False,
     normalize: bool = False,
     ax: Axes | None = None,
+    token: TokenChoice | None = None,
 ) -> Figure:
     """Singular value spectra of one input token's operator, one line per map.
 
     Args:
         maps: Maps by name (drawn in order, coloured by depth), or one `LinearMap`.
-        token: Input token index ``i`` of ``J_i`` (negative: from the target position back),
+        source: Input token index ``i`` of ``J_i`` (default ``-1``, the prompt's last token),
             or ``"all"`` for the stacked operator ``[J_0 … J_n]``.
         skip_first: Leave the first token out of the stacked operator (and refuse
-            ``token=0``).
+            ``source=0``).
         normalize: Divide each spectrum by its largest value, to compare shapes.
         ax: Axes to draw into (default: a new figure).
+        token: Deprecated name of ``source``.
 
     Returns:
         The Figure: one line per map, ``y`` = singular values ``σ_j`` (descending) on a log axis.
@@ -197,6 +201,7 @@ def plot_spectra(
     Raises:
         InputError: for a token index outside the prompt, or a map without operators.
     """
+    token = _source_choice(source, token)
     _pyplot()  # fail before any decomposition when matplotlib is missing
     named = _linear(_named(maps))
     fig, ax = _figure(ax, (7, 4.5))
@@ -246,7 +251,7 @@ def plot_contribution_heatmap(
 
     Args:
         maps: Maps by name from one prompt (rows, in order), or one map; anything with
-            ``contributions()`` (`LinearMap`, `tl_linmap.operators.Contributions`).
+            ``contributions()`` (`LinearMap`, `tl_linmap.results.Contributions`).
         skip_first: Leave the first token out altogether.
         ax: Axes for the main heatmap (default: a new figure with the first-token panel
             as a subplot); with ``ax``, the first-token panel is an inset to its left,
@@ -265,7 +270,7 @@ def plot_contribution_heatmap(
     norms = _contribution_norms(named)
     if norms.shape[1] < 2:
         raise InputError("A one-token prompt has no tokens besides the first to show.")
-    labels = [token_label(s) for s in source_tokens(first)[: norms.shape[1]]]
+    labels = [token_label(s) for s in first.sources[: norms.shape[1]]]
     rows = [_short_name(name) for name in named]
     fig, sink, ax = _heatmap_axes(ax, norms.shape[1] - 1, len(rows), skip_first)
 
@@ -373,8 +378,8 @@ def plot_logit_contributions(
 
 def _decoded_rows(lm: LinearMap, token: TokenChoice, k: int, top: int, skip_first: bool) -> list[DecodedPair]:
     if token == "all":
-        return list(lm.decode(k, top, tokens=[], skip_first=skip_first, stacked=True))
-    return list(lm.decode(k, top, tokens=_index(lm, token, skip_first), skip_first=skip_first))
+        return list(lm.decode(k, top, [], skip_first=skip_first, stacked=True))
+    return list(lm.decode(k, top, _index(lm, token, skip_first), skip_first=skip_first))
 
 
 def _cell_text(row: DecodedPair) -> str:
@@ -386,28 +391,30 @@ def _cell_text(row: DecodedPair) -> str:
 
 def plot_decoded(
     maps: MapsLike,
-    token: TokenChoice = -1,
+    source: TokenChoice | None = None,
     *,
     k: int = 3,
     top: int = 3,
     skip_first: bool = False,
     ax: Axes | None = None,
+    token: TokenChoice | None = None,
 ) -> Figure:
     """The tokens the top-k left singular vectors write, as a map x ``j`` grid.
 
     Each cell lists the top tokens of ``u_j`` (read through the frozen ``ln_final`` and
-    ``W_U``, see `tl_linmap.maps.LinearMap.decode`) under ``σ_j`` and its share
+    ``W_U``, see `tl_linmap.results.LinearMap.decode`) under ``σ_j`` and its share
     ``σ_j² / Σσ²`` of the operator's squared Frobenius norm, which also sets the
     cell's colour.
 
     Args:
         maps: Maps by name (rows, in order), or one `LinearMap`; residual-stream targets.
-        token: Input token index of ``J_i``, or ``"all"`` for the stacked operator (then
+        source: Input token index of ``J_i`` (default ``-1``), or ``"all"`` for the stacked operator (then
             each cell also names the token whose block of ``v_j`` is largest).
         k: Singular pairs (columns).
         top: Tokens per cell.
-        skip_first: Leave the first token out of the stacked operator (and refuse ``token=0``).
+        skip_first: Leave the first token out of the stacked operator (and refuse ``source=0``).
         ax: Axes to draw into (default: a new figure).
+        token: Deprecated name of ``source``.
 
     Returns:
         The Figure: ``ax.images[0]`` holds the ``(n_maps, k)`` shares, ``ax.texts`` one
@@ -416,6 +423,7 @@ def plot_decoded(
     Raises:
         InputError: for a token outside the prompt, or maps that cannot be read as tokens.
     """
+    token = _source_choice(source, token)
     _pyplot()  # fail before any decomposition when matplotlib is missing
     named = _linear(_named(maps))
     grid = [_decoded_rows(lm, token, k, top, skip_first) for lm in named.values()]

@@ -16,10 +16,9 @@ from dataclasses import dataclass
 import torch
 from transformer_lens import utilities as utils
 
-from tl_linmap.analysis import source_tokens
-from tl_linmap.decomposition import LinearMaps
+from tl_linmap.results import LinearMaps
 from tl_linmap.inputs import OUTPUT_HOOK
-from tl_linmap.maps import linear_maps
+from tl_linmap.jacobian import linear_maps
 from tl_linmap.table import Table
 
 _STYLE = """
@@ -114,10 +113,10 @@ def report_html(model, prompt: str, *, layers: Sequence[int] | None = None, k: i
     layers = default_layers(model.cfg.n_layers) if layers is None else list(layers)
     names = [utils.get_act_name("resid_post", layer) for layer in layers]
     # One set of shared passes for the output and every layer's residual stream.
-    computed, _ = linear_maps(model, prompt, [OUTPUT_HOOK, *names])
+    computed = linear_maps(model, prompt, [OUTPUT_HOOK, *names])
     lm = computed[OUTPUT_HOOK]
     resid = LinearMaps({name: computed[name] for name in names})
-    tokens = source_tokens(lm)
+    tokens = lm.sources
     with torch.no_grad():
         logits = model(lm.tokens[None])[0, -1].double()
     predicted = int(logits.argmax())
@@ -156,8 +155,8 @@ def report_html(model, prompt: str, *, layers: Sequence[int] | None = None, k: i
         ),
         _section(
             "spectra", "Singular value spectra across layers",
-            figure_html(plotting.plot_spectra(resid, token=-1), "spectra of the last token's operator"),
-            figure_html(plotting.plot_spectra(resid, token="all", skip_first=True), "spectra of the stacked operators"),
+            figure_html(plotting.plot_spectra(resid, source=-1), "spectra of the last token's operator"),
+            figure_html(plotting.plot_spectra(resid, source="all", skip_first=True), "spectra of the stacked operators"),
             _p("Dimensionality per layer (stacked operator), first token included and left out:"),
             resid.dimensionality(per_token=False)._repr_html_(),
             resid.dimensionality(per_token=False, skip_first=True)._repr_html_(),
@@ -166,10 +165,10 @@ def report_html(model, prompt: str, *, layers: Sequence[int] | None = None, k: i
             "decoded", "Decoded singular vectors across layers",
             _p("Left vectors read through ln_final frozen at this position and W_U; right vectors by "
                "cosine with the token embeddings; each pair signed along the actual output."),
-            figure_html(plotting.plot_decoded(resid, token=-1, k=k, top=3), "decoded singular vectors"),
-            resid.decode(k=k, top=top, tokens=-1)._repr_html_(),
+            figure_html(plotting.plot_decoded(resid, source=-1, k=k, top=3), "decoded singular vectors"),
+            resid.decode(k=k, top=top, sources=-1)._repr_html_(),
             _p("Stacked operators, first token left out:"),
-            resid.decode(k=k, top=top, tokens=[], stacked=True, skip_first=True)._repr_html_(),
+            resid.decode(k=k, top=top, sources=[], stacked=True, skip_first=True)._repr_html_(),
         ),
     ]
     title = html.escape(f"tl_linmap: {prompt}")

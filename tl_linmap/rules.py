@@ -55,7 +55,7 @@ class Ratio:
 
     ratio_at_zero: float = 0.5
     #: Fires on the MLP branch or after the attention's output projection (an MLP, the norms
-    #: of the attention output and of the MLP input): on tensors `tl_linmap.freezing.trim_hooks`
+    #: of the attention output and of the MLP input): on tensors `tl_linmap.hooks.trim_hooks`
     #: cuts to the target position in the last block a target reads.
     after_attention: bool = True
 

@@ -9,6 +9,7 @@ every layer and model. The hooks work with ``model.hooks``, ``run_with_hooks`` a
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Literal, Union
 
@@ -17,11 +18,9 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import utilities as utils
 
-from tl_linmap.analysis import top_singular
-from tl_linmap.decomposition import LinearMaps
 from tl_linmap.errors import InputError
-from tl_linmap.freezing import HookList
-from tl_linmap.maps import LinearMap
+from tl_linmap.hooks import HookList
+from tl_linmap.results import LinearMap, LinearMaps
 
 Positions = Union[Literal["all"], Sequence[int], slice]
 
@@ -51,18 +50,19 @@ def concept_vector(
     if how == "contributions":
         vector = source.contributions()[start:].sum(0)
     elif how == "singular":
-        stacked = torch.cat(list(source.operators[start:]), dim=1)
-        svd = top_singular(stacked, k, output=source.output)
-        vector = svd.values @ svd.left
+        stacked = torch.cat(list(source.operators[start : source.position + 1]), dim=1)
+        u, values, _ = torch.linalg.svd(stacked, full_matrices=False)
+        left = u[:, :k].T
+        left = left * torch.where(left @ source.output >= 0, 1.0, -1.0).to(left)[:, None]  # along the output
+        vector = values[:k] @ left
     else:
         raise InputError(f"how must be 'contributions' or 'singular', got {how!r}.")
     return vector / vector.norm()
 
 
 def steering_hooks(
-    model,
     source: LinearMap | LinearMaps,
-    *,
+    *args,
     layer: int,
     alpha: float = 1.0,
     positions: Positions = "all",
@@ -75,7 +75,6 @@ def steering_hooks(
     ``v`` the unit `concept_vector`.
 
     Args:
-        model: The model to steer (the source map may come from the same model).
         source: A map of layer ``layer``'s residual stream, or `LinearMaps` containing one.
         layer: Block whose output is steered.
         alpha: Strength, relative to the residual norm at each position.
@@ -83,10 +82,22 @@ def steering_hooks(
             a slice into the positions of each forward call.
         how: See `concept_vector`.
         skip_first: See `concept_vector`.
+        *args: Only the deprecated form ``steering_hooks(model, source, ...)``, whose ``model``
+            was never used.
 
     Returns:
         ``(hook_name, fn)`` pairs for ``model.hooks(fwd_hooks=...)`` or ``run_with_hooks``.
     """
+    if args:
+        if len(args) != 1 or isinstance(source, (LinearMap, LinearMaps)):
+            raise InputError("steering_hooks takes the source map first: steering_hooks(source, layer=..., alpha=...).")
+        warnings.warn("steering_hooks(model, source, ...) is deprecated: the model was unused; call steering_hooks(source, ...).",
+                      DeprecationWarning, stacklevel=2)
+        source = args[0]
+    if not isinstance(source, (LinearMap, LinearMaps)):
+        raise InputError(f"source must be a LinearMap or LinearMaps of a residual-stream target, got {type(source).__name__}.")
+    if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+        raise InputError(f"layer must be a block index, got {layer!r}.")
     name = utils.get_act_name("resid_post", layer)
     if isinstance(source, LinearMaps):
         if name not in source:
@@ -94,6 +105,9 @@ def steering_hooks(
         source = source[name]
     if ".hook_resid_" not in source.target:
         raise InputError(f"The source map's target {source.target!r} is not a residual-stream vector.")
+    n_layers = source.readout.model.cfg.n_layers if source.readout is not None else None
+    if n_layers is not None and layer >= n_layers:
+        raise InputError(f"layer {layer} does not exist: the source's model has {n_layers} blocks (0..{n_layers - 1}).")
     vector = concept_vector(source, how=how, skip_first=skip_first)
 
     def steer(resid: Tensor, hook=None) -> Tensor:

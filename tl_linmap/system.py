@@ -1,29 +1,30 @@
-"""The frozen system of one inference: every pass `linear_maps` and the matrix-free tools share.
+"""The frozen system of one inference: every pass the linear maps and matrix-free tools share.
 
 Inside `frozen_system` the model is borrowed in the working dtype and has run:
 
 1. a plain forward (the bridge's native value, for ``native_gap``);
 2. a frozen forward, up to the final norm, recording the factors ``A(x)``; it is also the
    reference (``outputs``): detaching changes no value, so its activations are bit for bit
-   those of the live forward with norms on the same code path (`tests/test_freezing.py`
-   checks every activation);
-3. with ``graph``, a replay forward with the token embeddings as a leaf, keeping the graph
-   for reverse mode (``ys``).
+   those of the live forward with norms on the same code path (`tests/test_hooks.py`
+   checks every activation).
 
-The affine part ``b`` (``biases``) is one more replay, with every embedding zero, run when
-first asked for: as an extra row of the first `FrozenSystem.push`, or skipped where
-`purely_linear` and the graph show ``b`` to be exactly zero (one forward of the dense route,
-on Llama-like models).
+A `FrozenSystem` is immutable and valid only inside its ``with`` block (afterwards every
+method that would run the model refuses). What it gains is a new system: `FrozenSystem.with_graph`
+adds a replay forward with the token embeddings as a leaf, for reverse mode
+(`FrozenSystem.vjp`); `FrozenSystem.with_biases` the affine part ``b``, a replay with every
+embedding zero. ``b`` is known from the start where it is exactly zero (`purely_linear`, once
+the graph shows every target to depend on the embeddings), comes from the graph of a window
+(whose embeddings are zero), or rides along the first `FrozenSystem.push` as one more
+all-zero row; it is computed once per system, in one of these three ways.
 
 Where `trimmed_block` allows, every replay computes the last block the targets read at the
 target position only: the rows the other positions would cost there are never computed.
-`FrozenSystem.push` runs the replayed (exactly affine) system forward on any embeddings,
-`FrozenSystem.vjp` runs reverse mode through its graph.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+import dataclasses
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -31,125 +32,14 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from tl_linmap.analysis import Readout
-from tl_linmap.errors import FreezeError, InputError
-from tl_linmap.freezing import (
-    Factors,
-    HookList,
-    factor_names,
-    freeze_hooks,
-    quiet_norm_edits,
-    replay_hooks,
-    slice_factors,
-    trim_factors,
-    trim_hooks,
-)
+from tl_linmap.capture import at_position, capture
+from tl_linmap.errors import FreezeError, InputError, LinmapError
 from tl_linmap.guard import borrowed, hook_count
-from tl_linmap.inputs import (
-    EMBED_HOOK,
-    OUTPUT_HOOK,
-    RESIDUAL_HOOKS,
-    Prompt,
-    check_position,
-    resolve_target,
-    target_depth,
-    to_tokens,
-)
+from tl_linmap.hooks import Factors, factor_names, freeze_hooks, replay_hooks, slice_factors, trim_factors, trim_hooks
+from tl_linmap.inputs import EMBED_HOOK, OUTPUT_HOOK, RESIDUAL_HOOKS, Prompt, check_position, resolve_target, target_depth, to_tokens
+from tl_linmap.readout import FrozenAffine, Readout, frozen_norm
 
-
-class _Stop(Exception):
-    """Raised by the capture hook: nothing after the target is needed."""
-
-
-def capture(
-    model,
-    tokens: Int[Tensor, "batch pos"],
-    targets: Sequence[str],
-    hooks: HookList = (),
-    embeddings: Tensor | None = None,
-    stop: bool = True,
-    select: Callable[[Tensor], Tensor] | None = None,
-) -> dict[str, Tensor]:
-    """Run the model with hooks and return the activations at ``targets``.
-
-    Args:
-        model: A TransformerBridge.
-        tokens: Input tokens; their batch must match ``embeddings``' if given.
-        targets: Hook names whose activations are returned.
-        hooks: Extra ``(name, fn)`` forward hooks (freeze, replay, user's).
-        embeddings: If given, replace the output of ``hook_embed``.
-        stop: Abort the forward once every target fired (False: run every hook).
-        select: Keep only this part of each activation (e.g. one position), so a wide
-            batch does not hold whole activations.
-
-    Returns:
-        Activation (with its batch axis, or its `select`ed part) per target name.
-
-    Raises:
-        FreezeError: if a target hook never fired.
-    """
-    captured: dict[str, Tensor] = {}
-    wanted = set(targets)
-
-    def keep(name: str):
-        def hook(act: Tensor, hook=None) -> None:
-            captured[name] = act if select is None else select(act)
-            if stop and wanted <= captured.keys():
-                raise _Stop
-
-        return hook
-
-    fwd = list(hooks) + [(name, keep(name)) for name in wanted]
-    if embeddings is not None:
-        fwd.insert(0, (EMBED_HOOK, lambda act, hook=None: embeddings))
-    with quiet_norm_edits(), model.hooks(fwd_hooks=fwd):
-        try:
-            model(tokens)
-        except _Stop:
-            pass
-    missing = sorted(wanted - captured.keys())
-    if missing:
-        raise FreezeError(f"The hook points {missing[:4]} never fired in a forward pass of this model.")
-    return captured
-
-
-def run_to_target(model, tokens: Int[Tensor, "batch pos"], target: str, hooks: HookList = (), embeddings: Tensor | None = None, stop: bool = True) -> Tensor:
-    """`capture` of a single target.
-
-    Args:
-        model: A TransformerBridge.
-        tokens: Input tokens.
-        target: Hook name.
-        hooks: Extra forward hooks.
-        embeddings: If given, replace the output of ``hook_embed``.
-        stop: Abort the forward once the target fired.
-
-    Returns:
-        The activation at ``target`` (with its batch axis).
-    """
-    return capture(model, tokens, [target], hooks, embeddings, stop)[target]
-
-
-def at_position(act: Tensor, position: int, n_tokens: int) -> Tensor:
-    """The target vectors at one position, flattened: ``act[:, position]`` as ``(batch, d_out)``.
-
-    Args:
-        act: An activation with batch and position axes first.
-        position: Non-negative position.
-        n_tokens: Expected length of the position axis.
-
-    Returns:
-        The flattened vectors.
-
-    Raises:
-        InputError: if the activation has no position axis of that length.
-    """
-    if act.ndim < 3 or act.shape[1] != n_tokens:
-        raise InputError(
-            f"The target's activation has shape {tuple(act.shape)}, not (batch, pos={n_tokens}, ...): "
-            "tl_linmap maps activations indexed by sequence position."
-        )
-    return act[:, position].flatten(1)
+Vectors = dict[str, Tensor]
 
 
 def check_factors(model, factors: Factors) -> None:
@@ -165,7 +55,7 @@ def check_factors(model, factors: Factors) -> None:
 
 
 def trimmed_block(names: Sequence[str], cfg) -> int | None:
-    """The block replays may compute at the target position only (`tl_linmap.freezing.trim_hooks`).
+    """The block replays may compute at the target position only (`tl_linmap.hooks.trim_hooks`).
 
     That is the deepest block any target reads, provided every target inside it is the
     block's output: a target after the blocks reads one position of it, so the output
@@ -200,7 +90,7 @@ def purely_linear(model) -> bool:
     ``bias``), learned or sinusoidal position embeddings (anything but rotary), and hooks
     on the model's hook points (a steering hook adds a vector). A raw ``nn.Module``
     forward hook that adds one is not seen here (the bridge keeps hooks of its own
-    there); the reconstruction check of `tl_linmap.maps.linear_map` then fails loudly.
+    there); the reconstruction check of `tl_linmap.jacobian.linear_map` then fails loudly.
 
     Args:
         model: A TransformerBridge.
@@ -211,36 +101,6 @@ def purely_linear(model) -> bool:
     if getattr(model.cfg, "positional_embedding_type", None) != "rotary" or hook_count(model):
         return False
     return not any(name.rsplit(".", 1)[-1] == "bias" for name, _ in model.named_parameters())
-
-
-@dataclass
-class FrozenAffine:
-    """A frozen norm at one position as ``v -> matrix @ v + offset``."""
-
-    matrix: Float[Tensor, "d_out d_in"]
-    offset: Float[Tensor, " d_out"]
-
-
-def frozen_norm(model, norm: str, factors: Factors, position: int) -> FrozenAffine:
-    """A norm module frozen at one position, as an affine map.
-
-    Args:
-        model: The model, in the working dtype.
-        norm: Module name, e.g. ``"ln_final"`` or ``"blocks.3.ln1_post"``.
-        factors: Recorded by the frozen pass.
-        position: Non-negative position.
-
-    Returns:
-        A `FrozenAffine`.
-    """
-    # The bridge's own norm module, its scale replaced by the frozen one: no norm code copied here.
-    scale = factors[f"{norm}.hook_scale"][:, position : position + 1]
-    d_model = model.cfg.d_model
-    probes = torch.cat([scale.new_zeros(1, d_model), torch.eye(d_model, dtype=scale.dtype, device=scale.device)])[:, None]
-    hook = (f"{norm}.hook_scale", lambda act, hook=None: scale.expand_as(act))
-    with quiet_norm_edits(), model.hooks(fwd_hooks=[hook]):
-        out = model.get_submodule(norm)(probes)[:, 0]
-    return FrozenAffine(matrix=(out[1:] - out[0]).T.detach(), offset=out[0].detach())
 
 
 def vjp(y: Float[Tensor, " d_out"], x: Float[Tensor, "1 pos d_in"], rows: Float[Tensor, "k d_out"]) -> Float[Tensor, "k pos d_in"]:
@@ -257,7 +117,13 @@ def vjp(y: Float[Tensor, " d_out"], x: Float[Tensor, "1 pos d_in"], rows: Float[
     return torch.autograd.grad(y, x, rows, is_grads_batched=True, retain_graph=True)[0][:, 0]
 
 
-@dataclass
+class _Lease:
+    """Whether the model is still borrowed: shared by a system and every system derived from it."""
+
+    active = True
+
+
+@dataclass(frozen=True)
 class FrozenSystem:
     """One prompt's frozen system, valid inside `frozen_system`.
 
@@ -266,53 +132,40 @@ class FrozenSystem:
         tokens: ``(1, pos)``.
         position: Target position (non-negative).
         names: Target hook names.
-        x: The token embeddings, ``(1, pos, d_in)``: the leaf of the graph, if built.
+        x: The token embeddings, ``(1, pos, d_in)``; the leaf of the graph, if there is one.
         factors: The frozen factors by hook name.
-        ys: Per target, its vector at ``position`` in the replay's graph (empty without graph).
-        outputs: Per target, the reference value.
-        natives: Per target, the plain forward's value.
+        outputs: Per target, the reference value at ``position``.
+        natives: Per target, the plain forward's value at ``position``.
+        final_norm: ``ln_final`` frozen at ``position`` (how vectors are read as tokens).
         trim: The block replays compute at ``position`` only (see `trimmed_block`), or None.
         linear: The model adds no constant (see `purely_linear`).
+        ys: Per target, its vector at ``position`` in the replay's graph (None: no graph).
+        biases: Per target, the affine part ``b`` (None: not computed yet).
     """
 
-    model: object
+    model: object = field(repr=False)
     tokens: Int[Tensor, "1 pos"]
     position: int
-    names: list[str]
-    x: Float[Tensor, "1 pos d_in"]
-    factors: Factors
-    outputs: dict[str, Tensor]
-    natives: dict[str, Tensor]
+    names: tuple[str, ...]
+    x: Float[Tensor, "1 pos d_in"] = field(repr=False)
+    factors: Factors = field(repr=False)
+    outputs: Vectors = field(repr=False)
+    natives: Vectors = field(repr=False)
+    final_norm: FrozenAffine = field(repr=False)
+    lease: _Lease = field(repr=False)
     trim: int | None = None
     linear: bool = False
-    ys: dict[str, Tensor] = field(default_factory=dict, repr=False)
-    _biases: dict[str, Tensor] = field(default_factory=dict, repr=False)
-    _norms: dict[str, FrozenAffine] = field(default_factory=dict, repr=False)
+    ys: Vectors | None = field(default=None, repr=False)
+    biases: Vectors | None = field(default=None, repr=False)
 
-    @property
-    def biases(self) -> dict[str, Tensor]:
-        """Per target, the affine part ``b``: the replay with every embedding zero, run on first use (inside `frozen_system`).
+    def _alive(self) -> None:
+        if not self.lease.active:
+            raise LinmapError(
+                "This frozen system was used after its `with` block ended: the model has been given "
+                "back. Keep the work inside the block (or use the results it returned)."
+            )
 
-        Once the graph has shown every target to depend on the embeddings, a `purely_linear`
-        model needs no replay: ``b`` is exactly zero. (A target that is itself a frozen factor
-        is a constant, all ``b``; only the replay, or the graph, tells.)
-
-        Returns:
-            Per target, ``b`` at the target position.
-        """
-        if not self._biases:
-            if self._biases_are_zero():
-                self._biases = {name: torch.zeros_like(y) for name, y in self.outputs.items()}
-            else:
-                with torch.no_grad():
-                    self._biases = {name: y[0] for name, y in self.replay(torch.zeros_like(self.x)).items()}
-        return self._biases
-
-    def _biases_are_zero(self) -> bool:
-        # The graph shows every target to depend on the embeddings, and the model adds no constant.
-        return self.linear and bool(self.ys)
-
-    def replay(self, embeddings: Float[Tensor, "batch pos d_in"]) -> dict[str, Float[Tensor, "batch d_out"]]:
+    def replay(self, embeddings: Float[Tensor, "batch pos d_in"]) -> Vectors:
         """The replayed system ``F(e) = Σ_i J_i e_i + b`` at the target position, one forward pass.
 
         Args:
@@ -321,6 +174,7 @@ class FrozenSystem:
         Returns:
             Per target, its vectors at ``position`` (a graph if ``embeddings`` has one).
         """
+        self._alive()
         n = self.tokens.shape[1]
         if self.trim is None:
             hooks = replay_hooks(self.model, self.factors)
@@ -331,39 +185,83 @@ class FrozenSystem:
         # A copy of the one position, so a wide batch does not keep whole activations alive.
         return capture(self.model, tokens, self.names, hooks, embeddings, select=lambda act: at_position(act, self.position, n).clone())
 
-    def build_graph(self) -> None:
-        """Record the replay's graph, the token embeddings ``x`` its leaf, for `vjp`.
+    def with_graph(self) -> FrozenSystem:
+        """This system with the replay's graph recorded, its token embeddings ``x`` the leaf (for `vjp`).
+
+        Returns:
+            A new `FrozenSystem`; where the model adds no constant (`purely_linear`) its ``b``
+            is now known to be exactly zero.
 
         Raises:
             InputError: if a target does not depend on the token embeddings.
         """
-        self.x.requires_grad_(True)
+        x = self.x.detach().requires_grad_(True)
         with torch.enable_grad():
-            ys = {name: y[0] for name, y in self.replay(self.x).items()}
+            ys = {name: y[0] for name, y in self.replay(x).items()}
         for name, y in ys.items():
             if not y.requires_grad:
                 raise InputError(f"{name!r} does not depend on the token embeddings (a frozen factor?).")
-        self.ys = ys
+        biases = self.biases
+        if biases is None and self.linear:
+            # Every target depends on the embeddings and nothing adds a constant: b = 0 exactly.
+            biases = {name: torch.zeros_like(y) for name, y in self.outputs.items()}
+        return dataclasses.replace(self, x=x, ys=ys, biases=biases)
 
-    def push(self, embeddings: Float[Tensor, "batch pos d_in"]) -> dict[str, Float[Tensor, "batch d_out"]]:
-        """The linear part ``Σ_i J_i e_i`` for a batch of embedding sequences, by forward passes.
+    def with_biases(self) -> FrozenSystem:
+        """This system with its affine part ``b`` known: a replay with every embedding zero, if needed.
 
-        The first push of a system whose ``b`` is not known yet also computes it, as one more
-        (all-zero) row of the same batch.
+        Returns:
+            A `FrozenSystem` whose ``biases`` is set (this one if it was already).
+        """
+        if self.biases is not None:
+            return self
+        with torch.no_grad():
+            biases = {name: y[0] for name, y in self.replay(torch.zeros_like(self.x[:1])).items()}
+        return dataclasses.replace(self, biases=biases)
+
+    def push(self, embeddings: Float[Tensor, "batch pos d_in"]) -> tuple[Vectors, Vectors]:
+        """The linear part ``Σ_i J_i e_i`` for a batch of embedding sequences, by one forward pass.
+
+        Where ``b`` is not known yet it rides along as one more, all-zero row: a forward of a
+        few rows costs about what one row costs (the weights are read once), a separate
+        zero-input replay a whole one.
 
         Args:
             embeddings: Any embeddings, one sequence per batch row.
 
         Returns:
-            Per target, ``F(e) − b`` at the target position.
+            ``(linear, biases)``: per target ``F(e) − b`` at the target position, and ``b``
+            (keep it with ``dataclasses.replace(system, biases=biases)`` for further pushes).
         """
-        if not self._biases and not self._biases_are_zero():
-            # b rides along as one more, all-zero row: a forward of a few rows costs about what
-            # one row costs (the weights are read once), a separate zero-input replay a whole one.
+        with torch.no_grad():
+            if self.biases is not None:
+                return {name: y - self.biases[name] for name, y in self.replay(embeddings).items()}, self.biases
             ys = self.replay(torch.cat([embeddings, torch.zeros_like(embeddings[:1])]))
-            self._biases = {name: y[-1].detach() for name, y in ys.items()}
-            return {name: y[:-1] - self._biases[name] for name, y in ys.items()}
-        return {name: y - self.biases[name] for name, y in self.replay(embeddings).items()}
+        biases = {name: y[-1] for name, y in ys.items()}
+        return {name: y[:-1] - biases[name] for name, y in ys.items()}, biases
+
+    def push_basis(self, token: int, dims: range, scale: float = 1.0) -> tuple[Vectors, Vectors]:
+        """Columns ``J_token[:, dims]`` of every target at once, by one forward pass of ``len(dims)`` rows.
+
+        Row ``r`` of the batch is the basis embedding ``e_{token, dims[r]}`` (one at that
+        token and dimension, zero elsewhere); the replayed system is exactly affine, so
+        ``F(e) − b`` is the matching column of ``J_token``. ``scale`` multiplies the basis
+        embeddings and divides the result: exact for a power of two, it keeps ``F(s·e) − b``
+        from cancelling when the bias ``b`` is large.
+
+        Args:
+            token: Input token index in this system (0 for a `window` starting at that token).
+            dims: Input dimensions (at most ``d_in`` of them).
+            scale: Length of the pushed basis embeddings (a power of two).
+
+        Returns:
+            ``(columns, biases)``: per target ``J_token[:, d]`` as ``(len(dims), d_out)``, and ``b``.
+        """
+        x, k = self.x, len(dims)
+        embeddings = torch.zeros(k, *x.shape[1:], dtype=x.dtype, device=x.device)
+        embeddings[torch.arange(k, device=x.device), token, torch.as_tensor(dims, device=x.device)] = scale
+        linear, biases = self.push(embeddings)
+        return {name: y / scale for name, y in linear.items()}, biases
 
     def vjp(self, name: str, rows: Float[Tensor, "k d_out"]) -> Float[Tensor, "k pos d_in"]:
         """``rows @ [J_0 … J_n]`` by one batched backward through the replay's graph.
@@ -376,11 +274,13 @@ class FrozenSystem:
             ``J_i^T r`` for every token ``i`` and row ``r``.
 
         Raises:
-            FreezeError: if the system has no graph yet.
+            FreezeError: if the system has no graph (see `with_graph`).
         """
-        if not self.ys:
-            raise FreezeError("This frozen system has no graph for reverse mode yet: call its build_graph() first.")
-        return vjp(self.ys[name], self.x, rows)
+        self._alive()
+        if self.ys is None:
+            raise FreezeError("This frozen system has no graph for reverse mode: use system.with_graph().")
+        with torch.enable_grad():
+            return vjp(self.ys[name], self.x, rows)
 
     def window(self, start: int, *, graph: bool = True) -> FrozenSystem:
         """The same linear system restricted to inputs at positions ``start..position``.
@@ -388,102 +288,81 @@ class FrozenSystem:
         The prompt is cut to that window and replayed with the sliced factors, so products
         with one token's operator cost a forward or backward of ``position - start + 1``
         positions instead of the whole prompt (a single position for the target token).
+        With the factors frozen, a window's linear part is exactly the whole prompt's
+        restricted to its inputs: what earlier positions add is all affine.
 
         Args:
             start: First input position kept (``0 <= start <= position``).
-            graph: Keep the window's graph for `vjp`; without it (forward products, `push`
-                and `push_basis`, only) the window's ``biases`` come from its own zero-input
-                replay on first use (an extra row of its first `push`).
+            graph: Record the window's graph for `vjp` (its value, at zero embeddings, is
+                the window's ``b``); without it, ``b`` rides along the first `push`.
 
         Returns:
             A `FrozenSystem` whose token 0 is this one's token ``start``; its ``biases``
-            are the window's own affine part, so `push` still returns the linear part.
-            Without ``graph``, a window that is the whole system is the system itself.
+            are the window's own affine part. Without ``graph``, a window that is the whole
+            system is the system itself.
         """
+        self._alive()
         if start == 0 and self.position == self.tokens.shape[1] - 1 and not graph:
-            return self  # no second zero-input replay of the same system
+            return self
         tokens = self.tokens[:, start : self.position + 1]
         n = tokens.shape[1]
-        factors = slice_factors(self.model, self.factors, start, self.position + 1)
-        x = self.x.new_zeros(1, n, self.x.shape[-1])
-        window = FrozenSystem(self.model, tokens, n - 1, self.names, x, factors, self.outputs, self.natives, self.trim, self.linear)
-        if graph:  # the graph's own value is the replay at zero input
-            window.build_graph()
-            window._biases = {name: y.detach() for name, y in window.ys.items()}
-        return window
+        window = dataclasses.replace(
+            self, tokens=tokens, position=n - 1, x=self.x.new_zeros(1, n, self.x.shape[-1]).detach(),
+            factors=slice_factors(self.model, self.factors, start, self.position + 1), ys=None, biases=None,
+        )
+        if not graph:
+            return window
+        window = window.with_graph()
+        return dataclasses.replace(window, biases={name: y.detach() for name, y in window.ys.items()})
 
-    def push_basis(self, token: int, dims: range, scale: float = 1.0) -> dict[str, Float[Tensor, "k d_out"]]:
-        """Columns ``J_token[:, dims]`` of every target at once, by one forward pass of ``len(dims)`` rows.
-
-        Row ``r`` of the batch is the basis embedding ``e_{token, dims[r]}`` (one at that
-        token and dimension, zero elsewhere); the replayed system is exactly affine, so
-        ``F(e) − b`` is the matching column of ``J_token``. Only the target position of each
-        target is kept, and the pass stops after the last target.
-
-        ``scale`` multiplies the basis embeddings and divides the result: exact for a power
-        of two, it keeps ``F(s·e) − b`` from cancelling when the bias ``b`` is large.
+    def frozen_norm(self, norm: str) -> FrozenAffine:
+        """A norm module frozen at the target position, as an affine map.
 
         Args:
-            token: Input token index in this system (0 for a `window` starting at that token).
-            dims: Input dimensions (at most ``d_in`` of them).
-            scale: Length of the pushed basis embeddings (a power of two).
+            norm: Module name, e.g. ``"blocks.3.ln1_post"``.
 
         Returns:
-            Per target, one row per dimension: ``J_token[:, d]`` as ``(len(dims), d_out)``.
-
-        Raises:
-            FreezeError: if a target hook never fired.
+            A `tl_linmap.readout.FrozenAffine`.
         """
-        x, k = self.x, len(dims)
-        embeddings = torch.zeros(k, *x.shape[1:], dtype=x.dtype, device=x.device)
-        embeddings[torch.arange(k, device=x.device), token, torch.as_tensor(dims, device=x.device)] = scale
-        with torch.no_grad():
-            return {name: (y - self.biases[name]) / scale for name, y in self.replay(embeddings).items()}
+        self._alive()
+        return frozen_norm(self.model, norm, self.factors, self.position)
+
+    def readout(self, name: str) -> Readout:
+        """How a target's vectors are read as tokens: through ``ln_final`` frozen at the target position.
+
+        Args:
+            name: Target hook name.
+
+        Returns:
+            A `tl_linmap.readout.Readout` (no norm for the final norm's own output).
+        """
+        if name == OUTPUT_HOOK:
+            return Readout(model=self.model, final_norm=None)
+        return Readout(model=self.model, final_norm=self.final_norm, residual=name.endswith(RESIDUAL_HOOKS))
 
     def result_fields(self, name: str) -> dict:
-        """The `tl_linmap.maps.TargetResult` fields of one target (inside `frozen_system`: they may run the model).
+        """The `tl_linmap.results.TargetResult` fields of one target (``b`` must be known).
 
         Args:
             name: Target hook name.
 
         Returns:
             ``bias``, ``output``, ``native_output``, ``tokens``, ``target``, ``position``, ``readout``.
+
+        Raises:
+            FreezeError: if ``b`` has not been computed (see `with_biases`).
         """
+        if self.biases is None:
+            raise FreezeError("b is not known yet: use system.with_biases().")
         return dict(
             readout=self.readout(name),
-            bias=self.biases[name],
+            bias=self.biases[name].detach(),
             output=self.outputs[name],
             native_output=self.natives[name],
             tokens=self.tokens[0],
             target=name,
             position=self.position,
         )
-
-    def readout(self, name: str) -> Readout:
-        """How the target's vectors are read as tokens: through ``ln_final`` frozen at the target position.
-
-        Args:
-            name: Target hook name.
-
-        Returns:
-            A `tl_linmap.analysis.Readout` (no norm for the final norm's own output).
-        """
-        if name == OUTPUT_HOOK:
-            return Readout(model=self.model, final_norm=None)
-        return Readout(model=self.model, final_norm=self.frozen_norm("ln_final"), residual=name.endswith(RESIDUAL_HOOKS))
-
-    def frozen_norm(self, norm: str) -> FrozenAffine:
-        """A norm module frozen at the target position (see `frozen_norm`), computed once per norm.
-
-        Args:
-            norm: Module name.
-
-        Returns:
-            A `FrozenAffine`.
-        """
-        if norm not in self._norms:  # readouts and `linear_maps(norms=...)` both ask for ln_final
-            self._norms[norm] = frozen_norm(self.model, norm, self.factors, self.position)
-        return self._norms[norm]
 
 
 @contextmanager
@@ -494,7 +373,6 @@ def frozen_system(
     *,
     position: int = -1,
     dtype: torch.dtype | None = torch.float64,
-    graph: bool = True,
 ) -> Iterator[FrozenSystem]:
     """Borrow the model and run the passes every linear-system computation shares.
 
@@ -503,43 +381,42 @@ def frozen_system(
         prompt_or_tokens: One prompt as text or token ids.
         targets: Hook names (or ``"output"``).
         position: Sequence position of the targets.
-        dtype: Working dtype (the model's own is restored on exit).
-        graph: Build the replay's graph for reverse mode now (`FrozenSystem.vjp`; else
-            `FrozenSystem.build_graph` builds it when needed).
+        dtype: Working dtype (the model comes back bit for bit on exit).
 
     Returns:
-        A context manager yielding the `FrozenSystem`.
+        A context manager yielding the `FrozenSystem` (without graph or ``b``: see
+        `FrozenSystem.with_graph`, `FrozenSystem.with_biases`, `FrozenSystem.push`).
 
     Raises:
-        InputError: for a bad prompt, position or target, or a target that does not
-            depend on the embeddings.
+        InputError: for a bad prompt, position or target.
         FreezeError: if a freeze hook never ran.
     """
     tokens = to_tokens(model, prompt_or_tokens)
     n = tokens.shape[1]
     position = check_position(position, n)
-    names = list(dict.fromkeys(resolve_target(model, t) for t in targets))
+    names = tuple(dict.fromkeys(resolve_target(model, t) for t in targets))
+    lease = _Lease()
     with borrowed(model, dtype):
-        natives = capture(model, tokens, names + [EMBED_HOOK])
-        factors: Factors = {}
-        with torch.no_grad():
-            # Up to the final norm, so every factor is recorded (and checked) for the replay.
-            outputs = capture(model, tokens, names + [OUTPUT_HOOK], freeze_hooks(model, factors=factors))
-        check_factors(model, factors)
-        at = {name: lambda acts, name=name: at_position(acts[name], position, n)[0].detach() for name in names}
-        system = FrozenSystem(
-            model=model,
-            tokens=tokens,
-            position=position,
-            names=names,
-            x=natives[EMBED_HOOK].detach().clone(),
-            factors=factors,
-            outputs={name: at[name](outputs) for name in names},
-            natives={name: at[name](natives) for name in names},
-            trim=trimmed_block(names, model.cfg),
-            linear=purely_linear(model),
-        )
-        del natives, outputs
-        if graph:
-            system.build_graph()
-        yield system
+        try:
+            natives = capture(model, tokens, [*names, EMBED_HOOK])
+            factors: Factors = {}
+            with torch.no_grad():
+                # Up to the final norm, so every factor is recorded (and checked) for the replay.
+                outputs = capture(model, tokens, [*names, OUTPUT_HOOK], freeze_hooks(model, factors=factors))
+            check_factors(model, factors)
+            yield FrozenSystem(
+                model=model,
+                tokens=tokens,
+                position=position,
+                names=names,
+                x=natives[EMBED_HOOK].detach().clone(),
+                factors=factors,
+                outputs={name: at_position(outputs[name], position, n)[0].detach() for name in names},
+                natives={name: at_position(natives[name], position, n)[0].detach() for name in names},
+                final_norm=frozen_norm(model, "ln_final", factors, position),
+                lease=lease,
+                trim=trimmed_block(names, model.cfg),
+                linear=purely_linear(model),
+            )
+        finally:
+            lease.active = False

@@ -4,11 +4,11 @@ import pytest
 import torch
 
 import tl_linmap
-from tl_linmap import freezing
+from tl_linmap import hooks as freezing
 from tl_linmap.errors import FreezeError, UnsupportedArchitectureError
-from tl_linmap.freezing import factor_names, freeze_hooks, replay_hooks, same_path_hooks
+from tl_linmap.hooks import factor_names, freeze_hooks, replay_hooks, same_path_hooks
 from tl_linmap.guard import borrowed, hook_count
-from tl_linmap.system import run_to_target
+from tl_linmap.capture import run_to_target
 from tl_linmap.rules import FREEZE_RULES
 
 from conftest import PROMPT
@@ -137,7 +137,7 @@ def test_a_silently_ignored_freeze_is_caught(toy_models, monkeypatch):
 
     monkeypatch.setattr(freezing, "_detach_fn", lambda name, factors: ignored_at_scale(real_detach(name, factors)))
     monkeypatch.setattr(freezing, "_replace_fn", lambda factor: ignored_at_scale(real_replace(factor)))
-    for route in ("backward", "forward"):
+    for route in ("rows", "columns"):
         with pytest.raises(FreezeError, match="misses the model's output"):
             tl_linmap.linear_map(model, PROMPT, route=route)
 

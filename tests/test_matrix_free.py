@@ -1,11 +1,14 @@
 """Matrix-free routes agree with the dense Jacobian route (correctness, not speed)."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 import tl_linmap
 from tl_linmap.guard import hook_count
-from tl_linmap.operators import WINDOW_ROWS, matrix_free, token_contributions
+from tl_linmap.budget import WINDOW_ROWS
+from tl_linmap.matrix_free import matrix_free, token_contributions
 
 from conftest import PROMPT
 
@@ -17,12 +20,12 @@ def dense(model):
 
 @pytest.mark.parametrize("chunk_size", [None, 3])  # 3: passes on windows of the prompt
 def test_forward_contributions_equal_the_jacobian_route(model, dense, chunk_size):
-    fast = token_contributions(model, PROMPT, position=-3, chunk_size=chunk_size)
+    fast = token_contributions(model, PROMPT, position=-3, tokens_per_pass=chunk_size)
     scale = dense.output.norm()
     assert (fast.contributions() - dense.contributions()).norm() < 1e-12 * scale
     assert fast.relative_error() < 1e-12
     assert fast.contributions()[-2:].abs().max() == 0  # tokens after the target position
-    assert torch.equal(fast.bias, dense.bias) and torch.equal(fast.output, dense.output)
+    assert (fast.bias - dense.bias).norm() <= 1e-12 * (scale + dense.bias.norm()) and torch.equal(fast.output, dense.output)
 
 
 def test_the_bias_rides_along_the_first_push(toy_models):
@@ -42,7 +45,7 @@ def test_the_bias_rides_along_the_first_push(toy_models):
 def test_contributions_in_chunks_of_one_token(toy_models):
     model = toy_models["gpt2"]
     whole = token_contributions(model, PROMPT)
-    one_by_one = token_contributions(model, PROMPT, chunk_size=1)
+    one_by_one = token_contributions(model, PROMPT, tokens_per_pass=1)
     assert torch.allclose(whole.contributions(), one_by_one.contributions(), rtol=0, atol=1e-13 * whole.output.norm())
 
 
@@ -61,7 +64,9 @@ def test_matvec_and_rmatvec_apply_the_operator(model, dense):
 @pytest.mark.parametrize("token", [0, 3, -3])
 def test_randomized_svd_matches_the_dense_svd(model, dense, token):
     with matrix_free(model, PROMPT, position=-3) as mf:
-        top = mf.svd(token=token, k=6)
+        svd = mf.svd(token, k=6)
+    assert svd.tokens == [token % len(dense.tokens)]
+    top = SimpleNamespace(values=svd.values[0], left=svd.left[0], right=svd.right[0])
     u, s, vh = torch.linalg.svd(dense.operators[token])
     assert torch.allclose(top.values, s[:6], rtol=1e-8, atol=0)
     well_separated = (s[:6] - s[1:7]).abs() > 1e-3 * s[0]
@@ -75,7 +80,7 @@ def test_randomized_svd_matches_the_dense_svd(model, dense, token):
 
 def test_randomized_svd_warns_when_it_stops_early(toy_models):
     with matrix_free(toy_models["gpt2"], PROMPT) as mf, pytest.warns(UserWarning, match="stopped after 30 directions"):
-        mf.svd(token=-1, k=6, max_iter=2)
+        mf.svd(-1, k=6, max_iter=2)
 
 
 def test_operator_after_the_target_position_is_refused(toy_models):
@@ -83,3 +88,39 @@ def test_operator_after_the_target_position_is_refused(toy_models):
 
     with matrix_free(toy_models["llama"], PROMPT, position=3) as mf, pytest.raises(InputError, match="after the target position"):
         mf.operator(5)
+
+
+def test_a_matrix_free_svd_decodes_like_a_dense_one(toy_models):
+    """One SVD type: the matrix-free top pairs read as the same tokens as the dense route's."""
+    model = toy_models["llama"]
+    dense = tl_linmap.linear_map(model, PROMPT).decode(k=2, top=3, sources=-3)
+    with matrix_free(model, PROMPT) as mf:
+        free = mf.svd(-3, k=2).decode(k=2, top=3)
+    assert [(r.source, r.index, [t for t, _ in r.left], [t for t, _ in r.right]) for r in free] == [
+        (r.source, r.index, [t for t, _ in r.left], [t for t, _ in r.right]) for r in dense
+    ]
+    assert all(abs(a.sigma - b.sigma) < 1e-8 * b.sigma for a, b in zip(free, dense))
+    assert all(r.share is None for r in free)  # only the top values are known
+
+
+def test_matrix_free_probe_catches_a_freeze_without_effect(toy_models, monkeypatch):
+    """The probe at the start of matrix_free fails when a factor stays live (here: no pattern is frozen)."""
+    from tl_linmap import hooks
+    from tl_linmap.errors import FreezeError
+
+    real = hooks._replace_fn
+    monkeypatch.setattr(hooks, "_replace_fn", lambda factor: (lambda act, hook=None: None) if factor.ndim == 4 else real(factor))
+    with pytest.raises(FreezeError, match="misses the model's output"):
+        with matrix_free(toy_models["llama"], PROMPT):
+            pass
+
+
+def test_contributions_are_checked(toy_models, monkeypatch):
+    from tl_linmap import hooks
+    from tl_linmap.errors import FreezeError
+
+    real = hooks._replace_fn
+    monkeypatch.setattr(hooks, "_replace_fn", lambda factor: (lambda act, hook=None: None) if factor.ndim == 4 else real(factor))
+    with pytest.raises(FreezeError, match="misses the model's output"):
+        token_contributions(toy_models["llama"], PROMPT)
+    assert token_contributions(toy_models["llama"], PROMPT, check=False).relative_error() > 1e-6

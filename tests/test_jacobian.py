@@ -9,11 +9,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import tl_linmap
-from tl_linmap import maps
+from tl_linmap import budget, jacobian
 from tl_linmap.errors import MemoryBudgetError
-from tl_linmap.freezing import freeze_hooks, replay_hooks, same_path_hooks
+from tl_linmap.hooks import freeze_hooks, replay_hooks, same_path_hooks
 from tl_linmap.guard import borrowed
-from tl_linmap.system import run_to_target
+from tl_linmap.capture import run_to_target
 
 from conftest import BIASED, PROMPT
 
@@ -92,39 +92,39 @@ def test_plain_jacobian_is_not_the_detached_one(model):
 
 def test_chunked_jacobian_equals_unchunked(model):
     whole = tl_linmap.linear_map(model, PROMPT)
-    chunked = tl_linmap.linear_map(model, PROMPT, chunk_size=7)
+    chunked = tl_linmap.linear_map(model, PROMPT, rows_per_pass=7)
     assert torch.allclose(whole.operators, chunked.operators, rtol=0, atol=1e-14 * whole.operators.abs().max())
 
 
 def test_default_chunk_shrinks_to_the_memory_budget(toy_models, monkeypatch):
     model = toy_models["llama"]
     planned = []
-    real_jacobian = maps._jacobian
-    monkeypatch.setattr(maps, "_jacobian", lambda y, x, chunk, bar: planned.append(chunk) or real_jacobian(y, x, chunk, bar))
+    real_jacobian = jacobian._rows
+    monkeypatch.setattr(jacobian, "_rows", lambda y, x, chunk, bar: planned.append(chunk) or real_jacobian(y, x, chunk, bar))
     whole = tl_linmap.linear_map(model, PROMPT)
-    monkeypatch.setattr(maps, "available_bytes", lambda device: 4 * 2**20)  # 4 MiB free
+    monkeypatch.setattr(budget, "available_bytes", lambda device: 4 * 2**20)  # 4 MiB free
     small = tl_linmap.linear_map(model, PROMPT)
     assert 1 <= planned[1] < planned[0]
     assert torch.allclose(small.operators, whole.operators, rtol=0, atol=1e-14 * whole.operators.abs().max())
 
 
 def test_default_chunk_is_wide_enough_not_all_rows(monkeypatch):
-    monkeypatch.setattr(maps, "available_bytes", lambda device: 2**40)
+    monkeypatch.setattr(budget, "available_bytes", lambda device: 2**40)
     smollm2_widths = SimpleNamespace(cfg=SimpleNamespace(d_model=576, d_mlp=1536))
     cpu = torch.device("cpu")
-    assert maps.plan_chunk(smollm2_widths, 16, 576, 1, torch.float64, 576, cpu) == 576  # the user's choice stands
-    assert maps.plan_chunk(smollm2_widths, 16, 576, 1, torch.float64, None, cpu) == maps.ROW_POSITIONS // 16
-    assert maps.plan_chunk(smollm2_widths, 4, 64, 1, torch.float64, None, cpu) == 64  # every row
-    assert maps.plan_chunk(smollm2_widths, 1000, 576, 1, torch.float64, None, cpu) == 32
+    assert budget.plan_rows(smollm2_widths, 16, 576, 1, torch.float64, 576, cpu) == 576  # the user's choice stands
+    assert budget.plan_rows(smollm2_widths, 16, 576, 1, torch.float64, None, cpu) == budget.ROW_POSITIONS // 16
+    assert budget.plan_rows(smollm2_widths, 4, 64, 1, torch.float64, None, cpu) == 64  # every row
+    assert budget.plan_rows(smollm2_widths, 1000, 576, 1, torch.float64, None, cpu) == 32
 
 
 def test_out_of_memory_risk_suggests_a_chunk_size(toy_models, monkeypatch):
     model = toy_models["llama"]
-    monkeypatch.setattr(maps, "available_bytes", lambda device: 4 * 2**20)
-    with pytest.raises(MemoryBudgetError, match=r"risks running out of memory.*use chunk_size=\d+ or less"):
-        tl_linmap.linear_map(model, PROMPT, chunk_size=64)
-    monkeypatch.setattr(maps, "available_bytes", lambda device: 2**16)
-    with pytest.raises(MemoryBudgetError, match="The operators need"):
+    monkeypatch.setattr(budget, "available_bytes", lambda device: 4 * 2**20)
+    with pytest.raises(MemoryBudgetError, match=r"risks running out of memory.*use rows_per_pass=\d+ or less"):
+        tl_linmap.linear_map(model, PROMPT, rows_per_pass=64)
+    monkeypatch.setattr(budget, "available_bytes", lambda device: 2**16)
+    with pytest.raises(MemoryBudgetError, match="The results need"):
         tl_linmap.linear_map(model, PROMPT)
 
 
@@ -181,8 +181,8 @@ def _relative_diff(a, b):
 
 @pytest.mark.parametrize("prompt, position", [(SHORT, -1), (PROMPT, 6)])
 def test_forward_route_equals_backward_route(model, prompt, position):
-    backward, _ = tl_linmap.linear_maps(model, prompt, ROUTE_TARGETS, position=position, route="backward")
-    forward, _ = tl_linmap.linear_maps(model, prompt, ROUTE_TARGETS, position=position, route="forward")
+    backward = tl_linmap.linear_maps(model, prompt, ROUTE_TARGETS, position=position, route="rows")
+    forward = tl_linmap.linear_maps(model, prompt, ROUTE_TARGETS, position=position, route="columns")
     assert forward.keys() == backward.keys()
     for name, lm in forward.items():
         assert lm.operators.shape == backward[name].operators.shape
@@ -195,8 +195,8 @@ def test_forward_route_equals_backward_route(model, prompt, position):
 def test_forward_route_float32_keeps_backward_accuracy(toy_models):
     """A large affine part (GPT-2's learned positions and biases) does not swamp F(e) − b."""
     model = toy_models["gpt2"]
-    exact = tl_linmap.linear_map(model, SHORT, route="backward").operators
-    for route in ("backward", "forward"):
+    exact = tl_linmap.linear_map(model, SHORT, route="rows").operators
+    for route in ("rows", "columns"):
         lm = tl_linmap.linear_map(model, SHORT, dtype=torch.float32, route=route)
         assert lm.relative_error() < 1e-5
         assert _relative_diff(lm.operators.double(), exact) < 1e-6
@@ -204,52 +204,52 @@ def test_forward_route_float32_keeps_backward_accuracy(toy_models):
 
 def test_forward_route_chunks_and_memory_budget(toy_models, monkeypatch):
     model = toy_models["llama"]
-    whole = tl_linmap.linear_map(model, SHORT, route="forward")
-    chunked = tl_linmap.linear_map(model, SHORT, route="forward", chunk_size=24)
+    whole = tl_linmap.linear_map(model, SHORT, route="columns")
+    chunked = tl_linmap.linear_map(model, SHORT, route="columns", rows_per_pass=24)
     assert torch.allclose(whole.operators, chunked.operators, rtol=0, atol=1e-14 * whole.operators.abs().max())
     planned = []
-    real_plan = maps.plan_columns
-    monkeypatch.setattr(maps, "plan_columns", lambda *args: planned.append(real_plan(*args)) or planned[-1])
-    monkeypatch.setattr(maps, "available_bytes", lambda device: 4 * 2**20)  # 4 MiB free
-    small = tl_linmap.linear_map(model, SHORT, route="forward")
+    real_plan = jacobian.plan_columns
+    monkeypatch.setattr(jacobian, "plan_columns", lambda *args: planned.append(real_plan(*args)) or planned[-1])
+    monkeypatch.setattr(budget, "available_bytes", lambda device: 4 * 2**20)  # 4 MiB free
+    small = tl_linmap.linear_map(model, SHORT, route="columns")
     assert 1 <= planned[0] <= planned[-1] and planned[0] < model.cfg.d_model  # longer windows, fewer rows
     assert torch.allclose(small.operators, whole.operators, rtol=0, atol=1e-14 * whole.operators.abs().max())
-    with pytest.raises(MemoryBudgetError, match=r"risks running out of memory.*use chunk_size=\d+ or less"):
-        tl_linmap.linear_map(model, SHORT, route="forward", chunk_size=64)
-    monkeypatch.setattr(maps, "available_bytes", lambda device: 2**16)
-    with pytest.raises(MemoryBudgetError, match="The operators need"):
-        tl_linmap.linear_map(model, SHORT, route="forward")
+    with pytest.raises(MemoryBudgetError, match=r"risks running out of memory.*use rows_per_pass=\d+ or less"):
+        tl_linmap.linear_map(model, SHORT, route="columns", rows_per_pass=64)
+    monkeypatch.setattr(budget, "available_bytes", lambda device: 2**16)
+    with pytest.raises(MemoryBudgetError, match="The results need"):
+        tl_linmap.linear_map(model, SHORT, route="columns")
 
 
 def test_forward_route_rejects_a_target_without_embedding_dependence(toy_models):
     with pytest.raises(tl_linmap.InputError, match="does not depend on the token embeddings"):
-        tl_linmap.linear_map(toy_models["llama"], SHORT, target="blocks.0.ln1.hook_scale", route="forward")
+        tl_linmap.linear_map(toy_models["llama"], SHORT, target="blocks.0.ln1.hook_scale", route="columns")
 
 
 def test_unknown_route_is_an_input_error(toy_models):
-    with pytest.raises(tl_linmap.InputError, match=r"route must be one of 'auto', 'backward', 'forward', got 'sideways'"):
+    with pytest.raises(tl_linmap.InputError, match=r"route must be one of 'auto', 'rows', 'columns', got 'sideways'"):
         tl_linmap.linear_map(toy_models["llama"], SHORT, route="sideways")
 
 
-@pytest.mark.parametrize("route, unit", [("backward", "rows"), ("forward", "columns")])
-def test_progress_bar_counts_both_routes(toy_models, capsys, route, unit):
+@pytest.mark.parametrize("route", ["rows", "columns"])
+def test_progress_bar_counts_both_routes(toy_models, capsys, route):
     model = toy_models["llama"]
     lm = tl_linmap.linear_map(model, SHORT, route=route, progress=True)
-    total = model.cfg.d_model * (len(lm.tokens) if route == "forward" else 1)
+    total = model.cfg.d_model * (len(lm.tokens) if route == "columns" else 1)
     err = capsys.readouterr().err
-    assert f"detached Jacobian {unit}" in err and f"{total}/{total}" in err
+    assert f"detached Jacobian {route}" in err and f"{total}/{total}" in err
 
 
 def test_auto_route_rule():
     d, layers, n = 576, 30, 16
     residual = [(d, layer + 1) for layer in range(layers) for _ in ("mid", "post")]
-    assert maps.choose_route(d, n, n - 1, residual) == "forward"  # every layer's residual stream
-    assert maps.choose_route(d, n, n - 1, [(d, layers)]) == "backward"  # only the output
-    assert maps.choose_route(d, 512, 511, residual) == "backward"  # a long prompt
-    assert maps.choose_route(d, 512, 3, residual) == "forward"  # ... read early: short windows
+    assert budget.choose_route(d, n, n - 1, residual) == "columns"  # every layer's residual stream
+    assert budget.choose_route(d, n, n - 1, [(d, layers)]) == "rows"  # only the output
+    assert budget.choose_route(d, 512, 511, residual) == "rows"  # a long prompt
+    assert budget.choose_route(d, 512, 3, residual) == "columns"  # ... read early: short windows
     eight = [(d, layer + 1) for layer in range(8) for _ in ("mid", "post")]
-    assert maps.choose_route(d, n, n - 1, eight) == "forward"  # 1088 vs 1152 rows·positions·layers per d
-    assert maps.choose_route(d, n, n - 1, eight, forward_cost=1.6) == "backward"  # forward rows cost more
+    assert budget.choose_route(d, n, n - 1, eight) == "columns"  # 1088 vs 1152 rows·positions·layers per d
+    assert budget.choose_route(d, n, n - 1, eight, forward_cost=1.6) == "rows"  # forward rows cost more
 
 
 def test_forward_row_cost():
@@ -257,17 +257,17 @@ def test_forward_row_cost():
 
     llama = SimpleNamespace(n_heads=9, d_head=64, n_key_value_heads=3, d_mlp=1536, gated_mlp=True, d_model=576)
     gpt2 = SimpleNamespace(n_heads=12, d_head=64, n_key_value_heads=None, d_mlp=3072, gated_mlp=False, d_model=768)
-    assert maps.forward_row_cost(llama) == pytest.approx(1.6)  # + Q, K and the gate
-    assert maps.forward_row_cost(gpt2) == pytest.approx(1.2)  # + Q and K
+    assert budget.forward_row_cost(llama) == pytest.approx(1.6)  # + Q, K and the gate
+    assert budget.forward_row_cost(gpt2) == pytest.approx(1.2)  # + Q and K
 
 
 def test_auto_route_picks_forward_for_many_targets(toy_models, monkeypatch):
     model = toy_models["llama"]
     kinds = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post")
     targets = [f"blocks.{layer}.hook_{kind}" for layer in range(2) for kind in kinds]
-    expected, _ = tl_linmap.linear_maps(model, "Hi", targets, route="backward")
-    monkeypatch.setattr(maps, "_jacobian", lambda *args: pytest.fail("auto took the backward route"))
-    auto, _ = tl_linmap.linear_maps(model, "Hi", targets)
+    expected = tl_linmap.linear_maps(model, "Hi", targets, route="rows")
+    monkeypatch.setattr(jacobian, "_rows", lambda *args: pytest.fail("auto took the backward route"))
+    auto = tl_linmap.linear_maps(model, "Hi", targets)
     for name, lm in auto.items():
         assert _relative_diff(lm.operators, expected[name].operators) < 1e-12
 
@@ -277,5 +277,24 @@ def test_a_map_that_reconstructs_nan_is_not_exact(toy_models):
     lm = tl_linmap.linear_map(toy_models["llama"], SHORT)
     broken = dataclasses.replace(lm, operators=lm.operators * float("nan"))
     with pytest.raises(tl_linmap.FreezeError, match="misses the model's output by nan"):
-        maps._check_exact(broken)
-    maps._check_exact(lm)  # the real one passes
+        broken.check()
+    assert lm.check() < 1e-12  # the real one passes
+
+
+@pytest.mark.parametrize(("old", "new"), [("backward", "rows"), ("forward", "columns")])
+def test_old_route_names_and_chunk_size_still_work_with_a_warning(toy_models, old, new):
+    model = toy_models["llama"]
+    current = tl_linmap.linear_map(model, SHORT, route=new, rows_per_pass=16)
+    with pytest.warns(DeprecationWarning, match=f'route="{old}" is deprecated'):
+        with pytest.warns(DeprecationWarning, match="chunk_size= is deprecated"):
+            legacy = tl_linmap.linear_map(model, SHORT, route=old, chunk_size=16)
+    assert torch.equal(legacy.operators, current.operators)
+    with pytest.raises(tl_linmap.InputError, match="rows_per_pass= only"):
+        tl_linmap.linear_map(model, SHORT, rows_per_pass=8, chunk_size=8)
+
+
+def test_linear_maps_returns_linear_maps(toy_models):
+    maps = tl_linmap.linear_maps(toy_models["llama"], SHORT, ["output", "blocks.0.hook_resid_post"])
+    assert isinstance(maps, tl_linmap.LinearMaps)
+    assert list(maps) == ["ln_final.hook_out", "blocks.0.hook_resid_post"]
+    assert maps.final_norm is maps.norms["ln_final"]

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import tl_linmap
-from tl_linmap.analysis import effective_rank, energy_rank, nearest_tokens, stable_rank, top_singular, top_tokens, unembed
+from tl_linmap.readout import nearest_tokens, top_tokens, unembed
+from tl_linmap.spectral import effective_rank, energy_rank, stable_rank
 
 from conftest import PROMPT
 
@@ -33,7 +34,8 @@ def test_stable_and_effective_rank_on_known_spectra():
 def test_top_singular_reconstructs_and_is_signed_along_the_output(toy_models):
     lm = tl_linmap.linear_map(toy_models["llama"], PROMPT)
     operator = lm.operators[-1]
-    full = top_singular(operator, operator.shape[0], output=lm.output)
+    with pytest.warns(DeprecationWarning, match="top_singular is deprecated"):
+        full = tl_linmap.top_singular(operator, operator.shape[0], output=lm.output)
     rebuilt = full.left.T @ torch.diag(full.values) @ full.right
     assert torch.allclose(rebuilt, operator, atol=1e-12 * operator.abs().max())
     assert (full.left @ lm.output >= 0).all()
@@ -96,7 +98,7 @@ def test_decode_reads_left_vectors_through_the_unembedding_and_right_ones_throug
     logits = sign * u[:, 0] @ model.W_U.detach().double()
     embeddings = model.W_E.detach().double()
     cosines = (embeddings @ (sign * vh[0]) / (embeddings.norm(dim=-1) * vh[0].norm())).nan_to_num(-1.0)  # zero rows
-    (row,) = lm.decode(k=1, top=3, tokens=-1)
+    (row,) = lm.decode(k=1, top=3, sources=-1)
     assert row.source == len(lm.tokens) - 1 and row.index == 0 and row.sigma == pytest.approx(float(s[0]))
     assert [t for t, _ in row.left] == [model.tokenizer.decode([int(i)]) for i in logits.topk(3).indices]
     assert row.left[0][1] == pytest.approx(float(logits.max()))
@@ -119,9 +121,9 @@ def test_decode_options_select_operators(llama_maps):
     rows = lm.decode(k=2, top=1)
     assert [r.source for r in rows] == [i for i in range(n) for _ in range(2)]
     assert {r.source for r in lm.decode(k=1, top=1, skip_first=True)} == set(range(1, n))
-    stacked = [r for r in lm.decode(k=2, top=1, tokens=[], stacked=True)]
+    stacked = [r for r in lm.decode(k=2, top=1, sources=[], stacked=True)]
     assert [r.source for r in stacked] == ["all", "all"]
-    table = llama_maps.decode(k=1, top=2, tokens=-1)
+    table = llama_maps.decode(k=1, top=2, sources=-1)
     assert [r.target for r in table] == [n for n in llama_maps]  # one row per residual map
 
 

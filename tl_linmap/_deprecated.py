@@ -1,0 +1,34 @@
+"""Old module names that still import for one release, with a `DeprecationWarning` per name used."""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+from collections.abc import Callable, Sequence
+
+
+def forwarder(old: str, modules: Sequence[str], renamed: dict[str, tuple[str, str]] | None = None) -> Callable[[str], object]:
+    """A module ``__getattr__`` that finds old names in the modules that now hold them.
+
+    Args:
+        old: The old module's name, e.g. ``"tl_linmap.maps"``.
+        modules: Where its names live now, searched in order.
+        renamed: Old name -> (module, new name) for names that changed too.
+
+    Returns:
+        The ``__getattr__`` function for the old module.
+    """
+    renamed = renamed or {}
+
+    def __getattr__(name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        module, new = renamed.get(name, (None, name))
+        for candidate in [module] if module else modules:
+            value = getattr(importlib.import_module(candidate), new, None)
+            if value is not None:
+                warnings.warn(f"{old}.{name} is deprecated; use {candidate}.{new}.", DeprecationWarning, stacklevel=2)
+                return value
+        raise AttributeError(f"module {old!r} has no attribute {name!r} (it is deprecated; see {', '.join(modules)})")
+
+    return __getattr__

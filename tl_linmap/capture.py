@@ -1,0 +1,111 @@
+"""Capture: run the model once with a list of hooks and keep the activations at some hook points.
+
+Every pass of tl_linmap (plain, frozen, replayed) is one `capture`; it stops the forward as
+soon as every target has fired, so nothing after the deepest target is computed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from jaxtyping import Int
+from torch import Tensor
+
+from tl_linmap.errors import FreezeError, InputError
+from tl_linmap.hooks import HookList, quiet_norm_edits
+from tl_linmap.inputs import EMBED_HOOK
+
+
+class _Stop(Exception):
+    """Raised by the capture hook: nothing after the target is needed."""
+
+
+def capture(
+    model,
+    tokens: Int[Tensor, "batch pos"],
+    targets: Sequence[str],
+    hooks: HookList = (),
+    embeddings: Tensor | None = None,
+    stop: bool = True,
+    select: Callable[[Tensor], Tensor] | None = None,
+) -> dict[str, Tensor]:
+    """Run the model with hooks and return the activations at ``targets``.
+
+    Args:
+        model: A TransformerBridge.
+        tokens: Input tokens; their batch must match ``embeddings``' if given.
+        targets: Hook names whose activations are returned.
+        hooks: Extra ``(name, fn)`` forward hooks (freeze, replay, user's).
+        embeddings: If given, replace the output of ``hook_embed``.
+        stop: Abort the forward once every target fired (False: run every hook).
+        select: Keep only this part of each activation (e.g. one position), so a wide
+            batch does not hold whole activations.
+
+    Returns:
+        Activation (with its batch axis, or its `select`ed part) per target name.
+
+    Raises:
+        FreezeError: if a target hook never fired.
+    """
+    captured: dict[str, Tensor] = {}
+    wanted = set(targets)
+
+    def keep(name: str):
+        def hook(act: Tensor, hook=None) -> None:
+            captured[name] = act if select is None else select(act)
+            if stop and wanted <= captured.keys():
+                raise _Stop
+
+        return hook
+
+    fwd = list(hooks) + [(name, keep(name)) for name in wanted]
+    if embeddings is not None:
+        fwd.insert(0, (EMBED_HOOK, lambda act, hook=None: embeddings))
+    with quiet_norm_edits(), model.hooks(fwd_hooks=fwd):
+        try:
+            model(tokens)
+        except _Stop:
+            pass
+    missing = sorted(wanted - captured.keys())
+    if missing:
+        raise FreezeError(f"The hook points {missing[:4]} never fired in a forward pass of this model.")
+    return captured
+
+
+def run_to_target(model, tokens: Int[Tensor, "batch pos"], target: str, hooks: HookList = (), embeddings: Tensor | None = None, stop: bool = True) -> Tensor:
+    """`capture` of a single target.
+
+    Args:
+        model: A TransformerBridge.
+        tokens: Input tokens.
+        target: Hook name.
+        hooks: Extra forward hooks.
+        embeddings: If given, replace the output of ``hook_embed``.
+        stop: Abort the forward once the target fired.
+
+    Returns:
+        The activation at ``target`` (with its batch axis).
+    """
+    return capture(model, tokens, [target], hooks, embeddings, stop)[target]
+
+
+def at_position(act: Tensor, position: int, n_tokens: int) -> Tensor:
+    """The target vectors at one position, flattened: ``act[:, position]`` as ``(batch, d_out)``.
+
+    Args:
+        act: An activation with batch and position axes first.
+        position: Non-negative position.
+        n_tokens: Expected length of the position axis.
+
+    Returns:
+        The flattened vectors.
+
+    Raises:
+        InputError: if the activation has no position axis of that length.
+    """
+    if act.ndim < 3 or act.shape[1] != n_tokens:
+        raise InputError(
+            f"The target's activation has shape {tuple(act.shape)}, not (batch, pos={n_tokens}, ...): "
+            "tl_linmap maps activations indexed by sequence position."
+        )
+    return act[:, position].flatten(1)

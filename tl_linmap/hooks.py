@@ -1,0 +1,298 @@
+"""Freezing: TransformerLens hook lists that turn a model into its detached linear system.
+
+Three hook lists share the rule table in `tl_linmap.rules`:
+
+- `freeze_hooks`: detach every factor ``A(x)``; forward values stay bit-identical, so
+  reverse mode through the model yields the *detached Jacobian*.
+- `replay_hooks`: substitute factors recorded from another pass; the model then *is*
+  the affine map ``x -> Σ_i J_i x_i + b`` for any embeddings, which gives the bias
+  (embeddings zero), the graph reverse mode runs on, and forward-mode products.
+- `same_path_hooks`: keep everything live but route norms through the same code path
+  the frozen pass takes, for a live forward in true float64 to compare against (the
+  bridge's native RMSNorm path computes in float32 even in a float64 model).
+
+`trim_hooks` and `trim_factors` cut one block to one position, for replays whose targets
+read that position only.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor
+from transformer_lens import utilities as utils
+
+from tl_linmap.rules import Detach, Ratio, rules_for
+
+HookFn = Callable[..., "Tensor | None"]
+HookList = list[tuple[str, HookFn]]
+Factors = dict[str, Tensor]
+
+# The bridge warns each time a hook edits a norm's scale; here that edit is the point.
+_NORM_EDIT_WARNING = r"A forward hook edited hook_scale"
+
+
+def _straight_through(post: Tensor, pre: Tensor, ratio: Tensor) -> Tensor:
+    # (pre - pre.detach()) is exactly zero, so the value is post's bits; its gradient is ratio.
+    return post.detach() + (pre - pre.detach()) * ratio
+
+
+def _ratio(post: Tensor, pre: Tensor, at_zero: float) -> Tensor:
+    zero = pre == 0
+    return torch.where(zero, torch.full_like(pre, at_zero), post / torch.where(zero, torch.ones_like(pre), pre)).detach()
+
+
+def freeze_hooks(model, *, factors: Factors | None = None) -> HookList:
+    """Hooks that detach every input-dependent factor of the model.
+
+    Forward values are bit-identical to the unfrozen forward on the same norm path;
+    gradients see a linear (affine) function of the token embeddings.
+
+    Args:
+        model: A TransformerBridge of a supported architecture.
+        factors: If given, filled with the frozen factor of every hook point
+            (the detached value, or for `Ratio` rules the ratio under the post name),
+            ready for `replay_hooks`.
+
+    Returns:
+        ``(hook_name, fn)`` pairs for ``model.hooks(fwd_hooks=...)``.
+
+    Raises:
+        UnsupportedArchitectureError: if the architecture has no freeze rules.
+    """
+    hooks: HookList = []
+    n_layers = model.cfg.n_layers
+    for rule in rules_for(model):
+        if isinstance(rule, Detach):
+            hooks += [(name, _detach_fn(name, factors)) for name in rule.hook_names(n_layers)]
+        else:
+            for pre_name, post_name in rule.hook_names(n_layers):
+                live: dict[str, Tensor] = {}
+                hooks.append((pre_name, _keep_fn(live)))
+                hooks.append((post_name, _ratio_fn(post_name, live, rule, factors)))
+    return hooks
+
+
+def _detach_fn(name: str, factors: Factors | None) -> HookFn:
+    def hook(act: Tensor, hook=None) -> Tensor:
+        frozen = act.detach()
+        if factors is not None:
+            factors[name] = frozen
+        return frozen
+
+    return hook
+
+
+def _keep_fn(live: dict[str, Tensor]) -> HookFn:
+    # Keyed by this closure, not hook.name: an alias hook reports its canonical name.
+    def hook(act: Tensor, hook=None) -> None:
+        live["pre"] = act
+
+    return hook
+
+
+def _ratio_fn(name: str, live: dict[str, Tensor], rule: Ratio, factors: Factors | None) -> HookFn:
+    def hook(post: Tensor, hook=None) -> Tensor:
+        pre = live.pop("pre")
+        ratio = _ratio(post, pre, rule.ratio_at_zero)
+        if factors is not None:
+            factors[name] = ratio
+        return _straight_through(post, pre, ratio)
+
+    return hook
+
+
+def factor_names(model) -> list[str]:
+    """Hook names under which `freeze_hooks` records a factor.
+
+    Args:
+        model: A TransformerBridge of a supported architecture.
+
+    Returns:
+        Every `Detach` hook name, and the post-activation name of every `Ratio` pair.
+    """
+    return [name for rule in rules_for(model) for name in factor_names_of(rule, model.cfg.n_layers)]
+
+
+def factor_names_of(rule, n_layers: int) -> list[str]:
+    """Hook names under which one rule records its factors.
+
+    Args:
+        rule: A `Detach` or `Ratio` rule.
+        n_layers: Number of blocks.
+
+    Returns:
+        The `Detach` names, or the post-activation names of a `Ratio` rule.
+    """
+    return rule.hook_names(n_layers) if isinstance(rule, Detach) else [post for _, post in rule.hook_names(n_layers)]
+
+
+def replay_hooks(model, factors: Factors) -> HookList:
+    """Hooks that replace every factor by a recorded one, making the model exactly affine.
+
+    Args:
+        model: The model `factors` were recorded on (same prompt length).
+        factors: Filled by `freeze_hooks(model, factors=...)`; batch 1, broadcast to any batch.
+
+    Returns:
+        ``(hook_name, fn)`` pairs for ``model.hooks(fwd_hooks=...)``.
+
+    Raises:
+        KeyError: if a factor the rules need was not recorded.
+    """
+    hooks: HookList = []
+    n_layers = model.cfg.n_layers
+    for rule in rules_for(model):
+        if isinstance(rule, Detach):
+            hooks += [(name, _replace_fn(factors[name])) for name in rule.hook_names(n_layers)]
+        else:
+            for pre_name, post_name in rule.hook_names(n_layers):
+                live: dict[str, Tensor] = {}
+                hooks.append((pre_name, _keep_fn(live)))
+                hooks.append((post_name, _replay_ratio_fn(live, factors[post_name])))
+    return hooks
+
+
+def _replace_fn(factor: Tensor) -> HookFn:
+    def hook(act: Tensor, hook=None) -> Tensor:
+        return factor.expand_as(act)
+
+    return hook
+
+
+def _replay_ratio_fn(live: dict[str, Tensor], ratio: Tensor) -> HookFn:
+    def hook(post: Tensor, hook=None) -> Tensor:
+        return live.pop("pre") * ratio
+
+    return hook
+
+
+def slice_factors(model, factors: Factors, start: int, stop: int) -> Factors:
+    """Factors of positions ``[start, stop)`` only, for replaying a window of the prompt.
+
+    With the factors frozen, a window's linear part is exactly the full prompt's restricted
+    to inputs in the window: what earlier positions add is all affine (their inputs are zero).
+
+    Args:
+        model: The model the factors were recorded on.
+        factors: Recorded by `freeze_hooks`.
+        start: First position kept.
+        stop: One past the last position kept.
+
+    Returns:
+        The sliced factors, cut on every sequence axis the rule table names.
+    """
+    sliced = {}
+    for rule in rules_for(model):
+        axes = rule.position_axes if isinstance(rule, Detach) else (1,)
+        for name in factor_names_of(rule, model.cfg.n_layers):
+            factor = factors[name]
+            for axis in axes:
+                factor = factor.narrow(axis, start, stop - start)
+            sliced[name] = factor
+    return sliced
+
+
+def trim_hooks(layer: int, position: int) -> HookList:
+    """Hooks that compute block ``layer`` after its attention at one position only.
+
+    The attention output (at ``hook_z``, before the output projection) and the MLP branch's
+    input (at ``ln2.hook_in``) are cut to ``position``; the block's residual additions then
+    broadcast that one position over the sequence. So the block's output is right at
+    ``position`` (and only there): what a target read at ``position`` after this block
+    needs, without the output projection and MLP products of every other position (no
+    wasted rows in reverse mode). The block's `after_attention` factors must be cut alike
+    (`trim_factors`).
+
+    Args:
+        layer: Block index.
+        position: Non-negative position kept.
+
+    Returns:
+        ``(hook_name, fn)`` pairs for ``model.hooks(fwd_hooks=...)``.
+    """
+
+    def cut(act: Tensor, hook=None) -> Tensor:
+        return act[:, position : position + 1]
+
+    return [(utils.get_act_name("z", layer), cut), (f"blocks.{layer}.ln2.hook_in", cut)]
+
+
+def trim_factors(model, factors: Factors, layer: int, position: int) -> Factors:
+    """The factors with block ``layer``'s `after_attention` ones cut to ``position`` (see `trim_hooks`).
+
+    Args:
+        model: The model the factors were recorded on.
+        factors: Recorded by `freeze_hooks`.
+        layer: Block index.
+        position: Non-negative position kept.
+
+    Returns:
+        A new dict; the other factors are shared.
+    """
+    trimmed = dict(factors)
+    for rule in rules_for(model):
+        if rule.after_attention:
+            name = factor_names_of(rule, model.cfg.n_layers)[layer]
+            trimmed[name] = factors[name].narrow(1, position, 1)
+    return trimmed
+
+
+def same_path_hooks(model) -> HookList:
+    """Hooks that leave every value live but send norms down the frozen pass's code path.
+
+    Args:
+        model: A TransformerBridge of a supported architecture.
+
+    Returns:
+        ``(hook_name, fn)`` pairs returning a copy of each norm scale.
+    """
+    names = [
+        name
+        for rule in rules_for(model)
+        if isinstance(rule, Detach) and rule.act == "scale"
+        for name in rule.hook_names(model.cfg.n_layers)
+    ]
+    return [(name, _copy) for name in names]
+
+
+def _copy(act: Tensor, hook=None) -> Tensor:
+    # A new tensor object is the bridge's signal for "edited"; the values are unchanged.
+    return act.clone()
+
+
+@contextmanager
+def quiet_norm_edits() -> Iterator[None]:
+    """Silence the bridge's warning that a hook edited a norm scale (expected here).
+
+    Returns:
+        A context manager.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_NORM_EDIT_WARNING)
+        yield
+
+
+@contextmanager
+def frozen(model, *, factors: Factors | None = None) -> Iterator:
+    """Context manager: run the model as its detached linear system.
+
+    Composes with the user's own hooks (``model.hooks``, ``run_with_cache``,
+    ``run_with_hooks``); the freeze hooks are removed on exit, also on error.
+
+    Args:
+        model: A TransformerBridge of a supported architecture.
+        factors: Optional dict to record the frozen factors in (see `freeze_hooks`).
+
+    Returns:
+        A context manager yielding the model.
+
+    Example:
+        >>> with tl_linmap.frozen(model):
+        ...     logits, cache = model.run_with_cache(tokens)
+    """
+    with quiet_norm_edits(), model.hooks(fwd_hooks=freeze_hooks(model, factors=factors)):
+        yield model

@@ -1,0 +1,323 @@
+"""Jacobian: the exact linear system of one inference, ``y = Σ_i J_i x_i + b``, as dense operators.
+
+The operators come by one of two routes through the frozen system (`tl_linmap.system`),
+equal to float64 rounding:
+
+- ``"rows"``: reverse mode through the graph of the frozen system's replay, ``d_out`` batched
+  vector-Jacobian rows per target, each only through the layers below it;
+- ``"columns"``: the replayed system is exactly affine, so pushing the basis embedding
+  ``e_{i,d}`` forward through it gives column ``d`` of ``J_i`` for every target at once
+  (``d_in`` rows per token, each through the window from that token to the target).
+
+``b`` comes from its own replay with zero embeddings (or is exactly zero, see
+`tl_linmap.system.purely_linear`), so every map's reconstruction check (`tl_linmap.exactness`)
+is a real check of ``J`` and ``b`` against the model's reference forward.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from collections.abc import Sequence
+
+import einops
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformer_lens import utilities as utils
+
+from tl_linmap.budget import choose_route, forward_row_cost, plan_columns, plan_rows
+from tl_linmap.capture import at_position, capture, run_to_target
+from tl_linmap.errors import InputError
+from tl_linmap.guard import borrowed
+from tl_linmap.hooks import same_path_hooks
+from tl_linmap.inputs import EMBED_HOOK, Prompt, check_position, target_depth, to_tokens
+from tl_linmap.results import HeadReadout, LinearMap, LinearMaps
+from tl_linmap.system import FrozenSystem, frozen_system, vjp
+
+#: Values of ``route=``: ``"rows"`` (reverse mode, ``d_out`` rows per target), ``"columns"``
+#: (basis embeddings pushed forward, ``d_in`` per token), ``"auto"`` (the cheaper by `choose_route`).
+ROUTES = ("auto", "rows", "columns")
+_OLD_ROUTES = {"backward": "rows", "forward": "columns"}
+
+# Gemma-style sandwich norms: the attention output passes this norm before the residual.
+_POST_ATTN_NORM = "ln1_post"
+
+
+def check_route(route: str) -> str:
+    """Validate a ``route=`` value (the old names ``"backward"``/``"forward"`` still work, with a warning).
+
+    Args:
+        route: One of `ROUTES`.
+
+    Returns:
+        The route's current name.
+
+    Raises:
+        InputError: for anything else.
+    """
+    if route in _OLD_ROUTES:
+        new = _OLD_ROUTES[route]
+        warnings.warn(f'route="{route}" is deprecated; use route="{new}".', DeprecationWarning, stacklevel=3)
+        return new
+    if route not in ROUTES:
+        raise InputError(f"route must be one of {', '.join(map(repr, ROUTES))}, got {route!r}.")
+    return route
+
+
+def rows_argument(rows_per_pass: int | None, chunk_size: int | None) -> int | None:
+    """Validate ``rows_per_pass`` (``chunk_size`` is its deprecated name).
+
+    Args:
+        rows_per_pass: Rows per batched pass, or None.
+        chunk_size: The deprecated name, or None.
+
+    Returns:
+        The value to use.
+
+    Raises:
+        InputError: for a value that is not a positive int, or both names given.
+    """
+    if chunk_size is not None:
+        if rows_per_pass is not None:
+            raise InputError("Pass rows_per_pass= only (chunk_size= is its deprecated name).")
+        warnings.warn("chunk_size= is deprecated here; use rows_per_pass=.", DeprecationWarning, stacklevel=3)
+        rows_per_pass = chunk_size
+    if rows_per_pass is not None and (isinstance(rows_per_pass, bool) or not isinstance(rows_per_pass, int) or rows_per_pass < 1):
+        raise InputError(f"rows_per_pass must be a positive int (rows per batched pass), got {rows_per_pass!r}.")
+    return rows_per_pass
+
+
+def _rows(y: Float[Tensor, " d_out"], x: Tensor, rows_per_pass: int, bar: tqdm) -> Float[Tensor, "pos d_out d_in"]:
+    # One vmapped backward per chunk of output dimensions over the shared replay graph.
+    eye = torch.eye(y.shape[0], dtype=y.dtype, device=y.device)
+    rows = []
+    for start in range(0, y.shape[0], rows_per_pass):
+        rows.append(vjp(y, x, eye[start : start + rows_per_pass]))
+        bar.update(len(rows[-1]))
+    return einops.rearrange(torch.cat(rows), "d_out pos d_in -> pos d_out d_in")
+
+
+def basis_scale(system: FrozenSystem) -> float:
+    """Length ``s`` of the basis embeddings the forward route pushes: a power of two, at least 1.
+
+    ``F(s·e) − b`` loses about ``eps·‖b‖`` to cancellation, so a model with a large affine
+    part (biases, learned positions) needs ``s·‖J e‖`` well above ``‖b‖``. A column is about
+    as long as the linear part per unit of input, ``‖y − b‖ / Σ_i ‖x_i‖``; ``s`` makes
+    ``s·‖J e‖ ≈ 16·‖b‖`` for the target with the largest ``‖b‖ / ‖y − b‖``, capped at ``2**16``
+    and at a quarter of the dtype's exponent range (float16). Without an affine part ``s = 1``.
+
+    Args:
+        system: The frozen system.
+
+    Returns:
+        The scale (exact to multiply and divide by).
+    """
+    x = system.x[0, : system.position + 1].detach()
+    gain = x.norm(dim=-1).sum().item()
+    ratios = [
+        (system.biases[name].norm() / linear).item()
+        for name in system.names
+        if (linear := (system.outputs[name] - system.biases[name]).norm()) > 0
+    ]
+    wanted = 16 * max(ratios, default=0.0) * gain
+    if not math.isfinite(wanted) or wanted <= 1:
+        return 1.0
+    cap = min(16, math.floor(math.log2(torch.finfo(x.dtype).max) / 4))
+    return float(2 ** min(round(math.log2(wanted)), cap))
+
+
+def _columns(system: FrozenSystem, rows_per_pass: int | None, bar: tqdm) -> dict[str, Float[Tensor, "pos d_out d_in"]]:
+    # Every target's operators at once, by pushing basis embeddings through each token's window.
+    x = system.x
+    n, d_in = x.shape[1], x.shape[2]
+    widths = [system.outputs[name].shape[0] for name in system.names]
+    last = system.position
+    chunks = [plan_columns(system.model, n, last + 1 - i, widths, x.dtype, rows_per_pass, x.device) for i in range(last + 1)]
+    operators = {name: x.new_zeros(n, w, d_in) for name, w in zip(system.names, widths)}
+    scale = basis_scale(system)
+    for token, chunk in enumerate(chunks):
+        window = system.window(token, graph=False)
+        for start in range(0, d_in, chunk):
+            dims = range(start, min(start + chunk, d_in))
+            columns, biases = window.push_basis(0, dims, scale)
+            window = dataclasses.replace(window, biases=biases)  # b once per window
+            for name, cols in columns.items():
+                operators[name][token, :, dims.start : dims.stop] = cols.T
+            bar.update(len(dims))
+    for name, ops in operators.items():
+        if not ops.any():
+            raise InputError(f"{name!r} does not depend on the token embeddings (a frozen factor?).")
+    return operators
+
+
+def _head_readouts(system: FrozenSystem) -> dict[int, HeadReadout]:
+    # Per layer whose hook_z is a target: W_O, b_O and the frozen post-attention norm, for per-head maps.
+    model, readouts = system.model, {}
+    for layer in range(model.cfg.n_layers):
+        if utils.get_act_name("z", layer) not in system.names:
+            continue
+        attn = model.blocks[layer].attn
+        w_o = attn.W_O.detach()
+        b_o = getattr(attn, "b_O", None)
+        post = f"blocks.{layer}.{_POST_ATTN_NORM}"
+        readouts[layer] = HeadReadout(
+            W_O=w_o.to(system.x.dtype),
+            b_O=(w_o.new_zeros(w_o.shape[-1]) if b_o is None else b_o.detach()).to(system.x.dtype),
+            post=system.frozen_norm(post) if f"{post}.hook_scale" in model.hook_dict else None,
+        )
+    return readouts
+
+
+def linear_maps(
+    model,
+    prompt_or_tokens: Prompt,
+    targets: Sequence[str],
+    *,
+    position: int = -1,
+    dtype: torch.dtype | None = torch.float64,
+    rows_per_pass: int | None = None,
+    check: bool = True,
+    progress: bool = False,
+    norms: Sequence[str] = (),
+    route: str = "auto",
+    chunk_size: int | None = None,
+) -> LinearMaps:
+    """Linear maps of several targets of one inference, sharing every forward pass.
+
+    One plain and one frozen forward serve all targets, and so does the zero-input replay for
+    ``b`` where ``b`` is not exactly zero (see `tl_linmap.system`).
+
+    Args:
+        model: A TransformerBridge of a supported architecture.
+        prompt_or_tokens: One prompt as text or token ids.
+        targets: Hook names (or ``"output"``).
+        position: Sequence position of the targets (``-1``: the last token).
+        dtype: Working dtype (float64 for exactness; None keeps the model's). The model comes
+            back bit for bit.
+        rows_per_pass: Rows per batched pass: output dimensions per backward pass (``"rows"``)
+            or basis embeddings per forward pass (``"columns"``); default: what fits in half
+            the free memory, for backward passes about `tl_linmap.budget.ROW_POSITIONS` rows
+            times positions. One that risks running out of memory raises
+            `tl_linmap.errors.MemoryBudgetError` naming a safe one.
+        check: Raise `tl_linmap.errors.FreezeError` if a map does not reconstruct its output
+            within `tl_linmap.exactness.tolerance` (1e-12 in float64).
+        progress: Show a progress bar over Jacobian rows or columns.
+        norms: Further norm modules (e.g. ``"blocks.3.ln2"``) to return frozen at ``position``
+            (``ln_final`` and the post-attention norms of mapped ``hook_z`` always are).
+        route: ``"rows"``, ``"columns"`` or ``"auto"`` (whichever `tl_linmap.budget.choose_route`
+            estimates cheaper: columns for many targets on a short prompt, rows for one narrow
+            target or a long prompt).
+        chunk_size: Deprecated name of ``rows_per_pass``.
+
+    Returns:
+        `tl_linmap.results.LinearMaps` keyed by hook name.
+
+    Raises:
+        InputError: for a bad prompt, position, target, ``rows_per_pass`` or route.
+        MemoryBudgetError: if the operators, or the given ``rows_per_pass``, would not fit.
+        FreezeError: if ``check`` and a map does not reconstruct its output.
+    """
+    rows_per_pass = rows_argument(rows_per_pass, chunk_size)
+    route = check_route(route)
+    with frozen_system(model, prompt_or_tokens, targets, position=position, dtype=dtype) as system:
+        n, d_in = system.x.shape[1:]
+        if route == "auto":
+            shapes = [(system.outputs[name].shape[0], target_depth(name, model.cfg.n_layers)) for name in system.names]
+            route = choose_route(d_in, n, system.position, shapes, forward_row_cost(model.cfg))
+        if route == "columns":
+            system = system.with_biases()
+            with tqdm(total=(system.position + 1) * d_in, disable=not progress, desc="detached Jacobian columns") as bar:
+                operators = _columns(system, rows_per_pass, bar)
+        else:
+            system = system.with_graph().with_biases()
+            ys = system.ys
+            chunk = plan_rows(model, n, max(y.shape[0] for y in ys.values()), len(ys), system.x.dtype, rows_per_pass, system.x.device)
+            with torch.enable_grad(), tqdm(total=sum(y.shape[0] for y in ys.values()), disable=not progress, desc="detached Jacobian rows") as bar:
+                operators = {name: _rows(ys[name], system.x, chunk, bar) for name in system.names}
+        inputs = system.x[0].detach()
+        readouts = _head_readouts(system)
+        frozen_norms = {f"blocks.{layer}.{_POST_ATTN_NORM}": r.post for layer, r in readouts.items() if r.post is not None}
+        maps = LinearMaps(
+            {name: LinearMap(operators=operators[name], inputs=inputs, **system.result_fields(name)) for name in system.names},
+            readouts=readouts,
+            norms={"ln_final": system.final_norm, **frozen_norms, **{norm: system.frozen_norm(norm) for norm in norms}},
+        )
+    if check:
+        for lm in maps.values():
+            lm.check()
+    return maps
+
+
+def plain_jacobians(model, prompt_or_tokens: Prompt, targets: Sequence[str], *, position: int = -1, dtype: torch.dtype | None = torch.float64) -> dict[str, Float[Tensor, "pos d_out d_in"]]:
+    """Ordinary (not detached) Jacobians of targets, for comparison with the detached ones.
+
+    Args:
+        model: A TransformerBridge of a supported architecture.
+        prompt_or_tokens: One prompt.
+        targets: Hook names.
+        position: Sequence position.
+        dtype: Working dtype.
+
+    Returns:
+        Operators per target, as in `LinearMap.operators`.
+    """
+    tokens = to_tokens(model, prompt_or_tokens)
+    n = tokens.shape[1]
+    position = check_position(position, n)
+    with borrowed(model, dtype), torch.enable_grad():
+        x = run_to_target(model, tokens, EMBED_HOOK).detach().clone().requires_grad_(True)
+        acts = capture(model, tokens, targets, same_path_hooks(model), x)
+        ys = {name: at_position(acts[name], position, n)[0] for name in targets}
+        chunk = plan_rows(model, n, max(y.shape[0] for y in ys.values()), len(ys), x.dtype, None, x.device)
+        with tqdm(disable=True) as bar:
+            return {name: _rows(y, x, chunk, bar) for name, y in ys.items()}
+
+
+def linear_map(
+    model,
+    prompt_or_tokens: Prompt,
+    *,
+    target: str = "output",
+    position: int = -1,
+    dtype: torch.dtype | None = torch.float64,
+    rows_per_pass: int | None = None,
+    check: bool = True,
+    progress: bool = False,
+    route: str = "auto",
+    chunk_size: int | None = None,
+) -> LinearMap:
+    """The exact linear system of one target vector of one inference.
+
+    Args:
+        model: A TransformerBridge of a supported architecture (see `tl_linmap.rules`).
+        prompt_or_tokens: One prompt as text or token ids.
+        target: ``"output"`` (the final norm's output, read by the unembedding) or any
+            hook name with a position axis, such as ``"blocks.3.hook_resid_post"``.
+        position: Sequence position of the target vector (``-1``: the last token).
+        dtype: Working dtype (float64 for exactness; None keeps the model's). The model comes
+            back bit for bit.
+        rows_per_pass: Rows per batched pass (see `linear_maps`).
+        check: Raise `tl_linmap.errors.FreezeError` unless the system reconstructs the output
+            within `tl_linmap.exactness.tolerance` (1e-12 in float64).
+        progress: Show a progress bar over Jacobian rows or columns.
+        route: ``"rows"``, ``"columns"`` or ``"auto"`` (see `linear_maps`); for one target
+            ``"auto"`` almost always picks rows.
+        chunk_size: Deprecated name of ``rows_per_pass``.
+
+    Returns:
+        A `tl_linmap.results.LinearMap`.
+
+    Raises:
+        InputError: for a bad prompt, position, target or ``rows_per_pass``.
+        UnsupportedArchitectureError: if the architecture has no freeze rules.
+        FreezeError: if a freeze hook did not take effect.
+    """
+    rows_per_pass = rows_argument(rows_per_pass, chunk_size)
+    maps = linear_maps(
+        model, prompt_or_tokens, [target], position=position, dtype=dtype, rows_per_pass=rows_per_pass, check=check,
+        progress=progress, route=route,
+    )
+    return next(iter(maps.values()))

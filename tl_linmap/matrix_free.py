@@ -1,0 +1,299 @@
+"""Matrix-free: contributions and top singular vectors without the dense operators.
+
+The frozen system is exactly affine, so a forward pass of the replayed system applies
+``Σ_i J_i e_i`` to any embeddings, and a backward pass through its graph applies
+``J_i^T``. Per-token contributions then cost one forward row per token instead of
+``d_out`` backward rows, and the top-k singular triplets of one token's operator cost
+O(k) products (randomized block Krylov iteration) instead of the whole operator.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from tl_linmap.budget import plan_tokens
+from tl_linmap.exactness import check_exact, relative
+from tl_linmap.inputs import Prompt
+from tl_linmap.readout import decode_tokens
+from tl_linmap.results import Contributions
+from tl_linmap.spectral import OperatorSVD, _positive, _renamed, input_index, signed
+from tl_linmap.system import FrozenSystem, frozen_system
+
+
+def _one_token_each(x: Float[Tensor, "pos d"], tokens: range) -> Tensor:
+    # Row r holds token tokens[r]'s own embedding at its position, zero elsewhere.
+    rows = torch.zeros(len(tokens), *x.shape, dtype=x.dtype, device=x.device)
+    rows[torch.arange(len(tokens), device=x.device), list(tokens)] = x[list(tokens)]
+    return rows
+
+
+def token_contributions(
+    model,
+    prompt_or_tokens: Prompt,
+    *,
+    target: str = "output",
+    position: int = -1,
+    dtype: torch.dtype | None = torch.float64,
+    tokens_per_pass: int | None = None,
+    check: bool = True,
+    chunk_size: int | None = None,
+) -> Contributions:
+    """Per-token contributions ``J_i x_i`` by batched forward passes of the frozen system.
+
+    The same numbers as ``linear_map(...).contributions()`` (to float64 rounding), at the
+    cost of one forward row per token up to ``position`` instead of ``d_out`` backward rows.
+    Each pass of tokens ``s..`` runs on the window of the prompt from ``s`` (earlier
+    positions only add the affine part), so a long prompt costs about half the
+    position-rows of pushing every token through the whole prompt.
+
+    Args:
+        model: A TransformerBridge of a supported architecture.
+        prompt_or_tokens: One prompt.
+        target: ``"output"`` or a hook name.
+        position: Target position (``-1``: the last token).
+        dtype: Working dtype (the model comes back bit for bit).
+        tokens_per_pass: Input tokens pushed per forward pass (default: as many as fit in
+            half the free memory, in up to `tl_linmap.budget.MAX_WINDOWS` windows).
+        check: Raise `tl_linmap.errors.FreezeError` unless the contributions reconstruct the
+            output within `tl_linmap.exactness.tolerance`.
+        chunk_size: Deprecated name of ``tokens_per_pass``.
+
+    Returns:
+        A `tl_linmap.results.Contributions`.
+    """
+    tokens_per_pass = _renamed("chunk_size", chunk_size, "tokens_per_pass", tokens_per_pass)
+    if tokens_per_pass is not None:
+        _positive("tokens_per_pass", tokens_per_pass)
+    with frozen_system(model, prompt_or_tokens, [target], position=position, dtype=dtype) as system:
+        name, x, last = system.names[0], system.x[0].detach(), system.position
+        step = plan_tokens(model, x.shape[0], last, x.dtype, tokens_per_pass, x.device)
+        parts, biases = [], None
+        for start in range(0, last + 1, step):
+            rows = _one_token_each(x[start : last + 1], range(min(step, last + 1 - start)))
+            linear, window_biases = system.window(start, graph=False).push(rows)
+            parts.append(linear[name])
+            # A window from token 0 ends at the target like the system: the same b.
+            biases = biases or window_biases
+        after = torch.zeros(len(x) - last - 1, parts[0].shape[-1], dtype=x.dtype, device=x.device)
+        system = dataclasses.replace(system, biases=biases)
+        result = Contributions(values=torch.cat(parts + [after]), **system.result_fields(name))
+    if check:
+        result.check()
+    return result
+
+
+@dataclass
+class TokenOperator:
+    """One token's operator ``J_i``, applied without materialising it.
+
+    Attributes:
+        system: The frozen system (valid inside `matrix_free`), usually a
+            `tl_linmap.system.FrozenSystem.window` starting at the token, which makes
+            products cheaper; it has a graph and knows its ``b``.
+        target: Hook name.
+        token: Input token index ``i`` in ``system``.
+        offset: Index in the prompt of ``system``'s token 0 (the window's start).
+        prompt: The whole prompt's tokens (default: ``system``'s).
+    """
+
+    system: FrozenSystem
+    target: str
+    token: int
+    offset: int = 0
+    prompt: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.prompt is None:
+            self.prompt = self.system.tokens[0]
+
+    def matvec(self, vectors: Float[Tensor, "k d_in"]) -> Float[Tensor, "k d_out"]:
+        """``J_i v`` for each row ``v``, by one forward pass of the replayed system.
+
+        Args:
+            vectors: Input-space vectors.
+
+        Returns:
+            Output-space vectors.
+        """
+        x = self.system.x[0]
+        embeddings = torch.zeros(len(vectors), *x.shape, dtype=x.dtype, device=x.device)
+        embeddings[:, self.token] = vectors
+        return self.system.push(embeddings)[0][self.target]
+
+    def rmatvec(self, covectors: Float[Tensor, "k d_out"]) -> Float[Tensor, "k d_in"]:
+        """``J_i^T u`` for each row ``u``, by one batched backward through the window's graph.
+
+        Args:
+            covectors: Output-space vectors.
+
+        Returns:
+            Input-space vectors.
+        """
+        return self.system.vjp(self.target, covectors)[:, self.token]
+
+
+def _orthonormal_to(block: Tensor, basis: Tensor | None) -> Tensor:
+    # Columns of `block` made orthonormal and orthogonal to `basis` (twice, for stability).
+    for _ in range(2):
+        if basis is not None:
+            block = block - basis @ (basis.T @ block)
+        block = torch.linalg.qr(block).Q
+    return block
+
+
+def randomized_svd(operator: TokenOperator, k: int, *, oversample: int = 4, max_iter: int = 40, tol: float = 1e-10) -> OperatorSVD:
+    """Top-k singular triplets by randomized block Krylov iteration (Musco & Musco, 2015).
+
+    The search space grows by one block of ``k + oversample`` input directions per
+    iteration, ``V, (JᵀJ)V, (JᵀJ)²V, …``, each costing one `rmatvec` and one `matvec` of
+    that block; Rayleigh–Ritz on the whole space gives the triplets. It stops once the
+    top-k singular values change by less than ``tol`` (relative to the largest), and warns
+    if ``max_iter`` or the input dimension ends it first.
+
+    Args:
+        operator: Anything with ``matvec``, ``rmatvec`` and ``system`` (a `TokenOperator`).
+        k: Number of triplets.
+        oversample: Extra directions per block.
+        max_iter: Iteration cap.
+        tol: Relative change of the top-k singular values that ends the iteration.
+
+    Returns:
+        An `tl_linmap.spectral.OperatorSVD` of the one token (top-k values and vectors, each
+        pair signed so that ``u`` points along the target's output).
+
+    Raises:
+        InputError: for ``k < 1``.
+    """
+    _positive("k", k)
+    x = operator.system.x
+    d_in = x.shape[-1]
+    generator = torch.Generator(device=x.device).manual_seed(0)
+    block = _orthonormal_to(torch.randn(d_in, k + oversample, generator=generator, dtype=x.dtype, device=x.device), None)
+    basis, image = block, operator.matvec(block.T).T  # K and J K, kept side by side
+    values, change = torch.linalg.svdvals(image)[:k], float("nan")
+    converged = False
+    for _ in range(max_iter):
+        room = d_in - basis.shape[1]
+        if room == 0:  # the search space is the whole input space: Rayleigh–Ritz is exact
+            converged = True
+            break
+        block = _orthonormal_to(operator.rmatvec(image[:, -block.shape[1] :].T).T, basis)[:, :room]  # JᵀJ · last block
+        basis, image = torch.cat([basis, block], 1), torch.cat([image, operator.matvec(block.T).T], 1)
+        previous, values = values, torch.linalg.svdvals(image)[:k]
+        change = float(((values - previous).abs() / values[0]).max())
+        if change <= tol:
+            converged = True
+            break
+    if not converged:
+        warnings.warn(f"randomized_svd stopped after {basis.shape[1]} directions with a relative change of {change:.1e}; "
+                      "raise max_iter (or use the dense route for this flat spectrum).", stacklevel=2)
+    left, values, w = torch.linalg.svd(image, full_matrices=False)
+    system = operator.system
+    left, right = signed(left[:, :k].T, (basis @ w[:k].T).T, system.outputs[operator.target])
+    offset = operator.offset  # the window's token 0 is the prompt's token `offset`
+    return OperatorSVD(
+        operator.target, decode_tokens(system.model, operator.prompt), offset + system.position, [offset + operator.token],
+        values[None, :k], left[None], right[None], readout=system.readout(operator.target),
+    )
+
+
+
+
+@dataclass
+class MatrixFree:
+    """Matrix-free access to one prompt's frozen system, valid inside `matrix_free`."""
+
+    system: FrozenSystem
+
+    def operator(self, source: int | None = None, target: str | None = None, *, token: int | None = None) -> TokenOperator:
+        """The operator ``J_i`` of one input token.
+
+        Args:
+            source: Input token index (``-1``: the prompt's last token; it must not come
+                after the target position).
+            target: Hook name (default: the first target).
+            token: Deprecated name of ``source``.
+
+        Returns:
+            A `TokenOperator` on the window of the prompt from that token.
+        """
+        source = _renamed("token", token, "source", source)
+        system = self.system
+        index = input_index(-1 if source is None else source, system.tokens.shape[1], system.position)
+        return TokenOperator(system.window(index), target or system.names[0], 0, offset=index, prompt=system.tokens[0])
+
+    def svd(self, source: int | None = None, k: int = 8, target: str | None = None, *, token: int | None = None, **options) -> OperatorSVD:
+        """Top-k singular triplets of one token's operator (see `randomized_svd`).
+
+        Args:
+            source: Input token index (default ``-1``, the prompt's last token).
+            k: Number of triplets.
+            target: Hook name (default: the first target).
+            token: Deprecated name of ``source``.
+            **options: Passed to `randomized_svd`.
+
+        Returns:
+            An `tl_linmap.spectral.OperatorSVD` of that one token, which decodes like any other.
+        """
+        source = _renamed("token", token, "source", source)
+        return randomized_svd(self.operator(source, target), k, **options)
+
+
+def probe_linearity(system: FrozenSystem) -> float:
+    """Check on one probe that the replayed system is additive at the real input, as an exact map must be.
+
+    The input is split into its even and its odd tokens; ``F(x_even) − b`` plus
+    ``F(x_odd) − b`` plus ``b`` must give the model's output. A freeze rule that had no effect
+    leaves a nonlinearity that breaks this. One forward of three rows.
+
+    Args:
+        system: The frozen system (without graph).
+
+    Returns:
+        The relative error, within `tl_linmap.exactness.tolerance`.
+
+    Raises:
+        FreezeError: if it is not.
+    """
+    x = system.x
+    even = torch.zeros_like(x)
+    even[:, 0::2] = x[:, 0::2]
+    linear, biases = system.push(torch.cat([even, x - even]))
+    return max(check_exact(relative(linear[n].sum(0) + biases[n], system.outputs[n]), x.dtype, n) for n in system.names)
+
+
+@contextmanager
+def matrix_free(
+    model, prompt_or_tokens: Prompt, *, target: str = "output", position: int = -1,
+    dtype: torch.dtype | None = torch.float64, check: bool = True,
+) -> Iterator[MatrixFree]:
+    """Borrow the model and give matrix-free products with its frozen system.
+
+    Args:
+        model: A TransformerBridge of a supported architecture.
+        prompt_or_tokens: One prompt.
+        target: ``"output"`` or a hook name.
+        position: Target position (``-1``: the last token).
+        dtype: Working dtype (the model comes back bit for bit on exit).
+        check: First check on a probe (`probe_linearity`) that the system is exact.
+
+    Returns:
+        A context manager yielding a `MatrixFree`.
+
+    Example:
+        >>> with tl_linmap.matrix_free(model, "The capital of France is") as mf:
+        ...     top = mf.svd(-1, k=8)
+    """
+    # Each token's products run on a window with its own graph: the whole prompt's is not needed.
+    with frozen_system(model, prompt_or_tokens, [target], position=position, dtype=dtype) as system:
+        if check:
+            probe_linearity(system)
+        yield MatrixFree(system)

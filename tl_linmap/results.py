@@ -1,0 +1,508 @@
+"""Results: what the linear system of one inference gives back, as small dataclasses with methods.
+
+- `LinearMap`: one target's operators ``J_i``, inputs ``x_i`` and affine part ``b``;
+- `Contributions`: one target's per-token terms ``J_i x_i`` without the operators (matrix-free);
+- `LinearMaps`: several targets of one inference, keyed by TransformerLens hook names, with
+  per-head maps derived from ``hook_z``;
+- `Attribution`, `GapRow`: a logit split over tokens, modules and heads; ordinary vs detached.
+
+Every result that claims exactness checks itself with `TargetResult.check` (one tolerance per
+dtype, `tl_linmap.exactness`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import einops
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from transformer_lens import utilities as utils
+
+from tl_linmap.errors import InputError
+from tl_linmap.exactness import check_exact, relative
+from tl_linmap.inputs import OUTPUT_HOOK, RESIDUAL_HOOKS
+from tl_linmap.readout import FrozenAffine, Readout, decode_tokens, token_id
+from tl_linmap.spectral import LogitSplit, OperatorSVD, _renamed, dimensionality, operator_svd
+from tl_linmap.table import Table
+
+
+@dataclass(kw_only=True)
+class TargetResult:
+    """What every result about one target vector shares: its affine part and the model's values.
+
+    Attributes:
+        bias: ``b``, everything that does not scale with the token embeddings
+            (biases, learned positions), computed through the frozen system.
+        output: The model's value of the target (reference forward, true working dtype).
+        native_output: The value from a plain forward on the bridge's native norm path
+            (HF computes RMSNorm in float32 even in float64 models).
+        tokens: The input tokens.
+        target: The hook name mapped (flattened after the position axis).
+        position: The sequence position of the target.
+        readout: How its vectors are read as tokens (`tl_linmap.readout.Readout`).
+    """
+
+    bias: Float[Tensor, " d_out"]
+    output: Float[Tensor, " d_out"]
+    native_output: Float[Tensor, " d_out"] = field(repr=False)
+    tokens: Int[Tensor, " pos"] = field(repr=False)
+    target: str = OUTPUT_HOOK
+    position: int = -1
+    readout: Readout | None = field(default=None, repr=False)
+
+    def contributions(self) -> Float[Tensor, "pos d_out"]:
+        """Per-token contributions ``J_i x_i``; they sum to ``output - bias``.
+
+        Returns:
+            One output-space vector per input token.
+        """
+        raise NotImplementedError
+
+    @property
+    def sources(self) -> list[str]:
+        """The input tokens, decoded (one string per token of the prompt)."""
+        return decode_tokens(self.readout.model if self.readout else None, self.tokens)
+
+    def reconstruct(self) -> Float[Tensor, " d_out"]:
+        """The linear system's value ``Σ_i J_i x_i + b``.
+
+        Returns:
+            The reconstructed target vector.
+        """
+        return self.contributions().sum(0) + self.bias
+
+    def relative_error(self) -> float:
+        """``‖reconstruct() − output‖ / ‖output‖``.
+
+        Returns:
+            The relative reconstruction error (below 1e-12 in float64).
+        """
+        return relative(self.reconstruct(), self.output)
+
+    def native_gap(self) -> float:
+        """``‖output − native_output‖ / ‖output‖``: the bridge's native-path rounding, not an error of the map.
+
+        Returns:
+            The relative gap (about 1e-7 for RMSNorm models in float64, 0 for LayerNorm ones).
+        """
+        return relative(self.native_output, self.output)
+
+    def check(self) -> float:
+        """Raise `tl_linmap.errors.FreezeError` unless the result reconstructs its output exactly.
+
+        Returns:
+            The relative error, within `tl_linmap.exactness.tolerance` of the dtype.
+        """
+        return check_exact(self.relative_error(), self.output.dtype, self.target)
+
+    def logit_contributions(self, token: int | str) -> LogitSplit:
+        """One vocabulary token's logit split exactly over the input tokens.
+
+        For a target other than the model's output this is the logit lens of that target,
+        made linear by ``ln_final`` frozen at the target position.
+
+        Args:
+            token: Vocabulary id or single-token string (e.g. ``" Paris"``).
+
+        Returns:
+            A `tl_linmap.spectral.LogitSplit`.
+
+        Raises:
+            InputError: without a readout, or for a target outside the residual stream.
+        """
+        if self.readout is None:
+            raise InputError("This result has no readout; compute it with tl_linmap.")
+        token = token_id(self.readout.model, token)
+        logit = float(self.readout.logits(self.output, affine=True)[token])
+        per_token = self.readout.logits(self.contributions())[:, token]
+        constant = float(self.readout.logits(self.bias, affine=True)[token])
+        return LogitSplit(self.readout.model.tokenizer.decode([token]), self.sources, per_token, constant, logit)
+
+
+@dataclass(kw_only=True)
+class LinearMap(TargetResult):
+    """The detached-Jacobian linear system of one target vector of one inference.
+
+    Attributes:
+        operators: ``J_i``, one ``d_out x d_in`` block per input token (zero after ``position``).
+        inputs: ``x_i``, the token embeddings (output of ``hook_embed``).
+    """
+
+    operators: Float[Tensor, "pos d_out d_in"]
+    inputs: Float[Tensor, "pos d_in"]
+
+    def contributions(self) -> Float[Tensor, "pos d_out"]:
+        """Per-token contributions ``J_i x_i``.
+
+        Returns:
+            One output-space vector per input token; they sum to ``output - bias``.
+        """
+        return einops.einsum(self.operators, self.inputs, "pos d_out d_in, pos d_in -> pos d_out")
+
+    def svd(self, k: int | None = None, *, skip_first: bool = False) -> OperatorSVD:
+        """SVD of each token's operator and of the stacked operator ``[J_0 … J_position]``.
+
+        Args:
+            k: Pairs kept per operator (default: all).
+            skip_first: Leave the first token (BOS, attention sink) out of the stacked operator.
+
+        Returns:
+            An `tl_linmap.spectral.OperatorSVD`, each pair signed so that ``u`` points along the output.
+        """
+        return operator_svd(
+            self.operators, self.output, self.position, target=self.target, sources=self.sources,
+            readout=self.readout, k=k, skip_first=skip_first,
+        )
+
+    def decode(
+        self, k: int = 3, top: int = 10, sources: int | Sequence[int] | None = None, *,
+        skip_first: bool = False, stacked: bool = False, tokens: int | Sequence[int] | None = None,
+    ) -> Table:
+        """The top-k singular pairs of the operators, read as tokens (see `OperatorSVD.decode`).
+
+        Args:
+            k: Pairs per operator.
+            top: Tokens per vector.
+            sources: Input token indices (default: all up to the target position; ``-1`` is
+                the prompt's last token).
+            skip_first: Leave the first token out.
+            stacked: Also read the stacked operator ``[J_0 … J_n]``.
+            tokens: Deprecated name of ``sources``.
+
+        Returns:
+            A `tl_linmap.table.Table` of `tl_linmap.spectral.DecodedPair`.
+        """
+        sources = _renamed("tokens", tokens, "sources", sources)
+        return self.svd(k, skip_first=skip_first).decode(k, top, sources, skip_first=skip_first, stacked=stacked)
+
+    def dimensionality(self, *, skip_first: bool = False, per_token: bool = True) -> Table:
+        """Stable, effective and 90%/99% energy ranks of each operator and the stacked one.
+
+        Args:
+            skip_first: Leave the first token out.
+            per_token: One row per token as well as the stacked operator's (False: that row only).
+
+        Returns:
+            A `tl_linmap.table.Table` of `tl_linmap.spectral.RankRow`.
+        """
+        return dimensionality(
+            self.operators, self.position, target=self.target, sources=self.sources,
+            skip_first=skip_first, per_token=per_token,
+        )
+
+
+@dataclass(kw_only=True)
+class Contributions(TargetResult):
+    """Per-token contributions ``J_i x_i`` of one target, computed by forward passes.
+
+    Attributes:
+        values: One output-space vector per input token (zero after ``position``).
+    """
+
+    values: Float[Tensor, "pos d_out"]
+
+    def contributions(self) -> Float[Tensor, "pos d_out"]:
+        """Per-token contributions ``J_i x_i``.
+
+        Returns:
+            `values`; they sum to ``output - bias``.
+        """
+        return self.values
+
+
+@dataclass
+class HeadReadout:
+    """How one layer's ``hook_z`` becomes its ``hook_attn_out``: ``post(z @ W_O + b_O)``."""
+
+    W_O: Float[Tensor, "n_heads d_head d_model"]
+    b_O: Float[Tensor, " d_model"]
+    post: FrozenAffine | None = None
+
+    def apply(self, per_head: Float[Tensor, "... n_heads d_model"]) -> Float[Tensor, "... n_heads d_model"]:
+        """Map per-head output vectors through the frozen post-attention norm (linear part).
+
+        Args:
+            per_head: Head outputs in ``attn.hook_out`` space.
+
+        Returns:
+            Their shares of ``hook_attn_out``.
+        """
+        return per_head if self.post is None else per_head @ self.post.matrix.T
+
+    def rest(self) -> Float[Tensor, " d_model"]:
+        """The part of ``hook_attn_out`` that belongs to no head: ``post(b_O)`` plus the norm's offset.
+
+        Returns:
+            A residual-space vector.
+        """
+        if self.post is None:
+            return self.b_O
+        return self.post.matrix @ self.b_O + self.post.offset
+
+
+@dataclass
+class LinearMaps(Mapping):
+    """Linear maps of several hook points of one inference, indexed by hook name.
+
+    Attributes:
+        maps: `LinearMap` per hook name.
+        readouts: Per layer whose ``hook_z`` was mapped, how it becomes ``hook_attn_out`` (for `heads`).
+        norms: Norm modules frozen at the target position (``"ln_final"`` always), as affine maps.
+    """
+
+    maps: dict[str, LinearMap]
+    readouts: dict[int, HeadReadout] = field(default_factory=dict, repr=False)
+    norms: dict[str, FrozenAffine] = field(default_factory=dict, repr=False)
+
+    def __getitem__(self, name: str) -> LinearMap:
+        if name not in self.maps:
+            hint = f" It holds {', '.join(list(self.maps)[:6])}{', ...' if len(self.maps) > 6 else ''}."
+            raise KeyError(f"No map of {name!r}.{hint}")
+        return self.maps[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.maps)
+
+    def __len__(self) -> int:
+        return len(self.maps)
+
+    @property
+    def final_norm(self) -> FrozenAffine | None:
+        """``ln_final`` frozen at the target position (for logit attributions)."""
+        return self.norms.get("ln_final")
+
+    def operators(self) -> dict[str, Float[Tensor, "pos d_out d_in"]]:
+        """Every map's operators.
+
+        Returns:
+            A dict of tensors keyed by hook name.
+        """
+        return {name: lm.operators for name, lm in self.maps.items()}
+
+    def contributions(self) -> dict[str, Float[Tensor, "pos d_out"]]:
+        """Every map's per-token contributions ``J_i x_i``.
+
+        Returns:
+            A dict of tensors keyed by hook name, each ``(source token, d_out)``.
+        """
+        return {name: lm.contributions() for name, lm in self.maps.items()}
+
+    def stack_contributions(self, names: Sequence[str] | None = None) -> Float[Tensor, "component source d_out"]:
+        """Per-token contributions of several maps stacked, like ``ActivationCache.stack_activation``.
+
+        The second axis indexes *source tokens* (whose embedding the term comes from), not
+        positions: every entry is a term of the vector at the maps' one target position.
+
+        Args:
+            names: Hook names (default: every map; they must share ``d_out``).
+
+        Returns:
+            ``(len(names), n_tokens, d_out)``.
+        """
+        names = list(names or self.maps)
+        return torch.stack([self[name].contributions() for name in names])
+
+    def to_cache(self, model):
+        """Deprecated: an ``ActivationCache`` whose position axis held source tokens; use `stack_contributions`.
+
+        Args:
+            model: The model the maps came from.
+
+        Returns:
+            An ``ActivationCache`` without batch axis.
+        """
+        from transformer_lens.ActivationCache import ActivationCache
+
+        warnings.warn(
+            "LinearMaps.to_cache is deprecated: its position axis held source tokens, which "
+            "position-slicing cache methods misread. Use maps.contributions() or maps.stack_contributions().",
+            DeprecationWarning, stacklevel=2,
+        )
+        return ActivationCache(self.contributions(), model, has_batch_dim=False)
+
+    def _residual(self, targets: Sequence[str] | None) -> list[str]:
+        # Only residual-stream maps can be read through the unembedding (not hook_z).
+        if targets is not None:
+            return list(targets)
+        return [n for n in self.maps if n.endswith(RESIDUAL_HOOKS)]
+
+    def svd(self, k: int | None = None, *, skip_first: bool = False, targets: Sequence[str] | None = None) -> dict[str, OperatorSVD]:
+        """`LinearMap.svd` of every residual-stream map.
+
+        Args:
+            k: Pairs kept per operator (default: all).
+            skip_first: Leave the first token out of the stacked operators.
+            targets: Hook names (default: every residual-stream map, i.e. not ``hook_z``).
+
+        Returns:
+            An `tl_linmap.spectral.OperatorSVD` per hook name.
+        """
+        return {name: self[name].svd(k, skip_first=skip_first) for name in self._residual(targets)}
+
+    def decode(
+        self, k: int = 3, top: int = 10, sources: int | Sequence[int] | None = None, *,
+        skip_first: bool = False, stacked: bool = False, targets: Sequence[str] | None = None,
+        tokens: int | Sequence[int] | None = None,
+    ) -> Table:
+        """`LinearMap.decode` of every residual-stream map, in one table (layer by layer).
+
+        Args:
+            k: Pairs per operator.
+            top: Tokens per vector.
+            sources: Input token indices (default: all up to the target position).
+            skip_first: Leave the first token out.
+            stacked: Also read each stacked operator.
+            targets: Hook names (default: every residual-stream map, i.e. not ``hook_z``).
+            tokens: Deprecated name of ``sources``.
+
+        Returns:
+            A `tl_linmap.table.Table` of `tl_linmap.spectral.DecodedPair`.
+        """
+        sources = _renamed("tokens", tokens, "sources", sources)
+        rows = Table()
+        for name in self._residual(targets):
+            rows.extend(self[name].decode(k, top, sources, skip_first=skip_first, stacked=stacked))
+        return rows
+
+    def dimensionality(self, *, skip_first: bool = False, per_token: bool = True, targets: Sequence[str] | None = None) -> Table:
+        """`LinearMap.dimensionality` of every map, in one table.
+
+        Args:
+            skip_first: Leave the first token out.
+            per_token: One row per token as well as each stacked operator's (False: one
+                row per map, its stacked operator's).
+            targets: Hook names (default: every map).
+
+        Returns:
+            A `tl_linmap.table.Table` of `tl_linmap.spectral.RankRow`.
+        """
+        rows = Table()
+        for name in targets or self.maps:
+            rows.extend(self[name].dimensionality(skip_first=skip_first, per_token=per_token))
+        return rows
+
+    def _per_head(self, layer: int, vector: Tensor) -> Tensor:
+        readout = self.readouts[layer]
+        split = einops.rearrange(vector, "... (h dh) -> ... h dh", h=readout.W_O.shape[0])
+        return readout.apply(einops.einsum(split, readout.W_O, "... h dh, h dh dm -> ... h dm"))
+
+    def _z(self, layer: int) -> LinearMap:
+        name = utils.get_act_name("z", layer)
+        if name not in self.maps or layer not in self.readouts:
+            raise InputError(f"Head maps of layer {layer} need {name!r}: compute layer_maps(..., modules=True) with that layer.")
+        return self.maps[name]
+
+    def head_contributions(self, layer: int) -> Float[Tensor, "n_heads pos d_model"]:
+        """Per-head, per-token contributions to ``hook_attn_out``, without per-head operators.
+
+        Args:
+            layer: Block index (its ``attn.hook_z`` must be mapped: ``modules=True``).
+
+        Returns:
+            ``J_{h,i} x_i`` for every head ``h`` and source token ``i``.
+        """
+        return einops.rearrange(self._per_head(layer, self._z(layer).contributions()), "pos h d -> h pos d")
+
+    def heads(self, layer: int) -> LinearMaps:
+        """Per-head linear maps of one layer's ``hook_attn_out``, keyed ``blocks.L.attn.hook_result.H``.
+
+        Head ``h``'s share is ``post(z_h @ W_O[h])``; the shares plus `HeadReadout.rest`
+        sum exactly to ``hook_attn_out``.
+
+        Args:
+            layer: Block index (its ``attn.hook_z`` must be mapped: ``modules=True``).
+
+        Returns:
+            `LinearMaps` with one map per head, in head order (see also `head`).
+        """
+        z = self._z(layer)
+        operators = self._per_head(layer, einops.rearrange(z.operators, "pos d_z d_in -> pos d_in d_z"))
+        operators = einops.rearrange(operators, "pos d_in h d_model -> h pos d_model d_in")
+        bias, output, native = (self._per_head(layer, v) for v in (z.bias, z.output, z.native_output))
+        name = utils.get_act_name("result", layer)
+        readout = z.readout and dataclasses.replace(z.readout, residual=True)  # heads write the residual stream
+        maps = {
+            f"{name}.{h}": LinearMap(
+                operators=operators[h], inputs=z.inputs, bias=bias[h], output=output[h],
+                native_output=native[h], tokens=z.tokens, target=f"{name}.{h}", position=z.position,
+                readout=readout,
+            )
+            for h in range(len(operators))
+        }
+        return LinearMaps(maps, norms=self.norms)
+
+    def head(self, layer: int, head: int) -> LinearMap:
+        """One head's linear map of ``hook_attn_out`` (see `heads`).
+
+        Args:
+            layer: Block index.
+            head: Head index.
+
+        Returns:
+            A `LinearMap`.
+        """
+        heads = self.heads(layer)
+        if not 0 <= head < len(heads):
+            raise InputError(f"Layer {layer} has {len(heads)} heads; head {head} does not exist.")
+        return heads[f"{utils.get_act_name('result', layer)}.{head}"]
+
+
+@dataclass
+class Attribution:
+    """One output token's logit, split exactly over source tokens, layers, modules and heads.
+
+    ``per_token.sum() + constant + unembed_bias == logit`` (to float64 rounding); the
+    same holds per component and, within each layer's attention, per head plus
+    ``head_rest``.
+
+    Attributes:
+        token: The output token (decoded).
+        logit: Its logit from the maps' outputs (the model's own value).
+        per_token: Contribution of each source token's embedding.
+        per_component: Per source token, keyed by hook name: ``blocks.0.hook_resid_pre``
+            (the embeddings themselves) and every layer's ``hook_attn_out`` / ``hook_mlp_out``.
+        per_head: ``(layer, head) -> (pos,)`` contributions within ``hook_attn_out``.
+        head_rest: Per layer, the constant of ``hook_attn_out`` that belongs to no head.
+        constant: Every affine part inside the network (biases, positions, ln_final's offset).
+        unembed_bias: ``b_U[token]`` (zero when the model has none).
+    """
+
+    token: str
+    logit: float
+    per_token: Float[Tensor, " pos"]
+    per_component: dict[str, Float[Tensor, " pos"]]
+    per_head: dict[tuple[int, int], Float[Tensor, " pos"]]
+    head_rest: dict[int, float]
+    constant: float
+    unembed_bias: float
+
+    def total(self) -> float:
+        """The sum of all parts.
+
+        Returns:
+            ``per_token.sum() + constant + unembed_bias``, equal to `logit`.
+        """
+        return float(self.per_token.sum()) + self.constant + self.unembed_bias
+
+
+@dataclass
+class GapRow:
+    """The ordinary Jacobian next to the detached one, for one layer's residual stream.
+
+    Attributes:
+        target: Hook name.
+        detached_error: Relative reconstruction error of the detached system.
+        plain_error: The same with the ordinary Jacobian in place of the detached one
+            (same exact bias ``b``): how far the linearisation is from the model.
+        operator_gap: ``‖J_plain − J_detached‖_F / ‖J_detached‖_F``.
+    """
+
+    target: str
+    detached_error: float
+    plain_error: float
+    operator_gap: float
