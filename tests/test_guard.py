@@ -1,22 +1,83 @@
-"""The user's model comes out of tl_linmap as it went in, also after an error half-way."""
+"""The user's model comes out of tl_linmap bit for bit as it went in, also after an error half-way."""
+
+import contextlib
 
 import pytest
 import torch
 
 import tl_linmap
-from tl_linmap import maps
-from tl_linmap.errors import InputError
+from tl_linmap.errors import InputError, LinmapError
 from tl_linmap.guard import borrowed, hook_count
+from tl_linmap.toy import toy_model
 
 from conftest import PROMPT
 
+#: Internal steps made to raise half-way, while the model is borrowed (cast, flags off).
+#: Module renames touch only this table.
+MIDWAY = {
+    "jacobian": "tl_linmap.maps._jacobian",  # backward route
+    "columns": "tl_linmap.maps._columns",  # forward route
+    "factors": "tl_linmap.system.check_factors",  # after the frozen pass, before either route
+    "token_windows": "tl_linmap.operators._one_token_each",
+    "svd": "tl_linmap.operators.randomized_svd",
+    "plain": "tl_linmap.maps.same_path_hooks",  # nonlinearity_gap's second borrow
+}
+
+
+def _matrix_free_svd(model, dtype):
+    with tl_linmap.matrix_free(model, PROMPT, dtype=dtype) as mf:
+        return mf.svd(k=2)
+
+
+#: Every public entry point that borrows the model, with the step that fails half-way in it.
+ENTRY_POINTS = {
+    "linear_map/backward": (lambda m, dtype: tl_linmap.linear_map(m, PROMPT, dtype=dtype, route="backward"), "jacobian"),
+    "linear_map/forward": (lambda m, dtype: tl_linmap.linear_map(m, PROMPT, dtype=dtype, route="forward"), "columns"),
+    "layer_maps": (lambda m, dtype: tl_linmap.layer_maps(m, PROMPT, modules=True, dtype=dtype), "factors"),
+    "token_contributions": (lambda m, dtype: tl_linmap.token_contributions(m, PROMPT, dtype=dtype), "token_windows"),
+    "matrix_free": (_matrix_free_svd, "svd"),
+    "nonlinearity_gap": (lambda m, dtype: tl_linmap.nonlinearity_gap(m, PROMPT, dtype=dtype), "plain"),
+}
+
+#: (model dtype, working dtype): narrowing ones round any weight off the narrower grid.
+DTYPE_PAIRS = [
+    (torch.float64, torch.float32),
+    (torch.float32, torch.float64),
+    (torch.float32, torch.bfloat16),
+    (torch.bfloat16, torch.float32),
+    (torch.float64, torch.bfloat16),
+    (torch.float32, None),
+]
+
+
+def _named_tensors(model):
+    """Every name a tensor is reachable under: state dict, parameters and buffers, duplicates kept."""
+    named = {f"state_dict.{k}": v for k, v in model.state_dict(keep_vars=True).items()}
+    named.update(model.named_parameters(remove_duplicate=False))
+    named.update(model.named_buffers(remove_duplicate=False))
+    return named
+
+
+def _groups(named, key):
+    groups = {}
+    for name, tensor in named.items():
+        groups.setdefault(key(tensor), set()).add(name)
+    return {frozenset(g) for g in groups.values()}
+
 
 def _snapshot(model):
+    named = _named_tensors(model)
+    params = dict(model.named_parameters(remove_duplicate=False))
     return {
-        "state": {k: v.clone() for k, v in model.state_dict().items()},
-        "dtypes": {k: v.dtype for k, v in model.state_dict().items()},
-        "flags": [p.requires_grad for p in model.parameters()],
-        "training": [m.training for m in model.modules()],
+        "values": {k: v.detach().clone() for k, v in named.items()},
+        "dtypes": {k: v.dtype for k, v in named.items()},
+        "devices": {k: v.device for k, v in named.items()},
+        # Tied weights stay one object, and views of one storage (GPT-2's q of qkv) stay views.
+        "objects": _groups(named, id),
+        "storages": _groups(named, lambda t: t.untyped_storage().data_ptr()),
+        "flags": {k: p.requires_grad for k, p in params.items()},
+        "grads": {k: None if p.grad is None else p.grad.clone() for k, p in params.items()},
+        "training": {k: m.training for k, m in model.named_modules(remove_duplicate=False)},
         "cfg_dtype": model.cfg.dtype,
         "hooks": hook_count(model),
     }
@@ -24,20 +85,133 @@ def _snapshot(model):
 
 def _assert_same(model, before):
     after = _snapshot(model)
-    assert after["dtypes"] == before["dtypes"]
-    assert all(torch.equal(after["state"][k], v) for k, v in before["state"].items())
-    assert after["flags"] == before["flags"]
-    assert after["training"] == before["training"]
-    assert after["cfg_dtype"] == before["cfg_dtype"]
-    assert after["hooks"] == before["hooks"] == 0
+    changed = sorted(k for k, v in before["values"].items() if not torch.equal(after["values"][k], v))
+    assert not changed, f"{len(changed)} of {len(before['values'])} tensors changed, e.g. {changed[:3]}"
+    for key in ("dtypes", "devices", "objects", "storages", "flags", "training", "cfg_dtype", "hooks"):
+        assert after[key] == before[key], key
+    assert after["grads"].keys() == before["grads"].keys()
+    for k, grad in before["grads"].items():
+        assert (grad is None) == (after["grads"][k] is None) and (grad is None or torch.equal(after["grads"][k], grad)), k
 
 
 def _user_state(model):
-    """A model in an unusual state: float32, training mode, mixed requires_grad flags."""
+    """A model in an unusual state: training mode, mixed requires_grad flags, a gradient."""
     model.train()
-    for i, p in enumerate(model.parameters()):
+    params = list(model.parameters())
+    for i, p in enumerate(params):
         p.requires_grad_(i % 2 == 0)
+    params[0].grad = torch.randn_like(params[0])
     return _snapshot(model)
+
+
+def _off_grid(model, narrower):
+    """Nudge every floating tensor off ``narrower``'s grid, so a round trip through it would show."""
+    torch.manual_seed(1)
+    tensors = {id(t): t for t in _named_tensors(model).values() if t.is_floating_point()}.values()
+    with torch.no_grad():
+        for t in tensors:
+            t.add_(torch.randn_like(t) * (t.abs() + 1e-3) * 1e-3)
+    if narrower is not None:
+        assert not any(torch.equal(t, t.to(narrower).to(t.dtype)) for t in tensors)
+
+
+def _borrowable(family, model_dtype, dtype):
+    """A tiny toy model in ``model_dtype`` whose weights no narrower working dtype holds exactly."""
+    model = toy_model(family, d_model=32, d_mlp=48, dtype=model_dtype)
+    narrowing = dtype is not None and torch.finfo(dtype).bits < torch.finfo(model_dtype).bits
+    _off_grid(model, dtype if narrowing else None)
+    return model
+
+
+def _call(entry, model, dtype):
+    # Coarse working dtypes may miss the exactness check; the model must come back regardless.
+    with contextlib.suppress(LinmapError):
+        ENTRY_POINTS[entry][0](model, dtype)
+
+
+def _cases():
+    no_bf16_qr = pytest.mark.xfail(
+        raises=NotImplementedError, strict=True,
+        reason="randomized_svd runs QR in the working dtype; torch has no bfloat16 QR on CPU",
+    )
+    for entry in ENTRY_POINTS:
+        for model_dtype, dtype in DTYPE_PAIRS:
+            marks = [no_bf16_qr] if entry == "matrix_free" and dtype == torch.bfloat16 else []
+            name = f"{entry}-{str(model_dtype).removeprefix('torch.')}-{str(dtype).removeprefix('torch.')}"
+            yield pytest.param(entry, model_dtype, dtype, marks=marks, id=name)
+
+
+@pytest.mark.parametrize(("entry", "model_dtype", "dtype"), _cases())
+def test_model_bit_identical_after_every_entry_point(entry, model_dtype, dtype):
+    """Gemma 3: the embedding is tied to the unembedding; every weight is off the narrower grid."""
+    model = _borrowable("gemma3", model_dtype, dtype)
+    before = _user_state(model)
+    try:
+        _call(entry, model, dtype)
+    finally:  # also when the call fails with an error that is not a LinmapError
+        _assert_same(model, before)
+
+
+@pytest.mark.parametrize(("model_dtype", "dtype"), [(torch.float64, torch.float32), (torch.float32, torch.float64)], ids=["narrowing", "widening"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gemma3", "gpt2", "pythia"])
+def test_model_bit_identical_for_every_family(family, model_dtype, dtype):
+    """Every family's buffers and aliases (GPT-2's q is a view of qkv, also when widening) come back."""
+    model = _borrowable(family, model_dtype, dtype)
+    before = _user_state(model)
+    _call("linear_map/backward", model, dtype)
+    _assert_same(model, before)
+
+
+def _failing(model, reached):
+    """A stand-in for an internal step that notes the working dtype and fails."""
+
+    def fail(*args, **kwargs):
+        reached.append(model.cfg.dtype)
+        raise RuntimeError("out of memory (simulated)")
+
+    return fail
+
+
+@pytest.mark.parametrize(("model_dtype", "dtype"), [(torch.float64, torch.float32), (torch.float32, torch.float64)], ids=["narrowing", "widening"])
+@pytest.mark.parametrize("entry", list(ENTRY_POINTS))
+def test_model_bit_identical_after_error_midway(entry, model_dtype, dtype, monkeypatch):
+    model = _borrowable("gemma3", model_dtype, dtype)
+    before = _user_state(model)
+    reached = []
+    monkeypatch.setattr(MIDWAY[ENTRY_POINTS[entry][1]], _failing(model, reached))
+    with pytest.raises(RuntimeError, match="simulated"):
+        ENTRY_POINTS[entry][0](model, dtype)
+    assert reached == [dtype]  # it failed inside the borrow, in the working dtype
+    _assert_same(model, before)
+
+
+def test_model_bit_identical_after_error_in_users_block():
+    model = _borrowable("gemma3", torch.float64, torch.float32)
+    before = _user_state(model)
+    with pytest.raises(KeyboardInterrupt), tl_linmap.matrix_free(model, PROMPT, dtype=torch.float32):
+        raise KeyboardInterrupt
+    _assert_same(model, before)
+
+
+@pytest.mark.parametrize("fail_midway", [False, True], ids=["success", "error"])
+@pytest.mark.parametrize("entry", list(ENTRY_POINTS))
+def test_users_hook_stays_attached_and_fires(entry, fail_midway, monkeypatch):
+    model = _borrowable("gemma3", torch.float64, torch.float32)
+    calls = []
+    model.blocks[0].hook_resid_post.add_hook(lambda act, hook: calls.append(act.dtype))
+    before = _snapshot(model)
+    assert before["hooks"] == 1
+    if fail_midway:
+        monkeypatch.setattr(MIDWAY[ENTRY_POINTS[entry][1]], _failing(model, []))
+        with pytest.raises(RuntimeError, match="simulated"):
+            ENTRY_POINTS[entry][0](model, torch.float32)
+    else:
+        _call(entry, model, torch.float32)
+    assert torch.float32 in calls  # it ran inside, on the borrowed model
+    _assert_same(model, before)
+    calls.clear()
+    model(PROMPT)
+    assert calls == [torch.float64]
 
 
 @pytest.mark.parametrize("route", ["backward", "forward"])
@@ -48,14 +222,10 @@ def test_model_untouched_after_success(fresh_llama, route):
     _assert_same(fresh_llama, before)
 
 
-@pytest.mark.parametrize(("route", "step"), [("backward", "_jacobian"), ("forward", "_columns")])
+@pytest.mark.parametrize(("route", "step"), [("backward", "jacobian"), ("forward", "columns")])
 def test_model_untouched_after_error_midway(fresh_llama, monkeypatch, route, step):
     before = _user_state(fresh_llama)
-
-    def fail(*args, **kwargs):
-        raise RuntimeError("out of memory (simulated)")
-
-    monkeypatch.setattr(maps, step, fail)  # after the model was cast and hooked
+    monkeypatch.setattr(MIDWAY[step], _failing(fresh_llama, []))  # after the model was cast and hooked
     with pytest.raises(RuntimeError, match="simulated"):
         tl_linmap.linear_map(fresh_llama, PROMPT, route=route)
     _assert_same(fresh_llama, before)
@@ -68,12 +238,23 @@ def test_model_untouched_after_bad_input(fresh_llama):
     _assert_same(fresh_llama, before)
 
 
-def test_borrowed_restores_buffers_and_parameters(fresh_llama):
+def test_borrowed_casts_inside_and_restores(fresh_llama):
     before = _snapshot(fresh_llama)
     with borrowed(fresh_llama, torch.float64):
         assert all(v.dtype == torch.float64 for v in fresh_llama.state_dict().values() if v.is_floating_point())
         assert not any(p.requires_grad for p in fresh_llama.parameters())
+        assert not any(m.training for m in fresh_llama.modules())
+        assert fresh_llama.cfg.dtype == torch.float64
     _assert_same(fresh_llama, before)
+
+
+def test_borrowed_keeps_tied_weights_tied_inside():
+    model = _borrowable("gemma3", torch.float64, torch.float32)
+    before = _snapshot(model)
+    with borrowed(model, torch.float32):
+        assert model.embed.weight is model.unembed.weight
+        assert model.embed.weight.dtype == torch.float32
+    _assert_same(model, before)
 
 
 def test_result_is_the_same_with_a_float32_model(fresh_llama):

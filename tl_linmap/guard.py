@@ -1,26 +1,60 @@
 """Borrowing the user's model: change dtype, grad flags and mode, then put everything back.
 
-Whatever happens inside (an error half-way included), the model leaves `borrowed` with
-the dtypes, ``requires_grad`` flags, train/eval mode and hooks it came in with; the
-weights round-trip through the working dtype, which is exact when widening
-(float32/bfloat16 -> float64 -> back).
+Whatever happens inside (an error half-way included), the model leaves `borrowed` bit for
+bit as it came in: the very tensors it held (not casts of casts, which would round every
+weight a narrowing working dtype cannot hold), with their ``requires_grad`` flags, the
+train/eval mode of every module, ``cfg.dtype`` and its hooks.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 
-def _tensor_slots(model: nn.Module) -> list[tuple[nn.Module, str, str]]:
-    slots = []
-    for module in model.modules():
-        slots += [(module, "_parameters", k) for k, v in module._parameters.items() if v is not None]
-        slots += [(module, "_buffers", k) for k, v in module._buffers.items() if v is not None]
-    return slots
+@dataclass(frozen=True)
+class _Slot:
+    """One place a module registers a parameter or buffer, and the tensor it held on entry."""
+
+    module: nn.Module
+    kind: str  # "_parameters" or "_buffers"
+    key: str
+    tensor: Tensor
+
+
+def _slots(model: nn.Module) -> list[_Slot]:
+    # Every registration, not every tensor: a tied weight or one aliased under several
+    # names sits in several slots, and each must get the same object back.
+    return [
+        _Slot(module, kind, key, tensor)
+        for module in model.modules()
+        for kind in ("_parameters", "_buffers")
+        for key, tensor in getattr(module, kind).items()
+        if tensor is not None
+    ]
+
+
+def _cast(slots: list[_Slot], dtype: torch.dtype) -> None:
+    # What nn.Module.to(dtype) does, but once per distinct tensor, so shared tensors stay
+    # shared. Gradients are left alone: nothing inside reads them.
+    cast_buffers: dict[int, Tensor] = {}
+    cast_params: set[int] = set()
+    for slot in slots:
+        tensor = slot.tensor
+        if not tensor.is_floating_point() or tensor.dtype == dtype:
+            continue
+        if slot.kind == "_parameters":
+            if id(tensor) not in cast_params:
+                cast_params.add(id(tensor))
+                tensor.data = tensor.data.to(dtype)
+        else:
+            if id(tensor) not in cast_buffers:
+                cast_buffers[id(tensor)] = tensor.to(dtype)
+            slot.module._buffers[slot.key] = cast_buffers[id(tensor)]
 
 
 def hook_count(model) -> int:
@@ -40,37 +74,38 @@ def hook_count(model) -> int:
 def borrowed(model, dtype: torch.dtype | None) -> Iterator[None]:
     """Temporarily put the model in eval mode, without parameter grads, in ``dtype``.
 
+    The original tensors stay referenced while the model is borrowed and are put back on
+    exit, so a narrowing ``dtype`` (float64 -> float32, float32 -> bfloat16) loses nothing;
+    the price is holding the model in both dtypes meanwhile (nothing extra when ``dtype``
+    is None or the model's own).
+
     Args:
         model: A TransformerBridge (any ``nn.Module`` with a ``cfg`` works).
         dtype: Working floating dtype, or None to keep the model's own.
 
     Returns:
-        A context manager; on exit the model is as it was.
+        A context manager; on exit the model is as it was, bit for bit.
     """
-    slots = _tensor_slots(model)
-    dtypes = [getattr(m, kind)[k].dtype for m, kind, k in slots]
-    flags = [p.requires_grad for p in model.parameters()]
-    modes = [m.training for m in model.modules()]
+    slots = _slots(model)
+    params = {id(s.tensor): s.tensor for s in slots if s.kind == "_parameters"}.values()
+    # `.data` aliases the storage (no copy); the cast swaps in a new one, so these keep the bits.
+    datas = [(p, p.data, p.requires_grad) for p in params]
+    modes = [(m, m.training) for m in model.modules()]
     cfg_dtype = getattr(model.cfg, "dtype", None)
     try:
         model.eval()
         model.requires_grad_(False)
         if dtype is not None:
-            # nn.Module.to, not the bridge's .to, which prints on every dtype change.
-            nn.Module.to(model, dtype)
             model.cfg.dtype = dtype
+            _cast(slots, dtype)
         yield
     finally:
-        for (module, kind, key), original in zip(slots, dtypes):
-            tensor = getattr(module, kind)[key]
-            if tensor.dtype != original:
-                if kind == "_parameters":
-                    tensor.data = tensor.data.to(original)
-                else:
-                    module._buffers[key] = tensor.to(original)
-        for param, flag in zip(model.parameters(), flags):
+        for slot in slots:
+            getattr(slot.module, slot.kind)[slot.key] = slot.tensor
+        for param, data, flag in datas:
+            param.data = data
             param.requires_grad_(flag)
-        for module, mode in zip(model.modules(), modes):
+        for module, mode in modes:
             module.training = mode
-        if cfg_dtype is not None:
+        if dtype is not None:
             model.cfg.dtype = cfg_dtype
