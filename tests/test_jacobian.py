@@ -1,7 +1,6 @@
 """Exactness of `linear_map`, checked against computations that do not share its code."""
 
 import dataclasses
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -106,16 +105,6 @@ def test_default_chunk_shrinks_to_the_memory_budget(toy_models, monkeypatch):
     small = tl_linmap.linear_map(model, PROMPT)
     assert 1 <= planned[1] < planned[0]
     assert torch.allclose(small.operators, whole.operators, rtol=0, atol=1e-14 * whole.operators.abs().max())
-
-
-def test_default_chunk_is_wide_enough_not_all_rows(monkeypatch):
-    monkeypatch.setattr(budget, "available_bytes", lambda device: 2**40)
-    smollm2_widths = SimpleNamespace(cfg=SimpleNamespace(d_model=576, d_mlp=1536))
-    cpu = torch.device("cpu")
-    assert budget.plan_rows(smollm2_widths, 16, 576, 1, torch.float64, 576, cpu) == 576  # the user's choice stands
-    assert budget.plan_rows(smollm2_widths, 16, 576, 1, torch.float64, None, cpu) == budget.ROW_POSITIONS // 16
-    assert budget.plan_rows(smollm2_widths, 4, 64, 1, torch.float64, None, cpu) == 64  # every row
-    assert budget.plan_rows(smollm2_widths, 1000, 576, 1, torch.float64, None, cpu) == 32
 
 
 def test_out_of_memory_risk_suggests_a_chunk_size(toy_models, monkeypatch):
@@ -238,27 +227,6 @@ def test_progress_bar_counts_both_routes(toy_models, capsys, route):
     total = model.cfg.d_model * (len(lm.tokens) if route == "columns" else 1)
     err = capsys.readouterr().err
     assert f"detached Jacobian {route}" in err and f"{total}/{total}" in err
-
-
-def test_auto_route_rule():
-    d, layers, n = 576, 30, 16
-    residual = [(d, layer + 1) for layer in range(layers) for _ in ("mid", "post")]
-    assert budget.choose_route(d, n, n - 1, residual) == "columns"  # every layer's residual stream
-    assert budget.choose_route(d, n, n - 1, [(d, layers)]) == "rows"  # only the output
-    assert budget.choose_route(d, 512, 511, residual) == "rows"  # a long prompt
-    assert budget.choose_route(d, 512, 3, residual) == "columns"  # ... read early: short windows
-    eight = [(d, layer + 1) for layer in range(8) for _ in ("mid", "post")]
-    assert budget.choose_route(d, n, n - 1, eight) == "columns"  # 1088 vs 1152 rows·positions·layers per d
-    assert budget.choose_route(d, n, n - 1, eight, forward_cost=1.6) == "rows"  # forward rows cost more
-
-
-def test_forward_row_cost():
-    from types import SimpleNamespace
-
-    llama = SimpleNamespace(n_heads=9, d_head=64, n_key_value_heads=3, d_mlp=1536, gated_mlp=True, d_model=576)
-    gpt2 = SimpleNamespace(n_heads=12, d_head=64, n_key_value_heads=None, d_mlp=3072, gated_mlp=False, d_model=768)
-    assert budget.forward_row_cost(llama) == pytest.approx(1.6)  # + Q, K and the gate
-    assert budget.forward_row_cost(gpt2) == pytest.approx(1.2)  # + Q and K
 
 
 def test_auto_route_picks_forward_for_many_targets(toy_models, monkeypatch):

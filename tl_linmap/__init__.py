@@ -12,7 +12,7 @@ from tl_linmap.exactness import tolerance
 from tl_linmap.hooks import freeze_hooks, frozen, replay_hooks, same_path_hooks
 from tl_linmap.jacobian import linear_map, linear_maps
 from tl_linmap.loading import BUNDLED, load_model
-from tl_linmap.matrix_free import MatrixFree, matrix_free, randomized_svd, token_contributions
+from tl_linmap.implicit import MatrixFree, matrix_free, randomized_svd, token_contributions
 from tl_linmap.plotting import (
     plot_contribution_heatmap,
     plot_decoded,

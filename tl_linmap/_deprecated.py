@@ -27,7 +27,8 @@ def forwarder(old: str, modules: Sequence[str], renamed: dict[str, tuple[str, st
         for candidate in [module] if module else modules:
             value = getattr(importlib.import_module(candidate), new, None)
             if value is not None:
-                warnings.warn(f"{old}.{name} is deprecated; use {candidate}.{new}.", DeprecationWarning, stacklevel=2)
+                home = getattr(value, "__module__", None) or candidate  # where it is defined, not re-exported
+                warnings.warn(f"{old}.{name} is deprecated; use {home}.{new}.", DeprecationWarning, stacklevel=2)
                 return value
         raise AttributeError(f"module {old!r} has no attribute {name!r} (it is deprecated; see {', '.join(modules)})")
 

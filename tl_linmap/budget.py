@@ -29,7 +29,7 @@ FALLBACK_FREE_BYTES = 4 * 2**30
 #: at the matmul rate, and more rows in flight only cost memory (SmolLM2, 16 tokens: 128 rows
 #: ran 5% faster than all 576 at a third of the peak memory).
 ROW_POSITIONS = 2048
-#: Tokens per forward pass of `tl_linmap.matrix_free.token_contributions` below which a window
+#: Tokens per forward pass of `tl_linmap.implicit.token_contributions` below which a window
 #: of its own costs more (one more pass, hooks included) than the positions it skips.
 WINDOW_ROWS = 32
 #: Most windows `token_contributions` splits a prompt into.
@@ -195,7 +195,7 @@ def plan_columns(model, n_tokens: int, window: int, widths: Sequence[int], dtype
 
 
 def plan_tokens(model, n_tokens: int, last: int, dtype: torch.dtype, requested: int | None, device: torch.device) -> int:
-    """Tokens per forward pass of `tl_linmap.matrix_free.token_contributions`.
+    """Tokens per forward pass of `tl_linmap.implicit.token_contributions`.
 
     As many as fit, in up to `MAX_WINDOWS` windows of at least `WINDOW_ROWS` tokens: each
     window is one more pass, so very short ones cost more than the positions they skip.

@@ -128,6 +128,7 @@ def token_attribution(model, maps: LinearMaps, token: int | str) -> Attribution:
         head_rest=head_rest,
         constant=constant,
         unembed_bias=unembed_bias,
+        sources=final.sources,
     )
 
 

@@ -79,20 +79,6 @@ def tokens_html(
     return f'<div class="tl-linmap-tokens">{"".join(spans)}</div>'
 
 
-def token_strings(result) -> list[str]:
-    """The input tokens of a result, decoded (as `tl_linmap.analysis.source_tokens`, duck-typed).
-
-    Args:
-        result: Anything with ``tokens`` (ids) and ``readout`` (None, or with
-            ``model.tokenizer``): a `LinearMap`, `Contributions`, ...
-
-    Returns:
-        One string per input token (the ids as text where there is no tokenizer).
-    """
-    tokenizer = getattr(getattr(result.readout, "model", None), "tokenizer", None)
-    return [tokenizer.decode([int(t)]) if tokenizer else str(int(t)) for t in result.tokens]
-
-
 def _shape(tensor) -> str:
     return " \u00d7 ".join(str(n) for n in tensor.shape)
 
@@ -135,7 +121,7 @@ def map_facts(lm) -> list[tuple[str, str, bool]]:
         ``(name, value, is_number)`` per fact: target, position, tokens, shapes, relative
         error, native gap.
     """
-    tokens = token_strings(lm)
+    tokens = lm.sources
     position = lm.position % len(tokens)
     facts = [("target", lm.target, False), ("position", f"{position} ({tokens[position]!r})", False),
              ("tokens", str(len(tokens)), True)]
@@ -159,7 +145,7 @@ def linear_map_html(lm) -> str:
         prompt's tokens coloured by their share of the contribution norms.
     """
     title = f"{type(lm).__name__} of {html.escape(lm.target)}"
-    return _frame(title, _facts(map_facts(lm)), _contribution_view(lm, token_strings(lm)))
+    return _frame(title, _facts(map_facts(lm)), _contribution_view(lm, lm.sources))
 
 
 def linear_map_text(lm, top: int = 5) -> str:
@@ -174,7 +160,7 @@ def linear_map_text(lm, top: int = 5) -> str:
     """
     _, shares = _shares(lm)
     order = sorted(range(len(shares)), key=lambda i: -shares[i])[:top]
-    tokens = token_strings(lm)
+    tokens = lm.sources
     largest = ", ".join(f"{i}:{tokens[i]!r} {shares[i]:.2f}" for i in order)
     facts = "; ".join(f"{name} {value}" for name, value, _ in map_facts(lm))
     return f"{type(lm).__name__}({facts})\n  largest shares of Σ‖J_i x_i‖: {largest}"
@@ -221,7 +207,7 @@ def linear_maps_html(maps: Mapping) -> str:
     rows = map_rows(maps)
     name, last = list(maps.items())[-1]
     last_map = f"<div>Last map: <code>{html.escape(name)}</code></div>"
-    return _frame(html.escape(_maps_title(last, rows)), rows._repr_html_(), last_map, _contribution_view(last, token_strings(last)))
+    return _frame(html.escape(_maps_title(last, rows)), rows._repr_html_(), last_map, _contribution_view(last, last.sources))
 
 
 def _maps_title(last, rows: Table) -> str:

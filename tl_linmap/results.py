@@ -23,6 +23,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import utilities as utils
 
+from tl_linmap import display
 from tl_linmap.errors import InputError
 from tl_linmap.exactness import check_exact, relative
 from tl_linmap.inputs import OUTPUT_HOOK, RESIDUAL_HOOKS
@@ -62,6 +63,12 @@ class TargetResult:
             One output-space vector per input token.
         """
         raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return display.linear_map_text(self)
+
+    def _repr_html_(self) -> str:
+        return display.linear_map_html(self)
 
     @property
     def sources(self) -> list[str]:
@@ -124,7 +131,7 @@ class TargetResult:
         return LogitSplit(self.readout.model.tokenizer.decode([token]), self.sources, per_token, constant, logit)
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, repr=False)
 class LinearMap(TargetResult):
     """The detached-Jacobian linear system of one target vector of one inference.
 
@@ -196,7 +203,7 @@ class LinearMap(TargetResult):
         )
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, repr=False)
 class Contributions(TargetResult):
     """Per-token contributions ``J_i x_i`` of one target, computed by forward passes.
 
@@ -270,6 +277,12 @@ class LinearMaps(Mapping):
 
     def __len__(self) -> int:
         return len(self.maps)
+
+    def __repr__(self) -> str:
+        return display.linear_maps_text(self)
+
+    def _repr_html_(self) -> str:
+        return display.linear_maps_html(self)
 
     @property
     def final_norm(self) -> FrozenAffine | None:
@@ -418,7 +431,10 @@ class LinearMaps(Mapping):
             layer: Block index (its ``attn.hook_z`` must be mapped: ``modules=True``).
 
         Returns:
-            `LinearMaps` with one map per head, in head order (see also `head`).
+            `LinearMaps` with one map per head, in head order (see also `head`), each exact.
+
+        Raises:
+            FreezeError: if a head's map does not reconstruct its share of ``hook_attn_out``.
         """
         z = self._z(layer)
         operators = self._per_head(layer, einops.rearrange(z.operators, "pos d_z d_in -> pos d_in d_z"))
@@ -434,6 +450,8 @@ class LinearMaps(Mapping):
             )
             for h in range(len(operators))
         }
+        for lm in maps.values():
+            lm.check()
         return LinearMaps(maps, norms=self.norms)
 
     def head(self, layer: int, head: int) -> LinearMap:
@@ -470,6 +488,7 @@ class Attribution:
         head_rest: Per layer, the constant of ``hook_attn_out`` that belongs to no head.
         constant: Every affine part inside the network (biases, positions, ln_final's offset).
         unembed_bias: ``b_U[token]`` (zero when the model has none).
+        sources: The input tokens, decoded.
     """
 
     token: str
@@ -480,6 +499,13 @@ class Attribution:
     head_rest: dict[int, float]
     constant: float
     unembed_bias: float
+    sources: list[str] = field(default_factory=list)
+
+    def __repr__(self) -> str:
+        return display.attribution_text(self)
+
+    def _repr_html_(self) -> str:
+        return display.attribution_html(self)
 
     def total(self) -> float:
         """The sum of all parts.

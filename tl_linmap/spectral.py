@@ -1,7 +1,7 @@
 """Spectral: singular directions of the operators, read as tokens, and how many dimensions they use.
 
 Every SVD result is an `OperatorSVD`, from the dense operators (`tl_linmap.results.LinearMap.svd`)
-or matrix-free (`tl_linmap.matrix_free.MatrixFree.svd`), and decodes the same way. Each pair is
+or matrix-free (`tl_linmap.implicit.MatrixFree.svd`), and decodes the same way. Each pair is
 signed so that ``u`` points along the target's actual output (``u · y >= 0``). Every function
 that summarises over input tokens takes ``skip_first``: the first token (BOS, or the first word
 where there is none) is usually an attention sink whose operator dwarfs the others.
@@ -190,6 +190,9 @@ class DecodedPair:
     left: list[tuple[str, float]]
     right: list[tuple[str, float]]
     block_share: float | None = None
+
+    def _repr_html_(self) -> str:
+        return Table([self])._repr_html_()
 
 
 @dataclass

@@ -31,7 +31,7 @@ _SPECIAL = ("<bos>", "<eos>", "<unk>")
 def _tokenizer_dir() -> str:
     # Saved to disk because the bridge re-loads the tokenizer by path to force a BOS token.
     vocab = {tok: i for i, tok in enumerate(_SPECIAL)}
-    for char in pre_tokenizers.ByteLevel.alphabet():
+    for char in sorted(pre_tokenizers.ByteLevel.alphabet()):  # a set: its order changes from process to process
         vocab[char] = len(vocab)
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

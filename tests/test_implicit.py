@@ -8,7 +8,7 @@ import torch
 import tl_linmap
 from tl_linmap.guard import hook_count
 from tl_linmap.budget import WINDOW_ROWS
-from tl_linmap.matrix_free import matrix_free, token_contributions
+from tl_linmap.implicit import matrix_free, token_contributions
 
 from conftest import PROMPT
 

@@ -1,4 +1,4 @@
-"""Matrix-free: contributions and top singular vectors without the dense operators.
+"""Implicit operators (matrix-free): contributions and top singular vectors without the dense operators.
 
 The frozen system is exactly affine, so a forward pass of the replayed system applies
 ``Σ_i J_i e_i`` to any embeddings, and a backward pass through its graph applies
@@ -20,6 +20,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from tl_linmap.budget import plan_tokens
+from tl_linmap.errors import InputError
 from tl_linmap.exactness import check_exact, relative
 from tl_linmap.inputs import Prompt
 from tl_linmap.readout import decode_tokens
@@ -174,6 +175,8 @@ def randomized_svd(operator: TokenOperator, k: int, *, oversample: int = 4, max_
     """
     _positive("k", k)
     x = operator.system.x
+    if x.dtype.itemsize < 4:
+        raise InputError(f"The matrix-free SVD needs float32 or float64 (torch has no {x.dtype} QR); pass dtype=torch.float32.")
     d_in = x.shape[-1]
     generator = torch.Generator(device=x.device).manual_seed(0)
     block = _orthonormal_to(torch.randn(d_in, k + oversample, generator=generator, dtype=x.dtype, device=x.device), None)
