@@ -9,6 +9,20 @@ import torch
 
 from tl_linmap.toy import FAMILIES, toy_model
 
+#: Where the README's set-up ran (CI sets CI=true), every test can run: a skip there is a failure.
+NO_SKIPS = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if NO_SKIPS and report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.outcome = "failed"
+        report.longrepr = f"skipped where the README's set-up should make it run (CI=true): {reason}"
+
+
 PROMPT = "The cat sat on the mat, and then"  # crosses Gemma's sliding window of 4
 ALL_FAMILIES = sorted(FAMILIES)
 BIASED = {"gpt2", "pythia", "qwen2"}  # biases or learned positions: nonzero affine part

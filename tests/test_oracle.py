@@ -258,7 +258,7 @@ def test_linear_map_matches_the_oracle(model, family, scratch_models, target, dt
 def test_head_matches_the_oracle(model, family, scratch_models, dtype, rtol):
     model = _subject(model, family, scratch_models, dtype)
     layer, head = HEAD
-    lm = tl_linmap.layer_maps(model, PROMPT, modules=True, dtype=dtype).heads(layer)[head]
+    lm = tl_linmap.layer_maps(model, PROMPT, modules=True, dtype=dtype).head(layer, head)
     assert lm.operators.dtype == dtype
     assert_matches_oracle(lm, model, head=HEAD, rtol=rtol)
 

@@ -81,7 +81,7 @@ for (layer, head), parts in top:
 # %%
 (layer, head), parts = top[0]
 source = int(parts[1:].abs().argmax()) + 1
-head_map = maps.heads(layer)[head]
+head_map = maps.head(layer, head)
 print(head_map.target, f"exact to {head_map.relative_error():.1e}; reading from {tokens[source]!r}")
 print(head_map.decode(k=2, top=6, tokens=source))
 
