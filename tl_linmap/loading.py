@@ -3,20 +3,32 @@
 `load_model` takes a hub name (needs network), a local Hugging Face directory, a local
 GGUF file (dequantised to float by transformers + gguf), or the name of a model that an
 installed Python package ships (`BUNDLED`), which works with no network at all.
+
+Dequantising a GGUF takes a minute or so, so the first load of each file saves the float
+model (safetensors) and its tokenizer under `cache_dir()`; later loads, in any process,
+read that copy in seconds. `clear_cache()` deletes it all.
 """
 
 from __future__ import annotations
 
+import difflib
+import hashlib
 import importlib
 import importlib.metadata
+import json
 import os
+import shutil
+import sys
+import tempfile
+import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from tl_linmap.errors import LinmapError, UnsupportedArchitectureError
+from tl_linmap.errors import InputError, LinmapError, UnsupportedArchitectureError
 from tl_linmap.rules import FREEZE_RULES
 
 # GGUF configs leave `architectures` empty; the bridge needs it to pick an adapter.
@@ -95,17 +107,232 @@ def bundled_path(name: str) -> Path:
     return path
 
 
-def _source(name_or_path: str) -> tuple[str, str, str | None]:
-    """(bridge model name, directory or hub name, GGUF file name or None)."""
+#: Bumped whenever what a cache entry holds changes, so that older entries are never read.
+CACHE_FORMAT = 1
+
+_ENTRY_PREFIX = "gguf-"
+_TEMP_PREFIX = ".tmp-gguf-"
+_ENTRY_META = "tl_linmap_entry.json"
+# A write takes seconds, so a temporary directory this old was left by a killed process.
+_STALE_TEMP_S = 3600.0
+# huggingface_hub's spellings of a true switch.
+_TRUE = {"1", "ON", "YES", "TRUE"}
+
+
+@dataclass(frozen=True)
+class _Source:
+    """Where a model comes from: the bridge's model name, a directory or hub name, and the GGUF file if any."""
+
+    model_name: str
+    location: str
+    gguf: Path | None = None
+
+
+@dataclass(frozen=True)
+class ClearedCache:
+    """What `clear_cache` deleted: the cache entries (and half-written ones) and the bytes they held."""
+
+    paths: tuple[Path, ...]
+    n_bytes: int
+
+    def __str__(self) -> str:
+        return f"freed {self.n_bytes / 1e6:.0f} MB in {len(self.paths)} cache entries"
+
+
+def cache_dir() -> Path:
+    """Directory where `load_model` keeps converted GGUF models.
+
+    Returns:
+        ``$TL_LINMAP_CACHE`` if set, else ``$XDG_CACHE_HOME/tl_linmap``, else
+        ``~/.cache/tl_linmap`` (it may not exist yet).
+    """
+    if os.environ.get("TL_LINMAP_CACHE"):
+        return Path(os.environ["TL_LINMAP_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "tl_linmap"
+
+
+def clear_cache() -> ClearedCache:
+    """Delete every converted model `load_model` cached, and any half-written one.
+
+    The next load of each GGUF converts it again (a minute or so). From a shell:
+    ``python -c "import tl_linmap.loading as l; print(l.clear_cache())"``. Only tl_linmap's
+    own entries are deleted, so a ``$TL_LINMAP_CACHE`` shared with other files is safe.
+
+    Returns:
+        The deleted directories and the bytes they held.
+    """
+    root = cache_dir()
+    ours = sorted(
+        path for path in (root.iterdir() if root.is_dir() else ())
+        if path.is_dir() and path.name.startswith((_ENTRY_PREFIX, _TEMP_PREFIX))
+    )
+    n_bytes = sum(_tree_size(path) for path in ours)
+    for path in ours:
+        shutil.rmtree(path)
+    return ClearedCache(tuple(ours), n_bytes)
+
+
+def _tree_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _file_digest(path: Path) -> str:
+    """sha256 of the file's bytes: a renamed or moved copy still hits, an edited one misses.
+
+    Streamed at about 1 s/GB (0.07 s for SmolLM2's 98 MB), small next to a load.
+    """
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _entry_name(digest: str, dtype: torch.dtype) -> str:
+    import transformers
+
+    # transformers' version is in the key too: another one may dequantise or save differently.
+    return f"{_ENTRY_PREFIX}{digest[:32]}-{_dtype_name(dtype)}-v{CACHE_FORMAT}-transformers{transformers.__version__}"
+
+
+def _offline() -> bool:
+    """Whether Hugging Face offline mode is on, as huggingface_hub saw it at import or the environment says now."""
+    import huggingface_hub
+
+    switches = (os.environ.get(var, "").upper() in _TRUE for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return huggingface_hub.is_offline_mode() or any(switches)
+
+
+def _closest_bundled(name: str) -> str | None:
+    """The bundled name that `name` looks like a typo of; an ``org/model`` hub name never is."""
+    if "/" in name:
+        return None
+    match = difflib.get_close_matches(name.lower(), BUNDLED, n=1)
+    return match[0] if match else None
+
+
+def _source(name_or_path: str) -> _Source:
+    """Resolve a name without touching the network, catching typos of bundled names."""
     if name_or_path in BUNDLED:
         path = bundled_path(name_or_path)
-        return BUNDLED[name_or_path].hub_name, str(path.parent), path.name
+        return _Source(BUNDLED[name_or_path].hub_name, str(path.parent), path)
     path = Path(name_or_path).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise LinmapError(f"No GGUF file at {path}.")
-        return path.stem, str(path.parent), path.name
-    return name_or_path, name_or_path, None
+        return _Source(path.stem, str(path.parent), path)
+    close = None if path.exists() else _closest_bundled(name_or_path)
+    if close is not None:
+        raise InputError(
+            f"{name_or_path!r} is not a bundled model, a local path or a hub name (org/model); "
+            f"did you mean {close!r}? Bundled models: {', '.join(BUNDLED)}."
+        )
+    return _Source(name_or_path, name_or_path)
+
+
+def _from_pretrained(name_or_path: str, location: str, dtype: torch.dtype, *, gguf_file: str | None = None):
+    """(tokenizer, HF model) from a directory or hub name, or a GGUF file in a directory."""
+    import transformers
+
+    offline = _offline()
+    # local_files_only makes an uncached hub name fail at once instead of retrying the network; a GGUF
+    # is local anyway, and its tokenizer would save the flag into the cache entry.
+    shared = {"gguf_file": gguf_file} if gguf_file else {"local_files_only": offline}
+    # Dense weights even where a GGUF matmul kernel is installed: freeze rules need plain Linear layers.
+    dense = {"quantization_config": transformers.GgufConfig(dequantize=True)} if gguf_file else {}
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(location, **shared)
+        hf_model = transformers.AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **shared, **dense)
+    except OSError as err:
+        hint = f" Offline, use a local directory or .gguf file, or one of {sorted(BUNDLED)}."
+        if offline:
+            raise LinmapError(
+                f"Could not load {name_or_path!r}: offline mode is on (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE) "
+                f"and it is not in the Hugging Face cache.{hint}"
+            ) from err
+        raise LinmapError(f"Could not load {name_or_path!r}: {err}.{hint if not Path(location).exists() else ''}") from err
+    return tokenizer, hf_model
+
+
+def _convert_gguf(path: Path, dtype: torch.dtype):
+    """(tokenizer, dense HF model) dequantised from a GGUF file: the slow step the cache saves."""
+    tokenizer, hf_model = _from_pretrained(str(path), str(path.parent), dtype, gguf_file=path.name)
+    # The GGUF quantizer only records where the weights came from; save_pretrained refuses a model that has one.
+    hf_model.hf_quantizer = None
+    if hasattr(hf_model.config, "quantization_config"):
+        del hf_model.config.quantization_config
+    return tokenizer, hf_model
+
+
+def _say(message: str) -> None:
+    print(f"tl_linmap: {message}", file=sys.stderr, flush=True)
+
+
+def _remove_stale_temps(root: Path) -> None:
+    for path in root.glob(f"{_TEMP_PREFIX}*"):
+        if time.time() - path.stat().st_mtime > _STALE_TEMP_S:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _write_entry(entry: Path, tokenizer, hf_model, meta: dict) -> None:
+    """Save model and tokenizer as the cache entry `entry`, all or nothing.
+
+    Everything is written to a temporary sibling directory and renamed into place last,
+    so an interrupted write never leaves a partial entry where a later load would look.
+    """
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(entry.parent)
+    temp = Path(tempfile.mkdtemp(prefix=_TEMP_PREFIX, dir=entry.parent))
+    try:
+        hf_model.save_pretrained(temp)
+        tokenizer.save_pretrained(temp)
+        (temp / _ENTRY_META).write_text(json.dumps(meta, indent=1))
+        if entry.exists() and not (entry / _ENTRY_META).is_file():
+            shutil.rmtree(entry)  # incomplete: a complete entry always has its meta file
+        try:
+            temp.rename(entry)
+        except OSError:
+            if not (entry / _ENTRY_META).is_file():  # else a concurrent load wrote it first
+                raise
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _load_gguf(path: Path, dtype: torch.dtype, cache: bool):
+    """(tokenizer, HF model) of a GGUF file, converted once and then read from the cache."""
+    if not cache:
+        return _convert_gguf(path, dtype)
+    digest = _file_digest(path)
+    entry = cache_dir() / _entry_name(digest, dtype)
+    if not (entry / _ENTRY_META).is_file():
+        start = time.perf_counter()
+        _say(
+            f"converting {path.name} ({path.stat().st_size / 1e6:.0f} MB GGUF) to {_dtype_name(dtype)} weights once; "
+            f"dequantising takes a minute or so. Cached at {entry} for next time."
+        )
+        tokenizer, hf_model = _convert_gguf(path, dtype)
+        meta = {"format": CACHE_FORMAT, "source": str(path), "sha256": digest, "dtype": _dtype_name(dtype)}
+        try:
+            _write_entry(entry, tokenizer, hf_model, meta)
+        except OSError as err:
+            warnings.warn(f"Could not cache the converted model at {entry} ({err}); the next load converts again.")
+            return tokenizer, hf_model
+        _say(
+            f"converted and cached in {time.perf_counter() - start:.0f} s ({_tree_size(entry) / 1e6:.0f} MB); "
+            "tl_linmap.loading.clear_cache() frees it."
+        )
+        del tokenizer, hf_model  # read it back below, so the first load returns what later loads will
+    try:
+        return _from_pretrained(str(path), str(entry), dtype)
+    except Exception as err:  # whatever broke in the entry, the remedy is the same
+        raise LinmapError(
+            f"The cached conversion of {path} at {entry} could not be read ({err}); delete it with "
+            "tl_linmap.loading.clear_cache() or load with cache=False."
+        ) from err
 
 
 def load_model(
@@ -114,11 +341,15 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     device: str | None = None,
     prepend_bos: bool | None = None,
+    cache: bool = True,
 ):
     """Load a model as a TransformerBridge ready for `tl_linmap.linear_map`.
 
     Weights are left unprocessed (no folding or centering), so every frozen factor sits
-    where the freeze rules expect it.
+    where the freeze rules expect it. A GGUF file (bundled or local) is dequantised once
+    and cached under `cache_dir()` (keyed by the file's sha256, the dtype, the cache
+    format and the transformers version); later loads read the cache in seconds.
+    `clear_cache()` deletes it.
 
     Args:
         name_or_path: A `BUNDLED` name (``"smollm2"``, ``"gemma3-270m"``), a local
@@ -127,26 +358,25 @@ def load_model(
         device: Device for the model (default: the bridge's choice).
         prepend_bos: Whether text gets a BOS token by default; None picks per model
             (off where the BOS token is a chat marker, as for SmolLM2).
+        cache: Whether a GGUF's conversion is read from and saved to the cache; False
+            converts it afresh and writes nothing.
 
     Returns:
         A TransformerBridge in eval mode.
 
     Raises:
+        InputError: if the name is not a local path and looks like a misspelt bundled name
+            (raised before any network access).
         LinmapError: if the name cannot be resolved (offline, a missing package or file).
         UnsupportedArchitectureError: if the architecture has no freeze rules.
     """
-    import transformers
+    source = _source(name_or_path)  # first, so that a mistyped name fails before seconds of imports
     from transformer_lens.model_bridge import TransformerBridge
 
-    model_name, location, gguf_file = _source(name_or_path)
-    extra = {"gguf_file": gguf_file} if gguf_file else {}
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(location, **extra)
-        hf_model = transformers.AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **extra)
-    except OSError as err:
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1" or not Path(location).exists()
-        hint = f" Offline, use a local directory or .gguf file, or one of {sorted(BUNDLED)}." if offline else ""
-        raise LinmapError(f"Could not load {name_or_path!r}: {err}.{hint}") from err
+    if source.gguf is None:
+        tokenizer, hf_model = _from_pretrained(name_or_path, source.location, dtype)
+    else:
+        tokenizer, hf_model = _load_gguf(source.gguf, dtype, cache)
     config = hf_model.config
     if not getattr(config, "architectures", None):
         config.architectures = [_ARCHITECTURE_OF_MODEL_TYPE.get(config.model_type, config.model_type)]
@@ -156,7 +386,7 @@ def load_model(
             f"{name_or_path!r} is a {architecture}; tl_linmap supports {', '.join(sorted(FREEZE_RULES))}."
         )
     bridge = TransformerBridge.boot_transformers(
-        model_name, hf_model=hf_model.eval(), tokenizer=tokenizer, dtype=dtype, device=device
+        source.model_name, hf_model=hf_model.eval(), tokenizer=tokenizer, dtype=dtype, device=device
     )
     if prepend_bos is None:
         prepend_bos = bridge.cfg.default_prepend_bos and tokenizer.bos_token not in _CHAT_MARKER_BOS
