@@ -10,25 +10,11 @@ from hypothesis import strategies as st
 import tl_linmap
 from tl_linmap import budget, jacobian
 from tl_linmap.errors import MemoryBudgetError
-from tl_linmap.hooks import freeze_hooks, replay_hooks, same_path_hooks
+from tl_linmap.hooks import same_path_hooks
 from tl_linmap.guard import borrowed
 from tl_linmap.capture import run_to_target
 
-from conftest import BIASED, PROMPT
-
-
-def _forward_columns(model, lm, token):
-    """J_token by pushing basis vectors *forward* through the replayed (affine) system."""
-    tokens = lm.tokens[None]
-    x = lm.inputs[None]
-    factors = {}
-    run_to_target(model, tokens, lm.target, freeze_hooks(model, factors=factors), stop=False)
-    d_in = x.shape[-1]
-    pushed = x.repeat(d_in + 1, 1, 1)
-    pushed[1:, token] += torch.eye(d_in, dtype=x.dtype)
-    out = run_to_target(model, tokens.expand(d_in + 1, -1), lm.target, replay_hooks(model, factors), pushed)
-    out = out[:, lm.position].flatten(1)
-    return (out[1:] - out[0]).T  # d_out x d_in
+from conftest import PROMPT
 
 
 @pytest.mark.parametrize("target", ["output", "blocks.0.hook_resid_post", "blocks.1.hook_attn_out", "blocks.0.hook_mlp_out"])
@@ -45,32 +31,10 @@ def test_float32_reconstruction(model):
     assert next(model.parameters()).dtype == torch.float64
 
 
-def test_jacobian_matches_forward_pushes(model):
-    lm = tl_linmap.linear_map(model, PROMPT, position=-2)
-    with borrowed(model, torch.float64):
-        for token in (0, 3, len(lm.tokens) - 2):
-            expected = _forward_columns(model, lm, token)
-            assert torch.allclose(lm.operators[token], expected, rtol=0, atol=1e-10 * expected.abs().max())
-
-
 def test_operators_vanish_after_target_position(model):
     lm = tl_linmap.linear_map(model, PROMPT, position=4)
     assert lm.operators[5:].abs().max() == 0
     assert lm.operators[:5].abs().amax(dim=(1, 2)).min() > 0
-
-
-def test_bias_is_zero_exactly_when_model_has_no_affine_part(model, family):
-    lm = tl_linmap.linear_map(model, PROMPT)
-    if family in BIASED:
-        assert lm.bias.norm() > 1e-3 * lm.output.norm()
-    else:
-        assert lm.bias.abs().max() == 0
-
-
-def test_contributions_sum_to_output_minus_bias(model):
-    lm = tl_linmap.linear_map(model, PROMPT)
-    total = lm.contributions().sum(0)
-    assert torch.allclose(total, lm.output - lm.bias, rtol=0, atol=1e-12 * lm.output.norm())
 
 
 def test_plain_jacobian_is_not_the_detached_one(model):

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -133,17 +134,30 @@ def test_decode_refuses_vectors_outside_the_residual_stream(toy_models):
         lm.decode(k=1)
 
 
+def _numpy_ranks(operator):
+    # Independent of tl_linmap.spectral: numpy's SVD and the definitions written out.
+    s = np.linalg.svd(operator.numpy(), compute_uv=False)
+    energy = np.cumsum(s**2) / np.sum(s**2)
+    p = s / s.sum()
+    p = p[p > 0]
+    return dict(
+        norm=float(np.sqrt(np.sum(s**2))), stable_rank=float(np.sum(s**2) / s[0] ** 2),
+        effective_rank=float(np.exp(-np.sum(p * np.log(p)))),
+        rank90=int(np.argmax(energy >= 0.9 - 1e-12)) + 1, rank99=int(np.argmax(energy >= 0.99 - 1e-12)) + 1,
+    )
+
+
 def test_dimensionality_rows_match_independent_ranks(llama_maps):
     lm = llama_maps[LAST]
     rows = lm.dimensionality()
     assert [r.source for r in rows] == list(range(len(lm.tokens))) + ["all"]
-    values = torch.linalg.svdvals(lm.operators[3])
-    assert rows[3].rank90 == energy_rank(values, 0.9) and rows[3].rank99 == energy_rank(values, 0.99)
-    assert rows[3].norm == pytest.approx(float(lm.operators[3].norm()))
-    wide = torch.linalg.svdvals(torch.cat(list(lm.operators[1:]), dim=1))
+    for i in (0, 3, len(lm.tokens) - 1):
+        expected = _numpy_ranks(lm.operators[i])
+        assert {k: getattr(rows[i], k) for k in expected} == pytest.approx(expected, rel=1e-9)
     (summary,) = lm.dimensionality(skip_first=True, per_token=False)
-    assert summary.stable_rank == pytest.approx(stable_rank(wide)) and summary.effective_rank == pytest.approx(effective_rank(wide))
-    assert len(llama_maps.dimensionality(per_token=False)) == len(llama_maps)
+    expected = _numpy_ranks(torch.cat(list(lm.operators[1:]), dim=1))
+    assert {k: getattr(summary, k) for k in expected} == pytest.approx(expected, rel=1e-9)
+    assert len(llama_maps.dimensionality(per_token=False)) == len(llama_maps)  # one row per map
 
 
 @pytest.mark.parametrize("family_name", ["llama", "gpt2"])
@@ -161,8 +175,15 @@ def test_logit_split_sums_to_the_models_own_logit(toy_models, family_name):
     assert torch.allclose(forward.per_token, split.per_token, atol=1e-10)
 
 
-def test_logit_split_of_an_intermediate_layer_is_the_exact_logit_lens(llama_maps):
+def test_logit_split_of_an_intermediate_layer_is_the_exact_logit_lens(llama_maps, toy_models):
+    """The logit lens of layer 0, with ln_final's scale frozen at the final residual's RMS, written out by hand."""
+    model = toy_models["llama"]
     lm = llama_maps["blocks.0.hook_resid_post"]
     split = lm.logit_contributions(7)
+    _, cache = model.run_with_cache(lm.tokens[None])
+    final = cache[LAST][0, -1]
+    norm = model.original_model.model.norm
+    scale = torch.sqrt(final.pow(2).mean() + norm.variance_epsilon)
+    expected = (norm.weight * lm.output / scale) @ model.W_U[:, 7]
+    assert split.logit == pytest.approx(float(expected), rel=1e-6)  # the plain forward's norm runs in float32
     assert split.total() == pytest.approx(split.logit, abs=1e-10)
-    assert split.logit == pytest.approx(float(lm.readout.logits(lm.output, affine=True)[7]))
