@@ -1,10 +1,10 @@
-"""Dense maps of every layer's residual stream: shared passes, and backward vs forward route.
+"""Dense maps of every layer's residual stream: shared passes, and the rows route vs the columns route.
 
 Two tables on the same model and prompt, in one process:
 
 1. ``layer_maps`` (shared passes) against one ``linear_map`` call per target;
-2. ``linear_maps(route="backward")`` (``d_out`` backward rows per target) against
-   ``route="forward"`` (``d_in`` basis embeddings per token, pushed through that token's
+2. ``linear_maps(route="rows")`` (``d_out`` backward rows per target) against
+   ``route="columns"`` (``d_in`` basis embeddings per token, pushed through that token's
    window, serving every target at once), for ``hook_resid_mid`` and ``hook_resid_post``
    of every layer, and for the output alone, with the route ``"auto"`` picks.
 
@@ -23,7 +23,7 @@ warnings.filterwarnings("ignore")
 import torch  # noqa: E402
 
 import tl_linmap  # noqa: E402
-from tl_linmap import maps as maps_module  # noqa: E402
+from tl_linmap import budget  # noqa: E402
 from tl_linmap.inputs import resolve_target, target_depth  # noqa: E402
 from tl_linmap.toy import toy_model  # noqa: E402
 
@@ -48,8 +48,8 @@ def auto_route(model, tokens, targets):
     """The route ``route="auto"`` takes (the pure rule, fed the targets' widths and depths)."""
     d = model.cfg.d_model
     shapes = [(d, target_depth(resolve_target(model, t), model.cfg.n_layers)) for t in targets]
-    cost = maps_module.forward_row_cost(model.cfg)
-    return maps_module.choose_route(d, tokens.shape[1], tokens.shape[1] - 1, shapes, cost)
+    cost = budget.forward_row_cost(model.cfg)
+    return budget.choose_route(d, tokens.shape[1], tokens.shape[1] - 1, shapes, cost)
 
 
 def shared_table(model, label, n_tokens):
@@ -64,15 +64,15 @@ def shared_table(model, label, n_tokens):
 
 
 def route_table(model, label, lengths):
-    print(f"\n### Backward vs forward route: {label}, float64, last position\n")
-    print("| targets | tokens | backward s | forward s | backward / forward | auto picks | max rel diff of operators | max reconstruction error |")
+    print(f"\n### Rows vs columns route: {label}, float64, last position\n")
+    print("| targets | tokens | rows s | columns s | rows / columns | auto picks | max rel diff of operators | max reconstruction error |")
     print("|---|---|---|---|---|---|---|---|")
     residual = residual_targets(model)
     for targets, what in ((residual, f"{len(residual)} residual"), (["output"], "output only")):
         for n in lengths:
             tokens = tokens_for(model, n)
-            t_back, back = timed(lambda t=tokens, ts=targets: tl_linmap.linear_maps(model, t, ts, route="backward")[0])
-            t_fwd, fwd = timed(lambda t=tokens, ts=targets: tl_linmap.linear_maps(model, t, ts, route="forward")[0])
+            t_back, back = timed(lambda t=tokens, ts=targets: tl_linmap.linear_maps(model, t, ts, route="rows"))
+            t_fwd, fwd = timed(lambda t=tokens, ts=targets: tl_linmap.linear_maps(model, t, ts, route="columns"))
             diff = max(((fwd[k].operators - back[k].operators).norm() / back[k].operators.norm()).item() for k in back)
             error = max(lm.relative_error() for lm in (*back.values(), *fwd.values()))
             print(f"| {what} | {n} | {t_back:.2f} | {t_fwd:.2f} | {t_back / t_fwd:.2f} | {auto_route(model, tokens, targets)} "

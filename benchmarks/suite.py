@@ -22,9 +22,9 @@ warnings.filterwarnings("ignore")
 import torch  # noqa: E402
 
 import tl_linmap  # noqa: E402
-from tl_linmap.freezing import freeze_hooks  # noqa: E402
+from tl_linmap.hooks import freeze_hooks  # noqa: E402
 from tl_linmap.guard import borrowed  # noqa: E402
-from tl_linmap.system import run_to_target  # noqa: E402
+from tl_linmap.capture import run_to_target  # noqa: E402
 from tl_linmap.toy import toy_model  # noqa: E402
 
 _libc = ctypes.CDLL("libc.so.6")
@@ -149,7 +149,7 @@ def svd_table(models, n_tokens, k=8):
 
         def free():
             with tl_linmap.matrix_free(model, tokens) as mf:
-                return mf.svd(token=-1, k=k, max_iter=200).values
+                return mf.svd(-1, k=k, max_iter=200).values[0]
 
         t_dense, _, values = measure(dense)
         t_free, _, approx = measure(free)

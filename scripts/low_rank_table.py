@@ -9,7 +9,7 @@ import warnings
 import torch
 
 import tl_linmap
-from tl_linmap.analysis import energy_rank, stable_rank
+from tl_linmap.spectral import energy_rank, stable_rank
 from tl_linmap.loading import load_model
 
 PROMPTS = [
