@@ -2,15 +2,14 @@
 
 import pytest
 import torch
-from transformer_lens import utilities as utils
+from conftest import PROMPT
 
 import tl_linmap
-from tl_linmap.decomposition import layer_maps, nonlinearity_gap, token_attribution
-from tl_linmap.hooks import same_path_hooks
-from tl_linmap.guard import borrowed
 from tl_linmap.capture import run_to_target
-
-from conftest import PROMPT
+from tl_linmap.compat import get_act_name
+from tl_linmap.decomposition import layer_maps, nonlinearity_gap, token_attribution
+from tl_linmap.guard import borrowed
+from tl_linmap.hooks import same_path_hooks
 
 
 @pytest.fixture
@@ -36,14 +35,14 @@ def test_layer_maps_equal_separate_linear_maps(model):
 
 
 def test_layer_maps_keys_are_hook_names(model, maps):
-    assert utils.get_act_name("resid_post", 1) in maps
-    assert utils.get_act_name("mlp_out", 0) in maps
-    assert (utils.get_act_name("resid_mid", 0) in maps) == (not model.cfg.parallel_attn_mlp)
+    assert get_act_name("resid_post", 1) in maps
+    assert get_act_name("mlp_out", 0) in maps
+    assert (get_act_name("resid_mid", 0) in maps) == (not model.cfg.parallel_attn_mlp)
 
 
 def test_attention_mlp_and_residual_sum_to_the_layer_output(model, maps):
     for layer in range(model.cfg.n_layers):
-        pre, attn, mlp, post = (maps[utils.get_act_name(n, layer)] for n in ("resid_pre", "attn_out", "mlp_out", "resid_post"))
+        pre, attn, mlp, post = (maps[get_act_name(n, layer)] for n in ("resid_pre", "attn_out", "mlp_out", "resid_post"))
         scale = post.operators.abs().max()
         assert _close(pre.operators + attn.operators + mlp.operators, post.operators, scale)
         assert _close(pre.bias + attn.bias + mlp.bias, post.bias, post.output.abs().max())
@@ -51,7 +50,7 @@ def test_attention_mlp_and_residual_sum_to_the_layer_output(model, maps):
 
 def test_heads_sum_to_the_attention_output(model, maps):
     for layer in range(model.cfg.n_layers):
-        attn = maps[utils.get_act_name("attn_out", layer)]
+        attn = maps[get_act_name("attn_out", layer)]
         heads = list(maps.heads(layer).values())
         assert len(heads) == model.cfg.n_heads
         assert max(h.relative_error() for h in heads) < 1e-12
@@ -65,15 +64,15 @@ def test_heads_sum_to_the_attention_output(model, maps):
 
 
 def test_layer_increments_sum_to_the_final_residual(model, maps):
-    final = maps[utils.get_act_name("resid_post", model.cfg.n_layers - 1)]
-    total = maps[utils.get_act_name("resid_pre", 0)].contributions()
+    final = maps[get_act_name("resid_post", model.cfg.n_layers - 1)]
+    total = maps[get_act_name("resid_pre", 0)].contributions()
     for layer in range(model.cfg.n_layers):
-        total = total + maps[utils.get_act_name("resid_post", layer)].contributions() - maps[utils.get_act_name("resid_pre", layer)].contributions()
+        total = total + maps[get_act_name("resid_post", layer)].contributions() - maps[get_act_name("resid_pre", layer)].contributions()
     assert _close(total, final.contributions(), final.output.abs().max())
 
 
 def test_token_attribution_sums_to_the_models_logit(model, maps):
-    tokens = maps[utils.get_act_name("resid_pre", 0)].tokens[None]
+    tokens = maps[get_act_name("resid_pre", 0)].tokens[None]
     with borrowed(model, torch.float64):
         logits = run_to_target(model, tokens, "unembed.hook_out", same_path_hooks(model))[0, -2]
     token = int(logits.argmax())
@@ -82,7 +81,7 @@ def test_token_attribution_sums_to_the_models_logit(model, maps):
     assert att.total() == pytest.approx(att.logit, abs=1e-12 * abs(att.logit))
     for layer in range(model.cfg.n_layers):
         heads = sum(att.per_head[(layer, h)] for h in range(model.cfg.n_heads))
-        attn = att.per_component[utils.get_act_name("attn_out", layer)]
+        attn = att.per_component[get_act_name("attn_out", layer)]
         assert _close(heads, attn, att.per_token.abs().max())
 
 
@@ -95,7 +94,7 @@ def test_attribution_by_token_string(toy_models):
 
 
 def test_stacked_contributions_index_source_tokens(model, maps):
-    names = [utils.get_act_name("attn_out", layer) for layer in range(model.cfg.n_layers)]
+    names = [get_act_name("attn_out", layer) for layer in range(model.cfg.n_layers)]
     stacked = maps.stack_contributions(names)
     assert stacked.shape == (model.cfg.n_layers, len(maps[names[0]].tokens), model.cfg.d_model)
     for layer, name in enumerate(names):  # each (layer, source) entry is the term J_i x_i of that module
@@ -106,7 +105,7 @@ def test_stacked_contributions_index_source_tokens(model, maps):
 def test_to_cache_is_deprecated(model, maps):
     with pytest.warns(DeprecationWarning, match="to_cache is deprecated"):
         cache = maps.to_cache(model)
-    name = utils.get_act_name("attn_out", 1)
+    name = get_act_name("attn_out", 1)
     assert torch.equal(cache[name], maps[name].contributions())
 
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import einops
 import pytest
 import torch
-from transformer_lens import utilities as utils
 
 import tl_linmap
 from tl_linmap import display
+from tl_linmap.compat import get_act_name
 
 # Markup characters and runs of spaces: the byte-level toy tokenizer makes each its own token.
 HOSTILE = "x <b> & y  z"
@@ -177,7 +177,7 @@ def test_attribution_colours_are_signed_and_follow_the_logit_shares(maps, toy_mo
     assert [text for text, _, _ in page.spans] == [shown(t) for t in tokens]
     colours = [rgba(style) for _, style, _ in page.spans]
     # The logit through the frozen final norm, per source token, from the last residual map.
-    final = maps[utils.get_act_name("resid_post", model.cfg.n_layers - 1)]
+    final = maps[get_act_name("resid_post", model.cfg.n_layers - 1)]
     direction = maps.final_norm.matrix.T @ model.W_U.detach()[:, 7].to(final.output)
     per_token = einops.einsum(final.operators, final.inputs, "pos d_out d_in, pos d_in -> pos d_out") @ direction
     positive = [hue for (hue, _), v in zip(colours, per_token) if v > 0]

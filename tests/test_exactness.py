@@ -4,12 +4,11 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import PROMPT
 
 import tl_linmap
 from tl_linmap import hooks
 from tl_linmap.exactness import TOLERANCES, check_exact, relative, tolerance
-
-from conftest import PROMPT
 
 
 def test_float64_bound_is_1e_12_and_narrower_dtypes_are_looser():

@@ -4,13 +4,12 @@ import contextlib
 
 import pytest
 import torch
+from conftest import PROMPT
 
 import tl_linmap
 from tl_linmap.errors import InputError, LinmapError
 from tl_linmap.guard import borrowed, hook_count
 from tl_linmap.toy import toy_model
-
-from conftest import PROMPT
 
 #: Internal steps made to raise half-way, while the model is borrowed (cast, flags off).
 #: Module renames touch only this table.

@@ -2,16 +2,15 @@
 
 import pytest
 import torch
+from conftest import PROMPT
 
 import tl_linmap
 from tl_linmap import hooks as freezing
-from tl_linmap.errors import FreezeError, UnsupportedArchitectureError
-from tl_linmap.hooks import freeze_hooks, replay_hooks, same_path_hooks
-from tl_linmap.guard import borrowed, hook_count
 from tl_linmap.capture import run_to_target
+from tl_linmap.errors import FreezeError, UnsupportedArchitectureError
+from tl_linmap.guard import borrowed, hook_count
+from tl_linmap.hooks import freeze_hooks, replay_hooks, same_path_hooks
 from tl_linmap.rules import FREEZE_RULES
-
-from conftest import PROMPT
 
 
 def _cache(model, tokens, hooks):

@@ -4,13 +4,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import PROMPT
 
 import tl_linmap
-from tl_linmap.guard import hook_count
 from tl_linmap.budget import WINDOW_ROWS
+from tl_linmap.guard import hook_count
 from tl_linmap.implicit import matrix_free, token_contributions
-
-from conftest import PROMPT
 
 
 @pytest.fixture

@@ -2,12 +2,11 @@
 
 import pytest
 import torch
+from conftest import PROMPT
 
 import tl_linmap
 from tl_linmap.errors import InputError
 from tl_linmap.inputs import target_depth
-
-from conftest import PROMPT
 
 
 @pytest.fixture

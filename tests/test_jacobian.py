@@ -4,17 +4,16 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import PROMPT
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import tl_linmap
 from tl_linmap import budget, jacobian
-from tl_linmap.errors import MemoryBudgetError
-from tl_linmap.hooks import same_path_hooks
-from tl_linmap.guard import borrowed
 from tl_linmap.capture import run_to_target
-
-from conftest import PROMPT
+from tl_linmap.errors import MemoryBudgetError
+from tl_linmap.guard import borrowed
+from tl_linmap.hooks import same_path_hooks
 
 
 @pytest.mark.parametrize("target", ["output", "blocks.0.hook_resid_post", "blocks.1.hook_attn_out", "blocks.0.hook_mlp_out"])

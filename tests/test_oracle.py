@@ -17,15 +17,14 @@ from dataclasses import dataclass
 import einops
 import pytest
 import torch
+from conftest import ALL_FAMILIES, PROMPT
 from jaxtyping import Float
 from torch import Tensor
-from transformer_lens import utilities as utils
 
 import tl_linmap
+from tl_linmap.compat import get_act_name
 from tl_linmap.rules import FREEZE_RULES, Detach
 from tl_linmap.toy import toy_model
-
-from conftest import ALL_FAMILIES, PROMPT
 
 # The bridge warns whenever a hook returns a new tensor at hook_scale; that is the point here.
 _NORM_EDIT_WARNING = "A forward hook edited hook_scale"
@@ -80,7 +79,7 @@ def _frozen_ratio(layer: int) -> list[tuple[str, Callable]]:
         pre = live.pop("pre")
         return post.detach() + (pre - pre.detach()) * (post / pre).detach()
 
-    return [(utils.get_act_name("pre", layer), keep), (utils.get_act_name("post", layer), freeze)]
+    return [(get_act_name("pre", layer), keep), (get_act_name("post", layer), freeze)]
 
 
 def oracle_hooks(model) -> list[tuple[str, Callable]]:
@@ -95,9 +94,9 @@ def oracle_hooks(model) -> list[tuple[str, Callable]]:
     freeze = ORACLE_FREEZES[model.cfg.architecture]
     hooks = [("ln_final.hook_scale", _detach)]
     for layer in range(model.cfg.n_layers):
-        hooks += [(utils.get_act_name("scale", layer, norm), _detach) for norm in freeze.norms]
-        hooks.append((utils.get_act_name("pattern", layer), _detach))
-        hooks += [(utils.get_act_name("pre", layer), _detach)] if freeze.gated else _frozen_ratio(layer)
+        hooks += [(get_act_name("scale", layer, norm), _detach) for norm in freeze.norms]
+        hooks.append((get_act_name("pattern", layer), _detach))
+        hooks += [(get_act_name("pre", layer), _detach)] if freeze.gated else _frozen_ratio(layer)
     return hooks
 
 
@@ -172,8 +171,8 @@ def head_oracle(model, tokens: Tensor, layer: int, head: int, position: int) -> 
     Returns:
         An `Oracle`.
     """
-    attn_out = utils.get_act_name("attn_out", layer)
-    post_scale = utils.get_act_name("scale", layer, "ln1_post")
+    attn_out = get_act_name("attn_out", layer)
+    post_scale = get_act_name("scale", layer, "ln1_post")
     x = _embeddings(model, tokens)
     extra = []
     if post_scale in model.hook_dict:
@@ -188,7 +187,7 @@ def head_oracle(model, tokens: Tensor, layer: int, head: int, position: int) -> 
     def only(heads: list[int]) -> list:
         mask = torch.zeros(model.cfg.n_heads, 1)
         mask[heads] = 1
-        return [(utils.get_act_name("z", layer), lambda z, hook=None: z * mask.to(z))]  # z: (batch, pos, head, d_head)
+        return [(get_act_name("z", layer), lambda z, hook=None: z * mask.to(z))]  # z: (batch, pos, head, d_head)
 
     def share(x: Tensor, heads: list[int]) -> Tensor:
         return _frozen_run(model, tokens, x, attn_out, extra + only(heads))[position]
@@ -355,7 +354,7 @@ def test_over_frozen_rules_fail_the_oracle(model, family, monkeypatch):
         plain = f"relative_error {tl_linmap.linear_map(model, PROMPT).relative_error():.1e}"
     except tl_linmap.FreezeError as error:
         plain = f"FreezeError ({error})"
-    with model.hooks(fwd_hooks=[(utils.get_act_name("resid_pre", 0), _observe)]):
+    with model.hooks(fwd_hooks=[(get_act_name("resid_pre", 0), _observe)]):
         lm = tl_linmap.linear_map(model, PROMPT)
     assert lm.relative_error() < 1e-12
     with pytest.raises(AssertionError) as failure:

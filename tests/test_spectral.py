@@ -5,12 +5,11 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import PROMPT
 
 import tl_linmap
 from tl_linmap.readout import nearest_tokens, top_tokens, unembed
 from tl_linmap.spectral import effective_rank, energy_rank, stable_rank
-
-from conftest import PROMPT
 
 
 def test_energy_rank_on_known_spectra():

@@ -2,15 +2,14 @@
 
 import pytest
 import torch
-from transformer_lens import utilities as utils
+from conftest import PROMPT
 
 import tl_linmap
+from tl_linmap.compat import get_act_name
 from tl_linmap.decomposition import layer_maps
 from tl_linmap.errors import InputError
 from tl_linmap.guard import hook_count
 from tl_linmap.steering import concept_vector, steering_hooks
-
-from conftest import PROMPT
 
 CONCEPT_WORDS = [" Golden", " Gate", " Bridge", " bridge", " San", " Francisco", " bridges", " California"]
 
@@ -33,7 +32,7 @@ def test_concept_vector_is_the_unit_sum_of_contributions(llama):
 
 def test_hooks_add_alpha_times_residual_norm_at_chosen_positions(llama):
     source = tl_linmap.linear_map(llama, "Golden Gate", target="blocks.1.hook_resid_post")
-    name = utils.get_act_name("resid_post", 1)
+    name = get_act_name("resid_post", 1)
     tokens = llama.to_tokens(PROMPT)
     _, plain = llama.run_with_cache(tokens, names_filter=name)
     hooks = steering_hooks(source, layer=1, alpha=0.5, positions=[2, 5])

@@ -1,20 +1,24 @@
 """The frozen system's passes: the trimmed last block changes no number, only the work."""
 
-from types import SimpleNamespace
-
 import dataclasses
+from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import BIASED, PROMPT
 
 import tl_linmap
-from tl_linmap.hooks import freeze_hooks, replay_hooks, same_path_hooks, trim_factors, trim_hooks
-from tl_linmap.guard import borrowed
 from tl_linmap.capture import at_position, capture
+from tl_linmap.guard import borrowed
+from tl_linmap.hooks import (
+    freeze_hooks,
+    replay_hooks,
+    same_path_hooks,
+    trim_factors,
+    trim_hooks,
+)
 from tl_linmap.system import frozen_system, purely_linear, trimmed_block
 from tl_linmap.toy import toy_model
-
-from conftest import BIASED, PROMPT
 
 
 @pytest.mark.parametrize(

@@ -10,9 +10,14 @@ from tl_linmap.errors import (
 )
 from tl_linmap.exactness import tolerance
 from tl_linmap.hooks import freeze_hooks, frozen, replay_hooks, same_path_hooks
+from tl_linmap.implicit import (
+    MatrixFree,
+    matrix_free,
+    randomized_svd,
+    token_contributions,
+)
 from tl_linmap.jacobian import linear_map, linear_maps
 from tl_linmap.loading import BUNDLED, load_model
-from tl_linmap.implicit import MatrixFree, matrix_free, randomized_svd, token_contributions
 from tl_linmap.plotting import (
     plot_contribution_heatmap,
     plot_decoded,
@@ -22,9 +27,18 @@ from tl_linmap.plotting import (
 from tl_linmap.readout import nearest_tokens, top_tokens, unembed
 from tl_linmap.results import Attribution, Contributions, GapRow, LinearMap, LinearMaps
 from tl_linmap.rules import FREEZE_RULES
-from tl_linmap.spectral import DecodedPair, LogitSplit, OperatorSVD, RankRow, effective_rank, energy_rank, stable_rank
+from tl_linmap.spectral import (
+    DecodedPair,
+    LogitSplit,
+    OperatorSVD,
+    RankRow,
+    effective_rank,
+    energy_rank,
+    stable_rank,
+)
 from tl_linmap.steering import concept_vector, steering_hooks
 from tl_linmap.table import Table
+
 
 def __getattr__(name: str):
     # Public names kept for one release.

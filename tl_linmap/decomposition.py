@@ -12,8 +12,8 @@ import dataclasses
 from collections.abc import Sequence
 
 import torch
-from transformer_lens import utilities as utils
 
+from tl_linmap.compat import get_act_name
 from tl_linmap.errors import InputError
 from tl_linmap.inputs import Prompt
 from tl_linmap.jacobian import linear_maps, plain_jacobians, rows_argument
@@ -23,9 +23,9 @@ from tl_linmap.table import Table
 
 
 def _layer_targets(model, layer: int, modules: bool) -> list[str]:
-    names = [utils.get_act_name("resid_mid", layer), utils.get_act_name("resid_post", layer)]
+    names = [get_act_name("resid_mid", layer), get_act_name("resid_post", layer)]
     if modules:
-        names = [utils.get_act_name(n, layer) for n in ("resid_pre", "attn_out", "z", "mlp_out")] + names
+        names = [get_act_name(n, layer) for n in ("resid_pre", "attn_out", "z", "mlp_out")] + names
     # Parallel attention+MLP blocks (Pythia) have no resid_mid.
     return [n for n in names if n in model.hook_dict]
 
@@ -78,9 +78,9 @@ def layer_maps(
 
 def _residual_components(model) -> list[str]:
     # The final residual stream is the embedding stream plus every module's output.
-    names = [utils.get_act_name("resid_pre", 0)]
+    names = [get_act_name("resid_pre", 0)]
     for layer in range(model.cfg.n_layers):
-        names += [utils.get_act_name("attn_out", layer), utils.get_act_name("mlp_out", layer)]
+        names += [get_act_name("attn_out", layer), get_act_name("mlp_out", layer)]
     return names
 
 
@@ -100,13 +100,13 @@ def token_attribution(model, maps: LinearMaps, token: int | str) -> Attribution:
         An `Attribution`.
     """
     token = token_id(model, token)
-    missing = [n for n in [utils.get_act_name("resid_post", model.cfg.n_layers - 1), *_residual_components(model)] if n not in maps]
+    missing = [n for n in [get_act_name("resid_post", model.cfg.n_layers - 1), *_residual_components(model)] if n not in maps]
     if missing or maps.final_norm is None:
         raise InputError(
             f"token_attribution needs every layer's module maps ({missing[:3]} are missing): "
             "pass maps = layer_maps(model, prompt, modules=True) over all layers."
         )
-    final = maps[utils.get_act_name("resid_post", model.cfg.n_layers - 1)]
+    final = maps[get_act_name("resid_post", model.cfg.n_layers - 1)]
     w_u = model.W_U.detach()[:, token].to(final.output)
     b_u = getattr(model, "b_U", None)
     unembed_bias = 0.0 if b_u is None else float(b_u[token])
@@ -117,8 +117,8 @@ def token_attribution(model, maps: LinearMaps, token: int | str) -> Attribution:
     for layer in maps.readouts:
         for head, contribution in enumerate(maps.head_contributions(layer) @ direction):
             per_head[(layer, head)] = contribution
-        z_bias = maps._per_head(layer, maps[utils.get_act_name("z", layer)].bias) @ direction
-        head_rest[layer] = float(maps[utils.get_act_name("attn_out", layer)].bias @ direction - z_bias.sum())
+        z_bias = maps._per_head(layer, maps[get_act_name("z", layer)].bias) @ direction
+        head_rest[layer] = float(maps[get_act_name("attn_out", layer)].bias @ direction - z_bias.sum())
     return Attribution(
         token=model.tokenizer.decode([token]),
         logit=float(final.output @ direction + maps.final_norm.offset @ w_u) + unembed_bias,

@@ -23,8 +23,8 @@ from contextlib import contextmanager
 
 import torch
 from torch import Tensor
-from transformer_lens import utilities as utils
 
+from tl_linmap.compat import get_act_name
 from tl_linmap.rules import Detach, Ratio, rules_for
 
 HookFn = Callable[..., "Tensor | None"]
@@ -218,7 +218,7 @@ def trim_hooks(layer: int, position: int) -> HookList:
     def cut(act: Tensor, hook=None) -> Tensor:
         return act[:, position : position + 1]
 
-    return [(utils.get_act_name("z", layer), cut), (f"blocks.{layer}.ln2.hook_in", cut)]
+    return [(get_act_name("z", layer), cut), (f"blocks.{layer}.ln2.hook_in", cut)]
 
 
 def trim_factors(model, factors: Factors, layer: int, position: int) -> Factors:

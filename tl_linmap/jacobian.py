@@ -26,10 +26,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import utilities as utils
 
 from tl_linmap.budget import choose_route, forward_row_cost, plan_columns, plan_rows
 from tl_linmap.capture import at_position, capture, run_to_target
+from tl_linmap.compat import get_act_name
 from tl_linmap.errors import InputError
 from tl_linmap.guard import borrowed
 from tl_linmap.hooks import same_path_hooks
@@ -157,7 +157,7 @@ def _head_readouts(system: FrozenSystem) -> dict[int, HeadReadout]:
     # Per layer whose hook_z is a target: W_O, b_O and the frozen post-attention norm, for per-head maps.
     model, readouts = system.model, {}
     for layer in range(model.cfg.n_layers):
-        if utils.get_act_name("z", layer) not in system.names:
+        if get_act_name("z", layer) not in system.names:
             continue
         attn = model.blocks[layer].attn
         w_o = attn.W_O.detach()

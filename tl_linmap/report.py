@@ -14,11 +14,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from transformer_lens import utilities as utils
 
-from tl_linmap.results import LinearMaps
+from tl_linmap.compat import get_act_name
 from tl_linmap.inputs import OUTPUT_HOOK
 from tl_linmap.jacobian import linear_maps
+from tl_linmap.results import LinearMaps
 from tl_linmap.table import Table
 
 _STYLE = """
@@ -111,7 +111,7 @@ def report_html(model, prompt: str, *, layers: Sequence[int] | None = None, k: i
     from tl_linmap import plotting  # matplotlib is an optional extra
 
     layers = default_layers(model.cfg.n_layers) if layers is None else list(layers)
-    names = [utils.get_act_name("resid_post", layer) for layer in layers]
+    names = [get_act_name("resid_post", layer) for layer in layers]
     # One set of shared passes for the output and every layer's residual stream.
     computed = linear_maps(model, prompt, [OUTPUT_HOOK, *names])
     lm = computed[OUTPUT_HOOK]

@@ -21,14 +21,20 @@ import einops
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from transformer_lens import utilities as utils
 
 from tl_linmap import display
+from tl_linmap.compat import get_act_name
 from tl_linmap.errors import InputError
 from tl_linmap.exactness import check_exact, relative
 from tl_linmap.inputs import OUTPUT_HOOK, RESIDUAL_HOOKS
 from tl_linmap.readout import FrozenAffine, Readout, decode_tokens, token_id
-from tl_linmap.spectral import LogitSplit, OperatorSVD, _renamed, dimensionality, operator_svd
+from tl_linmap.spectral import (
+    LogitSplit,
+    OperatorSVD,
+    _renamed,
+    dimensionality,
+    operator_svd,
+)
 from tl_linmap.table import Table
 
 
@@ -405,7 +411,7 @@ class LinearMaps(Mapping):
         return readout.apply(einops.einsum(split, readout.W_O, "... h dh, h dh dm -> ... h dm"))
 
     def _z(self, layer: int) -> LinearMap:
-        name = utils.get_act_name("z", layer)
+        name = get_act_name("z", layer)
         if name not in self.maps or layer not in self.readouts:
             raise InputError(f"Head maps of layer {layer} need {name!r}: compute layer_maps(..., modules=True) with that layer.")
         return self.maps[name]
@@ -440,7 +446,7 @@ class LinearMaps(Mapping):
         operators = self._per_head(layer, einops.rearrange(z.operators, "pos d_z d_in -> pos d_in d_z"))
         operators = einops.rearrange(operators, "pos d_in h d_model -> h pos d_model d_in")
         bias, output, native = (self._per_head(layer, v) for v in (z.bias, z.output, z.native_output))
-        name = utils.get_act_name("result", layer)
+        name = get_act_name("result", layer)
         readout = z.readout and dataclasses.replace(z.readout, residual=True)  # heads write the residual stream
         maps = {
             f"{name}.{h}": LinearMap(
@@ -467,7 +473,7 @@ class LinearMaps(Mapping):
         heads = self.heads(layer)
         if not 0 <= head < len(heads):
             raise InputError(f"Layer {layer} has {len(heads)} heads; head {head} does not exist.")
-        return heads[f"{utils.get_act_name('result', layer)}.{head}"]
+        return heads[f"{get_act_name('result', layer)}.{head}"]
 
 
 @dataclass

@@ -10,8 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Union
 
-from transformer_lens import utilities as utils
-
+from tl_linmap.compat import get_act_name
 from tl_linmap.errors import UnsupportedArchitectureError
 
 
@@ -40,8 +39,8 @@ class Detach:
             One name per block, or the single global name for a rule like ``ln_final``.
         """
         if not self.per_layer:
-            return [utils.get_act_name(self.act)]
-        return [utils.get_act_name(self.act, layer, self.layer_type) for layer in range(n_layers)]
+            return [get_act_name(self.act)]
+        return [get_act_name(self.act, layer, self.layer_type) for layer in range(n_layers)]
 
 
 @dataclass(frozen=True)
@@ -68,7 +67,7 @@ class Ratio:
         Returns:
             ``[(blocks.L.mlp.hook_pre, blocks.L.mlp.hook_post), ...]``.
         """
-        return [(utils.get_act_name("pre", layer), utils.get_act_name("post", layer)) for layer in range(n_layers)]
+        return [(get_act_name("pre", layer), get_act_name("post", layer)) for layer in range(n_layers)]
 
 
 Rule = Union[Detach, Ratio]

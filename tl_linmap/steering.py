@@ -16,8 +16,8 @@ from typing import Literal, Union
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from transformer_lens import utilities as utils
 
+from tl_linmap.compat import get_act_name
 from tl_linmap.errors import InputError
 from tl_linmap.hooks import HookList
 from tl_linmap.results import LinearMap, LinearMaps
@@ -98,7 +98,7 @@ def steering_hooks(
         raise InputError(f"source must be a LinearMap or LinearMaps of a residual-stream target, got {type(source).__name__}.")
     if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
         raise InputError(f"layer must be a block index, got {layer!r}.")
-    name = utils.get_act_name("resid_post", layer)
+    name = get_act_name("resid_post", layer)
     if isinstance(source, LinearMaps):
         if name not in source:
             raise InputError(f"The maps hold no {name!r}; compute layer_maps with that layer.")

@@ -35,8 +35,25 @@ from torch import Tensor
 from tl_linmap.capture import at_position, capture
 from tl_linmap.errors import FreezeError, InputError, LinmapError
 from tl_linmap.guard import borrowed, hook_count
-from tl_linmap.hooks import Factors, factor_names, freeze_hooks, replay_hooks, slice_factors, trim_factors, trim_hooks
-from tl_linmap.inputs import EMBED_HOOK, OUTPUT_HOOK, RESIDUAL_HOOKS, Prompt, check_position, resolve_target, target_depth, to_tokens
+from tl_linmap.hooks import (
+    Factors,
+    factor_names,
+    freeze_hooks,
+    replay_hooks,
+    slice_factors,
+    trim_factors,
+    trim_hooks,
+)
+from tl_linmap.inputs import (
+    EMBED_HOOK,
+    OUTPUT_HOOK,
+    RESIDUAL_HOOKS,
+    Prompt,
+    check_position,
+    resolve_target,
+    target_depth,
+    to_tokens,
+)
 from tl_linmap.readout import FrozenAffine, Readout, frozen_norm
 
 Vectors = dict[str, Tensor]
