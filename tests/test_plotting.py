@@ -85,6 +85,36 @@ def test_spectra_of_the_stacked_operator_skip_first_and_normalize(maps):
     assert not torch.allclose(torch.as_tensor(with_first.lines[0].get_ydata()), torch.as_tensor(ax.lines[0].get_ydata()))
 
 
+def test_spectra_leave_out_the_rounding_noise_and_keep_every_value_above_it(maps, toy_models):
+    # At layer 0, J_0 reaches the last position only through attention's values, so its rank
+    # is at most n_key_value_heads * d_head (32 of 64): the rest of its spectrum is rounding noise.
+    cfg = toy_models["llama"].cfg
+    value_rank = cfg.n_key_value_heads * cfg.d_head
+    ax = plot_spectra(maps, 0).axes[0]
+    eps = torch.finfo(torch.float64).eps
+    for line, (name, lm) in zip(ax.lines, maps.items()):
+        operator = lm.operators[0]
+        values = torch.linalg.svdvals(operator)
+        floor = values.max() * eps * max(operator.shape)  # the standard numerical-rank threshold
+        plotted = torch.as_tensor(line.get_ydata())
+        assert (plotted >= floor).all()
+        assert torch.allclose(plotted, values[values > floor])  # every value above it, in order
+        if name.startswith("blocks.0."):
+            assert len(plotted) == value_rank < len(values)
+        else:
+            assert len(plotted) == len(values)  # layer 1 mixes the tokens: full rank, nothing cut
+    assert f"{eps * 64:.2g}" in ax.get_xlabel() and "rounding noise" in ax.get_xlabel()
+
+
+def test_normalized_spectra_are_cut_at_the_same_relative_floor(maps):
+    ax = plot_spectra(maps, 0, normalize=True).axes[0]
+    floor = torch.finfo(torch.float64).eps * 64
+    for line, lm in zip(ax.lines, maps.values()):
+        values = torch.linalg.svdvals(lm.operators[0])
+        relative = values / values.max()
+        assert torch.allclose(torch.as_tensor(line.get_ydata()), relative[relative > floor])
+
+
 def test_spectra_draws_into_a_given_ax_and_takes_one_map(final):
     fig, ax = plt.subplots()
     assert plot_spectra(final, 3, ax=ax) is fig

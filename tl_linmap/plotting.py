@@ -24,13 +24,7 @@ from torch import Tensor
 
 from tl_linmap.errors import InputError
 from tl_linmap.results import LinearMap, TargetResult
-from tl_linmap.spectral import (
-    DecodedPair,
-    LogitSplit,
-    _renamed,
-    input_index,
-    stacked_tokens,
-)
+from tl_linmap.spectral import DecodedPair, LogitSplit, _renamed, input_index, stacked_tokens
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -144,10 +138,27 @@ def _operator(lm: LinearMap, token: TokenChoice, skip_first: bool) -> Float[Tens
     return lm.operators[_index(lm, token, skip_first)]
 
 
-def _spectrum(lm: LinearMap, token: TokenChoice, skip_first: bool, normalize: bool) -> Float[Tensor, " r"]:
-    values = torch.linalg.svdvals(_operator(lm, token, skip_first))
-    # A zero operator has no scale to normalise by; it stays at zero.
-    return values / values[0] if normalize and values[0] > 0 else values
+def _noise_factor(operator: Float[Tensor, "d_out d_in"]) -> float:
+    # The standard numerical-rank tolerance (numpy.linalg.matrix_rank): singular values
+    # below σ_max · eps · max(d_out, d_in) are what rounding alone can produce.
+    return torch.finfo(operator.dtype).eps * max(operator.shape)
+
+
+def _spectrum(lm: LinearMap, token: TokenChoice, skip_first: bool, normalize: bool) -> tuple[Float[Tensor, " r"], float]:
+    # The singular values above the rounding noise, and the noise factor (floor / σ_max).
+    operator = _operator(lm, token, skip_first)
+    factor = _noise_factor(operator)
+    values = torch.linalg.svdvals(operator)
+    # A zero operator keeps no value: it has no scale and nothing above the noise.
+    values = values[values > values[0] * factor]
+    return (values / values[0] if normalize and len(values) else values), factor
+
+
+def _noise_note(factors: set[float], dtypes: set[torch.dtype]) -> str:
+    # One factor when the operators share their shape and dtype (a plot of one layer range).
+    bound = f"σ_0 · {factors.pop():.2g}" if len(factors) == 1 else "σ_0 · eps · max(d_out, d_in)"
+    precision = ", ".join(str(d).removeprefix("torch.") for d in sorted(dtypes, key=str))
+    return f"not shown: σ_j < {bound}, rounding noise in {precision}"
 
 
 def _operator_label(lm: LinearMap, token: TokenChoice, skip_first: bool) -> str:
@@ -201,8 +212,15 @@ def plot_spectra(
         ax: Axes to draw into (default: a new figure).
         token: Deprecated name of ``source``.
 
+    Only the numerically meaningful values are drawn: singular values below
+    ``σ_0 · eps · max(d_out, d_in)`` (``eps`` of the operator's dtype; the standard
+    numerical-rank threshold, as in ``numpy.linalg.matrix_rank``) are rounding noise, and
+    would stretch the log axis down to ``1e-15``. A line ends at its operator's numerical
+    rank, and the note under the axis label gives the bound.
+
     Returns:
-        The Figure: one line per map, ``y`` = singular values ``σ_j`` (descending) on a log axis.
+        The Figure: one line per map, ``y`` = singular values ``σ_j`` (descending) above
+        the rounding noise, on a log axis.
 
     Raises:
         InputError: for a token index outside the prompt, or a map without operators.
@@ -212,11 +230,14 @@ def plot_spectra(
     named = _linear(_named(maps))
     fig, ax = _figure(ax, (7, 4.5))
     colors = _depth_colors(len(named))
+    factors = set()
     for (name, lm), color in zip(named.items(), colors):
-        values = _spectrum(lm, token, skip_first, normalize)
+        values, factor = _spectrum(lm, token, skip_first, normalize)
+        factors.add(factor)
         ax.plot(range(len(values)), values.detach().cpu().numpy(), color=color, label=_short_name(name))
     ax.set_yscale("log")
-    ax.set_xlabel("j (0 = largest)")
+    dtypes = {lm.operators.dtype for lm in named.values()}
+    ax.set_xlabel(f"j (0 = largest)\n{_noise_note(factors, dtypes)}")
     ax.set_ylabel("σ_j / σ_0" if normalize else "σ_j")
     ax.set_title(f"Singular values of {_operator_label(next(iter(named.values())), token, skip_first)}")
     ax.grid(True, which="major", alpha=0.3)
