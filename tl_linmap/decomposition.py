@@ -26,7 +26,10 @@ def _layer_targets(model, layer: int, modules: bool) -> list[str]:
     names = [get_act_name("resid_mid", layer), get_act_name("resid_post", layer)]
     if modules:
         names = [get_act_name(n, layer) for n in ("resid_pre", "attn_out", "z", "mlp_out")] + names
-    # Parallel attention+MLP blocks (Pythia) have no resid_mid.
+    # Parallel attention+MLP blocks (Pythia) have no resid_mid; an attention-only model keeps its
+    # (never fired) MLP hook points, but no MLP and no resid_mid.
+    if getattr(model.cfg, "attn_only", False):
+        names = [n for n in names if not n.endswith(("hook_mlp_out", "hook_resid_mid"))]
     return [n for n in names if n in model.hook_dict]
 
 
@@ -79,8 +82,9 @@ def layer_maps(
 def _residual_components(model) -> list[str]:
     # The final residual stream is the embedding stream plus every module's output.
     names = [get_act_name("resid_pre", 0)]
+    modules = ("attn_out",) if getattr(model.cfg, "attn_only", False) else ("attn_out", "mlp_out")
     for layer in range(model.cfg.n_layers):
-        names += [get_act_name("attn_out", layer), get_act_name("mlp_out", layer)]
+        names += [get_act_name(module, layer) for module in modules]
     return names
 
 

@@ -15,10 +15,16 @@ from tl_linmap.errors import InputError
 
 Prompt = Union[str, Sequence[int], Tensor]
 
-#: ``target="output"``: the final norm's output, the vector the unembedding reads.
+#: ``target="output"`` on a TransformerBridge: the final norm's output, the vector the unembedding reads.
 OUTPUT_HOOK = "ln_final.hook_out"
+#: The same on a HookedTransformer, whose final norm has no hook after its weight: its last hook
+#: (after the weight for LayerNorm, before it for RMSNorm; `tl_linmap.readout.after_output` applies the rest).
+HOOKED_OUTPUT_HOOK = "ln_final.hook_normalized"
 #: Hook names (by suffix) whose vectors live in the residual stream, where the unembedding reads.
-RESIDUAL_HOOKS = ("hook_embed", "hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out", OUTPUT_HOOK)
+RESIDUAL_HOOKS = (
+    "hook_embed", "hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out",
+    OUTPUT_HOOK, HOOKED_OUTPUT_HOOK,
+)
 EMBED_HOOK = "hook_embed"
 
 
@@ -86,6 +92,22 @@ def check_position(position: int, n_tokens: int) -> int:
     return position % n_tokens
 
 
+def output_hook(model) -> str:
+    """The hook point ``target="output"`` names: the last one before the unembedding.
+
+    Args:
+        model: A TransformerBridge or HookedTransformer.
+
+    Returns:
+        ``ln_final.hook_out`` (bridge), ``ln_final.hook_normalized`` (HookedTransformer), or the
+        last block's ``hook_resid_post`` for a model without a final norm.
+    """
+    for name in (OUTPUT_HOOK, HOOKED_OUTPUT_HOOK):
+        if name in model.hook_dict:
+            return name
+    return f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
+
+
 def resolve_target(model, target: str) -> str:
     """Check that a target names a hook point of the model.
 
@@ -100,7 +122,7 @@ def resolve_target(model, target: str) -> str:
         InputError: naming the closest existing hook points if it does not exist, or for
             attention scores (``q·k``, quadratic in the embeddings: no linear map of them exists).
     """
-    name = OUTPUT_HOOK if target == "output" else target
+    name = output_hook(model) if target == "output" else target
     if name not in model.hook_dict:
         close = difflib.get_close_matches(name, list(model.hook_dict), n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""

@@ -24,7 +24,13 @@ from torch import Tensor
 
 from tl_linmap.errors import InputError
 from tl_linmap.results import LinearMap, TargetResult
-from tl_linmap.spectral import DecodedPair, LogitSplit, _renamed, input_index, stacked_tokens
+from tl_linmap.spectral import (
+    DecodedPair,
+    LogitSplit,
+    _renamed,
+    input_index,
+    stacked_tokens,
+)
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

@@ -204,3 +204,32 @@ def decode_tokens(model, tokens: Int[Tensor, " pos"] | Sequence[int]) -> list[st
     """
     tokenizer = getattr(model, "tokenizer", None)
     return [tokenizer.decode([int(t)]) if tokenizer else str(int(t)) for t in tokens]
+
+
+def after_output(model, output: str) -> FrozenAffine | None:
+    """What the final norm still applies after the hook point ``target="output"`` reads.
+
+    A bridge's ``ln_final.hook_out`` and a HookedTransformer LayerNorm's ``hook_normalized``
+    are the norm's result: nothing follows. A HookedTransformer RMSNorm's ``hook_normalized``
+    comes before its weight, which then multiplies. Found by replacing the hook's value with
+    probe vectors and reading the module's result, so no norm code is copied here.
+
+    Args:
+        model: The model, in the working dtype.
+        output: The output hook's name (see `tl_linmap.inputs.output_hook`).
+
+    Returns:
+        The affine map from the hook's value to the norm's result, or None where it is the identity.
+    """
+    module_name = output.rsplit(".", 1)[0]
+    if not output.startswith("ln_final."):
+        return None
+    d_model = model.cfg.d_model
+    reference = next(model.parameters())
+    probes = torch.cat([reference.new_zeros(1, d_model), torch.eye(d_model, dtype=reference.dtype, device=reference.device)])[:, None]
+    with model.hooks(fwd_hooks=[(output, lambda act, hook=None: probes.to(act))]), torch.no_grad():
+        out = model.get_submodule(module_name)(probes)[:, 0]
+    matrix, offset = (out[1:] - out[0]).T, out[0]
+    if torch.equal(matrix, torch.eye(d_model, dtype=matrix.dtype, device=matrix.device)) and not offset.any():
+        return None
+    return FrozenAffine(matrix=matrix, offset=offset)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Union
 
-from tl_linmap.compat import get_act_name
+from tl_linmap.compat import get_act_name, is_hooked
 from tl_linmap.errors import UnsupportedArchitectureError
 
 
@@ -53,6 +53,8 @@ class Ratio:
     """
 
     ratio_at_zero: float = 0.5
+    #: The hook point after the activation: ``post``, or ``mid`` where a norm follows it (SoLU-LN).
+    post: str = "post"
     #: Fires on the MLP branch or after the attention's output projection (an MLP, the norms
     #: of the attention output and of the MLP input): on tensors `tl_linmap.hooks.trim_hooks`
     #: cuts to the target position in the last block a target reads.
@@ -67,7 +69,7 @@ class Ratio:
         Returns:
             ``[(blocks.L.mlp.hook_pre, blocks.L.mlp.hook_post), ...]``.
         """
-        return [(get_act_name("pre", layer), get_act_name("post", layer)) for layer in range(n_layers)]
+        return [(get_act_name("pre", layer), get_act_name(self.post, layer)) for layer in range(n_layers)]
 
 
 Rule = Union[Detach, Ratio]
@@ -95,6 +97,65 @@ FREEZE_RULES: dict[str, tuple[Rule, ...]] = {
 }
 
 
+#: HookedTransformer MLP activations that are pointwise with ``f(0) = 0``, so ``f(x) = (f(x)/x)·x``
+#: with the ratio frozen; a gated MLP freezes its whole activated gate, whatever its activation.
+POINTWISE_ACTIVATIONS = frozenset({"relu", "gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh", "silu", "solu", "solu_ln"})
+
+#: HookedTransformer norms (hook layer types) that a config setting adds, each frozen at its
+#: ``hook_scale``; their factors' sequence axis, and whether they fire after the attention.
+_HOOKED_QK_NORMS = tuple(Detach("scale", f"attn.{qk}_norm") for qk in "qk")  # (batch, pos, head, 1)
+
+
+def hooked_rules(cfg) -> tuple[Rule, ...]:
+    """Freeze rules of a HookedTransformer, derived from its config.
+
+    Args:
+        cfg: A ``HookedTransformerConfig`` (from `from_pretrained` or built by hand).
+
+    Returns:
+        The rules: every norm the config implies, the attention pattern, and the MLP's
+        activation (its gate, or a frozen ratio).
+
+    Raises:
+        UnsupportedArchitectureError: naming the setting, for anything that is not a
+            product ``A(x)·x`` a rule covers (mixture-of-experts MLPs, an activation that
+            is not zero at zero, ...).
+    """
+    if getattr(cfg, "num_experts", None):
+        raise UnsupportedArchitectureError(
+            f"num_experts={cfg.num_experts}: tl_linmap has no freeze rule for a HookedTransformer's "
+            "mixture-of-experts router (its expert choice is an input-dependent factor)."
+        )
+    rules: list[Rule] = [_PATTERN]
+    if cfg.normalization_type is not None:
+        rules += [Detach("scale", "ln1"), _FINAL_NORM]
+        if not cfg.attn_only:
+            rules.append(Detach("scale", "ln2", after_attention=True))
+    if getattr(cfg, "use_normalization_before_and_after", False):
+        rules += list(_POST_NORMS)
+    if getattr(cfg, "use_qk_norm", False):
+        rules += list(_HOOKED_QK_NORMS)
+    if not cfg.attn_only:
+        rules += _hooked_mlp_rules(cfg)
+    return tuple(rules)
+
+
+def _hooked_mlp_rules(cfg) -> list[Rule]:
+    act = cfg.act_fn
+    if act == "solu_ln":  # post = ln(pre · softmax(pre)): the ratio at hook_mid, then the norm
+        if cfg.gated_mlp:
+            raise UnsupportedArchitectureError("act_fn='solu_ln' in a gated MLP: no freeze rule covers it.")
+        return [Ratio(post="mid"), Detach("scale", "mlp.ln", after_attention=True)]
+    if cfg.gated_mlp:
+        return [_GATE]
+    if act not in POINTWISE_ACTIVATIONS:
+        raise UnsupportedArchitectureError(
+            f"act_fn={act!r} in a non-gated MLP: tl_linmap freezes only activations with f(0) = 0 "
+            f"as f(x)/x ({', '.join(sorted(POINTWISE_ACTIVATIONS))})."
+        )
+    return [Ratio()]
+
+
 def architecture_of(model) -> str:
     """The Hugging Face architecture name a bridge was booted from.
 
@@ -102,9 +163,10 @@ def architecture_of(model) -> str:
         model: A TransformerBridge.
 
     Returns:
-        For example ``"LlamaForCausalLM"``.
+        For example ``"LlamaForCausalLM"`` (a HookedTransformer's ``original_architecture``).
     """
-    return str(getattr(model.cfg, "architecture", None) or type(model).__name__)
+    cfg = model.cfg
+    return str(getattr(cfg, "architecture", None) or getattr(cfg, "original_architecture", None) or type(model).__name__)
 
 
 def rules_for(model) -> tuple[Rule, ...]:
@@ -121,12 +183,15 @@ def rules_for(model) -> tuple[Rule, ...]:
             carries a nonlinearity (for example logit softcapping) no rule covers.
     """
     arch = architecture_of(model)
-    if arch not in FREEZE_RULES:
+    if is_hooked(model):
+        rules = hooked_rules(model.cfg)
+    elif arch in FREEZE_RULES:
+        rules = FREEZE_RULES[arch]
+    else:
         raise UnsupportedArchitectureError(
             f"tl_linmap has no freeze rules for architecture {arch!r}. "
             f"Supported: {', '.join(sorted(FREEZE_RULES))}."
         )
-    rules = FREEZE_RULES[arch]
     covered = {name for rule in rules if isinstance(rule, Detach) for name in rule.hook_names(model.cfg.n_layers)}
     uncovered = sorted(n for n in model.hook_dict if n.endswith("hook_scale") and n not in covered)
     if uncovered:

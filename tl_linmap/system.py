@@ -24,7 +24,7 @@ target position only: the rows the other positions would cost there are never co
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Container, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -33,6 +33,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from tl_linmap.capture import at_position, capture
+from tl_linmap.compat import check_model
 from tl_linmap.errors import FreezeError, InputError, LinmapError
 from tl_linmap.guard import borrowed, hook_count
 from tl_linmap.hooks import (
@@ -46,15 +47,15 @@ from tl_linmap.hooks import (
 )
 from tl_linmap.inputs import (
     EMBED_HOOK,
-    OUTPUT_HOOK,
     RESIDUAL_HOOKS,
     Prompt,
     check_position,
+    output_hook,
     resolve_target,
     target_depth,
     to_tokens,
 )
-from tl_linmap.readout import FrozenAffine, Readout, frozen_norm
+from tl_linmap.readout import FrozenAffine, Readout, after_output, frozen_norm
 
 Vectors = dict[str, Tensor]
 
@@ -71,7 +72,7 @@ def check_factors(model, factors: Factors) -> None:
         raise FreezeError(f"Freeze hooks never ran at {missing[:4]}: the bridge bypassed them; no exact map.")
 
 
-def trimmed_block(names: Sequence[str], cfg) -> int | None:
+def trimmed_block(names: Sequence[str], cfg, hooks: Container[str] | None = None) -> int | None:
     """The block replays may compute at the target position only (`tl_linmap.hooks.trim_hooks`).
 
     That is the deepest block any target reads, provided every target inside it is the
@@ -83,6 +84,7 @@ def trimmed_block(names: Sequence[str], cfg) -> int | None:
     Args:
         names: Target hook names.
         cfg: The model's config (``n_layers``, ``use_attn_result``).
+        hooks: The model's hook names, if known: the block needs ``ln2.hook_in`` to be cut.
 
     Returns:
         The block index, or None when no block may be trimmed.
@@ -90,6 +92,8 @@ def trimmed_block(names: Sequence[str], cfg) -> int | None:
     if getattr(cfg, "use_attn_result", False):
         return None
     last = max(target_depth(name, cfg.n_layers) for name in names) - 1
+    if hooks is not None and f"blocks.{last}.ln2.hook_in" not in hooks:
+        return None  # no hook to cut the MLP's input at (a HookedTransformer's norms have none)
     block_outputs = (f"blocks.{last}.hook_resid_post", f"blocks.{last}.hook_out")
     inside = [name for name in names if name.startswith(f"blocks.{last}.")]
     if last < 0 or not all(name in block_outputs for name in inside):
@@ -117,7 +121,13 @@ def purely_linear(model) -> bool:
     """
     if getattr(model.cfg, "positional_embedding_type", None) != "rotary" or hook_count(model):
         return False
-    return not any(name.rsplit(".", 1)[-1] == "bias" for name, _ in model.named_parameters())
+    return not any(_adds_a_constant(name, param) for name, param in model.named_parameters())
+
+
+def _adds_a_constant(name: str, param: Tensor) -> bool:
+    # Hugging Face names additive weights `bias`; a HookedTransformer `b` and `b_*` (kept even when zero).
+    last = name.rsplit(".", 1)[-1]
+    return (last == "bias" or last == "b" or last.startswith("b_")) and bool(param.detach().any())
 
 
 def vjp(y: Float[Tensor, " d_out"], x: Float[Tensor, "1 pos d_in"], rows: Float[Tensor, "k d_out"]) -> Float[Tensor, "k pos d_in"]:
@@ -153,7 +163,8 @@ class FrozenSystem:
         factors: The frozen factors by hook name.
         outputs: Per target, the reference value at ``position``.
         natives: Per target, the plain forward's value at ``position``.
-        final_norm: ``ln_final`` frozen at ``position`` (how vectors are read as tokens).
+        final_norm: ``ln_final`` frozen at ``position`` (how vectors are read as tokens; None
+            for a model without a final norm).
         trim: The block replays compute at ``position`` only (see `trimmed_block`), or None.
         linear: The model adds no constant (see `purely_linear`).
         ys: Per target, its vector at ``position`` in the replay's graph (None: no graph).
@@ -168,7 +179,7 @@ class FrozenSystem:
     factors: Factors = field(repr=False)
     outputs: Vectors = field(repr=False)
     natives: Vectors = field(repr=False)
-    final_norm: FrozenAffine = field(repr=False)
+    final_norm: FrozenAffine | None = field(repr=False)
     lease: _Lease = field(repr=False)
     trim: int | None = None
     linear: bool = False
@@ -353,8 +364,8 @@ class FrozenSystem:
         Returns:
             A `tl_linmap.readout.Readout` (no norm for the final norm's own output).
         """
-        if name == OUTPUT_HOOK:
-            return Readout(model=self.model, final_norm=None)
+        if name == output_hook(self.model):
+            return Readout(model=self.model, final_norm=after_output(self.model, name))
         return Readout(model=self.model, final_norm=self.final_norm, residual=name.endswith(RESIDUAL_HOOKS))
 
     def result_fields(self, name: str) -> dict:
@@ -408,6 +419,7 @@ def frozen_system(
         InputError: for a bad prompt, position or target.
         FreezeError: if a freeze hook never ran.
     """
+    check_model(model)
     tokens = to_tokens(model, prompt_or_tokens)
     n = tokens.shape[1]
     position = check_position(position, n)
@@ -419,7 +431,7 @@ def frozen_system(
             factors: Factors = {}
             with torch.no_grad():
                 # Up to the final norm, so every factor is recorded (and checked) for the replay.
-                outputs = capture(model, tokens, [*names, OUTPUT_HOOK], freeze_hooks(model, factors=factors))
+                outputs = capture(model, tokens, [*names, output_hook(model)], freeze_hooks(model, factors=factors))
             check_factors(model, factors)
             yield FrozenSystem(
                 model=model,
@@ -430,9 +442,9 @@ def frozen_system(
                 factors=factors,
                 outputs={name: at_position(outputs[name], position, n)[0].detach() for name in names},
                 natives={name: at_position(natives[name], position, n)[0].detach() for name in names},
-                final_norm=frozen_norm(model, "ln_final", factors, position),
+                final_norm=frozen_norm(model, "ln_final", factors, position) if "ln_final.hook_scale" in factors else None,
                 lease=lease,
-                trim=trimmed_block(names, model.cfg),
+                trim=trimmed_block(names, model.cfg, model.hook_dict),
                 linear=purely_linear(model),
             )
         finally:

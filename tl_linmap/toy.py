@@ -122,3 +122,75 @@ def toy_model(
                 param.add_(0.1 * torch.randn_like(param))
     bridge = TransformerBridge.boot_transformers(model_cls.__name__, hf_model=hf_model, tokenizer=tokenizer, dtype=dtype)
     return bridge.eval()
+
+
+#: HookedTransformer toy families: ``HookedTransformerConfig`` settings on top of the common sizes.
+#: Each covers one kind of norm, MLP, attention or position that `tl_linmap.rules.hooked_rules` freezes.
+HOOKED_FAMILIES: dict[str, dict] = {
+    "gpt2": dict(normalization_type="LN", act_fn="gelu_new", positional_embedding_type="standard"),
+    "llama": dict(normalization_type="RMS", act_fn="silu", gated_mlp=True, positional_embedding_type="rotary", n_key_value_heads=2),
+    "pythia": dict(normalization_type="LN", act_fn="gelu", parallel_attn_mlp=True, positional_embedding_type="rotary", rotary_dim=4),
+    "gemma2": dict(normalization_type="RMS", act_fn="gelu_pytorch_tanh", gated_mlp=True, positional_embedding_type="rotary",
+                   use_normalization_before_and_after=True, attn_scores_soft_cap=50.0),
+    "qwen3": dict(normalization_type="RMS", act_fn="silu", gated_mlp=True, positional_embedding_type="rotary", use_qk_norm=True),
+    "solu": dict(normalization_type="LN", act_fn="solu_ln", positional_embedding_type="standard"),
+    "relu_pre": dict(normalization_type="LNPre", act_fn="relu", positional_embedding_type="standard"),  # as after fold_ln
+    "rms_pre": dict(normalization_type="RMSPre", act_fn="gelu_fast", positional_embedding_type="rotary"),
+    "attn_only": dict(normalization_type="LN", attn_only=True, positional_embedding_type="shortformer"),
+    "alibi": dict(normalization_type="LN", act_fn="gelu", positional_embedding_type="alibi"),
+}
+
+
+def hooked_toy_model(
+    family: str = "gpt2",
+    *,
+    d_model: int = 32,
+    n_layers: int = 2,
+    n_heads: int = 4,
+    d_mlp: int = 48,
+    n_ctx: int = 64,
+    dtype: torch.dtype = torch.float64,
+    seed: int = 0,
+    **overrides,
+):
+    """A HookedTransformer (TransformerLens 2.x/3.x) of one family with random weights.
+
+    Built from a ``HookedTransformerConfig`` alone (no ``original_architecture``), so the freeze
+    rules come from the config. Biases and norm weights are perturbed away from zero and one.
+
+    Args:
+        family: One of `HOOKED_FAMILIES`.
+        d_model: Residual width.
+        n_layers: Number of blocks.
+        n_heads: Attention heads.
+        d_mlp: MLP width.
+        n_ctx: Context length.
+        dtype: Parameter dtype.
+        seed: Torch seed for the weights.
+        **overrides: Extra config fields.
+
+    Returns:
+        A HookedTransformer in eval mode, with the toy tokenizer.
+
+    Raises:
+        ValueError: for an unknown family, or where the installed TransformerLens has no HookedTransformer.
+    """
+    try:
+        from transformer_lens import HookedTransformer, HookedTransformerConfig
+    except ImportError as error:
+        raise ValueError("This TransformerLens has no HookedTransformer (it is gone in 4.0).") from error
+    if family not in HOOKED_FAMILIES:
+        raise ValueError(f"Unknown HookedTransformer toy family {family!r}; choose from {sorted(HOOKED_FAMILIES)}.")
+    tokenizer = toy_tokenizer()
+    settings = {**HOOKED_FAMILIES[family], **overrides}
+    cfg = HookedTransformerConfig(
+        d_model=d_model, n_layers=n_layers, n_heads=n_heads, d_head=d_model // n_heads, d_mlp=d_mlp, n_ctx=n_ctx,
+        d_vocab=len(tokenizer), dtype=dtype, seed=seed, device="cpu", default_prepend_bos=True, **settings,
+    )
+    model = HookedTransformer(cfg, tokenizer=tokenizer)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            last = name.rsplit(".", 1)[-1]
+            if last in ("w", "b") or last.startswith("b_"):
+                param.add_(0.1 * torch.randn_like(param))
+    return model.eval()

@@ -1,0 +1,220 @@
+"""HookedTransformer (TransformerLens 2.x/3.x): the same entry points, exact against an independent oracle.
+
+Collected only where the installed TransformerLens has a HookedTransformer (tests/conftest.py);
+CI runs this file in its TransformerLens 2.18 and 3.9 environments.
+"""
+
+import contextlib
+
+import pytest
+import torch
+from conftest import PROMPT
+
+import tl_linmap
+from tl_linmap import rules
+from tl_linmap.guard import hook_count
+from tl_linmap.rules import Detach
+from tl_linmap.toy import HOOKED_FAMILIES, hooked_toy_model
+
+FAMILIES = sorted(HOOKED_FAMILIES)
+
+
+@pytest.fixture(scope="module")
+def hooked():
+    return {family: hooked_toy_model(family) for family in FAMILIES}
+
+
+# --- The oracle: freeze hooks written here from the model's own hook points, not from tl_linmap's rules.
+
+
+def _oracle_hooks(model):
+    """Detach every norm scale and attention pattern; the MLP's gate, or its activation as a frozen ratio."""
+    cfg, hooks, live = model.cfg, [], {}
+    for name in model.hook_dict:
+        if name.endswith("hook_scale") or name.endswith("attn.hook_pattern"):
+            hooks.append((name, lambda act, hook=None: act.detach()))
+    if cfg.attn_only:
+        return hooks
+    for layer in range(cfg.n_layers):
+        if cfg.gated_mlp:
+            hooks.append((f"blocks.{layer}.mlp.hook_pre", lambda act, hook=None: act.detach()))
+            continue
+        after = "hook_mid" if cfg.act_fn == "solu_ln" else "hook_post"
+
+        def keep(act, hook=None, layer=layer):
+            live[layer] = act
+
+        def ratio(post, hook=None, layer=layer):
+            pre = live.pop(layer)
+            frozen = torch.where(pre == 0, torch.zeros_like(pre), post / torch.where(pre == 0, torch.ones_like(pre), pre))
+            return post.detach() + (pre - pre.detach()) * frozen.detach()
+
+        hooks += [(f"blocks.{layer}.mlp.hook_pre", keep), (f"blocks.{layer}.mlp.{after}", ratio)]
+    return hooks
+
+
+def _oracle(model, tokens, target, position):
+    """J and b of ``target`` at ``position`` by torch.autograd.functional.jacobian under the oracle's hooks."""
+    cfg = model.cfg
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter="hook_embed")
+    x = cache["hook_embed"][0].double()
+
+    def f(embeddings):
+        out = {}
+
+        def grab(act, hook=None):
+            out["y"] = act[0, position].flatten()
+
+        hooks = [("hook_embed", lambda act, hook=None: embeddings[None])] + _oracle_hooks(model) + [(target, grab)]
+        with model.hooks(fwd_hooks=hooks):
+            model(tokens)
+        return out["y"]
+
+    with torch.enable_grad():
+        jac = torch.autograd.functional.jacobian(f, x)  # (d_out, pos, d_in)
+        y = f(x)
+    operators = jac.permute(1, 0, 2)
+    bias = y - torch.einsum("poi,pi->o", operators, x)
+    assert cfg.dtype == torch.float64
+    return operators, bias.detach(), y.detach()
+
+
+def _gap(a, b):
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("target", ["output", "blocks.0.hook_resid_post", "blocks.1.hook_attn_out"])
+def test_maps_match_the_oracle(hooked, family, target):
+    model = hooked[family]
+    lm = tl_linmap.linear_map(model, PROMPT, target=target)
+    operators, bias, y = _oracle(model, lm.tokens[None], lm.target, lm.position)
+    assert _gap(lm.operators, operators) < 1e-12
+    assert float((lm.bias - bias).norm() / y.norm()) < 1e-12
+    assert torch.equal(lm.output, y)  # same values: freezing changes none
+    assert lm.relative_error() < 1e-12
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_module_map_is_exact_and_parts_add_up(hooked, family):
+    model = hooked[family]
+    maps = tl_linmap.layer_maps(model, PROMPT, modules=True)
+    assert max(lm.relative_error() for lm in maps.values()) < 1e-12
+    last = model.cfg.n_layers - 1
+    parts = ["blocks.0.hook_resid_pre"] + [
+        f"blocks.{layer}.hook_{module}_out" for layer in range(last + 1)
+        for module in (("attn",) if model.cfg.attn_only else ("attn", "mlp"))
+    ]
+    total = sum(maps[name].output for name in parts)
+    final = maps[f"blocks.{last}.hook_resid_post"].output
+    assert torch.allclose(total, final, rtol=0, atol=1e-12 * float(final.norm()))
+    heads = maps.heads(1)
+    assert len(heads) == model.cfg.n_heads
+
+
+def test_an_over_frozen_rule_set_fails_the_oracle(hooked, monkeypatch):
+    model = hooked["llama"]
+    real = rules.hooked_rules
+    monkeypatch.setattr(rules, "hooked_rules", lambda cfg: real(cfg) + (Detach("v"),))
+    lm = tl_linmap.linear_map(model, PROMPT, check=False)
+    operators, _, _ = _oracle(model, lm.tokens[None], lm.target, lm.position)
+    assert _gap(lm.operators, operators) > 1e-3
+
+
+def test_output_readout_gives_the_models_logits(hooked):
+    """RMSNorm's hook_normalized is before the weight: the readout applies it, and the logits are the model's."""
+    for family in ("llama", "gpt2"):
+        model = hooked[family]
+        lm = tl_linmap.linear_map(model, PROMPT)
+        logits = model(lm.tokens[None])[0, -1]
+        read = lm.readout.logits(lm.output, affine=True)
+        assert torch.allclose(read, logits, rtol=0, atol=1e-10 * float(logits.abs().max()))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_token_attribution_sums_to_the_models_logit(hooked, family):
+    model = hooked[family]
+    maps = tl_linmap.layer_maps(model, PROMPT, modules=True)
+    logits = model(maps["blocks.0.hook_resid_pre"].tokens[None])[0, -1]
+    token = int(logits.argmax())
+    att = tl_linmap.token_attribution(model, maps, token)
+    assert att.logit == pytest.approx(float(logits[token]), abs=1e-10 * float(logits.abs().max()))
+    assert att.total() == pytest.approx(att.logit, abs=1e-12 * abs(att.logit))
+
+
+def test_contributions_matrix_free_and_steering(hooked):
+    model = hooked["llama"]
+    dense = tl_linmap.linear_map(model, PROMPT)
+    fast = tl_linmap.token_contributions(model, PROMPT)
+    assert torch.allclose(fast.contributions(), dense.contributions(), rtol=0, atol=1e-12 * float(dense.output.norm()))
+    with tl_linmap.matrix_free(model, PROMPT) as mf:
+        top = mf.svd(-1, k=3)
+    assert torch.allclose(top.values[0], torch.linalg.svdvals(dense.operators[-1])[:3], rtol=1e-8, atol=0)
+    source = tl_linmap.linear_map(model, "Golden", target="blocks.1.hook_resid_post")
+    with model.hooks(fwd_hooks=tl_linmap.steering_hooks(source, layer=1, alpha=2.0)):
+        steered = model(dense.tokens[None])
+    assert not torch.allclose(steered, model(dense.tokens[None]))
+    assert hook_count(model) == 0
+
+
+DEFAULTS = dict(fold_ln=True, center_writing_weights=True, center_unembed=True, fold_value_biases=True)
+REFACTOR = dict(DEFAULTS, refactor_factored_attn_matrices=True)  # TransformerLens refuses it with rotary positions
+
+
+@pytest.mark.parametrize(("family", "processing"), [("gpt2", DEFAULTS), ("llama", DEFAULTS), ("gpt2", REFACTOR)])
+def test_processed_weights_stay_exact(family, processing):
+    """from_pretrained's defaults (and refactor_factored_attn_matrices): exact against the processed model itself."""
+    model = hooked_toy_model(family, seed=1)
+    state = model.state_dict()
+    processed = hooked_toy_model(family, seed=1, normalization_type={"LN": "LNPre", "RMS": "RMSPre"}[model.cfg.normalization_type])
+    processed.load_and_process_state_dict(state, **processing)
+    lm = tl_linmap.linear_map(processed, PROMPT)
+    operators, bias, y = _oracle(processed, lm.tokens[None], lm.target, lm.position)
+    assert _gap(lm.operators, operators) < 1e-12 and lm.relative_error() < 1e-12
+    logits = processed(lm.tokens[None])[0, -1]
+    assert torch.allclose(lm.readout.logits(lm.output, affine=True), logits, rtol=0, atol=1e-10 * float(logits.abs().max()))
+
+
+def _snapshot(model):
+    return (
+        {k: v.clone() for k, v in model.state_dict().items()},
+        {k: v.dtype for k, v in model.state_dict().items()},
+        [p.requires_grad for p in model.parameters()],
+        [m.training for m in model.modules()],
+        model.cfg.dtype,
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_model_comes_back_bit_for_bit_with_a_users_hook(dtype):
+    model = hooked_toy_model("llama")
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.rand_like(param) * 1e-9)  # off the float32 grid
+    model.train()
+    fired = []
+    model.blocks[0].hook_resid_post.add_hook(lambda act, hook: fired.append(1))
+    before = _snapshot(model)
+    with contextlib.suppress(tl_linmap.LinmapError):
+        tl_linmap.linear_map(model, PROMPT, dtype=dtype)
+    after = _snapshot(model)
+    assert all(torch.equal(after[0][k], v) for k, v in before[0].items())
+    assert after[1:] == before[1:]
+    assert hook_count(model) == 1 and fired
+    count = len(fired)
+    model(model.to_tokens("x"))
+    assert len(fired) == count + 1  # the user's hook still fires
+
+
+def test_mixture_of_experts_is_refused_by_name():
+    with pytest.raises(tl_linmap.UnsupportedArchitectureError, match="num_experts=4"):
+        rules.hooked_rules(hooked_toy_model("llama").cfg.__class__(
+            d_model=16, n_layers=1, n_heads=2, d_head=8, d_mlp=32, n_ctx=16, d_vocab=10, act_fn="silu",
+            normalization_type="RMS", gated_mlp=True, num_experts=4, experts_per_token=2,
+        ))
+
+
+def test_a_non_model_is_refused_with_the_supported_classes():
+    with pytest.raises(tl_linmap.InputError, match="HookedTransformer .*TransformerBridge.*supports >=2.16,<5"):
+        tl_linmap.linear_map(torch.nn.Linear(2, 2), PROMPT)
