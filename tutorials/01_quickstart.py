@@ -31,7 +31,10 @@ import torch
 import tl_linmap
 from tl_linmap import plotting
 
-FIGURES = Path(os.environ.get("TL_LINMAP_FIGURES", "figures"))
+# Figures go beside this file wherever it runs from (a notebook runs in its own directory);
+# the environment variable TL_LINMAP_FIGURES names another directory.
+HERE = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()
+FIGURES = Path(os.environ.get("TL_LINMAP_FIGURES", HERE / "figures"))
 FIGURES.mkdir(parents=True, exist_ok=True)
 model = tl_linmap.load_model("smollm2")  # bundled weights, no network needed
 prompt = "The capital of France is"
@@ -74,7 +77,7 @@ print(f"float32 relative error: {tl_linmap.linear_map(model, prompt, dtype=torch
 # attention sink: its contribution is large but it carries little about the answer.
 
 # %%
-for token, norm in zip(model.to_str_tokens(lm.tokens), lm.contributions().norm(dim=-1)):
+for token, norm in zip(lm.sources, lm.contributions().norm(dim=-1)):
     print(f"{token!r:>12} {float(norm):8.3f}")
 
 # %% [markdown]
@@ -97,11 +100,11 @@ fig.savefig(FIGURES / "01_paris_logit_without_first.png", dpi=120, bbox_inches="
 # points along the actual output.
 
 # %%
-print(lm.decode(k=3, top=6, tokens=-1))
+print(lm.decode(k=3, top=6, sources=-1))
 
 # %% [markdown]
 # The operators are low-rank: a handful of directions hold most of their energy.
 
 # %%
-print(lm.dimensionality())
-print(lm.dimensionality(skip_first=True, per_token=False))
+print(lm.dimensionality())  # one row per token's operator, then the stacked one's
+print(lm.dimensionality(skip_first=True, per_token=False))  # the stacked operator only, first token left out

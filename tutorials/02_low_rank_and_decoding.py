@@ -27,7 +27,10 @@ from transformer_lens import utilities as utils
 import tl_linmap
 from tl_linmap import plotting
 
-FIGURES = Path(os.environ.get("TL_LINMAP_FIGURES", "figures"))
+# Figures go beside this file wherever it runs from (a notebook runs in its own directory);
+# the environment variable TL_LINMAP_FIGURES names another directory.
+HERE = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()
+FIGURES = Path(os.environ.get("TL_LINMAP_FIGURES", HERE / "figures"))
 FIGURES.mkdir(parents=True, exist_ok=True)
 model = tl_linmap.load_model("smollm2")
 prompt = "The capital of France is"
@@ -45,8 +48,11 @@ print({layer: f"{lm.relative_error():.1e}" for layer, lm in resid.items()})
 # %% [markdown]
 # ## How many dimensions?
 # Stable rank, effective rank (entropy of the normalised singular values) and the number of
-# singular values holding 90% / 99% of the squared Frobenius norm, per layer (the stacked
-# operator `[J_0 … J_n]`), with and without the first token.
+# singular values holding 90% / 99% of the squared Frobenius norm, with and without the
+# first token. `per_token=False` gives one row per map, for its stacked operator
+# `[J_0 … J_n]`; `layer_maps` holds two maps per layer (`hook_resid_mid` and
+# `hook_resid_post`, more with `modules=True`), so `targets=` picks each layer's
+# `hook_resid_post`: one row per layer.
 
 # %%
 names = [utils.get_act_name("resid_post", layer) for layer in layers]
@@ -61,9 +67,9 @@ print(resid[29].dimensionality())
 
 # %%
 only = {name: maps[name] for name in names}
-fig = plotting.plot_spectra(only, token=-1)
+fig = plotting.plot_spectra(only, source=-1)
 fig.savefig(FIGURES / "02_spectra_last_token.png", dpi=120, bbox_inches="tight")
-fig = plotting.plot_spectra(only, token=0)
+fig = plotting.plot_spectra(only, source=0)
 fig.savefig(FIGURES / "02_spectra_first_token.png", dpi=120, bbox_inches="tight")
 fig = plotting.plot_contribution_heatmap(only)
 fig.savefig(FIGURES / "02_contribution_heatmap.png", dpi=120, bbox_inches="tight")
@@ -77,16 +83,16 @@ fig.savefig(FIGURES / "02_contribution_heatmap_without_first.png", dpi=120, bbox
 # it reads from the token's embedding).
 
 # %%
-decoded = maps.decode(k=3, top=8, tokens=-1, targets=names)
+decoded = maps.decode(k=3, top=8, sources=-1, targets=names)
 print(decoded)
-fig = plotting.plot_decoded(only, token=-1, k=3, top=3)
+fig = plotting.plot_decoded(only, source=-1, k=3, top=3)
 fig.savefig(FIGURES / "02_decoded_last_token.png", dpi=120, bbox_inches="tight")
 
 # %% [markdown]
 # The stacked operator over all tokens, with and without the first one:
 
 # %%
-print(maps.decode(k=3, top=8, tokens=[], stacked=True, targets=names[-2:]))
-print(maps.decode(k=3, top=8, tokens=[], stacked=True, skip_first=True, targets=names[-2:]))
-fig = plotting.plot_decoded(only, token="all", k=3, top=3, skip_first=True)
+print(maps.decode(k=3, top=8, sources=[], stacked=True, targets=names[-2:]))
+print(maps.decode(k=3, top=8, sources=[], stacked=True, skip_first=True, targets=names[-2:]))
+fig = plotting.plot_decoded(only, source="all", k=3, top=3, skip_first=True)
 fig.savefig(FIGURES / "02_decoded_stacked.png", dpi=120, bbox_inches="tight")

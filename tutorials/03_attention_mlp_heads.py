@@ -28,7 +28,10 @@ from transformer_lens import utilities as utils
 import tl_linmap
 from tl_linmap import plotting
 
-FIGURES = Path(os.environ.get("TL_LINMAP_FIGURES", "figures"))
+# Figures go beside this file wherever it runs from (a notebook runs in its own directory);
+# the environment variable TL_LINMAP_FIGURES names another directory.
+HERE = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()
+FIGURES = Path(os.environ.get("TL_LINMAP_FIGURES", HERE / "figures"))
 FIGURES.mkdir(parents=True, exist_ok=True)
 model = tl_linmap.load_model("smollm2")
 prompt = "The capital of France is"
@@ -49,15 +52,15 @@ print("all attention layers:", float(attn.sum()), " all MLP layers:", float(mlp.
 
 # %%
 fig, ax = plt.subplots(figsize=(9, 3.5))
-ax.bar(range(n), attn.sum(1), width=0.4, label="attention", align="edge")
-ax.bar([L - 0.4 for L in range(n)], mlp.sum(1), width=0.4, label="MLP", align="edge")
-ax.set(xlabel="layer", ylabel="share of the ' Paris' logit", title="Per layer: attention vs MLP")
+ax.bar(range(n), attn.sum(1).tolist(), width=0.4, label="attention", align="edge")
+ax.bar([L - 0.4 for L in range(n)], mlp.sum(1).tolist(), width=0.4, label="MLP", align="edge")
+ax.set(xlabel="layer", ylabel="contribution to the ' Paris' logit", title="Per layer: attention vs MLP")
 ax.legend()
 fig.savefig(FIGURES / "03_attention_vs_mlp.png", dpi=120, bbox_inches="tight")
 
 # %% [markdown]
-# The first token's share, separated: it is the attention sink, so its terms are large
-# and mostly cancel.
+# The first token's part of the logit, separated: it is the attention sink, so its terms
+# are large and mostly cancel.
 
 # %%
 print("first token:", float(att.per_token[0]), " others:", att.per_token[1:].tolist())
@@ -68,7 +71,7 @@ print("first token:", float(att.per_token[0]), " others:", att.per_token[1:].tol
 # which source token each reads from.
 
 # %%
-tokens = model.to_str_tokens(prompt)
+tokens = att.sources
 top = sorted(att.per_head.items(), key=lambda kv: -abs(float(kv[1].sum())))[:8]
 for (layer, head), parts in top:
     source = int(parts[1:].abs().argmax()) + 1
@@ -83,7 +86,7 @@ for (layer, head), parts in top:
 source = int(parts[1:].abs().argmax()) + 1
 head_map = maps.head(layer, head)
 print(head_map.target, f"exact to {head_map.relative_error():.1e}; reading from {tokens[source]!r}")
-print(head_map.decode(k=2, top=6, tokens=source))
+print(head_map.decode(k=2, top=6, sources=source))
 
 # %% [markdown]
 # Contribution norms of attention and MLP outputs per layer and source token:
