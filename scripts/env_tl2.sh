@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# A TransformerLens 2.18 environment with SAELens 6 and circuit-tracer 0.5 beside tl_linmap, in
+# .venv-tl2 (package registry only). Pins: transformers 4.57.3 (circuit-tracer's ceiling),
+# huggingface-hub<1, datasets<4 and pyarrow<18, which keep `import transformer_lens` working with
+# numpy 1.x. Installing anything that needs TransformerLens >= 4 here would move it and break sae-lens.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python -m venv .venv-tl2
+. .venv-tl2/bin/activate
+pip install --quiet --upgrade pip
+pip install --quiet torch==2.13.0  # first: the CPU build
+pip install --quiet "transformer-lens==2.18.0" "sae-lens>=6,<7" "circuit-tracer==0.5.0" \
+    "transformers==4.57.3" "huggingface-hub<1" "datasets<4" "pyarrow<18"
+pip install --quiet -e ".[dev]"
+pip check
+python -c "import sae_lens, circuit_tracer, tl_linmap; from transformer_lens import HookedTransformer"
+pip list 2>/dev/null | grep -i -E "^(torch|transformer-lens|transformers|sae-lens|circuit-tracer|numpy|tl.linmap) "

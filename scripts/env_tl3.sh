@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# A TransformerLens 3.9 environment (HookedTransformer and TransformerBridge side by side) in
+# .venv-tl3, for the HookedTransformer tests (package registry only).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python -m venv .venv-tl3
+. .venv-tl3/bin/activate
+pip install --quiet --upgrade pip
+pip install --quiet torch==2.13.0  # first: the CPU build
+pip install --quiet "transformer-lens==3.9.0"
+pip install --quiet -e ".[dev]"
+pip check
+pip list 2>/dev/null | grep -i -E "^(torch|transformer-lens|transformers|numpy|tl.linmap) "
