@@ -218,3 +218,16 @@ def test_mixture_of_experts_is_refused_by_name():
 def test_a_non_model_is_refused_with_the_supported_classes():
     with pytest.raises(tl_linmap.InputError, match="HookedTransformer .*TransformerBridge.*supports >=2.16,<5"):
         tl_linmap.linear_map(torch.nn.Linear(2, 2), PROMPT)
+
+
+@pytest.mark.slow
+def test_a_real_model_as_a_hooked_transformer():
+    """SmolLM2 (not in TransformerLens's name list), converted by TransformerLens's own functions, offline."""
+    model = tl_linmap.load_model("smollm2", kind="hooked")
+    assert type(model).__name__ == "HookedTransformer"
+    lm = tl_linmap.linear_map(model, "The capital of France is")
+    assert lm.relative_error() < 1e-12
+    logits = model(lm.tokens[None])[0, -1].double()
+    read = lm.readout.logits(lm.output, affine=True)
+    assert float((read - logits).norm() / logits.norm()) < 1e-5  # the model runs in float32, the map in float64
+    assert model.tokenizer.decode([int(read.argmax())]) == " Paris"

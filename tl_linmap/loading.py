@@ -15,6 +15,7 @@ import difflib
 import hashlib
 import importlib
 import importlib.metadata
+import importlib.util
 import json
 import os
 import shutil
@@ -335,6 +336,67 @@ def _load_gguf(path: Path, dtype: torch.dtype, cache: bool):
         ) from err
 
 
+#: Model classes `load_model` builds.
+KINDS = ("bridge", "hooked")
+
+# Config fields TransformerLens's converter misses for some Hugging Face configs (GPT-2 with n_inner).
+_HF_FIELD_FIXES = {"GPT2LMHeadModel": lambda config: {"d_mlp": config.n_inner or 4 * config.n_embd}}
+
+
+def default_kind() -> str:
+    """The model class `load_model` builds when none is asked for: what the installed TransformerLens offers.
+
+    Returns:
+        ``"bridge"`` where TransformerLens has `TransformerBridge` (3.x, 4.x), else ``"hooked"``.
+    """
+    return "bridge" if importlib.util.find_spec("transformer_lens.model_bridge") else "hooked"
+
+
+def hooked_from_hf(hf_model, tokenizer, *, hub_name: str | None = None, dtype: torch.dtype = torch.float32, device: str | None = None):
+    """A HookedTransformer of a Hugging Face model, offline, through TransformerLens's own conversions.
+
+    The config comes from TransformerLens's converter: by hub name where TransformerLens knows
+    the model (e.g. ``google/gemma-3-270m``), else from the model's own config saved to a
+    temporary directory (SmolLM2, toy models). The weights are converted by TransformerLens and
+    left unprocessed (as `HookedTransformer.from_pretrained_no_processing`).
+
+    Args:
+        hf_model: A Hugging Face causal LM.
+        tokenizer: Its tokenizer.
+        hub_name: The model's hub name, if it has one.
+        dtype: Parameter dtype.
+        device: Device (default: CPU).
+
+    Returns:
+        A HookedTransformer in eval mode.
+
+    Raises:
+        UnsupportedArchitectureError: where this TransformerLens cannot convert the architecture.
+    """
+    import transformer_lens.loading_from_pretrained as tl_loading
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    config = hf_model.config
+    known = hub_name in getattr(tl_loading, "OFFICIAL_MODEL_NAMES", ())
+    with tempfile.TemporaryDirectory() as directory:
+        source = hub_name if known else directory
+        if not known:
+            config.save_pretrained(directory)
+        try:
+            fields = tl_loading.convert_hf_model_config(source)
+        except (NotImplementedError, AttributeError, ValueError) as error:
+            raise UnsupportedArchitectureError(
+                f"This TransformerLens cannot convert a {config.architectures[0]} to a HookedTransformer: {error}"
+            ) from error
+        fields.update(_HF_FIELD_FIXES.get(fields.get("original_architecture"), lambda c: {})(config))
+        fields.update(dtype=dtype, device=device or "cpu")
+        cfg = HookedTransformerConfig(**{k: v for k, v in fields.items() if k in HookedTransformerConfig.__dataclass_fields__})
+        state = tl_loading.get_pretrained_state_dict(source, cfg, hf_model, dtype=dtype)
+    model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
+    model.load_and_process_state_dict(state, fold_ln=False, center_writing_weights=False, center_unembed=False, fold_value_biases=False)
+    return model.to(cfg.device).eval()
+
+
 def load_model(
     name_or_path: str = DEFAULT_MODEL,
     *,
@@ -342,8 +404,9 @@ def load_model(
     device: str | None = None,
     prepend_bos: bool | None = None,
     cache: bool = True,
+    kind: str | None = None,
 ):
-    """Load a model as a TransformerBridge ready for `tl_linmap.linear_map`.
+    """Load a model as a TransformerBridge (or HookedTransformer) ready for `tl_linmap.linear_map`.
 
     Weights are left unprocessed (no folding or centering), so every frozen factor sits
     where the freeze rules expect it. A GGUF file (bundled or local) is dequantised once
@@ -360,9 +423,12 @@ def load_model(
             (off where the BOS token is a chat marker, as for SmolLM2).
         cache: Whether a GGUF's conversion is read from and saved to the cache; False
             converts it afresh and writes nothing.
+        kind: ``"bridge"`` (TransformerBridge, TransformerLens 3.x/4.x) or ``"hooked"``
+            (HookedTransformer, TransformerLens 2.x/3.x; see `hooked_from_hf`); default:
+            `default_kind`.
 
     Returns:
-        A TransformerBridge in eval mode.
+        A TransformerBridge or HookedTransformer in eval mode.
 
     Raises:
         InputError: if the name is not a local path and looks like a misspelt bundled name
@@ -371,8 +437,9 @@ def load_model(
         UnsupportedArchitectureError: if the architecture has no freeze rules.
     """
     source = _source(name_or_path)  # first, so that a mistyped name fails before seconds of imports
-    from transformer_lens.model_bridge import TransformerBridge
-
+    kind = kind or default_kind()
+    if kind not in KINDS:
+        raise InputError(f"kind must be one of {', '.join(map(repr, KINDS))}, got {kind!r}.")
     if source.gguf is None:
         tokenizer, hf_model = _from_pretrained(name_or_path, source.location, dtype)
     else:
@@ -381,14 +448,19 @@ def load_model(
     if not getattr(config, "architectures", None):
         config.architectures = [_ARCHITECTURE_OF_MODEL_TYPE.get(config.model_type, config.model_type)]
     architecture = config.architectures[0]
-    if architecture not in FREEZE_RULES:
-        raise UnsupportedArchitectureError(
-            f"{name_or_path!r} is a {architecture}; tl_linmap supports {', '.join(sorted(FREEZE_RULES))}."
+    if kind == "hooked":
+        model = hooked_from_hf(hf_model.eval(), tokenizer, hub_name=source.model_name, dtype=dtype, device=device)
+    else:
+        if architecture not in FREEZE_RULES:
+            raise UnsupportedArchitectureError(
+                f"{name_or_path!r} is a {architecture}; tl_linmap supports {', '.join(sorted(FREEZE_RULES))}."
+            )
+        from transformer_lens.model_bridge import TransformerBridge
+
+        model = TransformerBridge.boot_transformers(
+            source.model_name, hf_model=hf_model.eval(), tokenizer=tokenizer, dtype=dtype, device=device
         )
-    bridge = TransformerBridge.boot_transformers(
-        source.model_name, hf_model=hf_model.eval(), tokenizer=tokenizer, dtype=dtype, device=device
-    )
     if prepend_bos is None:
-        prepend_bos = bridge.cfg.default_prepend_bos and tokenizer.bos_token not in _CHAT_MARKER_BOS
-    bridge.cfg.default_prepend_bos = prepend_bos
-    return bridge.eval()
+        prepend_bos = model.cfg.default_prepend_bos and tokenizer.bos_token not in _CHAT_MARKER_BOS
+    model.cfg.default_prepend_bos = prepend_bos
+    return model.eval()
