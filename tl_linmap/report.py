@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from tl_linmap.compat import get_act_name
-from tl_linmap.inputs import OUTPUT_HOOK
+from tl_linmap.inputs import output_hook
 from tl_linmap.jacobian import linear_maps
 from tl_linmap.results import LinearMaps
 from tl_linmap.table import STYLE, Table
@@ -198,8 +198,8 @@ def report_html(model, prompt: str, *, layers: Sequence[int] | None = None, k: i
     layers = default_layers(model.cfg.n_layers) if layers is None else list(layers)
     names = [get_act_name("resid_post", layer) for layer in layers]
     # One set of shared passes for the output and every layer's residual stream.
-    computed = linear_maps(model, prompt, [OUTPUT_HOOK, *names])
-    lm = computed[OUTPUT_HOOK]
+    computed = linear_maps(model, prompt, [output_hook(model), *names])
+    lm = computed[output_hook(model)]
     resid = LinearMaps({name: computed[name] for name in names})
     tokens = lm.sources
     with torch.no_grad():

@@ -126,6 +126,13 @@ def hooked_rules(cfg) -> tuple[Rule, ...]:
             f"num_experts={cfg.num_experts}: tl_linmap has no freeze rule for a HookedTransformer's "
             "mixture-of-experts router (its expert choice is an input-dependent factor)."
         )
+    kv_heads = getattr(cfg, "n_key_value_heads", None)
+    if getattr(cfg, "use_split_qkv_input", False) and kv_heads and kv_heads != cfg.n_heads and cfg.normalization_type:
+        raise UnsupportedArchitectureError(
+            f"use_split_qkv_input with grouped keys and values (n_key_value_heads={kv_heads}): ln1 then fires "
+            "for queries and for keys/values with different head counts, and one frozen scale per hook "
+            "point cannot replay both. Use use_split_qkv_input=False (or use_attn_in)."
+        )
     rules: list[Rule] = [_PATTERN]
     if cfg.normalization_type is not None:
         rules += [Detach("scale", "ln1"), _FINAL_NORM]
