@@ -9,7 +9,8 @@ from tl_linmap.compat import get_act_name
 from tl_linmap.decomposition import layer_maps
 from tl_linmap.errors import InputError
 from tl_linmap.guard import hook_count
-from tl_linmap.steering import concept_vector, steering_hooks
+from tl_linmap.steering import alpha_sweep, concept_vector, steering_hooks, word_tokens
+from tl_linmap.table import Table
 
 CONCEPT_WORDS = [" Golden", " Gate", " Bridge", " bridge", " San", " Francisco", " bridges", " California"]
 
@@ -19,15 +20,44 @@ def llama(toy_models):
     return toy_models["llama"]
 
 
-def test_concept_vector_is_the_unit_sum_of_contributions(llama):
-    source = tl_linmap.linear_map(llama, "Golden Gate", target="blocks.0.hook_resid_post")
-    vector = concept_vector(source)
-    expected = source.contributions()[1:].sum(0)
-    assert torch.allclose(vector, expected / expected.norm())
-    singular = concept_vector(source, how="singular", k=2)
+def _unit_sum(lm, first: int):
+    # J_i x_i summed over the kept tokens, from the operators and the embeddings directly.
+    total = torch.einsum("pij,pj->i", lm.operators[first:], lm.inputs[first:])
+    return total / total.norm()
+
+
+def test_concept_vector_leaves_out_a_prepended_bos_and_nothing_else(llama):
+    bos = llama.tokenizer.bos_token_id
+    with_bos = tl_linmap.linear_map(llama, "Golden Gate", target="blocks.0.hook_resid_post")
+    assert int(with_bos.tokens[0]) == bos  # the toy tokenizer prepends its BOS
+    torch.testing.assert_close(concept_vector(with_bos), _unit_sum(with_bos, 1), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(concept_vector(with_bos, skip_first=False), _unit_sum(with_bos, 0), rtol=1e-12, atol=1e-14)
+    bare = tl_linmap.linear_map(llama, llama.to_tokens("Golden Gate", prepend_bos=False), target="blocks.0.hook_resid_post")
+    assert int(bare.tokens[0]) != bos
+    torch.testing.assert_close(concept_vector(bare), _unit_sum(bare, 0), rtol=1e-12, atol=1e-14)  # "G" is the concept
+    torch.testing.assert_close(concept_vector(bare, skip_first=True), _unit_sum(bare, 1), rtol=1e-12, atol=1e-14)
+    singular = concept_vector(with_bos, how="singular", k=2)
     assert singular.norm() == pytest.approx(1.0)
     with pytest.raises(InputError, match="how must be"):
-        concept_vector(source, how="nope")
+        concept_vector(with_bos, how="nope")
+    with pytest.raises(InputError, match="skip_first must be True, False or 'auto'"):
+        concept_vector(with_bos, skip_first="yes")
+
+
+def test_steering_says_which_tokens_built_the_vector(llama):
+    with_bos = tl_linmap.linear_map(llama, "Golden Gate", target="blocks.1.hook_resid_post")
+    steering = steering_hooks(with_bos, layer=1, alpha=0.3)
+    assert isinstance(steering, list) and len(steering) == 1 and steering[0][0] == "blocks.1.hook_resid_post"
+    assert (steering.layer, steering.alpha) == (1, 0.3)
+    assert steering.sources == list("Golden Gate")  # one token per byte
+    assert steering.left_out == [llama.tokenizer.bos_token]
+    torch.testing.assert_close(steering.vector, _unit_sum(with_bos, 1), rtol=1e-12, atol=1e-14)
+    assert "'G', 'o', 'l'" in repr(steering) and "left out: '<bos>'" in repr(steering)
+    bare = tl_linmap.linear_map(llama, llama.to_tokens("Golden Gate", prepend_bos=False), target="blocks.1.hook_resid_post")
+    assert steering_hooks(bare, layer=1).left_out == [] and "left out: none" in repr(steering_hooks(bare, layer=1))
+    early = tl_linmap.linear_map(llama, "Golden Gate", target="blocks.1.hook_resid_post", position=3)
+    assert steering_hooks(early, layer=1, skip_first=False).sources == ["<bos>", "G", "o", "l"]
+    assert steering_hooks(early, layer=1, skip_first=False).left_out == list("den Gate")
 
 
 def test_hooks_add_alpha_times_residual_norm_at_chosen_positions(llama):
@@ -49,6 +79,9 @@ def test_hooks_add_alpha_times_residual_norm_at_chosen_positions(llama):
 def test_source_from_layer_maps_and_wrong_layer(llama):
     maps = layer_maps(llama, "Golden Gate", layers=[0])
     assert len(steering_hooks(maps, layer=0)) == 1
+    with pytest.warns(DeprecationWarning, match="the model was unused"):
+        old_form = steering_hooks(llama, maps, layer=0)
+    torch.testing.assert_close(old_form.vector, steering_hooks(maps, layer=0).vector, rtol=0, atol=0)
     with pytest.raises(InputError, match="no 'blocks.1.hook_resid_post'"):
         steering_hooks(maps, layer=1)
     with pytest.raises(InputError, match="not a residual-stream vector"):
@@ -58,7 +91,8 @@ def test_source_from_layer_maps_and_wrong_layer(llama):
 @pytest.mark.parametrize("kv_cache", [False, True])
 def test_steering_works_with_generate(llama, kv_cache):
     source = tl_linmap.linear_map(llama, "Golden Gate", target="blocks.1.hook_resid_post")
-    kwargs = dict(max_new_tokens=6, do_sample=False, stop_at_eos=False, use_past_kv_cache=kv_cache, verbose=False, return_type="tokens")
+    kwargs = {"max_new_tokens": 6, "do_sample": False, "stop_at_eos": False, "use_past_kv_cache": kv_cache, "verbose": False,
+              "return_type": "tokens"}
     plain = llama.generate(PROMPT, **kwargs)
     with llama.hooks(fwd_hooks=steering_hooks(source, layer=1, alpha=4.0)):
         steered = llama.generate(PROMPT, **kwargs)
@@ -67,22 +101,58 @@ def test_steering_works_with_generate(llama, kv_cache):
     assert hook_count(llama) == 0
 
 
-@pytest.mark.slow
-def test_golden_gate_steering_raises_the_concept_on_smollm2():
-    model = tl_linmap.load_model("smollm2")
-    concept = [int(model.to_tokens(w, prepend_bos=False)[0, 0]) for w in CONCEPT_WORDS]
-    source = tl_linmap.linear_map(model, "The Golden Gate Bridge", target="blocks.15.hook_resid_post")
-    hooks = steering_hooks(source, layer=15, alpha=0.1)
-    prompt = "My favourite thing to do on the weekend is"
-    with model.hooks(fwd_hooks=hooks):
-        text = model.generate(prompt, max_new_tokens=20, do_sample=False, use_past_kv_cache=False, verbose=False)
-    tokens = model.to_tokens(text)
+def _greedy_by_hand(model, tokens, n: int):
+    # Argmax one token at a time over the whole sequence (no generate(), no KV cache).
+    for _ in range(n):
+        token = model(tokens)[0, -1].argmax().view(1, 1)
+        tokens = torch.cat([tokens, token], dim=1)
+        if int(token) == model.tokenizer.eos_token_id:
+            break
+    return tokens
+
+
+def test_alpha_sweep_scores_one_fixed_continuation_with_and_without_steering(llama):
+    source = tl_linmap.linear_map(llama, "Golden Gate", target="blocks.1.hook_resid_post")
+    concept = [llama.tokenizer.convert_tokens_to_ids(c) for c in "Gate"]
+    table = alpha_sweep(llama, source, PROMPT, layer=1, alphas=(0.0, 0.7, 2.0), concept_tokens=list("Gate"), max_new_tokens=5)
+    assert isinstance(table, Table) and table.columns() == ["alpha", "shift", "mentions", "text"]
+    assert [row.alpha for row in table] == [0.0, 0.7, 2.0]
+    assert table[0].shift == 0.0
+    assert hook_count(llama) == 0
+
+    prompt = llama.to_tokens(PROMPT)
+    v = torch.einsum("pij,pj->i", source.operators[1:], source.inputs[1:])  # BOS left out
+    v = v / v.norm()
+    push = [("blocks.1.hook_resid_post", lambda r, hook=None: r + 0.7 * r.norm(dim=-1, keepdim=True) * v)]
     with torch.no_grad():
-        plain = model(tokens)[0].log_softmax(-1)
-        with model.hooks(fwd_hooks=hooks):
-            steered = model(tokens)[0].log_softmax(-1)
-    continuation = slice(len(model.to_tokens(prompt)[0]) - 1, None)
-    shift = (steered[continuation][:, concept] - plain[continuation][:, concept]).mean().item()
-    print(f"\nsteered continuation: {text!r}\nmean log-prob shift of concept tokens: {shift:+.2f} nats")
-    assert shift > 1.0
-    assert any(w.strip().lower() in text[len(prompt):].lower() for w in CONCEPT_WORDS)
+        plain = _greedy_by_hand(llama, prompt, 5)
+        scored = slice(prompt.shape[1] - 1, plain.shape[1] - 1)
+        before = llama(plain)[0, scored].log_softmax(-1)[:, concept]
+        with llama.hooks(fwd_hooks=push):
+            after = llama(plain)[0, scored].log_softmax(-1)[:, concept]
+            steered = _greedy_by_hand(llama, prompt, 5)[0, prompt.shape[1]:]
+    assert table[1].shift == pytest.approx(float((after - before).mean()), rel=1e-9)
+    assert table[1].shift != 0.0
+    assert table[1].text == llama.tokenizer.decode(steered)
+    assert table[1].mentions == sum(int(t) in concept for t in steered)
+
+
+def test_word_tokens_keeps_single_token_spellings_of_content_words(llama):
+    assert word_tokens(llama, "the Golden x") == ["x", "X"]  # bytes only: "Golden" is six tokens, "the" a function word
+    source = tl_linmap.linear_map(llama, "Golden Gate", target="blocks.1.hook_resid_post")
+    with pytest.raises(InputError, match="No concept token"):
+        alpha_sweep(llama, source, PROMPT, layer=1, alphas=(0.0,), max_new_tokens=2)
+
+
+@pytest.mark.slow
+def test_golden_gate_steering_at_the_readme_alpha_raises_the_concept_on_smollm2():
+    model = tl_linmap.load_model("smollm2")
+    source = tl_linmap.linear_map(model, "The Golden Gate Bridge", target="blocks.15.hook_resid_post")
+    steering = steering_hooks(source, layer=15, alpha=0.25)
+    assert steering.sources == ["The", " Golden", " Gate", " Bridge"] and steering.left_out == []  # SmolLM2 prepends no BOS
+    table = alpha_sweep(model, source, "My favourite thing to do on the weekend is", layer=15, alphas=(0.0, 0.1, 0.25),
+                        concept_tokens=CONCEPT_WORDS)
+    print(f"\n{table.to_string(cell_width=None)}")
+    shifts = [row.shift for row in table]
+    assert shifts[0] == 0.0 and 1.0 < shifts[1] < shifts[2]  # more than a nat on average, growing with alpha
+    assert table[2].mentions > 0 and "bridge" in table[2].text.lower()

@@ -3,33 +3,78 @@
 A source prompt's map at ``blocks.L.hook_resid_post`` says which direction its tokens
 write into layer L's residual stream. `steering_hooks` adds that direction to another
 run, scaled to the residual norm at each position, so one ``alpha`` means the same on
-every layer and model. The hooks work with ``model.hooks``, ``run_with_hooks`` and
-``model.generate`` (with or without the KV cache: a cached step sees one position).
+every layer and model. It returns a `Steering`: the ``(name, fn)`` hook list that
+``model.hooks``, ``run_with_hooks`` and ``model.generate`` take (with or without the KV
+cache: a cached step sees one position), which also says which source tokens built the
+vector. `alpha_sweep` measures how far each ``alpha`` moves the concept.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import re
 import warnings
 from collections.abc import Sequence
-from typing import Literal, Union
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from tl_linmap.compat import get_act_name
 from tl_linmap.errors import InputError
-from tl_linmap.hooks import HookList
+from tl_linmap.inputs import Prompt, to_tokens
+from tl_linmap.readout import token_id
 from tl_linmap.results import LinearMap, LinearMaps
+from tl_linmap.table import Table
 
-Positions = Union[Literal["all"], Sequence[int], slice]
+Positions = Literal["all"] | Sequence[int] | slice
+SkipFirst = bool | Literal["auto"]
+
+#: Alphas `alpha_sweep` tries by default (fractions of the residual norm).
+DEFAULT_ALPHAS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3)
+
+# Function words carry no concept: `word_tokens` leaves them out of the words it scores.
+_FUNCTION_WORDS = frozenset({
+    "a", "an", "the", "in", "on", "at", "of", "to", "for", "from", "by", "with", "and", "or", "but", "is", "are",
+    "was", "were", "be", "been", "it", "its", "this", "that", "these", "those", "as", "into", "onto", "over",
+    "under", "near", "my", "your", "his", "her", "our", "their",
+})
+
+
+def skips_first(source: LinearMap, skip_first: SkipFirst = "auto") -> bool:
+    """Whether the concept vector leaves out the source prompt's first token.
+
+    Args:
+        source: The source map.
+        skip_first: ``True`` / ``False``, or ``"auto"``: leave it out only when it is the
+            model's BOS token (``tokenizer.bos_token_id`` at position 0), an attention sink
+            prepended to the text. Models that prepend nothing (SmolLM2) start with a word
+            of the concept, which ``"auto"`` keeps.
+
+    Returns:
+        True when the first token is left out (never for a one-token prompt).
+
+    Raises:
+        InputError: for any other ``skip_first``.
+    """
+    if not (isinstance(skip_first, bool) or (isinstance(skip_first, str) and skip_first == "auto")):
+        raise InputError(f"skip_first must be True, False or 'auto', got {skip_first!r}.")
+    if len(source.tokens) < 2:
+        return False
+    if isinstance(skip_first, bool):
+        return skip_first
+    tokenizer = getattr(source.readout.model, "tokenizer", None) if source.readout is not None else None
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return bos is not None and int(source.tokens[0]) == bos
 
 
 def concept_vector(
     source: LinearMap,
     *,
     how: Literal["contributions", "singular"] = "contributions",
-    skip_first: bool = True,
+    skip_first: SkipFirst = "auto",
     k: int = 1,
 ) -> Float[Tensor, " d_model"]:
     """The direction a source prompt's tokens write into its target.
@@ -38,15 +83,16 @@ def concept_vector(
         source: A map of a residual-stream target.
         how: ``"contributions"``: the sum of the tokens' contributions ``Σ_i J_i x_i``;
             ``"singular"``: the top-``k`` left singular directions of the stacked operator
-            ``[J_0 … J_n]``, weighted by their singular values and signed along the output.
-        skip_first: Leave out the first token (BOS or attention sink, whose operator
-            dominates without carrying the concept).
+            ``[J_i … J_position]``, weighted by their singular values and signed along the output.
+        skip_first: Leave out the first token: ``"auto"`` (default) only when it is the
+            model's BOS token, whose operator dominates without carrying the concept; see
+            `skips_first`. `steering_hooks` reports which tokens were used.
         k: Singular directions used with ``how="singular"``.
 
     Returns:
         A unit vector in the target's space.
     """
-    start = 1 if skip_first and len(source.tokens) > 1 else 0
+    start = 1 if skips_first(source, skip_first) else 0
     if how == "contributions":
         vector = source.contributions()[start:].sum(0)
     elif how == "singular":
@@ -60,40 +106,61 @@ def concept_vector(
     return vector / vector.norm()
 
 
-def steering_hooks(
-    source: LinearMap | LinearMaps,
-    *args,
-    layer: int,
-    alpha: float = 1.0,
-    positions: Positions = "all",
-    how: Literal["contributions", "singular"] = "contributions",
-    skip_first: bool = True,
-) -> HookList:
-    """Hooks that add a source prompt's concept to ``blocks.{layer}.hook_resid_post``.
+@dataclass(eq=False, repr=False)
+class Steering(list):
+    """Steering hooks, with what they add: a ``[(hook_name, fn)]`` list for ``model.hooks``.
 
-    At each steered position the residual ``r`` becomes ``r + alpha · ‖r‖ · v`` with
-    ``v`` the unit `concept_vector`.
+    At each steered position the residual ``r`` becomes ``r + alpha · ‖r‖ · vector``.
 
-    Args:
-        source: A map of layer ``layer``'s residual stream, or `LinearMaps` containing one.
-        layer: Block whose output is steered.
+    Attributes:
+        hook_name: The steered hook point, ``blocks.{layer}.hook_resid_post``.
+        layer: The steered block.
         alpha: Strength, relative to the residual norm at each position.
-        positions: ``"all"`` (also every new position during generation), or indices /
-            a slice into the positions of each forward call.
-        how: See `concept_vector`.
-        skip_first: See `concept_vector`.
-        *args: Only the deprecated form ``steering_hooks(model, source, ...)``, whose ``model``
-            was never used.
-
-    Returns:
-        ``(hook_name, fn)`` pairs for ``model.hooks(fwd_hooks=...)`` or ``run_with_hooks``.
+        vector: The unit concept vector (`concept_vector`).
+        sources: The source prompt's tokens whose contributions built the vector, decoded.
+        left_out: The source prompt's other tokens: a first token left out by ``skip_first``
+            and any after the map's position (which contribute nothing to it).
+        positions: ``"all"`` or the indices / slice steered in each forward call.
+        how: How the vector was built (see `concept_vector`).
     """
-    if args:
-        if len(args) != 1 or isinstance(source, (LinearMap, LinearMaps)):
-            raise InputError("steering_hooks takes the source map first: steering_hooks(source, layer=..., alpha=...).")
-        warnings.warn("steering_hooks(model, source, ...) is deprecated: the model was unused; call steering_hooks(source, ...).",
-                      DeprecationWarning, stacklevel=2)
-        source = args[0]
+
+    hook_name: str
+    layer: int
+    alpha: float
+    vector: Float[Tensor, " d_model"] = field(repr=False)
+    sources: list[str]
+    left_out: list[str]
+    positions: Positions = "all"
+    how: str = "contributions"
+
+    def __post_init__(self) -> None:
+        self.append((self.hook_name, self.steer))
+
+    def steer(self, resid: Float[Tensor, "batch pos d_model"], hook=None) -> Float[Tensor, "batch pos d_model"]:
+        """The hook function: add ``alpha · ‖r‖ · vector`` at the steered positions.
+
+        Args:
+            resid: The residual stream at ``hook_name``.
+            hook: The hook point (unused; TransformerLens passes it).
+
+        Returns:
+            The steered residual stream.
+        """
+        mask = torch.zeros(resid.shape[-2], 1, dtype=resid.dtype, device=resid.device)
+        mask[slice(None) if self.positions == "all" else self.positions] = 1
+        scale = self.alpha * resid.norm(dim=-1, keepdim=True)
+        return resid + mask * scale * self.vector.to(resid)
+
+    def __repr__(self) -> str:
+        left_out = ", ".join(map(repr, self.left_out)) or "none"
+        return (
+            f"Steering({self.hook_name}, alpha={self.alpha}, positions={self.positions!r}, how={self.how!r}; "
+            f"vector from {', '.join(map(repr, self.sources))}; left out: {left_out})"
+        )
+
+
+def _source_map(source: LinearMap | LinearMaps, layer: int) -> tuple[LinearMap, str]:
+    # The source's residual-stream map, checked, and the hook point to steer.
     if not isinstance(source, (LinearMap, LinearMaps)):
         raise InputError(f"source must be a LinearMap or LinearMaps of a residual-stream target, got {type(source).__name__}.")
     if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
@@ -108,12 +175,167 @@ def steering_hooks(
     n_layers = source.readout.model.cfg.n_layers if source.readout is not None else None
     if n_layers is not None and layer >= n_layers:
         raise InputError(f"layer {layer} does not exist: the source's model has {n_layers} blocks (0..{n_layers - 1}).")
+    return source, name
+
+
+def steering_hooks(
+    source: LinearMap | LinearMaps,
+    *args,
+    layer: int,
+    alpha: float = 1.0,
+    positions: Positions = "all",
+    how: Literal["contributions", "singular"] = "contributions",
+    skip_first: SkipFirst = "auto",
+) -> Steering:
+    """Hooks that add a source prompt's concept to ``blocks.{layer}.hook_resid_post``.
+
+    At each steered position the residual ``r`` becomes ``r + alpha · ‖r‖ · v`` with
+    ``v`` the unit `concept_vector`.
+
+    Args:
+        source: A map of layer ``layer``'s residual stream, or `LinearMaps` containing one.
+        layer: Block whose output is steered.
+        alpha: Strength, relative to the residual norm at each position.
+        positions: ``"all"`` (also every new position during generation), or indices /
+            a slice into the positions of each forward call.
+        how: See `concept_vector`.
+        skip_first: See `concept_vector`: ``"auto"`` leaves the first token out only when it
+            is the model's BOS token; the result's ``sources`` and ``left_out`` say which.
+        *args: Only the deprecated form ``steering_hooks(model, source, ...)``, whose ``model``
+            was never used.
+
+    Returns:
+        A `Steering`: the ``[(hook_name, fn)]`` list for ``model.hooks(fwd_hooks=...)`` or
+        ``run_with_hooks``, with the vector and the tokens that built it.
+    """
+    if args:
+        if len(args) != 1 or isinstance(source, (LinearMap, LinearMaps)):
+            raise InputError("steering_hooks takes the source map first: steering_hooks(source, layer=..., alpha=...).")
+        warnings.warn("steering_hooks(model, source, ...) is deprecated: the model was unused; call steering_hooks(source, ...).",
+                      DeprecationWarning, stacklevel=2)
+        source = args[0]
+    source, name = _source_map(source, layer)
     vector = concept_vector(source, how=how, skip_first=skip_first)
+    start = 1 if skips_first(source, skip_first) else 0
+    end = source.position % len(source.tokens) + 1
+    decoded = source.sources
+    return Steering(
+        hook_name=name, layer=layer, alpha=alpha, vector=vector, sources=decoded[start:end],
+        left_out=decoded[:start] + decoded[end:], positions=positions, how=how,
+    )
 
-    def steer(resid: Tensor, hook=None) -> Tensor:
-        mask = torch.zeros(resid.shape[-2], 1, dtype=resid.dtype, device=resid.device)
-        mask[slice(None) if positions == "all" else positions] = 1
-        scale = alpha * resid.norm(dim=-1, keepdim=True)
-        return resid + mask * scale * vector.to(resid)
 
-    return [(name, steer)]
+def word_tokens(model, text: str | Sequence[str]) -> list[str]:
+    """Single vocabulary tokens that spell the words of a concept.
+
+    Each word of ``text`` (function words such as "the" or "in" left out) is tried as
+    written, lower-case and capitalised, each with and without a leading space; the
+    variants that are one token are kept.
+
+    Args:
+        model: A TransformerBridge (for its tokenizer).
+        text: The concept, e.g. ``"Chocolate cake"``, or its tokens (a `Steering`'s ``sources``).
+
+    Returns:
+        The distinct single-token variants, e.g. ``[" Chocolate", " chocolate", " cake", "cake", ...]``.
+    """
+    words = re.findall(r"[^\W\d_]+", text if isinstance(text, str) else "".join(text))
+    found: list[str] = []
+    for word in (w for w in words if w.lower() not in _FUNCTION_WORDS):
+        for form in dict.fromkeys((word, word.lower(), word.capitalize())):
+            for variant in (" " + form, form):
+                if variant not in found and len(model.to_tokens(variant, prepend_bos=False)[0]) == 1:
+                    found.append(variant)
+    return found
+
+
+@dataclass
+class SweepRow:
+    """How one steering strength moves the concept.
+
+    Attributes:
+        alpha: Steering strength (fraction of the residual norm).
+        shift: Mean log-probability shift (nats) of the concept tokens, over every position
+            that predicts a token of the unsteered greedy continuation, steered minus plain.
+        mentions: How many tokens of the steered greedy continuation are concept tokens.
+        text: The steered greedy continuation.
+    """
+
+    alpha: float
+    shift: float
+    mentions: int
+    text: str
+
+
+def _greedy(model, tokens: Int[Tensor, "1 pos"], max_new_tokens: int) -> Int[Tensor, "1 pos_out"]:
+    # No KV cache: TransformerLens 4.3's cached generate() degenerates on SmolLM2 even unhooked.
+    return model.generate(tokens, max_new_tokens=max_new_tokens, do_sample=False, use_past_kv_cache=False,
+                          verbose=False, return_type="tokens")
+
+
+def _continuation_logprobs(
+    model, tokens: Int[Tensor, "1 pos"], start: int, concept: list[int]
+) -> Float[Tensor, "n_new n_concept"]:
+    # Teacher-forced: the positions start-1 .. pos-2 predict the continuation tokens start .. pos-1.
+    return model(tokens)[0, start - 1 : -1].log_softmax(-1)[:, concept]
+
+
+def alpha_sweep(
+    model,
+    source: LinearMap | LinearMaps,
+    prompt: Prompt,
+    *,
+    layer: int,
+    alphas: Sequence[float] = DEFAULT_ALPHAS,
+    concept_tokens: Sequence[int | str] | None = None,
+    max_new_tokens: int = 20,
+    positions: Positions = "all",
+    how: Literal["contributions", "singular"] = "contributions",
+    skip_first: SkipFirst = "auto",
+) -> Table:
+    """Steer a prompt at several strengths and measure how far the concept moves.
+
+    The comparison is on the same tokens for every alpha: the prompt's unsteered greedy
+    continuation is scored teacher-forced with and without steering, and each row reports
+    the concept tokens' mean log-probability shift over the positions that predict it
+    (exactly 0 at ``alpha=0``), next to the steered greedy continuation and how many of its
+    tokens are concept tokens.
+
+    Args:
+        model: The TransformerBridge the source map was computed on.
+        source: See `steering_hooks`.
+        prompt: An unrelated prompt to steer (text or tokens).
+        layer: Block whose output is steered.
+        alphas: Strengths to try.
+        concept_tokens: Vocabulary ids or single-token strings whose log-probabilities are
+            measured; default: `word_tokens` of the tokens that built the vector.
+        max_new_tokens: Length of the continuations.
+        positions: See `steering_hooks`.
+        how: See `concept_vector`.
+        skip_first: See `concept_vector`.
+
+    Returns:
+        A `tl_linmap.table.Table` of `SweepRow`, one per alpha.
+
+    Raises:
+        InputError: for a bad source or layer, no alphas, or when no concept token is found or given.
+    """
+    if not alphas:
+        raise InputError("alphas is empty: give the strengths to try, e.g. alphas=(0, 0.1, 0.2).")
+    steering = steering_hooks(source, layer=layer, alpha=alphas[0], positions=positions, how=how, skip_first=skip_first)
+    concept = [token_id(model, t) for t in (word_tokens(model, steering.sources) if concept_tokens is None else concept_tokens)]
+    if not concept:
+        raise InputError("No concept token to measure: pass concept_tokens=[...] (ids or single-token strings).")
+    tokens = to_tokens(model, prompt)
+    start = tokens.shape[1]
+    rows = []
+    with torch.no_grad():
+        plain = _greedy(model, tokens, max_new_tokens)
+        base = _continuation_logprobs(model, plain, start, concept)
+        for alpha in alphas:
+            with model.hooks(fwd_hooks=dataclasses.replace(steering, alpha=alpha)):
+                shift = float((_continuation_logprobs(model, plain, start, concept) - base).mean())
+                new = _greedy(model, tokens, max_new_tokens)[0, start:]
+            mentions = int(torch.isin(new, torch.tensor(concept, device=new.device)).sum())
+            rows.append(SweepRow(alpha, shift, mentions, model.tokenizer.decode(new)))
+    return Table(rows)

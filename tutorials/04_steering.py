@@ -22,9 +22,9 @@ import matplotlib
 
 matplotlib.use(os.environ.get("MPLBACKEND", "Agg"))
 import matplotlib.pyplot as plt
-import torch
 
 import tl_linmap
+from tl_linmap.steering import alpha_sweep, word_tokens
 
 FIGURES = Path(os.environ.get("TL_LINMAP_FIGURES", "figures"))
 FIGURES.mkdir(parents=True, exist_ok=True)
@@ -43,41 +43,56 @@ print(source.decode(k=3, top=8, tokens=[], stacked=True, skip_first=True))
 print(source.decode(k=3, top=8, tokens=[], stacked=True))
 
 # %% [markdown]
-# The steering direction is the sum of the source tokens' contributions, first token left out
-# (`concept_vector(source)`; `how="singular"` uses the top singular directions instead).
+# The steering direction is the sum of the source tokens' contributions (`concept_vector(source)`;
+# `how="singular"` uses the top singular directions instead). The first token is left out only
+# when it is a BOS the model prepended (`skip_first="auto"`): SmolLM2 prepends none, so "The"
+# stays in. `steering_hooks` returns a `Steering`, a TransformerLens `(name, fn)` hook list that
+# also says which tokens built the vector.
 #
 # ## Generate with and without the steering hooks
-# The hooks are a TransformerLens `(name, fn)` list: use them with `model.hooks`.
 
 # %%
 prompt = "My favourite thing to do on the weekend is"
-kwargs = dict(max_new_tokens=20, do_sample=False, use_past_kv_cache=False, verbose=False)
+alpha = 0.25
+steering = tl_linmap.steering_hooks(source, layer=layer, alpha=alpha)
+print(steering)
+kwargs = {"max_new_tokens": 20, "do_sample": False, "use_past_kv_cache": False, "verbose": False}
 plain = model.generate(prompt, **kwargs)
-hooks = tl_linmap.steering_hooks(model, source, layer=layer, alpha=0.1)
-with model.hooks(fwd_hooks=hooks):
+with model.hooks(fwd_hooks=steering):
     steered = model.generate(prompt, **kwargs)
 print("plain:  ", repr(plain))
 print("steered:", repr(steered))
 
 # %% [markdown]
-# How much more likely the concept tokens become along the steered continuation, per alpha:
+# ## How far each alpha moves the concept
+# `alpha_sweep` fixes the unsteered greedy continuation, scores it teacher-forced with and
+# without steering (so every alpha is compared on the same tokens) and reports the concept
+# tokens' mean log-probability shift, how many tokens of the steered greedy text are concept
+# tokens, and that text. The concept tokens default to the single-token spellings of the
+# source's content words (`word_tokens`).
 
 # %%
-concept = [int(model.to_tokens(w, prepend_bos=False)[0, 0]) for w in (" Golden", " Gate", " Bridge", " bridge", " San", " Francisco")]
-tokens = model.to_tokens(steered)
-start = len(model.to_tokens(prompt)[0]) - 1
-with torch.no_grad():
-    base = model(tokens)[0, start:].log_softmax(-1)[:, concept]
-alphas = [0.0, 0.05, 0.1, 0.15, 0.2]
-shifts = []
-for alpha in alphas:
-    with torch.no_grad(), model.hooks(fwd_hooks=tl_linmap.steering_hooks(model, source, layer=layer, alpha=alpha)):
-        shifts.append(float((model(tokens)[0, start:].log_softmax(-1)[:, concept] - base).mean()))
-print(dict(zip(alphas, [round(s, 2) for s in shifts])))
-assert shifts[2] > 1.0  # alpha 0.1 raises the concept by more than a nat on average
+concepts = ["The Golden Gate Bridge", "Chocolate cake", "The Eiffel Tower in Paris"]
+sweeps = {}
+for concept in concepts:
+    concept_map = source if concept == "The Golden Gate Bridge" else tl_linmap.linear_map(
+        model, concept, target=f"blocks.{layer}.hook_resid_post")
+    print(f"\n{concept}: measured on {word_tokens(model, concept)}")
+    sweeps[concept] = alpha_sweep(model, concept_map, prompt, layer=layer)
+    print(sweeps[concept].to_string(cell_width=90))
+
+# The README's table: mean log-prob shift in nats (concept tokens in the steered text).
+print("\n| alpha | " + " | ".join(f'"{c}"' for c in concepts) + " |")
+print("|---|" + "---|" * len(concepts))
+for rows in zip(*sweeps.values()):
+    print(f"| {rows[0].alpha:g} | " + " | ".join(f"{r.shift:+.2f} ({r.mentions})" for r in rows) + " |")
+at_alpha = [next(r for r in table if r.alpha == alpha) for table in sweeps.values()]
+assert all(r.shift > 1.0 and r.mentions > 0 for r in at_alpha), at_alpha  # the README's alpha moves every concept
 
 fig, ax = plt.subplots(figsize=(5, 3))
-ax.plot(alphas, shifts, marker="o")
+for concept, table in sweeps.items():
+    ax.plot([r.alpha for r in table], [r.shift for r in table], marker="o", label=concept)
 ax.set(xlabel="alpha (fraction of the residual norm)", ylabel="mean log-prob shift (nats)",
-       title="Golden Gate concept tokens, layer 15")
+       title=f"Concept tokens, layer {layer}")
+ax.legend(fontsize=7)
 fig.savefig(FIGURES / "04_steering_shift.png", dpi=120, bbox_inches="tight")
