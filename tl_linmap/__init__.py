@@ -36,7 +36,7 @@ from tl_linmap.spectral import (
     energy_rank,
     stable_rank,
 )
-from tl_linmap.steering import concept_vector, steering_hooks
+from tl_linmap.steering import Steering, alpha_sweep, concept_vector, steering_hooks, word_tokens
 from tl_linmap.table import Table
 
 
@@ -65,8 +65,10 @@ __all__ = [
     "MemoryBudgetError",
     "OperatorSVD",
     "RankRow",
+    "Steering",
     "Table",
     "UnsupportedArchitectureError",
+    "alpha_sweep",
     "concept_vector",
     "effective_rank",
     "energy_rank",
@@ -93,4 +95,5 @@ __all__ = [
     "tolerance",
     "top_tokens",
     "unembed",
+    "word_tokens",
 ]

@@ -26,7 +26,10 @@ import matplotlib.pyplot as plt
 import tl_linmap
 from tl_linmap.steering import alpha_sweep, word_tokens
 
-FIGURES = Path(os.environ.get("TL_LINMAP_FIGURES", "figures"))
+# Figures go beside this file wherever it runs from (a notebook runs in its own directory);
+# the environment variable TL_LINMAP_FIGURES names another directory.
+HERE = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()
+FIGURES = Path(os.environ.get("TL_LINMAP_FIGURES", HERE / "figures"))
 FIGURES.mkdir(parents=True, exist_ok=True)
 model = tl_linmap.load_model("smollm2")
 layer = 15
@@ -39,8 +42,8 @@ print(f"source map exact to {source.relative_error():.1e}")
 # Right vectors read which input tokens each direction comes from.
 
 # %%
-print(source.decode(k=3, top=8, tokens=[], stacked=True, skip_first=True))
-print(source.decode(k=3, top=8, tokens=[], stacked=True))
+print(source.decode(k=3, top=8, sources=[], stacked=True, skip_first=True))
+print(source.decode(k=3, top=8, sources=[], stacked=True))
 
 # %% [markdown]
 # The steering direction is the sum of the source tokens' contributions (`concept_vector(source)`;
