@@ -33,10 +33,29 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from tl_linmap.capture import at_position, capture
-from tl_linmap.errors import FreezeError, InputError, LinmapError
+from tl_linmap.errors import FreezeError, InputError
 from tl_linmap.guard import borrowed, hook_count
-from tl_linmap.hooks import Factors, factor_names, freeze_hooks, replay_hooks, slice_factors, trim_factors, trim_hooks
-from tl_linmap.inputs import EMBED_HOOK, OUTPUT_HOOK, RESIDUAL_HOOKS, Prompt, check_position, resolve_target, target_depth, to_tokens
+from tl_linmap.hooks import (
+    Factors,
+    factor_names,
+    freeze_hooks,
+    replay_hooks,
+    slice_factors,
+    trim_factors,
+    trim_hooks,
+)
+from tl_linmap.inputs import (
+    EMBED_HOOK,
+    OUTPUT_HOOK,
+    RESIDUAL_HOOKS,
+    Prompt,
+    check_dtype,
+    check_position,
+    independent_target,
+    resolve_targets,
+    target_depth,
+    to_tokens,
+)
 from tl_linmap.readout import FrozenAffine, Readout, frozen_norm
 
 Vectors = dict[str, Tensor]
@@ -160,7 +179,7 @@ class FrozenSystem:
 
     def _alive(self) -> None:
         if not self.lease.active:
-            raise LinmapError(
+            raise InputError(
                 "This frozen system was used after its `with` block ended: the model has been given "
                 "back. Keep the work inside the block (or use the results it returned)."
             )
@@ -200,7 +219,7 @@ class FrozenSystem:
             ys = {name: y[0] for name, y in self.replay(x).items()}
         for name, y in ys.items():
             if not y.requires_grad:
-                raise InputError(f"{name!r} does not depend on the token embeddings (a frozen factor?).")
+                raise independent_target(name)
         biases = self.biases
         if biases is None and self.linear:
             # Every target depends on the embeddings and nothing adds a constant: b = 0 exactly.
@@ -388,13 +407,15 @@ def frozen_system(
         `FrozenSystem.with_graph`, `FrozenSystem.with_biases`, `FrozenSystem.push`).
 
     Raises:
-        InputError: for a bad prompt, position or target.
+        InputError: for a bad model, prompt, dtype, position or targets.
         FreezeError: if a freeze hook never ran.
     """
+    # Every argument is checked before the model is borrowed.
     tokens = to_tokens(model, prompt_or_tokens)
     n = tokens.shape[1]
+    dtype = check_dtype(dtype)
     position = check_position(position, n)
-    names = tuple(dict.fromkeys(resolve_target(model, t) for t in targets))
+    names = resolve_targets(model, targets)
     lease = _Lease()
     with borrowed(model, dtype):
         try:
