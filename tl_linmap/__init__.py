@@ -36,7 +36,13 @@ from tl_linmap.spectral import (
     energy_rank,
     stable_rank,
 )
-from tl_linmap.steering import Steering, alpha_sweep, concept_vector, steering_hooks, word_tokens
+from tl_linmap.steering import (
+    Steering,
+    alpha_sweep,
+    concept_vector,
+    steering_hooks,
+    word_tokens,
+)
 from tl_linmap.table import Table
 
 

@@ -106,6 +106,7 @@ def at_position(act: Tensor, position: int, n_tokens: int) -> Tensor:
     if act.ndim < 3 or act.shape[1] != n_tokens:
         raise InputError(
             f"The target's activation has shape {tuple(act.shape)}, not (batch, pos={n_tokens}, ...): "
-            "tl_linmap maps activations indexed by sequence position."
+            "tl_linmap maps activations indexed by sequence position. Map one with a position axis, such as "
+            "'blocks.0.hook_resid_post' or 'blocks.0.attn.hook_z' (not an attention pattern)."
         )
     return act[:, position].flatten(1)

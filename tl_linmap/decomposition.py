@@ -13,9 +13,9 @@ from collections.abc import Sequence
 
 import torch
 
-from tl_linmap.compat import get_act_name
+from tl_linmap.compat import check_model, get_act_name
 from tl_linmap.errors import InputError
-from tl_linmap.inputs import Prompt
+from tl_linmap.inputs import Prompt, check_layers
 from tl_linmap.jacobian import linear_maps, plain_jacobians, rows_argument
 from tl_linmap.readout import token_id
 from tl_linmap.results import Attribution, GapRow, LinearMaps
@@ -66,12 +66,13 @@ def layer_maps(
 
     Returns:
         `tl_linmap.results.LinearMaps` keyed by hook name (``blocks.L.hook_resid_post``, ...).
+
+    Raises:
+        InputError: for a bad model, prompt, ``layers`` or any argument of `tl_linmap.jacobian.linear_maps`.
     """
+    check_model(model)
     rows_per_pass = rows_argument(rows_per_pass, chunk_size)
-    layers = list(range(model.cfg.n_layers)) if layers is None else list(layers)
-    bad = [layer for layer in layers if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < model.cfg.n_layers]
-    if bad:
-        raise InputError(f"layers must be block indices in [0, {model.cfg.n_layers}), got {bad}.")
+    layers = check_layers(layers, model.cfg.n_layers)
     targets = [name for layer in layers for name in _layer_targets(model, layer, modules)]
     return linear_maps(
         model, prompt_or_tokens, targets, position=position, dtype=dtype, rows_per_pass=rows_per_pass,
@@ -102,7 +103,15 @@ def token_attribution(model, maps: LinearMaps, token: int | str) -> Attribution:
 
     Returns:
         An `Attribution`.
+
+    Raises:
+        InputError: for a bad model or token, or maps that are not every layer's module maps.
     """
+    check_model(model)
+    if not isinstance(maps, LinearMaps):
+        raise InputError(
+            f"maps must be the LinearMaps of layer_maps(model, prompt, modules=True), got {type(maps).__name__}."
+        )
     token = token_id(model, token)
     missing = [n for n in [get_act_name("resid_post", model.cfg.n_layers - 1), *_residual_components(model)] if n not in maps]
     if missing or maps.final_norm is None:

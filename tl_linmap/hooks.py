@@ -24,7 +24,8 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
-from tl_linmap.compat import get_act_name
+from tl_linmap.compat import check_model, get_act_name
+from tl_linmap.errors import InputError
 from tl_linmap.rules import Detach, Ratio, rules_for
 
 HookFn = Callable[..., "Tensor | None"]
@@ -61,8 +62,12 @@ def freeze_hooks(model, *, factors: Factors | None = None) -> HookList:
         ``(hook_name, fn)`` pairs for ``model.hooks(fwd_hooks=...)``.
 
     Raises:
+        InputError: for a model that is not a TransformerLens model, or ``factors`` that is not a dict.
         UnsupportedArchitectureError: if the architecture has no freeze rules.
     """
+    check_model(model)
+    if factors is not None and not isinstance(factors, dict):
+        raise InputError(f"factors must be a dict for the frozen factors to be recorded in (or None), got {type(factors).__name__}.")
     hooks: HookList = []
     n_layers = model.cfg.n_layers
     for rule in rules_for(model):
@@ -290,9 +295,13 @@ def frozen(model, *, factors: Factors | None = None) -> Iterator:
     Returns:
         A context manager yielding the model.
 
+    Raises:
+        InputError: for a model that is not a TransformerLens model, or ``factors`` that is not a dict.
+
     Example:
         >>> with tl_linmap.frozen(model):
         ...     logits, cache = model.run_with_cache(tokens)
     """
-    with quiet_norm_edits(), model.hooks(fwd_hooks=freeze_hooks(model, factors=factors)):
+    hooks = freeze_hooks(model, factors=factors)  # checks the arguments before model.hooks is looked up
+    with quiet_norm_edits(), model.hooks(fwd_hooks=hooks):
         yield model

@@ -22,10 +22,10 @@ from torch import Tensor
 from tl_linmap.budget import plan_tokens
 from tl_linmap.errors import InputError
 from tl_linmap.exactness import check_exact, relative
-from tl_linmap.inputs import Prompt
+from tl_linmap.inputs import Prompt, check_positive, resolve_target
 from tl_linmap.readout import decode_tokens
 from tl_linmap.results import Contributions
-from tl_linmap.spectral import OperatorSVD, _positive, _renamed, input_index, signed
+from tl_linmap.spectral import OperatorSVD, _renamed, input_index, signed
 from tl_linmap.system import FrozenSystem, frozen_system
 
 
@@ -72,7 +72,7 @@ def token_contributions(
     """
     tokens_per_pass = _renamed("chunk_size", chunk_size, "tokens_per_pass", tokens_per_pass)
     if tokens_per_pass is not None:
-        _positive("tokens_per_pass", tokens_per_pass)
+        tokens_per_pass = check_positive("tokens_per_pass", tokens_per_pass)
     with frozen_system(model, prompt_or_tokens, [target], position=position, dtype=dtype) as system:
         name, x, last = system.names[0], system.x[0].detach(), system.position
         step = plan_tokens(model, x.shape[0], last, x.dtype, tokens_per_pass, x.device)
@@ -171,9 +171,14 @@ def randomized_svd(operator: TokenOperator, k: int, *, oversample: int = 4, max_
         pair signed so that ``u`` points along the target's output).
 
     Raises:
-        InputError: for ``k < 1``.
+        InputError: for ``k < 1``, or an operator that is not a `TokenOperator`.
     """
-    _positive("k", k)
+    if not all(hasattr(operator, a) for a in ("matvec", "rmatvec", "system")):
+        raise InputError(
+            f"randomized_svd takes a token's operator, mf.operator(source) inside `with matrix_free(...) as mf`, "
+            f"got {type(operator).__name__}; for a LinearMap use lm.svd(k)."
+        )
+    k = check_positive("k", k)
     x = operator.system.x
     if x.dtype.itemsize < 4:
         raise InputError(f"The matrix-free SVD needs float32 or float64 (torch has no {x.dtype} QR); pass dtype=torch.float32.")
@@ -227,11 +232,18 @@ class MatrixFree:
 
         Returns:
             A `TokenOperator` on the window of the prompt from that token.
+
+        Raises:
+            InputError: for an index outside the prompt or after the target position, or a
+                target that `matrix_free` was not given.
         """
         source = _renamed("token", token, "source", source)
         system = self.system
         index = input_index(-1 if source is None else source, system.tokens.shape[1], system.position)
-        return TokenOperator(system.window(index), target or system.names[0], 0, offset=index, prompt=system.tokens[0])
+        name = system.names[0] if target is None else resolve_target(system.model, target)
+        if name not in system.names:
+            raise InputError(f"This matrix_free system maps {list(system.names)}, not {target!r}: pass matrix_free(..., target={target!r}).")
+        return TokenOperator(system.window(index), name, 0, offset=index, prompt=system.tokens[0])
 
     def svd(self, source: int | None = None, k: int = 8, target: str | None = None, *, token: int | None = None, **options) -> OperatorSVD:
         """Top-k singular triplets of one token's operator (see `randomized_svd`).

@@ -1,16 +1,22 @@
-"""Checking what the user asked for: one prompt, a position in it, a hook point to map."""
+"""Checking what the user asked for: the model, one prompt, a position in it, hook points to map.
+
+Every argument a public call takes is checked here, before the model is borrowed, and a
+wrong one raises `tl_linmap.errors.InputError` saying what to pass instead.
+"""
 
 from __future__ import annotations
 
 import difflib
+import operator
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Union
 
 import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from tl_linmap.compat import check_model
 from tl_linmap.errors import InputError
 
 Prompt = Union[str, Sequence[int], Tensor]
@@ -28,6 +34,103 @@ RESIDUAL_HOOKS = (
 EMBED_HOOK = "hook_embed"
 
 
+def check_dtype(dtype) -> torch.dtype | None:
+    """Check a working ``dtype=``: a floating torch dtype, or None for the model's own.
+
+    Args:
+        dtype: What the user passed.
+
+    Returns:
+        ``dtype`` unchanged.
+
+    Raises:
+        InputError: for a string, a Python type, or an integer, boolean or complex dtype.
+    """
+    if dtype is None or (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        return dtype
+    raise InputError(
+        f"dtype must be a floating torch dtype such as torch.float64 (the default, for exactness) or "
+        f"torch.float32, or None to keep the model's own; got {dtype!r}."
+    )
+
+
+def is_int(value) -> bool:
+    """Whether a value is an integer Python indexes with: an int, a NumPy integer, a 0-d integer tensor.
+
+    Args:
+        value: Anything.
+
+    Returns:
+        True for those, False for anything else and for bool (True is 1, but never meant as one).
+    """
+    if isinstance(value, bool):
+        return False
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return True
+
+
+def as_index(name: str, value) -> int:
+    """An integer argument as a Python int: an int, a NumPy integer or a 0-d integer tensor.
+
+    Args:
+        name: The argument's name, for the message.
+        value: What the user passed.
+
+    Returns:
+        The int.
+
+    Raises:
+        InputError: for a bool, a float, a string or anything else that is not an integer.
+    """
+    if not is_int(value):
+        raise InputError(f"{name} must be an int, got {value!r} ({type(value).__name__}).")
+    return operator.index(value)
+
+
+def check_positive(name: str, value, at_most: int | None = None) -> int:
+    """A count argument (``k``, ``top``, ``rows_per_pass``, ...): a positive int.
+
+    Args:
+        name: The argument's name, for the message.
+        value: What the user passed.
+        at_most: Largest value that makes sense (e.g. the vocabulary size), or None.
+
+    Returns:
+        The int.
+
+    Raises:
+        InputError: for anything but an int in ``[1, at_most]``.
+    """
+    number = operator.index(value) if is_int(value) else 0
+    if number < 1:
+        raise InputError(f"{name} must be a positive int, got {value!r}.")
+    if at_most is not None and number > at_most:
+        raise InputError(f"{name} must be at most {at_most}, got {number}.")
+    return number
+
+
+def check_names(name: str, names, example: str) -> list[str]:
+    """A list of names, such as hook or module names (not one string, which would be iterated).
+
+    Args:
+        name: The argument's name, for the message.
+        names: What the user passed.
+        example: A valid value, shown in the message.
+
+    Returns:
+        The names as a list (each is checked where it is used).
+
+    Raises:
+        InputError: for a single string or anything that is not iterable.
+    """
+    if isinstance(names, str) or not isinstance(names, Iterable):
+        raise InputError(f"{name} must be a list of names, e.g. {name}={example}; got {names!r}.")
+    return list(names)
+
+
 def to_tokens(model, prompt: Prompt) -> Int[Tensor, "1 pos"]:
     """Tokenize one prompt (or check given tokens) the way the model's own forward would.
 
@@ -40,23 +143,34 @@ def to_tokens(model, prompt: Prompt) -> Int[Tensor, "1 pos"]:
         Tokens of shape ``(1, pos)`` on the model's device.
 
     Raises:
-        InputError: for an empty prompt, several prompts, non-integer tokens, ids
-            outside the vocabulary, or more tokens than the model's context.
+        InputError: for a model that is not a TransformerLens model (`tl_linmap.compat.check_model`),
+            an empty prompt, several prompts, non-integer tokens, ids outside the vocabulary,
+            or more tokens than the model's context.
     """
+    check_model(model)
     if isinstance(prompt, str):
         if not prompt.strip():
             raise InputError("The prompt is empty; give at least one token of text.")
         tokens = model.to_tokens(prompt, truncate=False)
-    elif isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], str):
-        raise InputError(
-            f"Got {len(prompt)} prompts; a linear map is of one input sequence. Call once per prompt."
-        )
+    elif isinstance(prompt, (list, tuple)) and any(isinstance(p, str) for p in prompt):
+        if not all(isinstance(p, str) for p in prompt):
+            raise InputError("The prompt mixes strings and token ids: pass one string, or a list of token ids.")
+        if len(prompt) == 1:
+            raise InputError(f"Got a list holding one string; pass the string itself: {prompt[0]!r}.")
+        raise InputError(f"Got {len(prompt)} prompts; a linear map is of one prompt: call once per prompt.")
     else:
-        tokens = torch.as_tensor(prompt)
+        try:
+            tokens = torch.as_tensor(prompt)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise InputError(
+                f"The prompt must be a string, a list of token ids or a token tensor, got {type(prompt).__name__}."
+            ) from err
         if tokens.numel() == 0:
             raise InputError("The prompt has no tokens.")
         if tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
-            raise InputError(f"Token ids must be integers, got dtype {tokens.dtype}.")
+            raise InputError(f"Token ids must be integers, got dtype {tokens.dtype}: pass a list of ints or a torch.long tensor.")
+        if tokens.ndim == 0:
+            raise InputError(f"Got one token id, {tokens.item()}; pass a list of token ids such as [{tokens.item()}], or a string.")
         if tokens.ndim == 1:
             tokens = tokens[None]
         if tokens.ndim != 2 or tokens.shape[0] != 1:
@@ -68,7 +182,9 @@ def to_tokens(model, prompt: Prompt) -> Int[Tensor, "1 pos"]:
     if n_tokens == 0:
         raise InputError("The prompt has no tokens.")
     if n_tokens > model.cfg.n_ctx:
-        raise InputError(f"The prompt has {n_tokens} tokens, more than the model's context of {model.cfg.n_ctx}.")
+        raise InputError(
+            f"The prompt has {n_tokens} tokens, more than the model's context of {model.cfg.n_ctx}: shorten it to at most that."
+        )
     if tokens.min() < 0 or tokens.max() >= model.cfg.d_vocab:
         raise InputError(f"Token ids must lie in [0, {model.cfg.d_vocab}); got {tokens.min()}..{tokens.max()}.")
     return tokens.to(model.cfg.device or "cpu")
@@ -85,10 +201,14 @@ def check_position(position: int, n_tokens: int) -> int:
         The position as a non-negative index.
 
     Raises:
-        InputError: if it is out of range.
+        InputError: if it is not an int, or out of range.
     """
+    position = as_index("position", position)
     if not -n_tokens <= position < n_tokens:
-        raise InputError(f"Position {position} is out of range for a prompt of {n_tokens} tokens.")
+        raise InputError(
+            f"Position {position} is out of range for a prompt of {n_tokens} tokens: "
+            f"pass one in [{-n_tokens}, {n_tokens}) (-1: the last token)."
+        )
     return position % n_tokens
 
 
@@ -108,6 +228,33 @@ def output_hook(model) -> str:
     return f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
 
 
+def check_layers(layers: Iterable[int] | None, n_layers: int) -> list[int]:
+    """Block indices for ``layers=``.
+
+    Args:
+        layers: Block indices, or None for every block.
+        n_layers: Number of blocks of the model.
+
+    Returns:
+        The indices as a list.
+
+    Raises:
+        InputError: for a single int or a string, an empty list, or an index that is not a
+            block of the model.
+    """
+    if layers is None:
+        return list(range(n_layers))
+    if isinstance(layers, str) or not isinstance(layers, Iterable):
+        raise InputError(f"layers must be a list of block indices, e.g. layers=[{n_layers - 1}]; got {layers!r}.")
+    layers = list(layers)
+    if not layers:
+        raise InputError("layers is empty: give at least one block index, or layers=None for every block.")
+    bad = [layer for layer in layers if not is_int(layer) or not 0 <= operator.index(layer) < n_layers]
+    if bad:
+        raise InputError(f"layers must be block indices in [0, {n_layers}), got {bad}.")
+    return [operator.index(layer) for layer in layers]
+
+
 def resolve_target(model, target: str) -> str:
     """Check that a target names a hook point of the model.
 
@@ -119,12 +266,18 @@ def resolve_target(model, target: str) -> str:
         The hook name to capture.
 
     Raises:
-        InputError: naming the closest existing hook points if it does not exist, or for
-            attention scores (``q·k``, quadratic in the embeddings: no linear map of them exists).
+        InputError: for a target that is not a string, naming the closest existing hook
+            points if it does not exist, or for attention scores (``q·k``, quadratic in the
+            embeddings: no linear map of them exists).
     """
+    if not isinstance(target, str):
+        raise InputError(
+            f"target must be one hook name such as 'output' or 'blocks.0.hook_resid_post', got {target!r}; "
+            "for several targets use linear_maps(model, prompt, [name, ...])."
+        )
     name = output_hook(model) if target == "output" else target
     if name not in model.hook_dict:
-        close = difflib.get_close_matches(name, list(model.hook_dict), n=3)
+        close = difflib.get_close_matches(name, ["output", *model.hook_dict], n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise InputError(f"The model has no hook point {target!r}.{hint}")
     if model.hook_dict[name].name.endswith("attn.hook_attn_scores"):
@@ -133,6 +286,88 @@ def resolve_target(model, target: str) -> str:
             "of them exists (the frozen pattern is a factor). Map hook_q, hook_k or hook_z instead."
         )
     return name
+
+
+def resolve_targets(model, targets: Sequence[str]) -> tuple[str, ...]:
+    """`resolve_target` of each of several targets, without duplicates.
+
+    Args:
+        model: A TransformerBridge.
+        targets: Hook names (or ``"output"``).
+
+    Returns:
+        The hook names to capture, in order.
+
+    Raises:
+        InputError: for a single string, an empty list, or a bad target.
+    """
+    targets = check_names("targets", targets, "['output']")  # each is checked by resolve_target
+    if not targets:
+        raise InputError("targets is empty: give at least one hook name, e.g. ['output'].")
+    return tuple(dict.fromkeys(resolve_target(model, t) for t in targets))
+
+
+def check_norms(model, norms: Sequence[str]) -> list[str]:
+    """Norm module names for ``norms=``.
+
+    Args:
+        model: A TransformerBridge.
+        norms: Module names such as ``"blocks.0.ln1"``.
+
+    Returns:
+        The names as a list.
+
+    Raises:
+        InputError: for a single string, or a name that is not a norm of the model.
+    """
+    norms = check_names("norms", norms, "['blocks.0.ln1']")
+    known = sorted(name.removesuffix(".hook_scale") for name in model.hook_dict if name.endswith(".hook_scale"))
+    for norm in norms:
+        if norm not in known:
+            close = difflib.get_close_matches(norm, known, n=3) if isinstance(norm, str) else []
+            hint = f"Did you mean {', '.join(close)}?" if close else f"The model's norms are {', '.join(known[:4])}, ..."
+            raise InputError(f"The model has no norm module {norm!r}. {hint}")
+    return norms
+
+
+def check_vector(model, vector, *, one: bool) -> Tensor:
+    """A residual-space vector (or several) to read as tokens.
+
+    Args:
+        model: A TransformerBridge.
+        vector: What the user passed.
+        one: Require a single vector, shape ``(d_model,)``.
+
+    Returns:
+        ``vector`` unchanged.
+
+    Raises:
+        InputError: for anything but a floating tensor whose last axis is ``d_model``.
+    """
+    d_model = model.cfg.d_model
+    shape = f"({d_model},)" if one else f"(..., {d_model})"
+    if not isinstance(vector, Tensor) or not vector.is_floating_point():
+        got = f"a {vector.dtype} tensor" if isinstance(vector, Tensor) else type(vector).__name__
+        raise InputError(f"Pass a floating tensor of shape {shape}, got {got}.")
+    if vector.ndim == 0 or vector.shape[-1] != d_model or (one and vector.ndim != 1):
+        hint = " (one vector; call once per row)" if one and vector.ndim > 1 else ""
+        raise InputError(f"Expected a vector of shape {shape}{hint}, got {tuple(vector.shape)}.")
+    return vector
+
+
+def independent_target(name: str) -> InputError:
+    """The error for a target whose value does not depend on the token embeddings.
+
+    Args:
+        name: Hook name.
+
+    Returns:
+        The `InputError` to raise.
+    """
+    return InputError(
+        f"{name!r} does not depend on the token embeddings (a frozen factor such as a norm scale, or a constant): "
+        "map an activation the embeddings flow into, such as 'blocks.0.hook_resid_post' or 'output'."
+    )
 
 
 def target_depth(name: str, n_layers: int) -> int:

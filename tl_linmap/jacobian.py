@@ -33,7 +33,17 @@ from tl_linmap.compat import get_act_name
 from tl_linmap.errors import InputError
 from tl_linmap.guard import borrowed
 from tl_linmap.hooks import same_path_hooks
-from tl_linmap.inputs import EMBED_HOOK, Prompt, check_position, target_depth, to_tokens
+from tl_linmap.inputs import (
+    EMBED_HOOK,
+    Prompt,
+    check_dtype,
+    check_norms,
+    check_position,
+    check_positive,
+    independent_target,
+    target_depth,
+    to_tokens,
+)
 from tl_linmap.results import HeadReadout, LinearMap, LinearMaps
 from tl_linmap.system import FrozenSystem, frozen_system, vjp
 
@@ -58,6 +68,8 @@ def check_route(route: str) -> str:
     Raises:
         InputError: for anything else.
     """
+    if not isinstance(route, str):
+        raise InputError(f"route must be one of {', '.join(map(repr, ROUTES))}, got {route!r}.")
     if route in _OLD_ROUTES:
         new = _OLD_ROUTES[route]
         warnings.warn(f'route="{route}" is deprecated; use route="{new}".', DeprecationWarning, stacklevel=3)
@@ -85,9 +97,7 @@ def rows_argument(rows_per_pass: int | None, chunk_size: int | None) -> int | No
             raise InputError("Pass rows_per_pass= only (chunk_size= is its deprecated name).")
         warnings.warn("chunk_size= is deprecated here; use rows_per_pass=.", DeprecationWarning, stacklevel=3)
         rows_per_pass = chunk_size
-    if rows_per_pass is not None and (isinstance(rows_per_pass, bool) or not isinstance(rows_per_pass, int) or rows_per_pass < 1):
-        raise InputError(f"rows_per_pass must be a positive int (rows per batched pass), got {rows_per_pass!r}.")
-    return rows_per_pass
+    return None if rows_per_pass is None else check_positive("rows_per_pass", rows_per_pass)
 
 
 def _rows(y: Float[Tensor, " d_out"], x: Tensor, rows_per_pass: int, bar: tqdm) -> Float[Tensor, "pos d_out d_in"]:
@@ -149,7 +159,7 @@ def _columns(system: FrozenSystem, rows_per_pass: int | None, bar: tqdm) -> dict
             bar.update(len(dims))
     for name, ops in operators.items():
         if not ops.any():
-            raise InputError(f"{name!r} does not depend on the token embeddings (a frozen factor?).")
+            raise independent_target(name)
     return operators
 
 
@@ -216,12 +226,14 @@ def linear_maps(
         `tl_linmap.results.LinearMaps` keyed by hook name.
 
     Raises:
-        InputError: for a bad prompt, position, target, ``rows_per_pass`` or route.
+        InputError: for a bad model, prompt, dtype, position, targets, norms,
+            ``rows_per_pass`` or route.
         MemoryBudgetError: if the operators, or the given ``rows_per_pass``, would not fit.
         FreezeError: if ``check`` and a map does not reconstruct its output.
     """
     rows_per_pass = rows_argument(rows_per_pass, chunk_size)
     route = check_route(route)
+    norms = check_norms(model, norms) if norms else []
     with frozen_system(model, prompt_or_tokens, targets, position=position, dtype=dtype) as system:
         n, d_in = system.x.shape[1:]
         if route == "auto":
@@ -265,6 +277,7 @@ def plain_jacobians(model, prompt_or_tokens: Prompt, targets: Sequence[str], *, 
         Operators per target, as in `LinearMap.operators`.
     """
     tokens = to_tokens(model, prompt_or_tokens)
+    dtype = check_dtype(dtype)
     n = tokens.shape[1]
     position = check_position(position, n)
     with borrowed(model, dtype), torch.enable_grad():
@@ -311,7 +324,7 @@ def linear_map(
         A `tl_linmap.results.LinearMap`.
 
     Raises:
-        InputError: for a bad prompt, position, target or ``rows_per_pass``.
+        InputError: for a bad model, prompt, dtype, position, target, ``rows_per_pass`` or route.
         UnsupportedArchitectureError: if the architecture has no freeze rules.
         FreezeError: if a freeze hook did not take effect.
     """

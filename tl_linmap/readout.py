@@ -15,8 +15,10 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from tl_linmap.compat import check_model
 from tl_linmap.errors import InputError
 from tl_linmap.hooks import Factors, quiet_norm_edits
+from tl_linmap.inputs import check_positive, check_vector, is_int
 
 
 @dataclass
@@ -58,7 +60,12 @@ def unembed(model, vector: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d
 
     Returns:
         Logits over the vocabulary, in the vector's dtype.
+
+    Raises:
+        InputError: for a bad model, or a vector that is not a ``(..., d_model)`` tensor.
     """
+    check_model(model)
+    check_vector(model, vector, one=False)
     logits = vector @ model.W_U.detach().to(vector)
     bias = getattr(model, "b_U", None)
     return logits if bias is None else logits + bias.detach().to(vector)
@@ -79,7 +86,13 @@ def top_tokens(model, vector: Float[Tensor, " d_model"], k: int = 5, bias: bool 
 
     Returns:
         ``(token, logit)`` pairs, highest first.
+
+    Raises:
+        InputError: for a bad model, a vector that is not ``(d_model,)``, or ``k`` not in ``[1, d_vocab]``.
     """
+    check_model(model)
+    check_vector(model, vector, one=True)
+    k = check_positive("k", k, at_most=model.cfg.d_vocab)
     logits = unembed(model, vector) if bias else vector @ model.W_U.detach().to(vector)
     top = logits.topk(k)
     return _decode(model, top.indices, top.values)
@@ -95,7 +108,13 @@ def nearest_tokens(model, vector: Float[Tensor, " d_model"], k: int = 5) -> list
 
     Returns:
         ``(token, cosine)`` pairs, highest first.
+
+    Raises:
+        InputError: for a bad model, a vector that is not ``(d_model,)``, or ``k`` not in ``[1, d_vocab]``.
     """
+    check_model(model)
+    check_vector(model, vector, one=True)
+    k = check_positive("k", k, at_most=model.cfg.d_vocab)
     embeddings = model.W_E.detach().to(vector)
     cosine = embeddings @ vector / (embeddings.norm(dim=-1) * vector.norm()).clamp_min(1e-30)
     top = cosine.topk(k)
@@ -114,14 +133,23 @@ def token_id(model, token: int | str) -> int:
         The id.
 
     Raises:
-        InputError: if the string is not exactly one token.
+        InputError: if the string is not exactly one token, or the id is not an int in
+            ``[0, d_vocab)``.
     """
     if isinstance(token, str):
         ids = model.to_tokens(token, prepend_bos=False)[0]
         if len(ids) != 1:
-            raise InputError(f"{token!r} is {len(ids)} tokens; give one token (or its id).")
+            pieces = [model.tokenizer.decode([int(i)]) for i in ids[:6]]
+            split = f" ({' + '.join(map(repr, pieces))}{' + ...' if len(ids) > 6 else ''})" if pieces else ""
+            example = f" such as {pieces[0]!r}" if pieces else ""
+            raise InputError(f"{token!r} is {len(ids)} tokens{split}; give one token{example}, or its id.")
         return int(ids[0])
-    return int(token)
+    if not is_int(token):
+        raise InputError(f"token must be a vocabulary id (int) or a single-token string such as ' Paris', got {token!r}.")
+    token = int(token)
+    if not 0 <= token < model.cfg.d_vocab:
+        raise InputError(f"Token id {token} is outside the vocabulary [0, {model.cfg.d_vocab}); pass an id in it or a token string.")
+    return token
 
 
 @dataclass

@@ -26,7 +26,7 @@ from tl_linmap import display
 from tl_linmap.compat import get_act_name
 from tl_linmap.errors import InputError
 from tl_linmap.exactness import check_exact, relative
-from tl_linmap.inputs import OUTPUT_HOOK, RESIDUAL_HOOKS
+from tl_linmap.inputs import OUTPUT_HOOK, RESIDUAL_HOOKS, check_names, is_int
 from tl_linmap.readout import FrozenAffine, Readout, decode_tokens, token_id
 from tl_linmap.spectral import (
     LogitSplit,
@@ -258,6 +258,12 @@ class HeadReadout:
         return self.post.matrix @ self.b_O + self.post.offset
 
 
+class MissingMapError(InputError, KeyError):
+    """`LinearMaps` holds no map of that name (a `KeyError` too, as a mapping's lookups expect)."""
+
+    __str__ = InputError.__str__  # KeyError's would quote the message
+
+
 @dataclass
 class LinearMaps(Mapping):
     """Linear maps of several hook points of one inference, indexed by hook name.
@@ -273,10 +279,21 @@ class LinearMaps(Mapping):
     norms: dict[str, FrozenAffine] = field(default_factory=dict, repr=False)
 
     def __getitem__(self, name: str) -> LinearMap:
-        if name not in self.maps:
+        if not isinstance(name, str) or name not in self.maps:
             hint = f" It holds {', '.join(list(self.maps)[:6])}{', ...' if len(self.maps) > 6 else ''}."
-            raise KeyError(f"No map of {name!r}.{hint}")
+            raise MissingMapError(f"No map of {name!r}: index by hook name.{hint}")
         return self.maps[name]
+
+    def _names(self, names: Sequence[str] | None, default: Sequence[str], argument: str = "targets") -> list[str]:
+        # Hook names asked for (a list, not one string), each held here; None: the default.
+        if names is None:
+            return list(default)
+        names = check_names(argument, names, f"[{next(iter(self.maps), 'output')!r}]")
+        if not names:
+            raise InputError(f"{argument} is empty: give at least one hook name, or {argument}=None for every map.")
+        for name in names:
+            self[name]  # raises MissingMapError naming the maps held
+        return names
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.maps)
@@ -322,8 +339,17 @@ class LinearMaps(Mapping):
 
         Returns:
             ``(len(names), n_tokens, d_out)``.
+
+        Raises:
+            InputError: for a name these maps do not hold, or maps of different widths.
         """
-        names = list(names or self.maps)
+        names = self._names(names, self.maps, "names")
+        widths = {name: self[name].output.shape[0] for name in names}
+        if len(set(widths.values())) > 1:
+            raise InputError(
+                f"Only maps of one width stack; these have d_out {widths}. Pass names of one width, "
+                "e.g. the residual-stream ones."
+            )
         return torch.stack([self[name].contributions() for name in names])
 
     def to_cache(self, model):
@@ -346,9 +372,7 @@ class LinearMaps(Mapping):
 
     def _residual(self, targets: Sequence[str] | None) -> list[str]:
         # Only residual-stream maps can be read through the unembedding (not hook_z).
-        if targets is not None:
-            return list(targets)
-        return [n for n in self.maps if n.endswith(RESIDUAL_HOOKS)]
+        return self._names(targets, [n for n in self.maps if n.endswith(RESIDUAL_HOOKS)])
 
     def svd(self, k: int | None = None, *, skip_first: bool = False, targets: Sequence[str] | None = None) -> dict[str, OperatorSVD]:
         """`LinearMap.svd` of every residual-stream map.
@@ -401,7 +425,7 @@ class LinearMaps(Mapping):
             A `tl_linmap.table.Table` of `tl_linmap.spectral.RankRow`.
         """
         rows = Table()
-        for name in targets or self.maps:
+        for name in self._names(targets, self.maps):
             rows.extend(self[name].dimensionality(skip_first=skip_first, per_token=per_token))
         return rows
 
@@ -410,11 +434,18 @@ class LinearMaps(Mapping):
         split = einops.rearrange(vector, "... (h dh) -> ... h dh", h=readout.W_O.shape[0])
         return readout.apply(einops.einsum(split, readout.W_O, "... h dh, h dh dm -> ... h dm"))
 
-    def _z(self, layer: int) -> LinearMap:
+    def _z(self, layer: int) -> tuple[int, LinearMap]:
+        # The layer (as an int) and its hook_z map, which per-head maps are derived from.
+        if not is_int(layer):
+            raise InputError(f"layer must be a block index (int), got {layer!r}.")
+        layer = int(layer)
         name = get_act_name("z", layer)
         if name not in self.maps or layer not in self.readouts:
-            raise InputError(f"Head maps of layer {layer} need {name!r}: compute layer_maps(..., modules=True) with that layer.")
-        return self.maps[name]
+            raise InputError(
+                f"Head maps of layer {layer} need {name!r}, and these maps have hook_z of layers {sorted(self.readouts)}: "
+                "compute layer_maps(..., modules=True) with that layer."
+            )
+        return layer, self.maps[name]
 
     def head_contributions(self, layer: int) -> Float[Tensor, "n_heads pos d_model"]:
         """Per-head, per-token contributions to ``hook_attn_out``, without per-head operators.
@@ -425,7 +456,8 @@ class LinearMaps(Mapping):
         Returns:
             ``J_{h,i} x_i`` for every head ``h`` and source token ``i``.
         """
-        return einops.rearrange(self._per_head(layer, self._z(layer).contributions()), "pos h d -> h pos d")
+        layer, z = self._z(layer)
+        return einops.rearrange(self._per_head(layer, z.contributions()), "pos h d -> h pos d")
 
     def heads(self, layer: int) -> LinearMaps:
         """Per-head linear maps of one layer's ``hook_attn_out``, keyed ``blocks.L.attn.hook_result.H``.
@@ -440,9 +472,10 @@ class LinearMaps(Mapping):
             `LinearMaps` with one map per head, in head order (see also `head`), each exact.
 
         Raises:
+            InputError: for a layer whose ``hook_z`` is not mapped.
             FreezeError: if a head's map does not reconstruct its share of ``hook_attn_out``.
         """
-        z = self._z(layer)
+        layer, z = self._z(layer)
         operators = self._per_head(layer, einops.rearrange(z.operators, "pos d_z d_in -> pos d_in d_z"))
         operators = einops.rearrange(operators, "pos d_in h d_model -> h pos d_model d_in")
         bias, output, native = (self._per_head(layer, v) for v in (z.bias, z.output, z.native_output))
@@ -469,11 +502,15 @@ class LinearMaps(Mapping):
 
         Returns:
             A `LinearMap`.
+
+        Raises:
+            InputError: for a layer whose ``hook_z`` is not mapped, or a head that does not exist.
         """
-        heads = self.heads(layer)
-        if not 0 <= head < len(heads):
-            raise InputError(f"Layer {layer} has {len(heads)} heads; head {head} does not exist.")
-        return heads[f"{get_act_name('result', layer)}.{head}"]
+        layer, _ = self._z(layer)
+        n_heads = self.readouts[layer].W_O.shape[0]
+        if not is_int(head) or not 0 <= int(head) < n_heads:
+            raise InputError(f"Layer {layer} has {n_heads} heads; head must be an int in [0, {n_heads}), got {head!r}.")
+        return self.heads(layer)[f"{get_act_name('result', layer)}.{int(head)}"]
 
 
 @dataclass

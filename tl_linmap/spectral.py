@@ -14,7 +14,7 @@ and is refused.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import einops
@@ -23,6 +23,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from tl_linmap.errors import InputError
+from tl_linmap.inputs import check_positive, is_int
 from tl_linmap.readout import Readout
 from tl_linmap.table import Table
 
@@ -132,12 +133,14 @@ def input_index(source: int, n_tokens: int, position: int) -> int:
     Raises:
         InputError: outside the prompt, or after the target position.
     """
-    if isinstance(source, bool) or not isinstance(source, int) or not -n_tokens <= source < n_tokens:
-        raise InputError(f"An input token index must be an int in [{-n_tokens}, {n_tokens}), got {source!r}.")
+    if not is_int(source) or not -n_tokens <= int(source) < n_tokens:
+        raise InputError(f"An input token index must be an int in [{-n_tokens}, {n_tokens}) (-1: the last token), got {source!r}.")
+    source = int(source)
     index = source % n_tokens
     if index > position:
         raise InputError(
-            f"Input token {source} (index {index}) comes after the target position {position}: its operator is zero."
+            f"Input token {source} (index {index}) comes after the target position {position}: its operator is zero. "
+            f"Pass a source in [0, {position}] (or map a later position)."
         )
     return index
 
@@ -157,7 +160,10 @@ def stacked_tokens(position: int, skip_first: bool) -> list[int]:
     """
     tokens = list(range(1 if skip_first else 0, position + 1))
     if not tokens:
-        raise InputError("skip_first leaves no token to analyse in a one-token prompt.")
+        raise InputError(
+            "skip_first leaves no token to analyse: the target is at position 0, which reads the first token only. "
+            "Pass skip_first=False (or map a later position)."
+        )
     return tokens
 
 
@@ -232,7 +238,7 @@ class OperatorSVD:
         if sources is None:
             chosen = list(self.tokens)
         else:
-            chosen = [input_index(s, len(self.sources), self.position) for s in ([sources] if isinstance(sources, int) else sources)]
+            chosen = [input_index(s, len(self.sources), self.position) for s in _source_list(sources)]
         missing = [i for i in chosen if i not in self.tokens]
         if missing:
             raise InputError(f"This SVD holds the operators of tokens {self.tokens}, not of {missing}.")
@@ -263,8 +269,8 @@ class OperatorSVD:
         sources = _renamed("tokens", tokens, "sources", sources)
         if self.readout is None:
             raise InputError("This SVD has no readout; compute it from a map made by tl_linmap.")
-        _positive("k", k)
-        _positive("top", top)
+        check_positive("k", k)
+        check_positive("top", top, at_most=self.readout.model.cfg.d_vocab)
         rows = self._rows(sources, skip_first)
         k = min(k, self.left.shape[1])
         writes = self.readout.top(self.readout.logits(self.left[rows, :k]), top)
@@ -298,9 +304,14 @@ class OperatorSVD:
         ]
 
 
-def _positive(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InputError(f"{name} must be a positive int, got {value!r}.")
+def _source_list(sources) -> list:
+    # One index (an int, a 0-d tensor) or several (a list, a range, a 1-d tensor); anything
+    # else is passed on whole, for `input_index` to refuse by name.
+    if isinstance(sources, Tensor):
+        sources = sources.tolist()
+    if is_int(sources) or isinstance(sources, str) or not isinstance(sources, Iterable):
+        return [sources]
+    return list(sources)
 
 
 def _renamed(old: str, old_value, new: str, new_value):
@@ -336,7 +347,7 @@ def operator_svd(
         InputError: for ``k < 1``.
     """
     if k is not None:
-        _positive("k", k)
+        check_positive("k", k)
     live = operators[: position + 1]
     u, s, vh = torch.linalg.svd(live, full_matrices=False)
     k = k or s.shape[-1]

@@ -33,8 +33,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from tl_linmap.capture import at_position, capture
-from tl_linmap.compat import check_model
-from tl_linmap.errors import FreezeError, InputError, LinmapError
+from tl_linmap.errors import FreezeError, InputError
 from tl_linmap.guard import borrowed, hook_count
 from tl_linmap.hooks import (
     Factors,
@@ -49,9 +48,11 @@ from tl_linmap.inputs import (
     EMBED_HOOK,
     RESIDUAL_HOOKS,
     Prompt,
+    check_dtype,
     check_position,
+    independent_target,
     output_hook,
-    resolve_target,
+    resolve_targets,
     target_depth,
     to_tokens,
 )
@@ -188,7 +189,7 @@ class FrozenSystem:
 
     def _alive(self) -> None:
         if not self.lease.active:
-            raise LinmapError(
+            raise InputError(
                 "This frozen system was used after its `with` block ended: the model has been given "
                 "back. Keep the work inside the block (or use the results it returned)."
             )
@@ -228,7 +229,7 @@ class FrozenSystem:
             ys = {name: y[0] for name, y in self.replay(x).items()}
         for name, y in ys.items():
             if not y.requires_grad:
-                raise InputError(f"{name!r} does not depend on the token embeddings (a frozen factor?).")
+                raise independent_target(name)
         biases = self.biases
         if biases is None and self.linear:
             # Every target depends on the embeddings and nothing adds a constant: b = 0 exactly.
@@ -416,14 +417,15 @@ def frozen_system(
         `FrozenSystem.with_graph`, `FrozenSystem.with_biases`, `FrozenSystem.push`).
 
     Raises:
-        InputError: for a bad prompt, position or target.
+        InputError: for a bad model, prompt, dtype, position or targets.
         FreezeError: if a freeze hook never ran.
     """
-    check_model(model)
+    # Every argument is checked before the model is borrowed.
     tokens = to_tokens(model, prompt_or_tokens)
     n = tokens.shape[1]
+    dtype = check_dtype(dtype)
     position = check_position(position, n)
-    names = tuple(dict.fromkeys(resolve_target(model, t) for t in targets))
+    names = resolve_targets(model, targets)
     lease = _Lease()
     with borrowed(model, dtype):
         try:

@@ -1,0 +1,278 @@
+"""Wrong calls a new user makes: each raises `InputError` saying what to pass instead, and the model is untouched.
+
+One table, `BAD_CALLS`: a row is an id, the toy family it runs on, a call taking the model, the
+error expected and a regex of its message, which must name what to pass instead. Every row
+runs on a toy model put in an unusual state (training mode, mixed ``requires_grad`` flags),
+and after the call the model must hold the very same parameter and buffer values, dtypes,
+flags, modes and hooks (`tl_linmap.guard.hook_count`) as before.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import tl_linmap
+from tl_linmap.errors import InputError
+from tl_linmap.guard import hook_count
+from tl_linmap.toy import toy_model
+
+SHORT = "The cat sat"  # 12 tokens with BOS: every call stays fast
+OUT_OF_RANGE = r"\[-12, 12\) \(-1: the last token\)"
+DTYPE = r"dtype must be a floating torch dtype such as torch\.float64 .* or None to keep the model's own"
+MODEL = r"Expected a TransformerLens HookedTransformer .* or TransformerBridge .* as the model, got [\w.]*\b{}\."
+
+
+# Results the rows call methods on, computed once per model (the model must come back from these too).
+@functools.cache
+def _map(model):
+    return tl_linmap.linear_map(model, SHORT)
+
+
+@functools.cache
+def _maps(model, modules: bool = False):
+    return tl_linmap.layer_maps(model, SHORT, modules=modules)
+
+
+@functools.cache
+def _one_token_map(model):
+    return tl_linmap.linear_map(model, [0])
+
+
+def _matrix_free(model, use, **options):
+    with tl_linmap.matrix_free(model, SHORT, **options) as mf:
+        return use(mf)
+
+
+def _after_block(model):
+    with tl_linmap.matrix_free(model, SHORT) as mf:
+        pass
+    return mf.svd(k=2)
+
+
+def _run_frozen(model, factors):
+    with tl_linmap.frozen(model, factors=factors):
+        model(SHORT)
+
+
+def _vector(model, *shape):
+    return torch.ones(*shape, model.cfg.d_model)
+
+
+def bad(name: str, call, match: str, *, family: str = "llama", error: type[Exception] = InputError):
+    return pytest.param(family, call, error, match, id=name)
+
+
+BAD_CALLS = [
+    # The model argument.
+    bad("model-is-a-name", lambda m: tl_linmap.linear_map("smollm2", SHORT), MODEL.format("str")),
+    bad("model-is-nn.Linear", lambda m: tl_linmap.linear_map(nn.Linear(2, 2), SHORT), MODEL.format("Linear")),
+    bad("model-is-None", lambda m: tl_linmap.token_contributions(None, SHORT), MODEL.format("NoneType")),
+    bad("model-and-prompt-swapped", lambda m: tl_linmap.linear_map(SHORT, m), MODEL.format("str")),
+    bad("layer_maps-model-is-a-name", lambda m: tl_linmap.layer_maps("smollm2", SHORT), MODEL.format("str")),
+    bad("matrix_free-model-is-a-name", lambda m: _matrix_free("smollm2", lambda mf: mf.svd()), MODEL.format("str")),
+    bad("nonlinearity_gap-model-is-a-name", lambda m: tl_linmap.nonlinearity_gap("smollm2", SHORT), MODEL.format("str")),
+    bad("freeze_hooks-model-is-a-name", lambda m: tl_linmap.freeze_hooks("smollm2"), MODEL.format("str")),
+    bad("frozen-model-is-nn.Linear", lambda m: _run_frozen(nn.Linear(2, 2), None), MODEL.format("Linear")),
+    bad("unembed-model-is-a-name", lambda m: tl_linmap.unembed("smollm2", _vector(m)), MODEL.format("str")),
+    bad("top_tokens-model-is-a-name", lambda m: tl_linmap.top_tokens("smollm2", _vector(m)), MODEL.format("str")),
+    bad("nearest_tokens-model-is-None", lambda m: tl_linmap.nearest_tokens(None, _vector(m)), MODEL.format("NoneType")),
+    bad("token_attribution-arguments-swapped", lambda m: tl_linmap.token_attribution(_maps(m, True), m, "a"), MODEL.format("LinearMaps")),
+    # The prompt.
+    bad("prompt-None", lambda m: tl_linmap.linear_map(m, None), r"prompt must be a string, a list of token ids or a token tensor, got NoneType"),
+    bad("prompt-dict", lambda m: tl_linmap.linear_map(m, {"text": SHORT}), r"must be a string, a list of token ids or a token tensor, got dict"),
+    bad("prompt-bytes", lambda m: tl_linmap.linear_map(m, SHORT.encode()), r"must be a string, a list of token ids or a token tensor, got bytes"),
+    bad("prompt-list-of-strings", lambda m: tl_linmap.linear_map(m, ["The cat", "The dog"]), r"Got 2 prompts; .*call once per prompt"),
+    bad("prompt-list-of-one-string", lambda m: tl_linmap.linear_map(m, [SHORT]), r"pass the string itself: 'The cat sat'"),
+    bad("prompt-mixes-ids-and-strings", lambda m: tl_linmap.linear_map(m, [5, "cat"]), r"mixes strings and token ids: pass one string, or a list of token ids"),
+    bad("prompt-one-int", lambda m: tl_linmap.linear_map(m, 5), r"Got one token id, 5; pass a list of token ids such as \[5\]"),
+    bad("prompt-float-ids", lambda m: tl_linmap.linear_map(m, [1.0, 2.0]), r"Token ids must be integers, got dtype torch\.float32: pass a list of ints or a torch\.long tensor"),
+    bad("prompt-ids-outside-vocabulary", lambda m: tl_linmap.linear_map(m, [0, 5, 9999]), r"Token ids must lie in \[0, 259\)"),
+    bad("prompt-negative-ids", lambda m: tl_linmap.linear_map(m, [0, -3]), r"Token ids must lie in \[0, 259\)"),
+    bad("prompt-two-row-batch", lambda m: tl_linmap.linear_map(m, torch.ones(2, 5, dtype=torch.long)), r"shape \(pos,\) or \(1, pos\); got \(2, 5\)\. Call once per prompt"),
+    bad("prompt-empty", lambda m: tl_linmap.linear_map(m, "  "), r"The prompt is empty; give at least one token"),
+    bad("prompt-longer-than-context", lambda m: tl_linmap.linear_map(m, "x" * 100), r"more than the model's context of 64: shorten it"),
+    # dtype.
+    bad("dtype-int64", lambda m: tl_linmap.linear_map(m, SHORT, dtype=torch.int64), DTYPE + r"; got torch\.int64"),
+    bad("dtype-string", lambda m: tl_linmap.linear_map(m, SHORT, dtype="float64"), DTYPE + r"; got 'float64'"),
+    bad("dtype-python-float", lambda m: tl_linmap.linear_map(m, SHORT, dtype=float), DTYPE),
+    bad("dtype-complex", lambda m: tl_linmap.linear_map(m, SHORT, dtype=torch.complex64), DTYPE),
+    bad("dtype-bool-token_contributions", lambda m: tl_linmap.token_contributions(m, SHORT, dtype=torch.bool), DTYPE),
+    bad("dtype-string-matrix_free", lambda m: _matrix_free(m, lambda mf: mf.svd(), dtype="float32"), DTYPE),
+    bad("dtype-int-nonlinearity_gap", lambda m: tl_linmap.nonlinearity_gap(m, SHORT, dtype=torch.int32), DTYPE),
+    bad("dtype-float16-matrix_free-svd", lambda m: _matrix_free(m, lambda mf: mf.svd(k=2), dtype=torch.float16), r"needs float32 or float64.*pass dtype=torch\.float32"),
+    # position.
+    bad("position-out-of-range", lambda m: tl_linmap.linear_map(m, SHORT, position=99), r"Position 99 is out of range .*pass one in " + OUT_OF_RANGE),
+    bad("position-float", lambda m: tl_linmap.linear_map(m, SHORT, position=1.5), r"position must be an int, got 1\.5"),
+    bad("position-string", lambda m: tl_linmap.linear_map(m, SHORT, position="last"), r"position must be an int, got 'last'"),
+    bad("position-None", lambda m: tl_linmap.token_contributions(m, SHORT, position=None), r"position must be an int, got None"),
+    bad("position-bool", lambda m: tl_linmap.linear_map(m, SHORT, position=True), r"position must be an int, got True"),
+    # target(s).
+    bad("target-without-position-axis", lambda m: tl_linmap.linear_map(m, SHORT, target="blocks.0.attn.hook_pattern"), r"Map one with a position axis, such as 'blocks\.0\.hook_resid_post'"),
+    bad("target-attention-scores", lambda m: tl_linmap.linear_map(m, SHORT, target="blocks.0.attn.hook_attn_scores"), r"Map hook_q, hook_k or hook_z instead"),
+    bad("target-misspelt", lambda m: tl_linmap.linear_map(m, SHORT, target="blocks.0.hook_resid_pots"), r"no hook point 'blocks\.0\.hook_resid_pots'\. Did you mean blocks\.0\.hook_resid_post"),
+    bad("target-None", lambda m: tl_linmap.linear_map(m, SHORT, target=None), r"target must be one hook name such as 'output'.*got None"),
+    bad("target-int", lambda m: tl_linmap.linear_map(m, SHORT, target=3), r"target must be one hook name such as 'output'.*got 3"),
+    bad("target-is-a-list", lambda m: tl_linmap.linear_map(m, SHORT, target=["output"]), r"for several targets use linear_maps\(model, prompt, \[name, \.\.\.\]\)"),
+    bad("target-a-frozen-factor", lambda m: tl_linmap.linear_map(m, SHORT, target="blocks.0.ln1.hook_scale"), r"does not depend on the token embeddings.*map an activation the embeddings flow into"),
+    bad("target-a-frozen-factor-columns", lambda m: tl_linmap.linear_map(m, SHORT, target="blocks.0.ln1.hook_scale", route="columns"), r"does not depend on the token embeddings.*map an activation the embeddings flow into"),
+    bad("target-position-embeddings", lambda m: tl_linmap.linear_map(m, SHORT, target="hook_pos_embed"), r"does not depend on the token embeddings.*map an activation", family="gpt2"),
+    bad("linear_maps-empty-targets", lambda m: tl_linmap.linear_maps(m, SHORT, []), r"targets is empty: give at least one hook name, e\.g\. \['output'\]"),
+    bad("linear_maps-targets-a-string", lambda m: tl_linmap.linear_maps(m, SHORT, "output"), r"targets must be a list of names, e\.g\. targets=\['output'\]; got 'output'"),
+    bad("linear_maps-targets-None", lambda m: tl_linmap.linear_maps(m, SHORT, None), r"targets must be a list of names"),
+    bad("linear_maps-norm-unknown", lambda m: tl_linmap.linear_maps(m, SHORT, ["output"], norms=["blocks.0.ln"]), r"no norm module 'blocks\.0\.ln'\. Did you mean .*blocks\.0\.ln1"),
+    bad("linear_maps-norms-a-string", lambda m: tl_linmap.linear_maps(m, SHORT, ["output"], norms="blocks.0.ln1"), r"norms must be a list of names, e\.g\. norms=\['blocks\.0\.ln1'\]"),
+    # Sizes of passes and routes.
+    bad("rows_per_pass-zero", lambda m: tl_linmap.linear_map(m, SHORT, rows_per_pass=0), r"rows_per_pass must be a positive int, got 0"),
+    bad("rows_per_pass-negative", lambda m: tl_linmap.layer_maps(m, SHORT, rows_per_pass=-3), r"rows_per_pass must be a positive int, got -3"),
+    bad("rows_per_pass-float", lambda m: tl_linmap.linear_maps(m, SHORT, ["output"], rows_per_pass=2.5), r"rows_per_pass must be a positive int, got 2\.5"),
+    bad("tokens_per_pass-zero", lambda m: tl_linmap.token_contributions(m, SHORT, tokens_per_pass=0), r"tokens_per_pass must be a positive int, got 0"),
+    bad("route-sideways", lambda m: tl_linmap.linear_map(m, SHORT, route="sideways"), r"route must be one of 'auto', 'rows', 'columns', got 'sideways'"),
+    bad("route-a-list", lambda m: tl_linmap.linear_map(m, SHORT, route=["rows"]), r"route must be one of 'auto', 'rows', 'columns'"),
+    # layers.
+    bad("layers-out-of-range", lambda m: tl_linmap.layer_maps(m, SHORT, layers=[99]), r"layers must be block indices in \[0, 2\), got \[99\]"),
+    bad("layers-negative", lambda m: tl_linmap.layer_maps(m, SHORT, layers=[-1]), r"layers must be block indices in \[0, 2\), got \[-1\]"),
+    bad("layers-one-int", lambda m: tl_linmap.layer_maps(m, SHORT, layers=1), r"layers must be a list of block indices, e\.g\. layers=\[1\]"),
+    bad("layers-a-string", lambda m: tl_linmap.layer_maps(m, SHORT, layers="0"), r"layers must be a list of block indices"),
+    bad("layers-empty", lambda m: tl_linmap.layer_maps(m, SHORT, layers=[]), r"layers is empty: give at least one block index, or layers=None"),
+    bad("nonlinearity_gap-layers-empty", lambda m: tl_linmap.nonlinearity_gap(m, SHORT, layers=[]), r"layers is empty"),
+    # Vocabulary tokens.
+    bad("token_attribution-without-modules", lambda m: tl_linmap.token_attribution(m, _maps(m), "a"), r"pass maps = layer_maps\(model, prompt, modules=True\)"),
+    bad("token_attribution-some-layers", lambda m: tl_linmap.token_attribution(m, tl_linmap.layer_maps(m, SHORT, layers=[0], modules=True), "a"), r"pass maps = layer_maps\(model, prompt, modules=True\) over all layers"),
+    bad("token_attribution-a-LinearMap", lambda m: tl_linmap.token_attribution(m, _map(m), "a"), r"maps must be the LinearMaps of layer_maps\(model, prompt, modules=True\), got LinearMap"),
+    bad("token-string-of-several-tokens", lambda m: tl_linmap.token_attribution(m, _maps(m, True), " Paris"), r"' Paris' is 6 tokens \(' ' \+ 'P' \+ .*\); give one token such as ' ', or its id"),
+    bad("token-empty-string", lambda m: tl_linmap.token_attribution(m, _maps(m, True), ""), r"'' is 0 tokens; give one token, or its id"),
+    bad("token-id-outside-vocabulary", lambda m: tl_linmap.token_attribution(m, _maps(m, True), 99999), r"Token id 99999 is outside the vocabulary \[0, 259\); pass an id in it or a token string", family="gpt2"),
+    bad("token-id-negative", lambda m: _map(m).logit_contributions(-1), r"Token id -1 is outside the vocabulary \[0, 259\)", family="gpt2"),
+    bad("token-float", lambda m: _map(m).logit_contributions(2.5), r"token must be a vocabulary id \(int\) or a single-token string such as ' Paris', got 2\.5"),
+    bad("token-None", lambda m: _map(m).logit_contributions(None), r"token must be a vocabulary id \(int\) or a single-token string"),
+    bad("logit_contributions-of-hook_z", lambda m: _maps(m, True)["blocks.0.attn.hook_z"].logit_contributions("a"), r"decode a residual-stream target"),
+    # LinearMap.svd / decode / dimensionality.
+    bad("svd-k-zero", lambda m: _map(m).svd(k=0), r"k must be a positive int, got 0"),
+    bad("svd-k-float", lambda m: _map(m).svd(k=1.5), r"k must be a positive int, got 1\.5"),
+    bad("decode-k-zero", lambda m: _map(m).decode(k=0), r"k must be a positive int, got 0"),
+    bad("decode-top-zero", lambda m: _map(m).decode(top=0), r"top must be a positive int, got 0"),
+    bad("decode-top-beyond-vocabulary", lambda m: _map(m).decode(top=9999), r"top must be at most 259, got 9999"),
+    bad("decode-source-out-of-range", lambda m: _map(m).decode(sources=99), r"An input token index must be an int in " + OUT_OF_RANGE + r", got 99"),
+    bad("decode-sources-one-out-of-range", lambda m: _map(m).decode(sources=[0, 99]), r"must be an int in " + OUT_OF_RANGE + r", got 99"),
+    bad("decode-source-float", lambda m: _map(m).decode(sources=1.5), r"must be an int in " + OUT_OF_RANGE + r", got 1\.5"),
+    bad("decode-source-after-position", lambda m: tl_linmap.linear_map(m, SHORT, position=3).decode(sources=5), r"comes after the target position 3: its operator is zero\. Pass a source in \[0, 3\]"),
+    bad("decode-hook_z", lambda m: _maps(m, True)["blocks.0.attn.hook_z"].decode(), r"decode a residual-stream target"),
+    bad("dimensionality-skip_first-one-token", lambda m: _one_token_map(m).dimensionality(skip_first=True), r"skip_first leaves no token.*Pass skip_first=False"),
+    bad("svd-skip_first-position-0", lambda m: tl_linmap.linear_map(m, SHORT, position=0).svd(skip_first=True), r"Pass skip_first=False \(or map a later position\)"),
+    # LinearMaps.
+    bad("maps-unknown-name", lambda m: _maps(m)["blocks.0.hook_resid_pots"], r"No map of 'blocks\.0\.hook_resid_pots': index by hook name\. It holds blocks\.0\.hook_resid_mid"),
+    bad("maps-indexed-by-int", lambda m: _maps(m)[0], r"No map of 0: index by hook name"),
+    bad("maps-decode-targets-a-string", lambda m: _maps(m).decode(targets="blocks.0.hook_resid_post"), r"targets must be a list of names, e\.g\. targets=\['blocks\.0\.hook_resid_mid'\]"),
+    bad("maps-dimensionality-unknown-target", lambda m: _maps(m).dimensionality(targets=["output"]), r"No map of 'output'.*It holds"),
+    bad("maps-svd-targets-a-string", lambda m: _maps(m).svd(targets="blocks.0.hook_resid_post"), r"targets must be a list of names"),
+    bad("maps-heads-without-modules", lambda m: _maps(m).heads(0), r"these maps have hook_z of layers \[\]: compute layer_maps\(\.\.\., modules=True\)"),
+    bad("maps-heads-layer-out-of-range", lambda m: _maps(m, True).heads(99), r"these maps have hook_z of layers \[0, 1\]"),
+    bad("maps-heads-layer-a-string", lambda m: _maps(m, True).heads("0"), r"layer must be a block index \(int\), got '0'"),
+    bad("maps-head-out-of-range", lambda m: _maps(m, True).head(0, 99), r"Layer 0 has 4 heads; head must be an int in \[0, 4\), got 99"),
+    bad("maps-head-float", lambda m: _maps(m, True).head(0, 1.5), r"head must be an int in \[0, 4\), got 1\.5"),
+    bad("maps-stack-a-string", lambda m: _maps(m).stack_contributions("blocks.0.hook_resid_post"), r"names must be a list of names"),
+    bad("maps-stack-empty", lambda m: _maps(m).stack_contributions([]), r"names is empty: give at least one hook name, or names=None"),
+    bad("maps-stack-different-widths", lambda m: tl_linmap.linear_maps(m, SHORT, ["blocks.0.mlp.hook_post", "output"]).stack_contributions(),
+        r"Only maps of one width stack; .*Pass names of one width"),
+    # matrix_free.
+    bad("operator-source-out-of-range", lambda m: _matrix_free(m, lambda mf: mf.operator(99)), r"must be an int in " + OUT_OF_RANGE + r", got 99"),
+    bad("operator-source-float", lambda m: _matrix_free(m, lambda mf: mf.operator(1.5)), r"must be an int in " + OUT_OF_RANGE + r", got 1\.5"),
+    bad("operator-target-not-mapped", lambda m: _matrix_free(m, lambda mf: mf.operator(-1, "blocks.0.hook_resid_post")),
+        r"maps \['ln_final\.hook_out'\], not 'blocks\.0\.hook_resid_post': pass matrix_free\(\.\.\., target='blocks\.0\.hook_resid_post'\)"),
+    bad("operator-target-misspelt", lambda m: _matrix_free(m, lambda mf: mf.svd(target="outptu")), r"no hook point 'outptu'\. Did you mean"),
+    bad("matrix_free-svd-k-zero", lambda m: _matrix_free(m, lambda mf: mf.svd(k=0)), r"k must be a positive int, got 0"),
+    bad("matrix_free-used-after-its-block", _after_block, r"used after its `with` block ended.*Keep the work inside the block"),
+    bad("randomized_svd-of-a-LinearMap", lambda m: tl_linmap.randomized_svd(_map(m), 2), r"randomized_svd takes a token's operator, mf\.operator\(source\).*for a LinearMap use lm\.svd\(k\)"),
+    bad("randomized_svd-k-zero", lambda m: _matrix_free(m, lambda mf: tl_linmap.randomized_svd(mf.operator(-1), 0)), r"k must be a positive int, got 0"),
+    # Reading vectors as tokens.
+    bad("unembed-wrong-width", lambda m: tl_linmap.unembed(m, torch.ones(3)), r"Expected a vector of shape \(\.\.\., 64\), got \(3,\)", family="gpt2"),
+    bad("unembed-a-list", lambda m: tl_linmap.unembed(m, [0.0] * 64), r"Pass a floating tensor of shape \(\.\.\., 64\), got list"),
+    bad("top_tokens-two-vectors", lambda m: tl_linmap.top_tokens(m, _vector(m, 2)), r"shape \(64,\) \(one vector; call once per row\), got \(2, 64\)"),
+    bad("top_tokens-integer-tensor", lambda m: tl_linmap.top_tokens(m, torch.ones(64, dtype=torch.long)), r"Pass a floating tensor of shape \(64,\), got a torch\.int64 tensor"),
+    bad("top_tokens-k-zero", lambda m: tl_linmap.top_tokens(m, _vector(m), k=0), r"k must be a positive int, got 0"),
+    bad("top_tokens-k-beyond-vocabulary", lambda m: tl_linmap.top_tokens(m, _vector(m), k=9999), r"k must be at most 259, got 9999"),
+    bad("nearest_tokens-wrong-width", lambda m: tl_linmap.nearest_tokens(m, torch.ones(3)), r"Expected a vector of shape \(64,\), got \(3,\)"),
+    bad("nearest_tokens-k-float", lambda m: tl_linmap.nearest_tokens(m, _vector(m), k=2.5), r"k must be a positive int, got 2\.5"),
+    # Hooks.
+    bad("frozen-factors-a-list", lambda m: _run_frozen(m, []), r"factors must be a dict for the frozen factors to be recorded in \(or None\), got list"),
+]
+
+
+def _user_state(model):
+    """Put a model in a state tl_linmap must not disturb: training mode, mixed ``requires_grad`` flags."""
+    model.train()
+    for i, param in enumerate(model.parameters()):
+        param.requires_grad_(i % 3 != 0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def toy():
+    models = {}
+
+    def get(family):
+        if family not in models:
+            models[family] = _user_state(toy_model(family, dtype=torch.float32))
+        return models[family]
+
+    return get
+
+
+def _state(model):
+    tensors = {**dict(model.named_parameters(remove_duplicate=False)), **dict(model.named_buffers(remove_duplicate=False))}
+    return {
+        "tensors": {name: (t, t.detach().clone()) for name, t in tensors.items()},
+        "dtypes": {name: t.dtype for name, t in tensors.items()},
+        "flags": {name: p.requires_grad for name, p in model.named_parameters(remove_duplicate=False)},
+        "training": {name: m.training for name, m in model.named_modules(remove_duplicate=False)},
+        "cfg_dtype": model.cfg.dtype,
+        "hooks": hook_count(model),
+    }
+
+
+def _assert_untouched(model, before):
+    after = _state(model)
+    assert after["tensors"].keys() == before["tensors"].keys()
+    for name, (tensor, value) in before["tensors"].items():
+        now = after["tensors"][name][0]
+        assert now is tensor and torch.equal(now, value), name
+    for key in ("dtypes", "flags", "training", "cfg_dtype", "hooks"):
+        assert after[key] == before[key], key
+
+
+@pytest.mark.parametrize(("family", "call", "error", "match"), BAD_CALLS)
+def test_bad_call(toy, family, call, error, match):
+    model = toy(family)
+    before = _state(model)
+    with pytest.raises(error, match=match):
+        call(model)
+    _assert_untouched(model, before)
+
+
+def test_the_table_has_distinct_ids():
+    ids = [row.id for row in BAD_CALLS]
+    assert len(ids) == len(set(ids))
+
+
+def test_missing_map_is_still_a_key_error(toy):
+    """A mapping's lookups (`in`, `.get`) rely on KeyError; the InputError stays one."""
+    maps = _maps(toy("llama"))
+    assert maps.get("output") is None and "output" not in maps
+    with pytest.raises(KeyError, match=re.escape("No map of 'output'")):
+        maps["output"]
+
+
+@pytest.mark.parametrize("index", [np.int64(-1), torch.tensor(-1)], ids=["numpy", "tensor"])
+def test_integer_like_indices_are_accepted(toy, index):
+    """What Python indexes with (NumPy integers, 0-d tensors) passes every int check."""
+    model = toy("llama")
+    lm = tl_linmap.linear_map(model, SHORT, position=index)
+    assert lm.position == 11
+    assert [row.source for row in lm.decode(k=1, top=1, sources=index)] == [11]
+    assert set(tl_linmap.layer_maps(model, SHORT, layers=[np.int64(1)])) == {"blocks.1.hook_resid_mid", "blocks.1.hook_resid_post"}
