@@ -250,7 +250,7 @@ def test_every_pointwise_activation_matches_the_oracle(act_fn):
 
 @pytest.mark.parametrize(
     ("family", "flag"),
-    [("llama", "set_use_attn_result"), ("gpt2", "set_use_split_qkv_input"), ("llama", "set_use_attn_in"),
+    [("llama", "set_use_attn_result"), ("gpt2", "set_use_split_qkv_input"), ("gpt2", "set_use_attn_in"),
      ("llama", "set_use_hook_mlp_in")],
 )
 def test_attention_flags_keep_the_map_exact(family, flag):

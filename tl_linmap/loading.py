@@ -205,7 +205,9 @@ def _offline() -> bool:
     import huggingface_hub
 
     switches = (os.environ.get(var, "").upper() in _TRUE for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-    return huggingface_hub.is_offline_mode() or any(switches)
+    # huggingface_hub 1.x has is_offline_mode(); 0.x (beside TransformerLens 2.x) only the constant.
+    seen = getattr(huggingface_hub, "is_offline_mode", None)
+    return (seen() if seen else bool(huggingface_hub.constants.HF_HUB_OFFLINE)) or any(switches)
 
 
 def _closest_bundled(name: str) -> str | None:
@@ -244,7 +246,9 @@ def _from_pretrained(name_or_path: str, location: str, dtype: torch.dtype, *, gg
     # is local anyway, and its tokenizer would save the flag into the cache entry.
     shared = {"gguf_file": gguf_file} if gguf_file else {"local_files_only": offline}
     # Dense weights even where a GGUF matmul kernel is installed: freeze rules need plain Linear layers.
-    dense = {"quantization_config": transformers.GgufConfig(dequantize=True)} if gguf_file else {}
+    # (Transformers before GgufConfig, 4.x beside TransformerLens 2.x, always dequantises.)
+    gguf_config = getattr(transformers, "GgufConfig", None)
+    dense = {"quantization_config": gguf_config(dequantize=True)} if gguf_file and gguf_config else {}
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(location, **shared)
         hf_model = transformers.AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **shared, **dense)
