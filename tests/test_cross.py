@@ -23,8 +23,7 @@ from tl_linmap.toy import toy_model, toy_tokenizer
 #: How far the operators may differ, as a multiple of the two implementations' plain-forward gap.
 GAP_MULTIPLE = 4
 TARGET = "ln_final.hook_normalized"
-#: Gemma 3 is missing: TransformerLens 3.9 converts it only by its hub names, with their sizes.
-FAMILIES = ["gpt2", "llama", "pythia", "qwen2", "qwen3"]
+FAMILIES = ["gemma3", "gpt2", "llama", "pythia", "qwen2", "qwen3"]
 
 
 def _relative(a, b):

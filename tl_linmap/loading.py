@@ -347,6 +347,25 @@ KINDS = ("bridge", "hooked")
 _HF_FIELD_FIXES = {"GPT2LMHeadModel": lambda config: {"d_mlp": config.n_inner or 4 * config.n_embd}}
 
 
+def _gemma3_sizes(config) -> dict:
+    # Gemma 3's TransformerLens config exists only per hub name; take one and put this config's sizes in.
+    rope = getattr(config, "rope_parameters", None) or {}
+    return dict(
+        d_model=config.hidden_size, d_head=config.head_dim, n_heads=config.num_attention_heads,
+        n_key_value_heads=config.num_key_value_heads, d_mlp=config.intermediate_size,
+        n_layers=config.num_hidden_layers, n_ctx=config.max_position_embeddings, eps=config.rms_norm_eps,
+        d_vocab=config.vocab_size, window_size=config.sliding_window,
+        attn_types=["local" if kind == "sliding_attention" else "global" for kind in config.layer_types],
+        attn_scale=config.query_pre_attn_scalar**0.5,
+        rotary_base=rope.get("full_attention", {}).get("rope_theta", getattr(config, "rope_theta", None)),
+        rotary_base_local=rope.get("sliding_attention", {}).get("rope_theta", getattr(config, "rope_local_base_freq", None)),
+    )
+
+
+#: Architectures TransformerLens converts only by a hub name: (that name, this config's own sizes).
+_HOOKED_TEMPLATES = {"Gemma3ForCausalLM": ("google/gemma-3-270m", _gemma3_sizes)}
+
+
 def default_kind() -> str:
     """The model class `load_model` builds when none is asked for: what the installed TransformerLens offers.
 
@@ -360,8 +379,9 @@ def hooked_from_hf(hf_model, tokenizer, *, hub_name: str | None = None, dtype: t
     """A HookedTransformer of a Hugging Face model, offline, through TransformerLens's own conversions.
 
     The config comes from TransformerLens's converter: by hub name where TransformerLens knows
-    the model (e.g. ``google/gemma-3-270m``), else from the model's own config saved to a
-    temporary directory (SmolLM2, toy models). The weights are converted by TransformerLens and
+    the model (e.g. ``google/gemma-3-270m``); for an architecture it converts only by hub name
+    (Gemma 3), from such a name with this config's sizes put in; else from the model's own config
+    saved to a temporary directory (SmolLM2, toy models). The weights are converted by TransformerLens and
     left unprocessed (as `HookedTransformer.from_pretrained_no_processing`).
 
     Args:
@@ -381,10 +401,13 @@ def hooked_from_hf(hf_model, tokenizer, *, hub_name: str | None = None, dtype: t
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     config = hf_model.config
+    template = _HOOKED_TEMPLATES.get((config.architectures or [None])[0])
     known = hub_name in getattr(tl_loading, "OFFICIAL_MODEL_NAMES", ())
+    if template and not known and template[0] not in getattr(tl_loading, "OFFICIAL_MODEL_NAMES", ()):
+        template = None  # this TransformerLens does not know the architecture at all
     with tempfile.TemporaryDirectory() as directory:
-        source = hub_name if known else directory
-        if not known:
+        source = hub_name if known else template[0] if template else directory
+        if source == directory:
             config.save_pretrained(directory)
         try:
             fields = tl_loading.convert_hf_model_config(source)
@@ -393,6 +416,8 @@ def hooked_from_hf(hf_model, tokenizer, *, hub_name: str | None = None, dtype: t
                 f"This TransformerLens cannot convert a {config.architectures[0]} to a HookedTransformer: {error}"
             ) from error
         fields.update(_HF_FIELD_FIXES.get(fields.get("original_architecture"), lambda c: {})(config))
+        if template and not known:
+            fields.update({k: v for k, v in template[1](config).items() if v is not None})
         fields.update(dtype=dtype, device=device or "cpu")
         cfg = HookedTransformerConfig(**{k: v for k, v in fields.items() if k in HookedTransformerConfig.__dataclass_fields__})
         state = tl_loading.get_pretrained_state_dict(source, cfg, hf_model, dtype=dtype)
