@@ -32,7 +32,7 @@ def capture(
     """Run the model with hooks and return the activations at ``targets``.
 
     Args:
-        model: A TransformerBridge.
+        model: A TransformerBridge or HookedTransformer.
         tokens: Input tokens; their batch must match ``embeddings``' if given.
         targets: Hook names whose activations are returned.
         hooks: Extra ``(name, fn)`` forward hooks (freeze, replay, user's).
@@ -76,7 +76,7 @@ def run_to_target(model, tokens: Int[Tensor, "batch pos"], target: str, hooks: H
     """`capture` of a single target.
 
     Args:
-        model: A TransformerBridge.
+        model: A TransformerBridge or HookedTransformer.
         tokens: Input tokens.
         target: Hook name.
         hooks: Extra forward hooks.

@@ -50,7 +50,7 @@ def layer_maps(
     """Exact linear maps of the residual stream (and optionally every module) per layer.
 
     Args:
-        model: A TransformerBridge of a supported architecture.
+        model: A TransformerBridge or HookedTransformer of a supported architecture.
         prompt_or_tokens: One prompt as text or token ids.
         layers: Block indices (default: all).
         position: Sequence position of the targets (``-1``: the last token).
@@ -156,7 +156,7 @@ def nonlinearity_gap(
     """Why detaching matters: ordinary vs detached Jacobians of ``hook_resid_post`` per layer.
 
     Args:
-        model: A TransformerBridge of a supported architecture.
+        model: A TransformerBridge or HookedTransformer of a supported architecture.
         prompt_or_tokens: One prompt.
         layers: Block indices (default: all).
         position: Sequence position.

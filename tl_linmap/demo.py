@@ -18,7 +18,7 @@ def demo_report(model, prompt: str, *, top: int = 5, n_singular: int = 3) -> str
     """Compute and describe the linear map of the prompt's next-token output.
 
     Args:
-        model: A TransformerBridge of a supported architecture.
+        model: A TransformerBridge or HookedTransformer of a supported architecture.
         prompt: The input text.
         top: Tokens shown per list.
         n_singular: Singular triplets shown for the largest operator.

@@ -61,7 +61,7 @@ def hook_count(model) -> int:
     """Number of forward and backward hooks attached to the model's hook points.
 
     Args:
-        model: A TransformerBridge.
+        model: A TransformerBridge or HookedTransformer.
 
     Returns:
         The total, counted over distinct hook points.

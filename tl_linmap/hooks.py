@@ -53,7 +53,7 @@ def freeze_hooks(model, *, factors: Factors | None = None) -> HookList:
     gradients see a linear (affine) function of the token embeddings.
 
     Args:
-        model: A TransformerBridge of a supported architecture.
+        model: A TransformerBridge or HookedTransformer of a supported architecture.
         factors: If given, filled with the frozen factor of every hook point
             (the detached value, or for `Ratio` rules the ratio under the post name),
             ready for `replay_hooks`.
@@ -114,7 +114,7 @@ def factor_names(model) -> list[str]:
     """Hook names under which `freeze_hooks` records a factor.
 
     Args:
-        model: A TransformerBridge of a supported architecture.
+        model: A TransformerBridge or HookedTransformer of a supported architecture.
 
     Returns:
         Every `Detach` hook name, and the post-activation name of every `Ratio` pair.
@@ -250,7 +250,7 @@ def same_path_hooks(model) -> HookList:
     """Hooks that leave every value live but send norms down the frozen pass's code path.
 
     Args:
-        model: A TransformerBridge of a supported architecture.
+        model: A TransformerBridge or HookedTransformer of a supported architecture.
 
     Returns:
         ``(hook_name, fn)`` pairs returning a copy of each norm scale.
@@ -289,7 +289,7 @@ def frozen(model, *, factors: Factors | None = None) -> Iterator:
     ``run_with_hooks``); the freeze hooks are removed on exit, also on error.
 
     Args:
-        model: A TransformerBridge of a supported architecture.
+        model: A TransformerBridge or HookedTransformer of a supported architecture.
         factors: Optional dict to record the frozen factors in (see `freeze_hooks`).
 
     Returns:

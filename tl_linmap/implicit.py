@@ -56,7 +56,7 @@ def token_contributions(
     position-rows of pushing every token through the whole prompt.
 
     Args:
-        model: A TransformerBridge of a supported architecture.
+        model: A TransformerBridge or HookedTransformer of a supported architecture.
         prompt_or_tokens: One prompt.
         target: ``"output"`` or a hook name.
         position: Target position (``-1``: the last token).
@@ -293,7 +293,7 @@ def matrix_free(
     """Borrow the model and give matrix-free products with its frozen system.
 
     Args:
-        model: A TransformerBridge of a supported architecture.
+        model: A TransformerBridge or HookedTransformer of a supported architecture.
         prompt_or_tokens: One prompt.
         target: ``"output"`` or a hook name.
         position: Target position (``-1``: the last token).

@@ -135,7 +135,7 @@ def to_tokens(model, prompt: Prompt) -> Int[Tensor, "1 pos"]:
     """Tokenize one prompt (or check given tokens) the way the model's own forward would.
 
     Args:
-        model: A TransformerBridge.
+        model: A TransformerBridge or HookedTransformer.
         prompt: A string, a list of token ids, or a token tensor of shape ``(pos,)`` or
             ``(1, pos)``.
 
@@ -259,7 +259,7 @@ def resolve_target(model, target: str) -> str:
     """Check that a target names a hook point of the model.
 
     Args:
-        model: A TransformerBridge.
+        model: A TransformerBridge or HookedTransformer.
         target: ``"output"`` or any hook name (canonical or compatibility alias).
 
     Returns:
@@ -292,7 +292,7 @@ def resolve_targets(model, targets: Sequence[str]) -> tuple[str, ...]:
     """`resolve_target` of each of several targets, without duplicates.
 
     Args:
-        model: A TransformerBridge.
+        model: A TransformerBridge or HookedTransformer.
         targets: Hook names (or ``"output"``).
 
     Returns:
@@ -311,7 +311,7 @@ def check_norms(model, norms: Sequence[str]) -> list[str]:
     """Norm module names for ``norms=``.
 
     Args:
-        model: A TransformerBridge.
+        model: A TransformerBridge or HookedTransformer.
         norms: Module names such as ``"blocks.0.ln1"``.
 
     Returns:
@@ -334,7 +334,7 @@ def check_vector(model, vector, *, one: bool) -> Tensor:
     """A residual-space vector (or several) to read as tokens.
 
     Args:
-        model: A TransformerBridge.
+        model: A TransformerBridge or HookedTransformer.
         vector: What the user passed.
         one: Require a single vector, shape ``(d_model,)``.
 

@@ -201,7 +201,7 @@ def linear_maps(
     ``b`` where ``b`` is not exactly zero (see `tl_linmap.system`).
 
     Args:
-        model: A TransformerBridge of a supported architecture.
+        model: A TransformerBridge or HookedTransformer of a supported architecture.
         prompt_or_tokens: One prompt as text or token ids.
         targets: Hook names (or ``"output"``).
         position: Sequence position of the targets (``-1``: the last token).
@@ -267,7 +267,7 @@ def plain_jacobians(model, prompt_or_tokens: Prompt, targets: Sequence[str], *, 
     """Ordinary (not detached) Jacobians of targets, for comparison with the detached ones.
 
     Args:
-        model: A TransformerBridge of a supported architecture.
+        model: A TransformerBridge or HookedTransformer of a supported architecture.
         prompt_or_tokens: One prompt.
         targets: Hook names.
         position: Sequence position.
@@ -305,7 +305,7 @@ def linear_map(
     """The exact linear system of one target vector of one inference.
 
     Args:
-        model: A TransformerBridge of a supported architecture (see `tl_linmap.rules`).
+        model: A TransformerBridge or HookedTransformer of a supported architecture (see `tl_linmap.rules`).
         prompt_or_tokens: One prompt as text or token ids.
         target: ``"output"`` (the final norm's output, read by the unembedding) or any
             hook name with a position axis, such as ``"blocks.3.hook_resid_post"``.

@@ -55,7 +55,7 @@ def unembed(model, vector: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d
     """Logits of a final-norm-output vector: ``vector @ W_U (+ b_U)``.
 
     Args:
-        model: A TransformerBridge.
+        model: A TransformerBridge or HookedTransformer.
         vector: Output-space vector(s), e.g. a `LinearMap` output of target ``"output"``.
 
     Returns:
@@ -79,7 +79,7 @@ def top_tokens(model, vector: Float[Tensor, " d_model"], k: int = 5, bias: bool 
     """Tokens whose unembedding reads a vector most strongly.
 
     Args:
-        model: A TransformerBridge.
+        model: A TransformerBridge or HookedTransformer.
         vector: An output-space vector.
         k: How many tokens.
         bias: Add the unembedding bias (off for directions such as singular vectors).
@@ -102,7 +102,7 @@ def nearest_tokens(model, vector: Float[Tensor, " d_model"], k: int = 5) -> list
     """Tokens whose embedding is closest in direction to an input-space vector.
 
     Args:
-        model: A TransformerBridge.
+        model: A TransformerBridge or HookedTransformer.
         vector: An input-space vector (same space as ``hook_embed``).
         k: How many tokens.
 
@@ -126,7 +126,7 @@ def token_id(model, token: int | str) -> int:
     """One vocabulary id from an id or a single-token string.
 
     Args:
-        model: A TransformerBridge (for its tokenizer).
+        model: A TransformerBridge or HookedTransformer (for its tokenizer).
         token: Id or string such as ``" Paris"``.
 
     Returns:

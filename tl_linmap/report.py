@@ -184,7 +184,7 @@ def report_html(model, prompt: str, *, layers: Sequence[int] | None = None, k: i
     """Compute one prompt's linear system and describe it as an HTML page.
 
     Args:
-        model: A TransformerBridge of a supported architecture.
+        model: A TransformerBridge or HookedTransformer of a supported architecture.
         prompt: The prompt.
         layers: Layers whose residual stream is mapped (default: six evenly spaced).
         k: Singular pairs decoded per operator.
@@ -283,7 +283,7 @@ def write_report(model, prompt: str, path: str, **options) -> str:
     """Write `report_html` to a file.
 
     Args:
-        model: A TransformerBridge of a supported architecture.
+        model: A TransformerBridge or HookedTransformer of a supported architecture.
         prompt: The prompt.
         path: Where the page goes.
         **options: Passed to `report_html`.

@@ -167,7 +167,7 @@ def architecture_of(model) -> str:
     """The Hugging Face architecture name a bridge was booted from.
 
     Args:
-        model: A TransformerBridge.
+        model: A TransformerBridge or HookedTransformer.
 
     Returns:
         For example ``"LlamaForCausalLM"`` (a HookedTransformer's ``original_architecture``).
@@ -180,7 +180,7 @@ def rules_for(model) -> tuple[Rule, ...]:
     """Look up the freeze rules of a model's architecture.
 
     Args:
-        model: A TransformerBridge.
+        model: A TransformerBridge or HookedTransformer.
 
     Returns:
         The architecture's rules from `FREEZE_RULES`.

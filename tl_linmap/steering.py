@@ -233,7 +233,7 @@ def word_tokens(model, text: str | Sequence[str]) -> list[str]:
     variants that are one token are kept.
 
     Args:
-        model: A TransformerBridge (for its tokenizer).
+        model: A TransformerBridge or HookedTransformer (for its tokenizer).
         text: The concept, e.g. ``"Chocolate cake"``, or its tokens (a `Steering`'s ``sources``).
 
     Returns:

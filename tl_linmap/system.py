@@ -115,7 +115,7 @@ def purely_linear(model) -> bool:
     there); the reconstruction check of `tl_linmap.jacobian.linear_map` then fails loudly.
 
     Args:
-        model: A TransformerBridge.
+        model: A TransformerBridge or HookedTransformer.
 
     Returns:
         True only when none of those constants is present (False is the safe answer).
@@ -406,7 +406,7 @@ def frozen_system(
     """Borrow the model and run the passes every linear-system computation shares.
 
     Args:
-        model: A TransformerBridge of a supported architecture.
+        model: A TransformerBridge or HookedTransformer of a supported architecture.
         prompt_or_tokens: One prompt as text or token ids.
         targets: Hook names (or ``"output"``).
         position: Sequence position of the targets.
