@@ -201,7 +201,38 @@ BAD_CALLS = [
     bad("nearest_tokens-k-float", lambda m: tl_linmap.nearest_tokens(m, _vector(m), k=2.5), r"k must be a positive int, got 2\.5"),
     # Hooks.
     bad("frozen-factors-a-list", lambda m: _run_frozen(m, []), r"factors must be a dict for the frozen factors to be recorded in \(or None\), got list"),
+    # Exactness, steering, plots, tables, loading.
+    bad("tolerance-a-string", lambda m: tl_linmap.tolerance("float64"), r"tolerance takes a floating torch dtype"),
+    bad("tolerance-an-int-dtype", lambda m: tl_linmap.tolerance(torch.int64), r"tolerance takes a floating torch dtype"),
+    bad("concept_vector-of-maps", lambda m: tl_linmap.concept_vector(_maps(m)), r"concept_vector takes one LinearMap.*maps\['blocks"),
+    bad("concept_vector-k-zero", lambda m: tl_linmap.concept_vector(_map(m), how="singular", k=0), r"k must be a positive number of singular directions, got 0"),
+    bad("concept_vector-of-hook_z", lambda m: tl_linmap.concept_vector(tl_linmap.linear_map(m, SHORT, target="blocks.0.attn.hook_z")), r"is not a residual-stream vector"),
+    bad("steering-alpha-a-word", lambda m: tl_linmap.steering_hooks(_maps(m), layer=0, alpha="big"), r"alpha must be a number"),
+    bad("steering-positions-a-word", lambda m: tl_linmap.steering_hooks(_maps(m), layer=0, positions="first"), r"positions must be 'all', a slice or a list"),
+    bad("steering-positions-beyond-the-call", lambda m: _steered(m, positions=[99]), r"positions=\[99\] does not fit a forward call of \d+ positions"),
+    bad("plot_spectra-a-string", lambda m: _plot("plot_spectra", "x"), r"Plots take a LinearMap .* got str"),
+    bad("plot_spectra-ALL", lambda m: _plot("plot_spectra", _maps(m), "ALL"), r"source must be an input token index or 'all'"),
+    bad("plot_heatmap-an-svd", lambda m: _plot("plot_contribution_heatmap", _map(m).svd()), r"Plots take a LinearMap .* got OperatorSVD"),
+    bad("plot_logit_contributions-of-maps", lambda m: _plot("plot_logit_contributions", _maps(m)), r"plot_logit_contributions takes one map"),
+    bad("table-of-ints", lambda m: str(tl_linmap.Table([1, 2])), r"rows must be dataclass instances of one type, got int"),
+    bad("table-of-a-number", lambda m: tl_linmap.Table(5), r"A Table is built from an iterable of dataclass rows, got int"),
+    bad("table-of-mixed-rows", lambda m: tl_linmap.Table([*_map(m).dimensionality(), *_map(m).decode(k=1, top=1)]).records(), r"one type, got DecodedPair, RankRow"),
+    bad("load_model-None", lambda m: tl_linmap.load_model(None), r"load_model takes a bundled name"),
 ]
+
+
+def _steered(model, positions):
+    with model.hooks(fwd_hooks=tl_linmap.steering_hooks(_maps(model), layer=0, positions=positions)):
+        model(SHORT)
+
+
+def _plot(name, *args):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from tl_linmap import plotting
+
+    return getattr(plotting, name)(*args)
 
 
 def _user_state(model):

@@ -281,6 +281,9 @@ def test_reading_tools_plots_report_and_generation(hooked, tmp_path):
         assert figure.axes
     page = report_html(model, PROMPT, layers=[0, 1])
     assert "exact" in page and page.count("<img") >= 4
+    from tl_linmap.demo import demo_report
+
+    assert "relative reconstruction error  float64:" in demo_report(model, PROMPT)
     source = tl_linmap.linear_map(model, "Golden", target="blocks.1.hook_resid_post")
     with model.hooks(fwd_hooks=tl_linmap.steering_hooks(source, layer=1, alpha=4.0)):
         steered = model.generate(PROMPT, max_new_tokens=4, do_sample=False, verbose=False, use_past_kv_cache=True)

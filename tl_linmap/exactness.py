@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from tl_linmap.errors import FreezeError
+from tl_linmap.errors import FreezeError, InputError
 
 #: Largest relative reconstruction error accepted, per working dtype.
 TOLERANCES: dict[torch.dtype, float] = {
@@ -28,7 +28,12 @@ def tolerance(dtype: torch.dtype) -> float:
 
     Returns:
         The bound from `TOLERANCES` (1e-12 for float64).
+
+    Raises:
+        InputError: for anything but a floating torch dtype.
     """
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise InputError(f"tolerance takes a floating torch dtype such as torch.float64, got {dtype!r}.")
     return TOLERANCES.get(dtype, torch.finfo(dtype).eps ** 0.5)
 
 

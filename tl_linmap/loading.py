@@ -220,6 +220,12 @@ def _closest_bundled(name: str) -> str | None:
 
 def _source(name_or_path: str) -> _Source:
     """Resolve a name without touching the network, catching typos of bundled names."""
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise InputError(
+            f"load_model takes a bundled name ({', '.join(BUNDLED)}), a .gguf file, a Hugging Face directory "
+            f"or a hub name, got {name_or_path!r}."
+        )
+    name_or_path = os.fspath(name_or_path)
     if name_or_path in BUNDLED:
         path = bundled_path(name_or_path)
         return _Source(BUNDLED[name_or_path].hub_name, str(path.parent), path)

@@ -101,6 +101,10 @@ def _short_name(name: str) -> str:
 def _named(maps: Mapping[str, TargetResult] | TargetResult) -> dict[str, TargetResult]:
     if isinstance(maps, TargetResult):
         return {maps.target: maps}
+    if not isinstance(maps, Mapping) or not all(isinstance(lm, TargetResult) for lm in maps.values()):
+        raise InputError(
+            f"Plots take a LinearMap (or Contributions), or LinearMaps / a dict of them, got {type(maps).__name__}."
+        )
     if not maps:
         raise InputError("No maps to plot.")
     return dict(maps)
@@ -133,6 +137,8 @@ def _index(lm: TargetResult, token: int, skip_first: bool) -> int:
 def _source_choice(source: TokenChoice | None, token: TokenChoice | None) -> TokenChoice:
     # `token=` was this argument's old name; the default is the prompt's last token.
     source = _renamed("token", token, "source", source)
+    if isinstance(source, str) and source != "all":
+        raise InputError(f"source must be an input token index or 'all' (the stacked operator), got {source!r}.")
     return -1 if source is None else source
 
 
@@ -345,6 +351,11 @@ def _heatmap_axes(ax: Axes | None, columns: int, rows: int, skip_first: bool) ->
 
 
 def _split(lm_or_split: TargetResult | LogitSplit, token: int | str | None) -> LogitSplit:
+    if not isinstance(lm_or_split, (TargetResult, LogitSplit)):
+        raise InputError(
+            f"plot_logit_contributions takes one map (e.g. maps['blocks.5.hook_resid_post']) or a LogitSplit, "
+            f"got {type(lm_or_split).__name__}."
+        )
     if isinstance(lm_or_split, LogitSplit):
         if token is not None:
             raise InputError("A LogitSplit already has its token; pass token only with a map.")

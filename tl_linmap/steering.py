@@ -24,7 +24,7 @@ from torch import Tensor
 
 from tl_linmap.compat import get_act_name
 from tl_linmap.errors import InputError
-from tl_linmap.inputs import Prompt, to_tokens
+from tl_linmap.inputs import RESIDUAL_HOOKS, Prompt, is_int, to_tokens
 from tl_linmap.readout import token_id
 from tl_linmap.results import LinearMap, LinearMaps
 from tl_linmap.table import Table
@@ -92,6 +92,15 @@ def concept_vector(
     Returns:
         A unit vector in the target's space.
     """
+    if not isinstance(source, LinearMap):
+        raise InputError(
+            f"concept_vector takes one LinearMap of a residual-stream target, got {type(source).__name__}; "
+            "from LinearMaps pick one, e.g. maps['blocks.15.hook_resid_post']."
+        )
+    if not source.target.endswith(RESIDUAL_HOOKS):
+        raise InputError(f"The source map's target {source.target!r} is not a residual-stream vector.")
+    if how == "singular" and (not is_int(k) or k < 1):
+        raise InputError(f"k must be a positive number of singular directions, got {k!r}.")
     start = 1 if skips_first(source, skip_first) else 0
     if how == "contributions":
         vector = source.contributions()[start:].sum(0)
@@ -147,7 +156,13 @@ class Steering(list):
             The steered residual stream.
         """
         mask = torch.zeros(resid.shape[-2], 1, dtype=resid.dtype, device=resid.device)
-        mask[slice(None) if self.positions == "all" else self.positions] = 1
+        try:
+            mask[slice(None) if self.positions == "all" else self.positions] = 1
+        except IndexError as error:
+            raise InputError(
+                f"positions={self.positions!r} does not fit a forward call of {resid.shape[-2]} positions "
+                "(a cached generation step has one): use positions='all' or indices within the prompt."
+            ) from error
         scale = self.alpha * resid.norm(dim=-1, keepdim=True)
         return resid + mask * scale * self.vector.to(resid)
 
@@ -215,6 +230,9 @@ def steering_hooks(
                       DeprecationWarning, stacklevel=2)
         source = args[0]
     source, name = _source_map(source, layer)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise InputError(f"alpha must be a number (a fraction of the residual norm, e.g. 0.25), got {alpha!r}.")
+    _check_positions(positions)
     vector = concept_vector(source, how=how, skip_first=skip_first)
     start = 1 if skips_first(source, skip_first) else 0
     end = source.position % len(source.tokens) + 1
@@ -223,6 +241,14 @@ def steering_hooks(
         hook_name=name, layer=layer, alpha=alpha, vector=vector, sources=decoded[start:end],
         left_out=decoded[:start] + decoded[end:], positions=positions, how=how,
     )
+
+
+def _check_positions(positions) -> None:
+    # "all", a slice, or position indices; whether they fit is known only per forward call.
+    if positions == "all" or isinstance(positions, slice):
+        return
+    if isinstance(positions, str) or not isinstance(positions, Sequence) or not all(is_int(p) for p in positions):
+        raise InputError(f"positions must be 'all', a slice or a list of position indices, got {positions!r}.")
 
 
 def word_tokens(model, text: str | Sequence[str]) -> list[str]:

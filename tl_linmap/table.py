@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import html
+from collections.abc import Iterable
+
+from tl_linmap.errors import InputError
 
 #: Column separator of the plain-text view.
 SEPARATOR = " | "
@@ -134,13 +137,28 @@ class Table(list):
     ``DataFrame`` with one column per field.
     """
 
+    def __init__(self, rows: Iterable = ()) -> None:
+        if isinstance(rows, (str, bytes)) or not isinstance(rows, Iterable):
+            raise InputError(f"A Table is built from an iterable of dataclass rows, got {type(rows).__name__}.")
+        super().__init__(rows)
+
     def columns(self) -> list[str]:
         """The field names of the rows.
 
         Returns:
             Column names, in field order (empty for an empty table).
+
+        Raises:
+            InputError: if the rows are not dataclass instances of one type.
         """
-        return [f.name for f in dataclasses.fields(self[0])] if self else []
+        if not self:
+            return []
+        kinds = {type(row) for row in self}
+        if len(kinds) > 1 or not dataclasses.is_dataclass(self[0]) or isinstance(self[0], type):
+            raise InputError(
+                f"A Table's rows must be dataclass instances of one type, got {', '.join(sorted(k.__name__ for k in kinds))}."
+            )
+        return [f.name for f in dataclasses.fields(self[0])]
 
     def records(self) -> list[dict]:
         """The rows as plain dicts.
@@ -148,6 +166,7 @@ class Table(list):
         Returns:
             One dict per row.
         """
+        self.columns()  # the rows are checked there
         return [dataclasses.asdict(row) for row in self]
 
     def to_pandas(self):
