@@ -8,6 +8,7 @@ import torch
 
 from tl_linmap.jacobian import linear_map
 from tl_linmap.readout import nearest_tokens, top_tokens
+from tl_linmap.rules import architecture_of
 
 
 def _tokens(pairs: list[tuple[str, float]]) -> str:
@@ -38,7 +39,7 @@ def demo_report(model, prompt: str, *, top: int = 5, n_singular: int = 3) -> str
     largest = int(lm.operators.flatten(1).norm(dim=-1).argmax())
     svd = lm.svd(n_singular)
     lines = [
-        f"model: {model.cfg.model_name} ({model.cfg.architecture}, d_model {model.cfg.d_model}, {model.cfg.n_layers} layers)",
+        f"model: {model.cfg.model_name} ({architecture_of(model)}, d_model {model.cfg.d_model}, {model.cfg.n_layers} layers)",
         f"prompt: {prompt!r} -> {len(lm.tokens)} tokens {str_tokens}",
         f"detached Jacobian: {len(lm.tokens)} operators of {lm.operators.shape[1]}x{lm.operators.shape[2]} in {seconds:.1f} s",
         f"relative reconstruction error  float64: {lm.relative_error():.2e}   float32: {lm32.relative_error():.2e}",
