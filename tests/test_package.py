@@ -7,6 +7,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
 import tl_linmap
 
@@ -42,7 +43,7 @@ def test_no_module_imports_itself_back():
     ("old", "name", "new"),
     [
         ("maps", "linear_map", "tl_linmap.jacobian"),
-        ("maps", "plan_chunk", "tl_linmap.budget"),
+        ("maps", "plan_chunk", "tl_linmap.budget.plan_rows"),
         ("freezing", "freeze_hooks", "tl_linmap.hooks"),
         ("analysis", "DecodedPair", "tl_linmap.spectral"),
         ("analysis", "Readout", "tl_linmap.readout"),
@@ -64,3 +65,21 @@ def test_importing_the_package_warns_about_nothing():
         for info in pkgutil.iter_modules([str(PACKAGE)]):
             if info.name not in ("maps", "freezing", "analysis", "operators", "__main__"):
                 importlib.import_module(f"tl_linmap.{info.name}")
+
+
+def test_old_functions_with_a_new_signature_keep_their_old_one(toy_models):
+    from tl_linmap import analysis, maps
+
+    lm = tl_linmap.linear_map(toy_models["llama"], "Hi there")
+    with pytest.warns(DeprecationWarning):
+        assert analysis.source_tokens(lm) == lm.sources
+    with pytest.warns(DeprecationWarning):
+        assert torch.equal(analysis.operator_svd(lm, 2).values, lm.svd(2).values)
+    with pytest.warns(DeprecationWarning):
+        assert analysis.stacked_tokens(lm, True) == list(range(1, lm.position + 1))
+    with pytest.warns(DeprecationWarning):
+        assert len(analysis.dimensionality(lm, per_token=False)) == 1
+    with pytest.warns(DeprecationWarning):
+        assert analysis.logit_contributions(lm, 5).logit == lm.logit_contributions(5).logit
+    with pytest.warns(DeprecationWarning, match="use tl_linmap.budget.plan_rows"):
+        assert maps.plan_chunk(toy_models["llama"], 4, 64, 1, torch.float64, 16, torch.device("cpu")) == 16

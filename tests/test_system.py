@@ -166,3 +166,12 @@ def test_matrix_free_operators_refuse_use_after_the_block(toy_models):
         op = mf.operator(-1)
     with pytest.raises(tl_linmap.LinmapError, match="used after its `with` block ended"):
         op.matvec(torch.zeros(1, op.system.x.shape[-1], dtype=torch.float64))
+
+
+def test_every_final_norm_hook_reads_as_the_models_logits(model):
+    """ln_final.hook_normalized comes before the norm's weight on a bridge: the readout applies the rest."""
+    logits = model(model.to_tokens(PROMPT))[0, -1]
+    for target in ("output", "ln_final.hook_normalized"):
+        lm = tl_linmap.linear_map(model, PROMPT, target=target)
+        read = lm.readout.logits(lm.output, affine=True)
+        assert float((read - logits).norm() / logits.norm()) < 1e-5, target  # the plain forward's norm runs in float32

@@ -7,22 +7,29 @@ import warnings
 from collections.abc import Callable, Sequence
 
 
-def forwarder(old: str, modules: Sequence[str], renamed: dict[str, tuple[str, str]] | None = None) -> Callable[[str], object]:
+def forwarder(
+    old: str, modules: Sequence[str], renamed: dict[str, tuple[str, str]] | None = None,
+    adapters: dict[str, Callable] | None = None,
+) -> Callable[[str], object]:
     """A module ``__getattr__`` that finds old names in the modules that now hold them.
 
     Args:
         old: The old module's name, e.g. ``"tl_linmap.maps"``.
         modules: Where its names live now, searched in order.
         renamed: Old name -> (module, new name) for names that changed too.
+        adapters: Old name -> a function with the old signature, for names whose signature changed.
 
     Returns:
         The ``__getattr__`` function for the old module.
     """
-    renamed = renamed or {}
+    renamed, adapters = renamed or {}, adapters or {}
 
     def __getattr__(name: str):
         if name.startswith("__"):
             raise AttributeError(name)
+        if name in adapters:
+            warnings.warn(f"{old}.{name} is deprecated; use {adapters[name].__doc__}.", DeprecationWarning, stacklevel=2)
+            return adapters[name]
         module, new = renamed.get(name, (None, name))
         for candidate in [module] if module else modules:
             value = getattr(importlib.import_module(candidate), new, None)

@@ -23,7 +23,7 @@ MEMORY_FRACTION = 0.5
 #: the residual, norm, attention and MLP intermediates and their gradients).
 ACTIVATIONS_PER_ROW = 10
 #: Free memory assumed where the operating system reports none (it is only a planning figure;
-#: a user's explicit chunk size still gets checked against it).
+#: a user's explicit rows_per_pass or tokens_per_pass still gets checked against it).
 FALLBACK_FREE_BYTES = 4 * 2**30
 #: Rows times positions per batched backward: past this the products are wide enough to run
 #: at the matmul rate, and more rows in flight only cost memory (SmolLM2, 16 tokens: 128 rows

@@ -6,6 +6,7 @@ Supported: TransformerLens 2.16 up to (not including) 5. `HookedTransformer` exi
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.metadata
 
@@ -19,9 +20,10 @@ try:  # TransformerLens 4 moved `utils` to `utilities`; 2.x has a `utilities` pa
 except ImportError:  # pragma: no cover - exercised in the TransformerLens 2.x/3.x environments
     from transformer_lens.utils import get_act_name
 
-__all__ = ["SUPPORTED", "get_act_name", "is_bridge", "is_hooked", "check_model", "tl_version"]
+__all__ = ["SUPPORTED", "get_act_name", "is_bridge", "is_hooked", "check_model", "has_class", "tl_version"]
 
 
+@functools.cache
 def tl_version() -> tuple[int, ...]:
     """The installed TransformerLens version.
 
@@ -32,11 +34,27 @@ def tl_version() -> tuple[int, ...]:
     return tuple(int(part) for part in text.split("+")[0].split(".")[:3] if part.isdigit())
 
 
+@functools.cache
 def _class(module: str, name: str):
     try:
         return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError):
         return None
+
+
+def has_class(kind: str) -> bool:
+    """Whether the installed TransformerLens has a model class.
+
+    Args:
+        kind: ``"bridge"`` (TransformerBridge) or ``"hooked"`` (HookedTransformer).
+
+    Returns:
+        True where it can be imported.
+    """
+    return _class(*_CLASSES[kind]) is not None
+
+
+_CLASSES = {"bridge": ("transformer_lens.model_bridge", "TransformerBridge"), "hooked": ("transformer_lens", "HookedTransformer")}
 
 
 def is_bridge(model) -> bool:
@@ -48,7 +66,7 @@ def is_bridge(model) -> bool:
     Returns:
         True for a bridge (or a subclass).
     """
-    bridge = _class("transformer_lens.model_bridge", "TransformerBridge")
+    bridge = _class(*_CLASSES["bridge"])
     return bridge is not None and isinstance(model, bridge)
 
 
@@ -61,7 +79,7 @@ def is_hooked(model) -> bool:
     Returns:
         True for a HookedTransformer (or a subclass).
     """
-    hooked = _class("transformer_lens", "HookedTransformer")
+    hooked = _class(*_CLASSES["hooked"])
     return hooked is not None and isinstance(model, hooked)
 
 

@@ -7,12 +7,16 @@ import time
 import torch
 
 from tl_linmap.jacobian import linear_map
-from tl_linmap.readout import nearest_tokens, top_tokens
 from tl_linmap.rules import architecture_of
 
 
 def _tokens(pairs: list[tuple[str, float]]) -> str:
     return "  ".join(f"{tok!r} {score:.2f}" for tok, score in pairs)
+
+
+def _read(lm, vector, top: int, affine: bool = False) -> list[tuple[str, float]]:
+    # Through the map's readout: on a HookedTransformer the final norm's weight follows the output hook.
+    return lm.readout.top(lm.readout.logits(vector, affine=affine), top)[0]
 
 
 def demo_report(model, prompt: str, *, top: int = 5, n_singular: int = 3) -> str:
@@ -45,8 +49,8 @@ def demo_report(model, prompt: str, *, top: int = 5, n_singular: int = 3) -> str
         f"relative reconstruction error  float64: {lm.relative_error():.2e}   float32: {lm32.relative_error():.2e}",
         f"gap of the plain forward (HF norm in float32) to the float64 reference: {lm.native_gap():.2e}",
         f"top next tokens, model (probability):        {_tokens(model_top)}",
-        f"top next tokens, reconstruction (logit):     {_tokens(top_tokens(model, lm.reconstruct(), top))}",
-        f"top next token, float32 reconstruction:      {top_tokens(model, lm32.reconstruct(), 1)[0][0]!r}",
+        f"top next tokens, reconstruction (logit):     {_tokens(_read(lm, lm.reconstruct(), top, affine=True))}",
+        f"top next token, float32 reconstruction:      {_read(lm32, lm32.reconstruct(), 1, affine=True)[0][0]!r}",
         "per-token contribution norms |J_i x_i|:",
     ]
     width = max(len(repr(t)) for t in str_tokens)
@@ -56,6 +60,6 @@ def demo_report(model, prompt: str, *, top: int = 5, n_singular: int = 3) -> str
     lines.append(f"largest operator: token {largest} {str_tokens[largest]!r}, |J|_F = {lm.operators[largest].norm():.3f}")
     for j in range(n_singular):
         lines.append(f"  sigma_{j + 1} = {svd.values[largest, j]:.4f}")
-        lines.append(f"    left  (via unembedding): {_tokens(top_tokens(model, svd.left[largest, j], top, bias=False))}")
-        lines.append(f"    right (via embeddings):  {_tokens(nearest_tokens(model, svd.right[largest, j], top))}")
+        lines.append(f"    left  (via unembedding): {_tokens(_read(lm, svd.left[largest, j], top))}")
+        lines.append(f"    right (via embeddings):  {_tokens(lm.readout.top(lm.readout.cosines(svd.right[largest, j]), top)[0])}")
     return "\n".join(lines)

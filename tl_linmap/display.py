@@ -135,7 +135,7 @@ def linear_map_html(lm) -> str:
     """A linear map (or any per-token result of one target) at a glance.
 
     Args:
-        lm: A `tl_linmap.maps.LinearMap` or `tl_linmap.operators.Contributions`: needs
+        lm: A `tl_linmap.results.LinearMap` or `tl_linmap.results.Contributions`: needs
             ``target``, ``position``, ``tokens``, ``readout``, ``output``, ``contributions()``,
             ``relative_error()`` and ``native_gap()``; ``operators`` and ``inputs`` are
             shown when present.
@@ -185,7 +185,7 @@ def map_rows(maps: Mapping) -> Table:
     """One summary row per map.
 
     Args:
-        maps: Hook name -> map (a `tl_linmap.decomposition.LinearMaps` or a dict of maps).
+        maps: Hook name -> map (a `tl_linmap.results.LinearMaps` or a dict of maps).
 
     Returns:
         A `tl_linmap.table.Table` of `MapRow`.
@@ -197,7 +197,7 @@ def linear_maps_html(maps: Mapping) -> str:
     """Several maps of one inference: targets with their errors, and the last map's token view.
 
     Args:
-        maps: Hook name -> map (a `tl_linmap.decomposition.LinearMaps` or a dict of maps).
+        maps: Hook name -> map (a `tl_linmap.results.LinearMaps` or a dict of maps).
 
     Returns:
         An HTML fragment.
@@ -220,7 +220,7 @@ def linear_maps_text(maps: Mapping) -> str:
     """A plain-text summary of several maps (for ``repr``): one line per map.
 
     Args:
-        maps: Hook name -> map (a `tl_linmap.decomposition.LinearMaps` or a dict of maps).
+        maps: Hook name -> map (a `tl_linmap.results.LinearMaps` or a dict of maps).
 
     Returns:
         A title line and the `map_rows` table.
@@ -249,8 +249,8 @@ def component_rows(att) -> Table:
     """Per-component totals of an attribution, then its constant parts.
 
     Args:
-        att: A `tl_linmap.decomposition.Attribution` (or a
-            `tl_linmap.analysis.LogitSplit`, which has no components).
+        att: A `tl_linmap.results.Attribution` (or a
+            `tl_linmap.spectral.LogitSplit`, which has no components).
 
     Returns:
         A `tl_linmap.table.Table` of `ComponentRow`; the totals sum to ``att.logit``.
@@ -277,7 +277,7 @@ def attribution_html(att, tokens: Sequence[str] | None = None) -> str:
     """An output token's logit split over source tokens (signed colours) and components.
 
     Args:
-        att: A `tl_linmap.decomposition.Attribution` or a `tl_linmap.analysis.LogitSplit`:
+        att: A `tl_linmap.results.Attribution` or a `tl_linmap.spectral.LogitSplit`:
             needs ``token``, ``logit``, ``per_token``, ``constant``, ``total()``; uses
             ``per_component``, ``per_head``, ``unembed_bias`` and ``sources`` when present.
         tokens: The decoded source tokens (default: ``att.sources``, else ``#i``).

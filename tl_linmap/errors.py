@@ -10,7 +10,7 @@ class UnsupportedArchitectureError(LinmapError):
 
 
 class InputError(LinmapError, ValueError):
-    """The prompt, position, target or chunk size cannot be used."""
+    """An argument cannot be used (a prompt, position, target, dtype, size, name ...); the message says what to pass."""
 
 
 class FreezeError(LinmapError):

@@ -80,7 +80,7 @@ def borrowed(model, dtype: torch.dtype | None) -> Iterator[None]:
     is None or the model's own).
 
     Args:
-        model: A TransformerBridge (any ``nn.Module`` with a ``cfg`` works).
+        model: A TransformerBridge or HookedTransformer (any ``nn.Module`` with a ``cfg`` works).
         dtype: Working floating dtype, or None to keep the model's own.
 
     Returns:

@@ -23,8 +23,9 @@ Prompt = Union[str, Sequence[int], Tensor]
 
 #: ``target="output"`` on a TransformerBridge: the final norm's output, the vector the unembedding reads.
 OUTPUT_HOOK = "ln_final.hook_out"
-#: The same on a HookedTransformer, whose final norm has no hook after its weight: its last hook
-#: (after the weight for LayerNorm, before it for RMSNorm; `tl_linmap.readout.after_output` applies the rest).
+#: The same on a HookedTransformer, whose final norm may have no hook after its weight: its last hook
+#: (before RMSNorm's weight; LayerNorm's too in TransformerLens 3.x, after it in 2.x;
+#: `tl_linmap.readout.after_output` finds and applies what follows).
 HOOKED_OUTPUT_HOOK = "ln_final.hook_normalized"
 #: Hook names (by suffix) whose vectors live in the residual stream, where the unembedding reads.
 RESIDUAL_HOOKS = (

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from tl_linmap.budget import choose_route, forward_row_cost, plan_columns, plan_rows
 from tl_linmap.capture import at_position, capture, run_to_target
-from tl_linmap.compat import get_act_name
+from tl_linmap.compat import check_model, get_act_name
 from tl_linmap.errors import InputError
 from tl_linmap.guard import borrowed
 from tl_linmap.hooks import same_path_hooks
@@ -41,6 +41,7 @@ from tl_linmap.inputs import (
     check_position,
     check_positive,
     independent_target,
+    resolve_targets,
     target_depth,
     to_tokens,
 )
@@ -111,7 +112,7 @@ def _rows(y: Float[Tensor, " d_out"], x: Tensor, rows_per_pass: int, bar: tqdm) 
 
 
 def basis_scale(system: FrozenSystem) -> float:
-    """Length ``s`` of the basis embeddings the forward route pushes: a power of two, at least 1.
+    """Length ``s`` of the basis embeddings the columns route pushes: a power of two, at least 1.
 
     ``F(s·e) − b`` loses about ``eps·‖b‖`` to cancellation, so a model with a large affine
     part (biases, learned positions) needs ``s·‖J e‖`` well above ``‖b‖``. A column is about
@@ -233,6 +234,7 @@ def linear_maps(
     """
     rows_per_pass = rows_argument(rows_per_pass, chunk_size)
     route = check_route(route)
+    check_model(model)
     norms = check_norms(model, norms) if norms else []
     with frozen_system(model, prompt_or_tokens, targets, position=position, dtype=dtype) as system:
         n, d_in = system.x.shape[1:]
@@ -280,6 +282,7 @@ def plain_jacobians(model, prompt_or_tokens: Prompt, targets: Sequence[str], *, 
     dtype = check_dtype(dtype)
     n = tokens.shape[1]
     position = check_position(position, n)
+    targets = resolve_targets(model, targets)
     with borrowed(model, dtype), torch.enable_grad():
         x = run_to_target(model, tokens, EMBED_HOOK).detach().clone().requires_grad_(True)
         acts = capture(model, tokens, targets, same_path_hooks(model), x)

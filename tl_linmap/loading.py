@@ -1,4 +1,4 @@
-"""Loading real models as TransformerBridges ready for exact linear maps.
+"""Loading real models as TransformerBridges or HookedTransformers ready for exact linear maps.
 
 `load_model` takes a hub name (needs network), a local Hugging Face directory, a local
 GGUF file (dequantised to float by transformers + gguf), or the name of a model that an
@@ -15,7 +15,6 @@ import difflib
 import hashlib
 import importlib
 import importlib.metadata
-import importlib.util
 import json
 import os
 import shutil
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from tl_linmap.compat import has_class, tl_version
 from tl_linmap.errors import InputError, LinmapError, UnsupportedArchitectureError
 from tl_linmap.rules import FREEZE_RULES
 
@@ -378,7 +378,7 @@ def default_kind() -> str:
     Returns:
         ``"bridge"`` where TransformerLens has `TransformerBridge` (3.x, 4.x), else ``"hooked"``.
     """
-    return "bridge" if importlib.util.find_spec("transformer_lens.model_bridge") else "hooked"
+    return "bridge" if has_class("bridge") else "hooked"
 
 
 def hooked_from_hf(hf_model, tokenizer, *, hub_name: str | None = None, dtype: torch.dtype = torch.float32, device: str | None = None):
@@ -426,7 +426,12 @@ def hooked_from_hf(hf_model, tokenizer, *, hub_name: str | None = None, dtype: t
             fields.update({k: v for k, v in template[1](config).items() if v is not None})
         fields.update(dtype=dtype, device=device or "cpu")
         cfg = HookedTransformerConfig(**{k: v for k, v in fields.items() if k in HookedTransformerConfig.__dataclass_fields__})
-        state = tl_loading.get_pretrained_state_dict(source, cfg, hf_model, dtype=dtype)
+        flags = [param.requires_grad for param in hf_model.parameters()]
+        try:
+            state = tl_loading.get_pretrained_state_dict(source, cfg, hf_model, dtype=dtype)
+        finally:  # TransformerLens 2.x turns the Hugging Face model's gradients off
+            for param, flag in zip(hf_model.parameters(), flags):
+                param.requires_grad_(flag)
     model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
     model.load_and_process_state_dict(state, fold_ln=False, center_writing_weights=False, center_unembed=False, fold_value_biases=False)
     return model.to(cfg.device).eval()
@@ -453,7 +458,7 @@ def load_model(
         name_or_path: A `BUNDLED` name (``"smollm2"``, ``"gemma3-270m"``), a local
             ``.gguf`` file, a local Hugging Face model directory, or a hub name.
         dtype: Parameter dtype (linear maps run in float64 regardless, and restore it).
-        device: Device for the model (default: the bridge's choice).
+        device: Device for the model (default: the bridge's choice; CPU for a HookedTransformer).
         prepend_bos: Whether text gets a BOS token by default; None picks per model
             (off where the BOS token is a chat marker, as for SmolLM2).
         cache: Whether a GGUF's conversion is read from and saved to the cache; False
@@ -475,6 +480,11 @@ def load_model(
     kind = kind or default_kind()
     if kind not in KINDS:
         raise InputError(f"kind must be one of {', '.join(map(repr, KINDS))}, got {kind!r}.")
+    if not has_class(kind):
+        raise InputError(
+            f"kind={kind!r} needs a {'TransformerBridge (TransformerLens 3.x/4.x)' if kind == 'bridge' else 'HookedTransformer (TransformerLens 2.x/3.x)'}; "
+            f"TransformerLens {'.'.join(map(str, tl_version()))} is installed. Use kind={'hooked' if kind == 'bridge' else 'bridge'!r}."
+        )
     if source.gguf is None:
         tokenizer, hf_model = _from_pretrained(name_or_path, source.location, dtype)
     else:

@@ -5,7 +5,7 @@ tl_linmap`` works without it; calling a plot function without it raises an Impor
 that says ``pip install tl_linmap[plot]``. Every function draws into ``ax`` when one is
 given (creating a figure otherwise) and returns the matplotlib Figure.
 
-Maps are passed as a `tl_linmap.decomposition.LinearMaps` (or any Mapping of name to
+Maps are passed as a `tl_linmap.results.LinearMaps` (or any Mapping of name to
 `tl_linmap.results.LinearMap`, drawn in its order, so layer by layer for `layer_maps`) or as
 a single `LinearMap`. Tokens are shown through `token_label`, which makes spaces, control
 characters and byte pieces visible.
@@ -111,7 +111,7 @@ def _named(maps: Mapping[str, TargetResult] | TargetResult) -> dict[str, TargetR
 
 
 def _linear(named: dict[str, TargetResult]) -> dict[str, LinearMap]:
-    # Spectra and singular vectors need the operators, which forward-route results lack.
+    # Spectra and singular vectors need the operators, which matrix-free results (Contributions) lack.
     for name, lm in named.items():
         if not isinstance(lm, LinearMap):
             raise InputError(f"{name} is a {type(lm).__name__}, not a LinearMap: it has no operators to decompose.")

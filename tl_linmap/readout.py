@@ -54,9 +54,12 @@ def frozen_norm(model, norm: str, factors: Factors, position: int) -> FrozenAffi
 def unembed(model, vector: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_vocab"]:
     """Logits of a final-norm-output vector: ``vector @ W_U (+ b_U)``.
 
+    For a map's own vectors use ``lm.readout.logits``: on a HookedTransformer the ``"output"``
+    hook comes before the final norm's weight, which the readout applies and this does not.
+
     Args:
         model: A TransformerBridge or HookedTransformer.
-        vector: Output-space vector(s), e.g. a `LinearMap` output of target ``"output"``.
+        vector: Vector(s) the unembedding reads directly, e.g. a bridge map's output of target ``"output"``.
 
     Returns:
         Logits over the vocabulary, in the vector's dtype.
@@ -235,16 +238,17 @@ def decode_tokens(model, tokens: Int[Tensor, " pos"] | Sequence[int]) -> list[st
 
 
 def after_output(model, output: str) -> FrozenAffine | None:
-    """What the final norm still applies after the hook point ``target="output"`` reads.
+    """What the final norm still applies after one of its hook points.
 
-    A bridge's ``ln_final.hook_out`` and a HookedTransformer LayerNorm's ``hook_normalized``
-    are the norm's result: nothing follows. A HookedTransformer RMSNorm's ``hook_normalized``
-    comes before its weight, which then multiplies. Found by replacing the hook's value with
-    probe vectors and reading the module's result, so no norm code is copied here.
+    A bridge's ``ln_final.hook_out`` is the norm's result: nothing follows. Its
+    ``hook_normalized``, and a HookedTransformer's (RMSNorm; LayerNorm in TransformerLens
+    3.x), come before the weight, which then multiplies (and the bias adds). Found by replacing
+    the hook's value with probe vectors and reading the module's result, so no norm code is
+    copied here and every version's placement is measured, not assumed.
 
     Args:
         model: The model, in the working dtype.
-        output: The output hook's name (see `tl_linmap.inputs.output_hook`).
+        output: A hook name of the final norm, e.g. the output hook (`tl_linmap.inputs.output_hook`).
 
     Returns:
         The affine map from the hook's value to the norm's result, or None where it is the identity.

@@ -101,8 +101,7 @@ FREEZE_RULES: dict[str, tuple[Rule, ...]] = {
 #: with the ratio frozen; a gated MLP freezes its whole activated gate, whatever its activation.
 POINTWISE_ACTIVATIONS = frozenset({"relu", "gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh", "silu", "solu", "solu_ln"})
 
-#: HookedTransformer norms (hook layer types) that a config setting adds, each frozen at its
-#: ``hook_scale``; their factors' sequence axis, and whether they fire after the attention.
+#: A HookedTransformer's q/k norms run on (batch, pos, head, d_head): their scales' sequence axis is 1.
 _HOOKED_QK_NORMS = tuple(Detach("scale", f"attn.{qk}_norm") for qk in "qk")  # (batch, pos, head, 1)
 
 
@@ -119,7 +118,7 @@ def hooked_rules(cfg) -> tuple[Rule, ...]:
     Raises:
         UnsupportedArchitectureError: naming the setting, for anything that is not a
             product ``A(x)·x`` a rule covers (mixture-of-experts MLPs, an activation that
-            is not zero at zero, ...).
+            is not zero at zero, final logit softcapping, ...).
     """
     if getattr(cfg, "num_experts", None):
         raise UnsupportedArchitectureError(
@@ -132,6 +131,11 @@ def hooked_rules(cfg) -> tuple[Rule, ...]:
             f"use_split_qkv_input with grouped keys and values (n_key_value_heads={kv_heads}): ln1 then fires "
             "for queries and for keys/values with different head counts, and one frozen scale per hook "
             "point cannot replay both. Use use_split_qkv_input=False (or use_attn_in)."
+        )
+    if getattr(cfg, "output_logits_soft_cap", -1.0) > 0:
+        raise UnsupportedArchitectureError(
+            f"output_logits_soft_cap={cfg.output_logits_soft_cap}: the logits are a tanh of the unembedding, "
+            "so no logit readout of the linear system would be the model's logits."
         )
     rules: list[Rule] = [_PATTERN]
     if cfg.normalization_type is not None:
@@ -183,11 +187,11 @@ def rules_for(model) -> tuple[Rule, ...]:
         model: A TransformerBridge or HookedTransformer.
 
     Returns:
-        The architecture's rules from `FREEZE_RULES`.
+        A bridge's rules from `FREEZE_RULES`; a HookedTransformer's from its config (`hooked_rules`).
 
     Raises:
-        UnsupportedArchitectureError: if the architecture has no entry, or the model
-            carries a nonlinearity (for example logit softcapping) no rule covers.
+        UnsupportedArchitectureError: if the architecture has no entry, a HookedTransformer's config
+            has a setting no rule covers, or the model has a norm no rule freezes.
     """
     arch = architecture_of(model)
     if is_hooked(model):

@@ -328,7 +328,7 @@ def alpha_sweep(
     tokens are concept tokens.
 
     Args:
-        model: The TransformerBridge the source map was computed on.
+        model: The model (TransformerBridge or HookedTransformer) the source map was computed on.
         source: See `steering_hooks`.
         prompt: An unrelated prompt to steer (text or tokens).
         layer: Block whose output is steered.

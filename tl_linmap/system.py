@@ -24,6 +24,7 @@ target position only: the rows the other positions would cost there are never co
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Container, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -70,7 +71,7 @@ def check_factors(model, factors: Factors) -> None:
     """
     missing = [name for name in factor_names(model) if name not in factors]
     if missing:
-        raise FreezeError(f"Freeze hooks never ran at {missing[:4]}: the bridge bypassed them; no exact map.")
+        raise FreezeError(f"Freeze hooks never ran at {missing[:4]}: the model bypassed them; no exact map.")
 
 
 def trimmed_block(names: Sequence[str], cfg, hooks: Container[str] | None = None) -> int | None:
@@ -125,10 +126,22 @@ def purely_linear(model) -> bool:
     return not any(_adds_a_constant(name, param) for name, param in model.named_parameters())
 
 
+def is_bias_name(name: str) -> bool:
+    """Whether a parameter name is an additive weight.
+
+    Args:
+        name: A parameter's full name.
+
+    Returns:
+        True for Hugging Face's ``bias`` and a HookedTransformer's ``b``, ``b_*`` and its
+        grouped-query ``_b_K``/``_b_V``.
+    """
+    return re.fullmatch(r"_?b(_\w+)?|bias", name.rsplit(".", 1)[-1]) is not None
+
+
 def _adds_a_constant(name: str, param: Tensor) -> bool:
-    # Hugging Face names additive weights `bias`; a HookedTransformer `b` and `b_*` (kept even when zero).
-    last = name.rsplit(".", 1)[-1]
-    return (last == "bias" or last == "b" or last.startswith("b_")) and bool(param.detach().any())
+    # A HookedTransformer keeps its biases even when they are zero: only a nonzero one adds a constant.
+    return is_bias_name(name) and bool(param.detach().any())
 
 
 def vjp(y: Float[Tensor, " d_out"], x: Float[Tensor, "1 pos d_in"], rows: Float[Tensor, "k d_out"]) -> Float[Tensor, "k pos d_in"]:
@@ -365,7 +378,7 @@ class FrozenSystem:
         Returns:
             A `tl_linmap.readout.Readout` (no norm for the final norm's own output).
         """
-        if name == output_hook(self.model):
+        if name.startswith("ln_final."):  # the final norm's own hooks: only what follows them applies
             return Readout(model=self.model, final_norm=after_output(self.model, name))
         return Readout(model=self.model, final_norm=self.final_norm, residual=name.endswith(RESIDUAL_HOOKS))
 

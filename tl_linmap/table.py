@@ -207,8 +207,8 @@ class Table(list):
         if not self:
             return "(empty table)"
         numeric, quoted = self._column_kinds()
-        rows = [[_text_cell(getattr(row, c), q, cell_width) for c, q in zip(self.columns(), quoted)] for row in self]
-        rows = [self.columns()] + rows
+        columns = self.columns()
+        rows = [columns] + [[_text_cell(getattr(row, c), q, cell_width) for c, q in zip(columns, quoted)] for row in self]
         widths = [max(len(r[i]) for r in rows) for i in range(len(numeric))]
         lines = [
             SEPARATOR.join(cell.rjust(w) if num else cell.ljust(w) for cell, w, num in zip(r, widths, numeric)).rstrip() for r in rows

@@ -14,6 +14,8 @@ import torch
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
+from tl_linmap.system import is_bias_name
+
 #: Family name -> (HF config class, HF model class, architecture name).
 FAMILIES = {
     "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
@@ -106,8 +108,10 @@ def toy_model(
     Returns:
         A TransformerBridge in eval mode, with the toy tokenizer.
     """
-    from transformer_lens.model_bridge import TransformerBridge
-
+    try:
+        from transformer_lens.model_bridge import TransformerBridge
+    except ImportError as error:
+        raise ValueError("This TransformerLens has no TransformerBridge (it came in 3.0); use hooked_toy_model.") from error
     if family not in FAMILIES:
         raise ValueError(f"Unknown toy family {family!r}; choose from {sorted(FAMILIES)}.")
     tokenizer = toy_tokenizer()
@@ -190,7 +194,6 @@ def hooked_toy_model(
     model = HookedTransformer(cfg, tokenizer=tokenizer)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            last = name.rsplit(".", 1)[-1]
-            if last in ("w", "b") or last.startswith("b_"):
+            if name.rsplit(".", 1)[-1] == "w" or is_bias_name(name):
                 param.add_(0.1 * torch.randn_like(param))
     return model.eval()
