@@ -6,6 +6,8 @@ import importlib
 import warnings
 from collections.abc import Callable, Sequence
 
+from tl_linmap.errors import InputError
+
 
 def forwarder(
     old: str, modules: Sequence[str], renamed: dict[str, tuple[str, str]] | None = None,
@@ -40,3 +42,26 @@ def forwarder(
         raise AttributeError(f"module {old!r} has no attribute {name!r} (it is deprecated; see {', '.join(modules)})")
 
     return __getattr__
+
+
+def renamed_argument(old: str, old_value, new: str, new_value):
+    """The value of an argument whose old name still works for one release, with a warning.
+
+    Args:
+        old: The old name.
+        old_value: What was passed under it (None: nothing).
+        new: The new name.
+        new_value: What was passed under it.
+
+    Returns:
+        The value to use.
+
+    Raises:
+        InputError: if both names were given.
+    """
+    if old_value is None:
+        return new_value
+    if new_value is not None:
+        raise InputError(f"Pass {new}= only ({old}= is its deprecated name).")
+    warnings.warn(f"{old}= is deprecated; use {new}=.", DeprecationWarning, stacklevel=3)
+    return old_value

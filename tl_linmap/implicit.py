@@ -19,13 +19,14 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from tl_linmap._deprecated import renamed_argument
 from tl_linmap.budget import plan_tokens
 from tl_linmap.errors import InputError
 from tl_linmap.exactness import check_exact, relative
 from tl_linmap.inputs import Prompt, check_positive, resolve_target
 from tl_linmap.readout import decode_tokens
 from tl_linmap.results import Contributions
-from tl_linmap.spectral import OperatorSVD, _renamed, input_index, signed
+from tl_linmap.spectral import OperatorSVD, input_index, signed
 from tl_linmap.system import FrozenSystem, frozen_system
 
 
@@ -70,7 +71,7 @@ def token_contributions(
     Returns:
         A `tl_linmap.results.Contributions`.
     """
-    tokens_per_pass = _renamed("chunk_size", chunk_size, "tokens_per_pass", tokens_per_pass)
+    tokens_per_pass = renamed_argument("chunk_size", chunk_size, "tokens_per_pass", tokens_per_pass)
     if tokens_per_pass is not None:
         tokens_per_pass = check_positive("tokens_per_pass", tokens_per_pass)
     with frozen_system(model, prompt_or_tokens, [target], position=position, dtype=dtype) as system:
@@ -237,7 +238,7 @@ class MatrixFree:
             InputError: for an index outside the prompt or after the target position, or a
                 target that `matrix_free` was not given.
         """
-        source = _renamed("token", token, "source", source)
+        source = renamed_argument("token", token, "source", source)
         system = self.system
         index = input_index(-1 if source is None else source, system.tokens.shape[1], system.position)
         name = system.names[0] if target is None else resolve_target(system.model, target)
@@ -258,7 +259,7 @@ class MatrixFree:
         Returns:
             An `tl_linmap.spectral.OperatorSVD` of that one token, which decodes like any other.
         """
-        source = _renamed("token", token, "source", source)
+        source = renamed_argument("token", token, "source", source)
         return randomized_svd(self.operator(source, target), k, **options)
 
 

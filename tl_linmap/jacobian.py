@@ -27,6 +27,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from tl_linmap._deprecated import renamed_argument
 from tl_linmap.budget import choose_route, forward_row_cost, plan_columns, plan_rows
 from tl_linmap.capture import at_position, capture, run_to_target
 from tl_linmap.compat import check_model, get_act_name
@@ -93,11 +94,7 @@ def rows_argument(rows_per_pass: int | None, chunk_size: int | None) -> int | No
     Raises:
         InputError: for a value that is not a positive int, or both names given.
     """
-    if chunk_size is not None:
-        if rows_per_pass is not None:
-            raise InputError("Pass rows_per_pass= only (chunk_size= is its deprecated name).")
-        warnings.warn("chunk_size= is deprecated here; use rows_per_pass=.", DeprecationWarning, stacklevel=3)
-        rows_per_pass = chunk_size
+    rows_per_pass = renamed_argument("chunk_size", chunk_size, "rows_per_pass", rows_per_pass)
     return None if rows_per_pass is None else check_positive("rows_per_pass", rows_per_pass)
 
 

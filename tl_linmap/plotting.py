@@ -22,12 +22,12 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from tl_linmap._deprecated import renamed_argument
 from tl_linmap.errors import InputError
 from tl_linmap.results import LinearMap, TargetResult
 from tl_linmap.spectral import (
     DecodedPair,
     LogitSplit,
-    _renamed,
     input_index,
     stacked_tokens,
 )
@@ -136,7 +136,7 @@ def _index(lm: TargetResult, token: int, skip_first: bool) -> int:
 
 def _source_choice(source: TokenChoice | None, token: TokenChoice | None) -> TokenChoice:
     # `token=` was this argument's old name; the default is the prompt's last token.
-    source = _renamed("token", token, "source", source)
+    source = renamed_argument("token", token, "source", source)
     if isinstance(source, str) and source != "all":
         raise InputError(f"source must be an input token index or 'all' (the stacked operator), got {source!r}.")
     return -1 if source is None else source

@@ -8,7 +8,7 @@ similarity with the token embedding matrix.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -41,14 +41,21 @@ def frozen_norm(model, norm: str, factors: Factors, position: int) -> FrozenAffi
     Returns:
         A `FrozenAffine`.
     """
-    # The bridge's own norm module, its scale replaced by the frozen one: no norm code copied here.
+    # The model's own norm module, its scale replaced by the frozen one: no norm code copied here.
     scale = factors[f"{norm}.hook_scale"][:, position : position + 1]
+    return _probed(model, norm, (f"{norm}.hook_scale", lambda act, probes, hook=None: scale.expand_as(act)))
+
+
+def _probed(model, module: str, hook: tuple[str, Callable]) -> FrozenAffine:
+    # The module as an affine map: run on the zero vector and the basis vectors, with one hook
+    # (its function also given the probes) replacing what the input would have decided.
+    name, replace = hook
+    reference = next(model.parameters())
     d_model = model.cfg.d_model
-    probes = torch.cat([scale.new_zeros(1, d_model), torch.eye(d_model, dtype=scale.dtype, device=scale.device)])[:, None]
-    hook = (f"{norm}.hook_scale", lambda act, hook=None: scale.expand_as(act))
-    with quiet_norm_edits(), model.hooks(fwd_hooks=[hook]):
-        out = model.get_submodule(norm)(probes)[:, 0]
-    return FrozenAffine(matrix=(out[1:] - out[0]).T.detach(), offset=out[0].detach())
+    probes = torch.cat([reference.new_zeros(1, d_model), torch.eye(d_model, dtype=reference.dtype, device=reference.device)])[:, None]
+    with quiet_norm_edits(), model.hooks(fwd_hooks=[(name, lambda act, hook=None: replace(act, probes))]), torch.no_grad():
+        out = model.get_submodule(module)(probes)[:, 0]
+    return FrozenAffine(matrix=(out[1:] - out[0]).T, offset=out[0])
 
 
 def unembed(model, vector: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_vocab"]:
@@ -253,15 +260,8 @@ def after_output(model, output: str) -> FrozenAffine | None:
     Returns:
         The affine map from the hook's value to the norm's result, or None where it is the identity.
     """
-    module_name = output.rsplit(".", 1)[0]
     if not output.startswith("ln_final."):
         return None
-    d_model = model.cfg.d_model
-    reference = next(model.parameters())
-    probes = torch.cat([reference.new_zeros(1, d_model), torch.eye(d_model, dtype=reference.dtype, device=reference.device)])[:, None]
-    with model.hooks(fwd_hooks=[(output, lambda act, hook=None: probes.to(act))]), torch.no_grad():
-        out = model.get_submodule(module_name)(probes)[:, 0]
-    matrix, offset = (out[1:] - out[0]).T, out[0]
-    if torch.equal(matrix, torch.eye(d_model, dtype=matrix.dtype, device=matrix.device)) and not offset.any():
-        return None
-    return FrozenAffine(matrix=matrix, offset=offset)
+    after = _probed(model, "ln_final", (output, lambda act, probes: probes.to(act)))
+    identity = torch.eye(model.cfg.d_model, dtype=after.matrix.dtype, device=after.matrix.device)
+    return None if torch.equal(after.matrix, identity) and not after.offset.any() else after

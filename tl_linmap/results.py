@@ -23,6 +23,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from tl_linmap import display
+from tl_linmap._deprecated import renamed_argument
 from tl_linmap.compat import get_act_name
 from tl_linmap.errors import InputError
 from tl_linmap.exactness import check_exact, relative
@@ -31,7 +32,6 @@ from tl_linmap.readout import FrozenAffine, Readout, decode_tokens, token_id
 from tl_linmap.spectral import (
     LogitSplit,
     OperatorSVD,
-    _renamed,
     dimensionality,
     operator_svd,
 )
@@ -190,7 +190,7 @@ class LinearMap(TargetResult):
         Returns:
             A `tl_linmap.table.Table` of `tl_linmap.spectral.DecodedPair`.
         """
-        sources = _renamed("tokens", tokens, "sources", sources)
+        sources = renamed_argument("tokens", tokens, "sources", sources)
         return self.svd(k, skip_first=skip_first).decode(k, top, sources, skip_first=skip_first, stacked=stacked)
 
     def dimensionality(self, *, skip_first: bool = False, per_token: bool = True) -> Table:
@@ -406,7 +406,7 @@ class LinearMaps(Mapping):
         Returns:
             A `tl_linmap.table.Table` of `tl_linmap.spectral.DecodedPair`.
         """
-        sources = _renamed("tokens", tokens, "sources", sources)
+        sources = renamed_argument("tokens", tokens, "sources", sources)
         rows = Table()
         for name in self._residual(targets):
             rows.extend(self[name].decode(k, top, sources, skip_first=skip_first, stacked=stacked))

@@ -22,6 +22,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from tl_linmap._deprecated import renamed_argument
 from tl_linmap.errors import InputError
 from tl_linmap.inputs import check_positive, is_int
 from tl_linmap.readout import Readout
@@ -266,7 +267,7 @@ class OperatorSVD:
             InputError: without a readout, for a target outside the residual stream, an index
                 this SVD does not hold, or ``k < 1``.
         """
-        sources = _renamed("tokens", tokens, "sources", sources)
+        sources = renamed_argument("tokens", tokens, "sources", sources)
         if self.readout is None:
             raise InputError("This SVD has no readout; compute it from a map made by tl_linmap.")
         check_positive("k", k)
@@ -312,16 +313,6 @@ def _source_list(sources) -> list:
     if is_int(sources) or isinstance(sources, str) or not isinstance(sources, Iterable):
         return [sources]
     return list(sources)
-
-
-def _renamed(old: str, old_value, new: str, new_value):
-    # One release of grace for a renamed argument.
-    if old_value is None:
-        return new_value
-    if new_value is not None:
-        raise InputError(f"Pass {new}= only ({old}= is its deprecated name).")
-    warnings.warn(f"{old}= is deprecated; use {new}=.", DeprecationWarning, stacklevel=3)
-    return old_value
 
 
 def operator_svd(

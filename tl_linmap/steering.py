@@ -27,6 +27,7 @@ from tl_linmap.errors import InputError
 from tl_linmap.inputs import RESIDUAL_HOOKS, Prompt, is_int, to_tokens
 from tl_linmap.readout import token_id
 from tl_linmap.results import LinearMap, LinearMaps
+from tl_linmap.spectral import signed
 from tl_linmap.table import Table
 
 Positions = Literal["all"] | Sequence[int] | slice
@@ -106,9 +107,8 @@ def concept_vector(
         vector = source.contributions()[start:].sum(0)
     elif how == "singular":
         stacked = torch.cat(list(source.operators[start : source.position + 1]), dim=1)
-        u, values, _ = torch.linalg.svd(stacked, full_matrices=False)
-        left = u[:, :k].T
-        left = left * torch.where(left @ source.output >= 0, 1.0, -1.0).to(left)[:, None]  # along the output
+        u, values, vh = torch.linalg.svd(stacked, full_matrices=False)
+        left, _ = signed(u[:, :k].T, vh[:k], source.output)
         vector = values[:k] @ left
     else:
         raise InputError(f"how must be 'contributions' or 'singular', got {how!r}.")
