@@ -57,6 +57,11 @@ def has_class(kind: str) -> bool:
 _CLASSES = {"bridge": ("transformer_lens.model_bridge", "TransformerBridge"), "hooked": ("transformer_lens", "HookedTransformer")}
 
 
+def _is(model, kind: str) -> bool:
+    cls = _class(*_CLASSES[kind])
+    return cls is not None and isinstance(model, cls)
+
+
 def is_bridge(model) -> bool:
     """Whether ``model`` is a `TransformerBridge` (TransformerLens 3.x and 4.x).
 
@@ -66,8 +71,7 @@ def is_bridge(model) -> bool:
     Returns:
         True for a bridge (or a subclass).
     """
-    bridge = _class(*_CLASSES["bridge"])
-    return bridge is not None and isinstance(model, bridge)
+    return _is(model, "bridge")
 
 
 def is_hooked(model) -> bool:
@@ -79,8 +83,7 @@ def is_hooked(model) -> bool:
     Returns:
         True for a HookedTransformer (or a subclass).
     """
-    hooked = _class(*_CLASSES["hooked"])
-    return hooked is not None and isinstance(model, hooked)
+    return _is(model, "hooked")
 
 
 def check_model(model) -> None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from jaxtyping import Float
 from torch import Tensor
 
-from tl_linmap.table import STYLE, Table, visible
+from tl_linmap.table import NUM_CELL, STYLE, Table, visible
 
 #: Background colours (RGB) of the token views: magnitudes, positive and negative values.
 MAGNITUDE = (230, 120, 0)
@@ -29,7 +29,6 @@ TOP_HEADS = 6
 
 # Inline (not in STYLE) so that `tokens_html` renders the same on its own; compact because repeated per token.
 _TOKEN_STYLE = "display:inline-block;font-family:monospace;white-space:pre;border:1px solid #8886;border-radius:3px;padding:0 2px;margin:1px"
-_NUM = ' class="num"'
 
 
 def _colour(value: float, scale: float, signed: bool) -> str:
@@ -86,7 +85,7 @@ def _shape(tensor) -> str:
 def _facts(rows: Sequence[tuple[str, str, bool]]) -> str:
     # A two-column table: name, value (right-aligned when it is a number).
     cells = "".join(
-        f"<tr><th>{html.escape(name)}</th><td{_NUM if numeric else ''}>{html.escape(value)}</td></tr>"
+        f"<tr><th>{html.escape(name)}</th><td{NUM_CELL if numeric else ''}>{html.escape(value)}</td></tr>"
         for name, value, numeric in rows
     )
     return f'<table class="tl-linmap-table"><tbody>{cells}</tbody></table>'

@@ -21,7 +21,7 @@ from tl_linmap.compat import get_act_name
 from tl_linmap.inputs import output_hook
 from tl_linmap.jacobian import linear_maps
 from tl_linmap.results import LinearMaps
-from tl_linmap.table import STYLE, Table
+from tl_linmap.table import NUM_CELL, STYLE, Table, number_text
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }
@@ -61,7 +61,6 @@ class _Prediction:
 
 
 # Right-aligned numbers, as in tl_linmap.table.
-_NUM = ' class="num"'
 
 #: What each table column means, by column name; a table's legend shows its own columns.
 #: Decoded singular pairs of one token's operator J_i:
@@ -155,7 +154,7 @@ def _explained_table(table: Table, caption: str, legend: Mapping[str, str]) -> s
 
 
 def _cell(value: float) -> str:
-    return f"<td{_NUM}>{value:.4g}</td>" if isinstance(value, float) else f"<td{_NUM}>{value}</td>"
+    return f"<td{NUM_CELL}>{number_text(value)}</td>"
 
 
 def _rank_table(maps: LinearMaps, caption: str) -> str:
@@ -167,7 +166,7 @@ def _rank_table(maps: LinearMaps, caption: str) -> str:
         "without first": f"stacked [J_1 … J_{n - 1}]: {n - 1} tokens, the first left out",
     }
     head = '<th rowspan="2">map</th>' + "".join(f'<th colspan="2">{html.escape(h)}</th>' for h, _ in _RANKS.values())
-    subhead = "".join(f"<th{_NUM}>{v}</th>" for _ in _RANKS for v in variants)
+    subhead = "".join(f"<th{NUM_CELL}>{v}</th>" for _ in _RANKS for v in variants)
     rows = []
     for name, lm in maps.items():
         (a,) = lm.dimensionality(per_token=False)

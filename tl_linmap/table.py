@@ -35,7 +35,8 @@ STYLE = """
 .tl-linmap-tok { font-family: monospace; white-space: pre; border: 1px solid #bbb; border-radius: 3px; padding: 0 .15em; }
 .tl-linmap-score { opacity: .7; font-size: .9em; }
 """.strip()
-_NUM = ' class="num"'
+#: The attribute of a right-aligned (numeric) cell; `STYLE` aligns it.
+NUM_CELL = ' class="num"'
 
 
 def visible(token: str) -> str:
@@ -77,7 +78,15 @@ def _needs_quotes(text: str) -> bool:
     return text == "" or not text.isprintable() or text != text.strip()
 
 
-def _number(value) -> str:
+def number_text(value) -> str:
+    """A number as a table shows it (floats to 4 significant digits).
+
+    Args:
+        value: A number (or anything else, shown as ``str``).
+
+    Returns:
+        The text.
+    """
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
@@ -85,7 +94,7 @@ def _scalar(value, quoted: bool) -> str:
     if value is None:
         return "-"
     if _is_number(value):
-        return _number(value)
+        return number_text(value)
     if isinstance(value, str):
         return repr(value) if quoted else value
     text = str(value)
@@ -115,7 +124,7 @@ def _text_cell(value, quoted: bool, width: int | None) -> str:
 
 def _html_cell(value, quoted: bool, numeric: bool) -> str:
     if numeric and not isinstance(value, (list, tuple)):
-        return f"<td{_NUM}>{html.escape(_scalar(value, False))}</td>"
+        return f"<td{NUM_CELL}>{html.escape(_scalar(value, False))}</td>"
     if _is_pairs(value):
         items = (
             f'<span class="tl-linmap-item">{token_span(token)} <span class="tl-linmap-score">{score:.2f}</span></span>'
@@ -226,7 +235,7 @@ class Table(list):
             return "<p>(empty table)</p>"
         numeric, quoted = self._column_kinds()
         columns = self.columns()
-        head = "".join(f"<th{_NUM if num else ''}>{html.escape(c)}</th>" for c, num in zip(columns, numeric))
+        head = "".join(f"<th{NUM_CELL if num else ''}>{html.escape(c)}</th>" for c, num in zip(columns, numeric))
         body = "".join(
             "<tr>" + "".join(_html_cell(getattr(row, c), q, num) for c, q, num in zip(columns, quoted, numeric)) + "</tr>" for row in self
         )
