@@ -210,6 +210,11 @@ BAD_CALLS = [
     bad("steering-alpha-a-word", lambda m: tl_linmap.steering_hooks(_maps(m), layer=0, alpha="big"), r"alpha must be a number"),
     bad("steering-positions-a-word", lambda m: tl_linmap.steering_hooks(_maps(m), layer=0, positions="first"), r"positions must be 'all', a slice or a list"),
     bad("steering-positions-beyond-the-call", lambda m: _steered(m, positions=[99]), r"positions=\[99\] does not fit a forward call of \d+ positions"),
+    bad("steering-method-unknown", lambda m: tl_linmap.steering_hooks(_maps(m), layer=0, method="operators"), r"method must be 'vector' \(a fixed concept vector\) or 'operator'"),
+    bad("steering-operator-with-how", lambda m: tl_linmap.steering_hooks(_maps(m), layer=0, method="operator", how="singular"), r"how='singular' builds a concept vector: it applies to method='vector' only"),
+    bad("steering-operator-without-hook_embed", lambda m: _operator_steered_alone(m), r"have the token embeddings of 0 positions for a forward call of \d+ positions.*attach all the hooks of the OperatorSteering"),
+    bad("compare_methods-no-sources", lambda m: tl_linmap.compare_methods(m, {}, SHORT, " and", layer=0), r"sources must be a non-empty dict of concept label -> source map"),
+    bad("compare_methods-empty-continuation", lambda m: tl_linmap.compare_methods(m, {"x": _maps(m)}, SHORT, "", layer=0), r"continuation must be the fixed text to score after the prompt, got ''"),
     bad("plot_spectra-a-string", lambda m: _plot("plot_spectra", "x"), r"Plots take a LinearMap .* got str"),
     bad("plot_spectra-ALL", lambda m: _plot("plot_spectra", _maps(m), "ALL"), r"source must be an input token index or 'all'"),
     bad("plot_heatmap-an-svd", lambda m: _plot("plot_contribution_heatmap", _map(m).svd()), r"Plots take a LinearMap .* got OperatorSVD"),
@@ -223,6 +228,13 @@ BAD_CALLS = [
 
 def _steered(model, positions):
     with model.hooks(fwd_hooks=tl_linmap.steering_hooks(_maps(model), layer=0, positions=positions)):
+        model(SHORT)
+
+
+def _operator_steered_alone(model):
+    # Only the hook that adds the vectors, not those that read the embeddings.
+    steering = tl_linmap.steering_hooks(_maps(model), layer=0, method="operator")
+    with model.hooks(fwd_hooks=[steering[-1]]):
         model(SHORT)
 
 

@@ -182,8 +182,8 @@ def _cache_models():
     # Models whose own KV-cached generation equals the uncached one (TransformerLens 4.3's bridge
     # cache is right for GPT-NeoX; the HookedTransformer's for every family).
     yield "pythia-bridge"
-    if HOOKED:
-        yield "llama-hooked"
+    if HOOKED:  # whose generate embeds without hook_embed: the hooks read block 0's residual
+        yield from ("llama-hooked", "gpt2-hooked")
 
 
 def _final_residuals(model, hooks, tokens, kv_cache: bool):
@@ -203,7 +203,7 @@ def test_operator_steering_is_the_same_with_and_without_the_kv_cache(toy_models,
     else:
         from tl_linmap.toy import hooked_toy_model
 
-        model = hooked_toy_model("llama")
+        model = hooked_toy_model(kind.split("-")[0])
     source = tl_linmap.linear_map(model, "Gate", target="blocks.1.hook_resid_post")
     tokens = model.to_tokens(PROMPT)
     plain_tokens, plain = _final_residuals(model, [], tokens, kv_cache=False)

@@ -200,12 +200,16 @@ class OperatorSteering(list):
     summed over positions: ``v_p = Σ_{i≤p} J_{i mod n} x_i``. At each steered position the
     residual ``r`` becomes ``r + alpha · ‖r‖ · v_p / ‖v_p‖`` (nothing where ``v_p = 0``).
 
-    Three hooks: ``hook_embed`` reads the embeddings of each forward call, block 0's
-    ``attn.hook_attn_scores`` tells a KV-cached call (its keys outnumber its queries) from a
-    new sequence, and ``hook_name`` adds the vectors. A cached call extends the sequence the
-    hooks saw last, so each generated token's embedding extends the sum and cached and
-    uncached generation add the same vectors. The hooks keep that sequence between calls:
-    use one `OperatorSteering` for one run at a time.
+    The hooks: ``hook_embed`` reads every token embedding the model computes (a
+    HookedTransformer's ``generate`` embeds without it: there block 0's ``hook_resid_pre``,
+    less ``hook_pos_embed`` for learned positions, gives the same vectors), block 0's
+    ``attn.hook_attn_scores`` says how many positions a forward call reads from a KV cache
+    (its keys outnumber its queries by that many), and ``hook_name`` adds the vectors. A call
+    whose embeddings cover all its positions (cached ones included) starts a new sequence;
+    otherwise the new embeddings extend the sequence the hooks saw last: each generated
+    token's embedding extends the sum, so cached and uncached generation add the same vectors
+    (also in a HookedTransformer's ``generate``, which embeds each new token on its own). The
+    hooks keep that sequence between calls: use one `OperatorSteering` for one run at a time.
 
     Attributes:
         hook_name: The steered hook point, ``blocks.{layer}.hook_resid_post``.
@@ -216,6 +220,8 @@ class OperatorSteering(list):
         left_out: The source prompt's other tokens (a first token left out by ``skip_first``,
             any after the map's position).
         positions: ``"all"`` or the indices / slice steered in each forward call.
+        learned_positions: Whether the model adds learned position embeddings to the residual
+            stream (subtracted when the embeddings are read from ``hook_resid_pre``).
     """
 
     hook_name: str
@@ -225,20 +231,39 @@ class OperatorSteering(list):
     sources: list[str]
     left_out: list[str]
     positions: Positions = "all"
+    learned_positions: bool = field(default=False, repr=False)
     _sequence: Tensor | None = field(default=None, init=False, repr=False)  # embeddings of the run so far
-    _new: Tensor | None = field(default=None, init=False, repr=False)  # this forward call's embeddings
+    _pending: list[Tensor] = field(default_factory=list, init=False, repr=False)  # embedded since the last steer
     _cached: int = field(default=0, init=False, repr=False)  # positions this call reads from a KV cache
+    _embedded: bool = field(default=False, init=False, repr=False)  # hook_embed ran in this call
+    _position_embeddings: Tensor | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
+        position_hook = [(get_act_name("pos_embed"), self._read_positions)] if self.learned_positions else []
         self.extend([
             (get_act_name("embed"), self._read_embeddings),
+            *position_hook,
+            (get_act_name("resid_pre", 0), self._read_residual_embeddings),
             (get_act_name("attn_scores", 0), self._read_cache_length),
             (self.hook_name, self.steer),
         ])
 
     def _read_embeddings(self, embed: Float[Tensor, "batch pos d_embed"], hook=None) -> Float[Tensor, "batch pos d_embed"]:
-        self._new, self._cached = embed.detach(), 0
+        self._pending.append(embed.detach())
+        self._embedded = True
         return embed
+
+    def _read_positions(self, pos_embed: Float[Tensor, "batch pos d_model"], hook=None) -> Float[Tensor, "batch pos d_model"]:
+        self._position_embeddings = pos_embed.detach()
+        return pos_embed
+
+    def _read_residual_embeddings(self, resid: Float[Tensor, "batch pos d_model"], hook=None) -> Float[Tensor, "batch pos d_model"]:
+        # Only where hook_embed did not run (a HookedTransformer's generate starts from the residual).
+        if not self._embedded:
+            positions = self._position_embeddings
+            self._pending.append(resid.detach() - (positions[..., -resid.shape[1]:, :] if positions is not None else 0))
+        self._embedded, self._position_embeddings = False, None
+        return resid
 
     def _read_cache_length(self, scores: Float[Tensor, "batch head q k"], hook=None) -> Float[Tensor, "batch head q k"]:
         self._cached = scores.shape[-1] - scores.shape[-2]
@@ -272,26 +297,25 @@ class OperatorSteering(list):
             The steered residual stream.
 
         Raises:
-            InputError: when ``hook_embed`` did not run in this forward call, or a KV-cached call
-                continues a sequence these hooks did not see.
+            InputError: when the hooks lack the token embeddings of some position of this call
+                (``hook_embed`` not attached, or a KV-cached run the hooks did not see from its start).
         """
-        new, self._new = self._new, None
-        if new is None or new.shape[:2] != resid.shape[:2]:
+        chunks, self._pending, cached, self._cached = self._pending, [], self._cached, 0
+        needed, seen = cached + resid.shape[1], 0 if self._sequence is None else self._sequence.shape[1]
+        if chunks and chunks[-1].shape[1] == needed:  # this call embedded its whole sequence
+            sequence = chunks[-1]
+        elif chunks and seen and len(self._sequence) == len(resid) and seen + sum(c.shape[1] for c in chunks) >= needed:
+            # New tokens after those seen (generate's next token, with or without the cache).
+            sequence = torch.cat([self._sequence, *chunks], dim=1)
+        else:
             raise InputError(
-                f"The operator steering hooks saw no token embeddings for this forward call at {self.hook_name}: "
-                "run the model from tokens or text with all three hooks of the OperatorSteering attached."
+                f"The operator steering hooks at {self.hook_name} have the token embeddings of "
+                f"{seen + sum(chunk.shape[1] for chunk in chunks)} positions for a forward call of {resid.shape[1]} "
+                f"positions after {cached} cached ones: attach all the hooks of the OperatorSteering from the "
+                "start of the run (around the whole model.generate call), and run the model from tokens or text."
             )
-        if self._cached:
-            if self._sequence is None or self._sequence.shape[0] != new.shape[0] or self._sequence.shape[1] < self._cached:
-                seen = 0 if self._sequence is None else self._sequence.shape[1]
-                raise InputError(
-                    f"This forward call reads {self._cached} positions from a KV cache, but the steering hooks saw "
-                    f"{seen} positions of its sequence: attach them before the run that fills the cache "
-                    "(e.g. around the whole model.generate call)."
-                )
-            new = torch.cat([self._sequence, new], dim=1)
-        self._sequence = new
-        vectors = self.vectors(new)[:, -resid.shape[1]:]
+        self._sequence = sequence
+        vectors = self.vectors(sequence)[:, -resid.shape[1]:]
         norms = vectors.norm(dim=-1, keepdim=True)
         units = (vectors / torch.where(norms > 0, norms, 1)).to(resid)
         scale = self.alpha * resid.norm(dim=-1, keepdim=True)
@@ -381,7 +405,10 @@ def steering_hooks(
     decoded = source.sources
     used = {"sources": decoded[start:end], "left_out": decoded[:start] + decoded[end:]}
     if method == "operator":
-        return OperatorSteering(name, layer, alpha, source.operators[start:end], positions=positions, **used)
+        cfg = source.readout.model.cfg if source.readout is not None else None
+        learned = getattr(cfg, "positional_embedding_type", None) == "standard"
+        return OperatorSteering(name, layer, alpha, source.operators[start:end], positions=positions, learned_positions=learned,
+                                **used)
     vector = concept_vector(source, how=how, skip_first=skip_first)
     return Steering(hook_name=name, layer=layer, alpha=alpha, vector=vector, positions=positions, how=how, **used)
 
