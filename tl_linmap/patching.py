@@ -70,11 +70,6 @@ class Layout:
     axes: tuple[str, ...]
     function: str
 
-    @property
-    def heads(self) -> bool:
-        """Whether the activation has a head axis (``hook_z``, ``hook_q``, ...)."""
-        return "head" in self.axes
-
 
 def _layouts() -> dict[str, Layout]:
     layouts = {name: Layout((name,), ("layer", "pos"), f"get_act_patch_{name}") for name in ("resid_pre", "resid_mid", "attn_out", "mlp_out")}

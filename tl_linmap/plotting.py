@@ -500,8 +500,10 @@ _PATCH_TYPES = ("resid_pre", "attn_out", "mlp_out")
 def _patching_grid(values: Tensor, layout: str, labels: list[str] | None) -> tuple[Tensor, list[str], list[tuple[str, int]]]:
     # Returns (layers x columns image, column labels, column groups as (name, width)).
     values = values.detach().cpu().double()
-    n_layers = values.shape[-3] if layout == "block_every" else values.shape[0]
-    pos_labels = lambda n: [token_label(t) for t in labels] if labels and len(labels) == n else [str(p) for p in range(n)]  # noqa: E731
+
+    def pos_labels(n: int) -> list[str]:
+        return [token_label(t) for t in labels] if labels and len(labels) == n else [str(p) for p in range(n)]
+
     if layout == "block_every":  # (3, layer, pos): the three patch types side by side
         n = values.shape[-1]
         return einops.rearrange(values, "kind layer pos -> layer (kind pos)"), pos_labels(n) * 3, [(k, n) for k in _PATCH_TYPES]
@@ -511,7 +513,7 @@ def _patching_grid(values: Tensor, layout: str, labels: list[str] | None) -> tup
         return einops.rearrange(values, "layer pos head -> layer (pos head)"), [str(h) for _ in range(n) for h in range(heads)], groups
     if layout.startswith("attn_head_"):  # (layer, head)
         return values, [str(h) for h in range(values.shape[1])], []
-    return values.reshape(n_layers, -1), pos_labels(values.shape[1]), []
+    return values, pos_labels(values.shape[1]), []
 
 
 def plot_patching(
@@ -550,9 +552,14 @@ def plot_patching(
     fig, ax = _figure(ax, (max(4.5, 2.5 + 0.28 * cols), max(3.0, 1.2 + 0.16 * rows)))
     limit = float(grid.abs().max()) or 1.0
     image = ax.imshow(grid.numpy(), aspect="auto", cmap="RdBu", vmin=-limit, vmax=limit, interpolation="nearest")
-    ax.set_yticks(range(rows)) if rows <= 40 else None
+    if rows <= 40:
+        ax.set_yticks(range(rows))
     ax.set_ylabel("layer")
-    ax.set_xticks(range(cols), columns, rotation=90, fontsize="small" if groups else None) if cols <= 60 else ax.set_xticks([])
+    # Beyond about 60 columns the labels overlap; the group labels on top still say where each group is.
+    if cols <= 60:
+        ax.set_xticks(range(cols), columns, rotation=90, fontsize="small" if groups else None)
+    else:
+        ax.set_xticks([])
     kind = "head" if layout.startswith("attn_head_") else "position"
     if groups:
         centres, start = [], 0
