@@ -223,6 +223,23 @@ BAD_CALLS = [
     bad("table-of-a-number", lambda m: tl_linmap.Table(5), r"A Table is built from an iterable of dataclass rows, got int"),
     bad("table-of-mixed-rows", lambda m: tl_linmap.Table([*_map(m).dimensionality(), *_map(m).decode(k=1, top=1)]).records(), r"one type, got DecodedPair, RankRow"),
     bad("load_model-None", lambda m: tl_linmap.load_model(None), r"load_model takes a bundled name"),
+    # Attribution patching.
+    bad("patching-unequal-lengths", lambda m: tl_linmap.attribution_patching(m, SHORT, "The cat sat down", ("a", "b")),
+        r"clean prompt has 12 tokens and the corrupted one 17: .*give two prompts of the same number of tokens"),
+    bad("patching-unknown-layout", lambda m: tl_linmap.attribution_patching(m, SHORT, "The dog sat", ("a", "b"), layouts=["resid_pr"]),
+        r"Unknown patching layout 'resid_pr'\. Did you mean 'resid_pre'"),
+    bad("patching-layouts-a-string", lambda m: tl_linmap.attribution_patching(m, SHORT, "The dog sat", ("a", "b"), layouts="resid_pre"),
+        r"layouts must be a list of names, e\.g\. layouts=\['resid_pre'"),
+    bad("patching-answer-two-tokens", lambda m: tl_linmap.attribution_patching(m, SHORT, "The dog sat", ("ab", "b")),
+        r"'ab' is 2 tokens \('a' \+ 'b'\); give one token such as 'a', or its id"),
+    bad("patching-metric-one-token", lambda m: tl_linmap.attribution_patching(m, SHORT, "The dog sat", "a"),
+        r"metric must be \(answer, wrong\), two tokens such as \(' Paris', ' Rome'\)"),
+    bad("patching-same-answer-twice", lambda m: tl_linmap.attribution_patching(m, SHORT, "The dog sat", ("a", "a")),
+        r"answer and the wrong token are the same token"),
+    bad("patching-unknown-mode", lambda m: tl_linmap.attribution_patching(m, SHORT, "The dog sat", ("a", "b"), mode="linear"),
+        r"mode must be 'detached' .* or 'gradient'"),
+    bad("patching-position-out-of-range", lambda m: tl_linmap.attribution_patching(m, SHORT, "The dog sat", ("a", "b"), position=12),
+        r"Position 12 is out of range .*" + OUT_OF_RANGE),
 ]
 
 

@@ -18,10 +18,12 @@ from tl_linmap.implicit import (
 )
 from tl_linmap.jacobian import linear_map, linear_maps
 from tl_linmap.loading import BUNDLED, load_model
+from tl_linmap.patching import PatchComparison, PatchingAttribution, attribution_patching, prompt_pairs
 from tl_linmap.plotting import (
     plot_contribution_heatmap,
     plot_decoded,
     plot_logit_contributions,
+    plot_patching,
     plot_spectra,
 )
 from tl_linmap.readout import nearest_tokens, top_tokens, unembed
@@ -73,12 +75,15 @@ __all__ = [
     "MemoryBudgetError",
     "OperatorSVD",
     "OperatorSteering",
+    "PatchComparison",
+    "PatchingAttribution",
     "RankRow",
     "Steering",
     "Table",
     "UnsupportedArchitectureError",
     "alpha_sweep",
     "compare_methods",
+    "attribution_patching",
     "concept_vector",
     "effective_rank",
     "energy_rank",
@@ -94,7 +99,9 @@ __all__ = [
     "plot_contribution_heatmap",
     "plot_decoded",
     "plot_logit_contributions",
+    "plot_patching",
     "plot_spectra",
+    "prompt_pairs",
     "randomized_svd",
     "replay_hooks",
     "same_path_hooks",
