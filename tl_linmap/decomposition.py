@@ -9,6 +9,7 @@ architecture has one, the frozen post-attention norm), so they cost no extra Jac
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Sequence
 
 import torch
@@ -46,6 +47,7 @@ def layer_maps(
     progress: bool = False,
     route: str = "auto",
     chunk_size: int | None = None,
+    source: str | None = None,
 ) -> LinearMaps:
     """Exact linear maps of the residual stream (and optionally every module) per layer.
 
@@ -63,6 +65,9 @@ def layer_maps(
         route: ``"rows"``, ``"columns"`` or ``"auto"`` (see `tl_linmap.jacobian.linear_maps`;
             ``"auto"`` picks columns for many targets on short prompts).
         chunk_size: Deprecated name of ``rows_per_pass``.
+        source: The hook point the maps start from (see `tl_linmap.jacobian.linear_maps`);
+            None: the token embeddings. With ``layers=None`` only the targets from the
+            source on are mapped (the source itself, if a target, maps to the identity).
 
     Returns:
         `tl_linmap.results.LinearMaps` keyed by hook name (``blocks.L.hook_resid_post``, ...).
@@ -72,12 +77,29 @@ def layer_maps(
     """
     check_model(model)
     rows_per_pass = rows_argument(rows_per_pass, chunk_size)
+    every_layer = layers is None
     layers = check_layers(layers, model.cfg.n_layers)
     targets = [name for layer in layers for name in _layer_targets(model, layer, modules)]
+    if every_layer and source is not None:
+        targets = [name for name in targets if _block_order(name) >= _block_order(source)]
     return linear_maps(
         model, prompt_or_tokens, targets, position=position, dtype=dtype, rows_per_pass=rows_per_pass,
-        check=check, progress=progress, route=route,
+        check=check, progress=progress, route=route, source=source,
     )
+
+
+# Where each of `_layer_targets`' hook points fires within its block.
+_IN_BLOCK = ("hook_resid_pre", "attn.hook_z", "hook_attn_out", "hook_resid_mid", "hook_mlp_out", "hook_resid_post")
+
+
+def _block_order(name) -> tuple[int, int]:
+    # (block, place in the block) of a hook name; anything unknown inside a block sorts first,
+    # so that layer_maps keeps it and the frozen system checks the order for real.
+    match = re.fullmatch(r"blocks\.(\d+)\.(.+)", name) if isinstance(name, str) else None
+    if match is None:
+        return (-1, 0)
+    rest = match.group(2)
+    return (int(match.group(1)), _IN_BLOCK.index(rest) if rest in _IN_BLOCK else 0)
 
 
 def _residual_components(model) -> list[str]:

@@ -47,6 +47,7 @@ def token_contributions(
     tokens_per_pass: int | None = None,
     check: bool = True,
     chunk_size: int | None = None,
+    source: str | None = None,
 ) -> Contributions:
     """Per-token contributions ``J_i x_i`` by batched forward passes of the frozen system.
 
@@ -67,6 +68,9 @@ def token_contributions(
         check: Raise `tl_linmap.errors.FreezeError` unless the contributions reconstruct the
             output within `tl_linmap.exactness.tolerance`.
         chunk_size: Deprecated name of ``tokens_per_pass``.
+        source: The hook point the contributions start from (``J_i s_i`` with ``s_i`` its
+            activation at position ``i``; see `tl_linmap.jacobian.linear_maps`); None: the
+            token embeddings.
 
     Returns:
         A `tl_linmap.results.Contributions`.
@@ -74,7 +78,7 @@ def token_contributions(
     tokens_per_pass = renamed_argument("chunk_size", chunk_size, "tokens_per_pass", tokens_per_pass)
     if tokens_per_pass is not None:
         tokens_per_pass = check_positive("tokens_per_pass", tokens_per_pass)
-    with frozen_system(model, prompt_or_tokens, [target], position=position, dtype=dtype) as system:
+    with frozen_system(model, prompt_or_tokens, [target], position=position, dtype=dtype, source=source) as system:
         name, x, last = system.names[0], system.x[0].detach(), system.position
         step = plan_tokens(model, x.shape[0], last, x.dtype, tokens_per_pass, x.device)
         parts, biases = [], None
@@ -289,7 +293,7 @@ def probe_linearity(system: FrozenSystem) -> float:
 @contextmanager
 def matrix_free(
     model, prompt_or_tokens: Prompt, *, target: str = "output", position: int = -1,
-    dtype: torch.dtype | None = torch.float64, check: bool = True,
+    dtype: torch.dtype | None = torch.float64, check: bool = True, source: str | None = None,
 ) -> Iterator[MatrixFree]:
     """Borrow the model and give matrix-free products with its frozen system.
 
@@ -300,6 +304,8 @@ def matrix_free(
         position: Target position (``-1``: the last token).
         dtype: Working dtype (the model comes back bit for bit on exit).
         check: First check on a probe (`probe_linearity`) that the system is exact.
+        source: The hook point the operators start from (see `tl_linmap.jacobian.linear_maps`);
+            None: the token embeddings.
 
     Returns:
         A context manager yielding a `MatrixFree`.
@@ -309,7 +315,7 @@ def matrix_free(
         ...     top = mf.svd(-1, k=8)
     """
     # Each token's products run on a window with its own graph: the whole prompt's is not needed.
-    with frozen_system(model, prompt_or_tokens, [target], position=position, dtype=dtype) as system:
+    with frozen_system(model, prompt_or_tokens, [target], position=position, dtype=dtype, source=source) as system:
         if check:
             probe_linearity(system)
         yield MatrixFree(system)

@@ -157,7 +157,7 @@ def _columns(system: FrozenSystem, rows_per_pass: int | None, bar: tqdm) -> dict
             bar.update(len(dims))
     for name, ops in operators.items():
         if not ops.any():
-            raise independent_target(name)
+            raise independent_target(name, system.source)
     return operators
 
 
@@ -192,6 +192,7 @@ def linear_maps(
     norms: Sequence[str] = (),
     route: str = "auto",
     chunk_size: int | None = None,
+    source: str | None = None,
 ) -> LinearMaps:
     """Linear maps of several targets of one inference, sharing every forward pass.
 
@@ -219,6 +220,11 @@ def linear_maps(
             estimates cheaper: columns for many targets on a short prompt, rows for one narrow
             target or a long prompt).
         chunk_size: Deprecated name of ``rows_per_pass``.
+        source: The hook point the maps start from, so that ``y = Σ_i J_i s_i + b`` with
+            ``s_i`` its activation at position ``i`` (``blocks.L.hook_resid_pre``,
+            ``hook_attn_out``, ``hook_mlp_out``, ``hook_resid_post``); None: the token
+            embeddings. ``b`` is what the frozen system gives with the source zero. Every
+            target must come at or after it and depend on it.
 
     Returns:
         `tl_linmap.results.LinearMaps` keyed by hook name.
@@ -233,7 +239,7 @@ def linear_maps(
     route = check_route(route)
     check_model(model)
     norms = check_norms(model, norms) if norms else []
-    with frozen_system(model, prompt_or_tokens, targets, position=position, dtype=dtype) as system:
+    with frozen_system(model, prompt_or_tokens, targets, position=position, dtype=dtype, source=source) as system:
         n, d_in = system.x.shape[1:]
         if route == "auto":
             shapes = [(system.outputs[name].shape[0], target_depth(name, model.cfg.n_layers)) for name in system.names]
@@ -301,6 +307,7 @@ def linear_map(
     progress: bool = False,
     route: str = "auto",
     chunk_size: int | None = None,
+    source: str | None = None,
 ) -> LinearMap:
     """The exact linear system of one target vector of one inference.
 
@@ -319,6 +326,8 @@ def linear_map(
         route: ``"rows"``, ``"columns"`` or ``"auto"`` (see `linear_maps`); for one target
             ``"auto"`` almost always picks rows.
         chunk_size: Deprecated name of ``rows_per_pass``.
+        source: Where the map starts (see `linear_maps`): e.g. ``target="blocks.5.hook_resid_post",
+            source="blocks.2.hook_resid_pre"`` maps layers 2 to 5; None: the token embeddings.
 
     Returns:
         A `tl_linmap.results.LinearMap`.
@@ -331,6 +340,6 @@ def linear_map(
     rows_per_pass = rows_argument(rows_per_pass, chunk_size)
     maps = linear_maps(
         model, prompt_or_tokens, [target], position=position, dtype=dtype, rows_per_pass=rows_per_pass, check=check,
-        progress=progress, route=route,
+        progress=progress, route=route, source=source,
     )
     return next(iter(maps.values()))

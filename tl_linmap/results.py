@@ -27,7 +27,7 @@ from tl_linmap._deprecated import renamed_argument
 from tl_linmap.compat import get_act_name
 from tl_linmap.errors import InputError
 from tl_linmap.exactness import check_exact, relative
-from tl_linmap.inputs import OUTPUT_HOOK, RESIDUAL_HOOKS, check_names, is_int
+from tl_linmap.inputs import EMBED_HOOK, OUTPUT_HOOK, RESIDUAL_HOOKS, check_names, is_int
 from tl_linmap.readout import FrozenAffine, Readout, decode_tokens, token_id
 from tl_linmap.spectral import (
     LogitSplit,
@@ -52,6 +52,11 @@ class TargetResult:
         target: The hook name mapped (flattened after the position axis).
         position: The sequence position of the target.
         readout: How its vectors are read as tokens (`tl_linmap.readout.Readout`).
+        source: The hook point the map starts from (``hook_embed``: the token embeddings);
+            input ``i`` is its activation at position ``i``.
+        scale: For a scalar readout (`tl_linmap.functionals`), the size of what it adds up,
+            ``‖w‖·‖y‖ + |c|``: its reconstruction error is relative to this, as a value near
+            zero (a logit difference of two close logits) has no relative error of its own.
     """
 
     bias: Float[Tensor, " d_out"]
@@ -61,6 +66,8 @@ class TargetResult:
     target: str = OUTPUT_HOOK
     position: int = -1
     readout: Readout | None = field(default=None, repr=False)
+    source: str = EMBED_HOOK
+    scale: float | None = field(default=None, repr=False)
 
     def contributions(self) -> Float[Tensor, "pos d_out"]:
         """Per-token contributions ``J_i x_i``; they sum to ``output - bias``.
@@ -90,11 +97,13 @@ class TargetResult:
         return self.contributions().sum(0) + self.bias
 
     def relative_error(self) -> float:
-        """``‖reconstruct() − output‖ / ‖output‖``.
+        """``‖reconstruct() − output‖ / ‖output‖`` (for a scalar readout, over `scale`).
 
         Returns:
             The relative reconstruction error (below 1e-12 in float64).
         """
+        if self.scale is not None:
+            return float((self.reconstruct() - self.output).norm()) / max(self.scale, float(self.output.norm()), 1e-300)
         return relative(self.reconstruct(), self.output)
 
     def native_gap(self) -> float:
@@ -143,7 +152,8 @@ class LinearMap(TargetResult):
 
     Attributes:
         operators: ``J_i``, one ``d_out x d_in`` block per input token (zero after ``position``).
-        inputs: ``x_i``, the token embeddings (output of ``hook_embed``).
+        inputs: ``x_i``, the token embeddings (output of ``hook_embed``), or the source's
+            activations (``source``), flattened after the position axis.
     """
 
     operators: Float[Tensor, "pos d_out d_in"]
@@ -485,7 +495,7 @@ class LinearMaps(Mapping):
             f"{name}.{h}": LinearMap(
                 operators=operators[h], inputs=z.inputs, bias=bias[h], output=output[h],
                 native_output=native[h], tokens=z.tokens, target=f"{name}.{h}", position=z.position,
-                readout=readout,
+                readout=readout, source=z.source,
             )
             for h in range(len(operators))
         }
