@@ -28,7 +28,6 @@ def capture(
     embeddings: Tensor | None = None,
     stop: bool = True,
     select: Callable[[Tensor], Tensor] | None = None,
-    source: str = EMBED_HOOK,
 ) -> dict[str, Tensor]:
     """Run the model with hooks and return the activations at ``targets``.
 
@@ -37,12 +36,10 @@ def capture(
         tokens: Input tokens; their batch must match ``embeddings``' if given.
         targets: Hook names whose activations are returned.
         hooks: Extra ``(name, fn)`` forward hooks (freeze, replay, user's).
-        embeddings: If given, replace the activation at ``source`` (flattened after the
-            position axis, or in its own shape).
+        embeddings: If given, replace the output of ``hook_embed``.
         stop: Abort the forward once every target fired (False: run every hook).
         select: Keep only this part of each activation (e.g. one position), so a wide
             batch does not hold whole activations.
-        source: The hook point ``embeddings`` replaces (default: the token embeddings).
 
     Returns:
         Activation (with its batch axis, or its `select`ed part) per target name.
@@ -63,8 +60,7 @@ def capture(
 
     fwd = list(hooks) + [(name, keep(name)) for name in wanted]
     if embeddings is not None:
-        # First in the list, so every other hook at the source (a replay's) sees the replacement.
-        fwd.insert(0, (source, lambda act, hook=None: embeddings.reshape(act.shape)))
+        fwd.insert(0, (EMBED_HOOK, lambda act, hook=None: embeddings))
     with quiet_norm_edits(), model.hooks(fwd_hooks=fwd):
         try:
             model(tokens)
@@ -114,21 +110,3 @@ def at_position(act: Tensor, position: int, n_tokens: int) -> Tensor:
             "'blocks.0.hook_resid_post' or 'blocks.0.attn.hook_z' (not an attention pattern)."
         )
     return act[:, position].flatten(1)
-
-
-def every_position(act: Tensor, n_tokens: int) -> Tensor:
-    """The target vectors at every position, flattened: ``act`` as ``(batch, pos, d_out)``.
-
-    Args:
-        act: An activation with batch and position axes first.
-        n_tokens: Expected length of the position axis.
-
-    Returns:
-        The flattened vectors.
-
-    Raises:
-        InputError: if the activation has no position axis of that length.
-    """
-    if act.ndim < 3 or act.shape[1] != n_tokens:
-        at_position(act, 0, n_tokens)  # raises, naming what has a position axis
-    return act.flatten(2)

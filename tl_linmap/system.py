@@ -40,7 +40,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from tl_linmap.capture import at_position, capture, every_position
+from tl_linmap.capture import at_position, capture
 from tl_linmap.errors import FreezeError, InputError
 from tl_linmap.guard import borrowed, hook_count
 from tl_linmap.hooks import (
@@ -240,9 +240,11 @@ class FrozenSystem:
             trimmed = trim_factors(self.model, self.factors, self.trim, self.position)
             hooks = replay_hooks(self.model, trimmed) + trim_hooks(self.trim, self.position)
         tokens = self.tokens.expand(len(embeddings), -1)
+        # First in the list, so every other hook at the source (a replay's) sees the replacement.
+        hooks = [(self.source, lambda act, hook=None: embeddings.reshape(act.shape))] + hooks
         # A copy of the one position, so a wide batch does not keep whole activations alive.
         select = (lambda act: every_position(act, n).clone()) if every else (lambda act: at_position(act, self.position, n).clone())
-        return capture(self.model, tokens, self.names, hooks, embeddings, select=select, source=self.source)
+        return capture(self.model, tokens, self.names, hooks, select=select)
 
     def with_graph(self) -> FrozenSystem:
         """This system with the replay's graph recorded, its source activations ``x`` the leaf (for `vjp`).
@@ -441,6 +443,24 @@ class FrozenSystem:
             position=self.position,
             source=self.source,
         )
+
+
+def every_position(act: Tensor, n_tokens: int) -> Float[Tensor, "batch pos d"]:
+    """An activation's vectors at every position, flattened: ``(batch, pos, d)``.
+
+    Args:
+        act: An activation with batch and position axes first.
+        n_tokens: Expected length of the position axis.
+
+    Returns:
+        The flattened vectors.
+
+    Raises:
+        InputError: if the activation has no position axis of that length.
+    """
+    if act.ndim < 3 or act.shape[1] != n_tokens:
+        at_position(act, 0, n_tokens)  # raises, naming what has a position axis
+    return act.flatten(2)
 
 
 def _check_order(source: str, names: Sequence[str], fired: Sequence[str]) -> None:
