@@ -273,8 +273,9 @@ def resolve_target(model, target: str) -> str:
     """
     if not isinstance(target, str):
         raise InputError(
-            f"target must be one hook name such as 'output' or 'blocks.0.hook_resid_post', got {target!r}; "
-            "for several targets use linear_maps(model, prompt, [name, ...])."
+            f"target must be one hook name such as 'output' or 'blocks.0.hook_resid_post', or a linear readout "
+            f"(tl_linmap.LogitDiff, Logit, Direction), got {target!r}; for several targets use "
+            "linear_maps(model, prompt, [name, ...])."
         )
     name = output_hook(model) if target == "output" else target
     if name not in model.hook_dict:

@@ -27,6 +27,7 @@ from tl_linmap._deprecated import renamed_argument
 from tl_linmap.compat import get_act_name
 from tl_linmap.errors import InputError
 from tl_linmap.exactness import check_exact, relative
+from tl_linmap.functionals import LinearReadout
 from tl_linmap.inputs import EMBED_HOOK, OUTPUT_HOOK, RESIDUAL_HOOKS, check_names, is_int
 from tl_linmap.readout import FrozenAffine, Readout, decode_tokens, token_id
 from tl_linmap.spectral import (
@@ -122,23 +123,32 @@ class TargetResult:
         """
         return check_exact(self.relative_error(), self.output.dtype, self.target)
 
-    def logit_contributions(self, token: int | str) -> LogitSplit:
-        """One vocabulary token's logit split exactly over the input tokens.
+    def logit_contributions(self, token: int | str | LinearReadout) -> LogitSplit:
+        """One vocabulary token's logit (or a linear readout) split exactly over the input tokens.
 
         For a target other than the model's output this is the logit lens of that target,
         made linear by ``ln_final`` frozen at the target position.
 
         Args:
-            token: Vocabulary id or single-token string (e.g. ``" Paris"``).
+            token: Vocabulary id or single-token string (e.g. ``" Paris"``), or a linear
+                readout of this map's target vector (`tl_linmap.functionals`: a
+                ``LogitDiff``/``Logit`` is read through this map's readout whatever its
+                ``hook``; a ``Direction`` lives in this target's space).
 
         Returns:
-            A `tl_linmap.spectral.LogitSplit`.
+            A `tl_linmap.spectral.LogitSplit` (``token`` is the readout's name for a readout).
 
         Raises:
             InputError: without a readout, or for a target outside the residual stream.
         """
         if self.readout is None:
             raise InputError("This result has no readout; compute it with tl_linmap.")
+        if isinstance(token, LinearReadout):
+            token.check(self.readout.model)
+            w, c = token.weights(self.readout, self.output.shape[0])
+            w, c = w.to(self.output), c.to(self.output)
+            per_token = self.contributions() @ w
+            return LogitSplit(token.name, self.sources, per_token, float(self.bias @ w + c), float(self.output @ w + c))
         token = token_id(self.readout.model, token)
         logit = float(self.readout.logits(self.output, affine=True)[token])
         per_token = self.readout.logits(self.contributions())[:, token]
@@ -288,7 +298,9 @@ class LinearMaps(Mapping):
     readouts: dict[int, HeadReadout] = field(default_factory=dict, repr=False)
     norms: dict[str, FrozenAffine] = field(default_factory=dict, repr=False)
 
-    def __getitem__(self, name: str) -> LinearMap:
+    def __getitem__(self, name: str | LinearReadout) -> LinearMap:
+        if isinstance(name, LinearReadout):
+            name = name.name
         if not isinstance(name, str) or name not in self.maps:
             hint = f" It holds {', '.join(list(self.maps)[:6])}{', ...' if len(self.maps) > 6 else ''}."
             raise MissingMapError(f"No map of {name!r}: index by hook name.{hint}")
