@@ -9,10 +9,13 @@ from tl_linmap.errors import (
     UnsupportedArchitectureError,
 )
 from tl_linmap.exactness import tolerance
+from tl_linmap.functionals import Direction, LinearReadout, Logit, LogitDiff
 from tl_linmap.hooks import freeze_hooks, frozen, replay_hooks, same_path_hooks
 from tl_linmap.implicit import (
     MatrixFree,
+    Pushed,
     matrix_free,
+    push_forward,
     randomized_svd,
     token_contributions,
 )
@@ -22,11 +25,13 @@ from tl_linmap.plotting import (
     plot_contribution_heatmap,
     plot_decoded,
     plot_logit_contributions,
+    plot_sequence_attribution,
     plot_spectra,
 )
 from tl_linmap.readout import nearest_tokens, top_tokens, unembed
 from tl_linmap.results import Attribution, Contributions, GapRow, LinearMap, LinearMaps
 from tl_linmap.rules import FREEZE_RULES
+from tl_linmap.sequence import SequenceAttribution, SequenceRow, generation_attribution, sequence_attribution
 from tl_linmap.spectral import (
     DecodedPair,
     LogitSplit,
@@ -60,17 +65,24 @@ __all__ = [
     "Attribution",
     "Contributions",
     "DecodedPair",
+    "Direction",
     "FreezeError",
     "GapRow",
     "InputError",
     "LinearMap",
     "LinearMaps",
+    "LinearReadout",
+    "Logit",
+    "LogitDiff",
     "LinmapError",
     "LogitSplit",
     "MatrixFree",
     "MemoryBudgetError",
     "OperatorSVD",
+    "Pushed",
     "RankRow",
+    "SequenceAttribution",
+    "SequenceRow",
     "Steering",
     "Table",
     "UnsupportedArchitectureError",
@@ -80,6 +92,7 @@ __all__ = [
     "energy_rank",
     "freeze_hooks",
     "frozen",
+    "generation_attribution",
     "layer_maps",
     "linear_map",
     "linear_maps",
@@ -90,10 +103,13 @@ __all__ = [
     "plot_contribution_heatmap",
     "plot_decoded",
     "plot_logit_contributions",
+    "plot_sequence_attribution",
     "plot_spectra",
+    "push_forward",
     "randomized_svd",
     "replay_hooks",
     "same_path_hooks",
+    "sequence_attribution",
     "stable_rank",
     "steering_hooks",
     "token_attribution",
