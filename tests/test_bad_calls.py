@@ -132,7 +132,7 @@ BAD_CALLS = [
     bad("source-after-target", lambda m: tl_linmap.linear_map(m, SHORT, target="blocks.0.hook_resid_post", source="blocks.1.hook_resid_pre"), r"comes before the source 'blocks\.1\.hook_resid_pre'.*Pass a source that comes before every target"),
     bad("source-after-target-same-block", lambda m: tl_linmap.linear_maps(m, SHORT, ["blocks.0.hook_attn_out"], source="blocks.0.hook_mlp_out"), r"comes before the source"),
     bad("source-without-position-axis", lambda m: tl_linmap.linear_map(m, SHORT, source="blocks.0.attn.hook_pattern"), r"has no position axis.*start a map from a hook point indexed by sequence position"),
-    bad("source-a-frozen-factor", lambda m: tl_linmap.token_contributions(m, SHORT, source="blocks.0.ln1.hook_scale"), r"is a frozen factor.*Start from an activation"),
+    bad("source-a-frozen-factor", lambda m: tl_linmap.token_contributions(m, SHORT, source="blocks.0.ln1.hook_scale"), r"is where a factor is frozen.*Start from an activation"),
     bad("source-bridge-resid_mid", lambda m: tl_linmap.layer_maps(m, SHORT, source="blocks.0.hook_resid_mid"), r"second norm's input.*Start from 'blocks\.0\.hook_attn_out'"),
     bad("source-an-index", lambda m: tl_linmap.linear_map(m, SHORT, source=-1), r"source must be a hook name such as 'blocks\.2\.hook_resid_pre'.*got -1"),
     bad("source-target-independent", lambda m: tl_linmap.linear_map(m, SHORT, target="blocks.0.hook_mlp_out", source="blocks.0.hook_attn_out"), r"does not depend on the source 'blocks\.0\.hook_attn_out'.*parallel block's MLP", family="pythia"),

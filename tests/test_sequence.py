@@ -19,7 +19,7 @@ A, B = 5, 7
 def _every_contribution(model, tokens, target, source="hook_embed"):
     """``C[t, i] = J_{t,i} x_i`` for every target and source position, and ``y_t``, by autograd under the oracle's hooks."""
     x = _embeddings(model, tokens, source)
-    f = lambda s: _frozen_run(model, tokens, s, target, source=source).flatten(1)  # noqa: E731  (pos, d_out)
+    f = lambda s: _frozen_run(model, tokens, s, target, source=source).flatten(1)
     with torch.enable_grad():
         jac = torch.autograd.functional.jacobian(f, x, vectorize=True)  # (t, d_out, i, d_in)
     return torch.einsum("toid,id->tio", jac, x), f(x).detach()

@@ -422,8 +422,9 @@ def resolve_source(model, source: str | None, factors: Iterable[str]) -> str:
         )
     if source in set(factors) or canonical in set(factors):
         raise InputError(
-            f"The source {source!r} is a frozen factor (a norm scale, an attention pattern, a gate): it is held fixed, "
-            "so nothing depends on it linearly. Start from an activation such as 'blocks.0.hook_resid_pre'."
+            f"The source {source!r} is where a factor is frozen (a norm scale, an attention pattern, a gate, a pointwise "
+            "activation's ratio): the replay sets it, so nothing depends on it linearly. Start from an activation such "
+            "as 'blocks.0.hook_resid_pre' or 'blocks.0.hook_attn_out'."
         )
     if source.endswith("hook_resid_mid") and canonical.endswith("ln2.hook_in"):
         layer = source.split(".")[1]

@@ -32,9 +32,9 @@ from tl_linmap.budget import choose_route, forward_row_cost, plan_columns, plan_
 from tl_linmap.capture import at_position, capture, run_to_target
 from tl_linmap.compat import check_model, get_act_name
 from tl_linmap.errors import InputError
+from tl_linmap.functionals import LinearReadout
 from tl_linmap.guard import borrowed
 from tl_linmap.hooks import same_path_hooks
-from tl_linmap.functionals import LinearReadout
 from tl_linmap.inputs import (
     EMBED_HOOK,
     Prompt,
@@ -166,11 +166,11 @@ def _columns(system: FrozenSystem, rows_per_pass: int | None, bar: tqdm) -> dict
 
 
 def split_targets(model, targets) -> tuple[list, list[str], list[LinearReadout]]:
-    """Targets as hook points to capture, full maps wanted, and linear readouts (`tl_linmap.functionals`).
+    r"""Targets as hook points to capture, full maps wanted, and linear readouts (`tl_linmap.functionals`).
 
     Args:
         model: A TransformerBridge or HookedTransformer.
-        targets: Hook names (or ``"output"``) and `tl_linmap.functionals.LinearReadout`\ s.
+        targets: Hook names (or ``"output"``) and linear readouts (`tl_linmap.functionals.LinearReadout`).
 
     Returns:
         ``(hooks, maps, readouts)``: what the frozen system captures (each readout's hook
@@ -294,9 +294,9 @@ def linear_maps(
         wanted = list(dict.fromkeys(resolve_target(model, t) for t in wanted))
         weights = _readout_weights(system, scalars)
         if route == "auto":
-            depth = lambda name: target_depth(name, model.cfg.n_layers)  # noqa: E731
-            shapes = [(system.outputs[name].shape[0], depth(name)) for name in wanted]
-            shapes += [(1, depth(name)) for name, _, _ in weights.values()]  # a readout is one row
+            n_layers = model.cfg.n_layers
+            shapes = [(system.outputs[name].shape[0], target_depth(name, n_layers)) for name in wanted]
+            shapes += [(1, target_depth(name, n_layers)) for name, _, _ in weights.values()]  # a readout is one row
             route = choose_route(d_in, n, system.position, shapes, forward_row_cost(model.cfg))
         if route == "columns":
             system = system.with_biases()

@@ -28,7 +28,13 @@ from tl_linmap.compat import get_act_name
 from tl_linmap.errors import InputError
 from tl_linmap.exactness import check_exact, relative
 from tl_linmap.functionals import LinearReadout
-from tl_linmap.inputs import EMBED_HOOK, OUTPUT_HOOK, RESIDUAL_HOOKS, check_names, is_int
+from tl_linmap.inputs import (
+    EMBED_HOOK,
+    OUTPUT_HOOK,
+    RESIDUAL_HOOKS,
+    check_names,
+    is_int,
+)
 from tl_linmap.readout import FrozenAffine, Readout, decode_tokens, token_id
 from tl_linmap.spectral import (
     LogitSplit,

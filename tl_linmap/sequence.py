@@ -30,7 +30,15 @@ from tl_linmap.functionals import LinearReadout, Logit
 from tl_linmap.guard import borrowed
 from tl_linmap.hooks import quiet_norm_edits, same_path_hooks
 from tl_linmap.implicit import _one_token_each
-from tl_linmap.inputs import EMBED_HOOK, Prompt, check_dtype, check_position, check_positive, resolve_target, to_tokens
+from tl_linmap.inputs import (
+    EMBED_HOOK,
+    Prompt,
+    check_dtype,
+    check_position,
+    check_positive,
+    resolve_target,
+    to_tokens,
+)
 from tl_linmap.readout import decode_tokens
 from tl_linmap.system import FrozenSystem, frozen_system
 from tl_linmap.table import Table
