@@ -36,7 +36,10 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-__all__ = ["plot_contribution_heatmap", "plot_decoded", "plot_logit_contributions", "plot_spectra", "token_label"]
+__all__ = [
+    "plot_contribution_heatmap", "plot_decoded", "plot_logit_contributions", "plot_sequence_attribution", "plot_spectra",
+    "token_label",
+]
 
 #: One map, or several by name (a `LinearMaps` or a dict), drawn in their order.
 MapsLike = Mapping[str, LinearMap] | LinearMap
@@ -574,4 +577,53 @@ def plot_patching(
     ax.set_xlabel(kind)
     fig.colorbar(image, ax=ax, label="Δ metric", fraction=0.05, pad=0.02)
     ax.set_title(title or layout, fontsize="medium")
+
+
+def plot_sequence_attribution(attribution, *, skip_first: bool = False, ax: Axes | None = None) -> Figure:
+    """Contributions of every source position (columns) to every target position (rows).
+
+    Shares of a linear readout (a logit difference, a generated token's logit) get a
+    diverging colour map centred on zero; contribution norms a sequential one. Cells after
+    a row's position (no contribution: attention is causal) are left blank.
+
+    Args:
+        attribution: A `tl_linmap.sequence.SequenceAttribution`.
+        skip_first: Leave the first source token (BOS, attention sink) out, so that it does
+            not flatten the colour scale.
+        ax: Axes to draw in (default: a new figure).
+
+    Returns:
+        The Figure; ``ax.images[0]`` holds the ``(rows, sources)`` values shown (NaN where blank).
+
+    Raises:
+        InputError: for anything but a `SequenceAttribution`, or nothing left to show.
+    """
+    if not all(hasattr(attribution, a) for a in ("positions", "values", "kind", "sources")):
+        raise InputError(f"plot_sequence_attribution takes a SequenceAttribution, got {type(attribution).__name__}.")
+    _pyplot()  # fail before any work when matplotlib is missing
+    values = attribution.values.detach().double().cpu().clone()
+    positions = torch.as_tensor(attribution.positions)
+    values[torch.arange(values.shape[1])[None] > positions[:, None]] = float("nan")
+    first = 1 if skip_first else 0
+    values = values[:, first : int(positions.max()) + 1]
+    if values.shape[1] == 0:
+        raise InputError("skip_first leaves no source token to show: pass skip_first=False.")
+    sources = attribution.sources
+    labels = [token_label(sources[i]) for i in range(first, first + values.shape[1])]
+    predicted = attribution.predicted
+    rows = [f"{p} {token_label(sources[p])}" + (f" → {token_label(predicted[r])}" if predicted else "") for r, p in enumerate(attribution.positions)]
+    fig, ax = _figure(ax, (max(5.0, 3.0 + 0.35 * len(labels)), max(3.0, 1.5 + 0.3 * len(rows))))
+    if attribution.kind == "value":
+        bound = float(values.nan_to_num().abs().max()) or 1.0
+        image = ax.imshow(values.numpy(), aspect="auto", cmap="RdBu_r", vmin=-bound, vmax=bound, interpolation="nearest")
+        label = "share"
+    else:
+        image = ax.imshow(values.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
+        label = "‖J_{t,i} x_i‖"
+    ax.set_xticks(range(len(labels)), labels, rotation=90)
+    ax.set_yticks(range(len(rows)), rows)
+    ax.set_xlabel("source position i")
+    ax.set_ylabel("target position t" + (" → generated token" if predicted else ""))
+    fig.colorbar(image, ax=ax, label=label, fraction=0.05, pad=0.02)
+    ax.set_title(f"{attribution.target}" + ("\n(first token left out)" if skip_first else ""), fontsize="medium")
     return fig
