@@ -15,6 +15,10 @@ whatever the number of prompts. The result, `CorpusAnalysis`, gives three tables
 - `CorpusAnalysis.attribution_profile`: each prompt's logit split over its tokens, normalised
   to shares of the prompt's total absolute attribution, averaged by token role and by relative
   position among the middle tokens.
+
+The logit split is the last layer's map read through the frozen final norm
+(`tl_linmap.results.TargetResult.logit_contributions`): the same per-token terms as
+`tl_linmap.token_attribution`'s ``per_token``, without the module maps of every layer it needs.
 """
 
 from __future__ import annotations

@@ -537,7 +537,10 @@ def plot_corpus_dimensionality(
     ax.set_xticks(range(len(names)), [_short_name(n) for n in names], rotation=45 if len(names) > 8 else 0)
     labels = {"rank90": "90% energy rank", "rank99": "99% energy rank", "stable": "stable rank Σσ²/σ_max²"}
     ax.set_ylabel(labels[measure])
-    ax.set_yscale("log")
+    ax.set_yscale("log")  # a sink's rank 1 and a last token's hundreds on one axis
+    from matplotlib.ticker import ScalarFormatter
+
+    ax.yaxis.set_major_formatter(ScalarFormatter())
     ax.set_title(f"{labels[measure]} across {len(analysis.summaries)} prompts: median, quartile band", fontsize="medium")
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(fontsize="small", title="operator")
