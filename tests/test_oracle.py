@@ -23,7 +23,8 @@ from torch import Tensor
 
 import tl_linmap
 from tl_linmap.compat import get_act_name
-from tl_linmap.rules import FREEZE_RULES, Detach
+from tl_linmap import rules
+from tl_linmap.rules import Detach
 from tl_linmap.toy import toy_model
 
 # The bridge warns whenever a hook returns a new tensor at hook_scale; that is the point here.
@@ -348,8 +349,9 @@ def test_over_frozen_rules_fail_the_oracle(model, family, monkeypatch):
     others it passes. With any hook attached (here one that only observes) ``b`` comes from a
     replay, and every family passes `relative_error()`: only the oracle sees the missing paths.
     """
-    arch = model.cfg.architecture
-    monkeypatch.setitem(FREEZE_RULES, arch, FREEZE_RULES[arch] + (Detach("v"),))
+    real = rules.bridge_rules
+    values = tuple(get_act_name("v", layer) for layer in range(model.cfg.n_layers))
+    monkeypatch.setattr(rules, "bridge_rules", lambda m: real(m) + (Detach(values),))
     try:
         plain = f"relative_error {tl_linmap.linear_map(model, PROMPT).relative_error():.1e}"
     except tl_linmap.FreezeError as error:

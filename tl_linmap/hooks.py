@@ -27,6 +27,7 @@ from torch import Tensor
 from tl_linmap.compat import check_model, get_act_name
 from tl_linmap.errors import InputError
 from tl_linmap.rules import Detach, Ratio, rules_for
+from tl_linmap.structure import layer_of
 
 HookFn = Callable[..., "Tensor | None"]
 HookList = list[tuple[str, HookFn]]
@@ -69,12 +70,11 @@ def freeze_hooks(model, *, factors: Factors | None = None) -> HookList:
     if factors is not None and not isinstance(factors, dict):
         raise InputError(f"factors must be a dict for the frozen factors to be recorded in (or None), got {type(factors).__name__}.")
     hooks: HookList = []
-    n_layers = model.cfg.n_layers
     for rule in rules_for(model):
         if isinstance(rule, Detach):
-            hooks += [(name, _detach_fn(name, factors)) for name in rule.hook_names(n_layers)]
+            hooks += [(name, _detach_fn(name, factors)) for name in rule.hook_names()]
         else:
-            for pre_name, post_name in rule.hook_names(n_layers):
+            for pre_name, post_name in rule.hook_names():
                 live: dict[str, Tensor] = {}
                 hooks.append((pre_name, _keep_fn(live)))
                 hooks.append((post_name, _ratio_fn(post_name, live, rule, factors)))
@@ -119,20 +119,19 @@ def factor_names(model) -> list[str]:
     Returns:
         Every `Detach` hook name, and the post-activation name of every `Ratio` pair.
     """
-    return [name for rule in rules_for(model) for name in factor_names_of(rule, model.cfg.n_layers)]
+    return [name for rule in rules_for(model) for name in factor_names_of(rule)]
 
 
-def factor_names_of(rule, n_layers: int) -> list[str]:
+def factor_names_of(rule) -> list[str]:
     """Hook names under which one rule records its factors.
 
     Args:
         rule: A `Detach` or `Ratio` rule.
-        n_layers: Number of blocks.
 
     Returns:
         The `Detach` names, or the post-activation names of a `Ratio` rule.
     """
-    return rule.hook_names(n_layers) if isinstance(rule, Detach) else [post for _, post in rule.hook_names(n_layers)]
+    return rule.hook_names() if isinstance(rule, Detach) else [post for _, post in rule.hook_names()]
 
 
 def replay_hooks(model, factors: Factors) -> HookList:
@@ -149,12 +148,11 @@ def replay_hooks(model, factors: Factors) -> HookList:
         KeyError: if a factor the rules need was not recorded.
     """
     hooks: HookList = []
-    n_layers = model.cfg.n_layers
     for rule in rules_for(model):
         if isinstance(rule, Detach):
-            hooks += [(name, _replace_fn(factors[name])) for name in rule.hook_names(n_layers)]
+            hooks += [(name, _replace_fn(factors[name])) for name in rule.hook_names()]
         else:
-            for pre_name, post_name in rule.hook_names(n_layers):
+            for pre_name, post_name in rule.hook_names():
                 live: dict[str, Tensor] = {}
                 hooks.append((pre_name, _keep_fn(live)))
                 hooks.append((post_name, _replay_ratio_fn(live, factors[post_name])))
@@ -192,13 +190,33 @@ def slice_factors(model, factors: Factors, start: int, stop: int) -> Factors:
     """
     sliced = {}
     for rule in rules_for(model):
-        axes = rule.position_axes if isinstance(rule, Detach) else (1,)
-        for name in factor_names_of(rule, model.cfg.n_layers):
+        for name in factor_names_of(rule):
             factor = factors[name]
-            for axis in axes:
+            for axis in _position_axes(rule, factor):
                 factor = factor.narrow(axis, start, stop - start)
             sliced[name] = factor
     return sliced
+
+
+def windowable(model) -> bool:
+    """Whether every factor of the model can be cut to a window of the prompt (`slice_factors`).
+
+    Args:
+        model: A TransformerBridge or HookedTransformer of a supported architecture.
+
+    Returns:
+        False where some rule's factor would change with fewer positions (a pattern frozen
+        through its queries and keys).
+    """
+    return all(rule.windows for rule in rules_for(model))
+
+
+def _position_axes(rule, factor: Tensor) -> tuple[int, ...]:
+    if isinstance(rule, Ratio):
+        return (1,)
+    if rule.position_axes is None:  # an attention-internal norm: per head (batch, head, pos, 1) or whole (batch, pos, 1)
+        return (2,) if factor.ndim == 4 else (1,)
+    return rule.position_axes
 
 
 def trim_hooks(layer: int, position: int) -> HookList:
@@ -241,8 +259,9 @@ def trim_factors(model, factors: Factors, layer: int, position: int) -> Factors:
     trimmed = dict(factors)
     for rule in rules_for(model):
         if rule.after_attention:
-            name = factor_names_of(rule, model.cfg.n_layers)[layer]
-            trimmed[name] = factors[name].narrow(1, position, 1)
+            for name in factor_names_of(rule):
+                if layer_of(name) == layer:
+                    trimmed[name] = factors[name].narrow(1, position, 1)
     return trimmed
 
 
@@ -258,8 +277,9 @@ def same_path_hooks(model) -> HookList:
     names = [
         name
         for rule in rules_for(model)
-        if isinstance(rule, Detach) and rule.act == "scale"
-        for name in rule.hook_names(model.cfg.n_layers)
+        if isinstance(rule, Detach)
+        for name in rule.hook_names()
+        if name.endswith("hook_scale")
     ]
     return [(name, _copy) for name in names]
 
