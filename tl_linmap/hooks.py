@@ -161,14 +161,31 @@ def replay_hooks(model, factors: Factors) -> HookList:
 
 def _replace_fn(factor: Tensor) -> HookFn:
     def hook(act: Tensor, hook=None) -> Tensor:
-        return factor.expand_as(act)
+        return broadcast(factor, act)
 
     return hook
 
 
+def broadcast(factor: Tensor, act: Tensor) -> Tensor:
+    """A factor recorded on one sequence, for a replay of several rows.
+
+    Args:
+        factor: Recorded with batch 1: ``(1, ...)``, or ``(pos, ...)`` where the model flattened
+            batch and positions into one axis (OPT's MLP).
+        act: The replay's activation at the same hook point.
+
+    Returns:
+        The factor repeated to ``act``'s shape.
+    """
+    if factor.shape[0] == 1 or factor.shape == act.shape:
+        return factor.expand_as(act)
+    return factor.repeat(act.shape[0] // factor.shape[0], *[1] * (factor.ndim - 1))
+
+
 def _replay_ratio_fn(live: dict[str, Tensor], ratio: Tensor) -> HookFn:
     def hook(post: Tensor, hook=None) -> Tensor:
-        return live.pop("pre") * ratio
+        pre = live.pop("pre")
+        return pre * broadcast(ratio, pre)
 
     return hook
 

@@ -9,6 +9,7 @@ live in `EXCEPTIONS`.
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 from dataclasses import dataclass
 from typing import Union
@@ -170,11 +171,29 @@ BRIDGE_POINTWISE = POINTWISE_ACTIVATIONS | {"gelu_python", "gelu_10", "gelu_accu
 #: (`tests/test_architectures.py`); the support matrix in the README lists them with their errors.
 SUPPORTED: set[str] = {
     "LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Gemma3ForCausalLM", "GPT2LMHeadModel", "GPTNeoXForCausalLM",
+    "MistralForCausalLM", "Ministral3ForCausalLM", "GemmaForCausalLM", "Gemma2ForCausalLM", "Olmo2ForCausalLM",
+    "Olmo3ForCausalLM", "PhiForCausalLM", "Phi3ForCausalLM", "StableLmForCausalLM", "GPTJForCausalLM", "GPTNeoForCausalLM",
+    "OPTForCausalLM", "BloomForCausalLM", "FalconForCausalLM", "CohereForCausalLM", "GraniteForCausalLM",
+    "Starcoder2ForCausalLM", "GPTBigCodeForCausalLM", "SmolLM3ForCausalLM",
 }
 
 #: The real exceptions of the structure-derived rules, by architecture: what the model's hook
 #: points do not show. A string refuses the architecture with that reason.
-EXCEPTIONS: dict[str, str] = {}
+EXCEPTIONS: dict[str, str] = {
+    "OlmoForCausalLM": (
+        "OLMo's LayerNorm has no weight, and TransformerLens 4.3's NormalizationBridge fails once a hook "
+        "returns a new hook_scale there ('NormalizationBridge' object has no attribute 'weight'), so its "
+        "scale cannot be frozen (OLMo 2 and 3 are supported)"
+    ),
+    "CodeGenForCausalLM": (
+        "TransformerLens 4.3's CodeGen attention bridge fails its own forward with this transformers "
+        "('CodeGenAttention' object has no attribute 'embed_positions')"
+    ),
+}
+
+#: Architectures whose decoder layer flattens (batch, pos) into one axis before the MLP (OPT):
+#: the factors after the attention have no sequence axis to cut, so the prompt is never cut.
+FLAT_TOKENS = {"OPTForCausalLM"}
 
 
 def bridge_rules(model) -> tuple[Rule, ...]:
@@ -217,6 +236,8 @@ def bridge_rules(model) -> tuple[Rule, ...]:
         ))
     rules += structure.attention_rules(model)
     rules += structure.mlp_rules(model)
+    if arch in FLAT_TOKENS:
+        rules = [dataclasses.replace(rule, windows=False) if rule.after_attention else rule for rule in rules]
     return tuple(rules)
 
 

@@ -472,7 +472,7 @@ def frozen_system(
                 natives={name: at_position(natives[name], position, n)[0].detach() for name in names},
                 final_norm=frozen_norm(model, "ln_final", factors, position) if "ln_final.hook_scale" in factors else None,
                 lease=lease,
-                trim=trimmed_block(names, model.cfg, model.hook_dict),
+                trim=trimmed_block(names, model.cfg, model.hook_dict) if windowable(model) else None,
                 linear=purely_linear(model),
             )
         finally:

@@ -31,7 +31,7 @@ FAMILIES = {
 #: The settings give each family what distinguishes it (biases, partial rotary, softcapping, ...).
 MORE_FAMILIES: dict[str, tuple[str, str, dict]] = {
     "mistral": ("mistral", "MistralForCausalLM", dict(sliding_window=4)),
-    "ministral": ("ministral", "MinistralForCausalLM", dict(sliding_window=4)),
+    "ministral": ("ministral3", "Ministral3ForCausalLM", dict(sliding_window=4)),
     "gemma": ("gemma", "GemmaForCausalLM", {}),
     "gemma2": ("gemma2", "Gemma2ForCausalLM", dict(sliding_window=4, attn_logit_softcapping=5.0, final_logit_softcapping=3.0)),
     "olmo": ("olmo", "OlmoForCausalLM", dict(clip_qkv=None)),
@@ -110,22 +110,38 @@ def _config(family: str, d_model: int, n_layers: int, n_heads: int, d_mlp: int, 
 
 
 def _more_config(family: str, d_model: int, n_layers: int, n_heads: int, d_mlp: int, n_ctx: int, vocab: int, **overrides):
-    model_type, architecture, settings = MORE_FAMILIES[family]
+    model_type, architecture, settings = MORE_FAMILIES[family] if family in MORE_FAMILIES else (*_model_type(family), {})
     config = transformers.AutoConfig.for_model(model_type)
     sizes = dict(
         hidden_size=d_model, n_embd=d_model, num_hidden_layers=n_layers, n_layer=n_layers, num_layers=n_layers,
         num_attention_heads=n_heads, n_head=n_heads, num_key_value_heads=max(1, n_heads // 2), head_dim=d_model // n_heads,
         intermediate_size=d_mlp, ffn_dim=d_mlp, n_inner=d_mlp, max_position_embeddings=n_ctx, n_positions=n_ctx, n_ctx=n_ctx,
         vocab_size=vocab, bos_token_id=0, eos_token_id=1, pad_token_id=1, tie_word_embeddings=False,
+        num_experts=4, num_local_experts=4, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+        shared_expert_intermediate_size=32, n_shared_experts=1,
     )
     for key, value in {**sizes, **settings, **overrides}.items():
         if key in sizes and not (hasattr(config, key) or key in getattr(config, "attribute_map", {})):
             continue  # a size this config does not have
-        setattr(config, key, value)
+        try:
+            setattr(config, key, value)
+        except AttributeError:  # a size this config derives (Falcon's head_dim)
+            continue
     if getattr(config, "layer_types", None) is not None and len(config.layer_types) != n_layers:
         config.layer_types = [config.layer_types[i % len(config.layer_types)] for i in range(n_layers)]
     config.architectures = [architecture]
     return config, getattr(transformers, architecture)
+
+
+def _model_type(architecture: str) -> tuple[str, str]:
+    # The model type whose causal-LM class is this architecture (the one named like it, if several).
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    types = [t for t, cls in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items() if cls == architecture]
+    if not types:
+        raise ValueError(f"{architecture!r} is not a Hugging Face causal language model class.")
+    stem = architecture.lower().replace("forcausallm", "").replace("lmheadmodel", "")
+    return min(types, key=lambda t: (t.replace("_", "").replace("-", "") != stem, len(t))), architecture
 
 
 def toy_model(
@@ -143,7 +159,8 @@ def toy_model(
     """A TransformerBridge of one family with random weights.
 
     Args:
-        family: One of `FAMILIES` or `MORE_FAMILIES`.
+        family: One of `FAMILIES` or `MORE_FAMILIES`, or any Hugging Face causal-LM architecture
+            name (``"FalconH1ForCausalLM"``: its config's defaults with the tiny sizes).
         d_model: Residual width.
         n_layers: Number of blocks.
         n_heads: Attention heads (key/value heads are half of them where the family has GQA).
@@ -160,8 +177,11 @@ def toy_model(
         from transformer_lens.model_bridge import TransformerBridge
     except ImportError as error:
         raise ValueError("This TransformerLens has no TransformerBridge (it came in 3.0); use hooked_toy_model.") from error
-    if family not in FAMILIES and family not in MORE_FAMILIES:
-        raise ValueError(f"Unknown toy family {family!r}; choose from {sorted(FAMILIES) + sorted(MORE_FAMILIES)}.")
+    if family not in FAMILIES and family not in MORE_FAMILIES and not family[:1].isupper():
+        raise ValueError(
+            f"Unknown toy family {family!r}; choose from {sorted(FAMILIES) + sorted(MORE_FAMILIES)}, "
+            "or give a Hugging Face causal-LM architecture name (its defaults, made tiny)."
+        )
     tokenizer = toy_tokenizer()
     make = _config if family in FAMILIES else _more_config
     config, model_cls = make(family, d_model, n_layers, n_heads, d_mlp, n_ctx, len(tokenizer), **overrides)
