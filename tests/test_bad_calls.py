@@ -127,6 +127,35 @@ BAD_CALLS = [
     bad("linear_maps-targets-None", lambda m: tl_linmap.linear_maps(m, SHORT, None), r"targets must be a list of names"),
     bad("linear_maps-norm-unknown", lambda m: tl_linmap.linear_maps(m, SHORT, ["output"], norms=["blocks.0.ln"]), r"no norm module 'blocks\.0\.ln'\. Did you mean .*blocks\.0\.ln1"),
     bad("linear_maps-norms-a-string", lambda m: tl_linmap.linear_maps(m, SHORT, ["output"], norms="blocks.0.ln1"), r"norms must be a list of names, e\.g\. norms=\['blocks\.0\.ln1'\]"),
+    # source= (where a map starts) and linear readouts as targets.
+    bad("source-unknown-hook", lambda m: tl_linmap.linear_map(m, SHORT, source="blocks.0.hook_resid_pots"), r"no hook point 'blocks\.0\.hook_resid_pots' to start a map from\. Did you mean blocks\.0\.hook_resid_post"),
+    bad("source-after-target", lambda m: tl_linmap.linear_map(m, SHORT, target="blocks.0.hook_resid_post", source="blocks.1.hook_resid_pre"), r"comes before the source 'blocks\.1\.hook_resid_pre'.*Pass a source that comes before every target"),
+    bad("source-after-target-same-block", lambda m: tl_linmap.linear_maps(m, SHORT, ["blocks.0.hook_attn_out"], source="blocks.0.hook_mlp_out"), r"comes before the source"),
+    bad("source-without-position-axis", lambda m: tl_linmap.linear_map(m, SHORT, source="blocks.0.attn.hook_pattern"), r"has no position axis.*start a map from a hook point indexed by sequence position"),
+    bad("source-a-frozen-factor", lambda m: tl_linmap.token_contributions(m, SHORT, source="blocks.0.ln1.hook_scale"), r"is where a factor is frozen.*Start from an activation"),
+    bad("source-bridge-resid_mid", lambda m: tl_linmap.layer_maps(m, SHORT, source="blocks.0.hook_resid_mid"), r"second norm's input.*Start from 'blocks\.0\.hook_attn_out'"),
+    bad("source-an-index", lambda m: tl_linmap.linear_map(m, SHORT, source=-1), r"source must be a hook name such as 'blocks\.2\.hook_resid_pre'.*got -1"),
+    bad("source-target-independent", lambda m: tl_linmap.linear_map(m, SHORT, target="blocks.0.hook_mlp_out", source="blocks.0.hook_attn_out"), r"does not depend on the source 'blocks\.0\.hook_attn_out'.*parallel block's MLP", family="pythia"),
+    bad("matrix_free-source-unknown", lambda m: _matrix_free(m, lambda mf: mf.svd(), source="blocks.9.hook_resid_pre"), r"no hook point 'blocks\.9\.hook_resid_pre' to start a map from"),
+    bad("push_forward-wrong-width", lambda m: tl_linmap.push_forward(m, SHORT, torch.ones(3), source="blocks.0.hook_resid_post"), r"has width 64; the vectors have 3"),
+    bad("push_forward-a-list", lambda m: tl_linmap.push_forward(m, SHORT, [1.0], source="blocks.0.hook_resid_post"), r"vectors must be a floating tensor of shape \(d_in,\) or \(k, d_in\)"),
+    bad("push_forward-position-after-target", lambda m: tl_linmap.push_forward(m, SHORT, _vector(m), source="blocks.0.hook_resid_post", source_position=5, position=3), r"comes after the target position 3"),
+    bad("LogitDiff-several-tokens", lambda m: tl_linmap.linear_map(m, SHORT, target=tl_linmap.LogitDiff(" Paris", " London")), r"' Paris' is 6 tokens .*give one token"),
+    bad("LogitDiff-same-token", lambda m: tl_linmap.linear_map(m, SHORT, target=tl_linmap.LogitDiff(5, 5)), r"the same token, so always zero\. Give two different tokens"),
+    bad("Logit-id-outside-vocabulary", lambda m: tl_linmap.linear_maps(m, SHORT, [tl_linmap.Logit(9999)]), r"Token id 9999 is outside the vocabulary"),
+    bad("LogitDiff-of-hook_z", lambda m: tl_linmap.linear_map(m, SHORT, target=tl_linmap.LogitDiff(5, 7, hook="blocks.0.attn.hook_z")), r"A logit is read from the residual stream"),
+    bad("Direction-wrong-width", lambda m: tl_linmap.linear_map(m, SHORT, target=tl_linmap.Direction("blocks.0.hook_resid_post", torch.ones(3))), r"has width 64; the Direction's vector has 3"),
+    bad("Direction-not-a-tensor", lambda m: tl_linmap.linear_map(m, SHORT, target=tl_linmap.Direction("output", [1.0])), r"Direction's vector must be a floating tensor of shape \(d_out,\), got list"),
+    bad("Direction-unknown-hook", lambda m: tl_linmap.linear_map(m, SHORT, target=tl_linmap.Direction("blocks.0.hook_resid_pots", torch.ones(64))), r"no hook point 'blocks\.0\.hook_resid_pots'"),
+    bad("readouts-same-name", lambda m: tl_linmap.linear_maps(m, SHORT, [tl_linmap.Direction("output", torch.ones(64))] * 2), r"same name: give each Direction its own label="),
+    bad("token_attribution-Direction-elsewhere", lambda m: tl_linmap.token_attribution(m, _maps(m, True), tl_linmap.Direction("blocks.0.hook_resid_post", torch.ones(64))), r"give the Direction on 'blocks\.1\.hook_resid_post'"),
+    bad("token_attribution-logit-lens-readout", lambda m: tl_linmap.token_attribution(m, _maps(m, True), tl_linmap.LogitDiff(5, 7, hook="blocks.0.hook_resid_post")), r"give the readout with hook='output'"),
+    bad("sequence-target-misspelt", lambda m: tl_linmap.sequence_attribution(m, SHORT, target="outptu"), r"no hook point 'outptu'"),
+    bad("sequence-last-out-of-range", lambda m: tl_linmap.sequence_attribution(m, SHORT, last=99), r"Position 99 is out of range"),
+    bad("sequence-totals-of-norms", lambda m: tl_linmap.sequence_attribution(m, SHORT).total(), r"Contribution norms do not add up"),
+    bad("generation-max_new_tokens-zero", lambda m: tl_linmap.generation_attribution(m, SHORT, 0), r"max_new_tokens must be a positive int, got 0"),
+    bad("generation-beyond-context", lambda m: tl_linmap.generation_attribution(m, SHORT, 60), r"do not fit the context of 64: generate fewer"),
+    bad("plot_sequence_attribution-of-a-map", lambda m: _plot("plot_sequence_attribution", _map(m)), r"plot_sequence_attribution takes a SequenceAttribution, got LinearMap"),
     # Sizes of passes and routes.
     bad("rows_per_pass-zero", lambda m: tl_linmap.linear_map(m, SHORT, rows_per_pass=0), r"rows_per_pass must be a positive int, got 0"),
     bad("rows_per_pass-negative", lambda m: tl_linmap.layer_maps(m, SHORT, rows_per_pass=-3), r"rows_per_pass must be a positive int, got -3"),
@@ -210,6 +239,11 @@ BAD_CALLS = [
     bad("steering-alpha-a-word", lambda m: tl_linmap.steering_hooks(_maps(m), layer=0, alpha="big"), r"alpha must be a number"),
     bad("steering-positions-a-word", lambda m: tl_linmap.steering_hooks(_maps(m), layer=0, positions="first"), r"positions must be 'all', a slice or a list"),
     bad("steering-positions-beyond-the-call", lambda m: _steered(m, positions=[99]), r"positions=\[99\] does not fit a forward call of \d+ positions"),
+    bad("steering-method-unknown", lambda m: tl_linmap.steering_hooks(_maps(m), layer=0, method="operators"), r"method must be 'vector' \(a fixed concept vector\) or 'operator'"),
+    bad("steering-operator-with-how", lambda m: tl_linmap.steering_hooks(_maps(m), layer=0, method="operator", how="singular"), r"how='singular' builds a concept vector: it applies to method='vector' only"),
+    bad("steering-operator-without-hook_embed", lambda m: _operator_steered_alone(m), r"have the token embeddings of 0 positions for a forward call of \d+ positions.*attach all the hooks of the OperatorSteering"),
+    bad("compare_methods-no-sources", lambda m: tl_linmap.compare_methods(m, {}, SHORT, " and", layer=0), r"sources must be a non-empty dict of concept label -> source map"),
+    bad("compare_methods-empty-continuation", lambda m: tl_linmap.compare_methods(m, {"x": _maps(m)}, SHORT, "", layer=0), r"continuation must be the fixed text to score after the prompt, got ''"),
     bad("plot_spectra-a-string", lambda m: _plot("plot_spectra", "x"), r"Plots take a LinearMap .* got str"),
     bad("plot_spectra-ALL", lambda m: _plot("plot_spectra", _maps(m), "ALL"), r"source must be an input token index or 'all'"),
     bad("plot_heatmap-an-svd", lambda m: _plot("plot_contribution_heatmap", _map(m).svd()), r"Plots take a LinearMap .* got OperatorSVD"),
@@ -218,11 +252,35 @@ BAD_CALLS = [
     bad("table-of-a-number", lambda m: tl_linmap.Table(5), r"A Table is built from an iterable of dataclass rows, got int"),
     bad("table-of-mixed-rows", lambda m: tl_linmap.Table([*_map(m).dimensionality(), *_map(m).decode(k=1, top=1)]).records(), r"one type, got DecodedPair, RankRow"),
     bad("load_model-None", lambda m: tl_linmap.load_model(None), r"load_model takes a bundled name"),
+    # Attribution patching.
+    bad("patching-unequal-lengths", lambda m: tl_linmap.attribution_patching(m, SHORT, "The cat sat down", ("a", "b")),
+        r"clean prompt has 12 tokens and the corrupted one 17: .*give two prompts of the same number of tokens"),
+    bad("patching-unknown-layout", lambda m: tl_linmap.attribution_patching(m, SHORT, "The dog sat", ("a", "b"), layouts=["resid_pr"]),
+        r"Unknown patching layout 'resid_pr'\. Did you mean 'resid_pre'"),
+    bad("patching-layouts-a-string", lambda m: tl_linmap.attribution_patching(m, SHORT, "The dog sat", ("a", "b"), layouts="resid_pre"),
+        r"layouts must be a list of names, e\.g\. layouts=\['resid_pre'"),
+    bad("patching-answer-two-tokens", lambda m: tl_linmap.attribution_patching(m, SHORT, "The dog sat", ("ab", "b")),
+        r"'ab' is 2 tokens \('a' \+ 'b'\); give one token such as 'a', or its id"),
+    bad("patching-metric-one-token", lambda m: tl_linmap.attribution_patching(m, SHORT, "The dog sat", "a"),
+        r"metric must be \(answer, wrong\), two tokens such as \(' Paris', ' Rome'\)"),
+    bad("patching-same-answer-twice", lambda m: tl_linmap.attribution_patching(m, SHORT, "The dog sat", ("a", "a")),
+        r"answer and the wrong token are the same token"),
+    bad("patching-unknown-mode", lambda m: tl_linmap.attribution_patching(m, SHORT, "The dog sat", ("a", "b"), mode="linear"),
+        r"mode must be 'detached' .* or 'gradient'"),
+    bad("patching-position-out-of-range", lambda m: tl_linmap.attribution_patching(m, SHORT, "The dog sat", ("a", "b"), position=12),
+        r"Position 12 is out of range .*" + OUT_OF_RANGE),
 ]
 
 
 def _steered(model, positions):
     with model.hooks(fwd_hooks=tl_linmap.steering_hooks(_maps(model), layer=0, positions=positions)):
+        model(SHORT)
+
+
+def _operator_steered_alone(model):
+    # Only the hook that adds the vectors, not those that read the embeddings.
+    steering = tl_linmap.steering_hooks(_maps(model), layer=0, method="operator")
+    with model.hooks(fwd_hooks=[steering[-1]]):
         model(SHORT)
 
 

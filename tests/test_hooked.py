@@ -54,12 +54,12 @@ def _oracle_hooks(model):
     return hooks
 
 
-def _oracle(model, tokens, target, position):
-    """J and b of ``target`` at ``position`` by torch.autograd.functional.jacobian under the oracle's hooks."""
+def _oracle(model, tokens, target, position, source="hook_embed"):
+    """J and b of ``target`` at ``position`` (from ``source``) by torch.autograd.functional.jacobian under the oracle's hooks."""
     cfg = model.cfg
     with torch.no_grad():
-        _, cache = model.run_with_cache(tokens, names_filter="hook_embed")
-    x = cache["hook_embed"][0].double()
+        _, cache = model.run_with_cache(tokens, names_filter=source)
+    x = cache[source][0].double()
 
     def f(embeddings):
         out = {}
@@ -67,7 +67,7 @@ def _oracle(model, tokens, target, position):
         def grab(act, hook=None):
             out["y"] = act[0, position].flatten()
 
-        hooks = [("hook_embed", lambda act, hook=None: embeddings[None])] + _oracle_hooks(model) + [(target, grab)]
+        hooks = [(source, lambda act, hook=None: embeddings[None])] + _oracle_hooks(model) + [(target, grab)]
         with model.hooks(fwd_hooks=hooks):
             model(tokens)
         return out["y"]
@@ -143,6 +143,25 @@ def test_token_attribution_sums_to_the_models_logit(hooked, family):
     att = tl_linmap.token_attribution(model, maps, token)
     assert att.logit == pytest.approx(float(logits[token]), abs=1e-10 * float(logits.abs().max()))
     assert att.total() == pytest.approx(att.logit, abs=1e-12 * abs(att.logit))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_maps_from_a_source_and_logit_difference_targets(hooked, family):
+    """source=, LogitDiff targets and sequence attributions on a HookedTransformer (output hook before the norm's weight)."""
+    model = hooked[family]
+    source = "blocks.1.hook_resid_pre"
+    lm = tl_linmap.linear_map(model, PROMPT, source=source)
+    operators, bias, y = _oracle(model, lm.tokens[None], lm.target, lm.position, source)
+    assert _gap(lm.operators, operators) < 1e-12 and float((lm.bias - bias).norm() / y.norm()) < 1e-12
+    logits = model(lm.tokens[None])[0]
+    scale = float(logits.abs().max())
+    diff = tl_linmap.LogitDiff(3, 4)
+    scalar = tl_linmap.linear_map(model, PROMPT, target=diff)
+    assert float(scalar.output[0]) == pytest.approx(float(logits[-1, 3] - logits[-1, 4]), abs=1e-12 * scale)
+    att = tl_linmap.token_attribution(model, tl_linmap.layer_maps(model, PROMPT, modules=True), diff)
+    assert att.total() == pytest.approx(float(logits[-1, 3] - logits[-1, 4]), abs=1e-12 * scale)
+    sequence = tl_linmap.sequence_attribution(model, PROMPT, target=diff)
+    assert torch.allclose(sequence.total(), logits[:, 3] - logits[:, 4], rtol=0, atol=1e-12 * scale)
 
 
 def test_contributions_matrix_free_and_steering(hooked):

@@ -123,3 +123,19 @@ def test_contributions_are_checked(toy_models, monkeypatch):
     with pytest.raises(FreezeError, match="misses the model's output"):
         token_contributions(toy_models["llama"], PROMPT)
     assert token_contributions(toy_models["llama"], PROMPT, check=False).relative_error() > 1e-6
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gemma3", "llama"])
+def test_push_forward_carries_a_middle_layers_singular_vectors_to_the_output(toy_models, family):
+    """``J_i u`` for the top singular vectors of an earlier layer's operator, against the oracle's J from that layer."""
+    from test_oracle import target_oracle
+
+    model, source, at = toy_models[family], "blocks.0.hook_resid_post", 5
+    middle = tl_linmap.linear_map(model, PROMPT, target=source, position=at)
+    u = middle.svd(k=3).left[at]  # (3, d_model): the top left singular vectors of J_at, at position `at`
+    pushed = tl_linmap.push_forward(model, PROMPT, u, source=source, source_position=at)
+    oracle = target_oracle(model, middle.tokens[None], "ln_final.hook_out", middle.tokens.shape[0] - 1, source)
+    expected = u @ oracle.operators[at].T
+    assert float((pushed.values - expected).norm() / expected.norm()) < 1e-12
+    assert pushed.source == source and pushed.source_position == at
+    assert len(pushed.top_tokens(4)) == 3 and len(pushed.top_tokens(4)[0]) == 4

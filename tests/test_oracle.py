@@ -127,14 +127,16 @@ def oracle_hooks(model) -> list[tuple[str, Callable]]:
     return hooks
 
 
-def _frozen_run(model, tokens: Tensor, x: Tensor, target: str, extra: Sequence[tuple[str, Callable]] = ()) -> Tensor:
-    # The model under the oracle's freeze hooks, with ``x`` in place of the token embeddings.
+def _frozen_run(
+    model, tokens: Tensor, x: Tensor, target: str, extra: Sequence[tuple[str, Callable]] = (), source: str = "hook_embed"
+) -> Tensor:
+    # The model under the oracle's freeze hooks, with ``x`` in place of the source's activation.
     seen = {}
 
     def grab(act: Tensor, hook=None) -> None:
         seen["act"] = act
 
-    hooks = [("hook_embed", lambda act, hook=None: x[None]), *oracle_hooks(model), *extra, (target, grab)]
+    hooks = [(source, lambda act, hook=None: x[None].reshape(act.shape)), *oracle_hooks(model), *extra, (target, grab)]
     with warnings.catch_warnings(), model.hooks(fwd_hooks=hooks):
         warnings.filterwarnings("ignore", message=_NORM_EDIT_WARNING)
         model(tokens)
@@ -151,13 +153,17 @@ class Oracle:
     inputs: Float[Tensor, "pos d_in"]
 
 
-def _embeddings(model, tokens: Tensor) -> Float[Tensor, "pos d_in"]:
-    _, cache = model.run_with_cache(tokens, names_filter="hook_embed")
-    return cache["hook_embed"][0].detach().clone()
+def _embeddings(model, tokens: Tensor, source: str = "hook_embed") -> Float[Tensor, "pos d_in"]:
+    # The source's activation in the forward under the oracle's freeze hooks (the same values, on
+    # the norms' float64 path: a bridge's plain forward runs RMSNorm in float32).
+    with warnings.catch_warnings(), model.hooks(fwd_hooks=oracle_hooks(model)):
+        warnings.filterwarnings("ignore", message=_NORM_EDIT_WARNING)
+        _, cache = model.run_with_cache(tokens, names_filter=source)
+    return cache[source][0].flatten(1).detach().clone()
 
 
-def _jacobian_oracle(model, tokens: Tensor, f: Callable[[Tensor], Tensor]) -> Oracle:
-    x = _embeddings(model, tokens)
+def _jacobian_oracle(model, tokens: Tensor, f: Callable[[Tensor], Tensor], source: str = "hook_embed") -> Oracle:
+    x = _embeddings(model, tokens, source)
     with torch.enable_grad():
         y = f(x).detach()
         jac = torch.autograd.functional.jacobian(f, x, vectorize=True)
@@ -166,7 +172,7 @@ def _jacobian_oracle(model, tokens: Tensor, f: Callable[[Tensor], Tensor]) -> Or
     return Oracle(operators, bias, y, x)
 
 
-def target_oracle(model, tokens: Tensor, target: str, position: int) -> Oracle:
+def target_oracle(model, tokens: Tensor, target: str, position: int, source: str = "hook_embed") -> Oracle:
     """The oracle of one hook point's vector at one position.
 
     Args:
@@ -174,14 +180,17 @@ def target_oracle(model, tokens: Tensor, target: str, position: int) -> Oracle:
         tokens: ``(1, pos)``.
         target: Hook name.
         position: Non-negative position.
+        source: The hook point whose activation is the input (default: the token embeddings).
 
     Returns:
         An `Oracle`.
     """
-    return _jacobian_oracle(model, tokens, lambda x: _frozen_run(model, tokens, x, target)[position].flatten())
+    return _jacobian_oracle(
+        model, tokens, lambda x: _frozen_run(model, tokens, x, target, source=source)[position].flatten(), source
+    )
 
 
-def head_oracle(model, tokens: Tensor, layer: int, head: int, position: int) -> Oracle:
+def head_oracle(model, tokens: Tensor, layer: int, head: int, position: int, source: str = "hook_embed") -> Oracle:
     """The oracle of one head's share of ``hook_attn_out``: every other head's ``hook_z`` zeroed.
 
     What is left with all heads zeroed (``b_O`` through the post-attention norm) belongs to no
@@ -194,13 +203,14 @@ def head_oracle(model, tokens: Tensor, layer: int, head: int, position: int) -> 
         layer: Block index.
         head: Head index.
         position: Non-negative position.
+        source: The hook point whose activation is the input (default: the token embeddings).
 
     Returns:
         An `Oracle`.
     """
     attn_out = get_act_name("attn_out", layer)
     post_scale = get_act_name("scale", layer, "ln1_post")
-    x = _embeddings(model, tokens)
+    x = _embeddings(model, tokens, source)
     extra = []
     if post_scale in model.hook_dict:
         recorded = {}
@@ -208,7 +218,7 @@ def head_oracle(model, tokens: Tensor, layer: int, head: int, position: int) -> 
         def record(act: Tensor, hook=None) -> None:
             recorded["scale"] = act.detach()
 
-        _frozen_run(model, tokens, x, attn_out, [(post_scale, record)])
+        _frozen_run(model, tokens, x, attn_out, [(post_scale, record)], source)
         extra.append((post_scale, lambda act, hook=None: recorded["scale"]))
 
     def only(heads: list[int]) -> list:
@@ -217,10 +227,10 @@ def head_oracle(model, tokens: Tensor, layer: int, head: int, position: int) -> 
         return [(get_act_name("z", layer), lambda z, hook=None: z * mask.to(z))]  # z: (batch, pos, head, d_head)
 
     def share(x: Tensor, heads: list[int]) -> Tensor:
-        return _frozen_run(model, tokens, x, attn_out, extra + only(heads))[position]
+        return _frozen_run(model, tokens, x, attn_out, extra + only(heads), source)[position]
 
     rest = share(x, []).detach()
-    return _jacobian_oracle(model, tokens, lambda x: share(x, [head]) - rest)
+    return _jacobian_oracle(model, tokens, lambda x: share(x, [head]) - rest, source)
 
 
 def _gap(a: Tensor, b: Tensor, scale: Tensor | None = None) -> float:
@@ -228,7 +238,8 @@ def _gap(a: Tensor, b: Tensor, scale: Tensor | None = None) -> float:
 
 
 def assert_matches_oracle(
-    lm, model, prompt: str = PROMPT, *, position: int = -1, head: tuple[int, int] | None = None, rtol: float = 1e-12
+    lm, model, prompt: str = PROMPT, *, position: int = -1, head: tuple[int, int] | None = None, rtol: float = 1e-12,
+    source: str = "hook_embed",
 ) -> None:
     """Assert that a map's J, b, output and inputs equal the oracle's, relative in Frobenius norm.
 
@@ -242,14 +253,15 @@ def assert_matches_oracle(
         position: The position it maps.
         head: ``(layer, head)`` if ``lm`` is a head's share of ``hook_attn_out``.
         rtol: Bound on every relative gap.
+        source: The hook point ``lm`` starts from.
     """
     tokens = model.to_tokens(prompt)
     position %= tokens.shape[1]
-    assert torch.equal(lm.tokens, tokens[0]) and lm.position == position
+    assert torch.equal(lm.tokens, tokens[0]) and lm.position == position and lm.source == source
     if head is None:
-        oracle = target_oracle(model, tokens, lm.target, position)
+        oracle = target_oracle(model, tokens, lm.target, position, source)
     else:
-        oracle = head_oracle(model, tokens, *head, position)
+        oracle = head_oracle(model, tokens, *head, position, source)
     gaps = {
         "J": _gap(lm.operators, oracle.operators),
         "b": _gap(lm.bias, oracle.bias, torch.maximum(oracle.bias.norm(), oracle.output.norm())),
@@ -287,6 +299,37 @@ def test_head_matches_the_oracle(model, family, scratch_models, dtype, rtol):
     lm = tl_linmap.layer_maps(model, PROMPT, modules=True, dtype=dtype).head(layer, head)
     assert lm.operators.dtype == dtype
     assert_matches_oracle(lm, model, head=HEAD, rtol=rtol)
+
+
+#: (source, target) pairs: one block, a layer to the output, a layer to a later one, modules as sources.
+SOURCE_PAIRS = [
+    ("blocks.1.hook_resid_pre", "blocks.1.hook_resid_post"),
+    ("blocks.1.hook_resid_pre", "output"),
+    ("blocks.0.hook_resid_post", "blocks.1.hook_resid_post"),
+    ("blocks.0.hook_attn_out", "output"),
+    ("blocks.0.hook_mlp_out", "blocks.1.hook_attn_out"),
+]
+
+
+@pytest.mark.parametrize("route", ["rows", "columns"])
+@pytest.mark.parametrize("source, target", SOURCE_PAIRS)
+def test_map_from_a_source_matches_the_oracle(model, source, target, route):
+    """``y = Σ_i J_i s_i + b`` from a hook point inside the model: J by autograd from the source's
+    activation under the oracle's own freeze hooks, b what is left (the source zeroed)."""
+    lm = tl_linmap.linear_map(model, PROMPT, target=target, source=source, route=route, position=-3)
+    assert_matches_oracle(lm, model, source=source, position=-3)
+    if target == "output":  # on bias-free families b is exactly zero only for a whole-stream source
+        assert (lm.bias.norm() > 0) == (model.cfg.architecture in ("GPT2LMHeadModel", "GPTNeoXForCausalLM", "Qwen2ForCausalLM") or "attn_out" in source)
+
+
+def test_head_from_a_source_matches_the_oracle(model):
+    """Per-head maps from a middle layer's residual stream: read through ``W_O`` (and Gemma's post-norm)."""
+    source = "blocks.1.hook_resid_pre"
+    maps = tl_linmap.layer_maps(model, PROMPT, layers=[1], modules=True, source=source)
+    assert_matches_oracle(maps.head(*HEAD), model, head=HEAD, source=source)
+    own = maps[source]  # the source mapped to itself: the identity at the target position
+    eye = torch.eye(model.cfg.d_model, dtype=own.operators.dtype)
+    assert torch.equal(own.operators[-1], eye) and not own.operators[:-1].any() and not own.bias.any()
 
 
 def _frozen_layer_norm(weight: Tensor, scale: Tensor) -> Float[Tensor, "pos d d"]:

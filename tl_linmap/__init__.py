@@ -9,24 +9,41 @@ from tl_linmap.errors import (
     UnsupportedArchitectureError,
 )
 from tl_linmap.exactness import tolerance
+from tl_linmap.functionals import Direction, LinearReadout, Logit, LogitDiff
 from tl_linmap.hooks import freeze_hooks, frozen, replay_hooks, same_path_hooks
 from tl_linmap.implicit import (
     MatrixFree,
+    Pushed,
     matrix_free,
+    push_forward,
     randomized_svd,
     token_contributions,
 )
 from tl_linmap.jacobian import linear_map, linear_maps
 from tl_linmap.loading import BUNDLED, load_model
+from tl_linmap.patching import (
+    PatchComparison,
+    PatchingAttribution,
+    attribution_patching,
+    prompt_pairs,
+)
 from tl_linmap.plotting import (
     plot_contribution_heatmap,
     plot_decoded,
     plot_logit_contributions,
+    plot_patching,
+    plot_sequence_attribution,
     plot_spectra,
 )
 from tl_linmap.readout import nearest_tokens, top_tokens, unembed
 from tl_linmap.results import Attribution, Contributions, GapRow, LinearMap, LinearMaps
 from tl_linmap.rules import SUPPORTED
+from tl_linmap.sequence import (
+    SequenceAttribution,
+    SequenceRow,
+    generation_attribution,
+    sequence_attribution,
+)
 from tl_linmap.spectral import (
     DecodedPair,
     LogitSplit,
@@ -37,8 +54,10 @@ from tl_linmap.spectral import (
     stable_rank,
 )
 from tl_linmap.steering import (
+    OperatorSteering,
     Steering,
     alpha_sweep,
+    compare_methods,
     concept_vector,
     steering_hooks,
     word_tokens,
@@ -60,26 +79,39 @@ __all__ = [
     "Attribution",
     "Contributions",
     "DecodedPair",
+    "Direction",
     "FreezeError",
     "GapRow",
     "InputError",
     "LinearMap",
     "LinearMaps",
+    "LinearReadout",
     "LinmapError",
+    "Logit",
+    "LogitDiff",
     "LogitSplit",
     "MatrixFree",
     "MemoryBudgetError",
     "OperatorSVD",
+    "OperatorSteering",
+    "PatchComparison",
+    "PatchingAttribution",
+    "Pushed",
     "RankRow",
+    "SequenceAttribution",
+    "SequenceRow",
     "Steering",
     "Table",
     "UnsupportedArchitectureError",
     "alpha_sweep",
+    "attribution_patching",
+    "compare_methods",
     "concept_vector",
     "effective_rank",
     "energy_rank",
     "freeze_hooks",
     "frozen",
+    "generation_attribution",
     "layer_maps",
     "linear_map",
     "linear_maps",
@@ -90,10 +122,15 @@ __all__ = [
     "plot_contribution_heatmap",
     "plot_decoded",
     "plot_logit_contributions",
+    "plot_patching",
+    "plot_sequence_attribution",
     "plot_spectra",
+    "prompt_pairs",
+    "push_forward",
     "randomized_svd",
     "replay_hooks",
     "same_path_hooks",
+    "sequence_attribution",
     "stable_rank",
     "steering_hooks",
     "token_attribution",

@@ -9,13 +9,16 @@ architecture has one, the frozen post-attention norm), so they cost no extra Jac
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Sequence
 
 import torch
+from torch import Tensor
 
 from tl_linmap.compat import check_model, get_act_name
 from tl_linmap.errors import InputError
-from tl_linmap.inputs import Prompt, check_layers
+from tl_linmap.functionals import Direction, LinearReadout, Logit, LogitDiff
+from tl_linmap.inputs import Prompt, check_layers, resolve_target
 from tl_linmap.jacobian import linear_maps, plain_jacobians, rows_argument
 from tl_linmap.readout import token_id
 from tl_linmap.results import Attribution, GapRow, LinearMaps
@@ -46,6 +49,7 @@ def layer_maps(
     progress: bool = False,
     route: str = "auto",
     chunk_size: int | None = None,
+    source: str | None = None,
 ) -> LinearMaps:
     """Exact linear maps of the residual stream (and optionally every module) per layer.
 
@@ -63,6 +67,9 @@ def layer_maps(
         route: ``"rows"``, ``"columns"`` or ``"auto"`` (see `tl_linmap.jacobian.linear_maps`;
             ``"auto"`` picks columns for many targets on short prompts).
         chunk_size: Deprecated name of ``rows_per_pass``.
+        source: The hook point the maps start from (see `tl_linmap.jacobian.linear_maps`);
+            None: the token embeddings. With ``layers=None`` only the targets from the
+            source on are mapped (the source itself, if a target, maps to the identity).
 
     Returns:
         `tl_linmap.results.LinearMaps` keyed by hook name (``blocks.L.hook_resid_post``, ...).
@@ -72,12 +79,29 @@ def layer_maps(
     """
     check_model(model)
     rows_per_pass = rows_argument(rows_per_pass, chunk_size)
+    every_layer = layers is None
     layers = check_layers(layers, model.cfg.n_layers)
     targets = [name for layer in layers for name in _layer_targets(model, layer, modules)]
+    if every_layer and source is not None:
+        targets = [name for name in targets if _block_order(name) >= _block_order(source)]
     return linear_maps(
         model, prompt_or_tokens, targets, position=position, dtype=dtype, rows_per_pass=rows_per_pass,
-        check=check, progress=progress, route=route,
+        check=check, progress=progress, route=route, source=source,
     )
+
+
+# Where each of `_layer_targets`' hook points fires within its block.
+_IN_BLOCK = ("hook_resid_pre", "attn.hook_z", "hook_attn_out", "hook_resid_mid", "hook_mlp_out", "hook_resid_post")
+
+
+def _block_order(name) -> tuple[int, int]:
+    # (block, place in the block) of a hook name; anything unknown inside a block sorts first,
+    # so that layer_maps keeps it and the frozen system checks the order for real.
+    match = re.fullmatch(r"blocks\.(\d+)\.(.+)", name) if isinstance(name, str) else None
+    if match is None:
+        return (-1, 0)
+    rest = match.group(2)
+    return (int(match.group(1)), _IN_BLOCK.index(rest) if rest in _IN_BLOCK else 0)
 
 
 def _residual_components(model) -> list[str]:
@@ -89,20 +113,51 @@ def _residual_components(model) -> list[str]:
     return names
 
 
-def token_attribution(model, maps: LinearMaps, token: int | str) -> Attribution:
-    """Split one output token's logit exactly into per-token, per-module, per-head parts.
+def _final_readout(model, token, final: str) -> tuple[str, Tensor | None, Tensor, float]:
+    # (label, u, w, unembed bias): the quantity is u · ln_final(resid) + b (u is None: w · resid directly).
+    if isinstance(token, Direction):
+        token.check(model)
+        if resolve_target(model, token.hook) != final:
+            raise InputError(
+                f"token_attribution splits the final residual stream: give the Direction on {final!r}, "
+                f"not {token.hook!r} (or split any map's readout with lm.logit_contributions(direction))."
+            )
+        return token.name, None, token.vector.detach(), 0.0
+    if isinstance(token, (Logit, LogitDiff)):
+        token.check(model)
+        if token.hook != "output":
+            raise InputError(f"token_attribution reads the model's logits: give the readout with hook='output', not {token.hook!r}.")
+        pairs = [(token.token, 1.0)] if isinstance(token, Logit) else [(token.correct, 1.0), (token.incorrect, -1.0)]
+        label = token.name
+    elif isinstance(token, LinearReadout):
+        raise InputError(f"token_attribution takes a token, a Logit, a LogitDiff or a Direction, got {type(token).__name__}.")
+    else:
+        pairs, label = [(token, 1.0)], None
+    ids = [token_id(model, t) for t, _ in pairs]
+    a = torch.tensor([coefficient for _, coefficient in pairs], dtype=torch.float64)
+    u = model.W_U.detach()[:, ids].double() @ a
+    b_u = getattr(model, "b_U", None)
+    unembed_bias = 0.0 if b_u is None else float(b_u.detach()[ids].double() @ a)
+    return label or model.tokenizer.decode(ids), u, u, unembed_bias
+
+
+def token_attribution(model, maps: LinearMaps, token: int | str | LinearReadout) -> Attribution:
+    """Split one output token's logit (or a logit difference) exactly into per-token, per-module, per-head parts.
 
     The logit is ``W_U[:, t] · ln_final(resid) + b_U[t]`` with ``ln_final`` frozen at its
     inference scale, so it is linear in the residual stream, which is the sum of the
-    embedding stream and every module's output.
+    embedding stream and every module's output. A logit difference is the same with
+    ``W_U[:, a] − W_U[:, b]``.
 
     Args:
         model: The model the maps came from.
         maps: From ``layer_maps(model, prompt, modules=True)`` over all layers.
-        token: Output token id or string (a single token).
+        token: Output token id or string (a single token), or a linear readout
+            (`tl_linmap.functionals`): ``LogitDiff(" Paris", " London")``, ``Logit``, or a
+            ``Direction`` on the last layer's ``hook_resid_post``.
 
     Returns:
-        An `Attribution`.
+        An `Attribution` (its ``token`` is the readout's name for a readout).
 
     Raises:
         InputError: for a bad model or token, or maps that are not every layer's module maps.
@@ -112,7 +167,7 @@ def token_attribution(model, maps: LinearMaps, token: int | str) -> Attribution:
         raise InputError(
             f"maps must be the LinearMaps of layer_maps(model, prompt, modules=True), got {type(maps).__name__}."
         )
-    token = token_id(model, token)
+    label, u, w, unembed_bias = _final_readout(model, token, get_act_name("resid_post", model.cfg.n_layers - 1))
     missing = [n for n in [get_act_name("resid_post", model.cfg.n_layers - 1), *_residual_components(model)] if n not in maps]
     if missing or maps.final_norm is None:
         raise InputError(
@@ -120,12 +175,13 @@ def token_attribution(model, maps: LinearMaps, token: int | str) -> Attribution:
             "pass maps = layer_maps(model, prompt, modules=True) over all layers."
         )
     final = maps[get_act_name("resid_post", model.cfg.n_layers - 1)]
-    w_u = model.W_U.detach()[:, token].to(final.output)
-    b_u = getattr(model, "b_U", None)
-    unembed_bias = 0.0 if b_u is None else float(b_u[token])
-    direction = maps.final_norm.matrix.T @ w_u
+    if w.shape[0] != final.output.shape[0]:
+        raise InputError(f"The Direction's vector has {w.shape[0]} entries; the residual stream has {final.output.shape[0]}.")
+    w = w.to(final.output)
+    direction = w if u is None else maps.final_norm.matrix.T @ w
+    offset = 0.0 if u is None else float(maps.final_norm.offset @ w)
     per_component = {name: maps[name].contributions() @ direction for name in _residual_components(model)}
-    constant = float(maps.final_norm.offset @ w_u) + sum(float(maps[n].bias @ direction) for n in per_component)
+    constant = offset + sum(float(maps[n].bias @ direction) for n in per_component)
     per_head, head_rest = {}, {}
     for layer in maps.readouts:
         for head, contribution in enumerate(maps.head_contributions(layer) @ direction):
@@ -133,8 +189,8 @@ def token_attribution(model, maps: LinearMaps, token: int | str) -> Attribution:
         z_bias = maps._per_head(layer, maps[get_act_name("z", layer)].bias) @ direction
         head_rest[layer] = float(maps[get_act_name("attn_out", layer)].bias @ direction - z_bias.sum())
     return Attribution(
-        token=model.tokenizer.decode([token]),
-        logit=float(final.output @ direction + maps.final_norm.offset @ w_u) + unembed_bias,
+        token=label,
+        logit=float(final.output @ direction) + offset + unembed_bias,
         per_token=sum(per_component.values()),
         per_component=per_component,
         per_head=per_head,

@@ -13,7 +13,7 @@ import dataclasses
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from jaxtyping import Float
@@ -24,7 +24,7 @@ from tl_linmap.budget import plan_tokens
 from tl_linmap.errors import InputError
 from tl_linmap.exactness import check_exact, relative
 from tl_linmap.inputs import Prompt, check_positive, resolve_target
-from tl_linmap.readout import decode_tokens
+from tl_linmap.readout import Readout, decode_tokens
 from tl_linmap.results import Contributions
 from tl_linmap.spectral import OperatorSVD, input_index, signed
 from tl_linmap.system import FrozenSystem, frozen_system
@@ -47,6 +47,7 @@ def token_contributions(
     tokens_per_pass: int | None = None,
     check: bool = True,
     chunk_size: int | None = None,
+    source: str | None = None,
 ) -> Contributions:
     """Per-token contributions ``J_i x_i`` by batched forward passes of the frozen system.
 
@@ -67,6 +68,9 @@ def token_contributions(
         check: Raise `tl_linmap.errors.FreezeError` unless the contributions reconstruct the
             output within `tl_linmap.exactness.tolerance`.
         chunk_size: Deprecated name of ``tokens_per_pass``.
+        source: The hook point the contributions start from (``J_i s_i`` with ``s_i`` its
+            activation at position ``i``; see `tl_linmap.jacobian.linear_maps`); None: the
+            token embeddings.
 
     Returns:
         A `tl_linmap.results.Contributions`.
@@ -74,7 +78,7 @@ def token_contributions(
     tokens_per_pass = renamed_argument("chunk_size", chunk_size, "tokens_per_pass", tokens_per_pass)
     if tokens_per_pass is not None:
         tokens_per_pass = check_positive("tokens_per_pass", tokens_per_pass)
-    with frozen_system(model, prompt_or_tokens, [target], position=position, dtype=dtype) as system:
+    with frozen_system(model, prompt_or_tokens, [target], position=position, dtype=dtype, source=source) as system:
         name, x, last = system.names[0], system.x[0].detach(), system.position
         step = plan_tokens(model, x.shape[0], last, x.dtype, tokens_per_pass, x.device)
         parts, biases = [], None
@@ -263,6 +267,107 @@ class MatrixFree:
         return randomized_svd(self.operator(source, target), k, **options)
 
 
+@dataclass
+class Pushed:
+    """Vectors at one source position pushed through the frozen system: ``J_i v`` at a target.
+
+    Attributes:
+        vectors: The pushed vectors ``v``, ``(k, d_in)``, in the source's space.
+        values: ``J_i v`` for each, ``(k, d_out)``: linear parts (no ``b``).
+        source: The source hook point.
+        source_position: Input position ``i`` the vectors were placed at.
+        target: The target hook name.
+        position: The target position.
+        readout: How the values are read as tokens (through ``ln_final`` frozen at ``position``).
+    """
+
+    vectors: Float[Tensor, "k d_in"]
+    values: Float[Tensor, "k d_out"]
+    source: str
+    source_position: int
+    target: str
+    position: int
+    readout: Readout = field(repr=False)
+
+    def logits(self) -> Float[Tensor, "k d_vocab"]:
+        """The values read through the frozen final norm and the unembedding (linear parts).
+
+        Returns:
+            One logit vector per pushed vector.
+        """
+        return self.readout.logits(self.values)
+
+    def top_tokens(self, k: int = 10) -> list[list[tuple[str, float]]]:
+        """The tokens each pushed vector promotes most at the target.
+
+        Args:
+            k: Tokens per vector.
+
+        Returns:
+            Per vector, ``(token, logit)`` pairs, highest first.
+        """
+        k = check_positive("k", k, at_most=self.readout.model.cfg.d_vocab)
+        return self.readout.top(self.logits(), k)
+
+
+def push_forward(
+    model,
+    prompt_or_tokens: Prompt,
+    vectors: Float[Tensor, "k d_in"],
+    *,
+    source: str,
+    source_position: int = -1,
+    target: str = "output",
+    position: int = -1,
+    dtype: torch.dtype | None = torch.float64,
+) -> Pushed:
+    """Push vectors placed at one position of a source hook point through the frozen system.
+
+    ``J_i v``, with ``J_i`` the operator from ``source`` at position ``i`` to ``target``:
+    a direction found at a middle layer (a singular vector of that layer's operator, a
+    probe) carried to the output and read there as tokens, as the reference code's
+    ``transform_to_output`` does. One forward pass of ``k`` rows on the window of the
+    prompt from ``i``; nothing dense is formed.
+
+    Args:
+        model: A TransformerBridge or HookedTransformer of a supported architecture.
+        prompt_or_tokens: One prompt.
+        vectors: One vector ``(d_in,)`` or several ``(k, d_in)`` in the source's space.
+        source: The hook point they live at, e.g. ``"blocks.3.hook_resid_post"``.
+        source_position: Input position ``i`` they are placed at (``-1``: the last token; not
+            after ``position``).
+        target: ``"output"`` or a later hook name.
+        position: Target position (``-1``: the last token).
+        dtype: Working dtype (the model comes back bit for bit).
+
+    Returns:
+        A `Pushed` (``top_tokens()`` reads them at the output).
+
+    Raises:
+        InputError: for a bad source, target, position, or vectors that are not floating
+            ``(d_in,)`` / ``(k, d_in)`` tensors of the source's width.
+
+    Example:
+        >>> mid = tl_linmap.linear_map(model, prompt, target="blocks.15.hook_resid_post")
+        >>> u = mid.svd(k=3).left[-1]            # the last token's top left singular vectors
+        >>> tl_linmap.push_forward(model, prompt, u, source="blocks.15.hook_resid_post").top_tokens(5)
+    """
+    if not isinstance(vectors, Tensor) or not vectors.is_floating_point() or vectors.ndim not in (1, 2):
+        got = f"shape {tuple(vectors.shape)}, {vectors.dtype}" if isinstance(vectors, Tensor) else type(vectors).__name__
+        raise InputError(f"vectors must be a floating tensor of shape (d_in,) or (k, d_in) in the source's space, got {got}.")
+    with frozen_system(model, prompt_or_tokens, [target], position=position, dtype=dtype, source=source) as system:
+        x, name = system.x, system.names[0]
+        index = input_index(source_position, x.shape[1], system.position)
+        rows = vectors.reshape(-1, vectors.shape[-1]).to(x)
+        if rows.shape[-1] != x.shape[-1]:
+            raise InputError(f"The source {system.source!r} has width {x.shape[-1]}; the vectors have {rows.shape[-1]}.")
+        window = system.window(index, graph=False)  # earlier inputs only add to b
+        embeddings = rows.new_zeros(len(rows), *window.x.shape[1:])
+        embeddings[:, 0] = rows
+        values = window.push(embeddings)[0][name]
+        return Pushed(rows, values, system.source, index, name, system.position, system.readout(name))
+
+
 def probe_linearity(system: FrozenSystem) -> float:
     """Check on one probe that the replayed system is additive at the real input, as an exact map must be.
 
@@ -289,7 +394,7 @@ def probe_linearity(system: FrozenSystem) -> float:
 @contextmanager
 def matrix_free(
     model, prompt_or_tokens: Prompt, *, target: str = "output", position: int = -1,
-    dtype: torch.dtype | None = torch.float64, check: bool = True,
+    dtype: torch.dtype | None = torch.float64, check: bool = True, source: str | None = None,
 ) -> Iterator[MatrixFree]:
     """Borrow the model and give matrix-free products with its frozen system.
 
@@ -300,6 +405,8 @@ def matrix_free(
         position: Target position (``-1``: the last token).
         dtype: Working dtype (the model comes back bit for bit on exit).
         check: First check on a probe (`probe_linearity`) that the system is exact.
+        source: The hook point the operators start from (see `tl_linmap.jacobian.linear_maps`);
+            None: the token embeddings.
 
     Returns:
         A context manager yielding a `MatrixFree`.
@@ -309,7 +416,7 @@ def matrix_free(
         ...     top = mf.svd(-1, k=8)
     """
     # Each token's products run on a window with its own graph: the whole prompt's is not needed.
-    with frozen_system(model, prompt_or_tokens, [target], position=position, dtype=dtype) as system:
+    with frozen_system(model, prompt_or_tokens, [target], position=position, dtype=dtype, source=source) as system:
         if check:
             probe_linearity(system)
         yield MatrixFree(system)

@@ -273,8 +273,9 @@ def resolve_target(model, target: str) -> str:
     """
     if not isinstance(target, str):
         raise InputError(
-            f"target must be one hook name such as 'output' or 'blocks.0.hook_resid_post', got {target!r}; "
-            "for several targets use linear_maps(model, prompt, [name, ...])."
+            f"target must be one hook name such as 'output' or 'blocks.0.hook_resid_post', or a linear readout "
+            f"(tl_linmap.LogitDiff, Logit, Direction), got {target!r}; for several targets use "
+            "linear_maps(model, prompt, [name, ...])."
         )
     name = output_hook(model) if target == "output" else target
     if name not in model.hook_dict:
@@ -356,19 +357,83 @@ def check_vector(model, vector, *, one: bool) -> Tensor:
     return vector
 
 
-def independent_target(name: str) -> InputError:
-    """The error for a target whose value does not depend on the token embeddings.
+def independent_target(name: str, source: str = EMBED_HOOK) -> InputError:
+    """The error for a target whose value does not depend on the source (the token embeddings by default).
 
     Args:
         name: Hook name.
+        source: The source hook point of the map.
 
     Returns:
         The `InputError` to raise.
     """
+    if source == EMBED_HOOK:
+        return InputError(
+            f"{name!r} does not depend on the token embeddings (a frozen factor such as a norm scale, or a constant): "
+            "map an activation the embeddings flow into, such as 'blocks.0.hook_resid_post' or 'output'."
+        )
     return InputError(
-        f"{name!r} does not depend on the token embeddings (a frozen factor such as a norm scale, or a constant): "
-        "map an activation the embeddings flow into, such as 'blocks.0.hook_resid_post' or 'output'."
+        f"{name!r} does not depend on the source {source!r} (it reads only frozen factors, constants, or a branch "
+        "the source does not feed, such as a parallel block's MLP): map a hook point after the source that it "
+        "flows into, such as the next hook_resid_post or 'output', or pick an earlier source."
     )
+
+
+#: Source hook points that carry the whole residual stream: nothing after them depends on the tokens
+#: except through them (so ``b = 0`` wherever the model adds no constant).
+WHOLE_STREAM_SOURCES = (EMBED_HOOK, "hook_resid_pre", "hook_resid_mid", "hook_resid_post")
+
+
+def resolve_source(model, source: str | None, factors: Iterable[str]) -> str:
+    """Check a ``source=`` hook point: where a map starts instead of the token embeddings.
+
+    Args:
+        model: A TransformerBridge or HookedTransformer.
+        source: A hook name with a position axis (``blocks.L.hook_resid_pre``, ``hook_attn_out``,
+            ``hook_mlp_out``, ``hook_resid_post``, ...), or None for the token embeddings.
+        factors: The hook names of the model's frozen factors (`tl_linmap.hooks.factor_names`).
+
+    Returns:
+        The hook name.
+
+    Raises:
+        InputError: for a source that is not a string, names no hook point (with the closest
+            ones), has no position axis (attention patterns and scores), is a frozen factor,
+            or is an alias that does not carry what its name says (a bridge's
+            ``hook_resid_mid`` is only the second norm's input: replacing it leaves the
+            residual addition alone).
+    """
+    if source is None:
+        return EMBED_HOOK
+    if not isinstance(source, str):
+        raise InputError(
+            f"source must be a hook name such as 'blocks.2.hook_resid_pre' (where the map starts; None: the token "
+            f"embeddings), got {source!r}. Input token indices go to a result's methods (sources=, source=)."
+        )
+    if source not in model.hook_dict:
+        close = difflib.get_close_matches(source, list(model.hook_dict), n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise InputError(f"The model has no hook point {source!r} to start a map from.{hint}")
+    canonical = model.hook_dict[source].name
+    if canonical.endswith(("attn.hook_pattern", "attn.hook_attn_scores")):
+        raise InputError(
+            f"The source {source!r} has no position axis (it is (batch, head, query, key)): start a map from a "
+            "hook point indexed by sequence position, such as 'blocks.0.hook_resid_pre' or 'blocks.0.hook_attn_out'."
+        )
+    if source in set(factors) or canonical in set(factors):
+        raise InputError(
+            f"The source {source!r} is where a factor is frozen (a norm scale, an attention pattern, a gate, a pointwise "
+            "activation's ratio): the replay sets it, so nothing depends on it linearly. Start from an activation such "
+            "as 'blocks.0.hook_resid_pre' or 'blocks.0.hook_attn_out'."
+        )
+    if source.endswith("hook_resid_mid") and canonical.endswith("ln2.hook_in"):
+        layer = source.split(".")[1]
+        raise InputError(
+            f"On this model {source!r} is the second norm's input ({canonical!r}): replacing it does not replace the "
+            f"residual stream the MLP's output is added to. Start from 'blocks.{layer}.hook_attn_out' or "
+            f"'blocks.{layer}.hook_resid_pre' instead."
+        )
+    return source
 
 
 def target_depth(name: str, n_layers: int) -> int:

@@ -32,20 +32,24 @@ from tl_linmap.budget import choose_route, forward_row_cost, plan_columns, plan_
 from tl_linmap.capture import at_position, capture, run_to_target
 from tl_linmap.compat import check_model, get_act_name
 from tl_linmap.errors import InputError
+from tl_linmap.functionals import LinearReadout
 from tl_linmap.guard import borrowed
 from tl_linmap.hooks import same_path_hooks
 from tl_linmap.inputs import (
     EMBED_HOOK,
     Prompt,
     check_dtype,
+    check_names,
     check_norms,
     check_position,
     check_positive,
     independent_target,
+    resolve_target,
     resolve_targets,
     target_depth,
     to_tokens,
 )
+from tl_linmap.readout import Readout
 from tl_linmap.results import HeadReadout, LinearMap, LinearMaps
 from tl_linmap.system import FrozenSystem, frozen_system, vjp
 
@@ -157,8 +161,52 @@ def _columns(system: FrozenSystem, rows_per_pass: int | None, bar: tqdm) -> dict
             bar.update(len(dims))
     for name, ops in operators.items():
         if not ops.any():
-            raise independent_target(name)
+            raise independent_target(name, system.source)
     return operators
+
+
+def split_targets(model, targets) -> tuple[list, list[str], list[LinearReadout]]:
+    r"""Targets as hook points to capture, full maps wanted, and linear readouts (`tl_linmap.functionals`).
+
+    Args:
+        model: A TransformerBridge or HookedTransformer.
+        targets: Hook names (or ``"output"``) and linear readouts (`tl_linmap.functionals.LinearReadout`).
+
+    Returns:
+        ``(hooks, maps, readouts)``: what the frozen system captures (each readout's hook
+        included), the hook names mapped whole, and the readouts (checked against the model).
+
+    Raises:
+        InputError: for a single target given as the list, an empty list, or a bad readout.
+    """
+    targets = [targets] if isinstance(targets, LinearReadout) else check_names("targets", targets, "['output']")
+    readouts = [t for t in targets if isinstance(t, LinearReadout)]
+    for readout in readouts:
+        readout.check(model)
+    names = len({r.name for r in readouts})
+    if names < len(readouts):
+        raise InputError("Two readouts have the same name: give each Direction its own label=.")
+    hooks = [t.hook if isinstance(t, LinearReadout) else t for t in targets]
+    return hooks, [t for t in targets if not isinstance(t, LinearReadout)], readouts
+
+
+def _readout_weights(system: FrozenSystem, readouts: Sequence[LinearReadout]) -> dict[str, tuple[str, Tensor, Tensor]]:
+    # Per readout: the hook it reads, its covector w and constant c, in the working dtype.
+    weights = {}
+    for readout in readouts:
+        name = resolve_target(system.model, readout.hook)
+        w, c = readout.weights(system.readout(name), system.outputs[name].shape[0])
+        weights[readout.name] = (name, w.to(system.x), c.to(system.x))
+    return weights
+
+
+def _scalar_map(system: FrozenSystem, name: str, w: Tensor, c: Tensor, label: str, operators: Tensor) -> LinearMap:
+    # A readout's map: (pos, 1, d_in) operators, and every vector field read through w and c.
+    fields = system.result_fields(name)
+    read = {key: (w @ fields[key] + c)[None] for key in ("bias", "output", "native_output")}
+    scale = float(w.norm() * fields["output"].norm() + c.abs())
+    fields.update(read, target=label, readout=Readout(model=system.model, residual=False), scale=scale)
+    return LinearMap(operators=operators, inputs=system.x[0].detach(), **fields)
 
 
 def _head_readouts(system: FrozenSystem) -> dict[int, HeadReadout]:
@@ -192,6 +240,7 @@ def linear_maps(
     norms: Sequence[str] = (),
     route: str = "auto",
     chunk_size: int | None = None,
+    source: str | None = None,
 ) -> LinearMaps:
     """Linear maps of several targets of one inference, sharing every forward pass.
 
@@ -201,7 +250,8 @@ def linear_maps(
     Args:
         model: A TransformerBridge or HookedTransformer of a supported architecture.
         prompt_or_tokens: One prompt as text or token ids.
-        targets: Hook names (or ``"output"``).
+        targets: Hook names (or ``"output"``) and linear readouts (`tl_linmap.functionals`;
+            each a scalar map keyed by its ``name``, costing one reverse row).
         position: Sequence position of the targets (``-1``: the last token).
         dtype: Working dtype (float64 for exactness; None keeps the model's). The model comes
             back bit for bit.
@@ -219,6 +269,11 @@ def linear_maps(
             estimates cheaper: columns for many targets on a short prompt, rows for one narrow
             target or a long prompt).
         chunk_size: Deprecated name of ``rows_per_pass``.
+        source: The hook point the maps start from, so that ``y = Σ_i J_i s_i + b`` with
+            ``s_i`` its activation at position ``i`` (``blocks.L.hook_resid_pre``,
+            ``hook_attn_out``, ``hook_mlp_out``, ``hook_resid_post``); None: the token
+            embeddings. ``b`` is what the frozen system gives with the source zero. Every
+            target must come at or after it and depend on it.
 
     Returns:
         `tl_linmap.results.LinearMaps` keyed by hook name.
@@ -233,26 +288,37 @@ def linear_maps(
     route = check_route(route)
     check_model(model)
     norms = check_norms(model, norms) if norms else []
-    with frozen_system(model, prompt_or_tokens, targets, position=position, dtype=dtype) as system:
+    hooks, wanted, scalars = split_targets(model, targets)
+    with frozen_system(model, prompt_or_tokens, hooks, position=position, dtype=dtype, source=source) as system:
         n, d_in = system.x.shape[1:]
+        wanted = list(dict.fromkeys(resolve_target(model, t) for t in wanted))
+        weights = _readout_weights(system, scalars)
         if route == "auto":
-            shapes = [(system.outputs[name].shape[0], target_depth(name, model.cfg.n_layers)) for name in system.names]
+            n_layers = model.cfg.n_layers
+            shapes = [(system.outputs[name].shape[0], target_depth(name, n_layers)) for name in wanted]
+            shapes += [(1, target_depth(name, n_layers)) for name, _, _ in weights.values()]  # a readout is one row
             route = choose_route(d_in, n, system.position, shapes, forward_row_cost(model.cfg))
         if route == "columns":
             system = system.with_biases()
             with tqdm(total=(system.position + 1) * d_in, disable=not progress, desc="detached Jacobian columns") as bar:
                 operators = _columns(system, rows_per_pass, bar)
+            scalar_ops = {label: einops.einsum(operators[name], w, "pos d_out d_in, d_out -> pos d_in")[:, None] for label, (name, w, _) in weights.items()}
         else:
             system = system.with_graph().with_biases()
             ys = system.ys
-            chunk = plan_rows(model, n, max(y.shape[0] for y in ys.values()), len(ys), system.x.dtype, rows_per_pass, system.x.device)
-            with torch.enable_grad(), tqdm(total=sum(y.shape[0] for y in ys.values()), disable=not progress, desc="detached Jacobian rows") as bar:
-                operators = {name: _rows(ys[name], system.x, chunk, bar) for name in system.names}
+            rows = [ys[name].shape[0] for name in wanted] + [1] * len(weights)
+            chunk = plan_rows(model, n, max(rows), len(rows), system.x.dtype, rows_per_pass, system.x.device)
+            with torch.enable_grad(), tqdm(total=sum(rows), disable=not progress, desc="detached Jacobian rows") as bar:
+                operators = {name: _rows(ys[name], system.x, chunk, bar) for name in wanted}
+                scalar_ops = {label: vjp(ys[name], system.x, w[None]).transpose(0, 1) for label, (name, w, _) in weights.items()}
+                bar.update(len(weights))
         inputs = system.x[0].detach()
         readouts = _head_readouts(system)
         frozen_norms = {f"blocks.{layer}.{_POST_ATTN_NORM}": r.post for layer, r in readouts.items() if r.post is not None}
+        results = {name: LinearMap(operators=operators[name], inputs=inputs, **system.result_fields(name)) for name in wanted}
+        results.update({label: _scalar_map(system, name, w, c, label, scalar_ops[label]) for label, (name, w, c) in weights.items()})
         maps = LinearMaps(
-            {name: LinearMap(operators=operators[name], inputs=inputs, **system.result_fields(name)) for name in system.names},
+            {key: results[key] for key in [*wanted, *weights]},
             readouts=readouts,
             norms={"ln_final": system.final_norm, **frozen_norms, **{norm: system.frozen_norm(norm) for norm in norms}},
         )
@@ -301,14 +367,17 @@ def linear_map(
     progress: bool = False,
     route: str = "auto",
     chunk_size: int | None = None,
+    source: str | None = None,
 ) -> LinearMap:
     """The exact linear system of one target vector of one inference.
 
     Args:
         model: A TransformerBridge or HookedTransformer of a supported architecture (see `tl_linmap.rules`).
         prompt_or_tokens: One prompt as text or token ids.
-        target: ``"output"`` (the final norm's output, read by the unembedding) or any
-            hook name with a position axis, such as ``"blocks.3.hook_resid_post"``.
+        target: ``"output"`` (the final norm's output, read by the unembedding), any
+            hook name with a position axis, such as ``"blocks.3.hook_resid_post"``, or a
+            linear readout (`tl_linmap.functionals`: ``LogitDiff(" Paris", " London")``,
+            ``Logit``, ``Direction``): a scalar map, one reverse row.
         position: Sequence position of the target vector (``-1``: the last token).
         dtype: Working dtype (float64 for exactness; None keeps the model's). The model comes
             back bit for bit.
@@ -319,6 +388,8 @@ def linear_map(
         route: ``"rows"``, ``"columns"`` or ``"auto"`` (see `linear_maps`); for one target
             ``"auto"`` almost always picks rows.
         chunk_size: Deprecated name of ``rows_per_pass``.
+        source: Where the map starts (see `linear_maps`): e.g. ``target="blocks.5.hook_resid_post",
+            source="blocks.2.hook_resid_pre"`` maps layers 2 to 5; None: the token embeddings.
 
     Returns:
         A `tl_linmap.results.LinearMap`.
@@ -331,6 +402,6 @@ def linear_map(
     rows_per_pass = rows_argument(rows_per_pass, chunk_size)
     maps = linear_maps(
         model, prompt_or_tokens, [target], position=position, dtype=dtype, rows_per_pass=rows_per_pass, check=check,
-        progress=progress, route=route,
+        progress=progress, route=route, source=source,
     )
     return next(iter(maps.values()))

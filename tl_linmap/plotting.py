@@ -36,7 +36,10 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-__all__ = ["plot_contribution_heatmap", "plot_decoded", "plot_logit_contributions", "plot_spectra", "token_label"]
+__all__ = [
+    "plot_contribution_heatmap", "plot_decoded", "plot_logit_contributions", "plot_sequence_attribution", "plot_spectra",
+    "token_label",
+]
 
 #: One map, or several by name (a `LinearMaps` or a dict), drawn in their order.
 MapsLike = Mapping[str, LinearMap] | LinearMap
@@ -489,4 +492,138 @@ def plot_decoded(
     fig.colorbar(image, ax=ax, label="σ_j² / Σσ²", fraction=0.05, pad=0.02)
     operator = _operator_label(next(iter(named.values())), token, skip_first)
     ax.set_title(f"Top tokens of the left singular vectors of {operator}", fontsize="medium")
+    return fig
+
+
+# Patching layouts (`tl_linmap.patching.LAYOUTS`), by the axes after the layer axis: how a
+# result is laid out as one image, rows the layers, columns grouped by the leading axis.
+_PATCH_TYPES = ("resid_pre", "attn_out", "mlp_out")
+
+
+def _patching_grid(values: Tensor, layout: str, labels: list[str] | None) -> tuple[Tensor, list[str], list[tuple[str, int]]]:
+    # Returns (layers x columns image, column labels, column groups as (name, width)).
+    values = values.detach().cpu().double()
+
+    def pos_labels(n: int) -> list[str]:
+        return [token_label(t) for t in labels] if labels and len(labels) == n else [str(p) for p in range(n)]
+
+    if layout == "block_every":  # (3, layer, pos): the three patch types side by side
+        n = values.shape[-1]
+        return einops.rearrange(values, "kind layer pos -> layer (kind pos)"), pos_labels(n) * 3, [(k, n) for k in _PATCH_TYPES]
+    if values.ndim == 3:  # (layer, pos, head): one group of heads per position
+        n, heads = values.shape[1:]
+        groups = [(_clip(label), heads) for label in pos_labels(n)]
+        return einops.rearrange(values, "layer pos head -> layer (pos head)"), [str(h) for _ in range(n) for h in range(heads)], groups
+    if layout.startswith("attn_head_"):  # (layer, head)
+        return values, [str(h) for h in range(values.shape[1])], []
+    return values, pos_labels(values.shape[1]), []
+
+
+def plot_patching(
+    values: Tensor,
+    layout: str,
+    *,
+    labels: list[str] | None = None,
+    title: str | None = None,
+    ax: Axes | None = None,
+) -> Figure:
+    """Heatmap of a patching result in a ``transformer_lens.patching`` layout, layers as rows.
+
+    Draws a prediction (`tl_linmap.patching.PatchingAttribution`'s ``values[layout]``, or its
+    ``plot``) or a true patching result alike, on a diverging colour scale centred at zero.
+    Layouts with three axes are drawn as one image: ``block_every`` with its three patch
+    types side by side, ``*_by_pos`` head layouts with one group of head columns per position.
+
+    Args:
+        values: The result, shaped as the layout's ``transformer_lens.patching`` function returns it.
+        layout: Its layout name (see `tl_linmap.patching.LAYOUTS`).
+        labels: One label per position (e.g. the tokens), or None for position numbers.
+        title: Axes title (default: the layout name).
+        ax: Axes to draw into (default: a new figure).
+
+    Returns:
+        The Figure; its first image holds the ``(n_layers, columns)`` values.
+
+    Raises:
+        InputError: for values that are not 2-d or 3-d.
+    """
+    _pyplot()
+    if not isinstance(values, Tensor) or values.ndim not in (2, 3):
+        raise InputError(f"values must be a patching result of 2 or 3 axes (layer first), got {getattr(values, 'shape', type(values).__name__)}.")
+    grid, columns, groups = _patching_grid(values, layout, labels)
+    rows, cols = grid.shape
+    fig, ax = _figure(ax, (max(4.5, 2.5 + 0.28 * cols), max(3.0, 1.2 + 0.16 * rows)))
+    limit = float(grid.abs().max()) or 1.0
+    image = ax.imshow(grid.numpy(), aspect="auto", cmap="RdBu", vmin=-limit, vmax=limit, interpolation="nearest")
+    if rows <= 40:
+        ax.set_yticks(range(rows))
+    ax.set_ylabel("layer")
+    # Beyond about 60 columns the labels overlap; the group labels on top still say where each group is.
+    if cols <= 60:
+        ax.set_xticks(range(cols), columns, rotation=90, fontsize="small" if groups else None)
+    else:
+        ax.set_xticks([])
+    kind = "head" if layout.startswith("attn_head_") else "position"
+    if groups:
+        centres, start = [], 0
+        for _, width in groups:
+            if start:
+                ax.axvline(start - 0.5, color="black", linewidth=0.8)
+            centres.append(start + (width - 1) / 2)
+            start += width
+        top = ax.secondary_xaxis("top")
+        top.set_xticks(centres, [name for name, _ in groups], rotation=90 if kind == "head" else 0, fontsize="small")
+        kind = "head (one group per position)" if kind == "head" else "position (one group per patch type)"
+    ax.set_xlabel(kind)
+    fig.colorbar(image, ax=ax, label="Δ metric", fraction=0.05, pad=0.02)
+    ax.set_title(title or layout, fontsize="medium")
+
+
+def plot_sequence_attribution(attribution, *, skip_first: bool = False, ax: Axes | None = None) -> Figure:
+    """Contributions of every source position (columns) to every target position (rows).
+
+    Shares of a linear readout (a logit difference, a generated token's logit) get a
+    diverging colour map centred on zero; contribution norms a sequential one. Cells after
+    a row's position (no contribution: attention is causal) are left blank.
+
+    Args:
+        attribution: A `tl_linmap.sequence.SequenceAttribution`.
+        skip_first: Leave the first source token (BOS, attention sink) out, so that it does
+            not flatten the colour scale.
+        ax: Axes to draw in (default: a new figure).
+
+    Returns:
+        The Figure; ``ax.images[0]`` holds the ``(rows, sources)`` values shown (NaN where blank).
+
+    Raises:
+        InputError: for anything but a `SequenceAttribution`, or nothing left to show.
+    """
+    if not all(hasattr(attribution, a) for a in ("positions", "values", "kind", "sources")):
+        raise InputError(f"plot_sequence_attribution takes a SequenceAttribution, got {type(attribution).__name__}.")
+    _pyplot()  # fail before any work when matplotlib is missing
+    values = attribution.values.detach().double().cpu().clone()
+    positions = torch.as_tensor(attribution.positions)
+    values[torch.arange(values.shape[1])[None] > positions[:, None]] = float("nan")
+    first = 1 if skip_first else 0
+    values = values[:, first : int(positions.max()) + 1]
+    if values.shape[1] == 0:
+        raise InputError("skip_first leaves no source token to show: pass skip_first=False.")
+    sources = attribution.sources
+    labels = [token_label(sources[i]) for i in range(first, first + values.shape[1])]
+    predicted = attribution.predicted
+    rows = [f"{p} {token_label(sources[p])}" + (f" → {token_label(predicted[r])}" if predicted else "") for r, p in enumerate(attribution.positions)]
+    fig, ax = _figure(ax, (max(5.0, 3.0 + 0.35 * len(labels)), max(3.0, 1.5 + 0.3 * len(rows))))
+    if attribution.kind == "value":
+        bound = float(values.nan_to_num().abs().max()) or 1.0
+        image = ax.imshow(values.numpy(), aspect="auto", cmap="RdBu_r", vmin=-bound, vmax=bound, interpolation="nearest")
+        label = "share"
+    else:
+        image = ax.imshow(values.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
+        label = "‖J_{t,i} x_i‖"
+    ax.set_xticks(range(len(labels)), labels, rotation=90)
+    ax.set_yticks(range(len(rows)), rows)
+    ax.set_xlabel("source position i")
+    ax.set_ylabel("target position t" + (" → generated token" if predicted else ""))
+    fig.colorbar(image, ax=ax, label=label, fraction=0.05, pad=0.02)
+    ax.set_title(f"{attribution.target}" + ("\n(first token left out)" if skip_first else ""), fontsize="medium")
     return fig

@@ -27,7 +27,14 @@ from tl_linmap._deprecated import renamed_argument
 from tl_linmap.compat import get_act_name
 from tl_linmap.errors import InputError
 from tl_linmap.exactness import check_exact, relative
-from tl_linmap.inputs import OUTPUT_HOOK, RESIDUAL_HOOKS, check_names, is_int
+from tl_linmap.functionals import LinearReadout
+from tl_linmap.inputs import (
+    EMBED_HOOK,
+    OUTPUT_HOOK,
+    RESIDUAL_HOOKS,
+    check_names,
+    is_int,
+)
 from tl_linmap.readout import FrozenAffine, Readout, decode_tokens, token_id
 from tl_linmap.spectral import (
     LogitSplit,
@@ -52,6 +59,11 @@ class TargetResult:
         target: The hook name mapped (flattened after the position axis).
         position: The sequence position of the target.
         readout: How its vectors are read as tokens (`tl_linmap.readout.Readout`).
+        source: The hook point the map starts from (``hook_embed``: the token embeddings);
+            input ``i`` is its activation at position ``i``.
+        scale: For a scalar readout (`tl_linmap.functionals`), the size of what it adds up,
+            ``‖w‖·‖y‖ + |c|``: its reconstruction error is relative to this, as a value near
+            zero (a logit difference of two close logits) has no relative error of its own.
     """
 
     bias: Float[Tensor, " d_out"]
@@ -61,6 +73,8 @@ class TargetResult:
     target: str = OUTPUT_HOOK
     position: int = -1
     readout: Readout | None = field(default=None, repr=False)
+    source: str = EMBED_HOOK
+    scale: float | None = field(default=None, repr=False)
 
     def contributions(self) -> Float[Tensor, "pos d_out"]:
         """Per-token contributions ``J_i x_i``; they sum to ``output - bias``.
@@ -90,11 +104,13 @@ class TargetResult:
         return self.contributions().sum(0) + self.bias
 
     def relative_error(self) -> float:
-        """``‖reconstruct() − output‖ / ‖output‖``.
+        """``‖reconstruct() − output‖ / ‖output‖`` (for a scalar readout, over `scale`).
 
         Returns:
             The relative reconstruction error (below 1e-12 in float64).
         """
+        if self.scale is not None:
+            return float((self.reconstruct() - self.output).norm()) / max(self.scale, float(self.output.norm()), 1e-300)
         return relative(self.reconstruct(), self.output)
 
     def native_gap(self) -> float:
@@ -113,23 +129,32 @@ class TargetResult:
         """
         return check_exact(self.relative_error(), self.output.dtype, self.target)
 
-    def logit_contributions(self, token: int | str) -> LogitSplit:
-        """One vocabulary token's logit split exactly over the input tokens.
+    def logit_contributions(self, token: int | str | LinearReadout) -> LogitSplit:
+        """One vocabulary token's logit (or a linear readout) split exactly over the input tokens.
 
         For a target other than the model's output this is the logit lens of that target,
         made linear by ``ln_final`` frozen at the target position.
 
         Args:
-            token: Vocabulary id or single-token string (e.g. ``" Paris"``).
+            token: Vocabulary id or single-token string (e.g. ``" Paris"``), or a linear
+                readout of this map's target vector (`tl_linmap.functionals`: a
+                ``LogitDiff``/``Logit`` is read through this map's readout whatever its
+                ``hook``; a ``Direction`` lives in this target's space).
 
         Returns:
-            A `tl_linmap.spectral.LogitSplit`.
+            A `tl_linmap.spectral.LogitSplit` (``token`` is the readout's name for a readout).
 
         Raises:
             InputError: without a readout, or for a target outside the residual stream.
         """
         if self.readout is None:
             raise InputError("This result has no readout; compute it with tl_linmap.")
+        if isinstance(token, LinearReadout):
+            token.check(self.readout.model)
+            w, c = token.weights(self.readout, self.output.shape[0])
+            w, c = w.to(self.output), c.to(self.output)
+            per_token = self.contributions() @ w
+            return LogitSplit(token.name, self.sources, per_token, float(self.bias @ w + c), float(self.output @ w + c))
         token = token_id(self.readout.model, token)
         logit = float(self.readout.logits(self.output, affine=True)[token])
         per_token = self.readout.logits(self.contributions())[:, token]
@@ -143,7 +168,8 @@ class LinearMap(TargetResult):
 
     Attributes:
         operators: ``J_i``, one ``d_out x d_in`` block per input token (zero after ``position``).
-        inputs: ``x_i``, the token embeddings (output of ``hook_embed``).
+        inputs: ``x_i``, the token embeddings (output of ``hook_embed``), or the source's
+            activations (``source``), flattened after the position axis.
     """
 
     operators: Float[Tensor, "pos d_out d_in"]
@@ -278,7 +304,9 @@ class LinearMaps(Mapping):
     readouts: dict[int, HeadReadout] = field(default_factory=dict, repr=False)
     norms: dict[str, FrozenAffine] = field(default_factory=dict, repr=False)
 
-    def __getitem__(self, name: str) -> LinearMap:
+    def __getitem__(self, name: str | LinearReadout) -> LinearMap:
+        if isinstance(name, LinearReadout):
+            name = name.name
         if not isinstance(name, str) or name not in self.maps:
             hint = f" It holds {', '.join(list(self.maps)[:6])}{', ...' if len(self.maps) > 6 else ''}."
             raise MissingMapError(f"No map of {name!r}: index by hook name.{hint}")
@@ -485,7 +513,7 @@ class LinearMaps(Mapping):
             f"{name}.{h}": LinearMap(
                 operators=operators[h], inputs=z.inputs, bias=bias[h], output=output[h],
                 native_output=native[h], tokens=z.tokens, target=f"{name}.{h}", position=z.position,
-                readout=readout,
+                readout=readout, source=z.source,
             )
             for h in range(len(operators))
         }

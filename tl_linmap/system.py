@@ -8,14 +8,21 @@ Inside `frozen_system` the model is borrowed in the working dtype and has run:
    those of the live forward with norms on the same code path (`tests/test_hooks.py`
    checks every activation).
 
+The system's input is its *source*: the token embeddings (``hook_embed``) by default, or any
+hook point with a position axis the targets depend on (``blocks.L.hook_resid_pre``,
+``hook_attn_out``, ...). A replay replaces the source's activation by the given tensor
+(`tl_linmap.capture.capture`), so ``y = Σ_i J_i s_i + b`` with ``s_i`` the source's value at
+position ``i`` in the reference forward; the layers before the source still run but nothing
+they compute reaches the targets except through the frozen factors.
+
 A `FrozenSystem` is immutable and valid only inside its ``with`` block (afterwards every
 method that would run the model refuses). What it gains is a new system: `FrozenSystem.with_graph`
-adds a replay forward with the token embeddings as a leaf, for reverse mode
-(`FrozenSystem.vjp`); `FrozenSystem.with_biases` the affine part ``b``, a replay with every
-embedding zero. ``b`` is known from the start where it is exactly zero (`purely_linear`, once
-the graph shows every target to depend on the embeddings), comes from the graph of a window
-(whose embeddings are zero), or rides along the first `FrozenSystem.push` as one more
-all-zero row; it is computed once per system, in one of these three ways.
+adds a replay forward with the source as a leaf, for reverse mode (`FrozenSystem.vjp`);
+`FrozenSystem.with_biases` the affine part ``b``, a replay with the source zero. ``b`` is
+known from the start where it is exactly zero (`purely_linear` and a source that carries the
+whole residual stream, once the graph shows every target to depend on it), comes from the
+graph of a window (whose inputs are zero), or rides along the first `FrozenSystem.push` as
+one more all-zero row; it is computed once per system, in one of these three ways.
 
 Where `trimmed_block` allows, every replay computes the last block the targets read at the
 target position only: the rows the other positions would cost there are never computed.
@@ -49,11 +56,13 @@ from tl_linmap.hooks import (
 from tl_linmap.inputs import (
     EMBED_HOOK,
     RESIDUAL_HOOKS,
+    WHOLE_STREAM_SOURCES,
     Prompt,
     check_dtype,
     check_position,
     independent_target,
     output_hook,
+    resolve_source,
     resolve_targets,
     target_depth,
     to_tokens,
@@ -174,9 +183,11 @@ class FrozenSystem:
         tokens: ``(1, pos)``.
         position: Target position (non-negative).
         names: Target hook names.
-        x: The token embeddings, ``(1, pos, d_in)``; the leaf of the graph, if there is one.
+        x: The source activations (token embeddings by default), ``(1, pos, d_in)`` (flattened
+            after the position axis); the leaf of the graph, if there is one.
         factors: The frozen factors by hook name.
         outputs: Per target, the reference value at ``position``.
+        sequences: Per target, the reference value at every position, ``(pos, d_out)``.
         natives: Per target, the plain forward's value at ``position``.
         final_norm: ``ln_final`` frozen at ``position`` (how vectors are read as tokens; None
             for a model without a final norm).
@@ -186,6 +197,7 @@ class FrozenSystem:
         biases: Per target, the affine part ``b`` (None: not computed yet).
         start: For a `window` that could not be cut, its first position: ``x`` then covers
             positions ``start..position`` and every other input is held at zero.
+        source: The hook point the system's input ``x`` replaces (``hook_embed``: the token embeddings).
     """
 
     model: object = field(repr=False)
@@ -195,6 +207,7 @@ class FrozenSystem:
     x: Float[Tensor, "1 pos d_in"] = field(repr=False)
     factors: Factors = field(repr=False)
     outputs: Vectors = field(repr=False)
+    sequences: Vectors = field(repr=False)
     natives: Vectors = field(repr=False)
     final_norm: FrozenAffine | None = field(repr=False)
     lease: _Lease = field(repr=False)
@@ -203,6 +216,7 @@ class FrozenSystem:
     ys: Vectors | None = field(default=None, repr=False)
     biases: Vectors | None = field(default=None, repr=False)
     start: int = 0
+    source: str = EMBED_HOOK
 
     def _alive(self) -> None:
         if not self.lease.active:
@@ -211,14 +225,16 @@ class FrozenSystem:
                 "back. Keep the work inside the block (or use the results it returned)."
             )
 
-    def replay(self, embeddings: Float[Tensor, "batch pos d_in"]) -> Vectors:
+    def replay(self, embeddings: Float[Tensor, "batch pos d_in"], *, every: bool = False) -> Vectors:
         """The replayed system ``F(e) = Σ_i J_i e_i + b`` at the target position, one forward pass.
 
         Args:
-            embeddings: Any embeddings, one sequence per batch row.
+            embeddings: Any source activations (embeddings by default), one sequence per batch row.
+            every: Return every position, not just ``position`` (the block `trim` would cut then runs whole).
 
         Returns:
-            Per target, its vectors at ``position`` (a graph if ``embeddings`` has one).
+            Per target, its vectors at ``position``, ``(batch, d_out)`` (with ``every``: at every
+            position, ``(batch, pos, d_out)``); a graph if ``embeddings`` has one.
         """
         self._alive()
         n = self.tokens.shape[1]
@@ -226,31 +242,34 @@ class FrozenSystem:
             k, d = len(embeddings), embeddings.shape[-1]
             after = n - self.start - embeddings.shape[1]
             embeddings = torch.cat([embeddings.new_zeros(k, self.start, d), embeddings, embeddings.new_zeros(k, after, d)], dim=1)
-        if self.trim is None:
+        if self.trim is None or every:
             hooks = replay_hooks(self.model, self.factors)
         else:
             trimmed = trim_factors(self.model, self.factors, self.trim, self.position)
             hooks = replay_hooks(self.model, trimmed) + trim_hooks(self.trim, self.position)
         tokens = self.tokens.expand(len(embeddings), -1)
+        # First in the list, so every other hook at the source (a replay's) sees the replacement.
+        hooks = [(self.source, lambda act, hook=None: embeddings.reshape(act.shape))] + hooks
         # A copy of the one position, so a wide batch does not keep whole activations alive.
-        return capture(self.model, tokens, self.names, hooks, embeddings, select=lambda act: at_position(act, self.position, n).clone())
+        select = (lambda act: every_position(act, n).clone()) if every else (lambda act: at_position(act, self.position, n).clone())
+        return capture(self.model, tokens, self.names, hooks, select=select)
 
     def with_graph(self) -> FrozenSystem:
-        """This system with the replay's graph recorded, its token embeddings ``x`` the leaf (for `vjp`).
+        """This system with the replay's graph recorded, its source activations ``x`` the leaf (for `vjp`).
 
         Returns:
-            A new `FrozenSystem`; where the model adds no constant (`purely_linear`) its ``b``
-            is now known to be exactly zero.
+            A new `FrozenSystem`; where the model adds no constant (`purely_linear`) and the
+            source is the whole residual stream, its ``b`` is now known to be exactly zero.
 
         Raises:
-            InputError: if a target does not depend on the token embeddings.
+            InputError: if a target does not depend on the source.
         """
         x = self.x.detach().requires_grad_(True)
         with torch.enable_grad():
             ys = {name: y[0] for name, y in self.replay(x).items()}
         for name, y in ys.items():
             if not y.requires_grad:
-                raise independent_target(name)
+                raise independent_target(name, self.source)
         biases = self.biases
         if biases is None and self.linear:
             # Every target depends on the embeddings and nothing adds a constant: b = 0 exactly.
@@ -269,7 +288,7 @@ class FrozenSystem:
             biases = {name: y[0] for name, y in self.replay(torch.zeros_like(self.x[:1])).items()}
         return dataclasses.replace(self, biases=biases)
 
-    def push(self, embeddings: Float[Tensor, "batch pos d_in"]) -> tuple[Vectors, Vectors]:
+    def push(self, embeddings: Float[Tensor, "batch pos d_in"], *, every: bool = False) -> tuple[Vectors, Vectors]:
         """The linear part ``Σ_i J_i e_i`` for a batch of embedding sequences, by one forward pass.
 
         Where ``b`` is not known yet it rides along as one more, all-zero row: a forward of a
@@ -277,7 +296,8 @@ class FrozenSystem:
         zero-input replay a whole one.
 
         Args:
-            embeddings: Any embeddings, one sequence per batch row.
+            embeddings: Any source activations, one sequence per batch row.
+            every: At every position (see `replay`); ``biases`` must then be None or of every position too.
 
         Returns:
             ``(linear, biases)``: per target ``F(e) − b`` at the target position, and ``b``
@@ -285,8 +305,8 @@ class FrozenSystem:
         """
         with torch.no_grad():
             if self.biases is not None:
-                return {name: y - self.biases[name] for name, y in self.replay(embeddings).items()}, self.biases
-            ys = self.replay(torch.cat([embeddings, torch.zeros_like(embeddings[:1])]))
+                return {name: y - self.biases[name] for name, y in self.replay(embeddings, every=every).items()}, self.biases
+            ys = self.replay(torch.cat([embeddings, torch.zeros_like(embeddings[:1])]), every=every)
         biases = {name: y[-1] for name, y in ys.items()}
         return {name: y[:-1] - biases[name] for name, y in ys.items()}, biases
 
@@ -362,6 +382,7 @@ class FrozenSystem:
             window = dataclasses.replace(
                 self, tokens=self.tokens[:, start : self.position + 1], position=n - 1, x=x,
                 factors=slice_factors(self.model, self.factors, start, self.position + 1), ys=None, biases=None,
+                sequences={name: v[start : self.position + 1] for name, v in self.sequences.items()},
             )
         else:  # the whole prompt replayed, with the inputs outside the window held at zero
             window = dataclasses.replace(self, x=x, start=start, ys=None, biases=None)
@@ -395,6 +416,22 @@ class FrozenSystem:
             return Readout(model=self.model, final_norm=after_output(self.model, name))
         return Readout(model=self.model, final_norm=self.final_norm, residual=name.endswith(RESIDUAL_HOOKS))
 
+    def readout_at(self, name: str, position: int) -> Readout:
+        """`readout` of a target's vector at another position: ``ln_final`` frozen there.
+
+        Args:
+            name: Target hook name.
+            position: Non-negative position.
+
+        Returns:
+            A `tl_linmap.readout.Readout`.
+        """
+        if position == self.position or name.startswith("ln_final.") or self.final_norm is None:
+            return self.readout(name)
+        self._alive()
+        norm = frozen_norm(self.model, "ln_final", self.factors, position)
+        return Readout(model=self.model, final_norm=norm, residual=name.endswith(RESIDUAL_HOOKS))
+
     def result_fields(self, name: str) -> dict:
         """The `tl_linmap.results.TargetResult` fields of one target (``b`` must be known).
 
@@ -402,7 +439,7 @@ class FrozenSystem:
             name: Target hook name.
 
         Returns:
-            ``bias``, ``output``, ``native_output``, ``tokens``, ``target``, ``position``, ``readout``.
+            ``bias``, ``output``, ``native_output``, ``tokens``, ``target``, ``position``, ``readout``, ``source``.
 
         Raises:
             FreezeError: if ``b`` has not been computed (see `with_biases`).
@@ -417,6 +454,35 @@ class FrozenSystem:
             tokens=self.tokens[0],
             target=name,
             position=self.position,
+            source=self.source,
+        )
+
+
+def every_position(act: Tensor, n_tokens: int) -> Float[Tensor, "batch pos d"]:
+    """An activation's vectors at every position, flattened: ``(batch, pos, d)``.
+
+    Args:
+        act: An activation with batch and position axes first.
+        n_tokens: Expected length of the position axis.
+
+    Returns:
+        The flattened vectors.
+
+    Raises:
+        InputError: if the activation has no position axis of that length.
+    """
+    if act.ndim < 3 or act.shape[1] != n_tokens:
+        at_position(act, 0, n_tokens)  # raises, naming what has a position axis
+    return act.flatten(2)
+
+
+def _check_order(source: str, names: Sequence[str], fired: Sequence[str]) -> None:
+    # A target that fires before its source cannot depend on it (the forward runs in this order).
+    early = [name for name in names if fired.index(name) < fired.index(source)]
+    if early:
+        raise InputError(
+            f"The target {early[0]!r} comes before the source {source!r} in the forward pass: it cannot depend on it. "
+            "Pass a source that comes before every target (an earlier layer, or source=None for the token embeddings)."
         )
 
 
@@ -428,6 +494,7 @@ def frozen_system(
     *,
     position: int = -1,
     dtype: torch.dtype | None = torch.float64,
+    source: str | None = None,
 ) -> Iterator[FrozenSystem]:
     """Borrow the model and run the passes every linear-system computation shares.
 
@@ -437,13 +504,16 @@ def frozen_system(
         targets: Hook names (or ``"output"``).
         position: Sequence position of the targets.
         dtype: Working dtype (the model comes back bit for bit on exit).
+        source: The hook point the system starts from (`tl_linmap.inputs.resolve_source`;
+            None: the token embeddings). Every target must fire at or after it.
 
     Returns:
         A context manager yielding the `FrozenSystem` (without graph or ``b``: see
         `FrozenSystem.with_graph`, `FrozenSystem.with_biases`, `FrozenSystem.push`).
 
     Raises:
-        InputError: for a bad model, prompt, dtype, position or targets.
+        InputError: for a bad model, prompt, dtype, position, targets or source (also a
+            target that fires before the source).
         FreezeError: if a freeze hook never ran.
     """
     # Every argument is checked before the model is borrowed.
@@ -452,6 +522,7 @@ def frozen_system(
     dtype = check_dtype(dtype)
     position = check_position(position, n)
     names = resolve_targets(model, targets)
+    source = resolve_source(model, source, factor_names(model))
     lease = _Lease()
     with borrowed(model, dtype):
         try:
@@ -459,21 +530,28 @@ def frozen_system(
             factors: Factors = {}
             with torch.no_grad():
                 # Up to the final norm, so every factor is recorded (and checked) for the replay.
-                outputs = capture(model, tokens, [*names, output_hook(model)], freeze_hooks(model, factors=factors))
+                outputs = capture(model, tokens, [*names, output_hook(model), source], freeze_hooks(model, factors=factors))
             check_factors(model, factors)
+            _check_order(source, names, list(outputs))
+            x = every_position(outputs[source], n) if source != EMBED_HOOK else natives[EMBED_HOOK]
+            trim = trimmed_block(names, model.cfg, model.hook_dict) if windowable(model) else None
+            if trim is not None and target_depth(source, model.cfg.n_layers) > trim:
+                trim = None  # the source is inside the block: a cut there would cut the source too
             yield FrozenSystem(
                 model=model,
                 tokens=tokens,
                 position=position,
                 names=names,
-                x=natives[EMBED_HOOK].detach().clone(),
+                x=x.detach().clone(),
                 factors=factors,
                 outputs={name: at_position(outputs[name], position, n)[0].detach() for name in names},
+                sequences={name: every_position(outputs[name], n)[0].detach() for name in names},
                 natives={name: at_position(natives[name], position, n)[0].detach() for name in names},
                 final_norm=frozen_norm(model, "ln_final", factors, position) if "ln_final.hook_scale" in factors else None,
                 lease=lease,
-                trim=trimmed_block(names, model.cfg, model.hook_dict) if windowable(model) else None,
-                linear=purely_linear(model),
+                trim=trim,
+                linear=purely_linear(model) and source.endswith(WHOLE_STREAM_SOURCES),
+                source=source,
             )
         finally:
             lease.active = False

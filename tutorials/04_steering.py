@@ -67,6 +67,18 @@ print("plain:  ", repr(plain))
 print("steered:", repr(steered))
 
 # %% [markdown]
+# ## The paper's steering operator
+# `method="operator"` applies the source's operators `J_i` to the steered text's own token
+# embeddings instead (reused cyclically, summed over positions, scaled to the residual norm the
+# same way); `compare_methods` and `scripts/steering_compare.py` set the two side by side.
+
+# %%
+operator = tl_linmap.steering_hooks(source, layer=layer, alpha=alpha, method="operator")
+print(operator)
+with model.hooks(fwd_hooks=operator):
+    print("operator:", repr(model.generate(prompt, **kwargs)))
+
+# %% [markdown]
 # ## How far each alpha moves the concept
 # `alpha_sweep` fixes the unsteered greedy continuation, scores it teacher-forced with and
 # without steering (so every alpha is compared on the same tokens) and reports the concept

@@ -1,0 +1,164 @@
+"""Linear readouts: scalar targets ``w · y + c`` of one hook point's vector ``y``.
+
+A logit difference (``" Paris"`` minus ``" London"``), one logit, or any direction in a hook
+point's space (a probe, a feature direction) is a linear functional of that hook point's
+value at the target position, once the final norm is frozen there (`tl_linmap.readout`).
+Passed as ``target=`` to `tl_linmap.linear_map` and its siblings, such a target costs one
+reverse row instead of ``d_out``, and its map is a `tl_linmap.results.LinearMap` with
+``d_out = 1``: ``w · y = Σ_i (w J_i) x_i + w · b``. `tl_linmap.token_attribution` and
+``LinearMap.logit_contributions`` split them exactly.
+
+The types are small and frozen: a readout names what it reads (`LinearReadout.hook`) and, given
+how that hook's vectors are read as tokens, gives its covector and constant (`LinearReadout.weights`).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from tl_linmap.errors import InputError
+from tl_linmap.readout import Readout, token_id
+
+
+class LinearReadout(ABC):
+    """A scalar linear functional ``w · y + c`` of one hook point's vector ``y`` (subclasses below)."""
+
+    hook: str
+
+    @property
+    @abstractmethod
+    def name(self) -> str:
+        """The key of its map in a `tl_linmap.results.LinearMaps`, e.g. ``"logit_diff(' Paris' - ' London')"``."""
+
+    @abstractmethod
+    def check(self, model) -> None:
+        """Raise `tl_linmap.errors.InputError` for arguments that cannot work with this model.
+
+        Args:
+            model: A TransformerBridge or HookedTransformer.
+        """
+
+    @abstractmethod
+    def weights(self, readout: Readout, d_out: int) -> tuple[Float[Tensor, " d_out"], Float[Tensor, ""]]:
+        """The covector ``w`` and constant ``c`` on the hook's vectors at one position.
+
+        Args:
+            readout: How the hook's vectors are read as tokens there (`tl_linmap.system.FrozenSystem.readout`).
+            d_out: The width of the hook's (flattened) vector.
+
+        Returns:
+            ``(w, c)`` in the model's working dtype.
+        """
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def _logit_weights(readout: Readout, ids: list[int], coefficients: list[float]) -> tuple[Tensor, Tensor]:
+    # Σ_k a_k logit_k = (W_U[:, ids] a) · norm(y) + b_U[ids] · a, with the norm frozen: affine in y.
+    model = readout.model
+    if not readout.residual:
+        raise InputError("A logit is read from the residual stream: give a hook point there (hook_resid_*, output, ...).")
+    reference = readout.final_norm.matrix if readout.final_norm is not None else model.W_U
+    a = torch.tensor(coefficients, dtype=reference.dtype, device=reference.device)
+    u = model.W_U.detach()[:, ids].to(a) @ a
+    bias = getattr(model, "b_U", None)
+    c = bias.detach()[ids].to(a) @ a if bias is not None else a.new_zeros(())
+    if readout.final_norm is None:
+        return u, c
+    return readout.final_norm.matrix.T @ u, c + readout.final_norm.offset @ u
+
+
+@dataclass(frozen=True, eq=False)
+class Logit(LinearReadout):
+    """One vocabulary token's logit, read from ``hook`` through the frozen final norm and ``W_U``.
+
+    Attributes:
+        token: Vocabulary id or single-token string (``" Paris"``).
+        hook: ``"output"`` (the model's logit) or a residual hook (its logit lens).
+    """
+
+    token: int | str
+    hook: str = "output"
+
+    @property
+    def name(self) -> str:
+        return f"logit({self.token!r})" if self.hook == "output" else f"logit({self.token!r} @ {self.hook})"
+
+    def check(self, model) -> None:
+        token_id(model, self.token)
+        _check_hook(self.hook)
+
+    def weights(self, readout: Readout, d_out: int) -> tuple[Tensor, Tensor]:
+        return _logit_weights(readout, [token_id(readout.model, self.token)], [1.0])
+
+
+@dataclass(frozen=True, eq=False)
+class LogitDiff(LinearReadout):
+    """The logit of ``correct`` minus that of ``incorrect`` (the usual circuit metric).
+
+    Attributes:
+        correct: Vocabulary id or single-token string (``" Paris"``).
+        incorrect: Vocabulary id or single-token string (``" London"``).
+        hook: ``"output"`` (the model's logits) or a residual hook (its logit lens).
+    """
+
+    correct: int | str
+    incorrect: int | str
+    hook: str = "output"
+
+    @property
+    def name(self) -> str:
+        where = "" if self.hook == "output" else f" @ {self.hook}"
+        return f"logit_diff({self.correct!r} - {self.incorrect!r}{where})"
+
+    def check(self, model) -> None:
+        if token_id(model, self.correct) == token_id(model, self.incorrect):
+            raise InputError(f"LogitDiff of {self.correct!r} and {self.incorrect!r}: the same token, so always zero. Give two different tokens.")
+        _check_hook(self.hook)
+
+    def weights(self, readout: Readout, d_out: int) -> tuple[Tensor, Tensor]:
+        ids = [token_id(readout.model, self.correct), token_id(readout.model, self.incorrect)]
+        return _logit_weights(readout, ids, [1.0, -1.0])
+
+
+@dataclass(frozen=True, eq=False)
+class Direction(LinearReadout):
+    """The component ``vector · y`` of a hook point's vector (a probe, a feature direction).
+
+    Attributes:
+        hook: The hook point, e.g. ``"blocks.3.hook_resid_post"`` (``"output"``: the final norm's output).
+        vector: ``(d_out,)`` in that hook point's (flattened) space; not normalised.
+        label: Its name in results (default: ``direction @ <hook>``).
+    """
+
+    hook: str
+    vector: Tensor
+    label: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.label or f"direction @ {self.hook}"
+
+    def check(self, model) -> None:
+        _check_hook(self.hook)
+        v = self.vector
+        if not isinstance(v, Tensor) or not v.is_floating_point() or v.ndim != 1:
+            got = f"shape {tuple(v.shape)}, {v.dtype}" if isinstance(v, Tensor) else type(v).__name__
+            raise InputError(f"Direction's vector must be a floating tensor of shape (d_out,), got {got}.")
+
+    def weights(self, readout: Readout, d_out: int) -> tuple[Tensor, Tensor]:
+        if self.vector.shape[0] != d_out:
+            raise InputError(f"{self.hook!r} has width {d_out}; the Direction's vector has {self.vector.shape[0]}.")
+        w = self.vector.detach().to(readout.model.W_U)  # the working dtype and device
+        return w, w.new_zeros(())
+
+
+def _check_hook(hook) -> None:
+    if not isinstance(hook, str):
+        raise InputError(f"A readout's hook must be a hook name such as 'output' or 'blocks.0.hook_resid_post', got {hook!r}.")
