@@ -57,8 +57,9 @@ def test_windows_and_columns_agree_with_rows(family_model):
     """The columns route cuts the prompt to windows (or, where a factor cannot be cut, replays it
     whole with the other inputs zero): both must give the rows route's operators."""
     _, model = family_model
-    rows = tl_linmap.linear_map(model, PROMPT, route="rows")
-    columns = tl_linmap.linear_map(model, PROMPT, route="columns")
+    prompt = "The cat sat"  # short: a column costs a forward of every row (Falcon's bridge is slow per row)
+    rows = tl_linmap.linear_map(model, prompt, route="rows")
+    columns = tl_linmap.linear_map(model, prompt, route="columns")
     assert ((rows.operators - columns.operators).norm() / rows.operators.norm()).item() < 1e-12
 
 
@@ -67,3 +68,14 @@ def test_refused_architectures_say_why(family):
     model = toy_model(family)
     with pytest.raises(UnsupportedArchitectureError, match=model.cfg.architecture):
         tl_linmap.linear_map(model, PROMPT)
+
+
+def test_gemma2_logit_readouts_are_before_the_final_softcap():
+    """The final softcap acts after the unembedding: the readout gives ``z``, the model ``c·tanh(z/c)``."""
+    model = toy_model("gemma2")
+    cap = model.original_model.config.final_logit_softcapping
+    lm = tl_linmap.linear_map(model, PROMPT)
+    z = lm.readout.logits(lm.output, affine=True)
+    logits = model(model.to_tokens(PROMPT))[0, -1].detach()
+    assert ((cap * torch.tanh(z / cap) - logits).norm() / logits.norm()).item() < 1e-6  # the plain forward's norms run in float32
+    assert not torch.allclose(z, logits, rtol=1e-3)

@@ -219,12 +219,6 @@ def bridge_rules(model) -> tuple[Rule, ...]:
     if arch in EXCEPTIONS:
         raise UnsupportedArchitectureError(f"{arch}: {EXCEPTIONS[arch]}")
     structure.check_supported(model)
-    if arch not in SUPPORTED:
-        raise UnsupportedArchitectureError(
-            f"{arch} is not in tl_linmap's tested support matrix (see the README). Its structure shows no part "
-            "without a freeze rule; to map it anyway, add it to tl_linmap.rules.SUPPORTED (every result is "
-            "still checked to reconstruct the model's output)."
-        )
     hooks = model.hook_dict
     rules: list[Rule] = []
     for location, names in structure.norm_scales(hooks).items():
@@ -238,6 +232,12 @@ def bridge_rules(model) -> tuple[Rule, ...]:
     rules += structure.mlp_rules(model)
     if arch in FLAT_TOKENS:
         rules = [dataclasses.replace(rule, windows=False) if rule.after_attention else rule for rule in rules]
+    if arch not in SUPPORTED:
+        raise UnsupportedArchitectureError(
+            f"{arch} is not in tl_linmap's tested support matrix (see the README). Its structure shows no part "
+            "without a freeze rule; to map it anyway, add it to tl_linmap.rules.SUPPORTED (every result is "
+            "still checked to reconstruct the model's output)."
+        )
     return tuple(rules)
 
 
