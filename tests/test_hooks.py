@@ -101,18 +101,11 @@ def test_frozen_removes_its_hooks_on_error(toy_models):
 
 
 def test_unsupported_architecture_is_named():
-    from transformer_lens.model_bridge import TransformerBridge
-    from transformers import MistralConfig, MistralForCausalLM
+    """A block with a part no rule covers (FalconMamba's state-space block) is refused, naming it."""
+    from tl_linmap.toy import toy_model
 
-    from tl_linmap.toy import toy_tokenizer
-
-    tokenizer = toy_tokenizer()
-    config = MistralConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=1, architectures=["MistralForCausalLM"],
-    )
-    model = TransformerBridge.boot_transformers("MistralForCausalLM", hf_model=MistralForCausalLM(config), tokenizer=tokenizer)
-    with pytest.raises(UnsupportedArchitectureError, match="MistralForCausalLM"):
+    model = toy_model("FalconMambaForCausalLM")
+    with pytest.raises(UnsupportedArchitectureError, match=r"FalconMambaForCausalLM: blocks\.0 \(SSMBlockBridge.*state-space"):
         freeze_hooks(model)
     with pytest.raises(UnsupportedArchitectureError):
         tl_linmap.linear_map(model, PROMPT)
