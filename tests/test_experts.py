@@ -20,6 +20,7 @@ from conftest import PROMPT
 from torch import Tensor
 
 import tl_linmap
+import tl_linmap.experts
 from tl_linmap.compat import get_act_name
 from tl_linmap.errors import UnsupportedArchitectureError
 from tl_linmap.toy import toy_model
@@ -62,14 +63,14 @@ def _experts(hf_layer):
     return getattr(experts, "original_component", experts)  # Qwen2-MoE's experts are wrapped by the bridge
 
 
-def _oracle_run(model, family: str, tokens: Tensor, x: Tensor, target: str, freeze_experts: bool = True) -> Tensor:
+def _oracle_run(model, family: str, tokens: Tensor, x: Tensor, target: str, freeze_experts: bool = True, extra=()) -> Tensor:
     hooks = [("hook_embed", lambda act, hook=None: x[None]), ("ln_final.hook_scale", _detach)]
     for layer in range(model.cfg.n_layers):
         hooks += [(get_act_name("scale", layer, norm), _detach) for norm in ("ln1", "ln2", *ORACLE_NORMS[family])]
         hooks += [(get_act_name("pattern", layer), _detach), (f"blocks.{layer}.mlp.gate.hook_expert_weights", _detach)]
         hooks += [(f"blocks.{layer}.{gate}", _detach) for gate in ORACLE_GATES.get(family, ())]
     seen = {}
-    hooks.append((target, lambda act, hook=None: seen.update(act=act)))
+    hooks += [*extra, (target, lambda act, hook=None: seen.update(act=act))]
     hf = model.original_model
     saved = hf.get_experts_implementation()
     handles = []
@@ -87,11 +88,11 @@ def _oracle_run(model, family: str, tokens: Tensor, x: Tensor, target: str, free
     return seen["act"][0]
 
 
-def _oracle(model, family: str, tokens: Tensor, target: str, position: int, freeze_experts: bool = True):
+def _oracle(model, family: str, tokens: Tensor, target: str, position: int, freeze_experts: bool = True, extra=()):
     x = _embeddings(model, tokens)
 
     def f(x: Tensor) -> Tensor:
-        return _oracle_run(model, family, tokens, x, target, freeze_experts)[position].flatten()
+        return _oracle_run(model, family, tokens, x, target, freeze_experts, extra)[position].flatten()
 
     with torch.enable_grad():
         y = f(x).detach()
@@ -218,3 +219,39 @@ def test_gpt_oss_is_refused_with_its_reason():
     model = toy_model("gpt_oss")
     with pytest.raises(UnsupportedArchitectureError, match="clamped SwiGLU"):
         tl_linmap.linear_map(model, PROMPT)
+
+
+def test_expert_contributions_match_the_oracle(moe_models):
+    # The oracle's split: its router weights of the last block detached and kept for one expert
+    # only (the bridge re-routes to the kept column; a zero weight carries nothing), minus none
+    # kept. The one factor after that block, the final norm's scale, is the full forward's.
+    model, layer = moe_models["qwen2_moe"], 1
+    split = tl_linmap.experts.expert_contributions(model, PROMPT, layer)
+    lm = tl_linmap.linear_map(model, PROMPT)
+    tokens = model.to_tokens(PROMPT)
+    x = _embeddings(model, tokens)
+    recorded = {}
+    _oracle_run(model, "qwen2_moe", tokens, x, lm.target, extra=[("ln_final.hook_scale", lambda act, hook=None: recorded.update(scale=act.detach()))])
+
+    def kept(experts: list[int]):
+        def hook(act: Tensor, hook=None) -> Tensor:
+            mask = torch.zeros(act.shape[-1], dtype=act.dtype)
+            mask[experts] = 1
+            return act.detach() * mask
+
+        extra = [(f"blocks.{layer}.mlp.gate.hook_expert_weights", hook), ("ln_final.hook_scale", lambda act, hook=None: recorded["scale"])]
+        operators, _, _ = _oracle(model, "qwen2_moe", tokens, lm.target, lm.position, extra=extra)
+        return einops.einsum(operators, x, "pos d_out d_in, pos d_in -> pos d_out")
+
+    none = kept([])
+    scale = lm.contributions().norm()
+    assert len(split.experts) > 1
+    for j, expert in enumerate(split.experts):
+        assert _gap(split.values[j], kept([expert]) - none, scale) <= 1e-12
+    assert _gap(split.contributions(), lm.contributions()) <= 1e-12
+    assert split.norms().shape == (len(split.experts), tokens.shape[1])
+
+
+def test_expert_contributions_refuse_a_block_without_router(moe_models):
+    with pytest.raises(tl_linmap.InputError, match="mixture-of-experts router"):
+        tl_linmap.experts.expert_contributions(moe_models["mixtral"], PROMPT, 7)

@@ -22,14 +22,17 @@ order the recorded routing fixes (`Experts` replays rely on it).
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
+from jaxtyping import Float
 from torch import Tensor, nn
 
-from tl_linmap.errors import FreezeError, UnsupportedArchitectureError
+from tl_linmap.errors import FreezeError, InputError, UnsupportedArchitectureError
 
 _ROUTER = "MoERouterBridge"
 _ROUTER_HOOKS = ("hook_expert_weights", "hook_expert_indices")
@@ -268,3 +271,115 @@ def replay_hooks(rule, factors: dict) -> list:
 
         hooks += [(index_name, prepare), (act_name, replace)]
     return hooks
+
+
+@dataclass(frozen=True)
+class ExpertContributions:
+    """Which expert of one block carried which token's contribution to a target.
+
+    With every factor frozen the target is affine in the block's MLP output, and that output is
+    the frozen-weighted sum of the experts' outputs, each linear in the token embeddings; so
+    ``J_i x_i`` splits exactly into one part per expert of the block and the rest (every other
+    path: attention, the residual stream, a shared expert, other blocks).
+
+    Attributes:
+        values: ``(expert, pos, d_out)``: token ``i``'s contribution through expert ``experts[j]``.
+        rest: ``(pos, d_out)``: token ``i``'s contribution along every other path.
+        experts: The experts the router chose for some token up to the target (the others carry nothing).
+        layer: The block.
+        target: Target hook name.
+        position: Target position.
+        tokens: The prompt's token ids.
+    """
+
+    values: Float[Tensor, "expert pos d_out"]
+    rest: Float[Tensor, "pos d_out"]
+    experts: tuple[int, ...]
+    layer: int
+    target: str
+    position: int
+    tokens: Tensor
+
+    def contributions(self) -> Float[Tensor, "pos d_out"]:
+        """Per-token contributions ``J_i x_i``: the experts' parts plus the rest.
+
+        Returns:
+            ``values.sum(0) + rest``.
+        """
+        return self.values.sum(0) + self.rest
+
+    def norms(self) -> Float[Tensor, "expert pos"]:
+        """How much each expert carried of each token's contribution.
+
+        Returns:
+            The norm of every ``values[j, i]``.
+        """
+        return self.values.norm(dim=-1)
+
+    def __repr__(self) -> str:
+        carried = self.norms().sum(1)
+        top = ", ".join(f"{e}: {float(c):.3g}" for e, c in sorted(zip(self.experts, carried.tolist()), key=lambda ec: -ec[1])[:4])
+        return (
+            f"ExpertContributions(block {self.layer}, {self.target} at position {self.position}, "
+            f"{len(self.experts)} experts; summed norm carried: {top})"
+        )
+
+
+def expert_contributions(
+    model, prompt_or_tokens, layer: int, *, target: str = "output", position: int = -1, dtype: torch.dtype | None = torch.float64
+) -> ExpertContributions:
+    """Split every token's contribution to a target by the expert of one block that carried it.
+
+    Each expert's part is a replay of the frozen system with the block's frozen router weights
+    kept for that expert only, minus one with them all zero: one forward of one row per token each.
+
+    Args:
+        model: A TransformerBridge of a supported mixture-of-experts architecture.
+        prompt_or_tokens: One prompt as text or token ids.
+        layer: A block whose MLP is a mixture of experts.
+        target: ``"output"`` or a hook name.
+        position: Target position (``-1``: the last token).
+        dtype: Working dtype (the model comes back bit for bit).
+
+    Returns:
+        An `ExpertContributions`.
+
+    Raises:
+        InputError: for a block without a router, or a bad prompt, target, position or dtype.
+    """
+    from tl_linmap.hooks import rules_for
+    from tl_linmap.implicit import _one_token_each
+    from tl_linmap.system import frozen_system
+
+    names = [n for rule in rules_for(model) if rule.kind == "router" for n in rule.hook_names()]
+    weights = next((n for n in names if n.startswith(f"blocks.{layer}.") and n.endswith(".hook_expert_weights")), None)
+    if not isinstance(layer, int) or weights is None:
+        routed = sorted({int(n.split(".")[1]) for n in names})
+        raise InputError(f"layer={layer!r} is not a block with a mixture-of-experts router; this model's are {routed}.")
+    indices = weights.replace("hook_expert_weights", "hook_expert_indices")
+    with frozen_system(model, prompt_or_tokens, [target], position=position, dtype=dtype) as system:
+        name, last = system.names[0], system.position
+        x = system.x[0].detach()
+        rows = _one_token_each(x, range(last + 1))
+        experts = tuple(torch.unique(system.factors[indices][: last + 1]).tolist())  # rows are the prompt's tokens
+        recorded = system.factors[weights]
+
+        def through(keep: list[int]) -> Tensor:
+            mask = torch.zeros(recorded.shape[-1], dtype=recorded.dtype, device=recorded.device)
+            mask[keep] = 1
+            masked = dataclasses.replace(system, factors={**system.factors, weights: recorded * mask}, biases=None)
+            return masked.push(rows)[0][name]
+
+        with torch.no_grad():
+            none = through([])
+            values = torch.stack([through([e]) - none for e in experts])
+            total = system.push(rows)[0][name]
+        return ExpertContributions(
+            values=_padded(values, len(x)), rest=_padded(total - values.sum(0), len(x)), experts=experts, layer=layer,
+            target=name, position=last, tokens=system.tokens[0],
+        )
+
+
+def _padded(values: Tensor, n: int) -> Tensor:
+    # Tokens after the target contribute nothing: zero rows up to the prompt's length.
+    return torch.cat([values, values.new_zeros(*values.shape[:-2], n - values.shape[-2], values.shape[-1])], dim=-2)
