@@ -347,10 +347,12 @@ def expert_contributions(
     Raises:
         InputError: for a block without a router, or a bad prompt, target, position or dtype.
     """
+    from tl_linmap.compat import check_model
     from tl_linmap.hooks import rules_for
     from tl_linmap.implicit import _one_token_each
     from tl_linmap.system import frozen_system
 
+    check_model(model)
     names = [n for rule in rules_for(model) if rule.kind == "router" for n in rule.hook_names()]
     weights = next((n for n in names if n.startswith(f"blocks.{layer}.") and n.endswith(".hook_expert_weights")), None)
     if not isinstance(layer, int) or weights is None:
