@@ -355,11 +355,10 @@ def applied(model, hooks: HookList) -> Iterator[None]:
         A context manager; on exit (also on error) the hooks are removed and the experts'
         implementation is as it was.
     """
-    points = model.hook_dict
     on_points: HookList = []
     on_modules: HookList = []
     for name, fn in hooks:  # anything else goes to model.hooks, which names what it cannot find
-        (on_modules if isinstance(name, str) and name not in points and _is_module(model, name) else on_points).append((name, fn))
+        (on_modules if _is_module_path(model, name) else on_points).append((name, fn))
     handles = []
     try:
         with quiet_norm_edits(), experts.eager(model), model.hooks(fwd_hooks=on_points):
@@ -370,7 +369,11 @@ def applied(model, hooks: HookList) -> Iterator[None]:
             handle.remove()
 
 
-def _is_module(model, name: str) -> bool:
+def _is_module_path(model, name) -> bool:
+    # Every TransformerLens hook point (a module itself) is named hook_*; looking the name up
+    # spares building model.hook_dict, which takes milliseconds on a real model, per pass.
+    if not isinstance(name, str) or name.rsplit(".", 1)[-1].startswith("hook_"):
+        return False
     try:
         model.get_submodule(name)
     except AttributeError:
