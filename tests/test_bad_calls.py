@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 import tl_linmap
+import tl_linmap.experts
 from tl_linmap.errors import InputError
 from tl_linmap.guard import hook_count
 from tl_linmap.toy import toy_model
@@ -269,6 +270,10 @@ BAD_CALLS = [
         r"mode must be 'detached' .* or 'gradient'"),
     bad("patching-position-out-of-range", lambda m: tl_linmap.attribution_patching(m, SHORT, "The dog sat", ("a", "b"), position=12),
         r"Position 12 is out of range .*" + OUT_OF_RANGE),
+    # Mixtures of experts.
+    bad("expert_contributions-a-dense-model", lambda m: tl_linmap.experts.expert_contributions(m, SHORT, 0), r"layer=0 is not a block with a mixture-of-experts router; this model's are \[\]"),
+    bad("expert_contributions-layer-out-of-range", lambda m: tl_linmap.experts.expert_contributions(m, SHORT, 5), r"layer=5 is not a block with a mixture-of-experts router; this model's are \[0, 1\]", family="mixtral"),
+    bad("gpt_oss-refused", lambda m: tl_linmap.linear_map(m, SHORT), r"GptOssForCausalLM: its experts' activation is a clamped SwiGLU", family="gpt_oss", error=tl_linmap.UnsupportedArchitectureError),
 ]
 
 

@@ -13,6 +13,10 @@ Three hook lists share the rule table in `tl_linmap.rules`:
 
 `trim_hooks` and `trim_factors` cut one block to one position, for replays whose targets
 read that position only.
+
+Hook lists are ``(name, fn)`` pairs for ``model.hooks(fwd_hooks=...)``, except that a
+mixture-of-experts model's lists also name the experts' ``act_fn`` modules (see
+`tl_linmap.experts`): apply them with `applied` (as `frozen` does), which hooks those modules too.
 """
 
 from __future__ import annotations
@@ -24,9 +28,10 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
+from tl_linmap import experts
 from tl_linmap.compat import check_model, get_act_name
 from tl_linmap.errors import InputError
-from tl_linmap.rules import Detach, Ratio, rules_for
+from tl_linmap.rules import Detach, Experts, Ratio, rules_for
 from tl_linmap.structure import layer_of
 
 HookFn = Callable[..., "Tensor | None"]
@@ -60,7 +65,8 @@ def freeze_hooks(model, *, factors: Factors | None = None) -> HookList:
             ready for `replay_hooks`.
 
     Returns:
-        ``(hook_name, fn)`` pairs for ``model.hooks(fwd_hooks=...)``.
+        ``(hook_name, fn)`` pairs for ``model.hooks(fwd_hooks=...)`` (for a mixture of experts,
+        whose lists also name modules, for `applied`).
 
     Raises:
         InputError: for a model that is not a TransformerLens model, or ``factors`` that is not a dict.
@@ -73,6 +79,8 @@ def freeze_hooks(model, *, factors: Factors | None = None) -> HookList:
     for rule in rules_for(model):
         if isinstance(rule, Detach):
             hooks += [(name, _detach_fn(name, factors)) for name in rule.hook_names()]
+        elif isinstance(rule, Experts):
+            hooks += experts.freeze_hooks(rule, factors)
         else:
             for pre_name, post_name in rule.hook_names():
                 live: dict[str, Tensor] = {}
@@ -126,12 +134,13 @@ def factor_names_of(rule) -> list[str]:
     """Hook names under which one rule records its factors.
 
     Args:
-        rule: A `Detach` or `Ratio` rule.
+        rule: A `Detach`, `Ratio` or `Experts` rule.
 
     Returns:
-        The `Detach` names, or the post-activation names of a `Ratio` rule.
+        The `Detach` names, the post-activation names of a `Ratio` rule, or the experts'
+        ``act_fn`` module paths of an `Experts` rule.
     """
-    return rule.hook_names() if isinstance(rule, Detach) else [post for _, post in rule.hook_names()]
+    return [post for _, post in rule.hook_names()] if isinstance(rule, Ratio) else rule.hook_names()
 
 
 def replay_hooks(model, factors: Factors) -> HookList:
@@ -139,7 +148,8 @@ def replay_hooks(model, factors: Factors) -> HookList:
 
     Args:
         model: The model `factors` were recorded on (same prompt length).
-        factors: Filled by `freeze_hooks(model, factors=...)`; batch 1, broadcast to any batch.
+        factors: Filled by `freeze_hooks(model, factors=...)`; batch 1, broadcast (or, for
+            factors over flattened tokens, tiled) to any batch.
 
     Returns:
         ``(hook_name, fn)`` pairs for ``model.hooks(fwd_hooks=...)``.
@@ -151,6 +161,8 @@ def replay_hooks(model, factors: Factors) -> HookList:
     for rule in rules_for(model):
         if isinstance(rule, Detach):
             hooks += [(name, _replace_fn(factors[name])) for name in rule.hook_names()]
+        elif isinstance(rule, Experts):
+            hooks += experts.replay_hooks(rule, factors)
         else:
             for pre_name, post_name in rule.hook_names():
                 live: dict[str, Tensor] = {}
@@ -318,6 +330,57 @@ def quiet_norm_edits() -> Iterator[None]:
         yield
 
 
+def _module_hook(fn: HookFn) -> Callable:
+    def hook(module, args, output):
+        return fn(output)
+
+    return hook
+
+
+@contextmanager
+def applied(model, hooks: HookList) -> Iterator[None]:
+    """Context manager: the model with a hook list applied, everything restored on exit.
+
+    Names that are hook points go to ``model.hooks``; names that are module paths (a
+    mixture of experts' ``act_fn``, see `tl_linmap.experts`) get a PyTorch forward hook
+    whose output replaces the module's. A mixture of experts' experts run through
+    Hugging Face's eager loop meanwhile (`tl_linmap.experts.eager`); the bridge's warning
+    that a hook edited a norm scale is silenced (`quiet_norm_edits`).
+
+    Args:
+        model: A TransformerBridge or HookedTransformer.
+        hooks: ``(name, fn)`` pairs; ``fn(act, hook=None)`` returns the replacement or None.
+
+    Returns:
+        A context manager; on exit (also on error) the hooks are removed and the experts'
+        implementation is as it was.
+    """
+    on_points: HookList = []
+    on_modules: HookList = []
+    for name, fn in hooks:  # anything else goes to model.hooks, which names what it cannot find
+        (on_modules if _is_module_path(model, name) else on_points).append((name, fn))
+    handles = []
+    try:
+        with quiet_norm_edits(), experts.eager(model), model.hooks(fwd_hooks=on_points):
+            handles += [model.get_submodule(name).register_forward_hook(_module_hook(fn)) for name, fn in on_modules]
+            yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _is_module_path(model, name) -> bool:
+    # Every TransformerLens hook point (a module itself) is named hook_*; looking the name up
+    # spares building model.hook_dict, which takes milliseconds on a real model, per pass.
+    if not isinstance(name, str) or name.rsplit(".", 1)[-1].startswith("hook_"):
+        return False
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
 @contextmanager
 def frozen(model, *, factors: Factors | None = None) -> Iterator:
     """Context manager: run the model as its detached linear system.
@@ -340,5 +403,5 @@ def frozen(model, *, factors: Factors | None = None) -> Iterator:
         ...     logits, cache = model.run_with_cache(tokens)
     """
     hooks = freeze_hooks(model, factors=factors)  # checks the arguments before model.hooks is looked up
-    with quiet_norm_edits(), model.hooks(fwd_hooks=hooks):
+    with applied(model, hooks):
         yield model

@@ -71,7 +71,33 @@ class Ratio:
         return list(self.pairs)
 
 
-Rule = Union[Detach, Ratio]
+@dataclass(frozen=True)
+class Experts:
+    """A mixture of experts' experts, each ``act(x W_gate) · (x W_up)``: every call's activated gate frozen.
+
+    Hugging Face's experts have no TransformerLens hook point inside, so the activated gate is
+    frozen at the output of the experts' ``act_fn`` module, one call per expert the router
+    chose (`tl_linmap.experts`). ``names`` are those modules' paths in the model; the
+    recorded factor of each is every call's output, concatenated in the eager loop's call order,
+    which the router's recorded indices (``indices``, one hook name per block) reproduce.
+    """
+
+    names: tuple[str, ...]
+    indices: tuple[str, ...]
+    after_attention: bool = True
+    kind: str = "experts"
+    windows: bool = False
+
+    def hook_names(self) -> list[str]:
+        """Module paths of the experts' activations, one per block.
+
+        Returns:
+            ``[".../experts.act_fn", ...]``, in block order.
+        """
+        return list(self.names)
+
+
+Rule = Union[Detach, Ratio, Experts]
 
 
 def _each_layer(act: str, n_layers: int, layer_type: str | None = None) -> tuple[str, ...]:
@@ -175,6 +201,8 @@ SUPPORTED: set[str] = {
     "Olmo3ForCausalLM", "PhiForCausalLM", "Phi3ForCausalLM", "StableLmForCausalLM", "GPTJForCausalLM", "GPTNeoForCausalLM",
     "OPTForCausalLM", "BloomForCausalLM", "FalconForCausalLM", "CohereForCausalLM", "GraniteForCausalLM",
     "Starcoder2ForCausalLM", "GPTBigCodeForCausalLM", "SmolLM3ForCausalLM",
+    # Mixtures of experts (`tl_linmap.experts`, `tests/test_experts.py`).
+    "MixtralForCausalLM", "OlmoeForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM",
 }
 
 #: The real exceptions of the structure-derived rules, by architecture: what the model's hook
@@ -188,6 +216,12 @@ EXCEPTIONS: dict[str, str] = {
     "CodeGenForCausalLM": (
         "TransformerLens 4.3's CodeGen attention bridge fails its own forward with this transformers "
         "('CodeGenAttention' object has no attribute 'embed_positions')"
+    ),
+    "GptOssForCausalLM": (
+        "its experts' activation is a clamped SwiGLU, (clamp(up, ±limit) + 1) · g · σ(α·g) with g = clamp(gate, max=limit), "
+        "computed inline in GptOssExperts._apply_gate on raw matrix products (no module, no hook point between "
+        "the expert projections), so neither the clamps nor the gate can be frozen through hooks. (Its attention "
+        "sinks would be: the bridge's hook_pattern comes after the sink column is dropped.)"
     ),
 }
 

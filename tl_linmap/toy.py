@@ -51,6 +51,13 @@ MORE_FAMILIES: dict[str, tuple[str, str, dict]] = {
     "gpt_bigcode": ("gpt_bigcode", "GPTBigCodeForCausalLM", dict(multi_query=True)),
     "codegen": ("codegen", "CodeGenForCausalLM", dict(rotary_dim=8)),
     "smollm3": ("smollm3", "SmolLM3ForCausalLM", dict(no_rope_layers=[1, 0])),
+    # Mixtures of experts: four experts, two per token, small experts.
+    "mixtral": ("mixtral", "MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=None)),
+    "olmoe": ("olmoe", "OlmoeForCausalLM", dict(num_experts=4, num_experts_per_tok=2, intermediate_size=32)),
+    "qwen2_moe": ("qwen2_moe", "Qwen2MoeForCausalLM", dict(
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48, norm_topk_prob=True)),
+    "qwen3_moe": ("qwen3_moe", "Qwen3MoeForCausalLM", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True)),
+    "gpt_oss": ("gpt_oss", "GptOssForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=32, sliding_window=4)),
 }
 
 
