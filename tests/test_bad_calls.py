@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 import tl_linmap
+import tl_linmap.experts
 from tl_linmap.errors import InputError
 from tl_linmap.guard import hook_count
 from tl_linmap.toy import toy_model
@@ -285,6 +286,10 @@ BAD_CALLS = [
     bad("corpus-ranks-unknown-role", lambda m: _corpus(m).ranks("blocks.1.hook_resid_post", "sink"), r"role must be one of \('first'"),
     bad("plot_corpus_dimensionality-of-maps", lambda m: _plot("plot_corpus_dimensionality", _maps(m)), r"Corpus plots take a CorpusAnalysis .* got LinearMaps"),
     bad("phrases-unknown-kind", lambda m: tl_linmap.datasets.phrases("poems"), r"No phrases of kind 'poems'; the kinds are"),
+    # Mixtures of experts.
+    bad("expert_contributions-a-dense-model", lambda m: tl_linmap.experts.expert_contributions(m, SHORT, 0), r"layer=0 is not a block with a mixture-of-experts router; this model's are \[\]"),
+    bad("expert_contributions-layer-out-of-range", lambda m: tl_linmap.experts.expert_contributions(m, SHORT, 5), r"layer=5 is not a block with a mixture-of-experts router; this model's are \[0, 1\]", family="mixtral"),
+    bad("gpt_oss-refused", lambda m: tl_linmap.linear_map(m, SHORT), r"GptOssForCausalLM: its experts' activation is a clamped SwiGLU", family="gpt_oss", error=tl_linmap.UnsupportedArchitectureError),
 ]
 
 

@@ -12,6 +12,7 @@ from conftest import PROMPT
 
 import tl_linmap
 from tl_linmap import rules
+from tl_linmap.compat import get_act_name
 from tl_linmap.guard import hook_count
 from tl_linmap.rules import Detach
 from tl_linmap.toy import HOOKED_FAMILIES, hooked_toy_model
@@ -116,7 +117,8 @@ def test_every_module_map_is_exact_and_parts_add_up(hooked, family):
 def test_an_over_frozen_rule_set_fails_the_oracle(hooked, monkeypatch):
     model = hooked["llama"]
     real = rules.hooked_rules
-    monkeypatch.setattr(rules, "hooked_rules", lambda cfg: real(cfg) + (Detach("v"),))
+    values = tuple(get_act_name("v", layer) for layer in range(model.cfg.n_layers))
+    monkeypatch.setattr(rules, "hooked_rules", lambda cfg: real(cfg) + (Detach(values),))
     lm = tl_linmap.linear_map(model, PROMPT, check=False)
     operators, _, _ = _oracle(model, lm.tokens[None], lm.target, lm.position)
     assert _gap(lm.operators, operators) > 1e-3

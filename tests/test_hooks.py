@@ -10,7 +10,7 @@ from tl_linmap.capture import run_to_target
 from tl_linmap.errors import FreezeError, UnsupportedArchitectureError
 from tl_linmap.guard import borrowed, hook_count
 from tl_linmap.hooks import freeze_hooks, replay_hooks, same_path_hooks
-from tl_linmap.rules import FREEZE_RULES
+from tl_linmap import rules
 
 
 def _cache(model, tokens, hooks):
@@ -101,18 +101,11 @@ def test_frozen_removes_its_hooks_on_error(toy_models):
 
 
 def test_unsupported_architecture_is_named():
-    from transformer_lens.model_bridge import TransformerBridge
-    from transformers import MistralConfig, MistralForCausalLM
+    """A block with a part no rule covers (FalconMamba's state-space block) is refused, naming it."""
+    from tl_linmap.toy import toy_model
 
-    from tl_linmap.toy import toy_tokenizer
-
-    tokenizer = toy_tokenizer()
-    config = MistralConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=1, architectures=["MistralForCausalLM"],
-    )
-    model = TransformerBridge.boot_transformers("MistralForCausalLM", hf_model=MistralForCausalLM(config), tokenizer=tokenizer)
-    with pytest.raises(UnsupportedArchitectureError, match="MistralForCausalLM"):
+    model = toy_model("FalconMambaForCausalLM")
+    with pytest.raises(UnsupportedArchitectureError, match=r"FalconMambaForCausalLM: blocks\.0 \(SSMBlockBridge.*state-space"):
         freeze_hooks(model)
     with pytest.raises(UnsupportedArchitectureError):
         tl_linmap.linear_map(model, PROMPT)
@@ -120,8 +113,9 @@ def test_unsupported_architecture_is_named():
 
 def test_a_norm_without_rule_is_refused(toy_models, monkeypatch):
     model = toy_models["gemma3"]
-    without_post_norms = tuple(r for r in FREEZE_RULES["Gemma3ForCausalLM"] if getattr(r, "layer_type", "") != "ln2_post")
-    monkeypatch.setitem(FREEZE_RULES, "Gemma3ForCausalLM", without_post_norms)
+    real = rules.bridge_rules
+    without_post_norms = lambda m: tuple(r for r in real(m) if "blocks.0.ln2_post.hook_scale" not in getattr(r, "names", ()))  # noqa: E731
+    monkeypatch.setattr(rules, "bridge_rules", without_post_norms)
     with pytest.raises(UnsupportedArchitectureError, match="ln2_post.hook_scale"):
         freeze_hooks(model)
 

@@ -23,7 +23,8 @@ from torch import Tensor
 
 import tl_linmap
 from tl_linmap.compat import get_act_name
-from tl_linmap.rules import FREEZE_RULES, Detach
+from tl_linmap import rules
+from tl_linmap.rules import Detach
 from tl_linmap.toy import toy_model
 
 # The bridge warns whenever a hook returns a new tensor at hook_scale; that is the point here.
@@ -42,6 +43,10 @@ class Freeze:
 
     norms: tuple[str, ...]
     gated: bool
+    #: "pattern": detach ``attn.hook_pattern``; "qk": detach the query and key projections
+    #: (where the bridge only observes the pattern, the attention is frozen through them).
+    attention: str = "pattern"
+    outside: tuple[str, ...] = ("ln_final",)  # norms outside the blocks
 
 
 _PRE_NORMS = ("ln1", "ln2")
@@ -56,6 +61,25 @@ ORACLE_FREEZES = {
     "Gemma3ForCausalLM": Freeze(_PRE_NORMS + _QK_NORMS + _SANDWICH_NORMS, gated=True),
     "GPT2LMHeadModel": Freeze(_PRE_NORMS, gated=False),
     "GPTNeoXForCausalLM": Freeze(_PRE_NORMS, gated=False),
+    "MistralForCausalLM": Freeze(_PRE_NORMS, gated=True),
+    "Ministral3ForCausalLM": Freeze(_PRE_NORMS, gated=True),
+    "GemmaForCausalLM": Freeze(_PRE_NORMS, gated=True),
+    "Gemma2ForCausalLM": Freeze(_PRE_NORMS + _SANDWICH_NORMS, gated=True),
+    "Olmo2ForCausalLM": Freeze(_SANDWICH_NORMS + _QK_NORMS, gated=True),  # post-norms only
+    "Olmo3ForCausalLM": Freeze(_SANDWICH_NORMS + _QK_NORMS, gated=True),
+    "PhiForCausalLM": Freeze(("ln1",), gated=False),  # parallel attention and MLP, one norm
+    "Phi3ForCausalLM": Freeze(_PRE_NORMS, gated=True),
+    "StableLmForCausalLM": Freeze(_PRE_NORMS, gated=True),
+    "GPTJForCausalLM": Freeze(("ln1",), gated=False, attention="qk"),
+    "GPTNeoForCausalLM": Freeze(_PRE_NORMS, gated=False, attention="qk"),
+    "OPTForCausalLM": Freeze(_PRE_NORMS, gated=False, attention="qk"),
+    "BloomForCausalLM": Freeze(_PRE_NORMS, gated=False, outside=("embed_ln", "ln_final")),
+    "FalconForCausalLM": Freeze(("ln1",), gated=False),
+    "CohereForCausalLM": Freeze(("ln1",), gated=True),
+    "GraniteForCausalLM": Freeze(_PRE_NORMS, gated=True),
+    "Starcoder2ForCausalLM": Freeze(_PRE_NORMS, gated=False),
+    "GPTBigCodeForCausalLM": Freeze(_PRE_NORMS, gated=False),
+    "SmolLM3ForCausalLM": Freeze(_PRE_NORMS, gated=True),
 }
 
 TARGETS = ["output", "blocks.0.hook_resid_post", "blocks.1.hook_attn_out", "blocks.0.hook_mlp_out"]
@@ -92,10 +116,13 @@ def oracle_hooks(model) -> list[tuple[str, Callable]]:
         ``(hook_name, fn)`` pairs for ``model.hooks``.
     """
     freeze = ORACLE_FREEZES[model.cfg.architecture]
-    hooks = [("ln_final.hook_scale", _detach)]
+    hooks = [(f"{norm}.hook_scale", _detach) for norm in freeze.outside]
     for layer in range(model.cfg.n_layers):
         hooks += [(get_act_name("scale", layer, norm), _detach) for norm in freeze.norms]
-        hooks.append((get_act_name("pattern", layer), _detach))
+        if freeze.attention == "pattern":
+            hooks.append((get_act_name("pattern", layer), _detach))
+        else:
+            hooks += [(f"blocks.{layer}.attn.{qk}.hook_out", _detach) for qk in "qk"]
         hooks += [(get_act_name("pre", layer), _detach)] if freeze.gated else _frozen_ratio(layer)
     return hooks
 
@@ -391,8 +418,9 @@ def test_over_frozen_rules_fail_the_oracle(model, family, monkeypatch):
     others it passes. With any hook attached (here one that only observes) ``b`` comes from a
     replay, and every family passes `relative_error()`: only the oracle sees the missing paths.
     """
-    arch = model.cfg.architecture
-    monkeypatch.setitem(FREEZE_RULES, arch, FREEZE_RULES[arch] + (Detach("v"),))
+    real = rules.bridge_rules
+    values = tuple(get_act_name("v", layer) for layer in range(model.cfg.n_layers))
+    monkeypatch.setattr(rules, "bridge_rules", lambda m: real(m) + (Detach(values),))
     try:
         plain = f"relative_error {tl_linmap.linear_map(model, PROMPT).relative_error():.1e}"
     except tl_linmap.FreezeError as error:

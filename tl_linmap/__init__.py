@@ -39,7 +39,7 @@ from tl_linmap.plotting import (
 )
 from tl_linmap.readout import nearest_tokens, top_tokens, unembed
 from tl_linmap.results import Attribution, Contributions, GapRow, LinearMap, LinearMaps
-from tl_linmap.rules import FREEZE_RULES
+from tl_linmap.rules import SUPPORTED
 from tl_linmap.sequence import (
     SequenceAttribution,
     SequenceRow,
@@ -77,7 +77,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "BUNDLED",
-    "FREEZE_RULES",
+    "SUPPORTED",
     "Attribution",
     "Contributions",
     "CorpusAnalysis",

@@ -12,7 +12,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from tl_linmap.errors import FreezeError, InputError
-from tl_linmap.hooks import HookList, quiet_norm_edits
+from tl_linmap.hooks import HookList, applied
 from tl_linmap.inputs import EMBED_HOOK
 
 
@@ -61,7 +61,7 @@ def capture(
     fwd = list(hooks) + [(name, keep(name)) for name in wanted]
     if embeddings is not None:
         fwd.insert(0, (EMBED_HOOK, lambda act, hook=None: embeddings))
-    with quiet_norm_edits(), model.hooks(fwd_hooks=fwd):
+    with applied(model, fwd):
         try:
             model(tokens)
         except _Stop:

@@ -13,6 +13,10 @@ Three hook lists share the rule table in `tl_linmap.rules`:
 
 `trim_hooks` and `trim_factors` cut one block to one position, for replays whose targets
 read that position only.
+
+Hook lists are ``(name, fn)`` pairs for ``model.hooks(fwd_hooks=...)``, except that a
+mixture-of-experts model's lists also name the experts' ``act_fn`` modules (see
+`tl_linmap.experts`): apply them with `applied` (as `frozen` does), which hooks those modules too.
 """
 
 from __future__ import annotations
@@ -24,9 +28,11 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
+from tl_linmap import experts
 from tl_linmap.compat import check_model, get_act_name
 from tl_linmap.errors import InputError
-from tl_linmap.rules import Detach, Ratio, rules_for
+from tl_linmap.rules import Detach, Experts, Ratio, rules_for
+from tl_linmap.structure import layer_of
 
 HookFn = Callable[..., "Tensor | None"]
 HookList = list[tuple[str, HookFn]]
@@ -59,7 +65,8 @@ def freeze_hooks(model, *, factors: Factors | None = None) -> HookList:
             ready for `replay_hooks`.
 
     Returns:
-        ``(hook_name, fn)`` pairs for ``model.hooks(fwd_hooks=...)``.
+        ``(hook_name, fn)`` pairs for ``model.hooks(fwd_hooks=...)`` (for a mixture of experts,
+        whose lists also name modules, for `applied`).
 
     Raises:
         InputError: for a model that is not a TransformerLens model, or ``factors`` that is not a dict.
@@ -69,12 +76,13 @@ def freeze_hooks(model, *, factors: Factors | None = None) -> HookList:
     if factors is not None and not isinstance(factors, dict):
         raise InputError(f"factors must be a dict for the frozen factors to be recorded in (or None), got {type(factors).__name__}.")
     hooks: HookList = []
-    n_layers = model.cfg.n_layers
     for rule in rules_for(model):
         if isinstance(rule, Detach):
-            hooks += [(name, _detach_fn(name, factors)) for name in rule.hook_names(n_layers)]
+            hooks += [(name, _detach_fn(name, factors)) for name in rule.hook_names()]
+        elif isinstance(rule, Experts):
+            hooks += experts.freeze_hooks(rule, factors)
         else:
-            for pre_name, post_name in rule.hook_names(n_layers):
+            for pre_name, post_name in rule.hook_names():
                 live: dict[str, Tensor] = {}
                 hooks.append((pre_name, _keep_fn(live)))
                 hooks.append((post_name, _ratio_fn(post_name, live, rule, factors)))
@@ -119,20 +127,20 @@ def factor_names(model) -> list[str]:
     Returns:
         Every `Detach` hook name, and the post-activation name of every `Ratio` pair.
     """
-    return [name for rule in rules_for(model) for name in factor_names_of(rule, model.cfg.n_layers)]
+    return [name for rule in rules_for(model) for name in factor_names_of(rule)]
 
 
-def factor_names_of(rule, n_layers: int) -> list[str]:
+def factor_names_of(rule) -> list[str]:
     """Hook names under which one rule records its factors.
 
     Args:
-        rule: A `Detach` or `Ratio` rule.
-        n_layers: Number of blocks.
+        rule: A `Detach`, `Ratio` or `Experts` rule.
 
     Returns:
-        The `Detach` names, or the post-activation names of a `Ratio` rule.
+        The `Detach` names, the post-activation names of a `Ratio` rule, or the experts'
+        ``act_fn`` module paths of an `Experts` rule.
     """
-    return rule.hook_names(n_layers) if isinstance(rule, Detach) else [post for _, post in rule.hook_names(n_layers)]
+    return [post for _, post in rule.hook_names()] if isinstance(rule, Ratio) else rule.hook_names()
 
 
 def replay_hooks(model, factors: Factors) -> HookList:
@@ -140,7 +148,8 @@ def replay_hooks(model, factors: Factors) -> HookList:
 
     Args:
         model: The model `factors` were recorded on (same prompt length).
-        factors: Filled by `freeze_hooks(model, factors=...)`; batch 1, broadcast to any batch.
+        factors: Filled by `freeze_hooks(model, factors=...)`; batch 1, broadcast (or, for
+            factors over flattened tokens, tiled) to any batch.
 
     Returns:
         ``(hook_name, fn)`` pairs for ``model.hooks(fwd_hooks=...)``.
@@ -149,12 +158,13 @@ def replay_hooks(model, factors: Factors) -> HookList:
         KeyError: if a factor the rules need was not recorded.
     """
     hooks: HookList = []
-    n_layers = model.cfg.n_layers
     for rule in rules_for(model):
         if isinstance(rule, Detach):
-            hooks += [(name, _replace_fn(factors[name])) for name in rule.hook_names(n_layers)]
+            hooks += [(name, _replace_fn(factors[name])) for name in rule.hook_names()]
+        elif isinstance(rule, Experts):
+            hooks += experts.replay_hooks(rule, factors)
         else:
-            for pre_name, post_name in rule.hook_names(n_layers):
+            for pre_name, post_name in rule.hook_names():
                 live: dict[str, Tensor] = {}
                 hooks.append((pre_name, _keep_fn(live)))
                 hooks.append((post_name, _replay_ratio_fn(live, factors[post_name])))
@@ -163,14 +173,31 @@ def replay_hooks(model, factors: Factors) -> HookList:
 
 def _replace_fn(factor: Tensor) -> HookFn:
     def hook(act: Tensor, hook=None) -> Tensor:
-        return factor.expand_as(act)
+        return broadcast(factor, act)
 
     return hook
 
 
+def broadcast(factor: Tensor, act: Tensor) -> Tensor:
+    """A factor recorded on one sequence, for a replay of several rows.
+
+    Args:
+        factor: Recorded with batch 1: ``(1, ...)``, or ``(pos, ...)`` where the model flattened
+            batch and positions into one axis (OPT's MLP).
+        act: The replay's activation at the same hook point.
+
+    Returns:
+        The factor repeated to ``act``'s shape.
+    """
+    if factor.shape[0] == 1 or factor.shape == act.shape:
+        return factor.expand_as(act)
+    return factor.repeat(act.shape[0] // factor.shape[0], *[1] * (factor.ndim - 1))
+
+
 def _replay_ratio_fn(live: dict[str, Tensor], ratio: Tensor) -> HookFn:
     def hook(post: Tensor, hook=None) -> Tensor:
-        return live.pop("pre") * ratio
+        pre = live.pop("pre")
+        return pre * broadcast(ratio, pre)
 
     return hook
 
@@ -192,13 +219,33 @@ def slice_factors(model, factors: Factors, start: int, stop: int) -> Factors:
     """
     sliced = {}
     for rule in rules_for(model):
-        axes = rule.position_axes if isinstance(rule, Detach) else (1,)
-        for name in factor_names_of(rule, model.cfg.n_layers):
+        for name in factor_names_of(rule):
             factor = factors[name]
-            for axis in axes:
+            for axis in _position_axes(rule, factor):
                 factor = factor.narrow(axis, start, stop - start)
             sliced[name] = factor
     return sliced
+
+
+def windowable(model) -> bool:
+    """Whether every factor of the model can be cut to a window of the prompt (`slice_factors`).
+
+    Args:
+        model: A TransformerBridge or HookedTransformer of a supported architecture.
+
+    Returns:
+        False where some rule's factor would change with fewer positions (a pattern frozen
+        through its queries and keys).
+    """
+    return all(rule.windows for rule in rules_for(model))
+
+
+def _position_axes(rule, factor: Tensor) -> tuple[int, ...]:
+    if isinstance(rule, Ratio):
+        return (1,)
+    if rule.position_axes is None:  # an attention-internal norm: per head (batch, head, pos, 1) or whole (batch, pos, 1)
+        return (2,) if factor.ndim == 4 else (1,)
+    return rule.position_axes
 
 
 def trim_hooks(layer: int, position: int) -> HookList:
@@ -241,8 +288,9 @@ def trim_factors(model, factors: Factors, layer: int, position: int) -> Factors:
     trimmed = dict(factors)
     for rule in rules_for(model):
         if rule.after_attention:
-            name = factor_names_of(rule, model.cfg.n_layers)[layer]
-            trimmed[name] = factors[name].narrow(1, position, 1)
+            for name in factor_names_of(rule):
+                if layer_of(name) == layer:
+                    trimmed[name] = factors[name].narrow(1, position, 1)
     return trimmed
 
 
@@ -258,8 +306,9 @@ def same_path_hooks(model) -> HookList:
     names = [
         name
         for rule in rules_for(model)
-        if isinstance(rule, Detach) and rule.act == "scale"
-        for name in rule.hook_names(model.cfg.n_layers)
+        if isinstance(rule, Detach)
+        for name in rule.hook_names()
+        if name.endswith("hook_scale")
     ]
     return [(name, _copy) for name in names]
 
@@ -279,6 +328,57 @@ def quiet_norm_edits() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_NORM_EDIT_WARNING)
         yield
+
+
+def _module_hook(fn: HookFn) -> Callable:
+    def hook(module, args, output):
+        return fn(output)
+
+    return hook
+
+
+@contextmanager
+def applied(model, hooks: HookList) -> Iterator[None]:
+    """Context manager: the model with a hook list applied, everything restored on exit.
+
+    Names that are hook points go to ``model.hooks``; names that are module paths (a
+    mixture of experts' ``act_fn``, see `tl_linmap.experts`) get a PyTorch forward hook
+    whose output replaces the module's. A mixture of experts' experts run through
+    Hugging Face's eager loop meanwhile (`tl_linmap.experts.eager`); the bridge's warning
+    that a hook edited a norm scale is silenced (`quiet_norm_edits`).
+
+    Args:
+        model: A TransformerBridge or HookedTransformer.
+        hooks: ``(name, fn)`` pairs; ``fn(act, hook=None)`` returns the replacement or None.
+
+    Returns:
+        A context manager; on exit (also on error) the hooks are removed and the experts'
+        implementation is as it was.
+    """
+    on_points: HookList = []
+    on_modules: HookList = []
+    for name, fn in hooks:  # anything else goes to model.hooks, which names what it cannot find
+        (on_modules if _is_module_path(model, name) else on_points).append((name, fn))
+    handles = []
+    try:
+        with quiet_norm_edits(), experts.eager(model), model.hooks(fwd_hooks=on_points):
+            handles += [model.get_submodule(name).register_forward_hook(_module_hook(fn)) for name, fn in on_modules]
+            yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _is_module_path(model, name) -> bool:
+    # Every TransformerLens hook point (a module itself) is named hook_*; looking the name up
+    # spares building model.hook_dict, which takes milliseconds on a real model, per pass.
+    if not isinstance(name, str) or name.rsplit(".", 1)[-1].startswith("hook_"):
+        return False
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
 
 
 @contextmanager
@@ -303,5 +403,5 @@ def frozen(model, *, factors: Factors | None = None) -> Iterator:
         ...     logits, cache = model.run_with_cache(tokens)
     """
     hooks = freeze_hooks(model, factors=factors)  # checks the arguments before model.hooks is looked up
-    with quiet_norm_edits(), model.hooks(fwd_hooks=hooks):
+    with applied(model, hooks):
         yield model

@@ -30,7 +30,7 @@ import torch
 
 from tl_linmap.compat import has_class, tl_version
 from tl_linmap.errors import InputError, LinmapError, UnsupportedArchitectureError
-from tl_linmap.rules import FREEZE_RULES
+from tl_linmap.rules import EXCEPTIONS, SUPPORTED
 
 # GGUF configs leave `architectures` empty; the bridge needs it to pick an adapter.
 _ARCHITECTURE_OF_MODEL_TYPE = {
@@ -496,10 +496,9 @@ def load_model(
     if kind == "hooked":
         model = hooked_from_hf(hf_model.eval(), tokenizer, hub_name=source.model_name, dtype=dtype, device=device)
     else:
-        if architecture not in FREEZE_RULES:
-            raise UnsupportedArchitectureError(
-                f"{name_or_path!r} is a {architecture}; tl_linmap supports {', '.join(sorted(FREEZE_RULES))}."
-            )
+        if architecture not in SUPPORTED:
+            reason = EXCEPTIONS.get(architecture, "not in tl_linmap's tested support matrix (see the README)")
+            raise UnsupportedArchitectureError(f"{name_or_path!r} is a {architecture}: {reason}.")
         from transformer_lens.model_bridge import TransformerBridge
 
         model = TransformerBridge.boot_transformers(

@@ -45,7 +45,7 @@ from torch import Tensor
 from tl_linmap.compat import check_model, get_act_name
 from tl_linmap.errors import InputError
 from tl_linmap.guard import borrowed
-from tl_linmap.hooks import freeze_hooks, quiet_norm_edits, same_path_hooks
+from tl_linmap.hooks import applied, freeze_hooks, same_path_hooks
 from tl_linmap.inputs import Prompt, check_dtype, check_names, check_position, to_tokens
 from tl_linmap.readout import decode_tokens, token_id
 from tl_linmap.system import check_factors
@@ -410,7 +410,7 @@ def _run(model, tokens: Tensor, names: list[str], metric: LogitMetric, hooks: li
 
         return hook
 
-    with quiet_norm_edits(), model.hooks(fwd_hooks=[*hooks, *[(name, keep(name)) for name in names]]), torch.set_grad_enabled(grad):
+    with applied(model, [*hooks, *[(name, keep(name)) for name in names]]), torch.set_grad_enabled(grad):
         logits = model(tokens)
         value = metric(logits)
         missing = [name for name in names if name not in acts]

@@ -577,6 +577,7 @@ def plot_patching(
     ax.set_xlabel(kind)
     fig.colorbar(image, ax=ax, label="Δ metric", fraction=0.05, pad=0.02)
     ax.set_title(title or layout, fontsize="medium")
+    return fig
 
 
 def plot_sequence_attribution(attribution, *, skip_first: bool = False, ax: Axes | None = None) -> Figure:

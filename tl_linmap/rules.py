@@ -2,11 +2,15 @@
 
 Every nonlinearity of a supported transformer is a product ``A(x) · x`` whose factor
 ``A(x)`` is visible at one TransformerLens hook point. A rule names that hook point and
-how to freeze the factor there; all per-architecture knowledge lives in `FREEZE_RULES`.
+how to freeze the factor there. A TransformerBridge's rules are derived from its structure
+(`bridge_rules`), a HookedTransformer's from its config (`hooked_rules`); the real exceptions
+live in `EXCEPTIONS`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import weakref
 from dataclasses import dataclass
 from typing import Union
 
@@ -16,31 +20,31 @@ from tl_linmap.errors import UnsupportedArchitectureError
 
 @dataclass(frozen=True)
 class Detach:
-    """The activation at this hook point *is* the factor: detach it.
+    """The activation at these hook points *is* the factor: detach it.
 
-    Used for norm scales (``x / scale``), attention patterns (``pattern · V``) and the
-    gate pre-activation of gated MLPs (detaching ``x W_gate`` freezes the whole
-    activated gate ``act(x W_gate)`` while ``x W_in`` stays linear).
+    Used for norm scales (``x / scale``), attention patterns (``pattern · V``), the gate
+    pre-activation of gated MLPs (detaching ``x W_gate`` freezes the whole activated gate
+    ``act(x W_gate)`` while ``x W_in`` stays linear) and a mixture-of-experts router's
+    choice and weights.
     """
 
-    act: str
-    layer_type: str | None = None
-    per_layer: bool = True
+    names: tuple[str, ...]
     position_axes: tuple[int, ...] = (1,)  # where the factor's sequence axes are (for windows)
-    after_attention: bool = False  # see `Ratio.after_attention`
+    #: Fires on the MLP branch or after the attention's output projection: on tensors
+    #: `tl_linmap.hooks.trim_hooks` cuts to the target position in the last block a target reads.
+    after_attention: bool = False
+    #: What the factor is, for the support matrix and error messages.
+    kind: str = "norm"
+    #: Whether a window of the prompt (`tl_linmap.hooks.slice_factors`) replays the factor exactly.
+    windows: bool = True
 
-    def hook_names(self, n_layers: int) -> list[str]:
+    def hook_names(self) -> list[str]:
         """Hook names this rule covers.
 
-        Args:
-            n_layers: Number of transformer blocks.
-
         Returns:
-            One name per block, or the single global name for a rule like ``ln_final``.
+            The hook names, in block order.
         """
-        if not self.per_layer:
-            return [get_act_name(self.act)]
-        return [get_act_name(self.act, layer, self.layer_type) for layer in range(n_layers)]
+        return list(self.names)
 
 
 @dataclass(frozen=True)
@@ -52,57 +56,61 @@ class Ratio:
     finite value keeps the system exact since it multiplies ``pre == 0``.
     """
 
+    pairs: tuple[tuple[str, str], ...]
     ratio_at_zero: float = 0.5
-    #: The hook point after the activation: ``post``, or ``mid`` where a norm follows it (SoLU-LN).
-    post: str = "post"
-    #: Fires on the MLP branch or after the attention's output projection (an MLP, the norms
-    #: of the attention output and of the MLP input): on tensors `tl_linmap.hooks.trim_hooks`
-    #: cuts to the target position in the last block a target reads.
     after_attention: bool = True
+    kind: str = "activation"
+    windows: bool = True
 
-    def hook_names(self, n_layers: int) -> list[tuple[str, str]]:
+    def hook_names(self) -> list[tuple[str, str]]:
         """(pre, post) hook-name pairs, one per block.
 
-        Args:
-            n_layers: Number of transformer blocks.
+        Returns:
+            ``[(blocks.L.mlp.hook_pre, blocks.L.mlp.hook_post), ...]`` (``hook_mid`` where a norm follows).
+        """
+        return list(self.pairs)
+
+
+@dataclass(frozen=True)
+class Experts:
+    """A mixture of experts' experts, each ``act(x W_gate) · (x W_up)``: every call's activated gate frozen.
+
+    Hugging Face's experts have no TransformerLens hook point inside, so the activated gate is
+    frozen at the output of the experts' ``act_fn`` module, one call per expert the router
+    chose (`tl_linmap.experts`). ``names`` are those modules' paths in the model; the
+    recorded factor of each is every call's output, concatenated in the eager loop's call order,
+    which the router's recorded indices (``indices``, one hook name per block) reproduce.
+    """
+
+    names: tuple[str, ...]
+    indices: tuple[str, ...]
+    after_attention: bool = True
+    kind: str = "experts"
+    windows: bool = False
+
+    def hook_names(self) -> list[str]:
+        """Module paths of the experts' activations, one per block.
 
         Returns:
-            ``[(blocks.L.mlp.hook_pre, blocks.L.mlp.hook_post), ...]``.
+            ``[".../experts.act_fn", ...]``, in block order.
         """
-        return [(get_act_name("pre", layer), get_act_name(self.post, layer)) for layer in range(n_layers)]
+        return list(self.names)
 
 
-Rule = Union[Detach, Ratio]
+Rule = Union[Detach, Ratio, Experts]
 
-_FINAL_NORM = Detach("scale", per_layer=False)
-_PATTERN = Detach("pattern", position_axes=(2, 3))  # (batch, head, query, key)
-_GATE = Detach("pre", after_attention=True)  # on gated bridges `mlp.hook_pre` is the gate projection's output
-_PRE_NORMS = (Detach("scale", "ln1"), Detach("scale", "ln2", after_attention=True))
-_QK_NORMS = tuple(Detach("scale", f"attn.{qk}_norm", position_axes=(2,)) for qk in "qk")  # per head
-_POST_NORMS = (Detach("scale", "ln1_post", after_attention=True), Detach("scale", "ln2_post", after_attention=True))
 
-_GATED = (*_PRE_NORMS, _PATTERN, _GATE, _FINAL_NORM)
-_NON_GATED = (*_PRE_NORMS, _PATTERN, Ratio(), _FINAL_NORM)
+def _each_layer(act: str, n_layers: int, layer_type: str | None = None) -> tuple[str, ...]:
+    return tuple(get_act_name(act, layer, layer_type) for layer in range(n_layers))
 
-#: Freeze rules per Hugging Face architecture (``model.cfg.architecture``).
-#: Rotary embeddings, GQA, sliding windows and attention softcapping all act on the
-#: scores before ``hook_pattern`` and need no rule of their own.
-FREEZE_RULES: dict[str, tuple[Rule, ...]] = {
-    "LlamaForCausalLM": _GATED,  # Llama 3, SmolLM2: SwiGLU, RMSNorm
-    "Qwen2ForCausalLM": _GATED,  # QKV biases are affine, no rule needed
-    "Qwen3ForCausalLM": (*_GATED, *_QK_NORMS),
-    "Gemma3ForCausalLM": (*_GATED, *_QK_NORMS, *_POST_NORMS),  # GeGLU-tanh, sandwich norms
-    "GPT2LMHeadModel": _NON_GATED,  # gelu_new, LayerNorm, learned positions
-    "GPTNeoXForCausalLM": _NON_GATED,  # Pythia: parallel attn+MLP, partial rotary
-}
+
+def _ratio(n_layers: int, post: str = "post") -> Ratio:
+    return Ratio(tuple((get_act_name("pre", layer), get_act_name(post, layer)) for layer in range(n_layers)))
 
 
 #: HookedTransformer MLP activations that are pointwise with ``f(0) = 0``, so ``f(x) = (f(x)/x)·x``
 #: with the ratio frozen; a gated MLP freezes its whole activated gate, whatever its activation.
 POINTWISE_ACTIVATIONS = frozenset({"relu", "gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh", "silu", "solu", "solu_ln"})
-
-#: A HookedTransformer's q/k norms run on (batch, pos, head, d_head): their scales' sequence axis is 1.
-_HOOKED_QK_NORMS = tuple(Detach("scale", f"attn.{qk}_norm") for qk in "qk")  # (batch, pos, head, 1)
 
 
 def hooked_rules(cfg) -> tuple[Rule, ...]:
@@ -123,7 +131,8 @@ def hooked_rules(cfg) -> tuple[Rule, ...]:
     if getattr(cfg, "num_experts", None):
         raise UnsupportedArchitectureError(
             f"num_experts={cfg.num_experts}: tl_linmap has no freeze rule for a HookedTransformer's "
-            "mixture-of-experts router (its expert choice is an input-dependent factor)."
+            "mixture-of-experts router (its expert choice is an input-dependent factor); boot the model "
+            "as a TransformerBridge (TransformerLens 3.x/4.x), whose routers tl_linmap freezes."
         )
     kv_heads = getattr(cfg, "n_key_value_heads", None)
     if getattr(cfg, "use_split_qkv_input", False) and kv_heads and kv_heads != cfg.n_heads and cfg.normalization_type:
@@ -137,34 +146,35 @@ def hooked_rules(cfg) -> tuple[Rule, ...]:
             f"output_logits_soft_cap={cfg.output_logits_soft_cap}: the logits are a tanh of the unembedding, "
             "so no logit readout of the linear system would be the model's logits."
         )
-    rules: list[Rule] = [_PATTERN]
+    n = cfg.n_layers
+    rules: list[Rule] = [Detach(_each_layer("pattern", n), position_axes=(2, 3), kind="pattern")]
     if cfg.normalization_type is not None:
-        rules += [Detach("scale", "ln1"), _FINAL_NORM]
+        rules += [Detach(_each_layer("scale", n, "ln1")), Detach(("ln_final.hook_scale",))]
         if not cfg.attn_only:
-            rules.append(Detach("scale", "ln2", after_attention=True))
+            rules.append(Detach(_each_layer("scale", n, "ln2"), after_attention=True))
     if getattr(cfg, "use_normalization_before_and_after", False):
-        rules += list(_POST_NORMS)
-    if getattr(cfg, "use_qk_norm", False):
-        rules += list(_HOOKED_QK_NORMS)
+        rules += [Detach(_each_layer("scale", n, norm), after_attention=True) for norm in ("ln1_post", "ln2_post")]
+    if getattr(cfg, "use_qk_norm", False):  # on (batch, pos, head, d_head): the sequence axis is 1
+        rules += [Detach(_each_layer("scale", n, f"attn.{qk}_norm")) for qk in "qk"]
     if not cfg.attn_only:
         rules += _hooked_mlp_rules(cfg)
     return tuple(rules)
 
 
 def _hooked_mlp_rules(cfg) -> list[Rule]:
-    act = cfg.act_fn
+    act, n = cfg.act_fn, cfg.n_layers
     if act == "solu_ln":  # post = ln(pre · softmax(pre)): the ratio at hook_mid, then the norm
         if cfg.gated_mlp:
             raise UnsupportedArchitectureError("act_fn='solu_ln' in a gated MLP: no freeze rule covers it.")
-        return [Ratio(post="mid"), Detach("scale", "mlp.ln", after_attention=True)]
+        return [_ratio(n, post="mid"), Detach(_each_layer("scale", n, "mlp.ln"), after_attention=True)]
     if cfg.gated_mlp:
-        return [_GATE]
+        return [Detach(_each_layer("pre", n), after_attention=True, kind="gate")]
     if act not in POINTWISE_ACTIVATIONS:
         raise UnsupportedArchitectureError(
             f"act_fn={act!r} in a non-gated MLP: tl_linmap freezes only activations with f(0) = 0 "
             f"as f(x)/x ({', '.join(sorted(POINTWISE_ACTIVATIONS))})."
         )
-    return [Ratio()]
+    return [_ratio(n)]
 
 
 def architecture_of(model) -> str:
@@ -180,34 +190,125 @@ def architecture_of(model) -> str:
     return str(getattr(cfg, "architecture", None) or getattr(cfg, "original_architecture", None) or type(model).__name__)
 
 
+#: Hugging Face activation names (a bridge's ``cfg.act_fn``) that are pointwise with ``f(0) = 0``.
+BRIDGE_POINTWISE = POINTWISE_ACTIVATIONS | {"gelu_python", "gelu_10", "gelu_accurate", "quick_gelu", "swish", "relu2", "relu6", "xielu", "bloom_gelu"}
+
+#: Architectures whose structure-derived rules are tested exact against an independent oracle
+#: (`tests/test_architectures.py`); the support matrix in the README lists them with their errors.
+SUPPORTED: set[str] = {
+    "LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Gemma3ForCausalLM", "GPT2LMHeadModel", "GPTNeoXForCausalLM",
+    "MistralForCausalLM", "Ministral3ForCausalLM", "GemmaForCausalLM", "Gemma2ForCausalLM", "Olmo2ForCausalLM",
+    "Olmo3ForCausalLM", "PhiForCausalLM", "Phi3ForCausalLM", "StableLmForCausalLM", "GPTJForCausalLM", "GPTNeoForCausalLM",
+    "OPTForCausalLM", "BloomForCausalLM", "FalconForCausalLM", "CohereForCausalLM", "GraniteForCausalLM",
+    "Starcoder2ForCausalLM", "GPTBigCodeForCausalLM", "SmolLM3ForCausalLM",
+    # Mixtures of experts (`tl_linmap.experts`, `tests/test_experts.py`).
+    "MixtralForCausalLM", "OlmoeForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM",
+}
+
+#: The real exceptions of the structure-derived rules, by architecture: what the model's hook
+#: points do not show. A string refuses the architecture with that reason.
+EXCEPTIONS: dict[str, str] = {
+    "OlmoForCausalLM": (
+        "OLMo's LayerNorm has no weight, and TransformerLens 4.3's NormalizationBridge fails once a hook "
+        "returns a new hook_scale there ('NormalizationBridge' object has no attribute 'weight'), so its "
+        "scale cannot be frozen (OLMo 2 and 3 are supported)"
+    ),
+    "CodeGenForCausalLM": (
+        "TransformerLens 4.3's CodeGen attention bridge fails its own forward with this transformers "
+        "('CodeGenAttention' object has no attribute 'embed_positions')"
+    ),
+    "GptOssForCausalLM": (
+        "its experts' activation is a clamped SwiGLU, (clamp(up, ±limit) + 1) · g · σ(α·g) with g = clamp(gate, max=limit), "
+        "computed inline in GptOssExperts._apply_gate on raw matrix products (no module, no hook point between "
+        "the expert projections), so neither the clamps nor the gate can be frozen through hooks. (Its attention "
+        "sinks would be: the bridge's hook_pattern comes after the sink column is dropped.)"
+    ),
+}
+
+#: Architectures whose decoder layer flattens (batch, pos) into one axis before the MLP (OPT):
+#: the factors after the attention have no sequence axis to cut, so the prompt is never cut.
+FLAT_TOKENS = {"OPTForCausalLM"}
+
+
+def bridge_rules(model) -> tuple[Rule, ...]:
+    """Freeze rules of a TransformerBridge, derived from its structure.
+
+    Every normalisation's ``hook_scale``, every block's attention pattern, and each block's MLP
+    by its kind: a gated MLP's gate (``mlp.hook_pre``), the ratio of a pointwise activation,
+    or a mixture-of-experts router's choice and weights (with its experts' activations, see
+    `tl_linmap.experts`). Anything else in a block is refused (`tl_linmap.structure`).
+
+    Args:
+        model: A TransformerBridge.
+
+    Returns:
+        The rules.
+
+    Raises:
+        UnsupportedArchitectureError: naming the module and why, for a part no rule covers.
+    """
+    from tl_linmap import structure  # structure reads bridge classes: imported only for bridges
+
+    arch = architecture_of(model)
+    if arch in EXCEPTIONS:
+        raise UnsupportedArchitectureError(f"{arch}: {EXCEPTIONS[arch]}")
+    structure.check_supported(model)
+    hooks = model.hook_dict
+    rules: list[Rule] = []
+    for location, names in structure.norm_scales(hooks).items():
+        inside_attention = ".attn." in location
+        rules.append(Detach(
+            names,
+            position_axes=structure.scale_axes(model, location),
+            after_attention=not (inside_attention or location.endswith(".ln1") or location in structure.BEFORE_BLOCKS),
+        ))
+    rules += structure.attention_rules(model)
+    rules += structure.mlp_rules(model)
+    if arch in FLAT_TOKENS:
+        rules = [dataclasses.replace(rule, windows=False) if rule.after_attention else rule for rule in rules]
+    if arch not in SUPPORTED:
+        raise UnsupportedArchitectureError(
+            f"{arch} is not in tl_linmap's tested support matrix (see the README). Its structure shows no part "
+            "without a freeze rule; to map it anyway, add it to tl_linmap.rules.SUPPORTED (every result is "
+            "still checked to reconstruct the model's output)."
+        )
+    return tuple(rules)
+
+
 def rules_for(model) -> tuple[Rule, ...]:
-    """Look up the freeze rules of a model's architecture.
+    """The freeze rules of a model.
 
     Args:
         model: A TransformerBridge or HookedTransformer.
 
     Returns:
-        A bridge's rules from `FREEZE_RULES`; a HookedTransformer's from its config (`hooked_rules`).
+        A bridge's rules from its structure (`bridge_rules`); a HookedTransformer's from its
+        config (`hooked_rules`).
 
     Raises:
-        UnsupportedArchitectureError: if the architecture has no entry, a HookedTransformer's config
-            has a setting no rule covers, or the model has a norm no rule freezes.
+        UnsupportedArchitectureError: for an architecture or setting no rule covers, or a model
+            with a norm no rule freezes.
     """
-    arch = architecture_of(model)
-    if is_hooked(model):
-        rules = hooked_rules(model.cfg)
-    elif arch in FREEZE_RULES:
-        rules = FREEZE_RULES[arch]
-    else:
-        raise UnsupportedArchitectureError(
-            f"tl_linmap has no freeze rules for architecture {arch!r}. "
-            f"Supported: {', '.join(sorted(FREEZE_RULES))}."
-        )
-    covered = {name for rule in rules if isinstance(rule, Detach) for name in rule.hook_names(model.cfg.n_layers)}
+    # Reading a bridge's structure walks every module: cached per model, and recomputed when
+    # the rule functions or the tested set change (as tests that break the rules do).
+    if is_hooked(model):  # cheap, and a config flag may change between calls
+        return _checked(model, hooked_rules(model.cfg))
+    key = (bridge_rules, frozenset(SUPPORTED), len(model.hook_dict), architecture_of(model))
+    cached = _CACHE.get(model)
+    if cached is None or cached[0] != key:
+        _CACHE[model] = cached = (key, _checked(model, bridge_rules(model)))
+    return cached[1]
+
+
+_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _checked(model, rules: tuple[Rule, ...]) -> tuple[Rule, ...]:
+    covered = {name for rule in rules if isinstance(rule, Detach) for name in rule.hook_names()}
     uncovered = sorted(n for n in model.hook_dict if n.endswith("hook_scale") and n not in covered)
     if uncovered:
         raise UnsupportedArchitectureError(
-            f"{arch} has normalisation hook points that no freeze rule covers: {uncovered[:4]}; "
+            f"{architecture_of(model)} has normalisation hook points that no freeze rule covers: {uncovered[:4]}; "
             "the detached system would not be linear."
         )
     return rules

@@ -28,7 +28,7 @@ from tl_linmap.errors import InputError
 from tl_linmap.exactness import check_exact
 from tl_linmap.functionals import LinearReadout, Logit
 from tl_linmap.guard import borrowed
-from tl_linmap.hooks import quiet_norm_edits, same_path_hooks
+from tl_linmap.hooks import applied, same_path_hooks
 from tl_linmap.implicit import _one_token_each
 from tl_linmap.inputs import (
     EMBED_HOOK,
@@ -285,7 +285,7 @@ def greedy_continuation(model, tokens: Int[Tensor, "1 pos"], max_new_tokens: int
         The generated token ids.
     """
     sequence = tokens
-    with torch.no_grad(), quiet_norm_edits(), model.hooks(fwd_hooks=same_path_hooks(model)):
+    with torch.no_grad(), applied(model, same_path_hooks(model)):
         for _ in range(max_new_tokens):
             logits = model(sequence)[0, -1]
             sequence = torch.cat([sequence, logits.argmax().view(1, 1)], dim=1)

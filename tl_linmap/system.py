@@ -51,6 +51,7 @@ from tl_linmap.hooks import (
     slice_factors,
     trim_factors,
     trim_hooks,
+    windowable,
 )
 from tl_linmap.inputs import (
     EMBED_HOOK,
@@ -194,6 +195,8 @@ class FrozenSystem:
         linear: The model adds no constant (see `purely_linear`).
         ys: Per target, its vector at ``position`` in the replay's graph (None: no graph).
         biases: Per target, the affine part ``b`` (None: not computed yet).
+        start: For a `window` that could not be cut, its first position: ``x`` then covers
+            positions ``start..position`` and every other input is held at zero.
         source: The hook point the system's input ``x`` replaces (``hook_embed``: the token embeddings).
     """
 
@@ -212,6 +215,7 @@ class FrozenSystem:
     linear: bool = False
     ys: Vectors | None = field(default=None, repr=False)
     biases: Vectors | None = field(default=None, repr=False)
+    start: int = 0
     source: str = EMBED_HOOK
 
     def _alive(self) -> None:
@@ -234,6 +238,10 @@ class FrozenSystem:
         """
         self._alive()
         n = self.tokens.shape[1]
+        if embeddings.shape[1] != n:  # a window that could not be cut: the other inputs are zero
+            k, d = len(embeddings), embeddings.shape[-1]
+            after = n - self.start - embeddings.shape[1]
+            embeddings = torch.cat([embeddings.new_zeros(k, self.start, d), embeddings, embeddings.new_zeros(k, after, d)], dim=1)
         if self.trim is None or every:
             hooks = replay_hooks(self.model, self.factors)
         else:
@@ -351,7 +359,9 @@ class FrozenSystem:
         with one token's operator cost a forward or backward of ``position - start + 1``
         positions instead of the whole prompt (a single position for the target token).
         With the factors frozen, a window's linear part is exactly the whole prompt's
-        restricted to its inputs: what earlier positions add is all affine.
+        restricted to its inputs: what earlier positions add is all affine. Where a factor
+        cannot be cut (`tl_linmap.hooks.windowable`), the window replays the whole prompt with
+        the inputs outside it held at zero: the same system, at the whole prompt's cost.
 
         Args:
             start: First input position kept (``0 <= start <= position``).
@@ -366,13 +376,16 @@ class FrozenSystem:
         self._alive()
         if start == 0 and self.position == self.tokens.shape[1] - 1 and not graph:
             return self
-        tokens = self.tokens[:, start : self.position + 1]
-        n = tokens.shape[1]
-        window = dataclasses.replace(
-            self, tokens=tokens, position=n - 1, x=self.x.new_zeros(1, n, self.x.shape[-1]).detach(),
-            factors=slice_factors(self.model, self.factors, start, self.position + 1), ys=None, biases=None,
-            sequences={name: v[start : self.position + 1] for name, v in self.sequences.items()},
-        )
+        n = self.position + 1 - start
+        x = self.x.new_zeros(1, n, self.x.shape[-1]).detach()
+        if windowable(self.model):
+            window = dataclasses.replace(
+                self, tokens=self.tokens[:, start : self.position + 1], position=n - 1, x=x,
+                factors=slice_factors(self.model, self.factors, start, self.position + 1), ys=None, biases=None,
+                sequences={name: v[start : self.position + 1] for name, v in self.sequences.items()},
+            )
+        else:  # the whole prompt replayed, with the inputs outside the window held at zero
+            window = dataclasses.replace(self, x=x, start=start, ys=None, biases=None)
         if not graph:
             return window
         window = window.with_graph()
@@ -521,7 +534,7 @@ def frozen_system(
             check_factors(model, factors)
             _check_order(source, names, list(outputs))
             x = every_position(outputs[source], n) if source != EMBED_HOOK else natives[EMBED_HOOK]
-            trim = trimmed_block(names, model.cfg, model.hook_dict)
+            trim = trimmed_block(names, model.cfg, model.hook_dict) if windowable(model) else None
             if trim is not None and target_depth(source, model.cfg.n_layers) > trim:
                 trim = None  # the source is inside the block: a cut there would cut the source too
             yield FrozenSystem(

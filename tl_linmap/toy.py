@@ -26,6 +26,42 @@ FAMILIES = {
     "pythia": (transformers.GPTNeoXConfig, transformers.GPTNeoXForCausalLM),
 }
 
+#: More families, each a Hugging Face architecture with a tiny config made from its defaults
+#: (`transformers.AutoConfig.for_model`) and these settings: family -> (model type, architecture, settings).
+#: The settings give each family what distinguishes it (biases, partial rotary, softcapping, ...).
+MORE_FAMILIES: dict[str, tuple[str, str, dict]] = {
+    "mistral": ("mistral", "MistralForCausalLM", dict(sliding_window=4)),
+    "ministral": ("ministral3", "Ministral3ForCausalLM", dict(sliding_window=4)),
+    "gemma": ("gemma", "GemmaForCausalLM", {}),
+    "gemma2": ("gemma2", "Gemma2ForCausalLM", dict(sliding_window=4, attn_logit_softcapping=5.0, final_logit_softcapping=3.0)),
+    "olmo": ("olmo", "OlmoForCausalLM", dict(clip_qkv=None)),
+    "olmo2": ("olmo2", "Olmo2ForCausalLM", {}),
+    "olmo3": ("olmo3", "Olmo3ForCausalLM", dict(sliding_window=4)),
+    "phi": ("phi", "PhiForCausalLM", dict(partial_rotary_factor=0.5)),
+    "phi3": ("phi3", "Phi3ForCausalLM", {}),
+    "stablelm": ("stablelm", "StableLmForCausalLM", dict(partial_rotary_factor=0.25, use_qkv_bias=True)),
+    "gptj": ("gptj", "GPTJForCausalLM", dict(rotary_dim=8)),
+    "gpt_neo": ("gpt_neo", "GPTNeoForCausalLM", dict(attention_types=[[["global", "local"], 1]], window_size=4)),
+    "opt": ("opt", "OPTForCausalLM", dict(word_embed_proj_dim=64)),
+    "bloom": ("bloom", "BloomForCausalLM", {}),
+    "falcon": ("falcon", "FalconForCausalLM", dict(new_decoder_architecture=False, multi_query=True, parallel_attn=True, bias=True)),
+    "cohere": ("cohere", "CohereForCausalLM", dict(logit_scale=0.5, use_qk_norm=False)),
+    "granite": ("granite", "GraniteForCausalLM", dict(embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.3, logits_scaling=4.0)),
+    "starcoder2": ("starcoder2", "Starcoder2ForCausalLM", dict(use_bias=True, sliding_window=4)),
+    "gpt_bigcode": ("gpt_bigcode", "GPTBigCodeForCausalLM", dict(multi_query=True)),
+    "codegen": ("codegen", "CodeGenForCausalLM", dict(rotary_dim=8)),
+    "smollm3": ("smollm3", "SmolLM3ForCausalLM", dict(no_rope_layers=[1, 0])),
+    # Mixtures of experts: four experts, two per token, small experts.
+    "mixtral": ("mixtral", "MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=None)),
+    "olmoe": ("olmoe", "OlmoeForCausalLM", dict(num_experts=4, num_experts_per_tok=2, intermediate_size=32)),
+    "qwen2_moe": ("qwen2_moe", "Qwen2MoeForCausalLM", dict(
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48, norm_topk_prob=True)),
+    "qwen3_moe": ("qwen3_moe", "Qwen3MoeForCausalLM", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True)),
+    "gpt_oss": ("gpt_oss", "GptOssForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=32, sliding_window=4)),
+}
+
+
+
 _SPECIAL = ("<bos>", "<eos>", "<unk>")
 
 
@@ -80,6 +116,41 @@ def _config(family: str, d_model: int, n_layers: int, n_heads: int, d_mlp: int, 
     return config_cls(**kwargs), model_cls
 
 
+def _more_config(family: str, d_model: int, n_layers: int, n_heads: int, d_mlp: int, n_ctx: int, vocab: int, **overrides):
+    model_type, architecture, settings = MORE_FAMILIES[family] if family in MORE_FAMILIES else (*_model_type(family), {})
+    config = transformers.AutoConfig.for_model(model_type)
+    sizes = dict(
+        hidden_size=d_model, n_embd=d_model, num_hidden_layers=n_layers, n_layer=n_layers, num_layers=n_layers,
+        num_attention_heads=n_heads, n_head=n_heads, num_key_value_heads=max(1, n_heads // 2), head_dim=d_model // n_heads,
+        intermediate_size=d_mlp, ffn_dim=d_mlp, n_inner=d_mlp, max_position_embeddings=n_ctx, n_positions=n_ctx, n_ctx=n_ctx,
+        vocab_size=vocab, bos_token_id=0, eos_token_id=1, pad_token_id=1, tie_word_embeddings=False,
+        num_experts=4, num_local_experts=4, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+        shared_expert_intermediate_size=32, n_shared_experts=1,
+    )
+    for key, value in {**sizes, **settings, **overrides}.items():
+        if key in sizes and not (hasattr(config, key) or key in getattr(config, "attribute_map", {})):
+            continue  # a size this config does not have
+        try:
+            setattr(config, key, value)
+        except AttributeError:  # a size this config derives (Falcon's head_dim)
+            continue
+    if getattr(config, "layer_types", None) is not None and len(config.layer_types) != n_layers:
+        config.layer_types = [config.layer_types[i % len(config.layer_types)] for i in range(n_layers)]
+    config.architectures = [architecture]
+    return config, getattr(transformers, architecture)
+
+
+def _model_type(architecture: str) -> tuple[str, str]:
+    # The model type whose causal-LM class is this architecture (the one named like it, if several).
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    types = [t for t, cls in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items() if cls == architecture]
+    if not types:
+        raise ValueError(f"{architecture!r} is not a Hugging Face causal language model class.")
+    stem = architecture.lower().replace("forcausallm", "").replace("lmheadmodel", "")
+    return min(types, key=lambda t: (t.replace("_", "").replace("-", "") != stem, len(t))), architecture
+
+
 def toy_model(
     family: str = "llama",
     *,
@@ -95,7 +166,8 @@ def toy_model(
     """A TransformerBridge of one family with random weights.
 
     Args:
-        family: One of `FAMILIES`.
+        family: One of `FAMILIES` or `MORE_FAMILIES`, or any Hugging Face causal-LM architecture
+            name (``"FalconH1ForCausalLM"``: its config's defaults with the tiny sizes).
         d_model: Residual width.
         n_layers: Number of blocks.
         n_heads: Attention heads (key/value heads are half of them where the family has GQA).
@@ -112,17 +184,21 @@ def toy_model(
         from transformer_lens.model_bridge import TransformerBridge
     except ImportError as error:
         raise ValueError("This TransformerLens has no TransformerBridge (it came in 3.0); use hooked_toy_model.") from error
-    if family not in FAMILIES:
-        raise ValueError(f"Unknown toy family {family!r}; choose from {sorted(FAMILIES)}.")
+    if family not in FAMILIES and family not in MORE_FAMILIES and not family[:1].isupper():
+        raise ValueError(
+            f"Unknown toy family {family!r}; choose from {sorted(FAMILIES) + sorted(MORE_FAMILIES)}, "
+            "or give a Hugging Face causal-LM architecture name (its defaults, made tiny)."
+        )
     tokenizer = toy_tokenizer()
-    config, model_cls = _config(family, d_model, n_layers, n_heads, d_mlp, n_ctx, len(tokenizer), **overrides)
+    make = _config if family in FAMILIES else _more_config
+    config, model_cls = make(family, d_model, n_layers, n_heads, d_mlp, n_ctx, len(tokenizer), **overrides)
     torch.manual_seed(seed)
     hf_model = model_cls(config).to(dtype).eval()
     # Random init leaves norm gains at one and biases at zero; perturb both so that
     # neither the norms' weights nor the affine part are trivial.
     with torch.no_grad():
         for name, param in hf_model.named_parameters():
-            if "norm" in name or "ln" in name or name.endswith("bias"):
+            if "norm" in name or "ln" in name or name.endswith("bias") or name.endswith("_bias"):
                 param.add_(0.1 * torch.randn_like(param))
     bridge = TransformerBridge.boot_transformers(model_cls.__name__, hf_model=hf_model, tokenizer=tokenizer, dtype=dtype)
     return bridge.eval()

@@ -1,0 +1,83 @@
+"""Every architecture beyond the first six: exact against the independent oracle of `test_oracle`.
+
+Each family is a tiny random-weight Hugging Face model booted as a TransformerBridge
+(`tl_linmap.toy.MORE_FAMILIES`), with biases and norm weights perturbed where it has them. The
+oracle freezes what `test_oracle.ORACLE_FREEZES` says by hand for the architecture; tl_linmap's
+rules come from the model's structure. They must agree on the final output and on every
+layer's residual stream, attention output and MLP output.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import PROMPT
+from test_experts import MOE_FAMILIES
+from test_oracle import ORACLE_FREEZES, assert_matches_oracle
+
+import tl_linmap
+from tl_linmap.compat import get_act_name
+from tl_linmap.errors import UnsupportedArchitectureError
+from tl_linmap.rules import EXCEPTIONS, SUPPORTED
+from tl_linmap.toy import MORE_FAMILIES, toy_model
+
+# Mixtures of experts have their own oracle (router, shared experts, the experts' act_fn) in test_experts.
+MAPPED = sorted(f for f, (_, arch, _) in MORE_FAMILIES.items() if arch in SUPPORTED and f not in MOE_FAMILIES)
+REFUSED = sorted(f for f, (_, arch, _) in MORE_FAMILIES.items() if arch in EXCEPTIONS)
+
+
+def _targets(model) -> list[str]:
+    per_layer = [get_act_name(act, layer) for layer in range(model.cfg.n_layers) for act in ("resid_post", "attn_out", "mlp_out")]
+    return ["output", *per_layer]
+
+
+@pytest.fixture(scope="module", params=MAPPED)
+def family_model(request):
+    return request.param, toy_model(request.param)
+
+
+def test_every_toy_family_is_mapped_or_refused():
+    assert sorted(MAPPED + MOE_FAMILIES + REFUSED) == sorted(MORE_FAMILIES)
+
+
+def test_every_target_matches_the_oracle(family_model):
+    family, model = family_model
+    assert model.cfg.architecture in ORACLE_FREEZES, f"write the oracle's freeze for {family} by hand"
+    maps = tl_linmap.linear_maps(model, PROMPT, _targets(model))
+    for target in maps:
+        assert_matches_oracle(maps[target], model)
+
+
+def test_float32_is_close_to_the_float64_oracle(family_model):
+    family, _ = family_model
+    model = toy_model(family)  # its own: borrowing in float32 rounds the weights for good
+    lm = tl_linmap.linear_map(model, PROMPT, dtype=torch.float32)
+    assert_matches_oracle(lm, model, rtol=1e-4)
+
+
+def test_windows_and_columns_agree_with_rows(family_model):
+    """The columns route cuts the prompt to windows (or, where a factor cannot be cut, replays it
+    whole with the other inputs zero): both must give the rows route's operators."""
+    _, model = family_model
+    prompt = "The cat sat"  # short: a column costs a forward of every row (Falcon's bridge is slow per row)
+    rows = tl_linmap.linear_map(model, prompt, route="rows")
+    columns = tl_linmap.linear_map(model, prompt, route="columns")
+    assert ((rows.operators - columns.operators).norm() / rows.operators.norm()).item() < 1e-12
+
+
+@pytest.mark.parametrize("family", REFUSED)
+def test_refused_architectures_say_why(family):
+    model = toy_model(family)
+    with pytest.raises(UnsupportedArchitectureError, match=model.cfg.architecture):
+        tl_linmap.linear_map(model, PROMPT)
+
+
+def test_gemma2_logit_readouts_are_before_the_final_softcap():
+    """The final softcap acts after the unembedding: the readout gives ``z``, the model ``c·tanh(z/c)``."""
+    model = toy_model("gemma2")
+    cap = model.original_model.config.final_logit_softcapping
+    lm = tl_linmap.linear_map(model, PROMPT)
+    z = lm.readout.logits(lm.output, affine=True)
+    logits = model(model.to_tokens(PROMPT))[0, -1].detach()
+    assert ((cap * torch.tanh(z / cap) - logits).norm() / logits.norm()).item() < 1e-6  # the plain forward's norms run in float32
+    assert not torch.allclose(z, logits, rtol=1e-3)
