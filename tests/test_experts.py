@@ -25,11 +25,11 @@ from tl_linmap.compat import get_act_name
 from tl_linmap.errors import UnsupportedArchitectureError
 from tl_linmap.toy import toy_model
 
-MOE_FAMILIES = ["mixtral", "olmoe", "qwen2_moe", "qwen3_moe"]
+MOE_FAMILIES = ["minimax_m2", "mixtral", "olmoe", "qwen2_moe", "qwen3_moe"]
 
 #: The oracle's own table: norms with a hook_scale in every block, and the block's other gates.
 _QK = ("attn.q_norm", "attn.k_norm")
-ORACLE_NORMS = {"mixtral": (), "olmoe": _QK, "qwen2_moe": (), "qwen3_moe": _QK}
+ORACLE_NORMS = {"minimax_m2": _QK, "mixtral": (), "olmoe": _QK, "qwen2_moe": (), "qwen3_moe": _QK}
 ORACLE_GATES = {"qwen2_moe": ("mlp.shared_expert.hook_pre", "mlp.shared_expert_gate.hook_out")}
 
 DTYPES = [pytest.param(torch.float64, 1e-12, id="float64"), pytest.param(torch.float32, 1e-4, id="float32")]

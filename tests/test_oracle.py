@@ -80,6 +80,19 @@ ORACLE_FREEZES = {
     "Starcoder2ForCausalLM": Freeze(_PRE_NORMS, gated=False),
     "GPTBigCodeForCausalLM": Freeze(_PRE_NORMS, gated=False),
     "SmolLM3ForCausalLM": Freeze(_PRE_NORMS, gated=True),
+    "ApertusForCausalLM": Freeze(_PRE_NORMS + _QK_NORMS, gated=False),
+    "ArceeForCausalLM": Freeze(_PRE_NORMS, gated=False),
+    "Cohere2ForCausalLM": Freeze(("ln1",), gated=True),  # parallel attention and MLP, one norm
+    "Ernie4_5ForCausalLM": Freeze(_PRE_NORMS, gated=True),
+    "Exaone4ForCausalLM": Freeze(_SANDWICH_NORMS + _QK_NORMS, gated=True),  # post-norms only
+    "GlmForCausalLM": Freeze(_PRE_NORMS, gated=True),
+    "Glm4ForCausalLM": Freeze(_PRE_NORMS + _SANDWICH_NORMS, gated=True),
+    "HunYuanDenseV1ForCausalLM": Freeze(_PRE_NORMS + _QK_NORMS, gated=True),
+    "Jais2ForCausalLM": Freeze(_PRE_NORMS, gated=False),
+    "MptForCausalLM": Freeze(_PRE_NORMS, gated=False),
+    "NemotronForCausalLM": Freeze(_PRE_NORMS, gated=False),
+    "SeedOssForCausalLM": Freeze(_PRE_NORMS, gated=True),
+    "VaultGemmaForCausalLM": Freeze(_PRE_NORMS, gated=True),
 }
 
 TARGETS = ["output", "blocks.0.hook_resid_post", "blocks.1.hook_attn_out", "blocks.0.hook_mlp_out"]

@@ -127,6 +127,12 @@ def router_rules(model, layers: list[int]) -> list:
                 raise UnsupportedArchitectureError(
                     f"{arch}: {prefix}.{key} ({type(child).__name__}) is a part of a mixture of experts no rule covers."
                 )
+        for key, child in _unwrap(mlp).named_children():  # Hugging Face parts the bridge left unwrapped
+            if not hasattr(child, "original_component") and not _is_experts(child) and any(True for _ in child.parameters()):
+                raise UnsupportedArchitectureError(
+                    f"{arch}: {prefix}'s Hugging Face {key} ({type(child).__name__}) is a part of a mixture of experts "
+                    "the bridge exposes no hook point in, so no rule covers it."
+                )
         if len(layer_routers) != 1:
             raise UnsupportedArchitectureError(f"{arch}: {prefix} has {len(layer_routers)} routers with expert weights; tl_linmap freezes exactly one.")
         found = experts_modules(mlp)

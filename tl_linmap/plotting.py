@@ -627,6 +627,7 @@ def plot_sequence_attribution(attribution, *, skip_first: bool = False, ax: Axes
     ax.set_ylabel("target position t" + (" → generated token" if predicted else ""))
     fig.colorbar(image, ax=ax, label=label, fraction=0.05, pad=0.02)
     ax.set_title(f"{attribution.target}" + ("\n(first token left out)" if skip_first else ""), fontsize="medium")
+    return fig
 
 
 def _corpus(analysis) -> None:

@@ -200,9 +200,12 @@ SUPPORTED: set[str] = {
     "MistralForCausalLM", "Ministral3ForCausalLM", "GemmaForCausalLM", "Gemma2ForCausalLM", "Olmo2ForCausalLM",
     "Olmo3ForCausalLM", "PhiForCausalLM", "Phi3ForCausalLM", "StableLmForCausalLM", "GPTJForCausalLM", "GPTNeoForCausalLM",
     "OPTForCausalLM", "BloomForCausalLM", "FalconForCausalLM", "CohereForCausalLM", "GraniteForCausalLM",
-    "Starcoder2ForCausalLM", "GPTBigCodeForCausalLM", "SmolLM3ForCausalLM",
+    "Starcoder2ForCausalLM", "GPTBigCodeForCausalLM", "SmolLM3ForCausalLM", "ApertusForCausalLM", "ArceeForCausalLM",
+    "Cohere2ForCausalLM", "Ernie4_5ForCausalLM", "Exaone4ForCausalLM", "GlmForCausalLM", "Glm4ForCausalLM",
+    "HunYuanDenseV1ForCausalLM", "Jais2ForCausalLM", "MptForCausalLM", "NemotronForCausalLM", "SeedOssForCausalLM",
+    "VaultGemmaForCausalLM",
     # Mixtures of experts (`tl_linmap.experts`, `tests/test_experts.py`).
-    "MixtralForCausalLM", "OlmoeForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM",
+    "MixtralForCausalLM", "OlmoeForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "MiniMaxM2ForCausalLM",
 }
 
 #: The real exceptions of the structure-derived rules, by architecture: what the model's hook
@@ -212,6 +215,11 @@ EXCEPTIONS: dict[str, str] = {
         "OLMo's LayerNorm has no weight, and TransformerLens 4.3's NormalizationBridge fails once a hook "
         "returns a new hook_scale there ('NormalizationBridge' object has no attribute 'weight'), so its "
         "scale cannot be frozen (OLMo 2 and 3 are supported)"
+    ),
+    "NanoChatForCausalLM": (
+        "NanoChat's RMSNorm has no weight, and TransformerLens 4.3's RMSNormalizationBridge fails once a hook "
+        "returns a new hook_scale there ('RMSNormalizationBridge' object has no attribute 'weight'), so its "
+        "scale cannot be frozen"
     ),
     "CodeGenForCausalLM": (
         "TransformerLens 4.3's CodeGen attention bridge fails its own forward with this transformers "

@@ -51,12 +51,28 @@ MORE_FAMILIES: dict[str, tuple[str, str, dict]] = {
     "gpt_bigcode": ("gpt_bigcode", "GPTBigCodeForCausalLM", dict(multi_query=True)),
     "codegen": ("codegen", "CodeGenForCausalLM", dict(rotary_dim=8)),
     "smollm3": ("smollm3", "SmolLM3ForCausalLM", dict(no_rope_layers=[1, 0])),
+    "apertus": ("apertus", "ApertusForCausalLM", {}),  # xIELU activation, q/k norms
+    "arcee": ("arcee", "ArceeForCausalLM", {}),  # relu² activation
+    "cohere2": ("cohere2", "Cohere2ForCausalLM", dict(sliding_window=4)),
+    "ernie4_5": ("ernie4_5", "Ernie4_5ForCausalLM", {}),
+    "exaone4": ("exaone4", "Exaone4ForCausalLM", dict(sliding_window=4)),
+    "glm": ("glm", "GlmForCausalLM", {}),
+    "glm4": ("glm4", "Glm4ForCausalLM", {}),
+    "hunyuan": ("hunyuan_v1_dense", "HunYuanDenseV1ForCausalLM", {}),
+    "jais2": ("jais2", "Jais2ForCausalLM", {}),
+    "mpt": ("mpt", "MptForCausalLM", {}),  # ALiBi
+    "nemotron": ("nemotron", "NemotronForCausalLM", {}),
+    "seed_oss": ("seed_oss", "SeedOssForCausalLM", {}),
+    "vaultgemma": ("vaultgemma", "VaultGemmaForCausalLM", {}),
     # Mixtures of experts: four experts, two per token, small experts.
     "mixtral": ("mixtral", "MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=None)),
     "olmoe": ("olmoe", "OlmoeForCausalLM", dict(num_experts=4, num_experts_per_tok=2, intermediate_size=32)),
     "qwen2_moe": ("qwen2_moe", "Qwen2MoeForCausalLM", dict(
         num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48, norm_topk_prob=True)),
     "qwen3_moe": ("qwen3_moe", "Qwen3MoeForCausalLM", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True)),
+    "minimax_m2": ("minimax_m2", "MiniMaxM2ForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=32)),
+    # Structurally refused: LFM2 with its input-gated convolution layers beside attention.
+    "lfm2": ("lfm2", "Lfm2ForCausalLM", dict(layer_types=["conv", "full_attention"])),
     "gpt_oss": ("gpt_oss", "GptOssForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=32, sliding_window=4)),
 }
 
@@ -135,7 +151,8 @@ def _more_config(family: str, d_model: int, n_layers: int, n_heads: int, d_mlp: 
         except AttributeError:  # a size this config derives (Falcon's head_dim)
             continue
     if getattr(config, "layer_types", None) is not None and len(config.layer_types) != n_layers:
-        config.layer_types = [config.layer_types[i % len(config.layer_types)] for i in range(n_layers)]
+        kinds = list(dict.fromkeys(config.layer_types))  # every kind of layer the model has, in order
+        config.layer_types = [kinds[i % len(kinds)] for i in range(n_layers)]
     config.architectures = [architecture]
     return config, getattr(transformers, architecture)
 
