@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from fnmatch import fnmatch
 from pathlib import Path
@@ -46,14 +47,17 @@ def test_callers_cannot_change_the_shared_data():
     datasets.phrases().append("extra")
     assert len(datasets.phrases()) == 100
     if (DATA / "pairs.json").exists():
-        datasets.prompt_pairs()[0]["clean"] = "changed"
-        assert datasets.prompt_pairs()[0]["clean"] != "changed"
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            datasets.prompt_pairs()[0].clean = "changed"
 
 
 def test_prompt_pairs_or_a_clear_error():
     if (DATA / "pairs.json").exists():
+        records = json.loads((DATA / "pairs.json").read_text(encoding="utf-8"))["pairs"]
         pairs = datasets.prompt_pairs()
-        assert pairs and all({"clean", "corrupted"} <= set(p) for p in pairs)
+        assert [dataclasses.asdict(p) for p in pairs] == records
+        assert all(p.metric == (r["answer"], r["wrong"]) for p, r in zip(pairs, records))
+        assert tl_linmap.prompt_pairs() == tl_linmap.patching.prompt_pairs() == pairs  # one loader
     else:
         with pytest.raises(FileNotFoundError, match=r"ships no data file 'pairs.json' \(tl_linmap/data has \['phrases.json'"):
             datasets.prompt_pairs()

@@ -16,17 +16,19 @@ from tl_linmap.compat import get_act_name
 A, B = 5, 7  # two vocabulary ids of the toy tokenizer
 
 
-def _own_logits(model, tokens):
+def own_logits(model, tokens):
     # The model's own logits in float64, norms on the frozen path (the oracle's hooks change no value).
     with warnings.catch_warnings(), model.hooks(fwd_hooks=oracle_hooks(model)), torch.no_grad():
         warnings.filterwarnings("ignore", message=_NORM_EDIT_WARNING)
         return model(tokens)[0]
 
 
-def _logit_covector(model):
-    w = model.W_U.detach()[:, A] - model.W_U.detach()[:, B]
+def _logit_covector(model, coefficients=None):
+    # Σ_k a_k (W_U[:, k], b_U[k]), written out here (default: the difference A - B).
+    coefficients = coefficients or {A: 1.0, B: -1.0}
+    w = sum(a * model.W_U.detach()[:, k] for k, a in coefficients.items())
     b_u = getattr(model, "b_U", None)
-    return w, 0.0 if b_u is None else float(b_u[A] - b_u[B])
+    return w, 0.0 if b_u is None else float(sum(a * b_u[k] for k, a in coefficients.items()))
 
 
 @pytest.mark.parametrize("route", ["rows", "columns"])
@@ -48,7 +50,7 @@ def test_readout_maps_match_the_oracle(model, route):
         scale = float(covector.norm() * oracle.output.norm())
         assert abs(float(lm.bias[0]) - float(covector @ oracle.bias + constant)) < 1e-12 * scale
         assert lm.relative_error() < 1e-12
-    logits = _own_logits(model, tokens)[position]
+    logits = own_logits(model, tokens)[position]
     assert float(maps[diff].output[0]) == pytest.approx(float(logits[A] - logits[B]), abs=1e-12 * float(logits.abs().max()))
 
 
@@ -64,7 +66,7 @@ def test_token_attribution_of_a_logit_difference_sums_to_the_models(model):
     """Tokens x layers x modules x heads: every split adds up to the model's own logit difference."""
     maps = tl_linmap.layer_maps(model, PROMPT, modules=True)
     tokens = maps["blocks.0.hook_resid_pre"].tokens[None]
-    logits = _own_logits(model, tokens)[-1]
+    logits = own_logits(model, tokens)[-1]
     att = tl_linmap.token_attribution(model, maps, tl_linmap.LogitDiff(A, B))
     scale = float(logits.abs().max())
     assert att.logit == pytest.approx(float(logits[A] - logits[B]), abs=1e-12 * scale)
@@ -85,3 +87,19 @@ def test_logit_contributions_take_a_readout(model):
     assert torch.allclose(split.per_token, one.per_token - other.per_token, rtol=0, atol=1e-12 * float(one.per_token.abs().max()))
     assert split.logit == pytest.approx(one.logit - other.logit, abs=1e-12 * abs(one.logit))
     assert split.total() == pytest.approx(split.logit, abs=1e-12 * abs(one.logit))
+
+
+def test_a_combination_of_logits_matches_the_oracle(model):
+    """Any ``{token: coefficient}`` combination at the output: ``w J``, ``w·b + c`` and the value from independent computations."""
+    coefficients = {A: 2.0, B: -0.5, 3: 1.0}
+    combination = tl_linmap.functionals.LogitCombination(coefficients)
+    tokens = model.to_tokens(PROMPT)
+    lm = tl_linmap.linear_map(model, PROMPT, target=combination)
+    oracle = target_oracle(model, tokens, "ln_final.hook_out", tokens.shape[1] - 1)
+    w, c = _logit_covector(model, coefficients)
+    expected = torch.einsum("d,pde->pe", w, oracle.operators)
+    assert float((lm.operators[:, 0] - expected).norm() / expected.norm()) < 1e-12
+    assert abs(float(lm.bias[0]) - float(w @ oracle.bias + c)) < 1e-12 * float(w.norm() * oracle.output.norm())
+    logits = own_logits(model, tokens)[-1]
+    own = sum(a * float(logits[k]) for k, a in coefficients.items())
+    assert float(lm.output[0]) == pytest.approx(own, abs=1e-12 * float(logits.abs().max()))

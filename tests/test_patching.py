@@ -28,7 +28,8 @@ from torch import Tensor
 
 import tl_linmap
 from tl_linmap.compat import get_act_name
-from tl_linmap.patching import LAYOUTS, attribution_patching, correlation, prompt_pairs
+from tl_linmap.datasets import prompt_pairs
+from tl_linmap.patching import LAYOUTS, attribution_patching, correlation
 from tl_linmap.toy import toy_model
 
 FAMILIES = ["llama", "gpt2", "gemma3"]
@@ -246,6 +247,19 @@ def test_a_dict_metric_is_its_linear_combination(toys):
     assert str(pair.metric) == "logit('a') - logit('b')" and (a, b) == pair.metric.tokens
 
 
+def test_the_readouts_of_functionals_are_the_metrics(toys):
+    # One definition of a logit metric: the short forms are LogitDiff and LogitCombination.
+    model = toys["llama"]
+    short = attribution_patching(model, CLEAN, CORRUPTED, (ANSWER, WRONG), layouts=["resid_pre"])
+    readout = attribution_patching(model, CLEAN, CORRUPTED, tl_linmap.LogitDiff(ANSWER, WRONG), layouts=["resid_pre"])
+    combination = attribution_patching(model, CLEAN, CORRUPTED, {ANSWER: 1.0, WRONG: -1.0}, layouts=["resid_pre"])
+    assert isinstance(short.metric.readout, tl_linmap.LogitDiff)
+    assert torch.equal(short["resid_pre"], readout["resid_pre"]) and torch.equal(short["resid_pre"], combination["resid_pre"])
+    one = attribution_patching(model, CLEAN, CORRUPTED, tl_linmap.Logit(ANSWER), layouts=["resid_pre"])
+    other = attribution_patching(model, CLEAN, CORRUPTED, tl_linmap.Logit(WRONG), layouts=["resid_pre"])
+    assert _gap(one["resid_pre"] - other["resid_pre"], short["resid_pre"]) < 1e-12
+
+
 def test_layouts_have_transformer_lens_shapes(toys):
     import transformer_lens.patching as tl_patching
 
@@ -344,7 +358,7 @@ def true_patching(model, pair, layouts) -> tuple[dict[str, Tensor], float]:
 
     Args:
         model: The model.
-        pair: A `tl_linmap.patching.PromptPair`.
+        pair: A `tl_linmap.datasets.PromptPair`.
         layouts: Layout names.
 
     Returns:

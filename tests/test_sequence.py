@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import warnings
-
 import matplotlib
 import pytest
 import torch
 from conftest import PROMPT
-from test_oracle import _NORM_EDIT_WARNING, _embeddings, _frozen_run, oracle_hooks
+from test_functionals import own_logits
+from test_oracle import _embeddings, _frozen_run
 
 import tl_linmap
 
@@ -23,12 +22,6 @@ def _every_contribution(model, tokens, target, source="hook_embed"):
     with torch.enable_grad():
         jac = torch.autograd.functional.jacobian(f, x, vectorize=True)  # (t, d_out, i, d_in)
     return torch.einsum("toid,id->tio", jac, x), f(x).detach()
-
-
-def _own_logits(model, tokens):
-    with warnings.catch_warnings(), model.hooks(fwd_hooks=oracle_hooks(model)), torch.no_grad():
-        warnings.filterwarnings("ignore", message=_NORM_EDIT_WARNING)
-        return model(tokens)[0]
 
 
 @pytest.mark.parametrize("family", ["gpt2", "gemma3", "llama"])
@@ -55,7 +48,7 @@ def test_a_logit_difference_at_every_position(toy_models, family):
     w = model.W_U.detach()[:, A] - model.W_U.detach()[:, B]
     expected = contributions @ w
     assert float((att.values - expected).norm() / expected.norm()) < 1e-12
-    logits = _own_logits(model, tokens)
+    logits = own_logits(model, tokens)
     scale = float(logits.abs().max())
     assert torch.allclose(att.output, logits[:, A] - logits[:, B], rtol=0, atol=1e-12 * scale)
     assert torch.allclose(att.total(), att.output, rtol=0, atol=1e-12 * scale)
@@ -78,7 +71,7 @@ def test_generated_tokens_are_split_exactly(toy_models, family):
     prompt = model.to_tokens(PROMPT)[0]
     n = len(prompt)
     assert torch.equal(att.tokens[:n], prompt) and att.positions == list(range(n - 1, n + 3))
-    logits = _own_logits(model, att.tokens[None])
+    logits = own_logits(model, att.tokens[None])
     generated = [*att.tokens[n:].tolist(), None]
     for r, position in enumerate(att.positions):
         token = int(logits[position].argmax())

@@ -12,6 +12,7 @@ from an installed wheel as well as from a checkout:
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 
@@ -90,14 +91,40 @@ def phrase_kind(text: str) -> str:
     raise InputError(f"{text!r} is not one of the bundled phrases (tl_linmap.datasets.phrases()).")
 
 
-def prompt_pairs() -> list[dict]:
-    """The bundled clean/corrupted prompt pairs for activation patching, as plain records.
+@dataclass(frozen=True)
+class PromptPair:
+    """A clean/corrupted prompt pair of equal length (on SmolLM2) with its answer tokens.
+
+    Attributes:
+        name: Short identifier.
+        kind: The task ("factual recall", "indirect object identification").
+        clean: The clean prompt.
+        corrupted: The corrupted prompt.
+        answer: The clean prompt's answer (one token).
+        wrong: The corrupted prompt's answer (one token).
+    """
+
+    name: str
+    kind: str
+    clean: str
+    corrupted: str
+    answer: str
+    wrong: str
+
+    @property
+    def metric(self) -> tuple[str, str]:
+        """``(answer, wrong)``, the ``metric=`` of `tl_linmap.patching.attribution_patching` (a ``LogitDiff``)."""
+        return (self.answer, self.wrong)
+
+
+def prompt_pairs() -> list[PromptPair]:
+    """The bundled clean/corrupted prompt pairs for activation patching (``pairs.json``).
 
     Returns:
-        One dict per pair (``name``, ``kind``, ``clean``, ``corrupted``, ``answer``, ``wrong``),
-        in file order.
+        The pairs, in file order; each has equal token lengths on SmolLM2-135M-Instruct and
+        one-token answers.
 
     Raises:
         FileNotFoundError: if this installation ships no ``pairs.json``.
     """
-    return [dict(p) for p in read_data(PAIRS)["pairs"]]
+    return [PromptPair(**p) for p in read_data(PAIRS)["pairs"]]

@@ -10,11 +10,15 @@ reverse row instead of ``d_out``, and its map is a `tl_linmap.results.LinearMap`
 
 The types are small and frozen: a readout names what it reads (`LinearReadout.hook`) and, given
 how that hook's vectors are read as tokens, gives its covector and constant (`LinearReadout.weights`).
+The logit readouts (`LogitReadout`: `Logit`, `LogitDiff`, `LogitCombination`) are also the
+metrics of `tl_linmap.patching`, which evaluates the same terms on a model's logits.
 """
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -74,8 +78,52 @@ def _logit_weights(readout: Readout, ids: list[int], coefficients: list[float]) 
     return readout.final_norm.matrix.T @ u, c + readout.final_norm.offset @ u
 
 
+class LogitReadout(LinearReadout):
+    """A linear combination ``Σ_k a_k · logit(t_k)`` of vocabulary logits (`Logit`, `LogitDiff`, `LogitCombination`).
+
+    The one definition of a logit metric: as a target it is read through the frozen final
+    norm and ``W_U`` (`weights`), and `tl_linmap.patching` evaluates the same terms on a
+    model's logits.
+    """
+
+    hook: str
+
+    @abstractmethod
+    def terms(self) -> tuple[tuple[int | str, float], ...]:
+        """The ``(token, coefficient)`` pairs, tokens as given (ids or single-token strings)."""
+
+    def resolve(self, model) -> tuple[list[int], list[float]]:
+        """The vocabulary ids and coefficients of the terms.
+
+        Args:
+            model: A TransformerBridge or HookedTransformer (for its tokenizer).
+
+        Returns:
+            ``(ids, coefficients)``, one per term.
+
+        Raises:
+            InputError: for a string that is not one token or an id outside the vocabulary.
+        """
+        terms = self.terms()
+        return [token_id(model, token) for token, _ in terms], [coefficient for _, coefficient in terms]
+
+    def check(self, model) -> None:
+        ids, coefficients = self.resolve(model)
+        totals: dict[int, float] = {}
+        for i, coefficient in zip(ids, coefficients):
+            totals[i] = totals.get(i, 0.0) + coefficient
+        if not any(totals.values()):
+            if len(totals) < len(ids):
+                raise InputError(f"{self.name}: the same token, so always zero. Give two different tokens.")
+            raise InputError(f"{self.name}: every coefficient is zero, so always zero. Give a nonzero one.")
+        _check_hook(self.hook)
+
+    def weights(self, readout: Readout, d_out: int) -> tuple[Tensor, Tensor]:
+        return _logit_weights(readout, *self.resolve(readout.model))
+
+
 @dataclass(frozen=True, eq=False)
-class Logit(LinearReadout):
+class Logit(LogitReadout):
     """One vocabulary token's logit, read from ``hook`` through the frozen final norm and ``W_U``.
 
     Attributes:
@@ -90,16 +138,12 @@ class Logit(LinearReadout):
     def name(self) -> str:
         return f"logit({self.token!r})" if self.hook == "output" else f"logit({self.token!r} @ {self.hook})"
 
-    def check(self, model) -> None:
-        token_id(model, self.token)
-        _check_hook(self.hook)
-
-    def weights(self, readout: Readout, d_out: int) -> tuple[Tensor, Tensor]:
-        return _logit_weights(readout, [token_id(readout.model, self.token)], [1.0])
+    def terms(self) -> tuple[tuple[int | str, float], ...]:
+        return ((self.token, 1.0),)
 
 
 @dataclass(frozen=True, eq=False)
-class LogitDiff(LinearReadout):
+class LogitDiff(LogitReadout):
     """The logit of ``correct`` minus that of ``incorrect`` (the usual circuit metric).
 
     Attributes:
@@ -117,14 +161,42 @@ class LogitDiff(LinearReadout):
         where = "" if self.hook == "output" else f" @ {self.hook}"
         return f"logit_diff({self.correct!r} - {self.incorrect!r}{where})"
 
-    def check(self, model) -> None:
-        if token_id(model, self.correct) == token_id(model, self.incorrect):
-            raise InputError(f"LogitDiff of {self.correct!r} and {self.incorrect!r}: the same token, so always zero. Give two different tokens.")
-        _check_hook(self.hook)
+    def terms(self) -> tuple[tuple[int | str, float], ...]:
+        return ((self.correct, 1.0), (self.incorrect, -1.0))
 
-    def weights(self, readout: Readout, d_out: int) -> tuple[Tensor, Tensor]:
-        ids = [token_id(readout.model, self.correct), token_id(readout.model, self.incorrect)]
-        return _logit_weights(readout, ids, [1.0, -1.0])
+
+@dataclass(frozen=True, eq=False)
+class LogitCombination(LogitReadout):
+    """Any linear combination of logits, ``{token: coefficient}`` (e.g. ``{" Paris": 2, " Rome": -1, " the": -1}``).
+
+    Attributes:
+        coefficients: Tokens (ids or single-token strings) to finite coefficients.
+        hook: ``"output"`` (the model's logits) or a residual hook (its logit lens).
+    """
+
+    coefficients: Mapping[int | str, float]
+    hook: str = "output"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.coefficients, Mapping):
+            raise InputError(f"LogitCombination takes a dict {{token: coefficient}}, got {self.coefficients!r}.")
+        object.__setattr__(self, "coefficients", dict(self.coefficients))  # a copy: the readout stays as built
+
+    @property
+    def name(self) -> str:
+        terms = " ".join(f"{c:+g}·{t!r}" for t, c in self.coefficients.items())
+        return f"logits({terms}{'' if self.hook == 'output' else f' @ {self.hook}'})"
+
+    def terms(self) -> tuple[tuple[int | str, float], ...]:
+        return tuple(self.coefficients.items())
+
+    def check(self, model) -> None:
+        if not self.coefficients:
+            raise InputError("LogitCombination is empty: give at least one {token: coefficient}.")
+        for token, coefficient in self.coefficients.items():
+            if isinstance(coefficient, bool) or not isinstance(coefficient, (int, float)) or not math.isfinite(coefficient):
+                raise InputError(f"The coefficient of {token!r} must be a finite number, got {coefficient!r}.")
+        super().check(model)
 
 
 @dataclass(frozen=True, eq=False)

@@ -31,23 +31,22 @@ after them: ``"resid_pre"`` is ``get_act_patch_resid_pre``'s ``(n_layers, pos)``
 from __future__ import annotations
 
 import difflib
-import json
-import math
 import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from importlib import resources
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
 from tl_linmap.compat import check_model, get_act_name
+from tl_linmap.datasets import PromptPair, prompt_pairs  # noqa: F401  (the pairs' loader, also reachable from here)
 from tl_linmap.errors import InputError
+from tl_linmap.functionals import LinearReadout, LogitCombination, LogitDiff, LogitReadout
 from tl_linmap.guard import borrowed
 from tl_linmap.hooks import applied, freeze_hooks, same_path_hooks
 from tl_linmap.inputs import Prompt, check_dtype, check_names, check_position, to_tokens
-from tl_linmap.readout import decode_tokens, token_id
+from tl_linmap.readout import decode_tokens
 from tl_linmap.system import check_factors
 from tl_linmap.table import Table
 
@@ -132,36 +131,24 @@ def check_mode(mode: str) -> str:
 
 @dataclass(frozen=True)
 class LogitMetric:
-    """A linear metric of the logits at one position: ``Σ_t c_t · logits[position, t]``.
+    """A logit readout (`tl_linmap.functionals.LogitReadout`) bound to a model's vocabulary and one position.
 
-    A callable, so it can be given to ``transformer_lens.patching`` as ``patching_metric``.
+    ``Σ_t c_t · logits[position, t]``: the readout's terms, resolved to ids. A callable, so it
+    can be given to ``transformer_lens.patching`` as ``patching_metric``.
 
     Attributes:
-        tokens: Vocabulary ids.
-        coefficients: One per token.
+        readout: The readout (``LogitDiff(answer, wrong)`` for an ``(answer, wrong)`` pair).
+        tokens: Vocabulary ids, one per term.
+        coefficients: One per term.
         labels: The tokens as strings.
         position: Position of the logits read (Python-style).
     """
 
+    readout: LogitReadout
     tokens: tuple[int, ...]
     coefficients: tuple[float, ...]
     labels: tuple[str, ...]
     position: int = -1
-
-    def vector(self, d_vocab: int, like: Tensor) -> Float[Tensor, " d_vocab"]:
-        """The metric as a coefficient vector over the vocabulary.
-
-        Args:
-            d_vocab: Vocabulary size.
-            like: A tensor whose dtype and device the vector takes.
-
-        Returns:
-            ``c`` with ``metric = c · logits[position]``.
-        """
-        c = torch.zeros(d_vocab, dtype=like.dtype, device=like.device)
-        for t, coefficient in zip(self.tokens, self.coefficients):
-            c[t] += coefficient
-        return c
 
     def __call__(self, logits: Float[Tensor, "batch pos d_vocab"]) -> Float[Tensor, ""]:
         """The metric of the first sequence's logits (as ``transformer_lens.patching`` calls it).
@@ -181,44 +168,45 @@ class LogitMetric:
 
 
 def logit_metric(model, metric, position: int = -1) -> LogitMetric:
-    """A `LogitMetric` from tokens: ``(answer, wrong)`` or ``{token: coefficient}``.
+    """A `LogitMetric` from a logit readout or its short forms.
 
     Args:
         model: A TransformerBridge or HookedTransformer (for its tokenizer and vocabulary).
-        metric: ``(answer, wrong)``, two tokens (ids or one-token strings such as ``" Paris"``):
-            the logit difference ``logit(answer) − logit(wrong)``; or a dict of tokens to
-            coefficients for any linear combination of logits; or a `LogitMetric`.
+        metric: A `tl_linmap.functionals.LogitReadout` read at the output (``LogitDiff(" Paris",
+            " Rome")``, ``Logit(" Paris")``, ``LogitCombination({...})``); or ``(answer, wrong)``,
+            two tokens (ids or one-token strings), short for ``LogitDiff(answer, wrong)``; or a
+            dict ``{token: coefficient}``, short for ``LogitCombination``; or a `LogitMetric`.
         position: Position of the logits (Python-style; checked against the prompt later).
 
     Returns:
         The metric.
 
     Raises:
-        InputError: for any other shape, a string that is not one token, an id outside the
-            vocabulary, a pair of the same token, or a coefficient that is not a finite number.
+        InputError: for any other shape, a readout of something other than the output's
+            logits, a string that is not one token, an id outside the vocabulary, a pair of
+            the same token, or a coefficient that is not a finite number.
     """
     if isinstance(metric, LogitMetric):
         return metric
     if isinstance(metric, Mapping):
-        items = list(metric.items())
+        metric = LogitCombination(metric)
     elif isinstance(metric, (tuple, list)) and len(metric) == 2:
-        items = [(metric[0], 1.0), (metric[1], -1.0)]
-    else:
+        metric = LogitDiff(*metric)
+    elif isinstance(metric, LinearReadout) and not isinstance(metric, LogitReadout):
+        raise InputError(
+            f"attribution_patching's metric is read from the logits; {metric.name} reads {metric.hook!r}. "
+            "Give a Logit, LogitDiff or LogitCombination."
+        )
+    elif not isinstance(metric, LogitReadout):
         raise InputError(
             "metric must be (answer, wrong), two tokens such as (' Paris', ' Rome') for their logit difference, "
-            f"or a dict {{token: coefficient}}; got {metric!r}."
+            f"a dict {{token: coefficient}}, or a LogitDiff / Logit / LogitCombination; got {metric!r}."
         )
-    if not items:
-        raise InputError("metric is an empty dict: give at least one {token: coefficient}.")
-    ids = [token_id(model, token) for token, _ in items]
-    coefficients = []
-    for token, coefficient in items:
-        if isinstance(coefficient, bool) or not isinstance(coefficient, (int, float)) or not math.isfinite(coefficient):
-            raise InputError(f"The coefficient of {token!r} must be a finite number, got {coefficient!r}.")
-        coefficients.append(float(coefficient))
-    if len(ids) == 2 and ids[0] == ids[1] and coefficients[0] == -coefficients[1]:
-        raise InputError(f"The answer and the wrong token are the same token ({ids[0]}): their logit difference is always 0.")
-    return LogitMetric(tuple(ids), tuple(coefficients), tuple(decode_tokens(model, ids)), operator.index(position))
+    if metric.hook != "output":
+        raise InputError(f"attribution_patching's metric is read from the model's logits: give {metric.name} with hook='output'.")
+    metric.check(model)
+    ids, coefficients = metric.resolve(model)
+    return LogitMetric(metric, tuple(ids), tuple(float(c) for c in coefficients), tuple(decode_tokens(model, ids)), operator.index(position))
 
 
 @dataclass
@@ -455,9 +443,9 @@ def attribution_patching(
         model: A TransformerBridge or HookedTransformer of a supported architecture.
         clean: The clean prompt (text or token ids).
         corrupted: The corrupted prompt, with as many tokens.
-        metric: ``(answer, wrong)`` tokens for the logit difference ``logit(answer) − logit(wrong)``
-            at the last position, or ``{token: coefficient}`` for any linear combination of
-            logits, or a `LogitMetric` (see `logit_metric`).
+        metric: A logit readout (`tl_linmap.functionals`: ``LogitDiff(answer, wrong)``,
+            ``Logit``, ``LogitCombination``), or its short forms ``(answer, wrong)`` and
+            ``{token: coefficient}``, or a `LogitMetric` (see `logit_metric`).
         layouts: Layouts to compute (`LAYOUTS`; default all): all come from the same passes.
         mode: ``"detached"`` or ``"gradient"``.
         position: Position of the logits the metric reads (``-1``: the last token; a
@@ -507,39 +495,3 @@ def attribution_patching(
         clean_tokens=decode_tokens(model, clean_tokens[0]),
         corrupted_tokens=decode_tokens(model, corrupted_tokens[0]),
     )
-
-
-@dataclass(frozen=True)
-class PromptPair:
-    """A clean/corrupted prompt pair of equal length (on SmolLM2) with its answer tokens.
-
-    Attributes:
-        name: Short identifier.
-        kind: The task ("factual recall", "indirect object identification").
-        clean: The clean prompt.
-        corrupted: The corrupted prompt.
-        answer: The clean prompt's answer (one token).
-        wrong: The corrupted prompt's answer (one token).
-    """
-
-    name: str
-    kind: str
-    clean: str
-    corrupted: str
-    answer: str
-    wrong: str
-
-    @property
-    def metric(self) -> tuple[str, str]:
-        """``(answer, wrong)``, the ``metric=`` of `attribution_patching`."""
-        return (self.answer, self.wrong)
-
-
-def prompt_pairs() -> list[PromptPair]:
-    """The bundled prompt pairs (``tl_linmap/data/pairs.json``).
-
-    Returns:
-        The pairs, in file order; each has equal token lengths on SmolLM2-135M-Instruct.
-    """
-    data = json.loads((resources.files("tl_linmap") / "data" / "pairs.json").read_text(encoding="utf-8"))
-    return [PromptPair(**pair) for pair in data["pairs"]]
