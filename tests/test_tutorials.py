@@ -21,6 +21,7 @@ FIGURES = {
     "03_attention_mlp_heads.py": ["03_attention_vs_mlp.png", "03_heatmap_attn_out.png", "03_heatmap_mlp_out.png"],
     "04_steering.py": ["04_steering_shift.png"],
     "05_patching.py": ["05_resid_pre.png", "05_heads.png", "05_predicted_vs_true.png"],
+    "06_readouts_and_sequences.py": ["06_logit_diff_split.png", "06_sequence_heatmap.png", "06_generation_heatmap.png", "06_pushed_forward.png"],
 }
 OVERRIDE = "TL_LINMAP_FIGURES"  # the one variable that sends a tutorial's figures elsewhere
 

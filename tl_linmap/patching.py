@@ -42,7 +42,12 @@ from torch import Tensor
 from tl_linmap.compat import check_model, get_act_name
 from tl_linmap.datasets import PromptPair, prompt_pairs  # noqa: F401  (the pairs' loader, also reachable from here)
 from tl_linmap.errors import InputError
-from tl_linmap.functionals import LinearReadout, LogitCombination, LogitDiff, LogitReadout
+from tl_linmap.functionals import (
+    LinearReadout,
+    LogitCombination,
+    LogitDiff,
+    LogitReadout,
+)
 from tl_linmap.guard import borrowed
 from tl_linmap.hooks import applied, freeze_hooks, same_path_hooks
 from tl_linmap.inputs import Prompt, check_dtype, check_names, check_position, to_tokens
