@@ -11,7 +11,7 @@ from tl_linmap.errors import (
     UnsupportedArchitectureError,
 )
 from tl_linmap.exactness import tolerance
-from tl_linmap.functionals import Direction, LinearReadout, Logit, LogitDiff
+from tl_linmap.functionals import Direction, LinearReadout, Logit, LogitCombination, LogitDiff
 from tl_linmap.hooks import freeze_hooks, frozen, replay_hooks, same_path_hooks
 from tl_linmap.implicit import (
     MatrixFree,
@@ -91,6 +91,7 @@ __all__ = [
     "LinearReadout",
     "LinmapError",
     "Logit",
+    "LogitCombination",
     "LogitDiff",
     "LogitSplit",
     "MatrixFree",
