@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from jaxtyping import Int
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from tl_linmap.errors import FreezeError, InputError
@@ -110,3 +110,21 @@ def at_position(act: Tensor, position: int, n_tokens: int) -> Tensor:
             "'blocks.0.hook_resid_post' or 'blocks.0.attn.hook_z' (not an attention pattern)."
         )
     return act[:, position].flatten(1)
+
+
+def every_position(act: Tensor, n_tokens: int) -> Float[Tensor, "batch pos d"]:
+    """An activation's vectors at every position, flattened: ``(batch, pos, d)``.
+
+    Args:
+        act: An activation with batch and position axes first.
+        n_tokens: Expected length of the position axis.
+
+    Returns:
+        The flattened vectors.
+
+    Raises:
+        InputError: if the activation has no position axis of that length.
+    """
+    if act.ndim < 3 or act.shape[1] != n_tokens:
+        at_position(act, 0, n_tokens)  # raises, naming what has a position axis
+    return act.flatten(2)

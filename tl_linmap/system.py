@@ -40,7 +40,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from tl_linmap.capture import at_position, capture
+from tl_linmap.capture import at_position, capture, every_position
 from tl_linmap.errors import FreezeError, InputError
 from tl_linmap.guard import borrowed, hook_count
 from tl_linmap.hooks import (
@@ -456,24 +456,6 @@ class FrozenSystem:
             position=self.position,
             source=self.source,
         )
-
-
-def every_position(act: Tensor, n_tokens: int) -> Float[Tensor, "batch pos d"]:
-    """An activation's vectors at every position, flattened: ``(batch, pos, d)``.
-
-    Args:
-        act: An activation with batch and position axes first.
-        n_tokens: Expected length of the position axis.
-
-    Returns:
-        The flattened vectors.
-
-    Raises:
-        InputError: if the activation has no position axis of that length.
-    """
-    if act.ndim < 3 or act.shape[1] != n_tokens:
-        at_position(act, 0, n_tokens)  # raises, naming what has a position axis
-    return act.flatten(2)
 
 
 def _check_order(source: str, names: Sequence[str], fired: Sequence[str]) -> None:
