@@ -40,6 +40,11 @@ def _maps(model, modules: bool = False):
 
 
 @functools.cache
+def _corpus(model):
+    return tl_linmap.corpus_analysis(model, [SHORT], layers=[1], progress=False)
+
+
+@functools.cache
 def _one_token_map(model):
     return tl_linmap.linear_map(model, [0])
 
@@ -269,6 +274,17 @@ BAD_CALLS = [
         r"mode must be 'detached' .* or 'gradient'"),
     bad("patching-position-out-of-range", lambda m: tl_linmap.attribution_patching(m, SHORT, "The dog sat", ("a", "b"), position=12),
         r"Position 12 is out of range .*" + OUT_OF_RANGE),
+    bad("corpus_analysis-model-is-a-name", lambda m: tl_linmap.corpus_analysis("smollm2", [SHORT]), MODEL.format("str")),
+    bad("corpus_analysis-one-string", lambda m: tl_linmap.corpus_analysis(m, SHORT), r"got one string: pass \['The cat sat'\]"),
+    bad("corpus_analysis-no-prompts", lambda m: tl_linmap.corpus_analysis(m, iter([]), progress=False), r"No prompts: give at least one prompt"),
+    bad("corpus_analysis-one-token-prompt", lambda m: tl_linmap.corpus_analysis(m, [[5]], progress=False), r"has one token: .*give prompts of two or more tokens"),
+    bad("corpus_analysis-layers-out-of-range", lambda m: tl_linmap.corpus_analysis(m, [SHORT], layers=[7]), r"layers must be block indices in \[0, 2\)"),
+    bad("corpus_analysis-k-zero", lambda m: tl_linmap.corpus_analysis(m, [SHORT], k=0), r"k must be"),
+    bad("corpus_analysis-token-of-two", lambda m: tl_linmap.corpus_analysis(m, [SHORT], token="ab"), r"'ab' is 2 tokens"),
+    bad("corpus-profile-bands-zero", lambda m: _corpus(m).attribution_profile(bands=0), r"bands must be"),
+    bad("corpus-ranks-unknown-role", lambda m: _corpus(m).ranks("blocks.1.hook_resid_post", "sink"), r"role must be one of \('first'"),
+    bad("plot_corpus_dimensionality-of-maps", lambda m: _plot("plot_corpus_dimensionality", _maps(m)), r"Corpus plots take a CorpusAnalysis .* got LinearMaps"),
+    bad("phrases-unknown-kind", lambda m: tl_linmap.datasets.phrases("poems"), r"No phrases of kind 'poems'; the kinds are"),
 ]
 
 

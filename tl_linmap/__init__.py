@@ -1,5 +1,7 @@
 """tl_linmap: a TransformerLens model's inference on one input as an exact linear system."""
 
+from tl_linmap import datasets
+from tl_linmap.corpus import CorpusAnalysis, corpus_analysis
 from tl_linmap.decomposition import layer_maps, nonlinearity_gap, token_attribution
 from tl_linmap.errors import (
     FreezeError,
@@ -78,6 +80,7 @@ __all__ = [
     "SUPPORTED",
     "Attribution",
     "Contributions",
+    "CorpusAnalysis",
     "DecodedPair",
     "Direction",
     "FreezeError",
@@ -107,6 +110,8 @@ __all__ = [
     "attribution_patching",
     "compare_methods",
     "concept_vector",
+    "corpus_analysis",
+    "datasets",
     "effective_rank",
     "energy_rank",
     "freeze_hooks",

@@ -626,4 +626,122 @@ def plot_sequence_attribution(attribution, *, skip_first: bool = False, ax: Axes
     ax.set_ylabel("target position t" + (" → generated token" if predicted else ""))
     fig.colorbar(image, ax=ax, label=label, fraction=0.05, pad=0.02)
     ax.set_title(f"{attribution.target}" + ("\n(first token left out)" if skip_first else ""), fontsize="medium")
+
+
+def _corpus(analysis) -> None:
+    from tl_linmap.corpus import CorpusAnalysis
+
+    if not isinstance(analysis, CorpusAnalysis):
+        raise InputError(f"Corpus plots take a CorpusAnalysis (tl_linmap.corpus.corpus_analysis), got {type(analysis).__name__}.")
+
+
+def plot_corpus_dimensionality(
+    analysis,
+    measure: Literal["rank90", "rank99", "stable"] = "rank90",
+    *,
+    ax: Axes | None = None,
+) -> Figure:
+    """Median and interquartile band of one rank measure across prompts, per layer and token role.
+
+    Args:
+        analysis: A `tl_linmap.corpus.CorpusAnalysis`.
+        measure: ``"rank90"`` / ``"rank99"`` (90% / 99% energy rank) or ``"stable"`` (stable rank).
+        ax: Axes to draw into (default: a new figure).
+
+    Returns:
+        The Figure: one line (median) and one shaded band (first to third quartile) per
+        token role, layers along ``x``.
+
+    Raises:
+        InputError: for something other than a `CorpusAnalysis`, or an unknown measure.
+    """
+    _pyplot()  # fail before any work when matplotlib is missing
+    _corpus(analysis)
+    if measure not in ("rank90", "rank99", "stable"):
+        raise InputError(f"measure must be 'rank90', 'rank99' or 'stable', got {measure!r}.")
+    rows = analysis.dimensionality()
+    fig, ax = _figure(ax, (7, 4.5))
+    names = list(analysis.targets)
+    for role, color in zip(("first", "middle", "last", "stacked"), ("tab:grey", "tab:blue", "tab:orange", "tab:green")):
+        mine = {row.target: row for row in rows if row.role == role}
+        if not mine:
+            continue
+        x = [names.index(t) for t in mine]
+        q = [[getattr(row, f"{measure}_{s}") for s in ("q1", "median", "q3")] for row in mine.values()]
+        ax.plot(x, [v[1] for v in q], marker="o", color=color, label=f"{role} (n={next(iter(mine.values())).operators})")
+        ax.fill_between(x, [v[0] for v in q], [v[2] for v in q], color=color, alpha=0.2)
+    ax.set_xticks(range(len(names)), [_short_name(n) for n in names], rotation=45 if len(names) > 8 else 0)
+    labels = {"rank90": "90% energy rank", "rank99": "99% energy rank", "stable": "stable rank Σσ²/σ_max²"}
+    ax.set_ylabel(labels[measure])
+    ax.set_yscale("log")  # a sink's rank 1 and a last token's hundreds on one axis
+    from matplotlib.ticker import ScalarFormatter
+
+    ax.yaxis.set_major_formatter(ScalarFormatter())
+    ax.set_title(f"{labels[measure]} across {len(analysis.summaries)} prompts: median, quartile band", fontsize="medium")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize="small", title="operator")
+    return fig
+
+
+def plot_corpus_concepts(analysis, *, top: int = 5, ax: Axes | None = None) -> Figure:
+    """The tokens each layer's stacked operator writes most often across prompts, as a layer x rank grid.
+
+    Args:
+        analysis: A `tl_linmap.corpus.CorpusAnalysis`.
+        top: Tokens per layer (columns).
+        ax: Axes to draw into (default: a new figure).
+
+    Returns:
+        The Figure: ``ax.images[0]`` holds the ``(n_layers, top)`` shares of prompts, each
+        cell names its token.
+
+    Raises:
+        InputError: for something other than a `CorpusAnalysis`.
+    """
+    _pyplot()  # fail before any work when matplotlib is missing
+    _corpus(analysis)
+    rows = analysis.concepts(top)
+    shares = torch.full((len(rows), top), float("nan"))
+    for r, row in enumerate(rows):
+        shares[r, : len(row.tokens)] = torch.tensor([share for _, share in row.tokens])
+    fig, ax = _figure(ax, (2.0 + 1.3 * top, 1.2 + 0.35 * len(rows)))
+    image = ax.imshow(shares.numpy(), aspect="auto", cmap="YlOrBr", vmin=0, vmax=1, interpolation="nearest")
+    for r, row in enumerate(rows):
+        for c, (token, share) in enumerate(row.tokens):
+            color = _text_color(image.cmap(image.norm(share)))
+            ax.text(c, r, f"{_clip(token_label(token))}\n{share:.0%}", ha="center", va="center", fontsize=7, color=color)
+    ax.set_xticks(range(top), [f"#{c + 1}" for c in range(top)])
+    ax.xaxis.tick_top()
+    ax.set_yticks(range(len(rows)), [_short_name(row.target) for row in rows])
+    fig.colorbar(image, ax=ax, label="share of prompts", fraction=0.05, pad=0.02)
+    ax.set_title(f"Tokens written by the top {analysis.k} left singular vectors (stacked, first token out)", fontsize="medium")
+    return fig
+
+
+def plot_corpus_attribution(analysis, *, bands: int = 3, ax: Axes | None = None) -> Figure:
+    """The averaged attribution profile: each segment's mean share of a prompt's logit split.
+
+    Args:
+        analysis: A `tl_linmap.corpus.CorpusAnalysis`.
+        bands: Bands of relative position the middle tokens are split into.
+        ax: Axes to draw into (default: a new figure).
+
+    Returns:
+        The Figure: ``ax.containers[0]`` holds one bar per segment (mean summed share per prompt).
+
+    Raises:
+        InputError: for something other than a `CorpusAnalysis`.
+    """
+    _pyplot()  # fail before any work when matplotlib is missing
+    _corpus(analysis)
+    rows = analysis.attribution_profile(bands)
+    fig, ax = _figure(ax, (max(5.0, 1.5 + 1.1 * len(rows)), 4))
+    values = [row.total_share for row in rows]
+    bars = ax.bar(range(len(rows)), values, color=["tab:blue" if v >= 0 else "tab:red" for v in values])
+    ax.bar_label(bars, fmt="%.2f", fontsize="x-small", padding=2)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.margins(y=0.1)
+    ax.set_xticks(range(len(rows)), [row.segment for row in rows], rotation=30)
+    ax.set_ylabel("share of Σ|logit terms| (mean over prompts)")
+    ax.set_title(f"Where the predicted token's logit comes from ({len(analysis.summaries)} prompts)", fontsize="medium")
     return fig
