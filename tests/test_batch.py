@@ -145,3 +145,14 @@ def test_the_model_comes_back_bit_for_bit():
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) and before[k].dtype == after[k].dtype for k in before)
     assert model.training
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_from_a_middle_layer(family):
+    model = _model(family)
+    source = "blocks.1.hook_resid_pre"
+    batched = tl_linmap.token_contributions(model, PROMPTS[:3], source=source)
+    maps = tl_linmap.linear_map(model, PROMPTS[:3], source=source, route="columns")
+    for prompt, c, lm in zip(PROMPTS[:3], batched, maps):
+        assert _close(c.values, tl_linmap.token_contributions(model, prompt, source=source).values) < 1e-12
+        assert _close(lm.operators, tl_linmap.linear_map(model, prompt, source=source, route="columns").operators) < 1e-12
