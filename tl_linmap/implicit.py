@@ -153,13 +153,15 @@ def batched_contributions(
         parts: list[list[Tensor]] = [[] for _ in systems]
         biases: list[Tensor | None] = [None] * len(systems)
         for start in range(0, top + 1, step):
-            members = [b for b, last in enumerate(lasts) if last >= start]
-            stop = max(lasts[b] for b in members) + 1
-            pushed = range(start, min(start + step, stop))
-            per_row = item * (stop - start) * x.shape[-1] + activation_bytes(model, stop - start, item)
-            fits = fit_rows(per_row, 0, (len(pushed) + 1) * len(members), None, x.device, "tokens_per_pass")
-            size = max(1, fits // (len(pushed) + 1))
-            for group in [members[i : i + size] for i in range(0, len(members), size)]:
+
+            def fits(window: int) -> int:  # prompts per pass: rows of (up to) `step` tokens and b, within the budget
+                per_row = item * window * x.shape[-1] + activation_bytes(model, window, item)
+                rows = min(step, window) + 1
+                return fit_rows(per_row, 0, rows * len(systems), None, x.device, "tokens_per_pass") // rows
+
+            for group in batch.groups(start, fits):
+                stop = lasts[group[0]] + 1
+                pushed = range(start, min(start + step, stop))
                 xs = batch.x(group, stop)[:, start:]
                 keep = torch.tensor([[t <= lasts[b] for b in group] for t in pushed], device=x.device)
                 rows = xs.new_zeros(len(pushed), len(group), *xs.shape[1:])

@@ -401,15 +401,16 @@ def _batch_columns(batch: SystemBatch, wanted: list[str], rows_per_pass: int | N
     operators = [{name: x.new_zeros(s.x.shape[1], w, d_in) for name, w in zip(s.names, widths)} for s in systems]
     item = x.element_size()
     for token in range(max(lasts) + 1):
-        members = [b for b, last in enumerate(lasts) if last >= token]
-        stop = max(lasts[b] for b in members) + 1
-        window = stop - token
-        per_row = item * (window * d_in + sum(widths)) + activation_bytes(model, window, item)
-        requested = None if rows_per_pass is None else rows_per_pass * len(members)
-        fits = fit_rows(per_row, 0, d_in * len(members), requested, x.device, "rows_per_pass")
-        for group in [members[i : i + max(1, fits)] for i in range(0, len(members), max(1, fits))]:
+
+        def fits(window: int) -> int:  # rows of one pass within the budget
+            per_row = item * (window * d_in + sum(widths)) + activation_bytes(model, window, item)
+            requested = None if rows_per_pass is None else rows_per_pass * len(systems)
+            return fit_rows(per_row, 0, d_in * len(systems), requested, x.device, "rows_per_pass")
+
+        for group in batch.groups(token, fits):
+            window = lasts[group[0]] + 1 - token
             g, scale = len(group), scales[group]
-            chunk = max(1, min(d_in, fits // g))
+            chunk = max(1, min(d_in, fits(window) // g))
             for start in range(0, d_in, chunk):
                 dims = torch.arange(start, min(start + chunk, d_in), device=x.device)
                 embeddings = x.new_zeros(len(dims) * g, window, d_in)

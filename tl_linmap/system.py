@@ -613,6 +613,32 @@ class SystemBatch:
         """
         return torch.tensor([self.systems[b].position for b in members], device=self.tokens.device)
 
+    def groups(self, start: int, fits, *, share: float = 0.9) -> list[list[int]]:
+        """Prompts whose target is at ``start`` or later, in groups of similar window length.
+
+        Every row of a replay runs over the longest window of its group, so a group holds
+        prompts whose windows (``start`` to their target) are at least ``share`` of its longest
+        (less two positions): short prompts do not pay for the long ones' positions.
+
+        Args:
+            start: First position of the window.
+            fits: ``fits(window)``: how many prompts fit in one pass for that window length.
+            share: Shortest window of a group, as a share of its longest.
+
+        Returns:
+            Lists of prompt indices, longest windows first.
+        """
+        lasts = {b: s.position for b, s in enumerate(self.systems) if s.position >= start}
+        groups: list[list[int]] = []
+        for b in sorted(lasts, key=lambda b: -lasts[b]):
+            longest = lasts[groups[-1][0]] + 1 - start if groups else 0
+            # Two positions of slack: for short windows a pass's fixed cost outweighs a few wasted positions.
+            if groups and lasts[b] + 3 - start >= share * longest and len(groups[-1]) < max(1, fits(longest)):
+                groups[-1].append(b)
+            else:
+                groups.append([b])
+        return groups
+
     def replay(self, members: Sequence[int], embeddings: Float[Tensor, "rows pos d_in"], start: int = 0) -> Vectors:
         """The replayed systems of ``members`` on a window from ``start``, one forward of all rows.
 
