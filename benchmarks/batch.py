@@ -3,8 +3,8 @@
 Three tables (the longest bundled phrases, `tl_linmap.datasets.phrases`: 11-20 tokens on SmolLM2):
 
 1. ``token_contributions`` of 32 prompts: one batched call vs 32 one-prompt calls, float32 and float64;
-2. ``layer_maps`` of 8 prompts (float64): one batched call vs 8 one-prompt calls;
-3. how the ratio grows with the number of prompts (1, 2, 4, 8, 16, 32), ``token_contributions``, float32.
+2. how the ratio grows with the number of prompts (1, 2, 4, 8, 16, 32), ``token_contributions``, float32;
+3. ``layer_maps`` of 8 prompts (float64): one batched call vs 8 one-prompt calls.
 
 Each row: seconds, peak extra resident memory (sampled, as in ``suite.py``), the ratio loop / batched,
 and the largest difference between the batched and the one-prompt results.
@@ -73,9 +73,6 @@ def main():
     for dtype in (torch.float32, torch.float64):
         compare(f"token_contributions, {str(dtype)[6:]}", lambda p, d=dtype: tl_linmap.token_contributions(model, p, dtype=d),
                 prompts, values)
-    if not args.skip_maps:
-        compare("layer_maps, float64", lambda p: tl_linmap.layer_maps(model, p),
-                prompts[: args.maps_prompts], lambda maps: maps[f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"].operators)
     if not args.skip_growth:
         print("\nHow the ratio grows with the number of prompts (token_contributions, float32):\n")
         print(HEADER)
@@ -83,6 +80,10 @@ def main():
             if n <= len(prompts):
                 compare("token_contributions, float32", lambda p: tl_linmap.token_contributions(model, p, dtype=torch.float32),
                         prompts[:n], values)
+    if not args.skip_maps:
+        print("\n" + HEADER)
+        compare("layer_maps, float64", lambda p: tl_linmap.layer_maps(model, p),
+                prompts[: args.maps_prompts], lambda maps: maps[f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"].operators)
     print(f"\nload at the end {os.getloadavg()[0]:.1f}")
 
 

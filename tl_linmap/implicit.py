@@ -105,6 +105,11 @@ def token_contributions(
     return result
 
 
+#: Windows `batched_contributions` cuts a batch's prompts into (a token of window ``w`` needs
+#: only the positions from the window's start: about a third fewer position-rows than one window).
+WINDOWS_PER_BATCH = 4
+
+
 def batched_contributions(
     model,
     prompts: Sequence[Tensor],
@@ -150,6 +155,10 @@ def batched_contributions(
         name, lasts, x = systems[0].names[0], [s.position for s in systems], systems[0].x
         item, top = x.element_size(), max(lasts)
         step = plan_tokens(model, max(s.x.shape[1] for s in systems), top, x.dtype, tokens_per_pass, x.device)
+        if tokens_per_pass is None:
+            # A pass of many prompts is wide enough to pay its fixed cost: shorter windows (up to
+            # `WINDOWS_PER_BATCH`) skip more of the positions before each pushed token.
+            step = min(step, -(-(top + 1) // WINDOWS_PER_BATCH))
         parts: list[list[Tensor]] = [[] for _ in systems]
         biases: list[Tensor | None] = [None] * len(systems)
         for start in range(0, top + 1, step):
