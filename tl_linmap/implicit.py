@@ -144,7 +144,7 @@ def batched_contributions(
     Returns:
         One `tl_linmap.results.Contributions` per prompt.
     """
-    if not batchable(model):
+    if not batchable(model) or len(prompts) == 1:  # nothing to share for one prompt
         return [
             token_contributions(model, tokens, target=target, position=position, dtype=dtype,
                                 tokens_per_pass=tokens_per_pass, check=check, source=source)

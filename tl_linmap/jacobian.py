@@ -449,8 +449,8 @@ def batched_linear_maps(
     one zero-input replay for every ``b``; then, by ``route``, each backward row runs for every
     prompt at once (``"rows"``), or each token's basis embeddings of every prompt go through one
     forward of the window from that token (``"columns"``; ``"auto"`` decides on the longest
-    prompt). A model whose factors cannot be cut to a prompt (`tl_linmap.system.batchable`) is
-    mapped prompt by prompt.
+    prompt). A model whose factors cannot be cut to a prompt (`tl_linmap.system.batchable`), or a
+    single prompt, is mapped prompt by prompt.
 
     Args:
         model: A TransformerBridge or HookedTransformer of a supported architecture.
@@ -468,7 +468,7 @@ def batched_linear_maps(
     Returns:
         One `tl_linmap.results.LinearMaps` per prompt.
     """
-    if not batchable(model):
+    if not batchable(model) or len(prompts) == 1:  # nothing to share for one prompt
         options = dict(position=position, dtype=dtype, rows_per_pass=rows_per_pass, check=check, progress=progress,
                        norms=norms, route=route, source=source)
         return [linear_maps(model, tokens, targets, **options) for tokens in prompts]
