@@ -6,7 +6,7 @@ from conftest import PROMPT
 
 import tl_linmap
 from tl_linmap.errors import InputError
-from tl_linmap.inputs import target_depth
+from tl_linmap.inputs import prompt_batch, target_depth, to_tokens
 
 
 @pytest.fixture
@@ -42,10 +42,13 @@ def test_position_out_of_range(llama, position):
 
 
 def test_several_prompts(llama):
+    # to_tokens is of one prompt; the entry points take several through prompt_batch (tests/test_batch.py).
     with pytest.raises(InputError, match="Got 2 prompts"):
-        tl_linmap.linear_map(llama, ["one", "two"])
+        to_tokens(llama, ["one", "two"])
     with pytest.raises(InputError, match=r"shape \(pos,\) or \(1, pos\); got \(2, 5\)"):
-        tl_linmap.linear_map(llama, torch.ones(2, 5, dtype=torch.long))
+        to_tokens(llama, torch.ones(2, 5, dtype=torch.long))
+    rows = prompt_batch(llama, torch.tensor([[9, 7, 5], [3, 3, 8]]), attention_mask=torch.tensor([[1, 1, 1], [0, 0, 1]]))
+    assert [r.tolist() for r in rows] == [[[9, 7, 5]], [[8]]]
 
 
 def test_float_tokens(llama):

@@ -23,6 +23,7 @@ The logit split is the last layer's map read through the frozen final norm
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -280,12 +281,22 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
+#: Prompts mapped together by `corpus_analysis` (one batched call, `tl_linmap.jacobian.batched_linear_maps`).
+PROMPTS_PER_CALL = 8
+_END = object()
+
+
 def _maps_for(
     model, prompts: Iterable[Prompt], targets: list[str], dtype: torch.dtype | None, rows_per_pass: int | None,
 ) -> Iterator[LinearMaps]:
-    # The one place that computes maps, prompt by prompt: a batched call can replace this loop.
-    for prompt in prompts:
-        yield linear_maps(model, prompt, targets, dtype=dtype, rows_per_pass=rows_per_pass)
+    # A few prompts at a time through the batched call (their passes shared), so memory stays bounded.
+    group: list[Prompt] = []
+    for prompt in itertools.chain(prompts, [_END]):
+        if prompt is not _END:
+            group.append(prompt)
+        if group and (prompt is _END or len(group) == PROMPTS_PER_CALL):
+            yield from linear_maps(model, group, targets, dtype=dtype, rows_per_pass=rows_per_pass)
+            group = []
 
 
 def summarise(maps: LinearMaps, targets: Sequence[str], final: str, token: int | None, *, k: int, top: int) -> PromptSummary:

@@ -50,7 +50,8 @@ def layer_maps(
     route: str = "auto",
     chunk_size: int | None = None,
     source: str | None = None,
-) -> LinearMaps:
+    attention_mask: Tensor | None = None,
+) -> LinearMaps | list[LinearMaps]:
     """Exact linear maps of the residual stream (and optionally every module) per layer.
 
     Args:
@@ -70,9 +71,12 @@ def layer_maps(
         source: The hook point the maps start from (see `tl_linmap.jacobian.linear_maps`);
             None: the token embeddings. With ``layers=None`` only the targets from the
             source on are mapped (the source itself, if a target, maps to the identity).
+        attention_mask: With a padded token batch: 1 for real tokens, 0 for padding
+            (see `tl_linmap.jacobian.linear_maps`).
 
     Returns:
-        `tl_linmap.results.LinearMaps` keyed by hook name (``blocks.L.hook_resid_post``, ...).
+        `tl_linmap.results.LinearMaps` keyed by hook name (``blocks.L.hook_resid_post``, ...);
+        for a list of prompts (or a token batch), one per prompt, their passes shared.
 
     Raises:
         InputError: for a bad model, prompt, ``layers`` or any argument of `tl_linmap.jacobian.linear_maps`.
@@ -86,7 +90,7 @@ def layer_maps(
         targets = [name for name in targets if _block_order(name) >= _block_order(source)]
     return linear_maps(
         model, prompt_or_tokens, targets, position=position, dtype=dtype, rows_per_pass=rows_per_pass,
-        check=check, progress=progress, route=route, source=source,
+        check=check, progress=progress, route=route, source=source, attention_mask=attention_mask,
     )
 
 
@@ -141,7 +145,7 @@ def _final_readout(model, token, final: str) -> tuple[str, Tensor | None, Tensor
     return label or model.tokenizer.decode(ids), u, u, unembed_bias
 
 
-def token_attribution(model, maps: LinearMaps, token: int | str | LinearReadout) -> Attribution:
+def token_attribution(model, maps: LinearMaps | Sequence[LinearMaps], token: int | str | LinearReadout) -> Attribution | list[Attribution]:
     """Split one output token's logit (or a logit difference) exactly into per-token, per-module, per-head parts.
 
     The logit is ``W_U[:, t] · ln_final(resid) + b_U[t]`` with ``ln_final`` frozen at its
@@ -151,18 +155,26 @@ def token_attribution(model, maps: LinearMaps, token: int | str | LinearReadout)
 
     Args:
         model: The model the maps came from.
-        maps: From ``layer_maps(model, prompt, modules=True)`` over all layers.
+        maps: From ``layer_maps(model, prompt, modules=True)`` over all layers; or the list
+            ``layer_maps`` returns for several prompts.
         token: Output token id or string (a single token), or a linear readout
             (`tl_linmap.functionals`): ``LogitDiff(" Paris", " London")``, ``Logit``, or a
             ``Direction`` on the last layer's ``hook_resid_post``.
 
     Returns:
-        An `Attribution` (its ``token`` is the readout's name for a readout).
+        An `Attribution` (its ``token`` is the readout's name for a readout); for a list of
+        maps, one per prompt (a token id is shared; the sum is already per prompt, so there
+        is nothing to batch).
 
     Raises:
-        InputError: for a bad model or token, or maps that are not every layer's module maps.
+        InputError: for a bad model or token, maps that are not every layer's module maps,
+            or an empty list.
     """
     check_model(model)
+    if isinstance(maps, (list, tuple)):
+        if not maps:
+            raise InputError("maps is an empty list: pass layer_maps(model, prompts, modules=True) of at least one prompt.")
+        return [token_attribution(model, m, token) for m in maps]
     if not isinstance(maps, LinearMaps):
         raise InputError(
             f"maps must be the LinearMaps of layer_maps(model, prompt, modules=True), got {type(maps).__name__}."

@@ -227,6 +227,35 @@ def slice_factors(model, factors: Factors, start: int, stop: int) -> Factors:
     return sliced
 
 
+def pad_factors(model, factors: Factors, length: int) -> Factors:
+    """Factors of a shorter prompt extended to ``length`` positions, for a batch padded on the right.
+
+    The pad positions come after every real one, so under causal attention their values only
+    need to be finite: a pattern (two position axes) is padded with zeros, so no real query
+    reads a pad key; every other factor with ones.
+
+    Args:
+        model: The model the factors were recorded on.
+        factors: Recorded by `freeze_hooks` on one prompt (batch 1).
+        length: Positions wanted (at least the prompt's).
+
+    Returns:
+        The padded factors.
+    """
+    padded = {}
+    for rule in rules_for(model):
+        for name in factor_names_of(rule):
+            factor = factors[name]
+            axes = _position_axes(rule, factor)
+            fill = 0.0 if len(axes) > 1 else 1.0
+            for axis in axes:
+                extra = list(factor.shape)
+                extra[axis] = length - factor.shape[axis]
+                factor = torch.cat([factor, factor.new_full(extra, fill)], dim=axis)
+            padded[name] = factor
+    return padded
+
+
 def windowable(model) -> bool:
     """Whether every factor of the model can be cut to a window of the prompt (`slice_factors`).
 
@@ -248,7 +277,7 @@ def _position_axes(rule, factor: Tensor) -> tuple[int, ...]:
     return rule.position_axes
 
 
-def trim_hooks(layer: int, position: int) -> HookList:
+def trim_hooks(layer: int, position: int | Tensor) -> HookList:
     """Hooks that compute block ``layer`` after its attention at one position only.
 
     The attention output (at ``hook_z``, before the output projection) and the MLP branch's
@@ -261,26 +290,41 @@ def trim_hooks(layer: int, position: int) -> HookList:
 
     Args:
         layer: Block index.
-        position: Non-negative position kept.
+        position: Non-negative position kept, or one per batch row (a batch of prompts).
 
     Returns:
         ``(hook_name, fn)`` pairs for ``model.hooks(fwd_hooks=...)``.
     """
 
     def cut(act: Tensor, hook=None) -> Tensor:
-        return act[:, position : position + 1]
+        return at_rows(act, position)
 
     return [(get_act_name("z", layer), cut), (f"blocks.{layer}.ln2.hook_in", cut)]
 
 
-def trim_factors(model, factors: Factors, layer: int, position: int) -> Factors:
+def at_rows(act: Tensor, position: int | Tensor) -> Tensor:
+    """Axis 1 of a tensor cut to one position, kept as an axis of length 1.
+
+    Args:
+        act: A tensor with batch and position axes first.
+        position: One position for every row, or one per row (a tensor of ``len(act)`` ints).
+
+    Returns:
+        ``act[:, position:position + 1]``, or each row's own position.
+    """
+    if isinstance(position, Tensor):
+        return act[torch.arange(len(act), device=act.device), position][:, None]
+    return act[:, position : position + 1]
+
+
+def trim_factors(model, factors: Factors, layer: int, position: int | Tensor) -> Factors:
     """The factors with block ``layer``'s `after_attention` ones cut to ``position`` (see `trim_hooks`).
 
     Args:
         model: The model the factors were recorded on.
         factors: Recorded by `freeze_hooks`.
         layer: Block index.
-        position: Non-negative position kept.
+        position: Non-negative position kept, or one per prompt of batched factors.
 
     Returns:
         A new dict; the other factors are shared.
@@ -290,7 +334,7 @@ def trim_factors(model, factors: Factors, layer: int, position: int) -> Factors:
         if rule.after_attention:
             for name in factor_names_of(rule):
                 if layer_of(name) == layer:
-                    trimmed[name] = factors[name].narrow(1, position, 1)
+                    trimmed[name] = at_rows(factors[name], position)
     return trimmed
 
 

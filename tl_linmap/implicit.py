@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -20,14 +20,14 @@ from jaxtyping import Float
 from torch import Tensor
 
 from tl_linmap._deprecated import renamed_argument
-from tl_linmap.budget import plan_tokens
+from tl_linmap.budget import activation_bytes, fit_rows, plan_tokens
 from tl_linmap.errors import InputError
 from tl_linmap.exactness import check_exact, relative
-from tl_linmap.inputs import Prompt, check_positive, resolve_target
+from tl_linmap.inputs import Prompt, check_positive, is_batch, prompt_batch, resolve_target
 from tl_linmap.readout import Readout, decode_tokens
 from tl_linmap.results import Contributions
 from tl_linmap.spectral import OperatorSVD, input_index, signed
-from tl_linmap.system import FrozenSystem, frozen_system
+from tl_linmap.system import FrozenSystem, batchable, frozen_batch, frozen_system
 
 
 def _one_token_each(x: Float[Tensor, "pos d"], tokens: range) -> Tensor:
@@ -48,7 +48,8 @@ def token_contributions(
     check: bool = True,
     chunk_size: int | None = None,
     source: str | None = None,
-) -> Contributions:
+    attention_mask: Tensor | None = None,
+) -> Contributions | list[Contributions]:
     """Per-token contributions ``J_i x_i`` by batched forward passes of the frozen system.
 
     The same numbers as ``linear_map(...).contributions()`` (to float64 rounding), at the
@@ -71,13 +72,21 @@ def token_contributions(
         source: The hook point the contributions start from (``J_i s_i`` with ``s_i`` its
             activation at position ``i``; see `tl_linmap.jacobian.linear_maps`); None: the
             token embeddings.
+        attention_mask: With a padded token batch ``(batch, pos)``: 1 for real tokens, 0 for
+            padding, on either side (`tl_linmap.inputs.prompt_batch`).
 
     Returns:
-        A `tl_linmap.results.Contributions`.
+        A `tl_linmap.results.Contributions`; for a list of prompts (or a token batch), one per
+        prompt, each equal to the one-prompt call's, their passes shared (`batched_contributions`).
     """
     tokens_per_pass = renamed_argument("chunk_size", chunk_size, "tokens_per_pass", tokens_per_pass)
     if tokens_per_pass is not None:
         tokens_per_pass = check_positive("tokens_per_pass", tokens_per_pass)
+    if is_batch(prompt_or_tokens, attention_mask):
+        return batched_contributions(
+            model, prompt_batch(model, prompt_or_tokens, attention_mask), target=target, position=position, dtype=dtype,
+            tokens_per_pass=tokens_per_pass, check=check, source=source,
+        )
     with frozen_system(model, prompt_or_tokens, [target], position=position, dtype=dtype, source=source) as system:
         name, x, last = system.names[0], system.x[0].detach(), system.position
         step = plan_tokens(model, x.shape[0], last, x.dtype, tokens_per_pass, x.device)
@@ -94,6 +103,94 @@ def token_contributions(
     if check:
         result.check()
     return result
+
+
+#: Windows `batched_contributions` cuts a batch's prompts into (a token of window ``w`` needs
+#: only the positions from the window's start: about a third fewer position-rows than one window).
+WINDOWS_PER_BATCH = 4
+
+
+def batched_contributions(
+    model,
+    prompts: Sequence[Tensor],
+    *,
+    target: str = "output",
+    position: int = -1,
+    dtype: torch.dtype | None = torch.float64,
+    tokens_per_pass: int | None = None,
+    check: bool = True,
+    source: str | None = None,
+) -> list[Contributions]:
+    """`token_contributions` of several prompts, every pass shared across them.
+
+    One plain and one frozen forward of the prompts padded on the right
+    (`tl_linmap.system.frozen_batch`); then each window from token ``s`` (as in the one-prompt
+    call) pushes the rows of every prompt whose target is at ``s`` or later in one forward:
+    ``B`` prompts × ``k`` tokens as ``B·k`` sequences, each with its prompt's factors, plus
+    one all-zero row per prompt for ``b``. A model whose factors cannot be cut to a prompt
+    (`tl_linmap.system.batchable`) is run prompt by prompt.
+
+    Args:
+        model: A TransformerBridge or HookedTransformer of a supported architecture.
+        prompts: Per prompt, its tokens ``(1, n)`` (`tl_linmap.inputs.prompt_batch`).
+        target: ``"output"`` or a hook name.
+        position: Target position in every prompt (``-1``: each prompt's last token).
+        dtype: Working dtype.
+        tokens_per_pass: Tokens of each prompt per pass (default: as `token_contributions`,
+            for the longest prompt); prompts go in groups that fit in half the free memory.
+        check: Check each prompt's contributions (see `token_contributions`).
+        source: Where the contributions start (see `token_contributions`).
+
+    Returns:
+        One `tl_linmap.results.Contributions` per prompt.
+    """
+    if not batchable(model) or len(prompts) == 1:  # nothing to share for one prompt
+        return [
+            token_contributions(model, tokens, target=target, position=position, dtype=dtype,
+                                tokens_per_pass=tokens_per_pass, check=check, source=source)
+            for tokens in prompts
+        ]
+    with frozen_batch(model, prompts, [target], position=position, dtype=dtype, source=source) as batch:
+        systems = batch.systems
+        name, lasts, x = systems[0].names[0], [s.position for s in systems], systems[0].x
+        item, top = x.element_size(), max(lasts)
+        step = plan_tokens(model, max(s.x.shape[1] for s in systems), top, x.dtype, tokens_per_pass, x.device)
+        if tokens_per_pass is None:
+            # A pass of many prompts is wide enough to pay its fixed cost: shorter windows (up to
+            # `WINDOWS_PER_BATCH`) skip more of the positions before each pushed token.
+            step = min(step, -(-(top + 1) // WINDOWS_PER_BATCH))
+        parts: list[list[Tensor]] = [[] for _ in systems]
+        biases: list[Tensor | None] = [None] * len(systems)
+        for start in range(0, top + 1, step):
+
+            def fits(window: int) -> int:  # prompts per pass: rows of (up to) `step` tokens and b, within the budget
+                per_row = item * window * x.shape[-1] + activation_bytes(model, window, item)
+                rows = min(step, window) + 1
+                return fit_rows(per_row, 0, rows * len(systems), None, x.device, "tokens_per_pass") // rows
+
+            for group in batch.groups(start, fits):
+                stop = lasts[group[0]] + 1
+                pushed = range(start, min(start + step, stop))
+                xs = batch.x(group, stop)[:, start:]
+                keep = torch.tensor([[t <= lasts[b] for b in group] for t in pushed], device=x.device)
+                rows = xs.new_zeros(len(pushed), len(group), *xs.shape[1:])
+                for j, t in enumerate(pushed):
+                    rows[j, :, t - start] = xs[:, t - start] * keep[j, :, None]
+                linear, window_biases = batch.push(group, rows.flatten(0, 1), start)
+                values = linear[name].view(len(pushed), len(group), -1)
+                for g, b in enumerate(group):
+                    parts[b].append(values[: max(0, min(len(pushed), lasts[b] + 1 - start)), g])
+                    if start == 0:  # a window from token 0 ends at the target like the system: the same b
+                        biases[b] = window_biases[name][g]
+        results = []
+        for system, own, bias in zip(systems, parts, biases):
+            after = own[0].new_zeros(system.x.shape[1] - system.position - 1, own[0].shape[-1])
+            system = dataclasses.replace(system, biases={name: bias})
+            results.append(Contributions(values=torch.cat(own + [after]), **system.result_fields(name)))
+    if check:
+        for result in results:
+            result.check()
+    return results
 
 
 @dataclass
@@ -395,26 +492,45 @@ def probe_linearity(system: FrozenSystem) -> float:
 def matrix_free(
     model, prompt_or_tokens: Prompt, *, target: str = "output", position: int = -1,
     dtype: torch.dtype | None = torch.float64, check: bool = True, source: str | None = None,
-) -> Iterator[MatrixFree]:
+    attention_mask: Tensor | None = None,
+) -> Iterator[MatrixFree | list[MatrixFree]]:
     """Borrow the model and give matrix-free products with its frozen system.
 
     Args:
         model: A TransformerBridge or HookedTransformer of a supported architecture.
-        prompt_or_tokens: One prompt.
+        prompt_or_tokens: One prompt; or a list of prompts (or a padded token batch with
+            ``attention_mask``), for one `MatrixFree` per prompt.
         target: ``"output"`` or a hook name.
         position: Target position (``-1``: the last token).
         dtype: Working dtype (the model comes back bit for bit on exit).
         check: First check on a probe (`probe_linearity`) that the system is exact.
         source: The hook point the operators start from (see `tl_linmap.jacobian.linear_maps`);
             None: the token embeddings.
+        attention_mask: With a padded token batch: 1 for real tokens, 0 for padding
+            (`tl_linmap.inputs.prompt_batch`).
 
     Returns:
-        A context manager yielding a `MatrixFree`.
+        A context manager yielding a `MatrixFree`; for several prompts a list of them, from
+        one borrow and the shared forwards of `tl_linmap.system.frozen_batch` (each prompt's
+        Krylov products then run on its own windows).
 
     Example:
         >>> with tl_linmap.matrix_free(model, "The capital of France is") as mf:
         ...     top = mf.svd(-1, k=8)
     """
+    if is_batch(prompt_or_tokens, attention_mask):
+        prompts = prompt_batch(model, prompt_or_tokens, attention_mask)
+        if not batchable(model):
+            raise InputError(
+                "This model's factors cannot be cut to one prompt of a batch (a pattern frozen through its queries "
+                "and keys): open one matrix_free per prompt."
+            )
+        with frozen_batch(model, prompts, [target], position=position, dtype=dtype, source=source) as batch:
+            if check:
+                for system in batch.systems:
+                    probe_linearity(system)
+            yield [MatrixFree(system) for system in batch.systems]
+        return
     # Each token's products run on a window with its own graph: the whole prompt's is not needed.
     with frozen_system(model, prompt_or_tokens, [target], position=position, dtype=dtype, source=source) as system:
         if check:

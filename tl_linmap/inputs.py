@@ -191,6 +191,85 @@ def to_tokens(model, prompt: Prompt) -> Int[Tensor, "1 pos"]:
     return tokens.to(model.cfg.device or "cpu")
 
 
+def _is_prompt_list(prompts) -> bool:
+    # A list of prompts holds strings or token sequences; a list of ints is one prompt's tokens.
+    return isinstance(prompts, (list, tuple)) and bool(prompts) and all(
+        isinstance(p, (str, list, tuple)) or (isinstance(p, Tensor) and p.ndim >= 1) for p in prompts
+    )
+
+
+def is_batch(prompts, attention_mask=None) -> bool:
+    """Whether an entry point was given several prompts (see `prompt_batch`) rather than one.
+
+    Args:
+        prompts: What the user passed as the prompt.
+        attention_mask: The user's ``attention_mask=``, or None.
+
+    Returns:
+        True for a list of prompts (strings or token lists), an empty list or tuple, a token
+        tensor of two or more rows, or any tokens given with a mask.
+    """
+    if attention_mask is not None or _is_prompt_list(prompts) or (isinstance(prompts, (list, tuple)) and not prompts):
+        return True
+    return isinstance(prompts, Tensor) and prompts.ndim == 2 and prompts.shape[0] > 1
+
+
+def prompt_batch(model, prompts, attention_mask=None) -> list[Int[Tensor, "1 pos"]]:
+    """Several prompts as one token tensor each, unpadded, checked as `to_tokens` checks one.
+
+    Args:
+        model: A TransformerBridge or HookedTransformer.
+        prompts: A list of prompts (strings or token lists, mixed lengths), or a padded token
+            batch ``(batch, pos)``; with ``attention_mask`` the padding may be on either side.
+        attention_mask: ``(batch, pos)`` of 1 for real tokens and 0 for padding (bool or
+            integer), one contiguous run of ones per row; None for a list, or for a token batch
+            without padding.
+
+    Returns:
+        Per prompt, its tokens ``(1, n)`` without padding.
+
+    Raises:
+        InputError: for no prompts, a mask with a list of prompts, a mask whose shape is not the
+            tokens', a mask that is not 0/1 or not one run of ones per row (or a row of none), a
+            token batch without mask that ends in the pad token (padding without a mask is
+            ambiguous), or any bad prompt.
+    """
+    check_model(model)
+    if isinstance(prompts, (list, tuple)) and not prompts:
+        raise InputError("The list is empty: no prompts and no tokens; give at least one prompt (text or token ids).")
+    if _is_prompt_list(prompts):
+        if attention_mask is not None:
+            raise InputError("attention_mask goes with a padded token batch (a 2-D tensor); a list of prompts needs none.")
+        return [to_tokens(model, p) for p in prompts]
+    tokens = torch.as_tensor(prompts) if isinstance(prompts, (list, tuple)) else prompts
+    if not isinstance(tokens, Tensor) or tokens.ndim != 2:
+        shape = tuple(tokens.shape) if isinstance(tokens, Tensor) else type(prompts).__name__
+        raise InputError(f"A batch of prompts is a list of prompts or a token tensor (batch, pos) with attention_mask; got {shape}.")
+    if attention_mask is None:
+        pad = getattr(getattr(model, "tokenizer", None), "pad_token_id", None)
+        if pad is not None and bool((tokens[:, -1] == pad).any()):
+            raise InputError(
+                f"A row of this token batch ends in the pad token ({pad}): without attention_mask it is ambiguous "
+                "whether that is padding. Pass attention_mask= (1 for real tokens, 0 for padding), or a list of prompts."
+            )
+        return [to_tokens(model, row) for row in tokens]
+    mask = torch.as_tensor(attention_mask)
+    if mask.shape != tokens.shape:
+        raise InputError(f"attention_mask has shape {tuple(mask.shape)}, the tokens {tuple(tokens.shape)}: they must match.")
+    if mask.dtype.is_floating_point or not bool(((mask == 0) | (mask == 1)).all()):
+        raise InputError("attention_mask must hold 0 (padding) and 1 (real tokens) only, as a bool or integer tensor.")
+    mask = mask.bool()
+    rows = []
+    for index, (row, keep) in enumerate(zip(tokens, mask)):
+        where = keep.nonzero()[:, 0]
+        if len(where) == 0:
+            raise InputError(f"Row {index} of attention_mask is all zeros: every prompt needs at least one token.")
+        if where[-1] - where[0] + 1 != len(where):
+            raise InputError(f"Row {index} of attention_mask has padding between real tokens: pad on the left or the right only.")
+        rows.append(to_tokens(model, row[where[0] : where[-1] + 1]))
+    return rows
+
+
 def check_position(position: int, n_tokens: int) -> int:
     """Normalise a (possibly negative) position.
 

@@ -28,7 +28,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from tl_linmap._deprecated import renamed_argument
-from tl_linmap.budget import choose_route, forward_row_cost, plan_columns, plan_rows
+from tl_linmap.budget import activation_bytes, choose_route, fit_rows, forward_row_cost, plan_columns, plan_rows
 from tl_linmap.capture import at_position, capture, run_to_target
 from tl_linmap.compat import check_model, get_act_name
 from tl_linmap.errors import InputError
@@ -44,6 +44,8 @@ from tl_linmap.inputs import (
     check_position,
     check_positive,
     independent_target,
+    is_batch,
+    prompt_batch,
     resolve_target,
     resolve_targets,
     target_depth,
@@ -51,7 +53,7 @@ from tl_linmap.inputs import (
 )
 from tl_linmap.readout import Readout
 from tl_linmap.results import HeadReadout, LinearMap, LinearMaps
-from tl_linmap.system import FrozenSystem, frozen_system, vjp
+from tl_linmap.system import FrozenSystem, SystemBatch, batchable, frozen_batch, frozen_system, vjp
 
 #: Values of ``route=``: ``"rows"`` (reverse mode, ``d_out`` rows per target), ``"columns"``
 #: (basis embeddings pushed forward, ``d_in`` per token), ``"auto"`` (the cheaper by `choose_route`).
@@ -241,7 +243,8 @@ def linear_maps(
     route: str = "auto",
     chunk_size: int | None = None,
     source: str | None = None,
-) -> LinearMaps:
+    attention_mask: Tensor | None = None,
+) -> LinearMaps | list[LinearMaps]:
     """Linear maps of several targets of one inference, sharing every forward pass.
 
     One plain and one frozen forward serve all targets, and so does the zero-input replay for
@@ -274,9 +277,13 @@ def linear_maps(
             ``hook_attn_out``, ``hook_mlp_out``, ``hook_resid_post``); None: the token
             embeddings. ``b`` is what the frozen system gives with the source zero. Every
             target must come at or after it and depend on it.
+        attention_mask: With a padded token batch ``(batch, pos)``: 1 for real tokens, 0 for
+            padding, on either side (`tl_linmap.inputs.prompt_batch`).
 
     Returns:
-        `tl_linmap.results.LinearMaps` keyed by hook name.
+        `tl_linmap.results.LinearMaps` keyed by hook name; for a list of prompts (or a token
+        batch), a list of them, one per prompt, each equal to the one-prompt call's
+        (`batched_linear_maps`).
 
     Raises:
         InputError: for a bad model, prompt, dtype, position, targets, norms,
@@ -289,6 +296,10 @@ def linear_maps(
     check_model(model)
     norms = check_norms(model, norms) if norms else []
     hooks, wanted, scalars = split_targets(model, targets)
+    options = dict(position=position, dtype=dtype, rows_per_pass=rows_per_pass, check=check, progress=progress,
+                   norms=norms, route=route, source=source)
+    if is_batch(prompt_or_tokens, attention_mask):
+        return batched_linear_maps(model, prompt_batch(model, prompt_or_tokens, attention_mask), targets, **options)
     with frozen_system(model, prompt_or_tokens, hooks, position=position, dtype=dtype, source=source) as system:
         n, d_in = system.x.shape[1:]
         wanted = list(dict.fromkeys(resolve_target(model, t) for t in wanted))
@@ -312,20 +323,191 @@ def linear_maps(
                 operators = {name: _rows(ys[name], system.x, chunk, bar) for name in wanted}
                 scalar_ops = {label: vjp(ys[name], system.x, w[None]).transpose(0, 1) for label, (name, w, _) in weights.items()}
                 bar.update(len(weights))
-        inputs = system.x[0].detach()
-        readouts = _head_readouts(system)
-        frozen_norms = {f"blocks.{layer}.{_POST_ATTN_NORM}": r.post for layer, r in readouts.items() if r.post is not None}
-        results = {name: LinearMap(operators=operators[name], inputs=inputs, **system.result_fields(name)) for name in wanted}
-        results.update({label: _scalar_map(system, name, w, c, label, scalar_ops[label]) for label, (name, w, c) in weights.items()})
-        maps = LinearMaps(
-            {key: results[key] for key in [*wanted, *weights]},
-            readouts=readouts,
-            norms={"ln_final": system.final_norm, **frozen_norms, **{norm: system.frozen_norm(norm) for norm in norms}},
-        )
+        maps = _assemble(system, wanted, weights, operators, scalar_ops, norms)
     if check:
         for lm in maps.values():
             lm.check()
     return maps
+
+
+def _assemble(system: FrozenSystem, wanted: list[str], weights: dict, operators: dict, scalar_ops: dict, norms: Sequence[str]) -> LinearMaps:
+    # One prompt's LinearMaps from its operators (b known), with its head readouts and frozen norms.
+    inputs = system.x[0].detach()
+    readouts = _head_readouts(system)
+    frozen_norms = {f"blocks.{layer}.{_POST_ATTN_NORM}": r.post for layer, r in readouts.items() if r.post is not None}
+    results = {name: LinearMap(operators=operators[name], inputs=inputs, **system.result_fields(name)) for name in wanted}
+    results.update({label: _scalar_map(system, name, w, c, label, scalar_ops[label]) for label, (name, w, c) in weights.items()})
+    return LinearMaps(
+        {key: results[key] for key in [*wanted, *weights]},
+        readouts=readouts,
+        norms={"ln_final": system.final_norm, **frozen_norms, **{norm: system.frozen_norm(norm) for norm in norms}},
+    )
+
+
+def _batch_rows(batch: SystemBatch, wanted: list[str], weights: list[dict], rows_per_pass: int | None, bar: tqdm) -> tuple[list[dict], list[dict]]:
+    # Reverse rows of every prompt at once: one graph over the padded batch, each backward row
+    # e_j applied to every prompt's target (prompts are independent rows of the batch).
+    systems, members = batch.systems, range(len(batch.systems))
+    stop = max(s.position for s in systems) + 1
+    x = batch.x(members, stop).requires_grad_(True)
+    with torch.enable_grad():
+        ys = batch.replay(members, x)
+    for name, y in ys.items():
+        if not y.requires_grad:
+            raise independent_target(name, systems[0].source)
+    model, sizes = systems[0].model, [s.x.shape[1] for s in systems]
+    chunk = plan_rows(model, stop * len(systems), max(ys[n].shape[1] for n in ys), len(wanted) + 1, x.dtype, rows_per_pass, x.device)
+
+    def backward(name: str, rows: Tensor) -> list[Tensor]:  # rows: (k, prompts, d_out) -> per prompt (pos, k, d_in)
+        with torch.enable_grad():
+            grads = torch.autograd.grad(ys[name], x, rows, is_grads_batched=True, retain_graph=True)[0]
+        out = []
+        for b, n in enumerate(sizes):
+            op = grads.new_zeros(n, len(rows), grads.shape[-1])
+            op[: min(n, stop)] = grads[:, b, : min(n, stop)].transpose(0, 1)
+            out.append(op)
+        return out
+
+    operators: list[dict] = [{} for _ in systems]
+    for name in wanted:
+        width = ys[name].shape[1]
+        eye = torch.eye(width, dtype=x.dtype, device=x.device)
+        parts = []
+        for start in range(0, width, chunk):
+            rows = eye[start : start + chunk]
+            parts.append(backward(name, rows[:, None].expand(-1, len(systems), -1)))
+            bar.update(len(rows) * len(systems))
+        for b, ops in enumerate(operators):
+            ops[name] = torch.cat([part[b] for part in parts], dim=1)
+    scalar_ops: list[dict] = [{} for _ in systems]
+    for label in weights[0]:
+        name = weights[0][label][0]
+        rows = torch.stack([w[label][1] for w in weights])[None]
+        for b, op in enumerate(backward(name, rows)):
+            scalar_ops[b][label] = op
+        bar.update(len(systems))
+    return operators, scalar_ops
+
+
+def _batch_columns(batch: SystemBatch, wanted: list[str], rows_per_pass: int | None, bar: tqdm) -> list[dict]:
+    # Basis embeddings of token i of every prompt whose target is at i or later, pushed through
+    # the window from i of all of them at once (row r: dimension r // prompts of prompt r % prompts).
+    systems = batch.systems
+    model, x = systems[0].model, systems[0].x
+    d_in = x.shape[-1]
+    widths = [systems[0].outputs[name].shape[0] for name in systems[0].names]
+    lasts = [s.position for s in systems]
+    scales = torch.tensor([basis_scale(s) for s in systems], dtype=x.dtype, device=x.device)
+    operators = [{name: x.new_zeros(s.x.shape[1], w, d_in) for name, w in zip(s.names, widths)} for s in systems]
+    item = x.element_size()
+    for token in range(max(lasts) + 1):
+
+        def fits(window: int) -> int:  # rows of one pass within the budget
+            per_row = item * (window * d_in + sum(widths)) + activation_bytes(model, window, item)
+            requested = None if rows_per_pass is None else rows_per_pass * len(systems)
+            return fit_rows(per_row, 0, d_in * len(systems), requested, x.device, "rows_per_pass")
+
+        for group in batch.groups(token, fits):
+            window = lasts[group[0]] + 1 - token
+            g, scale = len(group), scales[group]
+            chunk = max(1, min(d_in, fits(window) // g))
+            for start in range(0, d_in, chunk):
+                dims = torch.arange(start, min(start + chunk, d_in), device=x.device)
+                embeddings = x.new_zeros(len(dims) * g, window, d_in)
+                rows = torch.arange(len(embeddings), device=x.device)
+                embeddings[rows, 0, dims.repeat_interleave(g)] = scale.repeat(len(dims))
+                linear, _ = batch.push(group, embeddings, token)
+                for name, cols in linear.items():
+                    cols = cols.view(len(dims), g, -1) / scale[None, :, None]
+                    for j, b in enumerate(group):
+                        operators[b][name][token, :, start : start + len(dims)] = cols[:, j].T
+                bar.update(len(embeddings))
+    for system, ops in zip(systems, operators):
+        for name, op in ops.items():
+            if not op.any():
+                raise independent_target(name, system.source)
+    return operators
+
+
+def batched_linear_maps(
+    model,
+    prompts: Sequence[Tensor],
+    targets: Sequence,
+    *,
+    position: int = -1,
+    dtype: torch.dtype | None = torch.float64,
+    rows_per_pass: int | None = None,
+    check: bool = True,
+    progress: bool = False,
+    norms: Sequence[str] = (),
+    route: str = "auto",
+    source: str | None = None,
+) -> list[LinearMaps]:
+    """`linear_maps` of several prompts, their passes shared (one map per prompt, as the one-prompt call).
+
+    One plain and one frozen forward of the prompts padded on the right (`tl_linmap.system.frozen_batch`),
+    one zero-input replay for every ``b``; then, by ``route``, each backward row runs for every
+    prompt at once (``"rows"``), or each token's basis embeddings of every prompt go through one
+    forward of the window from that token (``"columns"``; ``"auto"`` decides on the longest
+    prompt). A model whose factors cannot be cut to a prompt (`tl_linmap.system.batchable`), or a
+    single prompt, is mapped prompt by prompt.
+
+    Args:
+        model: A TransformerBridge or HookedTransformer of a supported architecture.
+        prompts: Per prompt, its tokens ``(1, n)`` (`tl_linmap.inputs.prompt_batch`).
+        targets: As for `linear_maps`.
+        position: Target position in every prompt (``-1``: each prompt's last token).
+        dtype: Working dtype.
+        rows_per_pass: Rows per pass per prompt (see `linear_maps`).
+        check: Check every map (see `linear_maps`).
+        progress: Show a progress bar over rows or columns of all prompts.
+        norms: Further norm modules to return frozen.
+        route: ``"rows"``, ``"columns"`` or ``"auto"``.
+        source: Where the maps start (see `linear_maps`).
+
+    Returns:
+        One `tl_linmap.results.LinearMaps` per prompt.
+    """
+    if not batchable(model) or len(prompts) == 1:  # nothing to share for one prompt
+        options = dict(position=position, dtype=dtype, rows_per_pass=rows_per_pass, check=check, progress=progress,
+                       norms=norms, route=route, source=source)
+        return [linear_maps(model, tokens, targets, **options) for tokens in prompts]
+    hooks, wanted, scalars = split_targets(model, targets)
+    with frozen_batch(model, prompts, hooks, position=position, dtype=dtype, source=source) as batch:
+        systems = batch.systems
+        wanted = list(dict.fromkeys(resolve_target(model, t) for t in wanted))
+        longest = max(systems, key=lambda s: s.position)
+        n, d_in = longest.x.shape[1:]
+        weights = [_readout_weights(system, scalars) for system in systems]
+        if route == "auto":
+            n_layers = model.cfg.n_layers
+            shapes = [(longest.outputs[name].shape[0], target_depth(name, n_layers)) for name in wanted]
+            shapes += [(1, target_depth(name, n_layers)) for name, _, _ in weights[0].values()]
+            route = choose_route(d_in, n, longest.position, shapes, forward_row_cost(model.cfg))
+        members = range(len(systems))
+        with torch.no_grad():
+            zero = batch.x(members, longest.position + 1).zero_()
+            biases = batch.replay(members, zero)
+        systems = [dataclasses.replace(s, biases={name: y[b] for name, y in biases.items()}) for b, s in enumerate(systems)]
+        batch = dataclasses.replace(batch, systems=tuple(systems))
+        if route == "columns":
+            total = sum((s.position + 1) * d_in for s in systems)
+            with tqdm(total=total, disable=not progress, desc="detached Jacobian columns") as bar:
+                all_ops = _batch_columns(batch, list(systems[0].names), rows_per_pass, bar)
+            scalar_ops = [
+                {label: einops.einsum(ops[name], w, "pos d_out d_in, d_out -> pos d_in")[:, None] for label, (name, w, _) in ws.items()}
+                for ops, ws in zip(all_ops, weights)
+            ]
+        else:
+            total = (sum(systems[0].outputs[name].shape[0] for name in wanted) + len(scalars)) * len(systems)
+            with tqdm(total=total, disable=not progress, desc="detached Jacobian rows") as bar:
+                all_ops, scalar_ops = _batch_rows(batch, wanted, weights, rows_per_pass, bar)
+        results = [_assemble(s, wanted, ws, ops, sops, norms) for s, ws, ops, sops in zip(systems, weights, all_ops, scalar_ops)]
+    if check:
+        for maps in results:
+            for lm in maps.values():
+                lm.check()
+    return results
 
 
 def plain_jacobians(model, prompt_or_tokens: Prompt, targets: Sequence[str], *, position: int = -1, dtype: torch.dtype | None = torch.float64) -> dict[str, Float[Tensor, "pos d_out d_in"]]:
@@ -368,7 +550,8 @@ def linear_map(
     route: str = "auto",
     chunk_size: int | None = None,
     source: str | None = None,
-) -> LinearMap:
+    attention_mask: Tensor | None = None,
+) -> LinearMap | list[LinearMap]:
     """The exact linear system of one target vector of one inference.
 
     Args:
@@ -390,9 +573,10 @@ def linear_map(
         chunk_size: Deprecated name of ``rows_per_pass``.
         source: Where the map starts (see `linear_maps`): e.g. ``target="blocks.5.hook_resid_post",
             source="blocks.2.hook_resid_pre"`` maps layers 2 to 5; None: the token embeddings.
+        attention_mask: With a padded token batch: 1 for real tokens, 0 for padding (see `linear_maps`).
 
     Returns:
-        A `tl_linmap.results.LinearMap`.
+        A `tl_linmap.results.LinearMap`; for a list of prompts (or a token batch), one per prompt.
 
     Raises:
         InputError: for a bad model, prompt, dtype, position, target, ``rows_per_pass`` or route.
@@ -402,6 +586,8 @@ def linear_map(
     rows_per_pass = rows_argument(rows_per_pass, chunk_size)
     maps = linear_maps(
         model, prompt_or_tokens, [target], position=position, dtype=dtype, rows_per_pass=rows_per_pass, check=check,
-        progress=progress, route=route, source=source,
+        progress=progress, route=route, source=source, attention_mask=attention_mask,
     )
+    if isinstance(maps, list):
+        return [next(iter(m.values())) for m in maps]
     return next(iter(maps.values()))

@@ -45,8 +45,10 @@ from tl_linmap.errors import FreezeError, InputError
 from tl_linmap.guard import borrowed, hook_count
 from tl_linmap.hooks import (
     Factors,
+    at_rows,
     factor_names,
     freeze_hooks,
+    pad_factors,
     replay_hooks,
     slice_factors,
     trim_factors,
@@ -515,25 +517,242 @@ def frozen_system(
                 outputs = capture(model, tokens, [*names, output_hook(model), source], freeze_hooks(model, factors=factors))
             check_factors(model, factors)
             _check_order(source, names, list(outputs))
-            x = every_position(outputs[source], n) if source != EMBED_HOOK else natives[EMBED_HOOK]
-            trim = trimmed_block(names, model.cfg, model.hook_dict) if windowable(model) else None
-            if trim is not None and target_depth(source, model.cfg.n_layers) > trim:
-                trim = None  # the source is inside the block: a cut there would cut the source too
-            yield FrozenSystem(
-                model=model,
-                tokens=tokens,
-                position=position,
-                names=names,
-                x=x.detach().clone(),
-                factors=factors,
-                outputs={name: at_position(outputs[name], position, n)[0].detach() for name in names},
-                sequences={name: every_position(outputs[name], n)[0].detach() for name in names},
-                natives={name: at_position(natives[name], position, n)[0].detach() for name in names},
-                final_norm=frozen_norm(model, "ln_final", factors, position) if "ln_final.hook_scale" in factors else None,
-                lease=lease,
-                trim=trim,
-                linear=purely_linear(model) and source.endswith(WHOLE_STREAM_SOURCES),
-                source=source,
-            )
+            yield _system(model, tokens, position, names, source, natives, outputs, factors, lease)
+        finally:
+            lease.active = False
+
+
+def _system(model, tokens, position: int, names, source: str, natives: Vectors, outputs: Vectors, factors: Factors, lease: _Lease) -> FrozenSystem:
+    # One prompt's system from its plain and frozen activations (batch 1, no padding).
+    n = tokens.shape[1]
+    x = every_position(outputs[source], n) if source != EMBED_HOOK else natives[EMBED_HOOK]
+    trim = trimmed_block(names, model.cfg, model.hook_dict) if windowable(model) else None
+    if trim is not None and target_depth(source, model.cfg.n_layers) > trim:
+        trim = None  # the source is inside the block: a cut there would cut the source too
+    return FrozenSystem(
+        model=model,
+        tokens=tokens,
+        position=position,
+        names=names,
+        x=x.detach().clone(),
+        factors=factors,
+        outputs={name: at_position(outputs[name], position, n)[0].detach() for name in names},
+        sequences={name: every_position(outputs[name], n)[0].detach() for name in names},
+        natives={name: at_position(natives[name], position, n)[0].detach() for name in names},
+        final_norm=frozen_norm(model, "ln_final", factors, position) if "ln_final.hook_scale" in factors else None,
+        lease=lease,
+        trim=trim,
+        linear=purely_linear(model) and source.endswith(WHOLE_STREAM_SOURCES),
+        source=source,
+    )
+
+
+def batchable(model) -> bool:
+    """Whether several prompts' systems can share padded passes (`frozen_batch`).
+
+    Prompts of different lengths are padded on the right: under causal attention a pad after
+    a prompt's tokens changes nothing before it, and positions stay the unpadded call's. Each
+    prompt's factors are then the batch's cut to its tokens, which needs factors that can be
+    cut to a window (`tl_linmap.hooks.windowable`); other models run prompt by prompt.
+
+    Args:
+        model: A TransformerBridge or HookedTransformer of a supported architecture.
+
+    Returns:
+        True where the batched passes are exact.
+    """
+    return windowable(model)
+
+
+@dataclass(frozen=True)
+class SystemBatch:
+    """Several prompts' frozen systems, recorded in one padded frozen forward, valid inside `frozen_batch`.
+
+    Each prompt's `FrozenSystem` (``systems``) is exactly the one `frozen_system` gives for it
+    alone. The batch replays many rows of many prompts in one forward: row ``r`` of a replay
+    over ``members`` (indices of prompts) belongs to prompt ``members[r % len(members)]``, so
+    the batched factors, repeated along the batch, line up with the rows
+    (`tl_linmap.hooks.broadcast`), and each row is read at its own prompt's target position.
+
+    Attributes:
+        systems: One `FrozenSystem` per prompt.
+        tokens: ``(batch, pos)``, padded on the right (a pad repeats the prompt's last token).
+        factors: Every prompt's frozen factors, padded on the right (`tl_linmap.hooks.pad_factors`).
+    """
+
+    systems: tuple[FrozenSystem, ...]
+    tokens: Int[Tensor, "batch pos"] = field(repr=False)
+    factors: Factors = field(repr=False)
+
+    def positions(self, members: Sequence[int]) -> Tensor:
+        """Target positions of some prompts.
+
+        Args:
+            members: Prompt indices.
+
+        Returns:
+            ``(len(members),)`` positions.
+        """
+        return torch.tensor([self.systems[b].position for b in members], device=self.tokens.device)
+
+    def groups(self, start: int, fits, *, share: float = 0.9) -> list[list[int]]:
+        """Prompts whose target is at ``start`` or later, in groups of similar window length.
+
+        Every row of a replay runs over the longest window of its group, so a group holds
+        prompts whose windows (``start`` to their target) are at least ``share`` of its longest
+        (less two positions): short prompts do not pay for the long ones' positions.
+
+        Args:
+            start: First position of the window.
+            fits: ``fits(window)``: how many prompts fit in one pass for that window length.
+            share: Shortest window of a group, as a share of its longest.
+
+        Returns:
+            Lists of prompt indices, longest windows first.
+        """
+        lasts = {b: s.position for b, s in enumerate(self.systems) if s.position >= start}
+        groups: list[list[int]] = []
+        for b in sorted(lasts, key=lambda b: -lasts[b]):
+            longest = lasts[groups[-1][0]] + 1 - start if groups else 0
+            # Two positions of slack: for short windows a pass's fixed cost outweighs a few wasted positions.
+            if groups and lasts[b] + 3 - start >= share * longest and len(groups[-1]) < max(1, fits(longest)):
+                groups[-1].append(b)
+            else:
+                groups.append([b])
+        return groups
+
+    def replay(self, members: Sequence[int], embeddings: Float[Tensor, "rows pos d_in"], start: int = 0) -> Vectors:
+        """The replayed systems of ``members`` on a window from ``start``, one forward of all rows.
+
+        Args:
+            members: Prompt indices (each target position at least ``start``).
+            embeddings: Source activations, ``len(members) · m`` rows over the positions
+                ``start..`` up to the members' last target position; row ``r`` is prompt
+                ``members[r % len(members)]``'s.
+            start: First position of the window (the same for every member).
+
+        Returns:
+            Per target, ``(rows, d_out)``: each row at its prompt's target position; a graph if
+            ``embeddings`` has one.
+        """
+        first = self.systems[0]
+        first._alive()
+        model, index = first.model, torch.tensor(list(members), device=self.tokens.device)
+        stop = start + embeddings.shape[1]
+        positions = self.positions(members) - start
+        factors = {name: f.index_select(0, index) for name, f in self.factors.items()}
+        factors = slice_factors(model, factors, start, stop)
+        rows = positions.repeat(len(embeddings) // len(members))
+        hooks = replay_hooks(model, factors) if first.trim is None else (
+            replay_hooks(model, trim_factors(model, factors, first.trim, positions)) + trim_hooks(first.trim, rows)
+        )
+        hooks = [(first.source, lambda act, hook=None: embeddings.reshape(act.shape))] + hooks
+        tokens = self.tokens.index_select(0, index)[:, start:stop].repeat(len(embeddings) // len(members), 1)
+        return capture(model, tokens, first.names, hooks, select=lambda act: _at_own_position(act, rows, stop - start))
+
+    def push(self, members: Sequence[int], embeddings: Float[Tensor, "rows pos d_in"], start: int = 0) -> tuple[Vectors, Vectors]:
+        """``Σ_i J_i e_i`` per row (see `replay`), with each member's ``b`` riding along as one more row.
+
+        Args:
+            members: Prompt indices.
+            embeddings: As for `replay`.
+            start: First position of the window.
+
+        Returns:
+            ``(linear, biases)``: per target ``(rows, d_out)``, and each member's window ``b``,
+            ``(len(members), d_out)``.
+        """
+        g = len(members)
+        with torch.no_grad():
+            ys = self.replay(members, torch.cat([embeddings, embeddings.new_zeros(g, *embeddings.shape[1:])]), start)
+        biases = {name: y[-g:] for name, y in ys.items()}
+        return {name: y[:-g] - biases[name].repeat(len(y) // g - 1, 1) for name, y in ys.items()}, biases
+
+    def x(self, members: Sequence[int], stop: int) -> Float[Tensor, "members pos d_in"]:
+        """The members' source activations, padded with zeros on the right to ``stop`` positions.
+
+        Args:
+            members: Prompt indices.
+            stop: Positions kept.
+
+        Returns:
+            ``(len(members), stop, d_in)``.
+        """
+        xs = [self.systems[b].x[0, :stop] for b in members]
+        out = xs[0].new_zeros(len(xs), stop, xs[0].shape[-1])
+        for row, x in zip(out, xs):
+            row[: len(x)] = x
+        return out
+
+
+def _at_own_position(act: Tensor, positions: Tensor, n_tokens: int) -> Tensor:
+    # Each row's vector at its own position (a copy, so a wide batch keeps no whole activation alive).
+    if act.ndim < 3 or act.shape[1] != n_tokens:
+        at_position(act, 0, n_tokens)  # raises, naming what has a position axis
+    return at_rows(act, positions)[:, 0].flatten(1).clone()
+
+
+@contextmanager
+def frozen_batch(
+    model,
+    prompts: Sequence[Int[Tensor, "1 pos"]],
+    targets: Sequence[str],
+    *,
+    position: int = -1,
+    dtype: torch.dtype | None = torch.float64,
+    source: str | None = None,
+) -> Iterator[SystemBatch]:
+    """`frozen_system` of several prompts: one borrow, one plain and one frozen forward for all.
+
+    The plain and frozen forwards run once per prompt length (the prompts of one length in one
+    batch, unpadded: a padded row changes the model's own float32 softmax by a longer sum), so
+    each prompt's system is exactly its one-prompt system. The replays then pad every prompt
+    on the right to the longest (`tl_linmap.hooks.pad_factors`): under causal attention nothing
+    after a position changes it, and positions stay the unpadded call's, so no attention mask
+    is needed (TransformerLens leaves right padding unmasked for the same reason).
+
+    Args:
+        model: A TransformerBridge or HookedTransformer whose factors can be cut (`batchable`).
+        prompts: Token tensors ``(1, n)`` (from `tl_linmap.inputs.prompt_batch`).
+        targets: Hook names (or ``"output"``).
+        position: Target position in every prompt (Python-style, per prompt).
+        dtype: Working dtype (the model comes back bit for bit on exit).
+        source: As for `frozen_system`.
+
+    Returns:
+        A context manager yielding the `SystemBatch`.
+
+    Raises:
+        InputError: as `frozen_system` (a position out of range for some prompt included).
+    """
+    lengths = [t.shape[1] for t in prompts]
+    dtype = check_dtype(dtype)
+    positions = [check_position(position, n) for n in lengths]
+    names = resolve_targets(model, targets)
+    source = resolve_source(model, source, factor_names(model))
+    longest = max(lengths)
+    lease = _Lease()
+    systems: list[FrozenSystem | None] = [None] * len(prompts)
+    with borrowed(model, dtype):
+        try:
+            # One forward per prompt length: a padded row would change the model's own float32
+            # softmax (a longer sum), so each prompt's factors are those of its unpadded forward.
+            for n in sorted(set(lengths)):
+                members = [b for b, length in enumerate(lengths) if length == n]
+                tokens = torch.cat([prompts[b] for b in members])
+                natives = capture(model, tokens, [*names, EMBED_HOOK])
+                factors: Factors = {}
+                with torch.no_grad():
+                    outputs = capture(model, tokens, [*names, output_hook(model), source], freeze_hooks(model, factors=factors))
+                check_factors(model, factors)
+                _check_order(source, names, list(outputs))
+                for row, b in enumerate(members):
+                    own = {name: f[row : row + 1] for name, f in factors.items()}
+                    acts = [{name: a[row : row + 1] for name, a in group.items()} for group in (natives, outputs)]
+                    systems[b] = _system(model, tokens[row : row + 1], positions[b], names, source, *acts, own, lease)
+            padded = [pad_factors(model, s.factors, longest) for s in systems]
+            factors = {name: torch.cat([p[name] for p in padded]) for name in padded[0]}
+            tokens = torch.stack([torch.cat([t[0], t[0, -1:].expand(longest - len(t[0]))]) for t in prompts])
+            yield SystemBatch(tuple(systems), tokens, factors)
         finally:
             lease.active = False
