@@ -1,12 +1,17 @@
 """The corpus analysis of the bundled phrases on real models, as markdown tables (README).
 
 Usage: python scripts/dataset_tables.py [--model smollm2 gemma3-270m] [--layers 0,15,29]
-       [--dtype float32] [--limit N] [--out benchmarks/results/dataset-DATE.md]
+       [--dtype float32] [--limit N] [--out benchmarks/results/dataset-DATE.md] [--resume DIR]
 
 For each model: the dimensionality of the residual stream's operators per layer and token role
 (median and quartiles over the prompts), the tokens each layer's stacked operator writes most
 often, and the averaged attribution profile of the predicted token's logit. Appends one section
 per model to ``--out`` as soon as that model is done.
+
+A hundred phrases take hours on two cores (each prompt's maps are compute-bound: d_model backward
+rows through every layer mapped), so ``--resume DIR`` keeps each model's per-prompt summaries in
+``DIR`` after every few prompts, with the seconds spent; run the same command again after an
+interruption and it carries on where it stopped, the tables covering every prompt as one run.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import warnings
 import torch
 
 import tl_linmap
-from tl_linmap.corpus import corpus_analysis
+from tl_linmap.corpus import PROMPTS_PER_CALL, CorpusAnalysis, corpus_analysis
 from tl_linmap.datasets import phrases
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -89,12 +94,53 @@ def markdown(analysis, name: str, cfg, dtype: torch.dtype, seconds: float, n_tok
     return "\n".join(lines) + "\n"
 
 
+def resumable_analysis(model, name: str, prompts: list[str], layers: list[int], dtype: torch.dtype, resume: pathlib.Path | None) -> tuple[CorpusAnalysis, float]:
+    """`corpus_analysis` of ``prompts``, a few prompts at a time, saved to ``resume`` after each step.
+
+    Args:
+        model: The model.
+        name: Its name (names the checkpoint).
+        prompts: The phrases.
+        layers: Layers analysed.
+        dtype: Working dtype.
+        resume: Checkpoint folder (None: one call, nothing saved).
+
+    Returns:
+        The analysis of every prompt, and the seconds spent on it over all runs.
+    """
+    if resume is None:
+        start = time.perf_counter()
+        return corpus_analysis(model, prompts, layers=layers, dtype=dtype), time.perf_counter() - start
+    key = dict(model=name, layers=layers, dtype=str(dtype), prompts=prompts)
+    path = resume / f"{name}-{dtype}-{'_'.join(map(str, layers))}.pt"
+    saved = torch.load(path, weights_only=False) if path.exists() else None
+    if saved is not None and saved["key"] != key:
+        raise SystemExit(f"{path} holds a run with other settings; remove it or give another --resume folder.")
+    analysis, seconds = (saved["analysis"], saved["seconds"]) if saved else (None, 0.0)
+    done = len(analysis.summaries) if analysis else 0
+    print(f"{name}: {done} of {len(prompts)} phrases done ({seconds / 60:.1f} min)", flush=True)
+    for at in range(done, len(prompts), PROMPTS_PER_CALL):
+        start = time.perf_counter()
+        part = corpus_analysis(model, prompts[at : at + PROMPTS_PER_CALL], layers=layers, dtype=dtype)
+        seconds += time.perf_counter() - start
+        if analysis is None:
+            analysis = part
+        else:
+            analysis.summaries += part.summaries
+        resume.mkdir(parents=True, exist_ok=True)
+        torch.save(dict(key=key, analysis=analysis, seconds=seconds), path.with_suffix(".tmp"))
+        path.with_suffix(".tmp").replace(path)  # a run killed mid-save leaves the last checkpoint whole
+        print(f"{name}: {len(analysis.summaries)} of {len(prompts)} phrases ({seconds / 60:.1f} min)", flush=True)
+    return analysis, seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", nargs="+", default=["smollm2", "gemma3-270m"])
     parser.add_argument("--layers", help="comma list of layers (negative: from the end; default: all)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--limit", type=int, help="only the first N phrases of each kind")
+    parser.add_argument("--resume", type=pathlib.Path, help="checkpoint folder: keep progress there, carry on from it")
     parser.add_argument("--out", type=pathlib.Path, default=ROOT / "benchmarks" / "results" / f"dataset-{datetime.date.today()}.md")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
@@ -111,9 +157,8 @@ def main() -> None:
     for name in args.model:
         model = tl_linmap.load_model(name)
         n_tokens = [model.to_tokens(p).shape[1] for p in prompts]
-        start = time.perf_counter()
-        analysis = corpus_analysis(model, prompts, layers=_layers(args.layers, model.cfg.n_layers), dtype=dtype)
-        text = markdown(analysis, name, model.cfg, dtype, time.perf_counter() - start, n_tokens)
+        analysis, seconds = resumable_analysis(model, name, prompts, _layers(args.layers, model.cfg.n_layers), dtype, args.resume)
+        text = markdown(analysis, name, model.cfg, dtype, seconds, n_tokens)
         text += f"\n`python scripts/dataset_tables.py {shlex.join(sys.argv[1:])}`\n"
         print(text, flush=True)
         with args.out.open("a") as out:

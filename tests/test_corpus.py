@@ -172,3 +172,32 @@ def test_smollm2_phrases():
     assert spread["first"].rank90_median <= 2 < spread["last"].rank90_median
     assert result.summaries[0].token == " Paris"  # "The capital of France is"
     assert len(result.attribution_profile()) >= 3
+
+
+def test_the_table_script_resumes_where_a_run_stopped(model, analysis, tmp_path, monkeypatch):
+    # scripts/dataset_tables.py saves every few prompts; a rerun after a kill carries on and
+    # ends with the same analysis as one uninterrupted call.
+    import importlib.util
+    import pathlib
+
+    spec = importlib.util.spec_from_file_location("dataset_tables", pathlib.Path(__file__).parent.parent / "scripts" / "dataset_tables.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    monkeypatch.setattr(script, "PROMPTS_PER_CALL", 1)
+    calls = []
+    real = script.corpus_analysis
+    monkeypatch.setattr(script, "corpus_analysis", lambda m, p, **kw: calls.append(list(p)) or real(m, p, **kw, progress=False))
+    script.resumable_analysis(model, "toy", PROMPTS, LAYERS, torch.float64, tmp_path)
+    (saved,) = tmp_path.glob("*.pt")
+    state = torch.load(saved, weights_only=False)
+    state["analysis"].summaries = state["analysis"].summaries[:1]  # as if killed after the first prompt
+    torch.save(state, saved)
+    calls.clear()
+    resumed, _ = script.resumable_analysis(model, "toy", PROMPTS, LAYERS, torch.float64, tmp_path)
+    assert calls == [[p] for p in PROMPTS[1:]]
+    assert [s.sources for s in resumed.summaries] == [s.sources for s in analysis.summaries]
+    for target in analysis.targets:
+        for role in ROLES:
+            assert torch.equal(resumed.ranks(target, role), analysis.ranks(target, role))
+    with pytest.raises(SystemExit, match="other settings"):
+        script.resumable_analysis(model, "toy", PROMPTS[:2], LAYERS, torch.float64, tmp_path)
