@@ -13,12 +13,13 @@ import pytest
 import torch
 from conftest import PROMPT
 from test_experts import MOE_FAMILIES
-from test_oracle import ORACLE_FREEZES, assert_matches_oracle
+from test_oracle import ORACLE_FREEZES, assert_matches_oracle, target_oracle
 
 import tl_linmap
 from tl_linmap.compat import get_act_name
 from tl_linmap.errors import UnsupportedArchitectureError
-from tl_linmap.rules import SUPPORTED
+from tl_linmap.guard import hook_count
+from tl_linmap.rules import SUPPORTED, Rebuild, rules_for
 from tl_linmap.toy import MORE_FAMILIES, toy_model
 
 # Mixtures of experts have their own oracle (router, shared experts, the experts' act_fn) in test_experts.
@@ -81,3 +82,24 @@ def test_gemma2_logit_readouts_are_before_the_final_softcap():
     logits = model(model.to_tokens(PROMPT))[0, -1].detach()
     assert ((cap * torch.tanh(z / cap) - logits).norm() / logits.norm()).item() < 1e-6  # the plain forward's norms run in float32
     assert not torch.allclose(z, logits, rtol=1e-3)
+
+
+def test_olmo_weightless_norms_are_rebuilt_and_the_model_comes_back():
+    """OLMo's weightless LayerNorms are frozen at their output; its plain forward runs them in float32."""
+    model = toy_model("olmo")
+    norms = [name for rule in rules_for(model) if isinstance(rule, Rebuild) for name in rule.hook_names()]
+    assert sorted(norms) == sorted(n for n in model.hook_dict if n.endswith("hook_scale"))
+    tokens = model.to_tokens(PROMPT)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    hooks = hook_count(model)
+    lm = tl_linmap.linear_map(model, PROMPT, target="blocks.1.hook_resid_post")
+    with torch.no_grad(), tl_linmap.frozen(model):
+        frozen_logits = model(tokens)[0, -1]
+    logits = model(tokens)[0, -1].detach()
+    assert ((frozen_logits - logits).norm() / logits.norm()).item() < 1e-6  # OlmoLayerNorm upcasts to float32
+    # The readout's frozen ln_final against the oracle's own final norm output, unembedded.
+    oracle = target_oracle(model, tokens, "ln_final.hook_out", tokens.shape[1] - 1).output
+    expected = oracle @ model.W_U.detach()
+    read = lm.readout.logits(lm.output, affine=True)
+    assert ((read - expected).norm() / expected.norm()).item() < 1e-12
+    assert hook_count(model) == hooks and all(torch.equal(state[k], v) for k, v in model.state_dict().items())

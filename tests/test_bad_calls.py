@@ -130,6 +130,8 @@ BAD_CALLS = [
     # target(s).
     bad("target-without-position-axis", lambda m: tl_linmap.linear_map(m, SHORT, target="blocks.0.attn.hook_pattern"), r"Map one with a position axis, such as 'blocks\.0\.hook_resid_post'"),
     bad("target-attention-scores", lambda m: tl_linmap.linear_map(m, SHORT, target="blocks.0.attn.hook_attn_scores"), r"Map hook_q, hook_k or hook_z instead"),
+    bad("target-inside-a-weightless-norm", lambda m: tl_linmap.linear_map(m, SHORT, target="blocks.0.ln2.hook_normalized"),
+        r"weightless norm .* Map blocks\.0\.ln2\.hook_out instead", family="olmo"),
     bad("target-misspelt", lambda m: tl_linmap.linear_map(m, SHORT, target="blocks.0.hook_resid_pots"), r"no hook point 'blocks\.0\.hook_resid_pots'\. Did you mean blocks\.0\.hook_resid_post"),
     bad("target-None", lambda m: tl_linmap.linear_map(m, SHORT, target=None), r"target must be one hook name such as 'output'.*got None"),
     bad("target-int", lambda m: tl_linmap.linear_map(m, SHORT, target=3), r"target must be one hook name such as 'output'.*got 3"),

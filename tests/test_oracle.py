@@ -47,6 +47,10 @@ class Freeze:
     #: (where the bridge only observes the pattern, the attention is frozen through them).
     attention: str = "pattern"
     outside: tuple[str, ...] = ("ln_final",)  # norms outside the blocks
+    #: Weightless norms (OLMo's), whose bridge fails on an edited scale: (centered, eps). Each norm's
+    #: output is then rebuilt from its input as ``c / sqrt(mean(c²) + eps)`` with that scale detached,
+    #: ``c`` the input less its mean where centered.
+    weightless: tuple[bool, float] | None = None
 
 
 _PRE_NORMS = ("ln1", "ln2")
@@ -93,6 +97,7 @@ ORACLE_FREEZES = {
     "NemotronForCausalLM": Freeze(_PRE_NORMS, gated=False),
     "SeedOssForCausalLM": Freeze(_PRE_NORMS, gated=True),
     "VaultGemmaForCausalLM": Freeze(_PRE_NORMS, gated=True),
+    "OlmoForCausalLM": Freeze(_PRE_NORMS, gated=True, weightless=(True, 1e-5)),  # OlmoLayerNorm fixes eps at 1e-5
 }
 
 TARGETS = ["output", "blocks.0.hook_resid_post", "blocks.1.hook_attn_out", "blocks.0.hook_mlp_out"]
@@ -119,6 +124,26 @@ def _frozen_ratio(layer: int) -> list[tuple[str, Callable]]:
     return [(get_act_name("pre", layer), keep), (get_act_name("post", layer), freeze)]
 
 
+def _weightless_norm(norm: str, centered: bool, eps: float) -> list[tuple[str, Callable]]:
+    live: dict[str, Tensor] = {}
+
+    def keep(x: Tensor, hook=None) -> None:
+        live["x"] = x
+
+    def rebuild(out: Tensor, hook=None) -> Tensor:
+        x = live.pop("x")
+        c = x - x.mean(-1, keepdim=True) if centered else x
+        return c / torch.sqrt(c.pow(2).mean(-1, keepdim=True) + eps).detach()
+
+    return [(f"{norm}.hook_in", keep), (f"{norm}.hook_out", rebuild)]
+
+
+def _norm_hooks(norm: str, freeze: Freeze) -> list[tuple[str, Callable]]:
+    if freeze.weightless is None:
+        return [(f"{norm}.hook_scale", _detach)]
+    return _weightless_norm(norm, *freeze.weightless)
+
+
 def oracle_hooks(model) -> list[tuple[str, Callable]]:
     """The oracle's freeze hooks: every factor A(x) of the model detached, by `ORACLE_FREEZES`.
 
@@ -129,9 +154,9 @@ def oracle_hooks(model) -> list[tuple[str, Callable]]:
         ``(hook_name, fn)`` pairs for ``model.hooks``.
     """
     freeze = ORACLE_FREEZES[model.cfg.architecture]
-    hooks = [(f"{norm}.hook_scale", _detach) for norm in freeze.outside]
+    hooks = [hook for norm in freeze.outside for hook in _norm_hooks(norm, freeze)]
     for layer in range(model.cfg.n_layers):
-        hooks += [(get_act_name("scale", layer, norm), _detach) for norm in freeze.norms]
+        hooks += [hook for norm in freeze.norms for hook in _norm_hooks(f"blocks.{layer}.{norm}", freeze)]
         if freeze.attention == "pattern":
             hooks.append((get_act_name("pattern", layer), _detach))
         else:

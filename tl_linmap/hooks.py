@@ -31,7 +31,7 @@ from torch import Tensor
 from tl_linmap import experts
 from tl_linmap.compat import check_model, get_act_name
 from tl_linmap.errors import InputError
-from tl_linmap.rules import Detach, Experts, Ratio, rules_for
+from tl_linmap.rules import Detach, Experts, Ratio, Rebuild, rules_for
 from tl_linmap.structure import layer_of
 
 HookFn = Callable[..., "Tensor | None"]
@@ -81,6 +81,8 @@ def freeze_hooks(model, *, factors: Factors | None = None) -> HookList:
             hooks += [(name, _detach_fn(name, factors)) for name in rule.hook_names()]
         elif isinstance(rule, Experts):
             hooks += experts.freeze_hooks(rule, factors)
+        elif isinstance(rule, Rebuild):
+            hooks += [hook for name in rule.hook_names() for hook in _rebuild_hooks(rule, name, factors=factors)]
         else:
             for pre_name, post_name in rule.hook_names():
                 live: dict[str, Tensor] = {}
@@ -99,12 +101,40 @@ def _detach_fn(name: str, factors: Factors | None) -> HookFn:
     return hook
 
 
-def _keep_fn(live: dict[str, Tensor]) -> HookFn:
+def _keep_fn(live: dict[str, Tensor], key: str = "pre") -> HookFn:
     # Keyed by this closure, not hook.name: an alias hook reports its canonical name.
     def hook(act: Tensor, hook=None) -> None:
-        live["pre"] = act
+        live[key] = act
 
     return hook
+
+
+def _rebuild_hooks(rule: Rebuild, name: str, *, factors: Factors | None = None, factor: Tensor | None = None, live_scale: bool = False) -> HookList:
+    # One weightless norm (`Rebuild`): its input kept, its output replaced by c(x) / scale. The
+    # scale is the bridge's own, observed at hook_scale (detached, or live for `same_path_hooks`),
+    # or a recorded one (`factor`, for replays).
+    live: dict[str, Tensor] = {}
+
+    def rebuild(out: Tensor, hook=None) -> Tensor:
+        x = live.pop("x")
+        if factor is not None:
+            scale = broadcast(factor, x)
+        else:
+            scale = live.pop("scale") if live_scale else live.pop("scale").detach()
+            if factors is not None:
+                factors[name] = scale
+        return _normalized(x, scale, rule.centered).to(out.dtype)
+
+    observe = [] if factor is not None else [(name, _keep_fn(live, "scale"))]
+    return [(rule.hook_in(name), _keep_fn(live, "x")), *observe, (rule.hook_out(name), rebuild)]
+
+
+def _normalized(x: Tensor, scale: Tensor, centered: bool) -> Tensor:
+    # The bridge's own arithmetic for an edited scale (NormalizationBridge's hf-autograd path),
+    # half precision upcast to float32 as the bridge does.
+    if x.dtype not in (torch.float32, torch.float64):
+        x = x.float()
+    return ((x - x.mean(-1, keepdim=True)) if centered else x) / scale
 
 
 def _ratio_fn(name: str, live: dict[str, Tensor], rule: Ratio, factors: Factors | None) -> HookFn:
@@ -163,12 +193,30 @@ def replay_hooks(model, factors: Factors) -> HookList:
             hooks += [(name, _replace_fn(factors[name])) for name in rule.hook_names()]
         elif isinstance(rule, Experts):
             hooks += experts.replay_hooks(rule, factors)
+        elif isinstance(rule, Rebuild):
+            hooks += [hook for name in rule.hook_names() for hook in _rebuild_hooks(rule, name, factor=factors[name])]
         else:
             for pre_name, post_name in rule.hook_names():
                 live: dict[str, Tensor] = {}
                 hooks.append((pre_name, _keep_fn(live)))
                 hooks.append((post_name, _replay_ratio_fn(live, factors[post_name])))
     return hooks
+
+
+def norm_replay_hooks(model, scale: str, factor: Tensor) -> HookList:
+    """Hooks that run one norm with its scale replaced by a recorded one.
+
+    Args:
+        model: A TransformerBridge or HookedTransformer of a supported architecture.
+        scale: The norm's ``hook_scale`` name.
+        factor: Its recorded scale (broadcast over the norm's input).
+
+    Returns:
+        ``(hook_name, fn)`` pairs: the scale replaced at ``hook_scale``, or a weightless norm's
+        output rebuilt (`tl_linmap.rules.Rebuild`).
+    """
+    rule = next((rule for rule in rules_for(model) if isinstance(rule, Rebuild) and scale in rule.names), None)
+    return [(scale, _replace_fn(factor))] if rule is None else _rebuild_hooks(rule, scale, factor=factor)
 
 
 def _replace_fn(factor: Tensor) -> HookFn:
@@ -345,16 +393,16 @@ def same_path_hooks(model) -> HookList:
         model: A TransformerBridge or HookedTransformer of a supported architecture.
 
     Returns:
-        ``(hook_name, fn)`` pairs returning a copy of each norm scale.
+        ``(hook_name, fn)`` pairs returning a copy of each norm scale, and rebuilding a weightless
+        norm's output (`tl_linmap.rules.Rebuild`) with its live scale.
     """
-    names = [
-        name
-        for rule in rules_for(model)
-        if isinstance(rule, Detach)
-        for name in rule.hook_names()
-        if name.endswith("hook_scale")
-    ]
-    return [(name, _copy) for name in names]
+    hooks: HookList = []
+    for rule in rules_for(model):
+        if isinstance(rule, Detach):
+            hooks += [(name, _copy) for name in rule.hook_names() if name.endswith("hook_scale")]
+        elif isinstance(rule, Rebuild):
+            hooks += [hook for name in rule.hook_names() for hook in _rebuild_hooks(rule, name, live_scale=True)]
+    return hooks
 
 
 def _copy(act: Tensor, hook=None) -> Tensor:

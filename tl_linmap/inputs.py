@@ -366,7 +366,19 @@ def resolve_target(model, target: str) -> str:
             f"{target!r} holds attention scores, q·k: quadratic in the embeddings, so no linear map "
             "of them exists (the frozen pattern is a factor). Map hook_q, hook_k or hook_z instead."
         )
+    norm, _, point = name.rpartition(".")
+    if point in ("hook_normalized", "hook_scale") and _rebuilt(model, f"{norm}.hook_scale"):
+        raise InputError(
+            f"{target!r} is inside {norm}, a weightless norm that tl_linmap freezes by rebuilding its output "
+            f"(tl_linmap.rules.Rebuild): its {point} is not part of the frozen computation. Map {norm}.hook_out instead."
+        )
     return name
+
+
+def _rebuilt(model, scale: str) -> bool:
+    from tl_linmap.rules import Rebuild, rules_for  # rules reads the model's structure: only for a norm's hooks
+
+    return scale in model.hook_dict and any(isinstance(rule, Rebuild) and scale in rule.names for rule in rules_for(model))
 
 
 def resolve_targets(model, targets: Sequence[str]) -> tuple[str, ...]:

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from tl_linmap.compat import check_model
 from tl_linmap.errors import InputError
-from tl_linmap.hooks import Factors, quiet_norm_edits
+from tl_linmap.hooks import Factors, HookList, norm_replay_hooks, quiet_norm_edits
 from tl_linmap.inputs import check_positive, check_vector, is_int
 
 
@@ -41,19 +41,18 @@ def frozen_norm(model, norm: str, factors: Factors, position: int) -> FrozenAffi
     Returns:
         A `FrozenAffine`.
     """
-    # The model's own norm module, its scale replaced by the frozen one: no norm code copied here.
-    scale = factors[f"{norm}.hook_scale"][:, position : position + 1]
-    return _probed(model, norm, (f"{norm}.hook_scale", lambda act, probes, hook=None: scale.expand_as(act)))
+    # The model's own norm module, its scale replaced by the frozen one as the replays do.
+    scale = f"{norm}.hook_scale"
+    return _probed(model, norm, lambda probes: norm_replay_hooks(model, scale, factors[scale][:, position : position + 1]))
 
 
-def _probed(model, module: str, hook: tuple[str, Callable]) -> FrozenAffine:
-    # The module as an affine map: run on the zero vector and the basis vectors, with one hook
-    # (its function also given the probes) replacing what the input would have decided.
-    name, replace = hook
+def _probed(model, module: str, hooks: Callable[[Tensor], HookList]) -> FrozenAffine:
+    # The module as an affine map: run on the zero vector and the basis vectors, with hooks
+    # (made knowing the probes) replacing what the input would have decided.
     reference = next(model.parameters())
     d_model = model.cfg.d_model
     probes = torch.cat([reference.new_zeros(1, d_model), torch.eye(d_model, dtype=reference.dtype, device=reference.device)])[:, None]
-    with quiet_norm_edits(), model.hooks(fwd_hooks=[(name, lambda act, hook=None: replace(act, probes))]), torch.no_grad():
+    with quiet_norm_edits(), model.hooks(fwd_hooks=hooks(probes)), torch.no_grad():
         out = model.get_submodule(module)(probes)[:, 0]
     return FrozenAffine(matrix=(out[1:] - out[0]).T, offset=out[0])
 
@@ -262,6 +261,6 @@ def after_output(model, output: str) -> FrozenAffine | None:
     """
     if not output.startswith("ln_final."):
         return None
-    after = _probed(model, "ln_final", (output, lambda act, probes: probes.to(act)))
+    after = _probed(model, "ln_final", lambda probes: [(output, lambda act, hook=None: probes.to(act))])
     identity = torch.eye(model.cfg.d_model, dtype=after.matrix.dtype, device=after.matrix.device)
     return None if torch.equal(after.matrix, identity) and not after.offset.any() else after

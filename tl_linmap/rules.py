@@ -97,7 +97,59 @@ class Experts:
         return list(self.names)
 
 
-Rule = Union[Detach, Ratio, Experts]
+@dataclass(frozen=True)
+class Rebuild:
+    """A norm whose bridge refuses an edited ``hook_scale``: its output rebuilt with the scale frozen.
+
+    TransformerLens 4.3's norm bridges apply an edited scale through the norm's weight, which a
+    weightless norm (OLMo's LayerNorm, NanoChat's RMSNorm) lacks (`tl_linmap.structure.rebuilt_norm`).
+    Its scale is read at ``hook_scale`` (observed, not edited) and ``hook_out`` is replaced by
+    ``c(x) / scale`` with ``x`` from ``hook_in``, the scale frozen, and ``c`` the centering
+    ``x - mean(x)`` of a LayerNorm (the identity for an RMSNorm): the same linear part and factor
+    as `Detach` at ``hook_scale`` would freeze. The factor is recorded under the ``hook_scale`` name.
+    """
+
+    names: tuple[str, ...]  # the norms' hook_scale names
+    centered: bool
+    position_axes: tuple[int, ...] | None = (1,)
+    after_attention: bool = False
+    kind: str = "norm"
+    windows: bool = True
+
+    def hook_names(self) -> list[str]:
+        """The norms' ``hook_scale`` names, under which their factors are recorded.
+
+        Returns:
+            The hook names, in block order.
+        """
+        return list(self.names)
+
+    @staticmethod
+    def hook_in(name: str) -> str:
+        """The hook point whose value the norm normalises.
+
+        Args:
+            name: One of `names`.
+
+        Returns:
+            ``<norm>.hook_in``.
+        """
+        return name.removesuffix("hook_scale") + "hook_in"
+
+    @staticmethod
+    def hook_out(name: str) -> str:
+        """The hook point where the rebuilt output replaces the norm's.
+
+        Args:
+            name: One of `names`.
+
+        Returns:
+            ``<norm>.hook_out``.
+        """
+        return name.removesuffix("hook_scale") + "hook_out"
+
+
+Rule = Union[Detach, Ratio, Experts, Rebuild]
 
 
 def _each_layer(act: str, n_layers: int, layer_type: str | None = None) -> tuple[str, ...]:
@@ -204,6 +256,8 @@ SUPPORTED: set[str] = {
     "Cohere2ForCausalLM", "Ernie4_5ForCausalLM", "Exaone4ForCausalLM", "GlmForCausalLM", "Glm4ForCausalLM",
     "HunYuanDenseV1ForCausalLM", "Jais2ForCausalLM", "MptForCausalLM", "NemotronForCausalLM", "SeedOssForCausalLM",
     "VaultGemmaForCausalLM",
+    # Weightless norms, rebuilt at their output (`Rebuild`).
+    "OlmoForCausalLM",
     # Mixtures of experts (`tl_linmap.experts`, `tests/test_experts.py`).
     "MixtralForCausalLM", "OlmoeForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "MiniMaxM2ForCausalLM",
 }
@@ -211,15 +265,11 @@ SUPPORTED: set[str] = {
 #: The real exceptions of the structure-derived rules, by architecture: what the model's hook
 #: points do not show. A string refuses the architecture with that reason.
 EXCEPTIONS: dict[str, str] = {
-    "OlmoForCausalLM": (
-        "OLMo's LayerNorm has no weight, and TransformerLens 4.3's NormalizationBridge fails once a hook "
-        "returns a new hook_scale there ('NormalizationBridge' object has no attribute 'weight'), so its "
-        "scale cannot be frozen (OLMo 2 and 3 are supported)"
-    ),
     "NanoChatForCausalLM": (
-        "NanoChat's RMSNorm has no weight, and TransformerLens 4.3's RMSNormalizationBridge fails once a hook "
-        "returns a new hook_scale there ('RMSNormalizationBridge' object has no attribute 'weight'), so its "
-        "scale cannot be frozen"
+        "NanoChatModel.forward calls its final norm module (model.norm, the bridge's ln_final) twice, on the "
+        "embeddings before the first block and after the last, so ln_final's hook points fire twice per forward: "
+        "its first firing would be taken for the model's output and one frozen scale would stand for two "
+        "(its weightless RMSNorms alone would be frozen, see rules.Rebuild)"
     ),
     "CodeGenForCausalLM": (
         "TransformerLens 4.3's CodeGen attention bridge fails its own forward with this transformers "
@@ -265,11 +315,12 @@ def bridge_rules(model) -> tuple[Rule, ...]:
     rules: list[Rule] = []
     for location, names in structure.norm_scales(hooks).items():
         inside_attention = ".attn." in location
-        rules.append(Detach(
-            names,
+        where = dict(
             position_axes=structure.scale_axes(model, location),
             after_attention=not (inside_attention or location.endswith(".ln1") or location in structure.BEFORE_BLOCKS),
-        ))
+        )
+        centered = structure.rebuilt_norm(model, names[0])
+        rules.append(Detach(names, **where) if centered is None else Rebuild(names, centered=centered, **where))
     rules += structure.attention_rules(model)
     rules += structure.mlp_rules(model)
     if arch in FLAT_TOKENS:
@@ -312,7 +363,7 @@ _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _checked(model, rules: tuple[Rule, ...]) -> tuple[Rule, ...]:
-    covered = {name for rule in rules if isinstance(rule, Detach) for name in rule.hook_names()}
+    covered = {name for rule in rules if isinstance(rule, (Detach, Rebuild)) for name in rule.hook_names()}
     uncovered = sorted(n for n in model.hook_dict if n.endswith("hook_scale") and n not in covered)
     if uncovered:
         raise UnsupportedArchitectureError(

@@ -146,6 +146,32 @@ def layer_of(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+#: Norm bridges that apply no weight to an edited scale (TransformerLens's param-free norms).
+PARAM_FREE_NORMS = ("LayerNormPreBridge", "RMSNormPreBridge")
+
+
+def rebuilt_norm(model, scale: str) -> bool | None:
+    """Whether a norm's factor is frozen by rebuilding its output (`tl_linmap.rules.Rebuild`).
+
+    TransformerLens 4.3's norm bridge applies an edited ``hook_scale`` through the norm's weight
+    (``NormalizationBridge._apply_weight_and_bias`` reads ``self.weight``), so a norm without
+    one (OLMo's LayerNorm, NanoChat's RMSNorm) fails once a hook edits its scale, unless its
+    bridge is a param-free one that applies no weight.
+
+    Args:
+        model: A TransformerBridge.
+        scale: The norm's ``hook_scale`` name.
+
+    Returns:
+        None where an edited scale works (the scale is detached in place), else whether the norm
+        subtracts the mean (a LayerNorm) before dividing by its scale.
+    """
+    norm = model.get_submodule(scale.removesuffix(".hook_scale"))
+    if _is(norm, PARAM_FREE_NORMS) or getattr(norm, "weight", None) is not None:
+        return None
+    return not norm.uses_rms_norm
+
+
 def scale_axes(model, location: str) -> tuple[int, ...] | None:
     """Where a norm's scale has its sequence axis.
 

@@ -248,7 +248,8 @@ class FrozenSystem:
             hooks = replay_hooks(self.model, self.factors)
         else:
             trimmed = trim_factors(self.model, self.factors, self.trim, self.position)
-            hooks = replay_hooks(self.model, trimmed) + trim_hooks(self.trim, self.position)
+            # The cut first: a replay's hook at the same point (a rebuilt norm's input) sees the cut value.
+            hooks = trim_hooks(self.trim, self.position) + replay_hooks(self.model, trimmed)
         tokens = self.tokens.expand(len(embeddings), -1)
         # First in the list, so every other hook at the source (a replay's) sees the replacement.
         hooks = [(self.source, lambda act, hook=None: embeddings.reshape(act.shape))] + hooks
@@ -644,7 +645,7 @@ class SystemBatch:
         factors = slice_factors(model, factors, start, stop)
         rows = positions.repeat(len(embeddings) // len(members))
         hooks = replay_hooks(model, factors) if first.trim is None else (
-            replay_hooks(model, trim_factors(model, factors, first.trim, positions)) + trim_hooks(first.trim, rows)
+            trim_hooks(first.trim, rows) + replay_hooks(model, trim_factors(model, factors, first.trim, positions))
         )
         hooks = [(first.source, lambda act, hook=None: embeddings.reshape(act.shape))] + hooks
         tokens = self.tokens.index_select(0, index)[:, start:stop].repeat(len(embeddings) // len(members), 1)
