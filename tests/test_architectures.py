@@ -81,3 +81,19 @@ def test_gemma2_logit_readouts_are_before_the_final_softcap():
     logits = model(model.to_tokens(PROMPT))[0, -1].detach()
     assert ((cap * torch.tanh(z / cap) - logits).norm() / logits.norm()).item() < 1e-6  # the plain forward's norms run in float32
     assert not torch.allclose(z, logits, rtol=1e-3)
+
+
+def test_a_norm_wrapped_without_hook_scale_is_frozen_only_if_rms():
+    """MLA's query latent RMS norm has no hook_scale: frozen as a ratio at its component's hook_in/hook_out.
+    (Its queries end in the frozen pattern, so that factor leaves J as it is; a LayerNorm there is refused all the same.)"""
+    model = toy_model("youtu")
+    ratios = [rule for rule in tl_linmap.rules.rules_for(model) if rule.kind == "norm (ratio)"]
+    assert [pair for rule in ratios for pair in rule.hook_names()] == [
+        (f"blocks.{layer}.attn.q_a_layernorm.hook_in", f"blocks.{layer}.attn.q_a_layernorm.hook_out") for layer in range(model.cfg.n_layers)
+    ]
+    model = toy_model("youtu")  # a fresh one: the rules of a model are cached
+    width = model.original_model.config.q_lora_rank
+    for block in model.blocks:  # centring is not a pointwise scaling: no ratio freezes a LayerNorm's scale
+        block.attn.q_a_layernorm.set_original_component(torch.nn.LayerNorm(width, dtype=torch.float64))
+    with pytest.raises(UnsupportedArchitectureError, match=r"q_a_layernorm \(LayerNorm\) is a normalisation the bridge wraps"):
+        tl_linmap.linear_map(model, PROMPT)
