@@ -103,3 +103,19 @@ def test_olmo_weightless_norms_are_rebuilt_and_the_model_comes_back():
     read = lm.readout.logits(lm.output, affine=True)
     assert ((read - expected).norm() / expected.norm()).item() < 1e-12
     assert hook_count(model) == hooks and all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_norm_wrapped_without_hook_scale_is_frozen_only_if_rms():
+    """MLA's query latent RMS norm has no hook_scale: frozen as a ratio at its component's hook_in/hook_out.
+    (Its queries end in the frozen pattern, so that factor leaves J as it is; a LayerNorm there is refused all the same.)"""
+    model = toy_model("youtu")
+    ratios = [rule for rule in tl_linmap.rules.rules_for(model) if rule.kind == "norm (ratio)"]
+    assert [pair for rule in ratios for pair in rule.hook_names()] == [
+        (f"blocks.{layer}.attn.q_a_layernorm.hook_in", f"blocks.{layer}.attn.q_a_layernorm.hook_out") for layer in range(model.cfg.n_layers)
+    ]
+    model = toy_model("youtu")  # a fresh one: the rules of a model are cached
+    width = model.original_model.config.q_lora_rank
+    for block in model.blocks:  # centring is not a pointwise scaling: no ratio freezes a LayerNorm's scale
+        block.attn.q_a_layernorm.set_original_component(torch.nn.LayerNorm(width, dtype=torch.float64))
+    with pytest.raises(UnsupportedArchitectureError, match=r"q_a_layernorm \(LayerNorm\) is a normalisation the bridge wraps"):
+        tl_linmap.linear_map(model, PROMPT)

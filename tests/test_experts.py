@@ -17,6 +17,7 @@ import einops
 import pytest
 import torch
 from conftest import PROMPT
+from test_oracle import _frozen_ratio
 from torch import Tensor
 
 import tl_linmap
@@ -25,12 +26,16 @@ from tl_linmap.compat import get_act_name
 from tl_linmap.errors import UnsupportedArchitectureError
 from tl_linmap.toy import toy_model
 
-MOE_FAMILIES = ["minimax_m2", "mixtral", "olmoe", "qwen2_moe", "qwen3_moe"]
+MOE_FAMILIES = ["glm4_moe_lite", "minimax_m2", "mixtral", "olmoe", "qwen2_moe", "qwen3_moe"]
 
 #: The oracle's own table: norms with a hook_scale in every block, and the block's other gates.
 _QK = ("attn.q_norm", "attn.k_norm")
-ORACLE_NORMS = {"minimax_m2": _QK, "mixtral": (), "olmoe": _QK, "qwen2_moe": (), "qwen3_moe": _QK}
-ORACLE_GATES = {"qwen2_moe": ("mlp.shared_expert.hook_pre", "mlp.shared_expert_gate.hook_out")}
+ORACLE_NORMS = {"glm4_moe_lite": ("attn.kv_a_layernorm",), "minimax_m2": _QK, "mixtral": (), "olmoe": _QK, "qwen2_moe": (), "qwen3_moe": _QK}
+ORACLE_GATES = {"qwen2_moe": ("mlp.shared_expert.hook_pre", "mlp.shared_expert_gate.hook_out"), "glm4_moe_lite": ("mlp.shared_experts.hook_pre",)}
+#: Components wrapping an RMS norm without hook_scale, frozen as the ratio of their output to their input.
+ORACLE_RATIOS = {"glm4_moe_lite": ("attn.q_a_layernorm",)}
+#: Blocks whose MLP is dense (a gated MLP, its gate pre-activation detached) in a stack of routed ones.
+ORACLE_DENSE = {"glm4_moe_lite": (0,)}
 
 DTYPES = [pytest.param(torch.float64, 1e-12, id="float64"), pytest.param(torch.float32, 1e-4, id="float32")]
 
@@ -55,7 +60,8 @@ def _detach(act: Tensor, hook=None) -> Tensor:
 
 
 def _hf_layers(model):
-    return model.original_model.model.layers
+    # Those with experts (a dense block of a mixed stack has none).
+    return [layer for layer in model.original_model.model.layers if hasattr(layer.mlp, "experts")]
 
 
 def _experts(hf_layer):
@@ -67,8 +73,14 @@ def _oracle_run(model, family: str, tokens: Tensor, x: Tensor, target: str, free
     hooks = [("hook_embed", lambda act, hook=None: x[None]), ("ln_final.hook_scale", _detach)]
     for layer in range(model.cfg.n_layers):
         hooks += [(get_act_name("scale", layer, norm), _detach) for norm in ("ln1", "ln2", *ORACLE_NORMS[family])]
-        hooks += [(get_act_name("pattern", layer), _detach), (f"blocks.{layer}.mlp.gate.hook_expert_weights", _detach)]
-        hooks += [(f"blocks.{layer}.{gate}", _detach) for gate in ORACLE_GATES.get(family, ())]
+        hooks.append((get_act_name("pattern", layer), _detach))
+        if layer in ORACLE_DENSE.get(family, ()):
+            hooks.append((get_act_name("pre", layer), _detach))
+        else:
+            hooks.append((f"blocks.{layer}.mlp.gate.hook_expert_weights", _detach))
+            hooks += [(f"blocks.{layer}.{gate}", _detach) for gate in ORACLE_GATES.get(family, ())]
+        for part in ORACLE_RATIOS.get(family, ()):
+            hooks += _frozen_ratio(layer, f"blocks.{layer}.{part}.hook_in", f"blocks.{layer}.{part}.hook_out")
     seen = {}
     hooks += [*extra, (target, lambda act, hook=None: seen.update(act=act))]
     hf = model.original_model

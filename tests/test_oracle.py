@@ -51,6 +51,10 @@ class Freeze:
     #: output is then rebuilt from its input as ``c / sqrt(mean(c²) + eps)`` with that scale detached,
     #: ``c`` the input less its mean where centered.
     weightless: tuple[bool, float] | None = None
+    #: Components wrapping an RMS norm without hook_scale (MLA's query latent norm): frozen as the
+    #: ratio of their hook_out to their hook_in, as an activation is. Not a float64 recomputation of
+    #: the norm's scale: Hugging Face runs that norm in float32 even in a float64 model.
+    ratios: tuple[str, ...] = ()
 
 
 _PRE_NORMS = ("ln1", "ln2")
@@ -98,6 +102,7 @@ ORACLE_FREEZES = {
     "SeedOssForCausalLM": Freeze(_PRE_NORMS, gated=True),
     "VaultGemmaForCausalLM": Freeze(_PRE_NORMS, gated=True),
     "OlmoForCausalLM": Freeze(_PRE_NORMS, gated=True, weightless=(True, 1e-5)),  # OlmoLayerNorm fixes eps at 1e-5
+    "YoutuForCausalLM": Freeze(_PRE_NORMS + ("attn.kv_a_layernorm",), gated=True, ratios=("attn.q_a_layernorm",)),
 }
 
 TARGETS = ["output", "blocks.0.hook_resid_post", "blocks.1.hook_attn_out", "blocks.0.hook_mlp_out"]
@@ -110,8 +115,9 @@ def _detach(act: Tensor, hook=None) -> Tensor:
     return act.detach()
 
 
-def _frozen_ratio(layer: int) -> list[tuple[str, Callable]]:
-    # Keyed by this closure, not hook.name: a hook registered under an alias sees the canonical name.
+def _frozen_ratio(layer: int, pre_name: str | None = None, post_name: str | None = None) -> list[tuple[str, Callable]]:
+    # The MLP's activation by default. Keyed by this closure, not hook.name: a hook registered
+    # under an alias sees the canonical name.
     live: dict[str, Tensor] = {}
 
     def keep(pre: Tensor, hook=None) -> None:
@@ -121,7 +127,7 @@ def _frozen_ratio(layer: int) -> list[tuple[str, Callable]]:
         pre = live.pop("pre")
         return post.detach() + (pre - pre.detach()) * (post / pre).detach()
 
-    return [(get_act_name("pre", layer), keep), (get_act_name("post", layer), freeze)]
+    return [(pre_name or get_act_name("pre", layer), keep), (post_name or get_act_name("post", layer), freeze)]
 
 
 def _weightless_norm(norm: str, centered: bool, eps: float) -> list[tuple[str, Callable]]:
@@ -162,6 +168,8 @@ def oracle_hooks(model) -> list[tuple[str, Callable]]:
         else:
             hooks += [(f"blocks.{layer}.attn.{qk}.hook_out", _detach) for qk in "qk"]
         hooks += [(get_act_name("pre", layer), _detach)] if freeze.gated else _frozen_ratio(layer)
+        for part in freeze.ratios:
+            hooks += _frozen_ratio(layer, f"blocks.{layer}.{part}.hook_in", f"blocks.{layer}.{part}.hook_out")
     return hooks
 
 

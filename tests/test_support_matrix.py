@@ -49,3 +49,16 @@ def test_refused_rows_give_a_reason(rows):
 def test_the_readme_shows_the_matrix(rows):
     table = _script().markdown(list(rows.values()))
     assert table in (ROOT / "README.md").read_text()
+
+
+def test_only_replaces_the_rows_it_recomputed():
+    kept = [{"architecture": "AForCausalLM", "status": "refused", "reason": "old"}, {"architecture": "CForCausalLM", "status": "refused", "reason": "kept"}]
+    fresh = [{"architecture": "AForCausalLM", "status": "refused", "reason": "new"}, {"architecture": "BForCausalLM", "status": "refused", "reason": "added"}]
+    rows = _script().merged(kept, fresh)
+    assert [(row["architecture"], row["reason"]) for row in rows] == [("AForCausalLM", "new"), ("BForCausalLM", "added"), ("CForCausalLM", "kept")]
+
+
+def test_only_refuses_an_architecture_transformerlens_does_not_boot(capsys):
+    with pytest.raises(SystemExit):
+        _script().main(["--only", "NoSuchForCausalLM"])
+    assert "NoSuchForCausalLM" in capsys.readouterr().err

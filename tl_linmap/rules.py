@@ -260,6 +260,8 @@ SUPPORTED: set[str] = {
     "OlmoForCausalLM",
     # Mixtures of experts (`tl_linmap.experts`, `tests/test_experts.py`).
     "MixtralForCausalLM", "OlmoeForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "MiniMaxM2ForCausalLM",
+    # Multi-head latent attention, its query latent's RMS norm frozen as a ratio (`structure.norm_ratios`).
+    "YoutuForCausalLM", "Glm4MoeLiteForCausalLM",
 }
 
 #: The real exceptions of the structure-derived rules, by architecture: what the model's hook
@@ -280,6 +282,27 @@ EXCEPTIONS: dict[str, str] = {
         "computed inline in GptOssExperts._apply_gate on raw matrix products (no module, no hook point between "
         "the expert projections), so neither the clamps nor the gate can be frozen through hooks. (Its attention "
         "sinks would be: the bridge's hook_pattern comes after the sink column is dropped.)"
+    ),
+    "XGLMForCausalLM": (
+        "Hugging Face's XGLMAttention floors its masked scores with torch.full((), torch.finfo(dtype).min), built in "
+        "torch's default dtype, which overflows for a float64 model ('value cannot be converted to type float without "
+        "overflow'): the model cannot run in float64, where tl_linmap's maps are checked exact (it runs in float32, and "
+        "its structure shows no part without a freeze rule)"
+    ),
+    "OpenAIGPTLMHeadModel": (
+        "GPT-1's Block returns a list, and TransformerLens 4.3's BlockBridge hooks a block's output only when it is a "
+        "tuple or a tensor, so blocks.L.hook_out (hook_resid_post) never fires: no map can reach a block's output"
+    ),
+    "ModernBertDecoderForCausalLM": (
+        "its MLP is a fused GLU (Wi's output chunked into act(input) · gate inside ModernBertDecoderMLP.forward) that "
+        "TransformerLens 4.3 binds as an ungated MLP: mlp.hook_pre holds both halves and mlp.hook_post their product, "
+        "so neither a gate nor an activation ratio freezes it; and its prediction head (dense, GELU, LayerNorm between "
+        "ln_final and the unembedding) has no hook point inside"
+    ),
+    "GraniteMoeForCausalLM": (
+        "TransformerLens 4.3's GraniteMoe router bridge reads the router's outputs as (indices, weights, logits), but "
+        "Hugging Face's GraniteMoeTopKRouter returns (logits, weights, indices): hook_expert_indices carries the router "
+        "logits and the expert choice fires only at the router's hook_out, so the router rule cannot freeze and replay it"
     ),
 }
 
@@ -321,6 +344,7 @@ def bridge_rules(model) -> tuple[Rule, ...]:
         )
         centered = structure.rebuilt_norm(model, names[0])
         rules.append(Detach(names, **where) if centered is None else Rebuild(names, centered=centered, **where))
+    rules += structure.norm_ratios(model)
     rules += structure.attention_rules(model)
     rules += structure.mlp_rules(model)
     if arch in FLAT_TOKENS:

@@ -79,13 +79,59 @@ def _block_problem(block, path: str) -> str | None:
             continue
         if not _is(child, NORMS + ATTENTIONS + MLPS + MOES + LINEARS):
             return f"{_described(f'{path}.{key}', child)} is a component of a kind tl_linmap does not know"
-    wrapped = {id(m.original_component) for m in block.modules() if getattr(m, "original_component", None) is not None}
+    # A norm counts as covered only where a norm bridge (with hook_scale) wraps it, or where a
+    # plain component wraps an RMS norm, whose factor a ratio at its hook_in/hook_out freezes.
+    bridges = {id(m.original_component): m for m in block.modules() if getattr(m, "original_component", None) is not None}
     hf_block = getattr(block, "original_component", None)
     for hf_path, module in (hf_block.named_modules() if hf_block is not None else ()):
-        bridged = hasattr(module, "original_component") or id(module) in wrapped
-        if "norm" in type(module).__name__.lower() and not bridged:
+        if "norm" not in type(module).__name__.lower() or hasattr(module, "original_component"):
+            continue
+        bridge = bridges.get(id(module))
+        hf_path = re.sub(r"\._?original_component", "", hf_path)  # as Hugging Face names it
+        if bridge is None:
             return f"{path}: Hugging Face's {hf_path} ({type(module).__name__}) is a normalisation with no hook_scale"
+        if not _is(bridge, NORMS) and not _is_rms(module):
+            return (
+                f"{path}: Hugging Face's {hf_path} ({type(module).__name__}) is a normalisation the bridge wraps in a "
+                f"{type(bridge).__name__}, with no hook_scale, and it is not an RMS norm (a pointwise scaling)"
+            )
     return None
+
+
+def _is_rms(module) -> bool:
+    # x · w / rms(x): a diagonal scaling of x, so its factor is the ratio out / x.
+    return "rmsnorm" in type(module).__name__.lower() and getattr(module, "bias", None) is None
+
+
+def norm_ratios(model) -> list:
+    """Rules for RMS norms the bridge wraps without a ``hook_scale`` (MLA's query latent norm).
+
+    Such a norm computes ``x · w / rms(x)``, a diagonal scaling of ``x``: its factor is the ratio
+    ``out / x`` between the wrapping component's ``hook_in`` and ``hook_out``, which a `Ratio`
+    freezes exactly as freezing ``rms(x)`` would.
+
+    Args:
+        model: A TransformerBridge (checked by `check_supported`).
+
+    Returns:
+        One `Ratio` rule per location of such norms (none for most models).
+    """
+    from tl_linmap.rules import Ratio
+
+    groups: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    for block in model.blocks:
+        for component in block.modules():
+            original = getattr(component, "original_component", None)
+            if original is None or _is(component, NORMS) or not _is_rms(original) or not hasattr(component, "hook_in"):
+                continue
+            pair = (component.hook_in.name, component.hook_out.name)
+            location = _LAYER.sub("blocks.{}.", pair[0])
+            if pair not in groups[location]:  # a bridge is reachable under its parent and its parent's original
+                groups[location].append(pair)
+    return [
+        Ratio(tuple(sorted(pairs, key=lambda pair: _layer_of(pair[0]))), after_attention=".attn." not in location, kind="norm (ratio)")
+        for location, pairs in groups.items()
+    ]
 
 
 def each_block(model, suffix: str) -> list[str]:

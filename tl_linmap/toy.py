@@ -16,6 +16,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from tl_linmap.system import is_bias_name
 
+_MLA = dict(q_lora_rank=24, kv_lora_rank=16, qk_rope_head_dim=16, qk_nope_head_dim=8, v_head_dim=16)
+
 #: Family name -> (HF config class, HF model class, architecture name).
 FAMILIES = {
     "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
@@ -74,6 +76,21 @@ MORE_FAMILIES: dict[str, tuple[str, str, dict]] = {
     # Structurally refused: LFM2 with its input-gated convolution layers beside attention.
     "lfm2": ("lfm2", "Lfm2ForCausalLM", dict(layer_types=["conv", "full_attention"])),
     "gpt_oss": ("gpt_oss", "GptOssForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=32, sliding_window=4)),
+    # Multi-head latent attention (MLA): low-rank query and key/value latents, each RMS-normed; the
+    # rotary part of the head (qk_rope_head_dim) is the config's head_dim, which the sizes above set.
+    "youtu": ("youtu", "YoutuForCausalLM", dict(_MLA)),
+    "glm4_moe_lite": ("glm4_moe_lite", "Glm4MoeLiteForCausalLM", dict(_MLA)),  # block 0 dense, block 1 routed
+    "deepseek_v3": ("deepseek_v3", "DeepseekV3ForCausalLM", dict(_MLA, first_k_dense_replace=1, n_group=2, topk_group=1)),
+    "granite_moe": ("granitemoe", "GraniteMoeForCausalLM", {}),
+    "modernbert_decoder": ("modernbert-decoder", "ModernBertDecoderForCausalLM", {}),
+    "openai_gpt": ("openai-gpt", "OpenAIGPTLMHeadModel", {}),
+    "xglm": ("xglm", "XGLMForCausalLM", {}),
+    # Text halves of multimodal families (their own model types), and LFM2's mixture of experts.
+    "llama4": ("llama4_text", "Llama4ForCausalLM", dict(interleave_moe_layer_step=2, no_rope_layers=[1, 0])),
+    "qwen3_5": ("qwen3_5_text", "Qwen3_5ForCausalLM", dict(layer_types=["linear_attention", "full_attention"])),
+    "qwen3_5_moe": ("qwen3_5_moe_text", "Qwen3_5MoeForCausalLM", dict(layer_types=["linear_attention", "full_attention"])),
+    "gemma4": ("gemma4_text", "Gemma4ForCausalLM", {}),
+    "lfm2_moe": ("lfm2_moe", "Lfm2MoeForCausalLM", dict(layer_types=["conv", "full_attention"], num_dense_layers=1)),
 }
 
 
@@ -135,6 +152,8 @@ def _config(family: str, d_model: int, n_layers: int, n_heads: int, d_mlp: int, 
 def _more_config(family: str, d_model: int, n_layers: int, n_heads: int, d_mlp: int, n_ctx: int, vocab: int, **overrides):
     model_type, architecture, settings = MORE_FAMILIES[family] if family in MORE_FAMILIES else (*_model_type(family), {})
     config = transformers.AutoConfig.for_model(model_type)
+    if hasattr(config, "allow_global_per_layer_attribute_access"):  # Gemma 4: the toy's sizes are the same in every layer
+        config.allow_global_per_layer_attribute_access = True
     sizes = dict(
         hidden_size=d_model, n_embd=d_model, num_hidden_layers=n_layers, n_layer=n_layers, num_layers=n_layers,
         num_attention_heads=n_heads, n_head=n_heads, num_key_value_heads=max(1, n_heads // 2), head_dim=d_model // n_heads,
