@@ -23,7 +23,7 @@ from tl_linmap._deprecated import renamed_argument
 from tl_linmap.budget import activation_bytes, fit_rows, plan_tokens
 from tl_linmap.errors import InputError
 from tl_linmap.exactness import check_exact, relative
-from tl_linmap.inputs import Prompt, check_positive, is_batch, prompt_batch, resolve_target
+from tl_linmap.inputs import Prompt, check_positions, check_positive, is_batch, prompt_batch, resolve_target
 from tl_linmap.readout import Readout, decode_tokens
 from tl_linmap.results import Contributions
 from tl_linmap.spectral import OperatorSVD, input_index, signed
@@ -143,7 +143,12 @@ def batched_contributions(
 
     Returns:
         One `tl_linmap.results.Contributions` per prompt.
+
+    Raises:
+        InputError: for a position out of range for some prompt (named), or any argument the
+            one-prompt call refuses.
     """
+    check_positions(model, position, prompts)  # before any prompt's work, naming the prompt a position misses
     if not batchable(model) or len(prompts) == 1:  # nothing to share for one prompt
         return [
             token_contributions(model, tokens, target=target, position=position, dtype=dtype,
@@ -519,12 +524,8 @@ def matrix_free(
         ...     top = mf.svd(-1, k=8)
     """
     if is_batch(prompt_or_tokens, attention_mask):
+        # Each MatrixFree works on its own prompt's windows, so no model needs `batchable` here.
         prompts = prompt_batch(model, prompt_or_tokens, attention_mask)
-        if not batchable(model):
-            raise InputError(
-                "This model's factors cannot be cut to one prompt of a batch (a pattern frozen through its queries "
-                "and keys): open one matrix_free per prompt."
-            )
         with frozen_batch(model, prompts, [target], position=position, dtype=dtype, source=source) as batch:
             if check:
                 for system in batch.systems:

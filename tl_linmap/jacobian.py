@@ -44,6 +44,7 @@ from tl_linmap.inputs import (
     check_position,
     check_positive,
     independent_target,
+    check_positions,
     is_batch,
     prompt_batch,
     resolve_target,
@@ -467,7 +468,12 @@ def batched_linear_maps(
 
     Returns:
         One `tl_linmap.results.LinearMaps` per prompt.
+
+    Raises:
+        InputError: for a position out of range for some prompt (named), or any argument the
+            one-prompt call refuses.
     """
+    check_positions(model, position, prompts)  # before any prompt's work, naming the prompt a position misses
     if not batchable(model) or len(prompts) == 1:  # nothing to share for one prompt
         options = dict(position=position, dtype=dtype, rows_per_pass=rows_per_pass, check=check, progress=progress,
                        norms=norms, route=route, source=source)
