@@ -55,6 +55,11 @@ def _matrix_free(model, use, **options):
         return use(mf)
 
 
+def _matrix_free_batch(model, prompts, **options):
+    with tl_linmap.matrix_free(model, prompts, **options) as mfs:
+        return mfs
+
+
 def _after_block(model):
     with tl_linmap.matrix_free(model, SHORT) as mf:
         pass
@@ -103,7 +108,16 @@ BAD_CALLS = [
     bad("batch-mask-row-of-zeros", lambda m: tl_linmap.linear_map(m, torch.full((2, 3), 7), attention_mask=torch.tensor([[1, 1, 1], [0, 0, 0]])), r"Row 1 of attention_mask is all zeros"),
     bad("batch-ends-in-pad-without-mask", lambda m: tl_linmap.token_contributions(m, torch.tensor([[7, 8, 9], [7, 1, 1]])), r"ends in the pad token \(1\): without attention_mask it is ambiguous .*Pass attention_mask="),
     bad("batch-1-d-tokens-with-mask", lambda m: tl_linmap.linear_map(m, torch.tensor([7, 8]), attention_mask=torch.ones(2)), r"a token tensor \(batch, pos\) with attention_mask; got \(2,\)"),
-    bad("batch-position-beyond-a-short-prompt", lambda m: tl_linmap.layer_maps(m, [SHORT, [5, 6]], position=4), r"Position 4 is out of range for a prompt of 2 tokens"),
+    bad("batch-position-beyond-a-short-prompt", lambda m: tl_linmap.layer_maps(m, [SHORT, [5, 6]], position=4),
+        r"Position 4 is out of range for prompt 1 of the batch \('\S+', 2 tokens\): pass one every prompt has, in \[-2, 2\)"),
+    bad("batch-position-beyond-a-short-prompt-matrix_free", lambda m: _matrix_free_batch(m, [SHORT, [5]], position=-2),
+        r"Position -2 is out of range for prompt 1 of the batch \('\S+', 1 token\)"),
+    bad("batch-position-beyond-a-short-prompt-unbatchable", lambda m: tl_linmap.token_contributions(m, [SHORT, [5]], position=3),
+        r"Position 3 is out of range for prompt 1 of the batch", family="gptj"),
+    bad("batch-mask-with-ragged-rows", lambda m: tl_linmap.linear_map(m, [[7, 8, 9], [7, 8]], attention_mask=[[1, 1, 1], [1, 1]]),
+        r"With attention_mask the rows must be padded to one length .*or pass the list of prompts without attention_mask"),
+    bad("batch-token_attribution-not-maps", lambda m: tl_linmap.token_attribution(m, [_maps(m, True), [_maps(m, True)]], "a"),
+        r"maps\[1\] is a list: pass the list layer_maps\(model, prompts, modules=True\) returns"),
     bad("batch-token_attribution-empty-list", lambda m: tl_linmap.token_attribution(m, [], "a"), r"maps is an empty list: pass layer_maps\(model, prompts, modules=True\)"),
     bad("prompt-mixes-ids-and-strings", lambda m: tl_linmap.linear_map(m, [5, "cat"]), r"mixes strings and token ids: pass one string, or a list of token ids"),
     bad("prompt-one-int", lambda m: tl_linmap.linear_map(m, 5), r"Got one token id, 5; pass a list of token ids such as \[5\]"),

@@ -128,11 +128,20 @@ def test_a_non_positional_position_and_a_one_row_list():
     assert _close(only.operators, tl_linmap.linear_map(model, "The cat").operators) < 1e-12
 
 
-def test_a_model_whose_factors_cannot_be_cut_runs_prompt_by_prompt():
-    model = toy_model("gptj", dtype=torch.float64)
+# GPT-J: a pattern frozen through queries and keys; OPT and Mixtral: factors over flattened tokens.
+@pytest.mark.parametrize("family", ["gptj", "opt", "mixtral"])
+def test_a_model_whose_factors_cannot_be_cut_runs_prompt_by_prompt(family):
+    model = toy_model(family, dtype=torch.float64)
     assert not tl_linmap.system.batchable(model)
-    for prompt, c in zip(PROMPTS[:2], tl_linmap.token_contributions(model, PROMPTS[:2])):
+    prompts = PROMPTS[:3]
+    maps = tl_linmap.linear_map(model, prompts, route="rows")
+    with tl_linmap.matrix_free(model, prompts) as mfs:  # each prompt's own windows: no padded replay needed
+        values = [mf.svd(-1, k=3).values for mf in mfs]
+    for prompt, c, lm, svd in zip(prompts, tl_linmap.token_contributions(model, prompts), maps, values):
         assert _close(c.values, tl_linmap.token_contributions(model, prompt).values) < 1e-12
+        assert _close(lm.operators, tl_linmap.linear_map(model, prompt, route="rows").operators) < 1e-12
+        with tl_linmap.matrix_free(model, prompt) as mf:
+            assert _close(svd, mf.svd(-1, k=3).values) < 1e-12
 
 
 def test_the_model_comes_back_bit_for_bit():
@@ -156,3 +165,62 @@ def test_from_a_middle_layer(family):
     for prompt, c, lm in zip(PROMPTS[:3], batched, maps):
         assert _close(c.values, tl_linmap.token_contributions(model, prompt, source=source).values) < 1e-12
         assert _close(lm.operators, tl_linmap.linear_map(model, prompt, source=source, route="columns").operators) < 1e-12
+
+
+@pytest.mark.parametrize("route", ["rows", "columns"])
+def test_a_position_inside_every_prompt_of_mixed_lengths(route):
+    # Per-row target positions: the block cut after attention (trim) keeps each prompt's own.
+    model = _model("llama")
+    prompts = ["Hello world, this is a test", [17, 42, 9], "The cat sat on the mat"]
+    for position in (1, -2):
+        batched = tl_linmap.layer_maps(model, prompts, position=position, route=route, modules=True)
+        for prompt, maps in zip(prompts, batched):
+            one = tl_linmap.layer_maps(model, prompt, position=position, route=route, modules=True)
+            assert maps[next(iter(one))].position == one[next(iter(one))].position
+            for name in one:
+                assert _close(maps[name].operators, one[name].operators) < 1e-12, (position, name)
+                assert (maps[name].bias - one[name].bias).abs().max() <= 1e-12 * one[name].output.norm()
+
+
+def test_a_position_beyond_a_short_prompt_names_it_before_any_work(monkeypatch):
+    model = _model("llama")
+    calls = []
+    monkeypatch.setattr(tl_linmap.system, "borrowed", lambda *a, **k: calls.append(a) or borrowed(*a, **k))
+    with pytest.raises(tl_linmap.InputError, match=r"Position 2 is out of range for prompt 1 of the batch \('\S+', 2 tokens\)"):
+        tl_linmap.token_contributions(model, ["The cat sat", [17, 42], [5]], position=2)
+    assert not calls  # refused before the model was borrowed
+
+
+def test_readouts_of_a_batch():
+    # A logit difference as a target, and as token_attribution's readout over a list of maps.
+    model = _model("gpt2")
+    diff = LogitDiff(7, 9)
+    maps = tl_linmap.layer_maps(model, PROMPTS[:3], modules=True)
+    for prompt, att in zip(PROMPTS[:3], tl_linmap.token_attribution(model, maps, diff)):
+        one = tl_linmap.token_attribution(model, tl_linmap.layer_maps(model, prompt, modules=True), diff)
+        assert _close(att.per_token, one.per_token) < 1e-12
+        # Independent of the code: the model's own logit difference.
+        logits = model(tl_linmap.inputs.to_tokens(model, prompt))[0, -1].double()
+        assert abs(att.total() - (logits[7] - logits[9]).item()) <= 1e-12 * logits.abs().max().item()
+
+
+def test_padded_rows_as_a_tokenizer_gives_them_without_tensors():
+    # input_ids and attention_mask as nested lists (tokenizer(..., padding=True) without return_tensors).
+    model = _model("llama")
+    tokens, mask = _padded(model, PROMPTS[:3], "left")
+    batched = tl_linmap.token_contributions(model, tokens.tolist(), attention_mask=mask.tolist())
+    for prompt, c in zip(PROMPTS[:3], batched):
+        assert _close(c.values, tl_linmap.token_contributions(model, prompt).values) < 1e-12
+
+
+def test_float32_batch_agrees_with_the_one_prompt_call_and_the_model():
+    model = toy_model("gpt2", dtype=torch.float32)
+    bound = tl_linmap.exactness.tolerance(torch.float32)
+    batched = tl_linmap.token_contributions(model, PROMPTS, dtype=torch.float32)
+    maps = tl_linmap.linear_map(model, PROMPTS, dtype=torch.float32, route="rows")
+    for prompt, c, lm in zip(PROMPTS, batched, maps):
+        assert c.values.dtype == lm.operators.dtype == torch.float32
+        assert _close(c.values, tl_linmap.token_contributions(model, prompt, dtype=torch.float32).values) < bound
+        assert _close(lm.operators, tl_linmap.linear_map(model, prompt, dtype=torch.float32, route="rows").operators) < bound
+        own = _own_output(model, prompt)
+        assert ((c.values.sum(0) + c.bias - own).norm() / own.norm()).item() < bound

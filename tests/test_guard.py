@@ -20,6 +20,10 @@ MIDWAY = {
     "token_windows": "tl_linmap.implicit._one_token_each",
     "svd": "tl_linmap.implicit.randomized_svd",
     "plain": "tl_linmap.jacobian.same_path_hooks",  # nonlinearity_gap's second borrow
+    "batch_factors": "tl_linmap.system.pad_factors",  # a batch: after every prompt's forwards
+    "batch_rows": "tl_linmap.jacobian._batch_rows",
+    "batch_columns": "tl_linmap.jacobian._batch_columns",
+    "batch_push": "tl_linmap.system.SystemBatch.push",  # batched contributions' windows
 }
 
 
@@ -36,6 +40,23 @@ ENTRY_POINTS = {
     "token_contributions": (lambda m, dtype: tl_linmap.token_contributions(m, PROMPT, dtype=dtype), "token_windows"),
     "matrix_free": (_matrix_free_svd, "svd"),
     "nonlinearity_gap": (lambda m, dtype: tl_linmap.nonlinearity_gap(m, PROMPT, dtype=dtype), "plain"),
+}
+
+#: Mixed lengths, text and ids: a batch runs one forward per length, then padded replays.
+BATCH = [PROMPT, [5, 6], "The cat sat"]
+
+
+def _matrix_free_batch_svd(model, dtype):
+    with tl_linmap.matrix_free(model, BATCH, dtype=dtype) as mfs:
+        return [mf.svd(k=2) for mf in mfs]
+
+
+#: The entry points given a list of prompts, with steps that fail half-way in them.
+BATCH_ENTRY_POINTS = {
+    "linear_map/rows": (lambda m, dtype: tl_linmap.linear_map(m, BATCH, dtype=dtype, route="rows"), ["batch_factors", "batch_rows"]),
+    "layer_maps/columns": (lambda m, dtype: tl_linmap.layer_maps(m, BATCH, dtype=dtype, route="columns"), ["factors", "batch_columns"]),
+    "token_contributions": (lambda m, dtype: tl_linmap.token_contributions(m, BATCH, dtype=dtype), ["batch_factors", "batch_push"]),
+    "matrix_free": (_matrix_free_batch_svd, ["batch_factors", "svd"]),
 }
 
 #: (model dtype, working dtype): narrowing ones round any weight off the narrower grid.
@@ -255,3 +276,33 @@ def test_result_is_the_same_with_a_float32_model(fresh_llama):
     """Widening float32 weights to float64 gives the exact map of those weights."""
     lm = tl_linmap.linear_map(fresh_llama, PROMPT)
     assert lm.relative_error() < 1e-12
+
+
+@pytest.mark.parametrize(("entry", "step"), [(e, step) for e, (_, steps) in BATCH_ENTRY_POINTS.items() for step in steps])
+def test_model_bit_identical_after_error_midway_in_a_batch(entry, step, monkeypatch):
+    """A list of prompts: one borrow for all, and the model back also when a step fails half-way."""
+    model = _borrowable("gemma3", torch.float64, torch.float32)
+    model.blocks[0].hook_resid_post.add_hook(lambda act, hook: None)
+    before = _user_state(model)
+    reached = []
+    monkeypatch.setattr(MIDWAY[step], _failing(model, reached))
+    with pytest.raises(RuntimeError, match="simulated"):
+        BATCH_ENTRY_POINTS[entry][0](model, torch.float32)
+    assert reached == [torch.float32]  # it failed inside the borrow, in the working dtype
+    _assert_same(model, before)
+
+
+@pytest.mark.parametrize("entry", list(BATCH_ENTRY_POINTS))
+def test_model_bit_identical_after_a_batch(entry):
+    model = _borrowable("gemma3", torch.float32, torch.float64)
+    before = _user_state(model)
+    BATCH_ENTRY_POINTS[entry][0](model, torch.float64)
+    _assert_same(model, before)
+
+
+def test_model_bit_identical_after_error_in_users_block_over_a_batch():
+    model = _borrowable("gemma3", torch.float64, torch.float32)
+    before = _user_state(model)
+    with pytest.raises(KeyboardInterrupt), tl_linmap.matrix_free(model, BATCH, dtype=torch.float32):
+        raise KeyboardInterrupt
+    _assert_same(model, before)

@@ -179,6 +179,28 @@ def test_contributions_matrix_free_and_steering(hooked):
     assert hook_count(model) == 0
 
 
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "alibi"])
+def test_a_padded_batch_with_its_mask_matches_the_oracle(hooked, family, side):
+    """A token batch padded on either side: each prompt's map is the oracle's of that prompt alone."""
+    model = hooked[family]
+    rows = [model.to_tokens(PROMPT)[0], model.to_tokens("Hi")[0], torch.tensor([5, 6, 7])]
+    longest = max(len(row) for row in rows)
+    tokens = torch.full((len(rows), longest), 3, dtype=torch.long)
+    mask = torch.zeros_like(tokens)
+    for i, row in enumerate(rows):
+        where = slice(0, len(row)) if side == "right" else slice(longest - len(row), longest)
+        tokens[i, where], mask[i, where] = row, 1
+    maps = tl_linmap.linear_map(model, tokens, attention_mask=mask, route="rows")
+    contributions = tl_linmap.token_contributions(model, tokens, attention_mask=mask)
+    for row, lm, c in zip(rows, maps, contributions):
+        assert torch.equal(lm.tokens, row)  # the padding is gone
+        operators, bias, y = _oracle(model, row[None], lm.target, lm.position)
+        assert _gap(lm.operators, operators) < 1e-12
+        assert float((lm.bias - bias).norm() / y.norm()) < 1e-12
+        assert float((c.values.sum(0) + c.bias - y).norm() / y.norm()) < 1e-12
+
+
 DEFAULTS = dict(fold_ln=True, center_writing_weights=True, center_unembed=True, fold_value_biases=True)
 REFACTOR = dict(DEFAULTS, refactor_factored_attn_matrices=True)  # TransformerLens refuses it with rotary positions
 

@@ -174,6 +174,12 @@ def token_attribution(model, maps: LinearMaps | Sequence[LinearMaps], token: int
     if isinstance(maps, (list, tuple)):
         if not maps:
             raise InputError("maps is an empty list: pass layer_maps(model, prompts, modules=True) of at least one prompt.")
+        for index, item in enumerate(maps):
+            if not isinstance(item, LinearMaps):  # also keeps a nested list from giving nested results
+                raise InputError(
+                    f"maps[{index}] is a {type(item).__name__}: pass the list layer_maps(model, prompts, modules=True) "
+                    "returns, one LinearMaps per prompt."
+                )
         return [token_attribution(model, m, token) for m in maps]
     if not isinstance(maps, LinearMaps):
         raise InputError(

@@ -23,18 +23,25 @@ from tl_linmap._deprecated import renamed_argument
 from tl_linmap.budget import activation_bytes, fit_rows, plan_tokens
 from tl_linmap.errors import InputError
 from tl_linmap.exactness import check_exact, relative
-from tl_linmap.inputs import Prompt, check_positive, is_batch, prompt_batch, resolve_target
+from tl_linmap.inputs import Prompt, check_positions, check_positive, is_batch, prompt_batch, resolve_target
 from tl_linmap.readout import Readout, decode_tokens
 from tl_linmap.results import Contributions
 from tl_linmap.spectral import OperatorSVD, input_index, signed
 from tl_linmap.system import FrozenSystem, batchable, frozen_batch, frozen_system
 
 
-def _one_token_each(x: Float[Tensor, "pos d"], tokens: range) -> Tensor:
-    # Row r holds token tokens[r]'s own embedding at its position, zero elsewhere.
+def _one_token_each(x: Float[Tensor, "*prompts pos d"], tokens: range) -> Tensor:
+    # Row r holds token tokens[r]'s own embedding at its position, zero elsewhere (of each prompt).
     rows = torch.zeros(len(tokens), *x.shape, dtype=x.dtype, device=x.device)
-    rows[torch.arange(len(tokens), device=x.device), list(tokens)] = x[list(tokens)]
+    rows[torch.arange(len(tokens), device=x.device), ..., list(tokens), :] = x[..., list(tokens), :].movedim(-2, 0)
     return rows
+
+
+def _assembled(system: FrozenSystem, name: str, parts: list[Tensor], bias: Tensor) -> Contributions:
+    # One prompt's contributions from its windows' parts: the tokens after the target contribute nothing.
+    after = parts[0].new_zeros(system.x.shape[1] - system.position - 1, parts[0].shape[-1])
+    system = dataclasses.replace(system, biases={name: bias})
+    return Contributions(values=torch.cat(parts + [after]), **system.result_fields(name))
 
 
 def token_contributions(
@@ -97,9 +104,7 @@ def token_contributions(
             parts.append(linear[name])
             # A window from token 0 ends at the target like the system: the same b.
             biases = biases or window_biases
-        after = torch.zeros(len(x) - last - 1, parts[0].shape[-1], dtype=x.dtype, device=x.device)
-        system = dataclasses.replace(system, biases=biases)
-        result = Contributions(values=torch.cat(parts + [after]), **system.result_fields(name))
+        result = _assembled(system, name, parts, biases[name])
     if check:
         result.check()
     return result
@@ -143,7 +148,12 @@ def batched_contributions(
 
     Returns:
         One `tl_linmap.results.Contributions` per prompt.
+
+    Raises:
+        InputError: for a position out of range for some prompt (named), or any argument the
+            one-prompt call refuses.
     """
+    check_positions(model, position, prompts)  # before any prompt's work, naming the prompt a position misses
     if not batchable(model) or len(prompts) == 1:  # nothing to share for one prompt
         return [
             token_contributions(model, tokens, target=target, position=position, dtype=dtype,
@@ -172,21 +182,16 @@ def batched_contributions(
                 stop = lasts[group[0]] + 1
                 pushed = range(start, min(start + step, stop))
                 xs = batch.x(group, stop)[:, start:]
-                keep = torch.tensor([[t <= lasts[b] for b in group] for t in pushed], device=x.device)
-                rows = xs.new_zeros(len(pushed), len(group), *xs.shape[1:])
-                for j, t in enumerate(pushed):
-                    rows[j, :, t - start] = xs[:, t - start] * keep[j, :, None]
+                # A prompt whose target comes before a pushed token gets a zero row for it.
+                keep = torch.tensor([[t <= lasts[b] for b in group] for t in pushed], dtype=x.dtype, device=x.device)
+                rows = _one_token_each(xs, range(len(pushed))) * keep[:, :, None, None]
                 linear, window_biases = batch.push(group, rows.flatten(0, 1), start)
                 values = linear[name].view(len(pushed), len(group), -1)
                 for g, b in enumerate(group):
                     parts[b].append(values[: max(0, min(len(pushed), lasts[b] + 1 - start)), g])
                     if start == 0:  # a window from token 0 ends at the target like the system: the same b
                         biases[b] = window_biases[name][g]
-        results = []
-        for system, own, bias in zip(systems, parts, biases):
-            after = own[0].new_zeros(system.x.shape[1] - system.position - 1, own[0].shape[-1])
-            system = dataclasses.replace(system, biases={name: bias})
-            results.append(Contributions(values=torch.cat(own + [after]), **system.result_fields(name)))
+        results = [_assembled(system, name, own, bias) for system, own, bias in zip(systems, parts, biases)]
     if check:
         for result in results:
             result.check()
@@ -519,12 +524,8 @@ def matrix_free(
         ...     top = mf.svd(-1, k=8)
     """
     if is_batch(prompt_or_tokens, attention_mask):
+        # Each MatrixFree works on its own prompt's windows, so no model needs `batchable` here.
         prompts = prompt_batch(model, prompt_or_tokens, attention_mask)
-        if not batchable(model):
-            raise InputError(
-                "This model's factors cannot be cut to one prompt of a batch (a pattern frozen through its queries "
-                "and keys): open one matrix_free per prompt."
-            )
         with frozen_batch(model, prompts, [target], position=position, dtype=dtype, source=source) as batch:
             if check:
                 for system in batch.systems:

@@ -220,28 +220,27 @@ def prompt_batch(model, prompts, attention_mask=None) -> list[Int[Tensor, "1 pos
     Args:
         model: A TransformerBridge or HookedTransformer.
         prompts: A list of prompts (strings or token lists, mixed lengths), or a padded token
-            batch ``(batch, pos)``; with ``attention_mask`` the padding may be on either side.
+            batch ``(batch, pos)`` (a tensor, or rows of ids of one length as a tokenizer's
+            ``padding=True`` gives them); with ``attention_mask`` the padding may be on either side.
         attention_mask: ``(batch, pos)`` of 1 for real tokens and 0 for padding (bool or
-            integer), one contiguous run of ones per row; None for a list, or for a token batch
-            without padding.
+            integer, a tensor or nested lists), one contiguous run of ones per row; None for a
+            list of prompts, or for a token batch without padding.
 
     Returns:
         Per prompt, its tokens ``(1, n)`` without padding.
 
     Raises:
-        InputError: for no prompts, a mask with a list of prompts, a mask whose shape is not the
-            tokens', a mask that is not 0/1 or not one run of ones per row (or a row of none), a
-            token batch without mask that ends in the pad token (padding without a mask is
-            ambiguous), or any bad prompt.
+        InputError: for no prompts, a mask with a list of texts or with rows of different
+            lengths, a mask whose shape is not the tokens', a mask that is not 0/1 or not one run
+            of ones per row (or a row of none), a token batch without mask that ends in the pad
+            token (padding without a mask is ambiguous), or any bad prompt.
     """
     check_model(model)
     if isinstance(prompts, (list, tuple)) and not prompts:
         raise InputError("The list is empty: no prompts and no tokens; give at least one prompt (text or token ids).")
-    if _is_prompt_list(prompts):
-        if attention_mask is not None:
-            raise InputError("attention_mask goes with a padded token batch (a 2-D tensor); a list of prompts needs none.")
+    if _is_prompt_list(prompts) and attention_mask is None:
         return [to_tokens(model, p) for p in prompts]
-    tokens = torch.as_tensor(prompts) if isinstance(prompts, (list, tuple)) else prompts
+    tokens = _token_rows(prompts) if isinstance(prompts, (list, tuple)) else prompts
     if not isinstance(tokens, Tensor) or tokens.ndim != 2:
         shape = tuple(tokens.shape) if isinstance(tokens, Tensor) else type(prompts).__name__
         raise InputError(f"A batch of prompts is a list of prompts or a token tensor (batch, pos) with attention_mask; got {shape}.")
@@ -268,6 +267,51 @@ def prompt_batch(model, prompts, attention_mask=None) -> list[Int[Tensor, "1 pos
             raise InputError(f"Row {index} of attention_mask has padding between real tokens: pad on the left or the right only.")
         rows.append(to_tokens(model, row[where[0] : where[-1] + 1]))
     return rows
+
+
+def _token_rows(prompts: list | tuple) -> Tensor:
+    # With a mask, a list is padded ids as a tokenizer returns them without return_tensors="pt".
+    if any(isinstance(p, str) for p in prompts):
+        raise InputError("attention_mask goes with a padded token batch (a 2-D tensor); a list of prompts needs none.")
+    try:
+        rows = [torch.as_tensor(p) for p in prompts]
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise InputError(f"A padded token batch holds rows of token ids; got {type(prompts[0]).__name__} rows.") from err
+    if len({row.shape for row in rows}) > 1:
+        raise InputError(
+            "With attention_mask the rows must be padded to one length (the input_ids a tokenizer gives with "
+            "padding=True); these differ. Pad them, or pass the list of prompts without attention_mask."
+        )
+    return torch.stack(rows)
+
+
+def check_positions(model, position: int, prompts: Sequence[Int[Tensor, "1 pos"]]) -> list[int]:
+    """`check_position` for every prompt of a batch, naming the prompt a position misses.
+
+    Args:
+        model: The model the prompts were tokenized for (to decode the prompt named).
+        position: Index into every prompt, Python-style.
+        prompts: Per prompt, its tokens ``(1, n)`` (`prompt_batch`).
+
+    Returns:
+        Per prompt, the position as a non-negative index.
+
+    Raises:
+        InputError: if the position is not an int, or out of range for some prompt (the
+            first such prompt is named, by its index and text).
+    """
+    position = as_index("position", position)
+    shortest = min(tokens.shape[1] for tokens in prompts)
+    for index, tokens in enumerate(prompts):
+        n = tokens.shape[1]
+        if not -n <= position < n:
+            tokenizer = getattr(model, "tokenizer", None)
+            text = repr(tokenizer.decode(tokens[0])) if tokenizer is not None else str(tokens[0].tolist())
+            raise InputError(
+                f"Position {position} is out of range for prompt {index} of the batch ({text[:60]}, {n} token{'s' * (n != 1)}): "
+                f"pass one every prompt has, in [{-shortest}, {shortest}) (-1: each prompt's last token)."
+            )
+    return [position % tokens.shape[1] for tokens in prompts]
 
 
 def check_position(position: int, n_tokens: int) -> int:

@@ -44,6 +44,7 @@ from tl_linmap.inputs import (
     check_position,
     check_positive,
     independent_target,
+    check_positions,
     is_batch,
     prompt_batch,
     resolve_target,
@@ -305,10 +306,7 @@ def linear_maps(
         wanted = list(dict.fromkeys(resolve_target(model, t) for t in wanted))
         weights = _readout_weights(system, scalars)
         if route == "auto":
-            n_layers = model.cfg.n_layers
-            shapes = [(system.outputs[name].shape[0], target_depth(name, n_layers)) for name in wanted]
-            shapes += [(1, target_depth(name, n_layers)) for name, _, _ in weights.values()]  # a readout is one row
-            route = choose_route(d_in, n, system.position, shapes, forward_row_cost(model.cfg))
+            route = _cheaper_route(system, wanted, weights)
         if route == "columns":
             system = system.with_biases()
             with tqdm(total=(system.position + 1) * d_in, disable=not progress, desc="detached Jacobian columns") as bar:
@@ -328,6 +326,15 @@ def linear_maps(
         for lm in maps.values():
             lm.check()
     return maps
+
+
+def _cheaper_route(system: FrozenSystem, wanted: list[str], weights: dict) -> str:
+    # route="auto" for one system's targets (for a batch, the system whose target is furthest on).
+    n_layers = system.model.cfg.n_layers
+    shapes = [(system.outputs[name].shape[0], target_depth(name, n_layers)) for name in wanted]
+    shapes += [(1, target_depth(name, n_layers)) for name, _, _ in weights.values()]  # a readout is one row
+    n, d_in = system.x.shape[1:]
+    return choose_route(d_in, n, system.position, shapes, forward_row_cost(system.model.cfg))
 
 
 def _assemble(system: FrozenSystem, wanted: list[str], weights: dict, operators: dict, scalar_ops: dict, norms: Sequence[str]) -> LinearMaps:
@@ -467,7 +474,12 @@ def batched_linear_maps(
 
     Returns:
         One `tl_linmap.results.LinearMaps` per prompt.
+
+    Raises:
+        InputError: for a position out of range for some prompt (named), or any argument the
+            one-prompt call refuses.
     """
+    check_positions(model, position, prompts)  # before any prompt's work, naming the prompt a position misses
     if not batchable(model) or len(prompts) == 1:  # nothing to share for one prompt
         options = dict(position=position, dtype=dtype, rows_per_pass=rows_per_pass, check=check, progress=progress,
                        norms=norms, route=route, source=source)
@@ -477,13 +489,10 @@ def batched_linear_maps(
         systems = batch.systems
         wanted = list(dict.fromkeys(resolve_target(model, t) for t in wanted))
         longest = max(systems, key=lambda s: s.position)
-        n, d_in = longest.x.shape[1:]
+        d_in = longest.x.shape[-1]
         weights = [_readout_weights(system, scalars) for system in systems]
         if route == "auto":
-            n_layers = model.cfg.n_layers
-            shapes = [(longest.outputs[name].shape[0], target_depth(name, n_layers)) for name in wanted]
-            shapes += [(1, target_depth(name, n_layers)) for name, _, _ in weights[0].values()]
-            route = choose_route(d_in, n, longest.position, shapes, forward_row_cost(model.cfg))
+            route = _cheaper_route(longest, wanted, weights[0])
         members = range(len(systems))
         with torch.no_grad():
             zero = batch.x(members, longest.position + 1).zero_()

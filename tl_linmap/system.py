@@ -62,6 +62,7 @@ from tl_linmap.inputs import (
     Prompt,
     check_dtype,
     check_position,
+    check_positions,
     independent_target,
     output_hook,
     resolve_source,
@@ -511,16 +512,22 @@ def frozen_system(
     lease = _Lease()
     with borrowed(model, dtype):
         try:
-            natives = capture(model, tokens, [*names, EMBED_HOOK])
-            factors: Factors = {}
-            with torch.no_grad():
-                # Up to the final norm, so every factor is recorded (and checked) for the replay.
-                outputs = capture(model, tokens, [*names, output_hook(model), source], freeze_hooks(model, factors=factors))
-            check_factors(model, factors)
-            _check_order(source, names, list(outputs))
+            natives, outputs, factors = _forwards(model, tokens, names, source)
             yield _system(model, tokens, position, names, source, natives, outputs, factors, lease)
         finally:
             lease.active = False
+
+
+def _forwards(model, tokens: Tensor, names: Sequence[str], source: str) -> tuple[Vectors, Vectors, Factors]:
+    # The plain forward (natives) and the frozen one (outputs, factors) of a borrowed model.
+    natives = capture(model, tokens, [*names, EMBED_HOOK])
+    factors: Factors = {}
+    with torch.no_grad():
+        # Up to the final norm, so every factor is recorded (and checked) for the replay.
+        outputs = capture(model, tokens, [*names, output_hook(model), source], freeze_hooks(model, factors=factors))
+    check_factors(model, factors)
+    _check_order(source, names, list(outputs))
+    return natives, outputs, factors
 
 
 def _system(model, tokens, position: int, names, source: str, natives: Vectors, outputs: Vectors, factors: Factors, lease: _Lease) -> FrozenSystem:
@@ -578,12 +585,14 @@ class SystemBatch:
     Attributes:
         systems: One `FrozenSystem` per prompt.
         tokens: ``(batch, pos)``, padded on the right (a pad repeats the prompt's last token).
-        factors: Every prompt's frozen factors, padded on the right (`tl_linmap.hooks.pad_factors`).
+        factors: Every prompt's frozen factors, padded on the right (`tl_linmap.hooks.pad_factors`);
+            None for a model that is not `batchable`, whose prompts share only the borrow and the
+            first forwards (each `FrozenSystem` still serves alone).
     """
 
     systems: tuple[FrozenSystem, ...]
     tokens: Int[Tensor, "batch pos"] = field(repr=False)
-    factors: Factors = field(repr=False)
+    factors: Factors | None = field(repr=False)
 
     def positions(self, members: Sequence[int]) -> Tensor:
         """Target positions of some prompts.
@@ -635,9 +644,14 @@ class SystemBatch:
         Returns:
             Per target, ``(rows, d_out)``: each row at its prompt's target position; a graph if
             ``embeddings`` has one.
+
+        Raises:
+            InputError: for a batch of a model that is not `batchable` (no padded factors).
         """
         first = self.systems[0]
         first._alive()
+        if self.factors is None:
+            raise InputError("This model's factors cannot be cut to one prompt of a batch (see batchable): replay each system alone.")
         model, index = first.model, torch.tensor(list(members), device=self.tokens.device)
         stop = start + embeddings.shape[1]
         positions = self.positions(members) - start
@@ -706,14 +720,16 @@ def frozen_batch(
     """`frozen_system` of several prompts: one borrow, one plain and one frozen forward for all.
 
     The plain and frozen forwards run once per prompt length (the prompts of one length in one
-    batch, unpadded: a padded row changes the model's own float32 softmax by a longer sum), so
-    each prompt's system is exactly its one-prompt system. The replays then pad every prompt
+    batch, unpadded: a padded row changes the model's own float32 softmax by a longer sum; once
+    per prompt for a model that is not `batchable`), so each prompt's system is exactly its
+    one-prompt system. The replays then pad every prompt
     on the right to the longest (`tl_linmap.hooks.pad_factors`): under causal attention nothing
     after a position changes it, and positions stay the unpadded call's, so no attention mask
     is needed (TransformerLens leaves right padding unmasked for the same reason).
 
     Args:
-        model: A TransformerBridge or HookedTransformer whose factors can be cut (`batchable`).
+        model: A TransformerBridge or HookedTransformer of a supported architecture; the padded
+            replays (`SystemBatch.replay`, `SystemBatch.push`) need one whose factors can be cut (`batchable`).
         prompts: Token tensors ``(1, n)`` (from `tl_linmap.inputs.prompt_batch`).
         targets: Hook names (or ``"output"``).
         position: Target position in every prompt (Python-style, per prompt).
@@ -728,7 +744,7 @@ def frozen_batch(
     """
     lengths = [t.shape[1] for t in prompts]
     dtype = check_dtype(dtype)
-    positions = [check_position(position, n) for n in lengths]
+    positions = check_positions(model, position, prompts)
     names = resolve_targets(model, targets)
     source = resolve_source(model, source, factor_names(model))
     longest = max(lengths)
@@ -738,22 +754,24 @@ def frozen_batch(
         try:
             # One forward per prompt length: a padded row would change the model's own float32
             # softmax (a longer sum), so each prompt's factors are those of its unpadded forward.
-            for n in sorted(set(lengths)):
-                members = [b for b, length in enumerate(lengths) if length == n]
+            # A model that is not batchable may record factors over flattened tokens (OPT's MLP, a
+            # mixture of experts' routers), from which no row can be cut: one forward per prompt.
+            if batchable(model):
+                groups = [[b for b, length in enumerate(lengths) if length == n] for n in sorted(set(lengths))]
+            else:
+                groups = [[b] for b in range(len(prompts))]
+            for members in groups:
                 tokens = torch.cat([prompts[b] for b in members])
-                natives = capture(model, tokens, [*names, EMBED_HOOK])
-                factors: Factors = {}
-                with torch.no_grad():
-                    outputs = capture(model, tokens, [*names, output_hook(model), source], freeze_hooks(model, factors=factors))
-                check_factors(model, factors)
-                _check_order(source, names, list(outputs))
+                natives, outputs, factors = _forwards(model, tokens, names, source)
                 for row, b in enumerate(members):
-                    own = {name: f[row : row + 1] for name, f in factors.items()}
+                    own = factors if len(members) == 1 else {name: f[row : row + 1] for name, f in factors.items()}
                     acts = [{name: a[row : row + 1] for name, a in group.items()} for group in (natives, outputs)]
                     systems[b] = _system(model, tokens[row : row + 1], positions[b], names, source, *acts, own, lease)
-            padded = [pad_factors(model, s.factors, longest) for s in systems]
-            factors = {name: torch.cat([p[name] for p in padded]) for name in padded[0]}
             tokens = torch.stack([torch.cat([t[0], t[0, -1:].expand(longest - len(t[0]))]) for t in prompts])
+            factors = None
+            if batchable(model):
+                padded = [pad_factors(model, s.factors, longest) for s in systems]
+                factors = {name: torch.cat([p[name] for p in padded]) for name in padded[0]}
             yield SystemBatch(tuple(systems), tokens, factors)
         finally:
             lease.active = False
