@@ -100,6 +100,8 @@ BAD_CALLS = [
     bad("prompt-bytes", lambda m: tl_linmap.linear_map(m, SHORT.encode()), r"must be a string, a list of token ids or a token tensor, got bytes"),
     # Batches of prompts.
     bad("batch-empty-list", lambda m: tl_linmap.linear_map(m, []), r"The list is empty: no prompts and no tokens; give at least one prompt"),
+    bad("readout-target-of-token_contributions", lambda m: tl_linmap.token_contributions(m, SHORT, target=tl_linmap.LogitDiff(" a", " b")),
+        r"is a linear readout, and this call maps the vectors of a hook point.*linear_map\(model, prompt, target=readout\)"),
     bad("batch-empty-list-token_contributions", lambda m: tl_linmap.token_contributions(m, []), r"The list is empty: no prompts and no tokens"),
     bad("batch-mask-shape-mismatch", lambda m: tl_linmap.token_contributions(m, torch.full((2, 5), 7), attention_mask=torch.ones(2, 4)), r"attention_mask has shape \(2, 4\), the tokens \(2, 5\): they must match"),
     bad("batch-mask-with-a-list", lambda m: tl_linmap.layer_maps(m, ["The cat", "The dog"], attention_mask=torch.ones(2, 3)), r"attention_mask goes with a padded token batch .*a list of prompts needs none"),

@@ -394,6 +394,13 @@ def resolve_target(model, target: str) -> str:
             points if it does not exist, or for attention scores (``q·k``, quadratic in the
             embeddings: no linear map of them exists).
     """
+    # A linear readout (tl_linmap.functionals, which cannot be imported here) reads one hook.
+    if not isinstance(target, str) and isinstance(getattr(target, "hook", None), str):
+        raise InputError(
+            f"target {target!r} is a linear readout, and this call maps the vectors of a hook point. A readout is "
+            "one number: tl_linmap.linear_map(model, prompt, target=readout) maps it with one backward row, and its "
+            ".contributions() are the per-token terms (tl_linmap.token_attribution splits it by layer and module too)."
+        )
     if not isinstance(target, str):
         raise InputError(
             f"target must be one hook name such as 'output' or 'blocks.0.hook_resid_post', or a linear readout "
