@@ -22,7 +22,6 @@ MIDWAY = {
     "plain": "tl_linmap.jacobian.same_path_hooks",  # nonlinearity_gap's second borrow
     "batch_factors": "tl_linmap.system.pad_factors",  # a batch: after every prompt's forwards
     "batch_rows": "tl_linmap.jacobian._batch_rows",
-    "batch_columns": "tl_linmap.jacobian._batch_columns",
     "batch_push": "tl_linmap.system.SystemBatch.push",  # batched contributions' windows
 }
 
@@ -54,7 +53,7 @@ def _matrix_free_batch_svd(model, dtype):
 #: The entry points given a list of prompts, with steps that fail half-way in them.
 BATCH_ENTRY_POINTS = {
     "linear_map/rows": (lambda m, dtype: tl_linmap.linear_map(m, BATCH, dtype=dtype, route="rows"), ["batch_factors", "batch_rows"]),
-    "layer_maps/columns": (lambda m, dtype: tl_linmap.layer_maps(m, BATCH, dtype=dtype, route="columns"), ["factors", "batch_columns"]),
+    "layer_maps/columns": (lambda m, dtype: tl_linmap.layer_maps(m, BATCH, dtype=dtype, route="columns"), ["factors", "columns"]),
     "token_contributions": (lambda m, dtype: tl_linmap.token_contributions(m, BATCH, dtype=dtype), ["batch_factors", "batch_push"]),
     "matrix_free": (_matrix_free_batch_svd, ["batch_factors", "svd"]),
 }
