@@ -19,6 +19,7 @@ Usage: python benchmarks/batch.py [--prompts 32] [--maps-prompts 8] [--maps-toke
 import argparse
 import os
 import sys
+import time
 import warnings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -50,8 +51,6 @@ def phrases_of(model, n_tokens: int, n_prompts: int) -> list[str]:
 
 def split(model, prompts, dtype) -> None:
     """One row: the one-prompt call's seconds per prompt, its forwards', its pushes', the ceiling."""
-    import time
-
     calls = forwards = 0.0
     tl_linmap.token_contributions(model, prompts[0], dtype=dtype)
     for prompt in prompts:

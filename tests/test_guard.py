@@ -199,10 +199,11 @@ def test_model_bit_identical_after_error_midway(entry, model_dtype, dtype, monke
     _assert_same(model, before)
 
 
-def test_model_bit_identical_after_error_in_users_block():
+@pytest.mark.parametrize("prompts", ["one", "batch"])
+def test_model_bit_identical_after_error_in_users_block(prompts):
     model = _borrowable("gemma3", torch.float64, torch.float32)
     before = _user_state(model)
-    with pytest.raises(KeyboardInterrupt), tl_linmap.matrix_free(model, PROMPT, dtype=torch.float32):
+    with pytest.raises(KeyboardInterrupt), tl_linmap.matrix_free(model, PROMPT if prompts == "one" else BATCH, dtype=torch.float32):
         raise KeyboardInterrupt
     _assert_same(model, before)
 
@@ -296,12 +297,4 @@ def test_model_bit_identical_after_a_batch(entry):
     model = _borrowable("gemma3", torch.float32, torch.float64)
     before = _user_state(model)
     BATCH_ENTRY_POINTS[entry][0](model, torch.float64)
-    _assert_same(model, before)
-
-
-def test_model_bit_identical_after_error_in_users_block_over_a_batch():
-    model = _borrowable("gemma3", torch.float64, torch.float32)
-    before = _user_state(model)
-    with pytest.raises(KeyboardInterrupt), tl_linmap.matrix_free(model, BATCH, dtype=torch.float32):
-        raise KeyboardInterrupt
     _assert_same(model, before)

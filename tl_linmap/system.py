@@ -701,10 +701,9 @@ class SystemBatch:
 
 
 def _at_own_position(act: Tensor, positions: Tensor, n_tokens: int) -> Tensor:
-    # Each row's vector at its own position (a copy, so a wide batch keeps no whole activation alive).
-    if act.ndim < 3 or act.shape[1] != n_tokens:
-        at_position(act, 0, n_tokens)  # raises, naming what has a position axis
-    return at_rows(act, positions)[:, 0].flatten(1).clone()
+    # Each row's vector at its own position: indexing by a tensor copies, so a wide batch keeps
+    # no whole activation alive.
+    return at_rows(every_position(act, n_tokens), positions)[:, 0]
 
 
 @contextmanager
@@ -756,7 +755,8 @@ def frozen_batch(
             # softmax (a longer sum), so each prompt's factors are those of its unpadded forward.
             # A model that is not batchable may record factors over flattened tokens (OPT's MLP, a
             # mixture of experts' routers), from which no row can be cut: one forward per prompt.
-            if batchable(model):
+            cuttable = batchable(model)
+            if cuttable:
                 groups = [[b for b, length in enumerate(lengths) if length == n] for n in sorted(set(lengths))]
             else:
                 groups = [[b] for b in range(len(prompts))]
@@ -769,7 +769,7 @@ def frozen_batch(
                     systems[b] = _system(model, tokens[row : row + 1], positions[b], names, source, *acts, own, lease)
             tokens = torch.stack([torch.cat([t[0], t[0, -1:].expand(longest - len(t[0]))]) for t in prompts])
             factors = None
-            if batchable(model):
+            if cuttable:
                 padded = [pad_factors(model, s.factors, longest) for s in systems]
                 factors = {name: torch.cat([p[name] for p in padded]) for name in padded[0]}
             yield SystemBatch(tuple(systems), tokens, factors)
