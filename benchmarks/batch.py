@@ -1,6 +1,6 @@
 """Batched prompts against looping the one-prompt call, in one process, on SmolLM2.
 
-Three tables (the longest bundled phrases, `tl_linmap.datasets.phrases`: 11-20 tokens on SmolLM2):
+Three tables (the longest bundled phrases, `tl_linmap.load.datasets.phrases`: 11-20 tokens on SmolLM2):
 
 1. ``token_contributions`` of 32 prompts: one batched call vs 32 one-prompt calls, float32 and float64;
 2. how the ratio grows with the number of prompts (1, 2, 4, 8, 16, 32), ``token_contributions``, float32;
@@ -30,8 +30,8 @@ import torch  # noqa: E402
 from suite import gib, measure  # noqa: E402
 
 import tl_linmap  # noqa: E402
-from tl_linmap import datasets  # noqa: E402
-from tl_linmap.system import frozen_system  # noqa: E402
+from tl_linmap.load import datasets  # noqa: E402
+from tl_linmap.freeze.system import frozen_system  # noqa: E402
 
 
 def longest_phrases(model, n_prompts: int) -> list[str]:

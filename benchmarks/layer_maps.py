@@ -23,9 +23,10 @@ warnings.filterwarnings("ignore")
 import torch  # noqa: E402
 
 import tl_linmap  # noqa: E402
-from tl_linmap import budget  # noqa: E402
-from tl_linmap.inputs import resolve_target, target_depth  # noqa: E402
-from tl_linmap.toy import toy_model  # noqa: E402
+from tl_linmap.base import budget  # noqa: E402
+from tl_linmap.freeze.targets import resolve_target  # noqa: E402
+from tl_linmap.base.hook_names import target_depth
+from tl_linmap.load.toy import toy_model  # noqa: E402
 
 
 def timed(fn):

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from tl_linmap.loading import bundled_path
+from tl_linmap.load.models import bundled_path
 
 # Runs in the child: prints the timings as the last line of stdout.
 CHILD = """

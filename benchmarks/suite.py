@@ -22,10 +22,10 @@ warnings.filterwarnings("ignore")
 import torch  # noqa: E402
 
 import tl_linmap  # noqa: E402
-from tl_linmap.hooks import freeze_hooks  # noqa: E402
-from tl_linmap.guard import borrowed  # noqa: E402
-from tl_linmap.capture import run_to_target  # noqa: E402
-from tl_linmap.toy import toy_model  # noqa: E402
+from tl_linmap.freeze.hooks import freeze_hooks  # noqa: E402
+from tl_linmap.base.guard import borrowed  # noqa: E402
+from tl_linmap.freeze.capture import run_to_target  # noqa: E402
+from tl_linmap.load.toy import toy_model  # noqa: E402
 
 _libc = ctypes.CDLL("libc.so.6")
 

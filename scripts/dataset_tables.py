@@ -27,8 +27,9 @@ import warnings
 import torch
 
 import tl_linmap
-from tl_linmap.corpus import PROMPTS_PER_CALL, CorpusAnalysis, corpus_analysis
-from tl_linmap.datasets import phrases
+from tl_linmap.methods.corpus import PROMPTS_PER_CALL, corpus_analysis
+from tl_linmap.results.corpus import CorpusAnalysis
+from tl_linmap.load.datasets import phrases
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -55,7 +56,7 @@ def markdown(analysis, name: str, cfg, dtype: torch.dtype, seconds: float, n_tok
     """One model's section: its three tables as markdown.
 
     Args:
-        analysis: The model's `tl_linmap.corpus.CorpusAnalysis`.
+        analysis: The model's `tl_linmap.results.corpus.CorpusAnalysis`.
         name: The model's name.
         cfg: Its config (``d_model``, ``n_layers``).
         dtype: The working dtype.

@@ -9,8 +9,8 @@ import warnings
 import torch
 
 import tl_linmap
-from tl_linmap.spectral import energy_rank, stable_rank
-from tl_linmap.loading import load_model
+from tl_linmap.reading.spectral import energy_rank, stable_rank
+from tl_linmap.load.models import load_model
 
 PROMPTS = [
     "The capital of France is",

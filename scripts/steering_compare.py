@@ -11,7 +11,7 @@ import argparse
 import warnings
 
 import tl_linmap
-from tl_linmap.steering import compare_methods, word_tokens
+from tl_linmap.methods.steering import compare_methods, word_tokens
 
 #: Concept label -> (source prompt, words whose single-token spellings are measured).
 CONCEPTS = {

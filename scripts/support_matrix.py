@@ -1,6 +1,6 @@
 """Generate the support matrix: every decoder-only text architecture TransformerLens's bridge boots.
 
-For each, a tiny random-weight model is booted (`tl_linmap.toy.toy_model`) and either mapped
+For each, a tiny random-weight model is booted (`tl_linmap.load.toy.toy_model`) and either mapped
 (float64 and float32 error of the output map, against its own forward) or refused, with
 tl_linmap's reason. Writes `tl_linmap/support_matrix.json` (read by the tests) and the README's
 table between its SUPPORT-MATRIX markers.
@@ -50,9 +50,9 @@ def examine(architecture: str) -> dict:
     import torch
 
     import tl_linmap
-    from tl_linmap.errors import UnsupportedArchitectureError
-    from tl_linmap.rules import rules_for
-    from tl_linmap.toy import MORE_FAMILIES, toy_model
+    from tl_linmap.base.errors import UnsupportedArchitectureError
+    from tl_linmap.freeze.architectures import rules_for
+    from tl_linmap.load.toy import MORE_FAMILIES, toy_model
 
     family = next((f for f, (_, arch, _) in MORE_FAMILIES.items() if arch == architecture), None)
     family = family or {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",

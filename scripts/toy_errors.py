@@ -13,7 +13,7 @@ warnings.filterwarnings("ignore")
 import torch  # noqa: E402
 
 import tl_linmap  # noqa: E402
-from tl_linmap.toy import FAMILIES, toy_model  # noqa: E402
+from tl_linmap.load.toy import FAMILIES, toy_model  # noqa: E402
 
 PROMPT = "Hello world, this is a test"
 

@@ -8,7 +8,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tests never reach a model hu
 import pytest
 import torch
 
-from tl_linmap.toy import FAMILIES, toy_model
+from tl_linmap.load.toy import FAMILIES, toy_model
 
 
 def _has(module: str, name: str) -> bool:

@@ -16,11 +16,12 @@ from test_experts import MOE_FAMILIES
 from test_oracle import ORACLE_FREEZES, assert_matches_oracle, target_oracle
 
 import tl_linmap
-from tl_linmap.compat import get_act_name
-from tl_linmap.errors import UnsupportedArchitectureError
-from tl_linmap.guard import hook_count
-from tl_linmap.rules import SUPPORTED, Rebuild, rules_for
-from tl_linmap.toy import MORE_FAMILIES, toy_model
+from tl_linmap.base.compat import get_act_name
+from tl_linmap.base.errors import UnsupportedArchitectureError
+from tl_linmap.base.guard import hook_count
+from tl_linmap.freeze.architectures import SUPPORTED, rules_for
+from tl_linmap.freeze.rules import Rebuild
+from tl_linmap.load.toy import MORE_FAMILIES, toy_model
 
 # Mixtures of experts have their own oracle (router, shared experts, the experts' act_fn) in test_experts.
 MAPPED = sorted(f for f, (_, arch, _) in MORE_FAMILIES.items() if arch in SUPPORTED and f not in MOE_FAMILIES)

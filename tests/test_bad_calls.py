@@ -19,9 +19,9 @@ from torch import nn
 
 import tl_linmap
 import tl_linmap.experts
-from tl_linmap.errors import InputError
-from tl_linmap.guard import hook_count
-from tl_linmap.toy import toy_model
+from tl_linmap.base.errors import InputError
+from tl_linmap.base.guard import hook_count
+from tl_linmap.load.toy import toy_model
 
 SHORT = "The cat sat"  # 12 tokens with BOS: every call stays fast
 OUT_OF_RANGE = r"\[-12, 12\) \(-1: the last token\)"
@@ -346,7 +346,7 @@ def _plot(name, *args):
     import matplotlib
 
     matplotlib.use("Agg")
-    from tl_linmap import plotting
+    from tl_linmap.present import plotting
 
     return getattr(plotting, name)(*args)
 

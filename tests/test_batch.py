@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import tl_linmap
-from tl_linmap.functionals import LogitDiff
-from tl_linmap.guard import borrowed
-from tl_linmap.hooks import same_path_hooks
-from tl_linmap.toy import toy_model
+from tl_linmap.reading.readouts import LogitDiff
+from tl_linmap.base.guard import borrowed
+from tl_linmap.freeze.hooks import same_path_hooks
+from tl_linmap.load.toy import toy_model
 
 FAMILIES = ["llama", "gpt2", "gemma3", "pythia"]
 # Mixed lengths, a one-token and a two-token prompt, text and token ids.

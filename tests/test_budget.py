@@ -5,8 +5,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tl_linmap import budget
-from tl_linmap.errors import MemoryBudgetError
+from tl_linmap.base import budget
+from tl_linmap.base.errors import MemoryBudgetError
 
 CPU = torch.device("cpu")
 SMOLLM2 = SimpleNamespace(cfg=SimpleNamespace(d_model=576, d_mlp=1536))

@@ -4,7 +4,7 @@ import pytest
 from conftest import PROMPT
 
 import tl_linmap
-from tl_linmap import compat
+from tl_linmap.base import compat
 
 
 def test_the_installed_version_is_in_range():

@@ -15,9 +15,10 @@ import pytest
 import torch
 
 import tl_linmap
-from tl_linmap.corpus import ROLES, CorpusAnalysis, corpus_analysis
-from tl_linmap.errors import InputError
-from tl_linmap.toy import toy_model
+from tl_linmap.results.corpus import ROLES, CorpusAnalysis
+from tl_linmap.methods.corpus import corpus_analysis
+from tl_linmap.base.errors import InputError
+from tl_linmap.load.toy import toy_model
 
 PROMPTS = ["The cat sat on the mat", "Hello world, this is", "One two"]
 LAYERS = [0, 1]
@@ -152,7 +153,7 @@ def test_bad_prompts(model, prompts, match):
 
 def test_tables_and_plots(analysis):
     pytest.importorskip("matplotlib")
-    from tl_linmap.plotting import plot_corpus_attribution, plot_corpus_concepts, plot_corpus_dimensionality
+    from tl_linmap.present.plotting import plot_corpus_attribution, plot_corpus_concepts, plot_corpus_dimensionality
 
     for figure in (plot_corpus_dimensionality(analysis), plot_corpus_concepts(analysis, top=3), plot_corpus_attribution(analysis)):
         assert figure.axes
@@ -162,7 +163,7 @@ def test_tables_and_plots(analysis):
 
 @pytest.mark.slow
 def test_smollm2_phrases():
-    from tl_linmap.datasets import phrases
+    from tl_linmap.load.datasets import phrases
 
     model = tl_linmap.load_model("smollm2")
     prompts = phrases("geography")[:3]

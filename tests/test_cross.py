@@ -17,8 +17,8 @@ import torch
 from conftest import PROMPT
 
 import tl_linmap
-from tl_linmap.loading import hooked_from_hf
-from tl_linmap.toy import toy_model, toy_tokenizer
+from tl_linmap.load.hf import hooked_from_hf
+from tl_linmap.load.toy import toy_model, toy_tokenizer
 
 #: How far the operators may differ, as a multiple of the two implementations' plain-forward gap.
 GAP_MULTIPLE = 4

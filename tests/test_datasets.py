@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 import tl_linmap
-from tl_linmap import datasets
-from tl_linmap.errors import InputError
+from tl_linmap.load import datasets
+from tl_linmap.base.errors import InputError
 
 try:
     import tomllib

@@ -5,11 +5,11 @@ import torch
 from conftest import PROMPT
 
 import tl_linmap
-from tl_linmap.capture import run_to_target
-from tl_linmap.compat import get_act_name
-from tl_linmap.decomposition import layer_maps, nonlinearity_gap, token_attribution
-from tl_linmap.guard import borrowed
-from tl_linmap.hooks import same_path_hooks
+from tl_linmap.freeze.capture import run_to_target
+from tl_linmap.base.compat import get_act_name
+from tl_linmap.methods.decomposition import layer_maps, nonlinearity_gap, token_attribution
+from tl_linmap.base.guard import borrowed
+from tl_linmap.freeze.hooks import same_path_hooks
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ import re
 import transformers
 
 from tl_linmap.__main__ import main
-from tl_linmap.toy import toy_tokenizer
+from tl_linmap.load.toy import toy_tokenizer
 
 
 def test_cli_demo_prints_exact_errors_and_predictions(tmp_path, capsys):

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import tl_linmap
-from tl_linmap import display
-from tl_linmap.compat import get_act_name
+from tl_linmap.present import display
+from tl_linmap.base.compat import get_act_name
 
 # Markup characters and runs of spaces: the byte-level toy tokenizer makes each its own token.
 HOSTILE = "x <b> & y  z"
@@ -89,7 +89,7 @@ def test_display_imports_only_the_table_module():
     tree = ast.parse(Path(display.__file__).read_text())
     imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
-    assert {name for name in imported if name.startswith("tl_linmap")} == {"tl_linmap.table"}
+    assert {name for name in imported if name.startswith("tl_linmap")} == {"tl_linmap.base.table"}
 
 
 def test_tokens_html_escapes_and_shows_whitespace():

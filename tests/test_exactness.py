@@ -7,8 +7,8 @@ import torch
 from conftest import PROMPT
 
 import tl_linmap
-from tl_linmap import hooks
-from tl_linmap.exactness import TOLERANCES, check_exact, relative, tolerance
+from tl_linmap.freeze import hooks
+from tl_linmap.base.exactness import TOLERANCES, check_exact, relative, tolerance
 
 
 def test_float64_bound_is_1e_12_and_narrower_dtypes_are_looser():

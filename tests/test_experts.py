@@ -22,9 +22,9 @@ from torch import Tensor
 
 import tl_linmap
 import tl_linmap.experts
-from tl_linmap.compat import get_act_name
-from tl_linmap.errors import UnsupportedArchitectureError
-from tl_linmap.toy import toy_model
+from tl_linmap.base.compat import get_act_name
+from tl_linmap.base.errors import UnsupportedArchitectureError
+from tl_linmap.load.toy import toy_model
 
 MOE_FAMILIES = ["glm4_moe_lite", "minimax_m2", "mixtral", "olmoe", "qwen2_moe", "qwen3_moe"]
 

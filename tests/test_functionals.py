@@ -10,8 +10,8 @@ from conftest import PROMPT
 from test_oracle import _NORM_EDIT_WARNING, oracle_hooks, target_oracle
 
 import tl_linmap
-from tl_linmap import jacobian
-from tl_linmap.compat import get_act_name
+from tl_linmap.linear import dense as jacobian
+from tl_linmap.base.compat import get_act_name
 
 A, B = 5, 7  # two vocabulary ids of the toy tokenizer
 

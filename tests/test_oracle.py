@@ -22,10 +22,10 @@ from jaxtyping import Float
 from torch import Tensor
 
 import tl_linmap
-from tl_linmap.compat import get_act_name
-from tl_linmap import rules
-from tl_linmap.rules import Detach
-from tl_linmap.toy import toy_model
+from tl_linmap.base.compat import get_act_name
+from tl_linmap.freeze import architectures as rules
+from tl_linmap.freeze.rules import Detach
+from tl_linmap.load.toy import toy_model
 
 # The bridge warns whenever a hook returns a new tensor at hook_scale; that is the point here.
 _NORM_EDIT_WARNING = "A forward hook edited hook_scale"

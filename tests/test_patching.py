@@ -27,10 +27,11 @@ from test_oracle import ORACLE_FREEZES, oracle_hooks
 from torch import Tensor
 
 import tl_linmap
-from tl_linmap.compat import get_act_name
-from tl_linmap.datasets import prompt_pairs
-from tl_linmap.patching import LAYOUTS, attribution_patching, correlation
-from tl_linmap.toy import toy_model
+from tl_linmap.base.compat import get_act_name
+from tl_linmap.load.datasets import prompt_pairs
+from tl_linmap.results.patching import LAYOUTS, correlation
+from tl_linmap.methods.patching import attribution_patching
+from tl_linmap.load.toy import toy_model
 
 FAMILIES = ["llama", "gpt2", "gemma3"]
 CLEAN, CORRUPTED = "The cat sat on the mat", "The dog sat in the hat"  # equal lengths (one token per byte)

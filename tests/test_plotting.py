@@ -13,15 +13,9 @@ import torch
 from conftest import PROMPT
 
 import tl_linmap
-from tl_linmap import plotting
-from tl_linmap.errors import InputError
-from tl_linmap.plotting import (
-    plot_contribution_heatmap,
-    plot_decoded,
-    plot_logit_contributions,
-    plot_spectra,
-    token_label,
-)
+from tl_linmap.present import plotting
+from tl_linmap.base.errors import InputError
+from tl_linmap.present.plotting import plot_contribution_heatmap, plot_decoded, plot_logit_contributions, plot_spectra, token_label
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,8 @@ from conftest import PROMPT
 
 import tl_linmap
 from tl_linmap.__main__ import main
-from tl_linmap.report import default_layers, report_html
-from tl_linmap.toy import toy_tokenizer
+from tl_linmap.app.report import default_layers, report_html
+from tl_linmap.load.toy import toy_tokenizer
 
 
 class Page(HTMLParser):

@@ -8,8 +8,8 @@ import torch
 from conftest import PROMPT
 
 import tl_linmap
-from tl_linmap.readout import nearest_tokens, top_tokens, unembed
-from tl_linmap.spectral import effective_rank, energy_rank, stable_rank
+from tl_linmap.reading.tokens import nearest_tokens, top_tokens, unembed
+from tl_linmap.reading.spectral import effective_rank, energy_rank, stable_rank
 
 
 def test_energy_rank_on_known_spectra():

@@ -5,19 +5,12 @@ import torch
 from conftest import HOOKED, PROMPT
 
 import tl_linmap
-from tl_linmap.compat import get_act_name
-from tl_linmap.decomposition import layer_maps
-from tl_linmap.errors import InputError
-from tl_linmap.guard import hook_count
-from tl_linmap.steering import (
-    OperatorSteering,
-    alpha_sweep,
-    compare_methods,
-    concept_vector,
-    steering_hooks,
-    word_tokens,
-)
-from tl_linmap.table import Table
+from tl_linmap.base.compat import get_act_name
+from tl_linmap.methods.decomposition import layer_maps
+from tl_linmap.base.errors import InputError
+from tl_linmap.base.guard import hook_count
+from tl_linmap.methods.steering import OperatorSteering, alpha_sweep, compare_methods, concept_vector, steering_hooks, word_tokens
+from tl_linmap.base.table import Table
 
 CONCEPT_WORDS = [" Golden", " Gate", " Bridge", " bridge", " San", " Francisco", " bridges", " California"]
 
@@ -201,7 +194,7 @@ def test_operator_steering_is_the_same_with_and_without_the_kv_cache(toy_models,
     if kind == "pythia-bridge":
         model = toy_models["pythia"]
     else:
-        from tl_linmap.toy import hooked_toy_model
+        from tl_linmap.load.toy import hooked_toy_model
 
         model = hooked_toy_model(kind.split("-")[0])
     source = tl_linmap.linear_map(model, "Gate", target="blocks.1.hook_resid_post")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tl_linmap.rules import EXCEPTIONS, SUPPORTED
+from tl_linmap.freeze.architectures import EXCEPTIONS, SUPPORTED
 
 ROOT = Path(__file__).resolve().parents[1]
 pytest.importorskip("transformer_lens.model_bridge")

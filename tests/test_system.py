@@ -8,17 +8,12 @@ import torch
 from conftest import BIASED, PROMPT
 
 import tl_linmap
-from tl_linmap.capture import at_position, capture
-from tl_linmap.guard import borrowed
-from tl_linmap.hooks import (
-    freeze_hooks,
-    replay_hooks,
-    same_path_hooks,
-    trim_factors,
-    trim_hooks,
-)
-from tl_linmap.system import frozen_system, purely_linear, trimmed_block
-from tl_linmap.toy import toy_model
+from tl_linmap.freeze.capture import at_position, capture
+from tl_linmap.base.guard import borrowed
+from tl_linmap.freeze.hooks import freeze_hooks, replay_hooks, same_path_hooks
+from tl_linmap.freeze.factors import trim_factors, trim_hooks
+from tl_linmap.freeze.system import frozen_system, purely_linear, trimmed_block
+from tl_linmap.load.toy import toy_model
 
 
 @pytest.mark.parametrize(

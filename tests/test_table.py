@@ -9,7 +9,7 @@ import pytest
 from conftest import PROMPT
 
 import tl_linmap
-from tl_linmap.table import CELL_WIDTH, Table
+from tl_linmap.base.table import CELL_WIDTH, Table
 
 
 @dataclass

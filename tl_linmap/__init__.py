@@ -1,148 +1,75 @@
-"""tl_linmap: a TransformerLens model's inference on one input as an exact linear system."""
+"""tl_linmap: a TransformerLens model's inference on one input as an exact linear system.
 
-from tl_linmap import datasets
-from tl_linmap.corpus import CorpusAnalysis, corpus_analysis
-from tl_linmap.decomposition import layer_maps, nonlinearity_gap, token_attribution
-from tl_linmap.errors import (
-    FreezeError,
-    InputError,
-    LinmapError,
-    MemoryBudgetError,
-    UnsupportedArchitectureError,
-)
-from tl_linmap.exactness import tolerance
-from tl_linmap.functionals import Direction, LinearReadout, Logit, LogitCombination, LogitDiff
-from tl_linmap.hooks import freeze_hooks, frozen, replay_hooks, same_path_hooks
-from tl_linmap.implicit import (
-    MatrixFree,
-    Pushed,
-    matrix_free,
-    push_forward,
-    randomized_svd,
-    token_contributions,
-)
-from tl_linmap.jacobian import linear_map, linear_maps
-from tl_linmap.loading import BUNDLED, load_model
-from tl_linmap.patching import (
-    PatchComparison,
-    PatchingAttribution,
-    attribution_patching,
-    prompt_pairs,
-)
-from tl_linmap.plotting import (
-    plot_contribution_heatmap,
-    plot_decoded,
-    plot_logit_contributions,
-    plot_patching,
-    plot_sequence_attribution,
-    plot_spectra,
-)
-from tl_linmap.readout import nearest_tokens, top_tokens, unembed
-from tl_linmap.results import Attribution, Contributions, GapRow, LinearMap, LinearMaps
-from tl_linmap.rules import SUPPORTED
-from tl_linmap.sequence import (
-    SequenceAttribution,
-    SequenceRow,
-    generation_attribution,
-    sequence_attribution,
-)
-from tl_linmap.spectral import (
-    DecodedPair,
-    LogitSplit,
-    OperatorSVD,
-    RankRow,
-    effective_rank,
-    energy_rank,
-    stable_rank,
-)
-from tl_linmap.steering import (
-    OperatorSteering,
-    Steering,
-    alpha_sweep,
-    compare_methods,
-    concept_vector,
-    steering_hooks,
-    word_tokens,
-)
-from tl_linmap.table import Table
+Every public name is loaded on first use from the module that defines it (`PUBLIC`), so
+``import tl_linmap`` costs little and plotting, loading and the corpus tools load only when used.
+"""
+
+import importlib
+import warnings
+
+from tl_linmap import _legacy
+
+_legacy.install()
+
+#: Public name -> the module that defines it.
+PUBLIC: dict[str, str] = {
+    **dict.fromkeys(["FreezeError", "InputError", "LinmapError", "MemoryBudgetError", "UnsupportedArchitectureError"], "base.errors"),
+    "tolerance": "base.exactness",
+    "Table": "base.table",
+    **dict.fromkeys(["Direction", "LinearReadout", "Logit", "LogitCombination", "LogitDiff"], "reading.readouts"),
+    **dict.fromkeys(["nearest_tokens", "top_tokens", "unembed"], "reading.tokens"),
+    **dict.fromkeys(["effective_rank", "energy_rank", "stable_rank"], "reading.spectral"),
+    "SUPPORTED": "freeze.architectures",
+    **dict.fromkeys(["freeze_hooks", "replay_hooks", "same_path_hooks"], "freeze.hooks"),
+    "frozen": "freeze.apply",
+    **dict.fromkeys([
+        "plot_contribution_heatmap", "plot_decoded", "plot_logit_contributions", "plot_patching",
+        "plot_sequence_attribution", "plot_spectra",
+    ], "present.plotting"),
+    **dict.fromkeys(["Contributions", "LinearMap", "LinearMaps"], "results.maps"),
+    **dict.fromkeys(["Attribution", "GapRow"], "results.attribution"),
+    **dict.fromkeys(["DecodedPair", "OperatorSVD", "RankRow"], "results.svd"),
+    "LogitSplit": "results.logit_split",
+    **dict.fromkeys(["PatchComparison", "PatchingAttribution"], "results.patching"),
+    **dict.fromkeys(["SequenceAttribution", "SequenceRow"], "results.sequence"),
+    "CorpusAnalysis": "results.corpus",
+    **dict.fromkeys(["linear_map", "linear_maps"], "linear.dense"),
+    **dict.fromkeys(["MatrixFree", "Pushed", "matrix_free", "push_forward", "randomized_svd", "token_contributions"], "linear.matrix_free"),
+    "load_model": "load.models",
+    "BUNDLED": "load.bundled",
+    "prompt_pairs": "load.datasets",
+    **dict.fromkeys(["layer_maps", "nonlinearity_gap", "token_attribution"], "methods.decomposition"),
+    **dict.fromkeys(["generation_attribution", "sequence_attribution"], "methods.sequence"),
+    "attribution_patching": "methods.patching",
+    **dict.fromkeys([
+        "OperatorSteering", "Steering", "alpha_sweep", "compare_methods", "concept_vector", "steering_hooks", "word_tokens",
+    ], "methods.steering"),
+    "corpus_analysis": "methods.corpus",
+}
+#: Public modules reached as attributes (``tl_linmap.load.datasets.phrases()``).
+MODULES: dict[str, str] = {"datasets": "load.datasets"}
+#: Names kept for one release: old name -> (module, name), each use warned about.
+DEPRECATED_NAMES: dict[str, tuple[str, str]] = {"top_singular": ("reading.spectral", "top_singular")}
+
+__all__ = sorted([*PUBLIC, *MODULES])
 
 
 def __getattr__(name: str):
-    # Public names kept for one release.
-    if name == "top_singular":
-        from tl_linmap.spectral import top_singular
+    if name in PUBLIC:
+        value = getattr(importlib.import_module(f"tl_linmap.{PUBLIC[name]}"), name)
+    elif name in MODULES:
+        value = importlib.import_module(f"tl_linmap.{MODULES[name]}")
+    elif name in _legacy.MOVED or name in _legacy.DEPRECATED:
+        return importlib.import_module(f"tl_linmap.{name}")  # an old module path (warns)
+    elif name in DEPRECATED_NAMES:
+        module, new = DEPRECATED_NAMES[name]
+        warnings.warn(f"tl_linmap.{name} is deprecated; use tl_linmap.{module}.{new}.", DeprecationWarning, stacklevel=2)
+        return getattr(importlib.import_module(f"tl_linmap.{module}"), new)
+    else:
+        raise AttributeError(f"module 'tl_linmap' has no attribute {name!r}")
+    globals()[name] = value  # loaded once
+    return value
 
-        return top_singular
-    raise AttributeError(f"module 'tl_linmap' has no attribute {name!r}")
 
-__all__ = [
-    "BUNDLED",
-    "SUPPORTED",
-    "Attribution",
-    "Contributions",
-    "CorpusAnalysis",
-    "DecodedPair",
-    "Direction",
-    "FreezeError",
-    "GapRow",
-    "InputError",
-    "LinearMap",
-    "LinearMaps",
-    "LinearReadout",
-    "LinmapError",
-    "Logit",
-    "LogitCombination",
-    "LogitDiff",
-    "LogitSplit",
-    "MatrixFree",
-    "MemoryBudgetError",
-    "OperatorSVD",
-    "OperatorSteering",
-    "PatchComparison",
-    "PatchingAttribution",
-    "Pushed",
-    "RankRow",
-    "SequenceAttribution",
-    "SequenceRow",
-    "Steering",
-    "Table",
-    "UnsupportedArchitectureError",
-    "alpha_sweep",
-    "attribution_patching",
-    "compare_methods",
-    "concept_vector",
-    "corpus_analysis",
-    "datasets",
-    "effective_rank",
-    "energy_rank",
-    "freeze_hooks",
-    "frozen",
-    "generation_attribution",
-    "layer_maps",
-    "linear_map",
-    "linear_maps",
-    "load_model",
-    "matrix_free",
-    "nearest_tokens",
-    "nonlinearity_gap",
-    "plot_contribution_heatmap",
-    "plot_decoded",
-    "plot_logit_contributions",
-    "plot_patching",
-    "plot_sequence_attribution",
-    "plot_spectra",
-    "prompt_pairs",
-    "push_forward",
-    "randomized_svd",
-    "replay_hooks",
-    "same_path_hooks",
-    "sequence_attribution",
-    "stable_rank",
-    "steering_hooks",
-    "token_attribution",
-    "token_contributions",
-    "tolerance",
-    "top_tokens",
-    "unembed",
-    "word_tokens",
-]
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import warnings
 
-from tl_linmap.loading import BUNDLED, DEFAULT_MODEL, KINDS
+from tl_linmap.load.models import BUNDLED, DEFAULT_MODEL, KINDS
 
 DEFAULT_PROMPT = "The capital of France is"
 
@@ -92,16 +92,16 @@ def main(argv: list[str] | None = None) -> None:
     """
     args = parser().parse_args(argv)
 
-    from tl_linmap.loading import load_model
+    from tl_linmap.load.models import load_model
 
     warnings.filterwarnings("ignore", module="transformer_lens")
     model = load_model(args.model, kind=args.kind)
     if args.command == "demo":
-        from tl_linmap.demo import demo_report
+        from tl_linmap.app.demo import demo_report
 
         print(demo_report(model, args.prompt, top=args.top))
     else:
-        from tl_linmap.report import write_report
+        from tl_linmap.app.report import write_report
 
         print(f"wrote {write_report(model, args.prompt, args.output, layers=args.layers, top=args.top)}")
 

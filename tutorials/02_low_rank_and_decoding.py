@@ -25,7 +25,7 @@ matplotlib.use(os.environ.get("MPLBACKEND", "Agg"))
 from transformer_lens import utilities as utils
 
 import tl_linmap
-from tl_linmap import plotting
+from tl_linmap.present import plotting
 
 # Figures go beside this file wherever it runs from (a notebook runs in its own directory);
 # the environment variable TL_LINMAP_FIGURES names another directory.

@@ -24,7 +24,7 @@ matplotlib.use(os.environ.get("MPLBACKEND", "Agg"))
 import matplotlib.pyplot as plt
 
 import tl_linmap
-from tl_linmap.steering import alpha_sweep, word_tokens
+from tl_linmap.methods.steering import alpha_sweep, word_tokens
 
 # Figures go beside this file wherever it runs from (a notebook runs in its own directory);
 # the environment variable TL_LINMAP_FIGURES names another directory.

@@ -33,9 +33,9 @@ import torch
 import transformer_lens.patching as tl_patching
 
 import tl_linmap
-from tl_linmap import plotting
-from tl_linmap.datasets import prompt_pairs
-from tl_linmap.patching import LAYOUTS
+from tl_linmap.present import plotting
+from tl_linmap.load.datasets import prompt_pairs
+from tl_linmap.results.patching import LAYOUTS
 
 # Figures go beside this file wherever it runs from (a notebook runs in its own directory);
 # the environment variable TL_LINMAP_FIGURES names another directory.

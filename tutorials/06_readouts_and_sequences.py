@@ -33,8 +33,8 @@ import torch
 from transformer_lens import utilities as utils
 
 import tl_linmap
-from tl_linmap.guard import borrowed
-from tl_linmap.hooks import quiet_norm_edits
+from tl_linmap.base.guard import borrowed
+from tl_linmap.freeze.hooks import quiet_norm_edits
 
 # Figures go beside this file wherever it runs from (a notebook runs in its own directory);
 # the environment variable TL_LINMAP_FIGURES names another directory.

@@ -10,7 +10,7 @@
 # %% [markdown]
 # # Many prompts: batched maps and a corpus analysis
 #
-# On the bundled SmolLM2-135M-Instruct and the bundled phrases (`tl_linmap.datasets`):
+# On the bundled SmolLM2-135M-Instruct and the bundled phrases (`tl_linmap.load.datasets`):
 #
 # 1. **One call, many prompts.** Every entry point takes a list of prompts; the results are
 #    those of the one-prompt calls, their forwards shared.
@@ -29,8 +29,9 @@ matplotlib.use(os.environ.get("MPLBACKEND", "Agg"))
 import torch
 
 import tl_linmap
-from tl_linmap import corpus_analysis, datasets
-from tl_linmap.plotting import plot_corpus_attribution, plot_corpus_concepts, plot_corpus_dimensionality
+from tl_linmap import corpus_analysis
+from tl_linmap.load import datasets
+from tl_linmap.present.plotting import plot_corpus_attribution, plot_corpus_concepts, plot_corpus_dimensionality
 
 # Figures go beside this file wherever it runs from (a notebook runs in its own directory);
 # the environment variable TL_LINMAP_FIGURES names another directory.

@@ -1,0 +1,1 @@
+"""Applications for people rather than code: the HTML report and the command-line demo."""

@@ -1,0 +1,285 @@
+"""Budget: how much memory a pass may take, how many rows fit, and which route costs less.
+
+Every planner here works from one memory model: a batch row in flight holds about
+`ACTIVATIONS_PER_ROW` activations of the model's widest layer over the positions it runs,
+plus its own inputs and outputs; the results (dense operators) are stored beside it; and
+together they may use `MEMORY_FRACTION` of the memory the device reports free.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+from collections.abc import Sequence
+
+import torch
+
+from tl_linmap.base.errors import MemoryBudgetError
+
+#: Share of the free memory one computation may fill; the rest is left to the user's session.
+MEMORY_FRACTION = 0.5
+
+
+#: Activation-sized tensors one batch row keeps alive in a pass (a rough, conservative count:
+#: the residual, norm, attention and MLP intermediates and their gradients).
+ACTIVATIONS_PER_ROW = 10
+
+
+#: Free memory assumed where the operating system reports none (it is only a planning figure;
+#: a user's explicit rows_per_pass or tokens_per_pass still gets checked against it).
+FALLBACK_FREE_BYTES = 4 * 2**30
+
+
+#: Rows times positions per batched backward: past this the products are wide enough to run
+#: at the matmul rate, and more rows in flight only cost memory (SmolLM2, 16 tokens: 128 rows
+#: ran 5% faster than all 576 at a third of the peak memory).
+ROW_POSITIONS = 2048
+
+
+#: Tokens per forward pass of `tl_linmap.linear.matrix_free.token_contributions` below which a window
+#: of its own costs more (one more pass, hooks included) than the positions it skips.
+WINDOW_ROWS = 32
+
+
+#: Most windows `token_contributions` splits a prompt into.
+MAX_WINDOWS = 8
+
+
+_GIB = 2**30
+
+
+def _linux_available() -> int | None:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):  # macOS and Windows have no such name
+        return None
+
+
+def _windows_available() -> int | None:
+    if sys.platform != "win32":
+        return None
+
+    class MemoryStatus(ctypes.Structure):
+        _fields_ = [("length", ctypes.c_ulong), ("load", ctypes.c_ulong)] + [
+            (name, ctypes.c_ulonglong)
+            for name in ("total_phys", "avail_phys", "total_page", "avail_page", "total_virtual", "avail_virtual", "extended")
+        ]
+
+    status = MemoryStatus()
+    status.length = ctypes.sizeof(MemoryStatus)
+    if not ctypes.windll.kernel32.GlobalMemoryStatusEx(ctypes.byref(status)):  # type: ignore[attr-defined]
+        return None
+    return int(status.avail_phys)
+
+
+def _macos_available() -> int | None:
+    if sys.platform != "darwin":
+        return None
+    try:
+        libc = ctypes.CDLL("libc.dylib")
+        value, size = ctypes.c_uint64(0), ctypes.c_size_t(8)
+        # Free plus inactive pages would be kinder, but free pages alone are the safe figure.
+        if libc.sysctlbyname(b"vm.page_free_count", ctypes.byref(value), ctypes.byref(size), None, 0) != 0:
+            return None
+        return int(value.value) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, AttributeError, ValueError):
+        return None
+
+
+def available_bytes(device: torch.device) -> int:
+    """Memory free for new tensors on a device.
+
+    Args:
+        device: Where the computation runs.
+
+    Returns:
+        Free bytes: ``torch.cuda.mem_get_info`` on a GPU; on the CPU what Linux, Windows or
+        macOS reports available, else `FALLBACK_FREE_BYTES`.
+    """
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    for probe in (_linux_available, _windows_available, _macos_available):
+        free = probe()
+        if free:
+            return free
+    return FALLBACK_FREE_BYTES
+
+
+def activation_bytes(model, n_tokens: int, itemsize: int) -> int:
+    """Memory one batch row holds in a pass: `ACTIVATIONS_PER_ROW` activations of the widest layer.
+
+    Args:
+        model: The model (for its widths).
+        n_tokens: Positions the pass runs.
+        itemsize: Bytes per number.
+
+    Returns:
+        Bytes per row in flight.
+    """
+    width = max(model.cfg.d_model, getattr(model.cfg, "d_mlp", None) or 0)
+    return itemsize * n_tokens * ACTIVATIONS_PER_ROW * width
+
+
+def fit_rows(per_row: int, stored: int, limit: int, requested: int | None, device: torch.device, name: str) -> int:
+    """Rows per pass that fit in the budget once the results are stored.
+
+    Args:
+        per_row: Bytes one row holds in flight.
+        stored: Bytes of results kept for the whole computation.
+        limit: Most rows a pass can usefully take.
+        requested: The user's choice, or None to pick one.
+        device: Where the computation runs.
+        name: The argument the user sets (named in the error).
+
+    Returns:
+        The rows per pass.
+
+    Raises:
+        MemoryBudgetError: if the results alone, or the user's choice, would not fit;
+            the message gives a size that fits.
+    """
+    free = available_bytes(device)
+    budget = int(free * MEMORY_FRACTION) - stored
+    if budget < per_row:
+        raise MemoryBudgetError(
+            f"The results need {stored / _GIB:.2f} GiB, with {free / _GIB:.2f} GiB free: "
+            "use fewer targets or a shorter prompt."
+        )
+    fits = int(min(limit, budget // per_row))
+    if requested is not None and requested > fits:
+        raise MemoryBudgetError(
+            f"{name}={requested} risks running out of memory (about {requested * per_row / _GIB:.2f} GiB "
+            f"in flight, {budget / _GIB:.2f} GiB to spare); use {name}={fits} or less."
+        )
+    return requested or fits
+
+
+def plan_rows(model, n_tokens: int, d_out: int, n_targets: int, dtype: torch.dtype, requested: int | None, device: torch.device) -> int:
+    """Output rows per batched backward: about `ROW_POSITIONS` row-positions, within the budget.
+
+    Args:
+        model: The model (for its widths).
+        n_tokens: Prompt length.
+        d_out: Rows of the largest target.
+        n_targets: Targets whose operators are kept.
+        dtype: Working dtype.
+        requested: The user's ``rows_per_pass``, or None to pick one.
+        device: Where the computation runs.
+
+    Returns:
+        Rows per pass.
+
+    Raises:
+        MemoryBudgetError: if the operators themselves, or the user's choice, would not fit.
+    """
+    item = torch.finfo(dtype).bits // 8
+    per_row = item * n_tokens * model.cfg.d_model + activation_bytes(model, n_tokens, item)  # + the row's gradient
+    operators = item * n_tokens * d_out * model.cfg.d_model * n_targets
+    fits = fit_rows(per_row, operators, d_out, requested, device, "rows_per_pass")
+    return requested or min(fits, max(32, ROW_POSITIONS // n_tokens))
+
+
+def plan_columns(model, n_tokens: int, window: int, widths: Sequence[int], dtype: torch.dtype, requested: int | None, device: torch.device) -> int:
+    """Basis embeddings per forward pass of one token's window, within the budget.
+
+    Args:
+        model: The model (for its widths).
+        n_tokens: Prompt length (operators cover every token).
+        window: Positions in the window (token to target position).
+        widths: ``d_out`` of each target.
+        dtype: Working dtype.
+        requested: The user's ``rows_per_pass``, or None to pick one.
+        device: Where the computation runs.
+
+    Returns:
+        Rows per pass (at most ``d_model``, the basis of one token).
+
+    Raises:
+        MemoryBudgetError: if the operators themselves, or the user's choice, would not fit.
+    """
+    item = torch.finfo(dtype).bits // 8
+    d_in = model.cfg.d_model
+    per_row = item * (window * d_in + sum(widths)) + activation_bytes(model, window, item)
+    operators = item * n_tokens * d_in * sum(widths)
+    return fit_rows(per_row, operators, d_in, requested, device, "rows_per_pass")
+
+
+def plan_tokens(model, n_tokens: int, last: int, dtype: torch.dtype, requested: int | None, device: torch.device) -> int:
+    """Tokens per forward pass of `tl_linmap.linear.matrix_free.token_contributions`.
+
+    As many as fit, in up to `MAX_WINDOWS` windows of at least `WINDOW_ROWS` tokens: each
+    window is one more pass, so very short ones cost more than the positions they skip.
+
+    Args:
+        model: The model (for its widths).
+        n_tokens: Prompt length.
+        last: Target position (tokens ``0..last`` are pushed).
+        dtype: Working dtype.
+        requested: The user's ``tokens_per_pass``, or None to pick one.
+        device: Where the computation runs.
+
+    Returns:
+        Tokens per pass.
+
+    Raises:
+        MemoryBudgetError: if the user's choice would not fit.
+    """
+    item = torch.finfo(dtype).bits // 8
+    per_row = item * n_tokens * model.cfg.d_model + activation_bytes(model, n_tokens, item)
+    fits = fit_rows(per_row, 0, last + 1, requested, device, "tokens_per_pass")
+    return requested or max(1, min(fits, max(WINDOW_ROWS, -(-(last + 1) // MAX_WINDOWS))))
+
+
+def forward_row_cost(cfg) -> float:
+    """Cost of one column-route row per position and layer, relative to one row-route row.
+
+    A backward row only multiplies through the live projections (V, O and the MLP's
+    ``W_in``/``W_up`` and ``W_out``): the frozen factors' inputs get no gradient. A forward
+    row of the replayed system still computes Q, K and the gated MLP's gate before their
+    factors replace them. The ratio of the matmul widths: about 1.6 for Llama-like blocks
+    (GQA, SwiGLU), 1.2 for GPT-2-like ones; it matches the measured time ratio.
+
+    Args:
+        cfg: The model's config (``d_head``, ``n_heads``, ``n_key_value_heads``, ``d_mlp``,
+            ``gated_mlp``).
+
+    Returns:
+        The ratio (at least 1).
+    """
+    d_q = cfg.n_heads * cfg.d_head
+    d_kv = (getattr(cfg, "n_key_value_heads", None) or cfg.n_heads) * cfg.d_head
+    d_mlp = getattr(cfg, "d_mlp", None) or 4 * cfg.d_model
+    gated = bool(getattr(cfg, "gated_mlp", False))
+    live = d_kv + d_q + 2 * d_mlp  # V, O, MLP in/up and out
+    frozen = d_q + d_kv + (d_mlp if gated else 0)  # Q, K, gate: computed, then replaced
+    return (live + frozen) / live
+
+
+def choose_route(d_in: int, n_tokens: int, position: int, targets: Sequence[tuple[int, int]], forward_cost: float = 1.0) -> str:
+    """Pick the cheaper way to compute dense operators, by a count of row-position-layers.
+
+    The ``"rows"`` route runs ``d_out`` vector-Jacobian rows per target, each through the
+    target's depth over the whole prompt: ``Σ_targets d_out · depth · n_tokens``. The
+    ``"columns"`` route pushes ``d_in`` basis embeddings per token ``i <= position`` through
+    its window ``i..position`` up to the deepest target, serving every target at once:
+    ``forward_cost · Σ_i d_in · (position − i + 1) · max depth``. So columns win for many
+    targets on short prompts (every layer's residual stream), rows for a few narrow targets
+    (only the output) or long prompts.
+
+    Args:
+        d_in: Embedding width.
+        n_tokens: Prompt length.
+        position: Target position (non-negative).
+        targets: ``(d_out, depth)`` per target, depth in blocks (see
+            `tl_linmap.base.hook_names.target_depth`).
+        forward_cost: Cost of a column row relative to a Jacobian row, per position and
+            layer (see `forward_row_cost`).
+
+    Returns:
+        ``"columns"`` if its estimated work is smaller, else ``"rows"``.
+    """
+    windows = (position + 1) * (position + 2) // 2  # Σ_i (position − i + 1)
+    forward = forward_cost * d_in * windows * max((depth for _, depth in targets), default=0)
+    backward = n_tokens * sum(d_out * depth for d_out, depth in targets)
+    return "columns" if forward < backward else "rows"

@@ -1,0 +1,62 @@
+"""Results of `expert_contributions`: a mixture-of-experts layer's output split by expert."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from jaxtyping import Float
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class ExpertContributions:
+    """Which expert of one block carried which token's contribution to a target.
+
+    With every factor frozen the target is affine in the block's MLP output, and that output is
+    the frozen-weighted sum of the experts' outputs, each linear in the token embeddings; so
+    ``J_i x_i`` splits exactly into one part per expert of the block and the rest (every other
+    path: attention, the residual stream, a shared expert, other blocks).
+
+    Attributes:
+        values: ``(expert, pos, d_out)``: token ``i``'s contribution through expert ``experts[j]``.
+        rest: ``(pos, d_out)``: token ``i``'s contribution along every other path.
+        experts: The experts the router chose for some token up to the target (the others carry nothing).
+        layer: The block.
+        target: Target hook name.
+        position: Target position.
+        tokens: The prompt's token ids.
+    """
+
+    values: Float[Tensor, "expert pos d_out"]
+    rest: Float[Tensor, "pos d_out"]
+    experts: tuple[int, ...]
+    layer: int
+    target: str
+    position: int
+    tokens: Tensor
+
+    def contributions(self) -> Float[Tensor, "pos d_out"]:
+        """Per-token contributions ``J_i x_i``: the experts' parts plus the rest.
+
+        Returns:
+            ``values.sum(0) + rest``.
+        """
+        return self.values.sum(0) + self.rest
+
+    def norms(self) -> Float[Tensor, "expert pos"]:
+        """How much each expert carried of each token's contribution.
+
+        Returns:
+            The norm of every ``values[j, i]``.
+        """
+        return self.values.norm(dim=-1)
+
+    def __repr__(self) -> str:
+        carried = self.norms().sum(1)
+        top = ", ".join(f"{e}: {float(c):.3g}" for e, c in sorted(zip(self.experts, carried.tolist()), key=lambda ec: -ec[1])[:4])
+        return (
+            f"ExpertContributions(block {self.layer}, {self.target} at position {self.position}, "
+            f"{len(self.experts)} experts; summed norm carried: {top})"
+        )
+
+

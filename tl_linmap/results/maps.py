@@ -1,0 +1,532 @@
+"""Results: what the linear system of one inference gives back, as small dataclasses with methods.
+
+- `LinearMap`: one target's operators ``J_i``, inputs ``x_i`` and affine part ``b``;
+- `Contributions`: one target's per-token terms ``J_i x_i`` without the operators (matrix-free);
+- `LinearMaps`: several targets of one inference, keyed by TransformerLens hook names, with
+  per-head maps derived from ``hook_z``;
+- `Attribution`, `GapRow`: a logit split over tokens, modules and heads; ordinary vs detached.
+
+Every result that claims exactness checks itself with `TargetResult.check` (one tolerance per
+dtype, `tl_linmap.base.exactness`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import einops
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from tl_linmap.base.checks import check_names, is_int
+from tl_linmap.base.compat import get_act_name
+from tl_linmap.base.deprecation import renamed_argument
+from tl_linmap.base.errors import InputError
+from tl_linmap.base.exactness import check_exact, relative
+from tl_linmap.base.hook_names import EMBED_HOOK, OUTPUT_HOOK, RESIDUAL_HOOKS
+from tl_linmap.base.table import Table
+from tl_linmap.present import display
+from tl_linmap.reading.readouts import LinearReadout
+from tl_linmap.reading.tokens import FrozenAffine, Readout, decode_tokens, token_id
+from tl_linmap.results.logit_split import LogitSplit
+from tl_linmap.results.svd import OperatorSVD, dimensionality, operator_svd
+
+
+@dataclass(kw_only=True)
+class TargetResult:
+    """What every result about one target vector shares: its affine part and the model's values.
+
+    Attributes:
+        bias: ``b``, everything that does not scale with the token embeddings
+            (biases, learned positions), computed through the frozen system.
+        output: The model's value of the target (reference forward, true working dtype).
+        native_output: The value from a plain forward on the bridge's native norm path
+            (HF computes RMSNorm in float32 even in float64 models).
+        tokens: The input tokens.
+        target: The hook name mapped (flattened after the position axis).
+        position: The sequence position of the target.
+        readout: How its vectors are read as tokens (`tl_linmap.reading.tokens.Readout`).
+        source: The hook point the map starts from (``hook_embed``: the token embeddings);
+            input ``i`` is its activation at position ``i``.
+        scale: For a scalar readout (`tl_linmap.reading.readouts`), the size of what it adds up,
+            ``‖w‖·‖y‖ + |c|``: its reconstruction error is relative to this, as a value near
+            zero (a logit difference of two close logits) has no relative error of its own.
+    """
+
+    bias: Float[Tensor, " d_out"]
+    output: Float[Tensor, " d_out"]
+    native_output: Float[Tensor, " d_out"] = field(repr=False)
+    tokens: Int[Tensor, " pos"] = field(repr=False)
+    target: str = OUTPUT_HOOK
+    position: int = -1
+    readout: Readout | None = field(default=None, repr=False)
+    source: str = EMBED_HOOK
+    scale: float | None = field(default=None, repr=False)
+
+    def contributions(self) -> Float[Tensor, "pos d_out"]:
+        """Per-token contributions ``J_i x_i``; they sum to ``output - bias``.
+
+        Returns:
+            One output-space vector per input token.
+        """
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return display.linear_map_text(self)
+
+    def _repr_html_(self) -> str:
+        return display.linear_map_html(self)
+
+    @property
+    def sources(self) -> list[str]:
+        """The input tokens, decoded (one string per token of the prompt)."""
+        return decode_tokens(self.readout.model if self.readout else None, self.tokens)
+
+    def reconstruct(self) -> Float[Tensor, " d_out"]:
+        """The linear system's value ``Σ_i J_i x_i + b``.
+
+        Returns:
+            The reconstructed target vector.
+        """
+        return self.contributions().sum(0) + self.bias
+
+    def relative_error(self) -> float:
+        """``‖reconstruct() − output‖ / ‖output‖`` (for a scalar readout, over `scale`).
+
+        Returns:
+            The relative reconstruction error (below 1e-12 in float64).
+        """
+        if self.scale is not None:
+            return float((self.reconstruct() - self.output).norm()) / max(self.scale, float(self.output.norm()), 1e-300)
+        return relative(self.reconstruct(), self.output)
+
+    def native_gap(self) -> float:
+        """``‖output − native_output‖ / ‖output‖``: the bridge's native-path rounding, not an error of the map.
+
+        Returns:
+            The relative gap (about 1e-7 for RMSNorm models in float64, 0 for LayerNorm ones).
+        """
+        return relative(self.native_output, self.output)
+
+    def check(self) -> float:
+        """Raise `tl_linmap.base.errors.FreezeError` unless the result reconstructs its output exactly.
+
+        Returns:
+            The relative error, within `tl_linmap.base.exactness.tolerance` of the dtype.
+        """
+        return check_exact(self.relative_error(), self.output.dtype, self.target)
+
+    def logit_contributions(self, token: int | str | LinearReadout) -> LogitSplit:
+        """One vocabulary token's logit (or a linear readout) split exactly over the input tokens.
+
+        For a target other than the model's output this is the logit lens of that target,
+        made linear by ``ln_final`` frozen at the target position.
+
+        Args:
+            token: Vocabulary id or single-token string (e.g. ``" Paris"``), or a linear
+                readout of this map's target vector (`tl_linmap.reading.readouts`: a
+                ``LogitDiff``/``Logit`` is read through this map's readout whatever its
+                ``hook``; a ``Direction`` lives in this target's space).
+
+        Returns:
+            A `tl_linmap.results.logit_split.LogitSplit` (``token`` is the readout's name for a readout).
+
+        Raises:
+            InputError: without a readout, or for a target outside the residual stream.
+        """
+        if self.readout is None:
+            raise InputError("This result has no readout; compute it with tl_linmap.")
+        if isinstance(token, LinearReadout):
+            token.check(self.readout.model)
+            w, c = token.weights(self.readout, self.output.shape[0])
+            w, c = w.to(self.output), c.to(self.output)
+            per_token = self.contributions() @ w
+            return LogitSplit(token.name, self.sources, per_token, float(self.bias @ w + c), float(self.output @ w + c))
+        token = token_id(self.readout.model, token)
+        logit = float(self.readout.logits(self.output, affine=True)[token])
+        per_token = self.readout.logits(self.contributions())[:, token]
+        constant = float(self.readout.logits(self.bias, affine=True)[token])
+        return LogitSplit(self.readout.model.tokenizer.decode([token]), self.sources, per_token, constant, logit)
+
+
+@dataclass(kw_only=True, repr=False)
+class LinearMap(TargetResult):
+    """The detached-Jacobian linear system of one target vector of one inference.
+
+    Attributes:
+        operators: ``J_i``, one ``d_out x d_in`` block per input token (zero after ``position``).
+        inputs: ``x_i``, the token embeddings (output of ``hook_embed``), or the source's
+            activations (``source``), flattened after the position axis.
+    """
+
+    operators: Float[Tensor, "pos d_out d_in"]
+    inputs: Float[Tensor, "pos d_in"]
+
+    def contributions(self) -> Float[Tensor, "pos d_out"]:
+        """Per-token contributions ``J_i x_i``.
+
+        Returns:
+            One output-space vector per input token; they sum to ``output - bias``.
+        """
+        return einops.einsum(self.operators, self.inputs, "pos d_out d_in, pos d_in -> pos d_out")
+
+    def svd(self, k: int | None = None, *, skip_first: bool = False) -> OperatorSVD:
+        """SVD of each token's operator and of the stacked operator ``[J_0 … J_position]``.
+
+        Args:
+            k: Pairs kept per operator (default: all).
+            skip_first: Leave the first token (BOS, attention sink) out of the stacked operator.
+
+        Returns:
+            An `tl_linmap.results.svd.OperatorSVD`, each pair signed so that ``u`` points along the output.
+        """
+        return operator_svd(
+            self.operators, self.output, self.position, target=self.target, sources=self.sources,
+            readout=self.readout, k=k, skip_first=skip_first,
+        )
+
+    def decode(
+        self, k: int = 3, top: int = 10, sources: int | Sequence[int] | None = None, *,
+        skip_first: bool = False, stacked: bool = False, tokens: int | Sequence[int] | None = None,
+    ) -> Table:
+        """The top-k singular pairs of the operators, read as tokens (see `OperatorSVD.decode`).
+
+        Args:
+            k: Pairs per operator.
+            top: Tokens per vector.
+            sources: Input token indices (default: all up to the target position; ``-1`` is
+                the prompt's last token).
+            skip_first: Leave the first token out.
+            stacked: Also read the stacked operator ``[J_0 … J_n]``.
+            tokens: Deprecated name of ``sources``.
+
+        Returns:
+            A `tl_linmap.base.table.Table` of `tl_linmap.results.svd.DecodedPair`.
+        """
+        sources = renamed_argument("tokens", tokens, "sources", sources)
+        return self.svd(k, skip_first=skip_first).decode(k, top, sources, skip_first=skip_first, stacked=stacked)
+
+    def dimensionality(self, *, skip_first: bool = False, per_token: bool = True) -> Table:
+        """Stable, effective and 90%/99% energy ranks of each operator and the stacked one.
+
+        Args:
+            skip_first: Leave the first token out.
+            per_token: One row per token as well as the stacked operator's (False: that row only).
+
+        Returns:
+            A `tl_linmap.base.table.Table` of `tl_linmap.results.svd.RankRow`.
+        """
+        return dimensionality(
+            self.operators, self.position, target=self.target, sources=self.sources,
+            skip_first=skip_first, per_token=per_token,
+        )
+
+
+@dataclass(kw_only=True, repr=False)
+class Contributions(TargetResult):
+    """Per-token contributions ``J_i x_i`` of one target, computed by forward passes.
+
+    Attributes:
+        values: One output-space vector per input token (zero after ``position``).
+    """
+
+    values: Float[Tensor, "pos d_out"]
+
+    def contributions(self) -> Float[Tensor, "pos d_out"]:
+        """Per-token contributions ``J_i x_i``.
+
+        Returns:
+            `values`; they sum to ``output - bias``.
+        """
+        return self.values
+
+
+@dataclass
+class HeadReadout:
+    """How one layer's ``hook_z`` becomes its ``hook_attn_out``: ``post(z @ W_O + b_O)``."""
+
+    W_O: Float[Tensor, "n_heads d_head d_model"]
+    b_O: Float[Tensor, " d_model"]
+    post: FrozenAffine | None = None
+
+    def apply(self, per_head: Float[Tensor, "... n_heads d_model"]) -> Float[Tensor, "... n_heads d_model"]:
+        """Map per-head output vectors through the frozen post-attention norm (linear part).
+
+        Args:
+            per_head: Head outputs in ``attn.hook_out`` space.
+
+        Returns:
+            Their shares of ``hook_attn_out``.
+        """
+        return per_head if self.post is None else per_head @ self.post.matrix.T
+
+    def rest(self) -> Float[Tensor, " d_model"]:
+        """The part of ``hook_attn_out`` that belongs to no head: ``post(b_O)`` plus the norm's offset.
+
+        Returns:
+            A residual-space vector.
+        """
+        if self.post is None:
+            return self.b_O
+        return self.post.matrix @ self.b_O + self.post.offset
+
+
+class MissingMapError(InputError, KeyError):
+    """`LinearMaps` holds no map of that name (a `KeyError` too, as a mapping's lookups expect)."""
+
+    __str__ = InputError.__str__  # KeyError's would quote the message
+
+
+@dataclass
+class LinearMaps(Mapping):
+    """Linear maps of several hook points of one inference, indexed by hook name.
+
+    Attributes:
+        maps: `LinearMap` per hook name.
+        readouts: Per layer whose ``hook_z`` was mapped, how it becomes ``hook_attn_out`` (for `heads`).
+        norms: Norm modules frozen at the target position (``"ln_final"`` always), as affine maps.
+    """
+
+    maps: dict[str, LinearMap]
+    readouts: dict[int, HeadReadout] = field(default_factory=dict, repr=False)
+    norms: dict[str, FrozenAffine] = field(default_factory=dict, repr=False)
+
+    def __getitem__(self, name: str | LinearReadout) -> LinearMap:
+        if isinstance(name, LinearReadout):
+            name = name.name
+        if not isinstance(name, str) or name not in self.maps:
+            hint = f" It holds {', '.join(list(self.maps)[:6])}{', ...' if len(self.maps) > 6 else ''}."
+            raise MissingMapError(f"No map of {name!r}: index by hook name.{hint}")
+        return self.maps[name]
+
+    def _names(self, names: Sequence[str] | None, default: Sequence[str], argument: str = "targets") -> list[str]:
+        # Hook names asked for (a list, not one string), each held here; None: the default.
+        if names is None:
+            return list(default)
+        names = check_names(argument, names, f"[{next(iter(self.maps), 'output')!r}]")
+        if not names:
+            raise InputError(f"{argument} is empty: give at least one hook name, or {argument}=None for every map.")
+        for name in names:
+            self[name]  # raises MissingMapError naming the maps held
+        return names
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.maps)
+
+    def __len__(self) -> int:
+        return len(self.maps)
+
+    def __repr__(self) -> str:
+        return display.linear_maps_text(self)
+
+    def _repr_html_(self) -> str:
+        return display.linear_maps_html(self)
+
+    @property
+    def final_norm(self) -> FrozenAffine | None:
+        """``ln_final`` frozen at the target position (for logit attributions)."""
+        return self.norms.get("ln_final")
+
+    def operators(self) -> dict[str, Float[Tensor, "pos d_out d_in"]]:
+        """Every map's operators.
+
+        Returns:
+            A dict of tensors keyed by hook name.
+        """
+        return {name: lm.operators for name, lm in self.maps.items()}
+
+    def contributions(self) -> dict[str, Float[Tensor, "pos d_out"]]:
+        """Every map's per-token contributions ``J_i x_i``.
+
+        Returns:
+            A dict of tensors keyed by hook name, each ``(source token, d_out)``.
+        """
+        return {name: lm.contributions() for name, lm in self.maps.items()}
+
+    def stack_contributions(self, names: Sequence[str] | None = None) -> Float[Tensor, "component source d_out"]:
+        """Per-token contributions of several maps stacked, like ``ActivationCache.stack_activation``.
+
+        The second axis indexes *source tokens* (whose embedding the term comes from), not
+        positions: every entry is a term of the vector at the maps' one target position.
+
+        Args:
+            names: Hook names (default: every map; they must share ``d_out``).
+
+        Returns:
+            ``(len(names), n_tokens, d_out)``.
+
+        Raises:
+            InputError: for a name these maps do not hold, or maps of different widths.
+        """
+        names = self._names(names, self.maps, "names")
+        widths = {name: self[name].output.shape[0] for name in names}
+        if len(set(widths.values())) > 1:
+            raise InputError(
+                f"Only maps of one width stack; these have d_out {widths}. Pass names of one width, "
+                "e.g. the residual-stream ones."
+            )
+        return torch.stack([self[name].contributions() for name in names])
+
+    def to_cache(self, model):
+        """Deprecated: an ``ActivationCache`` whose position axis held source tokens; use `stack_contributions`.
+
+        Args:
+            model: The model the maps came from.
+
+        Returns:
+            An ``ActivationCache`` without batch axis.
+        """
+        from transformer_lens.ActivationCache import ActivationCache
+
+        warnings.warn(
+            "LinearMaps.to_cache is deprecated: its position axis held source tokens, which "
+            "position-slicing cache methods misread. Use maps.contributions() or maps.stack_contributions().",
+            DeprecationWarning, stacklevel=2,
+        )
+        return ActivationCache(self.contributions(), model, has_batch_dim=False)
+
+    def _residual(self, targets: Sequence[str] | None) -> list[str]:
+        # Only residual-stream maps can be read through the unembedding (not hook_z).
+        return self._names(targets, [n for n in self.maps if n.endswith(RESIDUAL_HOOKS)])
+
+    def svd(self, k: int | None = None, *, skip_first: bool = False, targets: Sequence[str] | None = None) -> dict[str, OperatorSVD]:
+        """`LinearMap.svd` of every residual-stream map.
+
+        Args:
+            k: Pairs kept per operator (default: all).
+            skip_first: Leave the first token out of the stacked operators.
+            targets: Hook names (default: every residual-stream map, i.e. not ``hook_z``).
+
+        Returns:
+            An `tl_linmap.results.svd.OperatorSVD` per hook name.
+        """
+        return {name: self[name].svd(k, skip_first=skip_first) for name in self._residual(targets)}
+
+    def decode(
+        self, k: int = 3, top: int = 10, sources: int | Sequence[int] | None = None, *,
+        skip_first: bool = False, stacked: bool = False, targets: Sequence[str] | None = None,
+        tokens: int | Sequence[int] | None = None,
+    ) -> Table:
+        """`LinearMap.decode` of every residual-stream map, in one table (layer by layer).
+
+        Args:
+            k: Pairs per operator.
+            top: Tokens per vector.
+            sources: Input token indices (default: all up to the target position).
+            skip_first: Leave the first token out.
+            stacked: Also read each stacked operator.
+            targets: Hook names (default: every residual-stream map, i.e. not ``hook_z``).
+            tokens: Deprecated name of ``sources``.
+
+        Returns:
+            A `tl_linmap.base.table.Table` of `tl_linmap.results.svd.DecodedPair`.
+        """
+        sources = renamed_argument("tokens", tokens, "sources", sources)
+        rows = Table()
+        for name in self._residual(targets):
+            rows.extend(self[name].decode(k, top, sources, skip_first=skip_first, stacked=stacked))
+        return rows
+
+    def dimensionality(self, *, skip_first: bool = False, per_token: bool = True, targets: Sequence[str] | None = None) -> Table:
+        """`LinearMap.dimensionality` of every map, in one table.
+
+        Args:
+            skip_first: Leave the first token out.
+            per_token: One row per token as well as each stacked operator's (False: one
+                row per map, its stacked operator's).
+            targets: Hook names (default: every map).
+
+        Returns:
+            A `tl_linmap.base.table.Table` of `tl_linmap.results.svd.RankRow`.
+        """
+        rows = Table()
+        for name in self._names(targets, self.maps):
+            rows.extend(self[name].dimensionality(skip_first=skip_first, per_token=per_token))
+        return rows
+
+    def _per_head(self, layer: int, vector: Tensor) -> Tensor:
+        readout = self.readouts[layer]
+        split = einops.rearrange(vector, "... (h dh) -> ... h dh", h=readout.W_O.shape[0])
+        return readout.apply(einops.einsum(split, readout.W_O, "... h dh, h dh dm -> ... h dm"))
+
+    def _z(self, layer: int) -> tuple[int, LinearMap]:
+        # The layer (as an int) and its hook_z map, which per-head maps are derived from.
+        if not is_int(layer):
+            raise InputError(f"layer must be a block index (int), got {layer!r}.")
+        layer = int(layer)
+        name = get_act_name("z", layer)
+        if name not in self.maps or layer not in self.readouts:
+            raise InputError(
+                f"Head maps of layer {layer} need {name!r}, and these maps have hook_z of layers {sorted(self.readouts)}: "
+                "compute layer_maps(..., modules=True) with that layer."
+            )
+        return layer, self.maps[name]
+
+    def head_contributions(self, layer: int) -> Float[Tensor, "n_heads pos d_model"]:
+        """Per-head, per-token contributions to ``hook_attn_out``, without per-head operators.
+
+        Args:
+            layer: Block index (its ``attn.hook_z`` must be mapped: ``modules=True``).
+
+        Returns:
+            ``J_{h,i} x_i`` for every head ``h`` and source token ``i``.
+        """
+        layer, z = self._z(layer)
+        return einops.rearrange(self._per_head(layer, z.contributions()), "pos h d -> h pos d")
+
+    def heads(self, layer: int) -> LinearMaps:
+        """Per-head linear maps of one layer's ``hook_attn_out``, keyed ``blocks.L.attn.hook_result.H``.
+
+        Head ``h``'s share is ``post(z_h @ W_O[h])``; the shares plus `HeadReadout.rest`
+        sum exactly to ``hook_attn_out``.
+
+        Args:
+            layer: Block index (its ``attn.hook_z`` must be mapped: ``modules=True``).
+
+        Returns:
+            `LinearMaps` with one map per head, in head order (see also `head`), each exact.
+
+        Raises:
+            InputError: for a layer whose ``hook_z`` is not mapped.
+            FreezeError: if a head's map does not reconstruct its share of ``hook_attn_out``.
+        """
+        layer, z = self._z(layer)
+        operators = self._per_head(layer, einops.rearrange(z.operators, "pos d_z d_in -> pos d_in d_z"))
+        operators = einops.rearrange(operators, "pos d_in h d_model -> h pos d_model d_in")
+        bias, output, native = (self._per_head(layer, v) for v in (z.bias, z.output, z.native_output))
+        name = get_act_name("result", layer)
+        readout = z.readout and dataclasses.replace(z.readout, residual=True)  # heads write the residual stream
+        maps = {
+            f"{name}.{h}": LinearMap(
+                operators=operators[h], inputs=z.inputs, bias=bias[h], output=output[h],
+                native_output=native[h], tokens=z.tokens, target=f"{name}.{h}", position=z.position,
+                readout=readout, source=z.source,
+            )
+            for h in range(len(operators))
+        }
+        for lm in maps.values():
+            lm.check()
+        return LinearMaps(maps, norms=self.norms)
+
+    def head(self, layer: int, head: int) -> LinearMap:
+        """One head's linear map of ``hook_attn_out`` (see `heads`).
+
+        Args:
+            layer: Block index.
+            head: Head index.
+
+        Returns:
+            A `LinearMap`.
+
+        Raises:
+            InputError: for a layer whose ``hook_z`` is not mapped, or a head that does not exist.
+        """
+        layer, _ = self._z(layer)
+        n_heads = self.readouts[layer].W_O.shape[0]
+        if not is_int(head) or not 0 <= int(head) < n_heads:
+            raise InputError(f"Layer {layer} has {n_heads} heads; head must be an int in [0, {n_heads}), got {head!r}.")
+        return self.heads(layer)[f"{get_act_name('result', layer)}.{int(head)}"]
