@@ -59,7 +59,7 @@ x = lm.inputs  # hook_embed output, one row per token
 by_hand = sum(J @ x_i for J, x_i in zip(lm.operators, x)) + lm.bias
 with torch.no_grad():
     logits = model(lm.tokens[None])[0, -1].double()
-lens = lm.readout.logits(by_hand, affine=True)
+lens = lm.reader.logits(by_hand, affine=True)
 print("same top-5 tokens as the model:", logits.topk(5).indices.tolist() == lens.topk(5).indices.tolist())
 # The model's plain forward runs HF's RMSNorm in float32, hence a ~1e-5 logit gap (lm.native_gap()).
 print("max logit difference to the plain forward:", float((lens - logits).abs().max()))
@@ -77,7 +77,7 @@ print(f"float32 relative error: {tl_linmap.linear_map(model, prompt, dtype=torch
 # attention sink: its contribution is large but it carries little about the answer.
 
 # %%
-for token, norm in zip(lm.sources, lm.contributions().norm(dim=-1)):
+for token, norm in zip(lm.str_tokens, lm.contributions().norm(dim=-1)):
     print(f"{token!r:>12} {float(norm):8.3f}")
 
 # %% [markdown]

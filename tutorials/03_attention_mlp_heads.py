@@ -71,7 +71,7 @@ print("first token:", float(att.per_token[0]), " others:", att.per_token[1:].tol
 # which source token each reads from.
 
 # %%
-tokens = att.sources
+tokens = att.str_tokens
 top = sorted(att.per_head.items(), key=lambda kv: -abs(float(kv[1].sum())))[:8]
 for (layer, head), parts in top:
     source = int(parts[1:].abs().argmax()) + 1

@@ -73,7 +73,7 @@ print(f"model's logit difference: float64 {own_diff:.6f}, float32 {float(plain[p
 row = tl_linmap.linear_map(model, prompt, target=diff)
 print(row.operators.shape, "one row per input token")
 print(f"reconstructed {float(row.output[0]):.6f}, relative error {row.relative_error():.1e}")
-for token, share in zip(row.sources, row.contributions()[:, 0]):
+for token, share in zip(row.str_tokens, row.contributions()[:, 0]):
     print(f"{token!r:>12} {float(share):+8.3f}")
 print(f"constant (w · b + c): {float(row.bias[0]):+.3f}")
 
@@ -108,7 +108,7 @@ left.bar(range(n), attn.sum(1).tolist(), width=0.4, label="attention", align="ed
 left.bar([L - 0.4 for L in range(n)], mlp.sum(1).tolist(), width=0.4, label="MLP", align="edge")
 left.set(xlabel="layer", ylabel="share of the logit difference", title="' Paris' − ' London' per layer and module")
 left.legend()
-right.bar(range(len(att.sources)), att.per_token.tolist(), tick_label=[repr(s) for s in att.sources])
+right.bar(range(len(att.str_tokens)), att.per_token.tolist(), tick_label=[repr(s) for s in att.str_tokens])
 right.set(title="per input token")
 right.tick_params(axis="x", rotation=45)
 fig.savefig(FIGURES / "06_logit_diff_split.png", dpi=120, bbox_inches="tight")
@@ -166,7 +166,7 @@ print(f"layer 15 -> output: relative error {tail.relative_error():.1e}; |J_i|_F 
 mid = tl_linmap.linear_map(model, prompt, target="blocks.15.hook_resid_post", dtype=torch.float32)
 u = mid.svd(k=3).left[3]  # (3, d_model): the top left singular vectors of the " France" token's operator
 pushed = tl_linmap.push_forward(model, prompt, u, source="blocks.15.hook_resid_post", dtype=torch.float32)
-lens = pushed.readout.top(pushed.readout.logits(u), 5)  # the same vectors read directly, as if at the output
+lens = pushed.reader.top(pushed.reader.logits(u), 5)  # the same vectors read directly, as if at the output
 for j, (top, direct) in enumerate(zip(pushed.top_tokens(5), lens)):
     print(f"u_{j + 1} pushed to the output:", "  ".join(f"{t!r} {v:.3f}" for t, v in top))
     print("     read at layer 15:      ", "  ".join(f"{t!r} {v:.3f}" for t, v in direct))

@@ -31,6 +31,7 @@ def logit_contributions(result, token):
 
 __getattr__ = forwarder(
     "tl_linmap.analysis", ["tl_linmap.reading.spectral", "tl_linmap.results.svd", "tl_linmap.results.logit_split", "tl_linmap.reading.tokens", "tl_linmap.results.maps"],
+    {"Readout": ("tl_linmap.reading.tokens", "TokenReader")},
     adapters={f.__name__: f for f in (source_tokens, stacked_tokens, operator_svd, dimensionality, logit_contributions)},
 )
 del source_tokens, stacked_tokens, operator_svd, dimensionality, logit_contributions

@@ -15,8 +15,8 @@ def _tokens(pairs: list[tuple[str, float]]) -> str:
 
 
 def _read(lm, vector, top: int, affine: bool = False) -> list[tuple[str, float]]:
-    # Through the map's readout: on a HookedTransformer the final norm's weight follows the output hook.
-    return lm.readout.top(lm.readout.logits(vector, affine=affine), top)[0]
+    # Through the map's token reader: on a HookedTransformer the final norm's weight follows the output hook.
+    return lm.reader.top(lm.reader.logits(vector, affine=affine), top)[0]
 
 
 def demo_report(model, prompt: str, *, top: int = 5, n_singular: int = 3) -> str:
@@ -35,7 +35,7 @@ def demo_report(model, prompt: str, *, top: int = 5, n_singular: int = 3) -> str
     lm = linear_map(model, prompt)
     seconds = time.perf_counter() - start
     lm32 = linear_map(model, prompt, dtype=torch.float32)
-    str_tokens = lm.sources
+    str_tokens = lm.str_tokens
     with torch.no_grad():
         probs = torch.softmax(model(lm.tokens[None])[0, -1].double(), -1)
     model_top = [(model.tokenizer.decode([int(i)]), float(p)) for i, p in zip(*reversed(probs.topk(top)))]
@@ -61,5 +61,5 @@ def demo_report(model, prompt: str, *, top: int = 5, n_singular: int = 3) -> str
     for j in range(n_singular):
         lines.append(f"  sigma_{j + 1} = {svd.values[largest, j]:.4f}")
         lines.append(f"    left  (via unembedding): {_tokens(_read(lm, svd.left[largest, j], top))}")
-        lines.append(f"    right (via embeddings):  {_tokens(lm.readout.top(lm.readout.cosines(svd.right[largest, j]), top)[0])}")
+        lines.append(f"    right (via embeddings):  {_tokens(lm.reader.top(lm.reader.cosines(svd.right[largest, j]), top)[0])}")
     return "\n".join(lines)

@@ -204,15 +204,15 @@ def report_html(model, prompt: str, *, layers: Sequence[int] | None = None, k: i
     computed = linear_maps(model, prompt, [output_hook(model), *names])
     lm = computed[output_hook(model)]
     resid = LinearMaps({name: computed[name] for name in names})
-    tokens = lm.sources
+    tokens = lm.str_tokens
     with torch.no_grad():
         logits = model(lm.tokens[None])[0, -1].double()
     predicted = int(logits.argmax())
     split = lm.logit_contributions(predicted)
     error = lm.relative_error()
     verdict = '<span class="ok">exact</span>' if error < 1e-12 else '<span class="bad">not exact</span>'
-    model_top = lm.readout.top(logits[None], top)[0]
-    lens_top = lm.readout.top(lm.readout.logits(lm.reconstruct(), affine=True)[None], top)[0]
+    model_top = lm.reader.top(logits[None], top)[0]
+    lens_top = lm.reader.top(lm.reader.logits(lm.reconstruct(), affine=True)[None], top)[0]
     predictions = Table(
         [_Prediction("model", ", ".join(f"{t!r}" for t, _ in model_top)),
          _Prediction("linear system", ", ".join(f"{t!r}" for t, _ in lens_top))]

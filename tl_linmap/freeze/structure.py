@@ -143,7 +143,7 @@ def norm_ratios(model) -> list:
             if pair not in groups[location]:  # a bridge is reachable under its parent and its parent's original
                 groups[location].append(pair)
     return [
-        Ratio(tuple(sorted(pairs, key=lambda pair: _layer_of(pair[0]))), after_attention=".attn." not in location, kind="norm (ratio)")
+        Ratio(tuple(sorted(pairs, key=lambda pair: _block_order(pair[0]))), after_attention=".attn." not in location, kind="norm (ratio)")
         for location, pairs in groups.items()
     ]
 
@@ -185,12 +185,7 @@ def norm_scales(hook_names) -> dict[str, tuple[str, ...]]:
     for name in hook_names:
         if name.endswith(".hook_scale"):
             groups[_LAYER.sub("blocks.{}.", name)[: -len(".hook_scale")]].append(name)
-    return {location: tuple(sorted(names, key=_layer_of)) for location, names in groups.items()}
-
-
-def _layer_of(name: str) -> int:
-    match = _LAYER.match(name)
-    return int(match.group(1)) if match else -1
+    return {location: tuple(sorted(names, key=_block_order)) for location, names in groups.items()}
 
 
 def layer_of(name: str) -> int | None:
@@ -204,6 +199,12 @@ def layer_of(name: str) -> int | None:
     """
     match = _LAYER.match(name)
     return int(match.group(1)) if match else None
+
+
+def _block_order(name: str) -> int:
+    # A sort key: hooks outside the blocks first, then block by block.
+    layer = layer_of(name)
+    return -1 if layer is None else layer
 
 
 #: Norm bridges that apply no weight to an edited scale (TransformerLens's param-free norms).

@@ -64,7 +64,7 @@ from tl_linmap.freeze.factors import (
 from tl_linmap.freeze.hooks import Factors, factor_names, freeze_hooks, replay_hooks
 from tl_linmap.freeze.norms import after_output, frozen_norm
 from tl_linmap.freeze.targets import resolve_source, resolve_targets
-from tl_linmap.reading.tokens import FrozenAffine, Readout
+from tl_linmap.reading.tokens import FrozenAffine, TokenReader
 
 Vectors = dict[str, Tensor]
 
@@ -401,7 +401,7 @@ class FrozenSystem:
         self._alive()
         return frozen_norm(self.model, norm, self.factors, self.position)
 
-    def readout(self, name: str) -> Readout:
+    def reader(self, name: str) -> TokenReader:
         """How a target's vectors are read as tokens: through ``ln_final`` frozen at the target position.
 
         Args:
@@ -411,11 +411,11 @@ class FrozenSystem:
             A `tl_linmap.reading.tokens.Readout` (no norm for the final norm's own output).
         """
         if name.startswith("ln_final."):  # the final norm's own hooks: only what follows them applies
-            return Readout(model=self.model, final_norm=after_output(self.model, name))
-        return Readout(model=self.model, final_norm=self.final_norm, residual=name.endswith(RESIDUAL_HOOKS))
+            return TokenReader(model=self.model, final_norm=after_output(self.model, name))
+        return TokenReader(model=self.model, final_norm=self.final_norm, residual=name.endswith(RESIDUAL_HOOKS))
 
-    def readout_at(self, name: str, position: int) -> Readout:
-        """`readout` of a target's vector at another position: ``ln_final`` frozen there.
+    def reader_at(self, name: str, position: int) -> TokenReader:
+        """`reader` of a target's vector at another position: ``ln_final`` frozen there.
 
         Args:
             name: Target hook name.
@@ -425,10 +425,10 @@ class FrozenSystem:
             A `tl_linmap.reading.tokens.Readout`.
         """
         if position == self.position or name.startswith("ln_final.") or self.final_norm is None:
-            return self.readout(name)
+            return self.reader(name)
         self._alive()
         norm = frozen_norm(self.model, "ln_final", self.factors, position)
-        return Readout(model=self.model, final_norm=norm, residual=name.endswith(RESIDUAL_HOOKS))
+        return TokenReader(model=self.model, final_norm=norm, residual=name.endswith(RESIDUAL_HOOKS))
 
     def result_fields(self, name: str) -> dict:
         """The `tl_linmap.results.maps.TargetResult` fields of one target (``b`` must be known).
@@ -437,7 +437,7 @@ class FrozenSystem:
             name: Target hook name.
 
         Returns:
-            ``bias``, ``output``, ``native_output``, ``tokens``, ``target``, ``position``, ``readout``, ``source``.
+            ``bias``, ``output``, ``native_output``, ``tokens``, ``target``, ``position``, ``reader``, ``source``.
 
         Raises:
             FreezeError: if ``b`` has not been computed (see `with_biases`).
@@ -445,7 +445,7 @@ class FrozenSystem:
         if self.biases is None:
             raise FreezeError("b is not known yet: use system.with_biases().")
         return dict(
-            readout=self.readout(name),
+            reader=self.reader(name),
             bias=self.biases[name].detach(),
             output=self.outputs[name],
             native_output=self.natives[name],

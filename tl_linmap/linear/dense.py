@@ -63,8 +63,8 @@ from tl_linmap.freeze.system import (
 )
 from tl_linmap.freeze.targets import check_norms, resolve_target, resolve_targets
 from tl_linmap.reading.readouts import LinearReadout
-from tl_linmap.reading.tokens import Readout
-from tl_linmap.results.maps import HeadReadout, LinearMap, LinearMaps
+from tl_linmap.reading.tokens import TokenReader
+from tl_linmap.results.maps import HeadSplit, LinearMap, LinearMaps
 
 #: Values of ``route=``: ``"rows"`` (reverse mode, ``d_out`` rows per target), ``"columns"``
 #: (basis embeddings pushed forward, ``d_in`` per token), ``"auto"`` (the cheaper by `choose_route`).
@@ -211,7 +211,7 @@ def _readout_weights(system: FrozenSystem, readouts: Sequence[LinearReadout]) ->
     weights = {}
     for readout in readouts:
         name = resolve_target(system.model, readout.hook)
-        w, c = readout.weights(system.readout(name), system.outputs[name].shape[0])
+        w, c = readout.weights(system.reader(name), system.outputs[name].shape[0])
         weights[readout.name] = (name, w.to(system.x), c.to(system.x))
     return weights
 
@@ -221,11 +221,11 @@ def _scalar_map(system: FrozenSystem, name: str, w: Tensor, c: Tensor, label: st
     fields = system.result_fields(name)
     read = {key: (w @ fields[key] + c)[None] for key in ("bias", "output", "native_output")}
     scale = float(w.norm() * fields["output"].norm() + c.abs())
-    fields.update(read, target=label, readout=Readout(model=system.model, residual=False), scale=scale)
+    fields.update(read, target=label, reader=TokenReader(model=system.model, residual=False), scale=scale)
     return LinearMap(operators=operators, inputs=system.x[0].detach(), **fields)
 
 
-def _head_readouts(system: FrozenSystem) -> dict[int, HeadReadout]:
+def _head_splits(system: FrozenSystem) -> dict[int, HeadSplit]:
     # Per layer whose hook_z is a target: W_O, b_O and the frozen post-attention norm, for per-head maps.
     model, readouts = system.model, {}
     for layer in range(model.cfg.n_layers):
@@ -235,7 +235,7 @@ def _head_readouts(system: FrozenSystem) -> dict[int, HeadReadout]:
         w_o = attn.W_O.detach()
         b_o = getattr(attn, "b_O", None)
         post = f"blocks.{layer}.{_POST_ATTN_NORM}"
-        readouts[layer] = HeadReadout(
+        readouts[layer] = HeadSplit(
             W_O=w_o.to(system.x.dtype),
             b_O=(w_o.new_zeros(w_o.shape[-1]) if b_o is None else b_o.detach()).to(system.x.dtype),
             post=system.frozen_norm(post) if f"{post}.hook_scale" in model.hook_dict else None,
@@ -353,13 +353,13 @@ def _cheaper_route(system: FrozenSystem, wanted: list[str], weights: dict) -> st
 def _assemble(system: FrozenSystem, wanted: list[str], weights: dict, operators: dict, scalar_ops: dict, norms: Sequence[str]) -> LinearMaps:
     # One prompt's LinearMaps from its operators (b known), with its head readouts and frozen norms.
     inputs = system.x[0].detach()
-    readouts = _head_readouts(system)
-    frozen_norms = {f"blocks.{layer}.{_POST_ATTN_NORM}": r.post for layer, r in readouts.items() if r.post is not None}
+    head_splits = _head_splits(system)
+    frozen_norms = {f"blocks.{layer}.{_POST_ATTN_NORM}": r.post for layer, r in head_splits.items() if r.post is not None}
     results = {name: LinearMap(operators=operators[name], inputs=inputs, **system.result_fields(name)) for name in wanted}
     results.update({label: _scalar_map(system, name, w, c, label, scalar_ops[label]) for label, (name, w, c) in weights.items()})
     return LinearMaps(
         {key: results[key] for key in [*wanted, *weights]},
-        readouts=readouts,
+        head_splits=head_splits,
         norms={"ln_final": system.final_norm, **frozen_norms, **{norm: system.frozen_norm(norm) for norm in norms}},
     )
 

@@ -21,7 +21,10 @@ from torch import Tensor
 
 from tl_linmap.base.budget import activation_bytes, fit_rows, plan_tokens
 from tl_linmap.base.checks import check_positive
-from tl_linmap.base.deprecation import renamed_argument
+from tl_linmap.base.deprecation import (
+    renamed_argument,
+    renamed_fields,
+)
 from tl_linmap.base.errors import InputError
 from tl_linmap.base.exactness import check_exact, relative
 from tl_linmap.base.prompts import Prompt, check_positions, is_batch, prompt_batch
@@ -34,7 +37,7 @@ from tl_linmap.freeze.system import (
 )
 from tl_linmap.freeze.targets import resolve_target
 from tl_linmap.reading.spectral import input_index, signed
-from tl_linmap.reading.tokens import Readout, decode_tokens
+from tl_linmap.reading.tokens import TokenReader, decode_tokens
 from tl_linmap.results.maps import Contributions
 from tl_linmap.results.svd import OperatorSVD
 
@@ -318,7 +321,7 @@ def randomized_svd(operator: TokenOperator, k: int, *, oversample: int = 4, max_
     offset = operator.offset  # the window's token 0 is the prompt's token `offset`
     return OperatorSVD(
         operator.target, decode_tokens(system.model, operator.prompt), offset + system.position, [offset + operator.token],
-        values[None, :k], left[None], right[None], readout=system.readout(operator.target),
+        values[None, :k], left[None], right[None], reader=system.reader(operator.target),
     )
 
 
@@ -369,6 +372,7 @@ class MatrixFree:
         return randomized_svd(self.operator(source, target), k, **options)
 
 
+@renamed_fields(readout="reader")
 @dataclass
 class Pushed:
     """Vectors at one source position pushed through the frozen system: ``J_i v`` at a target.
@@ -380,7 +384,7 @@ class Pushed:
         source_position: Input position ``i`` the vectors were placed at.
         target: The target hook name.
         position: The target position.
-        readout: How the values are read as tokens (through ``ln_final`` frozen at ``position``).
+        reader: How the values are read as tokens (through ``ln_final`` frozen at ``position``).
     """
 
     vectors: Float[Tensor, "k d_in"]
@@ -389,7 +393,7 @@ class Pushed:
     source_position: int
     target: str
     position: int
-    readout: Readout = field(repr=False)
+    reader: TokenReader = field(repr=False)
 
     def logits(self) -> Float[Tensor, "k d_vocab"]:
         """The values read through the frozen final norm and the unembedding (linear parts).
@@ -397,7 +401,7 @@ class Pushed:
         Returns:
             One logit vector per pushed vector.
         """
-        return self.readout.logits(self.values)
+        return self.reader.logits(self.values)
 
     def top_tokens(self, k: int = 10) -> list[list[tuple[str, float]]]:
         """The tokens each pushed vector promotes most at the target.
@@ -408,8 +412,8 @@ class Pushed:
         Returns:
             Per vector, ``(token, logit)`` pairs, highest first.
         """
-        k = check_positive("k", k, at_most=self.readout.model.cfg.d_vocab)
-        return self.readout.top(self.logits(), k)
+        k = check_positive("k", k, at_most=self.reader.model.cfg.d_vocab)
+        return self.reader.top(self.logits(), k)
 
 
 def push_forward(
@@ -467,7 +471,7 @@ def push_forward(
         embeddings = rows.new_zeros(len(rows), *window.x.shape[1:])
         embeddings[:, 0] = rows
         values = window.push(embeddings)[0][name]
-        return Pushed(rows, values, system.source, index, name, system.position, system.readout(name))
+        return Pushed(rows, values, system.source, index, name, system.position, system.reader(name))
 
 
 def probe_linearity(system: FrozenSystem) -> float:

@@ -82,7 +82,7 @@ def summarise(maps: LinearMaps, targets: Sequence[str], final: str, token: int |
         lm = maps[name]
         if lm.position < 1:
             raise InputError(
-                f"Prompt {lm.sources!r} has one token: a corpus analysis sets the first token apart, so give prompts of two or more tokens."
+                f"Prompt {lm.str_tokens!r} has one token: a corpus analysis sets the first token apart, so give prompts of two or more tokens."
             )
         svd = lm.svd(k, skip_first=True)
         rows = [(token_role(i, lm.position), *_ranks(values)) for i, values in zip(svd.tokens, svd.values)]
@@ -91,9 +91,9 @@ def summarise(maps: LinearMaps, targets: Sequence[str], final: str, token: int |
         concepts[name] = list(dict.fromkeys(t for pair in decoded for t, _ in pair.left))
     last = maps[final]
     if token is None:
-        token = int(last.readout.logits(last.output, affine=True).argmax())
+        token = int(last.reader.logits(last.output, affine=True).argmax())
     split = last.logit_contributions(token)
-    return PromptSummary(last.sources, ranks, concepts, split.token, split.per_token.detach().cpu())
+    return PromptSummary(last.str_tokens, ranks, concepts, split.token, split.per_token.detach().cpu())
 
 
 def _ranks(values: Tensor) -> tuple[int, int, float]:

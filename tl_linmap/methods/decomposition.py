@@ -218,7 +218,7 @@ def token_attribution(model, maps: LinearMaps | Sequence[LinearMaps], token: int
         head_rest=head_rest,
         constant=constant,
         unembed_bias=unembed_bias,
-        sources=final.sources,
+        str_tokens=final.str_tokens,
     )
 
 

@@ -40,7 +40,7 @@ from tl_linmap.results.sequence import SequenceAttribution
 def _row_weights(system: FrozenSystem, name: str, readouts: Sequence[LinearReadout], positions: Sequence[int]) -> tuple[Tensor, Tensor]:
     # Per row, the readout's covector and constant with the final norm frozen at that row's position.
     d_out = system.sequences[name].shape[-1]
-    pairs = [r.weights(system.readout_at(name, p), d_out) for r, p in zip(readouts, positions)]
+    pairs = [r.weights(system.reader_at(name, p), d_out) for r, p in zip(readouts, positions)]
     x = system.x
     return torch.stack([w.to(x) for w, _ in pairs]), torch.stack([c.to(x) for _, c in pairs])
 

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from tl_linmap.base.checks import is_int
 from tl_linmap.base.compat import get_act_name
+from tl_linmap.base.deprecation import renamed_fields
 from tl_linmap.base.errors import InputError
 from tl_linmap.base.hook_names import RESIDUAL_HOOKS
 from tl_linmap.base.prompts import Prompt, to_tokens
@@ -85,7 +86,7 @@ def skips_first(source: LinearMap, skip_first: SkipFirst = "auto") -> bool:
         return False
     if isinstance(skip_first, bool):
         return skip_first
-    tokenizer = getattr(source.readout.model, "tokenizer", None) if source.readout is not None else None
+    tokenizer = getattr(source.reader.model, "tokenizer", None) if source.reader is not None else None
     bos = getattr(tokenizer, "bos_token_id", None)
     return bos is not None and int(source.tokens[0]) == bos
 
@@ -134,6 +135,7 @@ def concept_vector(
     return vector / vector.norm()
 
 
+@renamed_fields(sources="str_tokens")
 @dataclass(eq=False, repr=False)
 class Steering(list):
     """Steering hooks, with what they add: a ``[(hook_name, fn)]`` list for ``model.hooks``.
@@ -145,7 +147,7 @@ class Steering(list):
         layer: The steered block.
         alpha: Strength, relative to the residual norm at each position.
         vector: The unit concept vector (`concept_vector`).
-        sources: The source prompt's tokens whose contributions built the vector, decoded.
+        str_tokens: The source prompt's tokens whose contributions built the vector, decoded.
         left_out: The source prompt's other tokens: a first token left out by ``skip_first``
             and any after the map's position (which contribute nothing to it).
         positions: ``"all"`` or the indices / slice steered in each forward call.
@@ -156,7 +158,7 @@ class Steering(list):
     layer: int
     alpha: float
     vector: Float[Tensor, " d_model"] = field(repr=False)
-    sources: list[str]
+    str_tokens: list[str]
     left_out: list[str]
     positions: Positions = "all"
     how: str = "contributions"
@@ -181,7 +183,7 @@ class Steering(list):
         left_out = ", ".join(map(repr, self.left_out)) or "none"
         return (
             f"Steering({self.hook_name}, alpha={self.alpha}, positions={self.positions!r}, how={self.how!r}; "
-            f"vector from {', '.join(map(repr, self.sources))}; left out: {left_out})"
+            f"vector from {', '.join(map(repr, self.str_tokens))}; left out: {left_out})"
         )
 
 
@@ -198,6 +200,7 @@ def _position_mask(positions: Positions, resid: Float[Tensor, "batch pos d_model
     return mask
 
 
+@renamed_fields(sources="str_tokens")
 @dataclass(eq=False, repr=False)
 class OperatorSteering(list):
     """The paper's steering operator: a ``[(hook_name, fn)]`` list for ``model.hooks``.
@@ -224,7 +227,7 @@ class OperatorSteering(list):
         layer: The steered block.
         alpha: Strength, relative to the residual norm at each position.
         operators: The source operators cycled over, ``(n, d_model, d_embed)``.
-        sources: The source tokens whose operators are used, decoded, in cycle order.
+        str_tokens: The source tokens whose operators are used, decoded, in cycle order.
         left_out: The source prompt's other tokens (a first token left out by ``skip_first``,
             any after the map's position).
         positions: ``"all"`` or the indices / slice steered in each forward call.
@@ -236,7 +239,7 @@ class OperatorSteering(list):
     layer: int
     alpha: float
     operators: Float[Tensor, "n d_model d_embed"] = field(repr=False)
-    sources: list[str]
+    str_tokens: list[str]
     left_out: list[str]
     positions: Positions = "all"
     learned_positions: bool = field(default=False, repr=False)
@@ -333,7 +336,7 @@ class OperatorSteering(list):
         left_out = ", ".join(map(repr, self.left_out)) or "none"
         return (
             f"OperatorSteering({self.hook_name}, alpha={self.alpha}, positions={self.positions!r}; "
-            f"operators of {', '.join(map(repr, self.sources))}, cycled; left out: {left_out})"
+            f"operators of {', '.join(map(repr, self.str_tokens))}, cycled; left out: {left_out})"
         )
 
 
@@ -350,7 +353,7 @@ def _source_map(source: LinearMap | LinearMaps, layer: int) -> tuple[LinearMap, 
         source = source[name]
     if ".hook_resid_" not in source.target:
         raise InputError(f"The source map's target {source.target!r} is not a residual-stream vector.")
-    n_layers = source.readout.model.cfg.n_layers if source.readout is not None else None
+    n_layers = source.reader.model.cfg.n_layers if source.reader is not None else None
     if n_layers is not None and layer >= n_layers:
         raise InputError(f"layer {layer} does not exist: the source's model has {n_layers} blocks (0..{n_layers - 1}).")
     return source, name
@@ -384,7 +387,7 @@ def steering_hooks(
             a slice into the positions of each forward call.
         how: See `concept_vector` (``method="vector"`` only).
         skip_first: See `concept_vector`: ``"auto"`` leaves the first token out only when it
-            is the model's BOS token; the result's ``sources`` and ``left_out`` say which. With
+            is the model's BOS token; the result's ``str_tokens`` and ``left_out`` say which. With
             ``method="operator"`` the operators cycled over are those of the kept tokens.
         method: ``"vector"`` (a fixed concept vector) or ``"operator"`` (the steering operator).
         *args: Only the deprecated form ``steering_hooks(model, source, ...)``, whose ``model``
@@ -410,10 +413,10 @@ def steering_hooks(
     _check_positions(positions)
     start = 1 if skips_first(source, skip_first) else 0
     end = source.position % len(source.tokens) + 1
-    decoded = source.sources
-    used = {"sources": decoded[start:end], "left_out": decoded[:start] + decoded[end:]}
+    decoded = source.str_tokens
+    used = {"str_tokens": decoded[start:end], "left_out": decoded[:start] + decoded[end:]}
     if method == "operator":
-        cfg = source.readout.model.cfg if source.readout is not None else None
+        cfg = source.reader.model.cfg if source.reader is not None else None
         learned = getattr(cfg, "positional_embedding_type", None) == "standard"
         return OperatorSteering(name, layer, alpha, source.operators[start:end], positions=positions, learned_positions=learned,
                                 **used)
@@ -438,7 +441,7 @@ def word_tokens(model, text: str | Sequence[str]) -> list[str]:
 
     Args:
         model: A TransformerBridge or HookedTransformer (for its tokenizer).
-        text: The concept, e.g. ``"Chocolate cake"``, or its tokens (a `Steering`'s ``sources``).
+        text: The concept, e.g. ``"Chocolate cake"``, or its tokens (a `Steering`'s ``str_tokens``).
 
     Returns:
         The distinct single-token variants, e.g. ``[" Chocolate", " chocolate", " cake", "cake", ...]``.
@@ -548,7 +551,7 @@ def alpha_sweep(
 
 def _concept_ids(model, steering: Steering | OperatorSteering, concept_tokens: Sequence[int | str] | None) -> list[int]:
     # The measured vocabulary ids: those given, or the single-token words of the source tokens used.
-    concept = [token_id(model, t) for t in (word_tokens(model, steering.sources) if concept_tokens is None else concept_tokens)]
+    concept = [token_id(model, t) for t in (word_tokens(model, steering.str_tokens) if concept_tokens is None else concept_tokens)]
     if not concept:
         raise InputError("No concept token to measure: pass concept_tokens=[...] (ids or single-token strings).")
     return concept

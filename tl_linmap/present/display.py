@@ -129,7 +129,7 @@ def map_facts(lm) -> list[tuple[str, str, bool]]:
         ``(name, value, is_number)`` per fact: target, position, tokens, shapes, relative
         error, native gap.
     """
-    tokens = lm.sources
+    tokens = lm.str_tokens
     position = lm.position % len(tokens)
     facts = [("target", lm.target, False), ("position", f"{position} ({tokens[position]!r})", False),
              ("tokens", str(len(tokens)), True)]
@@ -144,7 +144,7 @@ def linear_map_html(lm) -> str:
 
     Args:
         lm: A `tl_linmap.results.maps.LinearMap` or `tl_linmap.results.maps.Contributions`: needs
-            ``target``, ``position``, ``tokens``, ``readout``, ``output``, ``contributions()``,
+            ``target``, ``position``, ``tokens``, ``reader``, ``output``, ``contributions()``,
             ``relative_error()`` and ``native_gap()``; ``operators`` and ``inputs`` are
             shown when present.
 
@@ -153,7 +153,7 @@ def linear_map_html(lm) -> str:
         prompt's tokens coloured by their share of the contribution norms.
     """
     title = f"{type(lm).__name__} of {html.escape(lm.target)}"
-    return _frame(title, _facts(map_facts(lm)), _contribution_view(lm, lm.sources))
+    return _frame(title, _facts(map_facts(lm)), _contribution_view(lm, lm.str_tokens))
 
 
 def linear_map_text(lm, top: int = 5) -> str:
@@ -168,7 +168,7 @@ def linear_map_text(lm, top: int = 5) -> str:
     """
     _, shares = _shares(lm)
     order = sorted(range(len(shares)), key=lambda i: -shares[i])[:top]
-    tokens = lm.sources
+    tokens = lm.str_tokens
     largest = ", ".join(f"{i}:{tokens[i]!r} {shares[i]:.2f}" for i in order)
     facts = "; ".join(f"{name} {value}" for name, value, _ in map_facts(lm))
     return f"{type(lm).__name__}({facts})\n  largest shares of Σ‖J_i x_i‖: {largest}"
@@ -215,7 +215,7 @@ def linear_maps_html(maps: Mapping) -> str:
     rows = map_rows(maps)
     name, last = list(maps.items())[-1]
     last_map = f"<div>Last map: <code>{html.escape(name)}</code></div>"
-    return _frame(html.escape(_maps_title(last, rows)), rows._repr_html_(), last_map, _contribution_view(last, last.sources))
+    return _frame(html.escape(_maps_title(last, rows)), rows._repr_html_(), last_map, _contribution_view(last, last.str_tokens))
 
 
 def _maps_title(last, rows: Table) -> str:
@@ -273,7 +273,7 @@ def component_rows(att) -> Table:
 def _attribution_parts(att, tokens: Sequence[str] | None) -> tuple[list[str], list[float], str, str]:
     # Tokens, per-token values, the title (logit = tokens + constants) and the largest heads.
     values = [float(v) for v in att.per_token]
-    tokens = list(tokens or getattr(att, "sources", None) or [f"#{i}" for i in range(len(values))])
+    tokens = list(tokens or getattr(att, "str_tokens", None) or [f"#{i}" for i in range(len(values))])
     constant = att.total() - sum(values)
     title = f"Logit of {att.token!r}: {att.logit:.4g} = {sum(values):.4g} from tokens + {constant:.4g} constant"
     heads = sorted(getattr(att, "per_head", {}).items(), key=lambda item: -abs(float(item[1].sum())))[:TOP_HEADS]
@@ -287,8 +287,8 @@ def attribution_html(att, tokens: Sequence[str] | None = None) -> str:
     Args:
         att: A `tl_linmap.results.attribution.Attribution` or a `tl_linmap.results.logit_split.LogitSplit`:
             needs ``token``, ``logit``, ``per_token``, ``constant``, ``total()``; uses
-            ``per_component``, ``per_head``, ``unembed_bias`` and ``sources`` when present.
-        tokens: The decoded source tokens (default: ``att.sources``, else ``#i``).
+            ``per_component``, ``per_head``, ``unembed_bias`` and ``str_tokens`` when present.
+        tokens: The decoded source tokens (default: ``att.str_tokens``, else ``#i``).
 
     Returns:
         An HTML fragment: the logit and its parts, the tokens coloured by their signed
@@ -310,7 +310,7 @@ def attribution_text(att, tokens: Sequence[str] | None = None, top: int = 5) -> 
 
     Args:
         att: See `attribution_html`.
-        tokens: The decoded source tokens (default: ``att.sources``, else ``#i``).
+        tokens: The decoded source tokens (default: ``att.str_tokens``, else ``#i``).
         top: Tokens listed, largest ``|value|`` first.
 
     Returns:

@@ -50,7 +50,7 @@ MapsLike = Mapping[str, LinearMap] | LinearMap
 
 
 def _is_result(value) -> bool:
-    return all(hasattr(value, name) for name in ("contributions", "position", "sources"))
+    return all(hasattr(value, name) for name in ("contributions", "position", "str_tokens"))
 
 
 def _is_linear(value) -> bool:
@@ -206,7 +206,7 @@ def _operator_label(lm: LinearMap, token: TokenChoice, skip_first: bool) -> str:
         tokens = stacked_tokens(lm.position, skip_first)
         return f"stacked [J_{tokens[0]} … J_{tokens[-1]}]"
     index = _index(lm, token, skip_first)
-    return f"J_{index} ({token_label(lm.sources[index])})"
+    return f"J_{index} ({token_label(lm.str_tokens[index])})"
 
 
 def _depth_colors(n: int) -> list:
@@ -337,7 +337,7 @@ def plot_contribution_heatmap(
     norms = _contribution_norms(named)
     if norms.shape[1] < 2:
         raise InputError("A one-token prompt has no tokens besides the first to show.")
-    labels = [token_label(s) for s in first.sources[: norms.shape[1]]]
+    labels = [token_label(s) for s in first.str_tokens[: norms.shape[1]]]
     rows = [_short_name(name) for name in named]
     fig, sink, ax = _heatmap_axes(ax, norms.shape[1] - 1, len(rows), skip_first)
 
@@ -390,9 +390,9 @@ def _split(lm_or_split: TargetResult | LogitSplit, token: int | str | None) -> L
         return lm_or_split
     if token is None:
         # Default: the token the target's own value predicts.
-        if lm_or_split.readout is None:
-            raise InputError("This map has no readout to pick a token; pass token explicitly.")
-        token = int(lm_or_split.readout.logits(lm_or_split.output, affine=True).argmax())
+        if lm_or_split.reader is None:
+            raise InputError("This map has no token reader to pick a token; pass token explicitly.")
+        token = int(lm_or_split.reader.logits(lm_or_split.output, affine=True).argmax())
     return lm_or_split.logit_contributions(token)
 
 
@@ -418,13 +418,13 @@ def plot_logit_contributions(
         (``w · J_i x_i``), ``ax.containers[1]`` the hatched constant bar.
 
     Raises:
-        InputError: for a token given with a `LogitSplit`, or a map without readout.
+        InputError: for a token given with a `LogitSplit`, or a map without a token reader.
     """
     _pyplot()  # fail before any decomposition when matplotlib is missing
     split = _split(lm_or_split, token)
     start = 1 if skip_first else 0
     values = split.per_token[start:].detach().cpu()
-    labels = [token_label(s) for s in split.sources[start:]]
+    labels = [token_label(s) for s in split.str_tokens[start:]]
     fig, ax = _figure(ax, (max(6.0, 2.0 + 0.35 * (len(values) + 2)), 4.5))
 
     colors = ["tab:blue" if v >= 0 else "tab:red" for v in values.tolist()]
@@ -443,7 +443,7 @@ def plot_logit_contributions(
     title = (f"Logit of '{token_label(split.token)}' = {split.logit:.4g}\n"
              f"= Σ tokens ({float(split.per_token.sum()):.4g}) + constant ({split.constant:.4g})")
     if skip_first:
-        title += f"\nfirst token '{token_label(split.sources[0])}' ({float(split.per_token[0]):.4g}) not shown"
+        title += f"\nfirst token '{token_label(split.str_tokens[0])}' ({float(split.per_token[0]):.4g}) not shown"
     ax.set_title(title, fontsize="medium")
     return fig
 
@@ -624,7 +624,7 @@ def plot_sequence_attribution(attribution, *, skip_first: bool = False, ax: Axes
     Raises:
         InputError: for anything but a `SequenceAttribution`, or nothing left to show.
     """
-    if not all(hasattr(attribution, a) for a in ("positions", "values", "kind", "sources")):
+    if not all(hasattr(attribution, a) for a in ("positions", "values", "kind", "str_tokens")):
         raise InputError(f"plot_sequence_attribution takes a SequenceAttribution, got {type(attribution).__name__}.")
     _pyplot()  # fail before any work when matplotlib is missing
     values = attribution.values.detach().double().cpu().clone()
@@ -634,10 +634,10 @@ def plot_sequence_attribution(attribution, *, skip_first: bool = False, ax: Axes
     values = values[:, first : int(positions.max()) + 1]
     if values.shape[1] == 0:
         raise InputError("skip_first leaves no source token to show: pass skip_first=False.")
-    sources = attribution.sources
-    labels = [token_label(sources[i]) for i in range(first, first + values.shape[1])]
+    str_tokens = attribution.str_tokens
+    labels = [token_label(str_tokens[i]) for i in range(first, first + values.shape[1])]
     predicted = attribution.predicted
-    rows = [f"{p} {token_label(sources[p])}" + (f" → {token_label(predicted[r])}" if predicted else "") for r, p in enumerate(attribution.positions)]
+    rows = [f"{p} {token_label(str_tokens[p])}" + (f" → {token_label(predicted[r])}" if predicted else "") for r, p in enumerate(attribution.positions)]
     fig, ax = _figure(ax, (max(5.0, 3.0 + 0.35 * len(labels)), max(3.0, 1.5 + 0.3 * len(rows))))
     if attribution.kind == "value":
         bound = float(values.nan_to_num().abs().max()) or 1.0

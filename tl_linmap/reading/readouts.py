@@ -27,7 +27,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from tl_linmap.base.errors import InputError
-from tl_linmap.reading.tokens import Readout, decode_tokens, token_id
+from tl_linmap.reading.tokens import TokenReader, decode_tokens, token_id
 
 
 class LinearReadout(ABC):
@@ -49,11 +49,11 @@ class LinearReadout(ABC):
         """
 
     @abstractmethod
-    def weights(self, readout: Readout, d_out: int) -> tuple[Float[Tensor, " d_out"], Float[Tensor, ""]]:
+    def weights(self, reader: TokenReader, d_out: int) -> tuple[Float[Tensor, " d_out"], Float[Tensor, ""]]:
         """The covector ``w`` and constant ``c`` on the hook's vectors at one position.
 
         Args:
-            readout: How the hook's vectors are read as tokens there (`tl_linmap.freeze.system.FrozenSystem.readout`).
+            reader: How the hook's vectors are read as tokens there (`tl_linmap.freeze.system.FrozenSystem.reader`).
             d_out: The width of the hook's (flattened) vector.
 
         Returns:
@@ -64,19 +64,19 @@ class LinearReadout(ABC):
         return self.name
 
 
-def _logit_weights(readout: Readout, ids: list[int], coefficients: list[float]) -> tuple[Tensor, Tensor]:
+def _logit_weights(reader: TokenReader, ids: list[int], coefficients: list[float]) -> tuple[Tensor, Tensor]:
     # Σ_k a_k logit_k = (W_U[:, ids] a) · norm(y) + b_U[ids] · a, with the norm frozen: affine in y.
-    model = readout.model
-    if not readout.residual:
+    model = reader.model
+    if not reader.residual:
         raise InputError("A logit is read from the residual stream: give a hook point there (hook_resid_*, output, ...).")
-    reference = readout.final_norm.matrix if readout.final_norm is not None else model.W_U
+    reference = reader.final_norm.matrix if reader.final_norm is not None else model.W_U
     a = torch.tensor(coefficients, dtype=reference.dtype, device=reference.device)
     u = model.W_U.detach()[:, ids].to(a) @ a
     bias = getattr(model, "b_U", None)
     c = bias.detach()[ids].to(a) @ a if bias is not None else a.new_zeros(())
-    if readout.final_norm is None:
+    if reader.final_norm is None:
         return u, c
-    return readout.final_norm.matrix.T @ u, c + readout.final_norm.offset @ u
+    return reader.final_norm.matrix.T @ u, c + reader.final_norm.offset @ u
 
 
 class LogitReadout(LinearReadout):
@@ -119,8 +119,8 @@ class LogitReadout(LinearReadout):
             raise InputError(f"{self.name}: every coefficient is zero, so always zero. Give a nonzero one.")
         _check_hook(self.hook)
 
-    def weights(self, readout: Readout, d_out: int) -> tuple[Tensor, Tensor]:
-        return _logit_weights(readout, *self.resolve(readout.model))
+    def weights(self, reader: TokenReader, d_out: int) -> tuple[Tensor, Tensor]:
+        return _logit_weights(reader, *self.resolve(reader.model))
 
 
 @dataclass(frozen=True, eq=False)
@@ -225,10 +225,10 @@ class Direction(LinearReadout):
             got = f"shape {tuple(v.shape)}, {v.dtype}" if isinstance(v, Tensor) else type(v).__name__
             raise InputError(f"Direction's vector must be a floating tensor of shape (d_out,), got {got}.")
 
-    def weights(self, readout: Readout, d_out: int) -> tuple[Tensor, Tensor]:
+    def weights(self, reader: TokenReader, d_out: int) -> tuple[Tensor, Tensor]:
         if self.vector.shape[0] != d_out:
             raise InputError(f"{self.hook!r} has width {d_out}; the Direction's vector has {self.vector.shape[0]}.")
-        w = self.vector.detach().to(readout.model.W_U)  # the working dtype and device
+        w = self.vector.detach().to(reader.model.W_U)  # the working dtype and device
         return w, w.new_zeros(())
 
 

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from tl_linmap.base.checks import check_positive, check_vector, is_int
 from tl_linmap.base.compat import check_model
+from tl_linmap.base.deprecation import renamed_names
 from tl_linmap.base.errors import InputError
 
 
@@ -25,7 +26,7 @@ class FrozenAffine:
 def unembed(model, vector: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_vocab"]:
     """Logits of a final-norm-output vector: ``vector @ W_U (+ b_U)``.
 
-    For a map's own vectors use ``lm.readout.logits``: on a HookedTransformer the ``"output"``
+    For a map's own vectors use ``lm.reader.logits``: on a HookedTransformer the ``"output"``
     hook comes before the final norm's weight, which the readout applies and this does not.
 
     Args:
@@ -126,7 +127,7 @@ def token_id(model, token: int | str) -> int:
 
 
 @dataclass
-class Readout:
+class TokenReader:
     """How one target's vectors are read as tokens.
 
     Attributes:
@@ -205,3 +206,6 @@ def decode_tokens(model, tokens: Int[Tensor, " pos"] | Sequence[int]) -> list[st
     """
     tokenizer = getattr(model, "tokenizer", None)
     return [tokenizer.decode([int(t)]) if tokenizer else str(int(t)) for t in tokens]
+
+
+__getattr__ = renamed_names(__name__, {"Readout": "TokenReader"})

@@ -7,9 +7,11 @@ from dataclasses import dataclass, field
 from jaxtyping import Float
 from torch import Tensor
 
+from tl_linmap.base.deprecation import renamed_fields
 from tl_linmap.present import display
 
 
+@renamed_fields(sources="str_tokens")
 @dataclass
 class Attribution:
     """One output token's logit, split exactly over source tokens, layers, modules and heads.
@@ -28,7 +30,7 @@ class Attribution:
         head_rest: Per layer, the constant of ``hook_attn_out`` that belongs to no head.
         constant: Every affine part inside the network (biases, positions, ln_final's offset).
         unembed_bias: ``b_U[token]`` (zero when the model has none).
-        sources: The input tokens, decoded.
+        str_tokens: The input tokens, decoded.
     """
 
     token: str
@@ -39,8 +41,7 @@ class Attribution:
     head_rest: dict[int, float]
     constant: float
     unembed_bias: float
-    sources: list[str] = field(default_factory=list)
-
+    str_tokens: list[str] = field(default_factory=list)
     def __repr__(self) -> str:
         return display.attribution_text(self)
 

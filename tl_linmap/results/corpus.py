@@ -11,6 +11,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from tl_linmap.base.checks import check_positive
+from tl_linmap.base.deprecation import renamed_fields
 from tl_linmap.base.errors import InputError
 from tl_linmap.base.table import Table
 
@@ -105,12 +106,13 @@ class ProfileRow:
     total_share: float
 
 
+@renamed_fields(sources="str_tokens")
 @dataclass
 class PromptSummary:
     """What `corpus_analysis` keeps of one prompt: a few numbers per operator, no operators.
 
     Attributes:
-        sources: The prompt's tokens, decoded.
+        str_tokens: The prompt's tokens, decoded.
         ranks: Per hook name, one ``(role, rank90, rank99, stable rank)`` per operator up to
             the target position, then the stacked operator's (role ``"stacked"``).
         concepts: Per hook name, the distinct tokens among the top tokens of the stacked
@@ -119,7 +121,7 @@ class PromptSummary:
         attribution: That logit's exact per-token terms (the last layer's map).
     """
 
-    sources: list[str]
+    str_tokens: list[str]
     ranks: dict[str, list[tuple[str, int, int, float]]]
     concepts: dict[str, list[str]]
     token: str

@@ -7,7 +7,10 @@ from dataclasses import dataclass
 from jaxtyping import Float
 from torch import Tensor
 
+from tl_linmap.base.deprecation import renamed_fields
 
+
+@renamed_fields(sources="str_tokens")
 @dataclass
 class LogitSplit:
     """One token's logit (through the frozen final norm) split exactly over input tokens.
@@ -17,14 +20,14 @@ class LogitSplit:
 
     Attributes:
         token: The output token.
-        sources: The decoded input tokens.
+        str_tokens: The decoded input tokens.
         per_token: ``w · J_i x_i`` per input token.
         constant: The affine part: ``w · b``, the norm's offset and ``b_U``.
         logit: The logit read off the target's own value.
     """
 
     token: str
-    sources: list[str]
+    str_tokens: list[str]
     per_token: Float[Tensor, " pos"]
     constant: float
     logit: float

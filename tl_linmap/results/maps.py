@@ -24,14 +24,19 @@ from torch import Tensor
 
 from tl_linmap.base.checks import check_names, is_int
 from tl_linmap.base.compat import get_act_name
-from tl_linmap.base.deprecation import renamed_argument
+from tl_linmap.base.deprecation import (
+    renamed_argument,
+    renamed_attribute,
+    renamed_fields,
+    renamed_names,
+)
 from tl_linmap.base.errors import InputError
 from tl_linmap.base.exactness import check_exact, relative
 from tl_linmap.base.hook_names import EMBED_HOOK, OUTPUT_HOOK, RESIDUAL_HOOKS
 from tl_linmap.base.table import Table
 from tl_linmap.present import display
 from tl_linmap.reading.readouts import LinearReadout
-from tl_linmap.reading.tokens import FrozenAffine, Readout, decode_tokens, token_id
+from tl_linmap.reading.tokens import FrozenAffine, TokenReader, decode_tokens, token_id
 from tl_linmap.results.logit_split import LogitSplit
 from tl_linmap.results.svd import OperatorSVD, dimensionality, operator_svd
 
@@ -49,7 +54,7 @@ class TargetResult:
         tokens: The input tokens.
         target: The hook name mapped (flattened after the position axis).
         position: The sequence position of the target.
-        readout: How its vectors are read as tokens (`tl_linmap.reading.tokens.Readout`).
+        reader: How its vectors are read as tokens (`tl_linmap.reading.tokens.TokenReader`).
         source: The hook point the map starts from (``hook_embed``: the token embeddings);
             input ``i`` is its activation at position ``i``.
         scale: For a scalar readout (`tl_linmap.reading.readouts`), the size of what it adds up,
@@ -63,9 +68,11 @@ class TargetResult:
     tokens: Int[Tensor, " pos"] = field(repr=False)
     target: str = OUTPUT_HOOK
     position: int = -1
-    readout: Readout | None = field(default=None, repr=False)
+    reader: TokenReader | None = field(default=None, repr=False)
     source: str = EMBED_HOOK
     scale: float | None = field(default=None, repr=False)
+
+    readout = renamed_attribute("readout", "reader")
 
     def contributions(self) -> Float[Tensor, "pos d_out"]:
         """Per-token contributions ``J_i x_i``; they sum to ``output - bias``.
@@ -82,9 +89,11 @@ class TargetResult:
         return display.linear_map_html(self)
 
     @property
-    def sources(self) -> list[str]:
+    def str_tokens(self) -> list[str]:
         """The input tokens, decoded (one string per token of the prompt)."""
-        return decode_tokens(self.readout.model if self.readout else None, self.tokens)
+        return decode_tokens(self.reader.model if self.reader else None, self.tokens)
+
+    sources = renamed_attribute("sources", "str_tokens")
 
     def reconstruct(self) -> Float[Tensor, " d_out"]:
         """The linear system's value ``Σ_i J_i x_i + b``.
@@ -129,7 +138,7 @@ class TargetResult:
         Args:
             token: Vocabulary id or single-token string (e.g. ``" Paris"``), or a linear
                 readout of this map's target vector (`tl_linmap.reading.readouts`: a
-                ``LogitDiff``/``Logit`` is read through this map's readout whatever its
+                ``LogitDiff``/``Logit`` is read through this map's token reader whatever its
                 ``hook``; a ``Direction`` lives in this target's space).
 
         Returns:
@@ -138,19 +147,19 @@ class TargetResult:
         Raises:
             InputError: without a readout, or for a target outside the residual stream.
         """
-        if self.readout is None:
-            raise InputError("This result has no readout; compute it with tl_linmap.")
+        if self.reader is None:
+            raise InputError("This result has no token reader; compute it with tl_linmap.")
         if isinstance(token, LinearReadout):
-            token.check(self.readout.model)
-            w, c = token.weights(self.readout, self.output.shape[0])
+            token.check(self.reader.model)
+            w, c = token.weights(self.reader, self.output.shape[0])
             w, c = w.to(self.output), c.to(self.output)
             per_token = self.contributions() @ w
-            return LogitSplit(token.name, self.sources, per_token, float(self.bias @ w + c), float(self.output @ w + c))
-        token = token_id(self.readout.model, token)
-        logit = float(self.readout.logits(self.output, affine=True)[token])
-        per_token = self.readout.logits(self.contributions())[:, token]
-        constant = float(self.readout.logits(self.bias, affine=True)[token])
-        return LogitSplit(self.readout.model.tokenizer.decode([token]), self.sources, per_token, constant, logit)
+            return LogitSplit(token.name, self.str_tokens, per_token, float(self.bias @ w + c), float(self.output @ w + c))
+        token = token_id(self.reader.model, token)
+        logit = float(self.reader.logits(self.output, affine=True)[token])
+        per_token = self.reader.logits(self.contributions())[:, token]
+        constant = float(self.reader.logits(self.bias, affine=True)[token])
+        return LogitSplit(self.reader.model.tokenizer.decode([token]), self.str_tokens, per_token, constant, logit)
 
 
 @dataclass(kw_only=True, repr=False)
@@ -185,8 +194,8 @@ class LinearMap(TargetResult):
             An `tl_linmap.results.svd.OperatorSVD`, each pair signed so that ``u`` points along the output.
         """
         return operator_svd(
-            self.operators, self.output, self.position, target=self.target, sources=self.sources,
-            readout=self.readout, k=k, skip_first=skip_first,
+            self.operators, self.output, self.position, target=self.target, str_tokens=self.str_tokens,
+            reader=self.reader, k=k, skip_first=skip_first,
         )
 
     def decode(
@@ -221,7 +230,7 @@ class LinearMap(TargetResult):
             A `tl_linmap.base.table.Table` of `tl_linmap.results.svd.RankRow`.
         """
         return dimensionality(
-            self.operators, self.position, target=self.target, sources=self.sources,
+            self.operators, self.position, target=self.target, str_tokens=self.str_tokens,
             skip_first=skip_first, per_token=per_token,
         )
 
@@ -246,7 +255,7 @@ class Contributions(TargetResult):
 
 
 @dataclass
-class HeadReadout:
+class HeadSplit:
     """How one layer's ``hook_z`` becomes its ``hook_attn_out``: ``post(z @ W_O + b_O)``."""
 
     W_O: Float[Tensor, "n_heads d_head d_model"]
@@ -281,18 +290,19 @@ class MissingMapError(InputError, KeyError):
     __str__ = InputError.__str__  # KeyError's would quote the message
 
 
+@renamed_fields(readouts="head_splits")
 @dataclass
 class LinearMaps(Mapping):
     """Linear maps of several hook points of one inference, indexed by hook name.
 
     Attributes:
         maps: `LinearMap` per hook name.
-        readouts: Per layer whose ``hook_z`` was mapped, how it becomes ``hook_attn_out`` (for `heads`).
+        head_splits: Per layer whose ``hook_z`` was mapped, how it becomes ``hook_attn_out`` (for `heads`).
         norms: Norm modules frozen at the target position (``"ln_final"`` always), as affine maps.
     """
 
     maps: dict[str, LinearMap]
-    readouts: dict[int, HeadReadout] = field(default_factory=dict, repr=False)
+    head_splits: dict[int, HeadSplit] = field(default_factory=dict, repr=False)
     norms: dict[str, FrozenAffine] = field(default_factory=dict, repr=False)
 
     def __getitem__(self, name: str | LinearReadout) -> LinearMap:
@@ -449,9 +459,9 @@ class LinearMaps(Mapping):
         return rows
 
     def _per_head(self, layer: int, vector: Tensor) -> Tensor:
-        readout = self.readouts[layer]
-        split = einops.rearrange(vector, "... (h dh) -> ... h dh", h=readout.W_O.shape[0])
-        return readout.apply(einops.einsum(split, readout.W_O, "... h dh, h dh dm -> ... h dm"))
+        split_heads = self.head_splits[layer]
+        split = einops.rearrange(vector, "... (h dh) -> ... h dh", h=split_heads.W_O.shape[0])
+        return split_heads.apply(einops.einsum(split, split_heads.W_O, "... h dh, h dh dm -> ... h dm"))
 
     def _z(self, layer: int) -> tuple[int, LinearMap]:
         # The layer (as an int) and its hook_z map, which per-head maps are derived from.
@@ -459,9 +469,9 @@ class LinearMaps(Mapping):
             raise InputError(f"layer must be a block index (int), got {layer!r}.")
         layer = int(layer)
         name = get_act_name("z", layer)
-        if name not in self.maps or layer not in self.readouts:
+        if name not in self.maps or layer not in self.head_splits:
             raise InputError(
-                f"Head maps of layer {layer} need {name!r}, and these maps have hook_z of layers {sorted(self.readouts)}: "
+                f"Head maps of layer {layer} need {name!r}, and these maps have hook_z of layers {sorted(self.head_splits)}: "
                 "compute layer_maps(..., modules=True) with that layer."
             )
         return layer, self.maps[name]
@@ -481,7 +491,7 @@ class LinearMaps(Mapping):
     def heads(self, layer: int) -> LinearMaps:
         """Per-head linear maps of one layer's ``hook_attn_out``, keyed ``blocks.L.attn.hook_result.H``.
 
-        Head ``h``'s share is ``post(z_h @ W_O[h])``; the shares plus `HeadReadout.rest`
+        Head ``h``'s share is ``post(z_h @ W_O[h])``; the shares plus `HeadSplit.rest`
         sum exactly to ``hook_attn_out``.
 
         Args:
@@ -499,12 +509,12 @@ class LinearMaps(Mapping):
         operators = einops.rearrange(operators, "pos d_in h d_model -> h pos d_model d_in")
         bias, output, native = (self._per_head(layer, v) for v in (z.bias, z.output, z.native_output))
         name = get_act_name("result", layer)
-        readout = z.readout and dataclasses.replace(z.readout, residual=True)  # heads write the residual stream
+        reader = z.reader and dataclasses.replace(z.reader, residual=True)  # heads write the residual stream
         maps = {
             f"{name}.{h}": LinearMap(
                 operators=operators[h], inputs=z.inputs, bias=bias[h], output=output[h],
                 native_output=native[h], tokens=z.tokens, target=f"{name}.{h}", position=z.position,
-                readout=readout, source=z.source,
+                reader=reader, source=z.source,
             )
             for h in range(len(operators))
         }
@@ -526,7 +536,10 @@ class LinearMaps(Mapping):
             InputError: for a layer whose ``hook_z`` is not mapped, or a head that does not exist.
         """
         layer, _ = self._z(layer)
-        n_heads = self.readouts[layer].W_O.shape[0]
+        n_heads = self.head_splits[layer].W_O.shape[0]
         if not is_int(head) or not 0 <= int(head) < n_heads:
             raise InputError(f"Layer {layer} has {n_heads} heads; head must be an int in [0, {n_heads}), got {head!r}.")
         return self.heads(layer)[f"{get_act_name('result', layer)}.{int(head)}"]
+
+
+__getattr__ = renamed_names(__name__, {"HeadReadout": "HeadSplit"})

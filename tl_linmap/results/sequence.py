@@ -8,6 +8,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from tl_linmap.base.checks import check_positive
+from tl_linmap.base.deprecation import renamed_attribute
 from tl_linmap.base.errors import InputError
 from tl_linmap.base.hook_names import EMBED_HOOK
 from tl_linmap.base.table import Table
@@ -71,9 +72,11 @@ class SequenceAttribution:
     model: object = field(default=None, repr=False)
 
     @property
-    def sources(self) -> list[str]:
+    def str_tokens(self) -> list[str]:
         """The input tokens, decoded."""
         return decode_tokens(self.model, self.tokens)
+
+    sources = renamed_attribute("sources", "str_tokens")
 
     def total(self) -> Float[Tensor, " rows"]:
         """Per row, the sum of the parts (a readout's shares plus its constant).
@@ -98,14 +101,14 @@ class SequenceAttribution:
             A `tl_linmap.base.table.Table` of `SequenceRow`.
         """
         top = check_positive("top", top)
-        sources = self.sources
+        str_tokens = self.str_tokens
         rows = Table()
         for r, position in enumerate(self.positions):
             values = self.values[r, : position + 1]
             order = values.abs().argsort(descending=True)[:top]
             rows.append(SequenceRow(
-                position, sources[position], (self.predicted or [""] * len(self.positions))[r],
-                float(self.output[r]), float(self.bias[r]), [(f"{int(i)}:{sources[int(i)]}", float(values[i])) for i in order],
+                position, str_tokens[position], (self.predicted or [""] * len(self.positions))[r],
+                float(self.output[r]), float(self.bias[r]), [(f"{int(i)}:{str_tokens[int(i)]}", float(values[i])) for i in order],
             ))
         return rows
 

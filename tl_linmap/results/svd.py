@@ -11,7 +11,10 @@ from jaxtyping import Float
 from torch import Tensor
 
 from tl_linmap.base.checks import check_positive, is_int
-from tl_linmap.base.deprecation import renamed_argument
+from tl_linmap.base.deprecation import (
+    renamed_argument,
+    renamed_fields,
+)
 from tl_linmap.base.errors import InputError
 from tl_linmap.base.table import Table
 from tl_linmap.reading.spectral import (
@@ -23,7 +26,7 @@ from tl_linmap.reading.spectral import (
     stable_rank,
     stacked_tokens,
 )
-from tl_linmap.reading.tokens import Readout
+from tl_linmap.reading.tokens import TokenReader
 
 
 @dataclass
@@ -60,13 +63,14 @@ class DecodedPair:
         return Table([self])._repr_html_()
 
 
+@renamed_fields(sources="str_tokens", readout="reader")
 @dataclass
 class OperatorSVD:
     """Singular value decompositions of one map's operators, each pair signed along the output.
 
     Attributes:
         target: Hook name.
-        sources: The prompt's tokens, decoded.
+        str_tokens: The prompt's tokens, decoded.
         position: Target position (non-negative).
         tokens: Input token indices with an SVD of their own operator here.
         values: Per entry of ``tokens``, singular values of ``J_i`` (all of them from the dense
@@ -77,11 +81,11 @@ class OperatorSVD:
         stacked: The SVD of ``[J_i for i in stacked_tokens]`` side by side (all values, top-k
             vectors, right vectors split per token), or None.
         stacked_tokens: Input tokens in ``stacked``.
-        readout: How vectors are read as tokens.
+        reader: How vectors are read as tokens.
     """
 
     target: str
-    sources: list[str]
+    str_tokens: list[str]
     position: int
     tokens: list[int]
     values: Float[Tensor, "n r"]
@@ -90,14 +94,14 @@ class OperatorSVD:
     energy: Float[Tensor, " n"] | None = None
     stacked: Singular | None = None
     stacked_tokens: list[int] = field(default_factory=list)
-    readout: Readout | None = field(default=None, repr=False)
+    reader: TokenReader | None = field(default=None, repr=False)
 
     def _rows(self, sources: int | Sequence[int] | None, skip_first: bool) -> list[int]:
         # Rows of `values` for the input indices asked for.
         if sources is None:
             chosen = list(self.tokens)
         else:
-            chosen = [input_index(s, len(self.sources), self.position) for s in _source_list(sources)]
+            chosen = [input_index(s, len(self.str_tokens), self.position) for s in _source_list(sources)]
         missing = [i for i in chosen if i not in self.tokens]
         if missing:
             raise InputError(f"This SVD holds the operators of tokens {self.tokens}, not of {missing}.")
@@ -126,21 +130,21 @@ class OperatorSVD:
                 this SVD does not hold, or ``k < 1``.
         """
         sources = renamed_argument("tokens", tokens, "sources", sources)
-        if self.readout is None:
-            raise InputError("This SVD has no readout; compute it from a map made by tl_linmap.")
+        if self.reader is None:
+            raise InputError("This SVD has no token reader; compute it from a map made by tl_linmap.")
         check_positive("k", k)
-        check_positive("top", top, at_most=self.readout.model.cfg.d_vocab)
+        check_positive("top", top, at_most=self.reader.model.cfg.d_vocab)
         rows = self._rows(sources, skip_first)
         k = min(k, self.left.shape[1])
-        writes = self.readout.top(self.readout.logits(self.left[rows, :k]), top)
-        reads = self.readout.top(self.readout.cosines(self.right[rows, :k]), top)
+        writes = self.reader.top(self.reader.logits(self.left[rows, :k]), top)
+        reads = self.reader.top(self.reader.cosines(self.right[rows, :k]), top)
         table = Table()
         for a, row in enumerate(rows):
             i = self.tokens[row]
             for j in range(k):
                 sigma = float(self.values[row, j])
                 share = None if self.energy is None else sigma**2 / float(self.energy[row])
-                table.append(DecodedPair(self.target, i, self.sources[i], j, sigma, share, writes[a * k + j], reads[a * k + j]))
+                table.append(DecodedPair(self.target, i, self.str_tokens[i], j, sigma, share, writes[a * k + j], reads[a * k + j]))
         if stacked:
             table.extend(self._decode_stacked(k, top))
         return table
@@ -153,11 +157,11 @@ class OperatorSVD:
         blocks = self.stacked.right[:k]  # (k, n_stacked, d_in)
         share = blocks.pow(2).sum(-1)  # each v has unit norm, so these are its shares per token
         main = share.argmax(-1)
-        writes = self.readout.top(self.readout.logits(self.stacked.left[:k]), top)
-        reads = self.readout.top(self.readout.cosines(blocks[torch.arange(len(main)), main]), top)
+        writes = self.reader.top(self.reader.logits(self.stacked.left[:k]), top)
+        reads = self.reader.top(self.reader.cosines(blocks[torch.arange(len(main)), main]), top)
         total = float(self.stacked.values.pow(2).sum())
         return [
-            DecodedPair(self.target, "all", self.sources[self.stacked_tokens[m]], j, float(values[j]),
+            DecodedPair(self.target, "all", self.str_tokens[self.stacked_tokens[m]], j, float(values[j]),
                         float(values[j]) ** 2 / total, writes[j], reads[j], float(share[j, m]))
             for j, m in enumerate(main.tolist())
         ]
@@ -175,7 +179,7 @@ def _source_list(sources) -> list:
 
 def operator_svd(
     operators: Float[Tensor, "pos d_out d_in"], output: Float[Tensor, " d_out"], position: int, *,
-    target: str, sources: list[str], readout: Readout | None, k: int | None = None, skip_first: bool = False,
+    target: str, str_tokens: list[str], reader: TokenReader | None, k: int | None = None, skip_first: bool = False,
 ) -> OperatorSVD:
     """SVD of every token's operator and of the stacked operator of one map.
 
@@ -184,8 +188,8 @@ def operator_svd(
         output: The target's value (for the signs).
         position: Target position; operators after it are zero and left out.
         target: Hook name.
-        sources: The prompt's tokens, decoded.
-        readout: How vectors are read as tokens.
+        str_tokens: The prompt's tokens, decoded.
+        reader: How vectors are read as tokens.
         k: Pairs kept per operator (default: all).
         skip_first: Leave the first token out of the stacked operator.
 
@@ -207,8 +211,8 @@ def operator_svd(
     s_left, s_right = signed(su[:, :k].T, svh[:k], output)
     split = einops.rearrange(s_right, "k (pos d) -> k pos d", pos=len(stacked))
     return OperatorSVD(
-        target, sources, position, list(range(position + 1)), s, left, right, s.pow(2).sum(-1),
-        Singular(ss, s_left, split), stacked, readout,
+        target, str_tokens, position, list(range(position + 1)), s, left, right, s.pow(2).sum(-1),
+        Singular(ss, s_left, split), stacked, reader,
     )
 
 
@@ -243,7 +247,7 @@ def _rank_row(target: str, source: int | str, token: str, values: Tensor) -> Ran
 
 
 def dimensionality(
-    operators: Float[Tensor, "pos d_out d_in"], position: int, *, target: str, sources: list[str],
+    operators: Float[Tensor, "pos d_out d_in"], position: int, *, target: str, str_tokens: list[str],
     skip_first: bool = False, per_token: bool = True,
 ) -> Table:
     """Stable rank, effective rank and 90%/99% energy ranks of each operator and the stacked one.
@@ -252,7 +256,7 @@ def dimensionality(
         operators: ``J_i`` for every input token.
         position: Target position.
         target: Hook name.
-        sources: The prompt's tokens, decoded.
+        str_tokens: The prompt's tokens, decoded.
         skip_first: Leave the first token out (its row and the stacked operator).
         per_token: Include one row per token (False: only the stacked operator's row).
 
@@ -263,7 +267,7 @@ def dimensionality(
     rows = Table()
     if per_token:
         values = torch.linalg.svdvals(operators[tokens])
-        rows.extend(_rank_row(target, i, sources[i], v) for i, v in zip(tokens, values))
+        rows.extend(_rank_row(target, i, str_tokens[i], v) for i, v in zip(tokens, values))
     wide = einops.rearrange(operators[tokens], "pos d_out d_in -> d_out (pos d_in)")
     rows.append(_rank_row(target, "all", f"{len(tokens)} tokens", torch.linalg.svdvals(wide)))
     return rows
