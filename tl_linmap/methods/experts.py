@@ -1,23 +1,8 @@
-"""Mixture-of-experts layers: the router's choice and weights, and the experts' activations, frozen.
+"""Which expert carried which token's contribution: a mixture-of-experts layer's output split by expert.
 
-A sparse MLP computes, for each token, ``Σ_{e ∈ top-k(x)} w_e(x) · E_e(x)`` where each expert
-``E_e(x) = (act(x W_gate,e) ⊙ x W_up,e) W_down,e`` is a gated MLP. Its input-dependent factors:
-
-- the router's choice and weights, both at the bridge's ``MoERouterBridge`` hook points
-  (``hook_expert_weights``, ``(tokens, experts)``, and ``hook_expert_indices``, ``(tokens, k)``):
-  detached, the weights are constants and the selection is replayed as recorded;
-- every expert's activated gate ``act(x W_gate,e)``: Hugging Face's experts (one module
-  holding every expert's weights) have no TransformerLens hook point inside, so it is frozen
-  at the output of their ``act_fn`` module by a PyTorch forward hook. That is the one place
-  tl_linmap hooks a module rather than a hook point (`tl_linmap.freeze.apply.applied` registers and
-  removes it with the hook-point hooks);
-- any other gate of the block: a shared expert's gate pre-activation (``shared_expert.hook_pre``)
-  and Qwen2-MoE's ``sigmoid(x w)`` shared-expert gate (its linear's ``hook_out``).
-
-With all of them frozen each token's MLP output is the frozen-weighted sum of its experts'
-linear-in-x outputs. The experts then run through Hugging Face's eager loop (`eager`): its
-grouped kernel refuses float64, and only the eager loop calls ``act_fn`` once per expert, in an
-order the recorded routing fixes (`Experts` replays rely on it).
+With the router and the experts' gates frozen (`tl_linmap.freeze.moe`), a block's MLP output is
+the frozen-weighted sum of its experts' outputs, each linear in the embeddings: replaying the
+frozen system with one expert's router weights kept splits each token's contribution by expert.
 """
 
 from __future__ import annotations
