@@ -34,7 +34,7 @@ from tl_linmap.toy import toy_model
 toy = functools.cache(lambda family, **kw: toy_model(family, **kw))
 smollm2 = functools.cache(lambda: tl_linmap.load_model("smollm2"))
 T = lambda n: torch.randint(3, 250, (1, n), generator=torch.Generator().manual_seed(n))
-times = {}
+times = {"__file__": tl_linmap.__file__}
 for label, call in json.loads(sys.argv[1]).items():
     exec(call)  # warm: model built, first-call costs paid
     start = time.perf_counter(); exec(call); times[label] = time.perf_counter() - start
@@ -44,8 +44,13 @@ print(json.dumps(times))
 
 def run(version: str) -> dict[str, float]:
     env = {**os.environ, "PYTHONPATH": os.path.abspath(version), "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(CALLS)], env=env, capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    # Run inside the version: `python -c` puts the working directory before PYTHONPATH, so a run
+    # from the repository root would time the checkout there whatever the version asked.
+    out = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(CALLS)], env=env, cwd=version, capture_output=True, text=True, check=True)
+    times = json.loads(out.stdout.strip().splitlines()[-1])
+    where = times.pop("__file__")
+    assert where.startswith(os.path.abspath(version)), f"{version} imported tl_linmap from {where}"
+    return times
 
 
 def main() -> None:

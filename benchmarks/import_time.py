@@ -22,13 +22,19 @@ ROWS = {
     "import torch (the floor)": "import torch",
 }
 
-_CHILD = "import time; start = time.perf_counter(); {code}; print(time.perf_counter() - start)"
+_CHILD = (
+    "import time; start = time.perf_counter(); {code}; took = time.perf_counter() - start\n"
+    "import tl_linmap; print(tl_linmap.__file__); print(took)"
+)
 
 
 def sample(version: str, code: str) -> float:
     env = {**os.environ, "PYTHONPATH": os.path.abspath(version), "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run([sys.executable, "-c", _CHILD.format(code=code)], env=env, capture_output=True, text=True, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
+    # Run inside the version: `python -c` puts the working directory before PYTHONPATH.
+    out = subprocess.run([sys.executable, "-c", _CHILD.format(code=code)], env=env, cwd=version, capture_output=True, text=True, check=True)
+    where, took = out.stdout.strip().splitlines()[-2:]
+    assert where.startswith(os.path.abspath(version)), f"{version} imported tl_linmap from {where}"
+    return float(took)
 
 
 def main() -> None:
