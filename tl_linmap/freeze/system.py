@@ -498,10 +498,9 @@ def frozen_system(
         FreezeError: if a freeze hook never ran.
     """
     # Every argument is checked before the model is borrowed.
-    prompt = prompt_or_tokens if isinstance(prompt_or_tokens, Prompts) else read_prompts(
-        model, prompt_or_tokens, position=position, several=False
-    )
-    (tokens,), (position,) = prompt.tokens, prompt.positions
+    if not isinstance(prompt_or_tokens, Prompts):
+        prompt_or_tokens = read_prompts(model, prompt_or_tokens, position=position, several=False)
+    (tokens,), (position,) = prompt_or_tokens.tokens, prompt_or_tokens.positions
     dtype = check_dtype(dtype)
     names = resolve_targets(model, targets)
     source = resolve_source(model, source, factor_names(model))
