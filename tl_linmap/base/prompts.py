@@ -1,19 +1,61 @@
-"""Prompts: one prompt or a batch, as token ids, and the positions asked of them."""
+"""Prompts: one prompt or a batch, as token ids, and the positions asked of them.
+
+A public call reads what it was given once, at its entry (`read_prompts`), into one `Prompts`.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Union
 
 import torch
-from jaxtyping import Int
+from jaxtyping import Bool, Int
 from torch import Tensor
 
-from tl_linmap.base.checks import as_index
+from tl_linmap.base.checks import as_index, check_position
 from tl_linmap.base.compat import check_model
 from tl_linmap.base.errors import InputError
 
 Prompt = Union[str, Sequence[int], Tensor]
+
+
+@dataclass(frozen=True)
+class Prompts:
+    """What a public call was given as its prompt(s), tokenized and checked once (`read_prompts`).
+
+    Every route below the entry point takes this value, so no prompt is tokenized, and no
+    position checked, twice.
+
+    Attributes:
+        tokens: Per prompt, its token ids ``(1, n)``, without padding, on the model's device.
+        positions: Per prompt, the target position as a non-negative index.
+        batch: Whether the caller passed several prompts (a list, or a token batch): results
+            then come back as a list, also of one prompt.
+        mask: The caller's ``attention_mask`` as a bool tensor ``(batch, pos)``, where one was
+            given (``tokens`` are already cut to it).
+    """
+
+    tokens: tuple[Int[Tensor, "1 pos"], ...]
+    positions: tuple[int, ...]
+    batch: bool = False
+    mask: Bool[Tensor, "batch pos"] | None = field(default=None, repr=False)
+
+    @property
+    def lengths(self) -> tuple[int, ...]:
+        """Per prompt, its number of tokens."""
+        return tuple(t.shape[1] for t in self.tokens)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def singles(self) -> list[Prompts]:
+        """Each prompt alone, as a call given only that prompt would have read it.
+
+        Returns:
+            One `Prompts` of one prompt (``batch=False``) per prompt.
+        """
+        return [Prompts((tokens,), (position,)) for tokens, position in zip(self.tokens, self.positions)]
 
 
 def to_tokens(model, prompt: Prompt) -> Int[Tensor, "1 pos"]:
@@ -196,3 +238,30 @@ def check_positions(model, position: int, prompts: Sequence[Int[Tensor, "1 pos"]
                 f"pass one every prompt has, in [{-shortest}, {shortest}) (-1: each prompt's last token)."
             )
     return [position % tokens.shape[1] for tokens in prompts]
+
+
+def read_prompts(model, prompt_or_tokens, *, position: int = -1, attention_mask=None, several: bool = True) -> Prompts:
+    """The prompt(s) a public call was given, as one checked value (`Prompts`).
+
+    Args:
+        model: A TransformerBridge or HookedTransformer.
+        prompt_or_tokens: One prompt (`to_tokens`), or several (`is_batch`, `prompt_batch`).
+        position: The target position in every prompt, Python-style.
+        attention_mask: With a padded token batch, 1 for real tokens and 0 for padding (`prompt_batch`).
+        several: Whether the call takes several prompts; if not, the prompt is read as one
+            (`to_tokens`, which says how to call once per prompt).
+
+    Returns:
+        The `Prompts`.
+
+    Raises:
+        InputError: for a bad model or prompt, a bad mask, or a position out of range (for a
+            batch, the first prompt it misses is named).
+    """
+    if several and is_batch(prompt_or_tokens, attention_mask):
+        tokens = prompt_batch(model, prompt_or_tokens, attention_mask)
+        positions = check_positions(model, position, tokens)
+        mask = None if attention_mask is None else torch.as_tensor(attention_mask).bool()
+        return Prompts(tuple(tokens), tuple(positions), batch=True, mask=mask)
+    tokens = to_tokens(model, prompt_or_tokens)
+    return Prompts((tokens,), (check_position(position, tokens.shape[1]),))

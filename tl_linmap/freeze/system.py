@@ -40,7 +40,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from tl_linmap.base.checks import check_dtype, check_position
+from tl_linmap.base.checks import check_dtype
 from tl_linmap.base.errors import FreezeError, InputError
 from tl_linmap.base.guard import borrowed, hook_count
 from tl_linmap.base.hook_names import (
@@ -51,7 +51,7 @@ from tl_linmap.base.hook_names import (
     output_hook,
     target_depth,
 )
-from tl_linmap.base.prompts import Prompt, check_positions, to_tokens
+from tl_linmap.base.prompts import Prompt, Prompts, read_prompts
 from tl_linmap.freeze.capture import at_position, capture, every_position
 from tl_linmap.freeze.factors import (
     at_rows,
@@ -469,7 +469,7 @@ def _check_order(source: str, names: Sequence[str], fired: Sequence[str]) -> Non
 @contextmanager
 def frozen_system(
     model,
-    prompt_or_tokens: Prompt,
+    prompt_or_tokens: Prompts | Prompt,
     targets: Sequence[str],
     *,
     position: int = -1,
@@ -480,9 +480,10 @@ def frozen_system(
 
     Args:
         model: A TransformerBridge or HookedTransformer of a supported architecture.
-        prompt_or_tokens: One prompt as text or token ids.
+        prompt_or_tokens: One prompt as read by its entry point (`tl_linmap.base.prompts.Prompts`,
+            which holds its target position), or as text or token ids.
         targets: Hook names (or ``"output"``).
-        position: Sequence position of the targets.
+        position: Sequence position of the targets, for a prompt not read yet.
         dtype: Working dtype (the model comes back bit for bit on exit).
         source: The hook point the system starts from (`tl_linmap.freeze.targets.resolve_source`;
             None: the token embeddings). Every target must fire at or after it.
@@ -497,10 +498,10 @@ def frozen_system(
         FreezeError: if a freeze hook never ran.
     """
     # Every argument is checked before the model is borrowed.
-    tokens = to_tokens(model, prompt_or_tokens)
-    n = tokens.shape[1]
+    if not isinstance(prompt_or_tokens, Prompts):
+        prompt_or_tokens = read_prompts(model, prompt_or_tokens, position=position, several=False)
+    (tokens,), (position,) = prompt_or_tokens.tokens, prompt_or_tokens.positions
     dtype = check_dtype(dtype)
-    position = check_position(position, n)
     names = resolve_targets(model, targets)
     source = resolve_source(model, source, factor_names(model))
     lease = _Lease()
@@ -703,10 +704,9 @@ def _at_own_position(act: Tensor, positions: Tensor, n_tokens: int) -> Tensor:
 @contextmanager
 def frozen_batch(
     model,
-    prompts: Sequence[Int[Tensor, "1 pos"]],
+    prompts: Prompts,
     targets: Sequence[str],
     *,
-    position: int = -1,
     dtype: torch.dtype | None = torch.float64,
     source: str | None = None,
 ) -> Iterator[SystemBatch]:
@@ -723,9 +723,8 @@ def frozen_batch(
     Args:
         model: A TransformerBridge or HookedTransformer of a supported architecture; the padded
             replays (`SystemBatch.replay`, `SystemBatch.push`) need one whose factors can be cut (`batchable`).
-        prompts: Token tensors ``(1, n)`` (from `tl_linmap.base.prompts.prompt_batch`).
+        prompts: The prompts and their target positions (`tl_linmap.base.prompts.read_prompts`).
         targets: Hook names (or ``"output"``).
-        position: Target position in every prompt (Python-style, per prompt).
         dtype: Working dtype (the model comes back bit for bit on exit).
         source: As for `frozen_system`.
 
@@ -733,13 +732,12 @@ def frozen_batch(
         A context manager yielding the `SystemBatch`.
 
     Raises:
-        InputError: as `frozen_system` (a position out of range for some prompt included).
+        InputError: as `frozen_system`.
     """
-    lengths = [t.shape[1] for t in prompts]
     dtype = check_dtype(dtype)
-    positions = check_positions(model, position, prompts)
     names = resolve_targets(model, targets)
     source = resolve_source(model, source, factor_names(model))
+    lengths = prompts.lengths
     longest = max(lengths)
     lease = _Lease()
     systems: list[FrozenSystem | None] = [None] * len(prompts)
@@ -755,13 +753,13 @@ def frozen_batch(
             else:
                 groups = [[b] for b in range(len(prompts))]
             for members in groups:
-                tokens = torch.cat([prompts[b] for b in members])
+                tokens = torch.cat([prompts.tokens[b] for b in members])
                 natives, outputs, factors = _forwards(model, tokens, names, source)
                 for row, b in enumerate(members):
                     own = factors if len(members) == 1 else {name: f[row : row + 1] for name, f in factors.items()}
                     acts = [{name: a[row : row + 1] for name, a in group.items()} for group in (natives, outputs)]
-                    systems[b] = _system(model, tokens[row : row + 1], positions[b], names, source, *acts, own, lease)
-            tokens = torch.stack([torch.cat([t[0], t[0, -1:].expand(longest - len(t[0]))]) for t in prompts])
+                    systems[b] = _system(model, tokens[row : row + 1], prompts.positions[b], names, source, *acts, own, lease)
+            tokens = torch.stack([torch.cat([t[0], t[0, -1:].expand(longest - len(t[0]))]) for t in prompts.tokens])
             factors = None
             if cuttable:
                 padded = [pad_factors(model, s.factors, longest) for s in systems]

@@ -20,6 +20,8 @@ import dataclasses
 import math
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import einops
 import torch
@@ -33,24 +35,13 @@ from tl_linmap.base.budget import (
     plan_columns,
     plan_rows,
 )
-from tl_linmap.base.checks import (
-    check_dtype,
-    check_names,
-    check_position,
-    check_positive,
-)
+from tl_linmap.base.checks import check_names, check_positive
 from tl_linmap.base.compat import check_model, get_act_name
 from tl_linmap.base.deprecation import renamed_argument
 from tl_linmap.base.errors import InputError
 from tl_linmap.base.guard import borrowed
 from tl_linmap.base.hook_names import EMBED_HOOK, independent_target, target_depth
-from tl_linmap.base.prompts import (
-    Prompt,
-    check_positions,
-    is_batch,
-    prompt_batch,
-    to_tokens,
-)
+from tl_linmap.base.prompts import Prompt, Prompts, read_prompts
 from tl_linmap.freeze.capture import at_position, capture, run_to_target
 from tl_linmap.freeze.hooks import same_path_hooks
 from tl_linmap.freeze.system import (
@@ -94,7 +85,7 @@ def check_route(route: str) -> str:
         raise InputError(f"route must be one of {', '.join(map(repr, ROUTES))}, got {route!r}.")
     if route in _OLD_ROUTES:
         new = _OLD_ROUTES[route]
-        warnings.warn(f'route="{route}" is deprecated; use route="{new}".', DeprecationWarning, stacklevel=3)
+        warnings.warn(f'route="{route}" is deprecated; use route="{new}".', DeprecationWarning, stacklevel=4)
         return new
     if route not in ROUTES:
         raise InputError(f"route must be one of {', '.join(map(repr, ROUTES))}, got {route!r}.")
@@ -116,6 +107,72 @@ def rows_argument(rows_per_pass: int | None, chunk_size: int | None) -> int | No
     """
     rows_per_pass = renamed_argument("chunk_size", chunk_size, "rows_per_pass", rows_per_pass)
     return None if rows_per_pass is None else check_positive("rows_per_pass", rows_per_pass)
+
+
+@dataclass(frozen=True)
+class MapOptions:
+    """The keyword options of the dense entry points, checked once (`map_options`) and passed down whole.
+
+    The target position is the prompts' (`tl_linmap.base.prompts.Prompts.positions`: resolved
+    per prompt), so it is not among them.
+
+    Attributes:
+        dtype: Working dtype (None: the model's own); checked where the model is borrowed
+            (`tl_linmap.freeze.system.frozen_system`).
+        rows_per_pass: Rows per batched pass (None: what fits in half the free memory).
+        check: Check every map's reconstruction (`tl_linmap.base.exactness`).
+        progress: Show a progress bar over Jacobian rows or columns.
+        norms: Further norm modules to return frozen.
+        route: ``"rows"``, ``"columns"`` or ``"auto"``.
+        source: The hook point the maps start from (None: the token embeddings); resolved
+            where the model is borrowed.
+    """
+
+    dtype: torch.dtype | None = torch.float64
+    rows_per_pass: int | None = None
+    check: bool = True
+    progress: bool = False
+    norms: tuple[str, ...] = ()
+    route: str = "auto"
+    source: str | None = None
+
+
+def map_options(
+    model,
+    *,
+    dtype: torch.dtype | None = torch.float64,
+    rows_per_pass: int | None = None,
+    check: bool = True,
+    progress: bool = False,
+    norms: Sequence[str] = (),
+    route: str = "auto",
+    chunk_size: int | None = None,
+    source: str | None = None,
+) -> MapOptions:
+    """The keyword options of a dense entry point (`linear_maps`), checked, as one value.
+
+    Args:
+        model: A TransformerBridge or HookedTransformer.
+        dtype: As for `linear_maps` (checked where the model is borrowed).
+        rows_per_pass: As for `linear_maps`.
+        check: As for `linear_maps`.
+        progress: As for `linear_maps`.
+        norms: As for `linear_maps`.
+        route: As for `linear_maps` (the old names warn).
+        chunk_size: Deprecated name of ``rows_per_pass``.
+        source: As for `linear_maps` (resolved where the model is borrowed).
+
+    Returns:
+        The `MapOptions`.
+
+    Raises:
+        InputError: for a bad ``rows_per_pass``, route, model or norm.
+    """
+    rows_per_pass = rows_argument(rows_per_pass, chunk_size)
+    route = check_route(route)
+    check_model(model)
+    norms = tuple(check_norms(model, norms)) if norms else ()
+    return MapOptions(dtype=dtype, rows_per_pass=rows_per_pass, check=check, progress=progress, norms=norms, route=route, source=source)
 
 
 def _rows(y: Float[Tensor, " d_out"], x: Tensor, rows_per_pass: int, bar: tqdm) -> Float[Tensor, "pos d_out d_in"]:
@@ -181,7 +238,21 @@ def _columns(system: FrozenSystem, rows_per_pass: int | None, bar: tqdm) -> dict
     return operators
 
 
-def split_targets(model, targets) -> tuple[list, list[str], list[LinearReadout]]:
+class Targets(NamedTuple):
+    """A dense call's targets, split by what each costs (`split_targets`).
+
+    Attributes:
+        hooks: What the frozen system captures (each readout's hook included).
+        maps: The hook names mapped whole.
+        readouts: The linear readouts, checked against the model.
+    """
+
+    hooks: list
+    maps: list[str]
+    readouts: list[LinearReadout]
+
+
+def split_targets(model, targets) -> Targets:
     r"""Targets as hook points to capture, full maps wanted, and linear readouts (`tl_linmap.reading.readouts`).
 
     Args:
@@ -189,8 +260,7 @@ def split_targets(model, targets) -> tuple[list, list[str], list[LinearReadout]]
         targets: Hook names (or ``"output"``) and linear readouts (`tl_linmap.reading.readouts.LinearReadout`).
 
     Returns:
-        ``(hooks, maps, readouts)``: what the frozen system captures (each readout's hook
-        included), the hook names mapped whole, and the readouts (checked against the model).
+        The `Targets`.
 
     Raises:
         InputError: for a single target given as the list, an empty list, or a bad readout.
@@ -203,7 +273,7 @@ def split_targets(model, targets) -> tuple[list, list[str], list[LinearReadout]]
     if names < len(readouts):
         raise InputError("Two readouts have the same name: give each Direction its own label=.")
     hooks = [t.hook if isinstance(t, LinearReadout) else t for t in targets]
-    return hooks, [t for t in targets if not isinstance(t, LinearReadout)], readouts
+    return Targets(hooks, [t for t in targets if not isinstance(t, LinearReadout)], readouts)
 
 
 def _readout_weights(system: FrozenSystem, readouts: Sequence[LinearReadout]) -> dict[str, tuple[str, Tensor, Tensor]]:
@@ -305,37 +375,62 @@ def linear_maps(
         MemoryBudgetError: if the operators, or the given ``rows_per_pass``, would not fit.
         FreezeError: if ``check`` and a map does not reconstruct its output.
     """
-    rows_per_pass = rows_argument(rows_per_pass, chunk_size)
-    route = check_route(route)
-    check_model(model)
-    norms = check_norms(model, norms) if norms else []
-    hooks, wanted, scalars = split_targets(model, targets)
-    options = dict(position=position, dtype=dtype, rows_per_pass=rows_per_pass, check=check, progress=progress,
-                   norms=norms, route=route, source=source)
-    if is_batch(prompt_or_tokens, attention_mask):
-        return batched_linear_maps(model, prompt_batch(model, prompt_or_tokens, attention_mask), targets, **options)
-    with frozen_system(model, prompt_or_tokens, hooks, position=position, dtype=dtype, source=source) as system:
+    options = map_options(
+        model, dtype=dtype, rows_per_pass=rows_per_pass, chunk_size=chunk_size, check=check, progress=progress,
+        route=route, source=source, norms=norms,
+    )
+    targets = split_targets(model, targets)
+    prompts = read_prompts(model, prompt_or_tokens, position=position, attention_mask=attention_mask)
+    return maps_of(model, prompts, targets, options)
+
+
+def maps_of(model, prompts: Prompts, targets: Targets, options: MapOptions) -> LinearMaps | list[LinearMaps]:
+    """`linear_maps` of prompts and options its entry point has already read and checked.
+
+    Args:
+        model: A TransformerBridge or HookedTransformer of a supported architecture.
+        prompts: From `tl_linmap.base.prompts.read_prompts`.
+        targets: From `split_targets`.
+        options: From `map_options`.
+
+    Returns:
+        As `linear_maps`: one `tl_linmap.results.maps.LinearMaps`, or a list for a batch.
+
+    Raises:
+        As `linear_maps`.
+    """
+    if not prompts.batch:
+        return _prompt_maps(model, prompts, targets, options)
+    if batchable(model) and len(prompts) > 1:  # one prompt has nothing to share
+        return batched_linear_maps(model, prompts, targets, options)
+    return [_prompt_maps(model, prompt, targets, options) for prompt in prompts.singles()]
+
+
+def _prompt_maps(model, prompt: Prompts, targets: Targets, options: MapOptions) -> LinearMaps:
+    # One prompt's maps: every target from one frozen system, by the route options (or its cost) picks.
+    route = options.route
+    with frozen_system(model, prompt, targets.hooks, dtype=options.dtype, source=options.source) as system:
         n, d_in = system.x.shape[1:]
-        wanted = list(dict.fromkeys(resolve_target(model, t) for t in wanted))
-        weights = _readout_weights(system, scalars)
+        wanted = list(dict.fromkeys(resolve_target(model, t) for t in targets.maps))
+        weights = _readout_weights(system, targets.readouts)
         if route == "auto":
             route = _cheaper_route(system, wanted, weights)
         if route == "columns":
             system = system.with_biases()
-            with tqdm(total=(system.position + 1) * d_in, disable=not progress, desc="detached Jacobian columns") as bar:
-                operators = _columns(system, rows_per_pass, bar)
+            with tqdm(total=(system.position + 1) * d_in, disable=not options.progress, desc="detached Jacobian columns") as bar:
+                operators = _columns(system, options.rows_per_pass, bar)
             scalar_ops = {label: einops.einsum(operators[name], w, "pos d_out d_in, d_out -> pos d_in")[:, None] for label, (name, w, _) in weights.items()}
         else:
             system = system.with_graph().with_biases()
             ys = system.ys
             rows = [ys[name].shape[0] for name in wanted] + [1] * len(weights)
-            chunk = plan_rows(model, n, max(rows), len(rows), system.x.dtype, rows_per_pass, system.x.device)
-            with torch.enable_grad(), tqdm(total=sum(rows), disable=not progress, desc="detached Jacobian rows") as bar:
+            chunk = plan_rows(model, n, max(rows), len(rows), system.x.dtype, options.rows_per_pass, system.x.device)
+            with torch.enable_grad(), tqdm(total=sum(rows), disable=not options.progress, desc="detached Jacobian rows") as bar:
                 operators = {name: _rows(ys[name], system.x, chunk, bar) for name in wanted}
                 scalar_ops = {label: vjp(ys[name], system.x, w[None]).transpose(0, 1) for label, (name, w, _) in weights.items()}
                 bar.update(len(weights))
-        maps = _assemble(system, wanted, weights, operators, scalar_ops, norms)
-    if check:
+        maps = _assemble(system, wanted, weights, operators, scalar_ops, options.norms)
+    if options.check:
         for lm in maps.values():
             lm.check()
     return maps
@@ -409,20 +504,7 @@ def _batch_rows(batch: SystemBatch, wanted: list[str], weights: list[dict], rows
     return operators, scalar_ops
 
 
-def batched_linear_maps(
-    model,
-    prompts: Sequence[Tensor],
-    targets: Sequence,
-    *,
-    position: int = -1,
-    dtype: torch.dtype | None = torch.float64,
-    rows_per_pass: int | None = None,
-    check: bool = True,
-    progress: bool = False,
-    norms: Sequence[str] = (),
-    route: str = "auto",
-    source: str | None = None,
-) -> list[LinearMaps]:
+def batched_linear_maps(model, prompts: Prompts, targets: Targets, options: MapOptions) -> list[LinearMaps]:
     """`linear_maps` of several prompts, their passes shared (one map per prompt, as the one-prompt call).
 
     One plain and one frozen forward of the prompts padded on the right (`tl_linmap.freeze.system.frozen_batch`),
@@ -430,41 +512,29 @@ def batched_linear_maps(
     prompt at once (``"rows"``), or each prompt's columns are pushed as in the one-prompt call
     (``"columns"``: ``d_model`` basis rows per token already fill a pass, and the same pushes
     padded across prompts measured 0.6x the loop on SmolLM2; ``"auto"`` decides on the longest
-    prompt). A model whose factors cannot be cut to a prompt (`tl_linmap.freeze.system.batchable`), or a
-    single prompt, is mapped prompt by prompt.
+    prompt). `maps_of` maps prompt by prompt where nothing is shared: a model whose factors
+    cannot be cut to a prompt (`tl_linmap.freeze.system.batchable`), or a single prompt.
 
     Args:
         model: A TransformerBridge or HookedTransformer of a supported architecture.
-        prompts: Per prompt, its tokens ``(1, n)`` (`tl_linmap.base.prompts.prompt_batch`).
-        targets: As for `linear_maps`.
-        position: Target position in every prompt (``-1``: each prompt's last token).
-        dtype: Working dtype.
-        rows_per_pass: Rows per pass per prompt (see `linear_maps`).
-        check: Check every map (see `linear_maps`).
-        progress: Show a progress bar over rows or columns of all prompts.
-        norms: Further norm modules to return frozen.
-        route: ``"rows"``, ``"columns"`` or ``"auto"``.
-        source: Where the maps start (see `linear_maps`).
+        prompts: Two or more prompts and their target positions (`tl_linmap.base.prompts.read_prompts`).
+        targets: From `split_targets`.
+        options: From `map_options` (``rows_per_pass`` is per prompt; the progress bar counts
+            the rows or columns of all prompts).
 
     Returns:
         One `tl_linmap.results.maps.LinearMaps` per prompt.
 
     Raises:
-        InputError: for a position out of range for some prompt (named), or any argument the
-            one-prompt call refuses.
+        InputError: for any argument the one-prompt call refuses.
     """
-    check_positions(model, position, prompts)  # before any prompt's work, naming the prompt a position misses
-    if not batchable(model) or len(prompts) == 1:  # nothing to share for one prompt
-        options = dict(position=position, dtype=dtype, rows_per_pass=rows_per_pass, check=check, progress=progress,
-                       norms=norms, route=route, source=source)
-        return [linear_maps(model, tokens, targets, **options) for tokens in prompts]
-    hooks, wanted, scalars = split_targets(model, targets)
-    with frozen_batch(model, prompts, hooks, position=position, dtype=dtype, source=source) as batch:
+    route = options.route
+    with frozen_batch(model, prompts, targets.hooks, dtype=options.dtype, source=options.source) as batch:
         systems = batch.systems
-        wanted = list(dict.fromkeys(resolve_target(model, t) for t in wanted))
+        wanted = list(dict.fromkeys(resolve_target(model, t) for t in targets.maps))
         longest = max(systems, key=lambda s: s.position)
         d_in = longest.x.shape[-1]
-        weights = [_readout_weights(system, scalars) for system in systems]
+        weights = [_readout_weights(system, targets.readouts) for system in systems]
         if route == "auto":
             route = _cheaper_route(longest, wanted, weights[0])
         members = range(len(systems))
@@ -475,41 +545,38 @@ def batched_linear_maps(
         batch = dataclasses.replace(batch, systems=tuple(systems))
         if route == "columns":
             total = sum((s.position + 1) * d_in for s in systems)
-            with tqdm(total=total, disable=not progress, desc="detached Jacobian columns") as bar:
-                all_ops = [_columns(system, rows_per_pass, bar) for system in systems]
+            with tqdm(total=total, disable=not options.progress, desc="detached Jacobian columns") as bar:
+                all_ops = [_columns(system, options.rows_per_pass, bar) for system in systems]
             scalar_ops = [
                 {label: einops.einsum(ops[name], w, "pos d_out d_in, d_out -> pos d_in")[:, None] for label, (name, w, _) in ws.items()}
                 for ops, ws in zip(all_ops, weights)
             ]
         else:
-            total = (sum(systems[0].outputs[name].shape[0] for name in wanted) + len(scalars)) * len(systems)
-            with tqdm(total=total, disable=not progress, desc="detached Jacobian rows") as bar:
-                all_ops, scalar_ops = _batch_rows(batch, wanted, weights, rows_per_pass, bar)
-        results = [_assemble(s, wanted, ws, ops, sops, norms) for s, ws, ops, sops in zip(systems, weights, all_ops, scalar_ops)]
-    if check:
+            total = (sum(systems[0].outputs[name].shape[0] for name in wanted) + len(targets.readouts)) * len(systems)
+            with tqdm(total=total, disable=not options.progress, desc="detached Jacobian rows") as bar:
+                all_ops, scalar_ops = _batch_rows(batch, wanted, weights, options.rows_per_pass, bar)
+        results = [_assemble(s, wanted, ws, ops, sops, options.norms) for s, ws, ops, sops in zip(systems, weights, all_ops, scalar_ops)]
+    if options.check:
         for maps in results:
             for lm in maps.values():
                 lm.check()
     return results
 
 
-def plain_jacobians(model, prompt_or_tokens: Prompt, targets: Sequence[str], *, position: int = -1, dtype: torch.dtype | None = torch.float64) -> dict[str, Float[Tensor, "pos d_out d_in"]]:
+def plain_jacobians(model, prompt: Prompts, targets: Sequence[str], *, dtype: torch.dtype | None) -> dict[str, Float[Tensor, "pos d_out d_in"]]:
     """Ordinary (not detached) Jacobians of targets, for comparison with the detached ones.
 
     Args:
         model: A TransformerBridge or HookedTransformer of a supported architecture.
-        prompt_or_tokens: One prompt.
+        prompt: One prompt and its target position (`tl_linmap.base.prompts.read_prompts`).
         targets: Hook names.
-        position: Sequence position.
-        dtype: Working dtype.
+        dtype: Working dtype, already checked (`tl_linmap.base.checks.check_dtype`).
 
     Returns:
         Operators per target, as in `LinearMap.operators`.
     """
-    tokens = to_tokens(model, prompt_or_tokens)
-    dtype = check_dtype(dtype)
+    (tokens,), (position,) = prompt.tokens, prompt.positions
     n = tokens.shape[1]
-    position = check_position(position, n)
     targets = resolve_targets(model, targets)
     with borrowed(model, dtype), torch.enable_grad():
         x = run_to_target(model, tokens, EMBED_HOOK).detach().clone().requires_grad_(True)
@@ -566,11 +633,13 @@ def linear_map(
         UnsupportedArchitectureError: if the architecture has no freeze rules.
         FreezeError: if a freeze hook did not take effect.
     """
-    rows_per_pass = rows_argument(rows_per_pass, chunk_size)
-    maps = linear_maps(
-        model, prompt_or_tokens, [target], position=position, dtype=dtype, rows_per_pass=rows_per_pass, check=check,
-        progress=progress, route=route, source=source, attention_mask=attention_mask,
+    options = map_options(
+        model, dtype=dtype, rows_per_pass=rows_per_pass, chunk_size=chunk_size, check=check, progress=progress,
+        route=route, source=source,
     )
+    targets = split_targets(model, [target])
+    prompts = read_prompts(model, prompt_or_tokens, position=position, attention_mask=attention_mask)
+    maps = maps_of(model, prompts, targets, options)
     if isinstance(maps, list):
         return [next(iter(m.values())) for m in maps]
     return next(iter(maps.values()))

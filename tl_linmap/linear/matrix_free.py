@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -27,7 +27,7 @@ from tl_linmap.base.deprecation import (
 )
 from tl_linmap.base.errors import InputError
 from tl_linmap.base.exactness import check_exact, relative
-from tl_linmap.base.prompts import Prompt, check_positions, is_batch, prompt_batch
+from tl_linmap.base.prompts import Prompt, Prompts, read_prompts
 from tl_linmap.freeze.system import (
     FrozenSystem,
     batchable,
@@ -94,12 +94,21 @@ def token_contributions(
     tokens_per_pass = renamed_argument("chunk_size", chunk_size, "tokens_per_pass", tokens_per_pass)
     if tokens_per_pass is not None:
         tokens_per_pass = check_positive("tokens_per_pass", tokens_per_pass)
-    if is_batch(prompt_or_tokens, attention_mask):
-        return batched_contributions(
-            model, prompt_batch(model, prompt_or_tokens, attention_mask), target=target, position=position, dtype=dtype,
-            tokens_per_pass=tokens_per_pass, check=check, source=source,
-        )
-    with frozen_system(model, prompt_or_tokens, [target], position=position, dtype=dtype, source=source) as system:
+    prompts = read_prompts(model, prompt_or_tokens, position=position, attention_mask=attention_mask)
+    options = dict(target=target, dtype=dtype, tokens_per_pass=tokens_per_pass, check=check, source=source)
+    if not prompts.batch:
+        return _contributions(model, prompts, **options)
+    if batchable(model) and len(prompts) > 1:  # one prompt has nothing to share
+        return batched_contributions(model, prompts, **options)
+    return [_contributions(model, prompt, **options) for prompt in prompts.singles()]
+
+
+def _contributions(
+    model, prompt: Prompts, *, target: str, dtype: torch.dtype | None, tokens_per_pass: int | None, check: bool,
+    source: str | None,
+) -> Contributions:
+    # One prompt's contributions, by windows of one-token rows.
+    with frozen_system(model, prompt, [target], dtype=dtype, source=source) as system:
         name, x, last = system.names[0], system.x[0].detach(), system.position
         step = plan_tokens(model, x.shape[0], last, x.dtype, tokens_per_pass, x.device)
         parts, biases = [], None
@@ -122,10 +131,9 @@ WINDOWS_PER_BATCH = 4
 
 def batched_contributions(
     model,
-    prompts: Sequence[Tensor],
+    prompts: Prompts,
     *,
     target: str = "output",
-    position: int = -1,
     dtype: torch.dtype | None = torch.float64,
     tokens_per_pass: int | None = None,
     check: bool = True,
@@ -137,14 +145,15 @@ def batched_contributions(
     (`tl_linmap.freeze.system.frozen_batch`); then each window from token ``s`` (as in the one-prompt
     call) pushes the rows of every prompt whose target is at ``s`` or later in one forward:
     ``B`` prompts × ``k`` tokens as ``B·k`` sequences, each with its prompt's factors, plus
-    one all-zero row per prompt for ``b``. A model whose factors cannot be cut to a prompt
-    (`tl_linmap.freeze.system.batchable`) is run prompt by prompt.
+    one all-zero row per prompt for ``b``. `token_contributions` runs prompt by prompt where
+    nothing is shared: a model whose factors cannot be cut to a prompt
+    (`tl_linmap.freeze.system.batchable`), or a single prompt.
 
     Args:
-        model: A TransformerBridge or HookedTransformer of a supported architecture.
-        prompts: Per prompt, its tokens ``(1, n)`` (`tl_linmap.base.prompts.prompt_batch`).
+        model: A TransformerBridge or HookedTransformer of a supported architecture whose
+            factors can be cut to a prompt.
+        prompts: Two or more prompts and their target positions (`tl_linmap.base.prompts.read_prompts`).
         target: ``"output"`` or a hook name.
-        position: Target position in every prompt (``-1``: each prompt's last token).
         dtype: Working dtype.
         tokens_per_pass: Tokens of each prompt per pass (default: as `token_contributions`,
             for the longest prompt); prompts go in groups that fit in half the free memory.
@@ -155,17 +164,9 @@ def batched_contributions(
         One `tl_linmap.results.maps.Contributions` per prompt.
 
     Raises:
-        InputError: for a position out of range for some prompt (named), or any argument the
-            one-prompt call refuses.
+        InputError: for any argument the one-prompt call refuses.
     """
-    check_positions(model, position, prompts)  # before any prompt's work, naming the prompt a position misses
-    if not batchable(model) or len(prompts) == 1:  # nothing to share for one prompt
-        return [
-            token_contributions(model, tokens, target=target, position=position, dtype=dtype,
-                                tokens_per_pass=tokens_per_pass, check=check, source=source)
-            for tokens in prompts
-        ]
-    with frozen_batch(model, prompts, [target], position=position, dtype=dtype, source=source) as batch:
+    with frozen_batch(model, prompts, [target], dtype=dtype, source=source) as batch:
         systems = batch.systems
         name, lasts, x = systems[0].names[0], [s.position for s in systems], systems[0].x
         item, top = x.element_size(), max(lasts)
@@ -461,7 +462,8 @@ def push_forward(
     if not isinstance(vectors, Tensor) or not vectors.is_floating_point() or vectors.ndim not in (1, 2):
         got = f"shape {tuple(vectors.shape)}, {vectors.dtype}" if isinstance(vectors, Tensor) else type(vectors).__name__
         raise InputError(f"vectors must be a floating tensor of shape (d_in,) or (k, d_in) in the source's space, got {got}.")
-    with frozen_system(model, prompt_or_tokens, [target], position=position, dtype=dtype, source=source) as system:
+    prompt = read_prompts(model, prompt_or_tokens, position=position, several=False)
+    with frozen_system(model, prompt, [target], dtype=dtype, source=source) as system:
         x, name = system.x, system.names[0]
         index = input_index(source_position, x.shape[1], system.position)
         rows = vectors.reshape(-1, vectors.shape[-1]).to(x)
@@ -527,17 +529,17 @@ def matrix_free(
         >>> with tl_linmap.matrix_free(model, "The capital of France is") as mf:
         ...     top = mf.svd(-1, k=8)
     """
-    if is_batch(prompt_or_tokens, attention_mask):
+    prompts = read_prompts(model, prompt_or_tokens, position=position, attention_mask=attention_mask)
+    if prompts.batch:
         # Each MatrixFree works on its own prompt's windows, so no model needs `batchable` here.
-        prompts = prompt_batch(model, prompt_or_tokens, attention_mask)
-        with frozen_batch(model, prompts, [target], position=position, dtype=dtype, source=source) as batch:
+        with frozen_batch(model, prompts, [target], dtype=dtype, source=source) as batch:
             if check:
                 for system in batch.systems:
                     probe_linearity(system)
             yield [MatrixFree(system) for system in batch.systems]
         return
     # Each token's products run on a window with its own graph: the whole prompt's is not needed.
-    with frozen_system(model, prompt_or_tokens, [target], position=position, dtype=dtype, source=source) as system:
+    with frozen_system(model, prompts, [target], dtype=dtype, source=source) as system:
         if check:
             probe_linearity(system)
         yield MatrixFree(system)

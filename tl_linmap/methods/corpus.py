@@ -33,8 +33,14 @@ from tqdm.auto import tqdm
 from tl_linmap.base.checks import check_layers, check_positive
 from tl_linmap.base.compat import check_model, get_act_name
 from tl_linmap.base.errors import InputError
-from tl_linmap.base.prompts import Prompt
-from tl_linmap.linear.dense import linear_maps
+from tl_linmap.base.prompts import Prompt, read_prompts
+from tl_linmap.linear.dense import (
+    MapOptions,
+    Targets,
+    map_options,
+    maps_of,
+    split_targets,
+)
 from tl_linmap.reading.spectral import energy_rank, stable_rank
 from tl_linmap.reading.tokens import token_id
 from tl_linmap.results.corpus import CorpusAnalysis, PromptSummary, token_role
@@ -47,16 +53,14 @@ PROMPTS_PER_CALL = 8
 _END = object()
 
 
-def _maps_for(
-    model, prompts: Iterable[Prompt], targets: list[str], dtype: torch.dtype | None, rows_per_pass: int | None,
-) -> Iterator[LinearMaps]:
+def _maps_for(model, prompts: Iterable[Prompt], targets: Targets, options: MapOptions) -> Iterator[LinearMaps]:
     # A few prompts at a time through the batched call (their passes shared), so memory stays bounded.
     group: list[Prompt] = []
     for prompt in itertools.chain(prompts, [_END]):
         if prompt is not _END:
             group.append(prompt)
         if group and (prompt is _END or len(group) == PROMPTS_PER_CALL):
-            yield from linear_maps(model, group, targets, dtype=dtype, rows_per_pass=rows_per_pass)
+            yield from maps_of(model, read_prompts(model, group), targets, options)
             group = []
 
 
@@ -150,7 +154,8 @@ def corpus_analysis(
     if isinstance(prompts, str):
         raise InputError(f"prompts must be a list (or any iterable) of prompts, got one string: pass [{prompts!r}].")
     total = len(prompts) if isinstance(prompts, Sequence) else None
-    for maps in tqdm(_maps_for(model, prompts, mapped, dtype, rows_per_pass), total=total, disable=not progress, desc="prompts"):
+    stream = _maps_for(model, prompts, split_targets(model, mapped), map_options(model, dtype=dtype, rows_per_pass=rows_per_pass))
+    for maps in tqdm(stream, total=total, disable=not progress, desc="prompts"):
         analysis.summaries.append(summarise(maps, targets, final, token, k=k, top=top))
     if not analysis.summaries:
         raise InputError("No prompts: give at least one prompt (e.g. tl_linmap.load.datasets.phrases()).")

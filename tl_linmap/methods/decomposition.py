@@ -18,10 +18,16 @@ from torch import Tensor
 from tl_linmap.base.checks import check_layers
 from tl_linmap.base.compat import check_model, get_act_name
 from tl_linmap.base.errors import InputError
-from tl_linmap.base.prompts import Prompt
+from tl_linmap.base.prompts import Prompt, read_prompts
 from tl_linmap.base.table import Table
 from tl_linmap.freeze.targets import resolve_target
-from tl_linmap.linear.dense import linear_maps, plain_jacobians, rows_argument
+from tl_linmap.linear.dense import (
+    MapOptions,
+    map_options,
+    maps_of,
+    plain_jacobians,
+    split_targets,
+)
 from tl_linmap.reading.readouts import Direction, LinearReadout, Logit, LogitDiff
 from tl_linmap.reading.tokens import token_id
 from tl_linmap.results.attribution import Attribution, GapRow
@@ -84,17 +90,23 @@ def layer_maps(
     Raises:
         InputError: for a bad model, prompt, ``layers`` or any argument of `tl_linmap.linear.dense.linear_maps`.
     """
-    check_model(model)
-    rows_per_pass = rows_argument(rows_per_pass, chunk_size)
+    options = map_options(
+        model, dtype=dtype, rows_per_pass=rows_per_pass, chunk_size=chunk_size, check=check, progress=progress,
+        route=route, source=source,
+    )
+    targets = split_targets(model, _mapped_targets(model, layers, modules, source))
+    prompts = read_prompts(model, prompt_or_tokens, position=position, attention_mask=attention_mask)
+    return maps_of(model, prompts, targets, options)
+
+
+def _mapped_targets(model, layers: Sequence[int] | None, modules: bool, source: str | None) -> list[str]:
+    # layer_maps' targets: with every layer and a source, only those from the source on.
     every_layer = layers is None
     layers = check_layers(layers, model.cfg.n_layers)
     targets = [name for layer in layers for name in _layer_targets(model, layer, modules)]
     if every_layer and source is not None:
         targets = [name for name in targets if _block_order(name) >= _block_order(source)]
-    return linear_maps(
-        model, prompt_or_tokens, targets, position=position, dtype=dtype, rows_per_pass=rows_per_pass,
-        check=check, progress=progress, route=route, source=source, attention_mask=attention_mask,
-    )
+    return targets
 
 
 # Where each of `_layer_targets`' hook points fires within its block.
@@ -242,10 +254,12 @@ def nonlinearity_gap(
     Returns:
         A `tl_linmap.base.table.Table` of `tl_linmap.results.attribution.GapRow`, one per layer.
     """
-    detached = layer_maps(model, prompt_or_tokens, layers=layers, position=position, dtype=dtype)
+    check_model(model)
+    targets = split_targets(model, _mapped_targets(model, layers, False, None))
+    prompt = read_prompts(model, prompt_or_tokens, position=position, several=False)
+    detached = maps_of(model, prompt, targets, MapOptions(dtype=dtype))
     names = [n for n in detached if n.endswith("hook_resid_post")]
-    first = detached[names[0]]
-    plain = plain_jacobians(model, first.tokens, names, position=first.position, dtype=dtype)
+    plain = plain_jacobians(model, prompt, names, dtype=dtype)
     rows = Table()
     for name in names:
         lm = detached[name]

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from tl_linmap.base.compat import check_model
 from tl_linmap.base.errors import InputError
+from tl_linmap.base.prompts import read_prompts
 from tl_linmap.freeze.architectures import rules_for
 from tl_linmap.freeze.system import frozen_system, one_token_rows
 from tl_linmap.results.experts import ExpertContributions
@@ -48,7 +49,8 @@ def expert_contributions(
         routed = sorted({int(n.split(".")[1]) for n in names})
         raise InputError(f"layer={layer!r} is not a block with a mixture-of-experts router; this model's are {routed}.")
     indices = weights.replace("hook_expert_weights", "hook_expert_indices")
-    with frozen_system(model, prompt_or_tokens, [target], position=position, dtype=dtype) as system:
+    prompt = read_prompts(model, prompt_or_tokens, position=position, several=False)
+    with frozen_system(model, prompt, [target], dtype=dtype) as system:
         name, last = system.names[0], system.position
         x = system.x[0].detach()
         rows = one_token_rows(x, range(last + 1))

@@ -27,7 +27,7 @@ from tl_linmap.base.compat import check_model
 from tl_linmap.base.errors import InputError
 from tl_linmap.base.exactness import check_exact
 from tl_linmap.base.guard import borrowed
-from tl_linmap.base.prompts import Prompt, to_tokens
+from tl_linmap.base.prompts import Prompt, Prompts, read_prompts
 from tl_linmap.freeze.apply import applied
 from tl_linmap.freeze.hooks import same_path_hooks
 from tl_linmap.freeze.system import FrozenSystem, frozen_system, one_token_rows
@@ -132,7 +132,8 @@ def sequence_attribution(
     hook, readout = _check_target(model, target)
     if tokens_per_pass is not None:
         tokens_per_pass = check_positive("tokens_per_pass", tokens_per_pass)
-    with frozen_system(model, prompt_or_tokens, [hook or readout.hook], dtype=dtype, source=source) as system:
+    prompt = read_prompts(model, prompt_or_tokens, several=False)
+    with frozen_system(model, prompt, [hook or readout.hook], dtype=dtype, source=source) as system:
         last = check_position(last, system.tokens.shape[1])
         positions = list(range(last + 1))
         name = system.names[0]
@@ -204,7 +205,7 @@ def generation_attribution(
             continuation that would not fit the model's context.
     """
     check_model(model)
-    tokens = to_tokens(model, prompt_or_tokens)
+    (tokens,) = read_prompts(model, prompt_or_tokens, several=False).tokens
     max_new_tokens = check_positive("max_new_tokens", max_new_tokens)
     if tokens.shape[1] + max_new_tokens - 1 > model.cfg.n_ctx:
         raise InputError(f"{tokens.shape[1]} prompt tokens and {max_new_tokens} new ones do not fit the context of {model.cfg.n_ctx}: generate fewer.")
@@ -214,7 +215,8 @@ def generation_attribution(
     first = tokens.shape[1] - 1
     positions = list(range(first, first + max_new_tokens))
     readouts = [Logit(int(t)) for t in generated]
-    with frozen_system(model, inputs, ["output"], dtype=dtype, source=source) as system:
+    # Prompt and continuation as one prompt, checked already: the context above, the new ids are the model's own.
+    with frozen_system(model, Prompts((inputs[None],), (len(inputs) - 1,)), ["output"], dtype=dtype, source=source) as system:
         values, bias, output, error = _attribute(system, system.names[0], positions, readouts, tokens_per_pass, progress)
     result = SequenceAttribution(
         "logit of the generated token", "value", inputs, positions, values, bias, output, error,

@@ -410,7 +410,7 @@ def steering_hooks(
     source, name = _source_map(source, layer)
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
         raise InputError(f"alpha must be a number (a fraction of the residual norm, e.g. 0.25), got {alpha!r}.")
-    _check_positions(positions)
+    _check_steered_positions(positions)
     start = 1 if skips_first(source, skip_first) else 0
     end = source.position % len(source.tokens) + 1
     decoded = source.str_tokens
@@ -424,8 +424,9 @@ def steering_hooks(
     return Steering(hook_name=name, layer=layer, alpha=alpha, vector=vector, positions=positions, how=how, **used)
 
 
-def _check_positions(positions) -> None:
-    # "all", a slice, or position indices; whether they fit is known only per forward call.
+def _check_steered_positions(positions) -> None:
+    # "all", a slice, or position indices; whether they fit is known only per forward call
+    # (`_position_mask`), unlike a target position, which `read_prompts` checks against the prompts.
     if positions == "all" or isinstance(positions, slice):
         return
     if isinstance(positions, str) or not isinstance(positions, Sequence) or not all(is_int(p) for p in positions):
