@@ -49,6 +49,25 @@ def _assembled(system: FrozenSystem, name: str, parts: list[Tensor], bias: Tenso
     return Contributions(values=torch.cat(parts + [after]), **system.result_fields(name))
 
 
+@dataclass(frozen=True)
+class ContributionOptions:
+    """The keyword options of `token_contributions`, checked once and passed down whole.
+
+    Attributes:
+        target: ``"output"`` or a hook name.
+        dtype: Working dtype (None: the model's own).
+        tokens_per_pass: Input tokens pushed per forward pass (None: what fits).
+        check: Check every result's reconstruction.
+        source: The hook point the contributions start from (None: the token embeddings).
+    """
+
+    target: str = "output"
+    dtype: torch.dtype | None = torch.float64
+    tokens_per_pass: int | None = None
+    check: bool = True
+    source: str | None = None
+
+
 def token_contributions(
     model,
     prompt_or_tokens: Prompt,
@@ -95,22 +114,19 @@ def token_contributions(
     if tokens_per_pass is not None:
         tokens_per_pass = check_positive("tokens_per_pass", tokens_per_pass)
     prompts = read_prompts(model, prompt_or_tokens, position=position, attention_mask=attention_mask)
-    options = dict(target=target, dtype=dtype, tokens_per_pass=tokens_per_pass, check=check, source=source)
+    options = ContributionOptions(target=target, dtype=dtype, tokens_per_pass=tokens_per_pass, check=check, source=source)
     if not prompts.batch:
-        return _contributions(model, prompts, **options)
+        return _contributions(model, prompts, options)
     if batchable(model) and len(prompts) > 1:  # one prompt has nothing to share
-        return batched_contributions(model, prompts, **options)
-    return [_contributions(model, prompt, **options) for prompt in prompts.singles()]
+        return batched_contributions(model, prompts, options)
+    return [_contributions(model, prompt, options) for prompt in prompts.singles()]
 
 
-def _contributions(
-    model, prompt: Prompts, *, target: str, dtype: torch.dtype | None, tokens_per_pass: int | None, check: bool,
-    source: str | None,
-) -> Contributions:
+def _contributions(model, prompt: Prompts, options: ContributionOptions) -> Contributions:
     # One prompt's contributions, by windows of one-token rows.
-    with frozen_system(model, prompt, [target], dtype=dtype, source=source) as system:
+    with frozen_system(model, prompt, [options.target], dtype=options.dtype, source=options.source) as system:
         name, x, last = system.names[0], system.x[0].detach(), system.position
-        step = plan_tokens(model, x.shape[0], last, x.dtype, tokens_per_pass, x.device)
+        step = plan_tokens(model, x.shape[0], last, x.dtype, options.tokens_per_pass, x.device)
         parts, biases = [], None
         for start in range(0, last + 1, step):
             rows = one_token_rows(x[start : last + 1], range(min(step, last + 1 - start)))
@@ -119,7 +135,7 @@ def _contributions(
             # A window from token 0 ends at the target like the system: the same b.
             biases = biases or window_biases
         result = _assembled(system, name, parts, biases[name])
-    if check:
+    if options.check:
         result.check()
     return result
 
@@ -129,16 +145,7 @@ def _contributions(
 WINDOWS_PER_BATCH = 4
 
 
-def batched_contributions(
-    model,
-    prompts: Prompts,
-    *,
-    target: str = "output",
-    dtype: torch.dtype | None = torch.float64,
-    tokens_per_pass: int | None = None,
-    check: bool = True,
-    source: str | None = None,
-) -> list[Contributions]:
+def batched_contributions(model, prompts: Prompts, options: ContributionOptions) -> list[Contributions]:
     """`token_contributions` of several prompts, every pass shared across them.
 
     One plain and one frozen forward of the prompts padded on the right
@@ -153,12 +160,9 @@ def batched_contributions(
         model: A TransformerBridge or HookedTransformer of a supported architecture whose
             factors can be cut to a prompt.
         prompts: Two or more prompts and their target positions (`tl_linmap.base.prompts.read_prompts`).
-        target: ``"output"`` or a hook name.
-        dtype: Working dtype.
-        tokens_per_pass: Tokens of each prompt per pass (default: as `token_contributions`,
-            for the longest prompt); prompts go in groups that fit in half the free memory.
-        check: Check each prompt's contributions (see `token_contributions`).
-        source: Where the contributions start (see `token_contributions`).
+        options: As `token_contributions` was given them; a batch's ``tokens_per_pass`` (default:
+            as `token_contributions`, for the longest prompt) is per prompt, and prompts go in
+            groups that fit in half the free memory.
 
     Returns:
         One `tl_linmap.results.maps.Contributions` per prompt.
@@ -166,12 +170,12 @@ def batched_contributions(
     Raises:
         InputError: for any argument the one-prompt call refuses.
     """
-    with frozen_batch(model, prompts, [target], dtype=dtype, source=source) as batch:
+    with frozen_batch(model, prompts, [options.target], dtype=options.dtype, source=options.source) as batch:
         systems = batch.systems
         name, lasts, x = systems[0].names[0], [s.position for s in systems], systems[0].x
         item, top = x.element_size(), max(lasts)
-        step = plan_tokens(model, max(s.x.shape[1] for s in systems), top, x.dtype, tokens_per_pass, x.device)
-        if tokens_per_pass is None:
+        step = plan_tokens(model, max(s.x.shape[1] for s in systems), top, x.dtype, options.tokens_per_pass, x.device)
+        if options.tokens_per_pass is None:
             # A pass of many prompts is wide enough to pay its fixed cost: shorter windows (up to
             # `WINDOWS_PER_BATCH`) skip more of the positions before each pushed token.
             step = min(step, -(-(top + 1) // WINDOWS_PER_BATCH))
@@ -198,7 +202,7 @@ def batched_contributions(
                     if start == 0:  # a window from token 0 ends at the target like the system: the same b
                         biases[b] = window_biases[name][g]
         results = [_assembled(system, name, own, bias) for system, own, bias in zip(systems, parts, biases)]
-    if check:
+    if options.check:
         for result in results:
             result.check()
     return results
