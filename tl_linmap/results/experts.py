@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from jaxtyping import Float
 from torch import Tensor
+
+from tl_linmap.reading.tokens import decode_tokens
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,7 @@ class ExpertContributions:
         target: Target hook name.
         position: Target position.
         tokens: The prompt's token ids.
+        model: The model (for decoding tokens).
     """
 
     values: Float[Tensor, "expert pos d_out"]
@@ -34,6 +37,12 @@ class ExpertContributions:
     target: str
     position: int
     tokens: Tensor
+    model: object = field(default=None, repr=False, compare=False)
+
+    @property
+    def str_tokens(self) -> list[str]:
+        """The input tokens, decoded."""
+        return decode_tokens(self.model, self.tokens)
 
     def contributions(self) -> Float[Tensor, "pos d_out"]:
         """Per-token contributions ``J_i x_i``: the experts' parts plus the rest.
