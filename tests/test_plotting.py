@@ -13,9 +13,19 @@ import torch
 from conftest import PROMPT
 
 import tl_linmap
-from tl_linmap.present import plotting
 from tl_linmap.base.errors import InputError
-from tl_linmap.present.plotting import plot_contribution_heatmap, plot_decoded, plot_logit_contributions, plot_spectra, token_label
+from tl_linmap.present import plotting
+from tl_linmap.present.plotting import (
+    plot_component_contributions,
+    plot_contribution_heatmap,
+    plot_decoded,
+    plot_expert_contributions,
+    plot_logit_contributions,
+    plot_of,
+    plot_singular_values,
+    plot_spectra,
+    token_label,
+)
 
 
 @pytest.fixture(scope="module")
@@ -226,3 +236,84 @@ def test_plotting_imports_without_matplotlib_and_says_how_to_get_it(monkeypatch,
     spec.loader.exec_module(importlib.util.module_from_spec(spec))  # the module itself needs no matplotlib
     with pytest.raises(ImportError, match=r"pip install tl_linmap\[plot\]"):
         plotting.plot_spectra(final)
+
+
+@pytest.fixture(scope="module")
+def modules(toy_models):
+    return tl_linmap.layer_maps(toy_models["llama"], "The cat", modules=True)
+
+
+def _above_floor(values, width):
+    # The singular values a plot keeps: above σ_0 · eps · max(d_out, d_in).
+    return values[values > values[0] * torch.finfo(values.dtype).eps * width]
+
+
+def test_singular_values_of_an_svd_are_each_operators_spectrum(modules):
+    lm = modules["blocks.1.hook_resid_post"]
+    ax = plot_singular_values(lm.svd(k=2)).axes[0]
+    *tokens, stacked = ax.lines
+    assert len(tokens) == len(lm.tokens)
+    for line, operator in zip(tokens, lm.operators):
+        assert torch.allclose(torch.as_tensor(line.get_ydata()), _above_floor(torch.linalg.svdvals(operator), 64))
+    wide = torch.cat(list(lm.operators), dim=1)  # [J_0 ... J_n] side by side
+    assert stacked.get_linestyle() == "--"
+    assert torch.allclose(torch.as_tensor(stacked.get_ydata()), _above_floor(torch.linalg.svdvals(wide), wide.shape[1]))
+    labels = [f"{i} {token_label(t)}" for i, t in enumerate(_tokens(lm))] + ["stacked"]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == labels
+    normalized = plot_singular_values(lm.svd(), normalize=True).axes[0]
+    assert all(line.get_ydata()[0] == pytest.approx(1.0) for line in normalized.lines)
+
+
+def test_singular_values_of_many_tokens_and_of_a_matrix_free_svd(final, toy_models):
+    fig = plot_singular_values(final.svd(k=1))
+    assert len(fig.axes[0].lines) == len(final.tokens) + 1 and len(fig.axes) == 2  # a colorbar keys the tokens
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["stacked"]
+    with tl_linmap.matrix_free(toy_models["llama"], "The cat") as mf:
+        top = mf.svd(-1, k=3)
+    exact = torch.linalg.svdvals(tl_linmap.linear_map(toy_models["llama"], "The cat").operators[-1])[:3]
+    (line,) = plot_singular_values(top).axes[0].lines  # one operator, no stacked one
+    assert torch.allclose(torch.as_tensor(line.get_ydata()), exact, rtol=1e-6)
+    with pytest.raises(InputError, match="takes an OperatorSVD"):
+        plot_singular_values(final)
+
+
+def test_component_bars_are_each_modules_part_of_the_logit(modules, toy_models):
+    model = toy_models["llama"]
+    att = tl_linmap.token_attribution(model, modules, "a")
+    ax = plot_component_contributions(att).axes[0]
+    parts, constants = ax.containers
+    # Each module's part: its map's J_i x_i through the frozen final norm and W_U's column of "a".
+    direction = modules.final_norm.matrix.T @ model.W_U.detach()[:, model.tokenizer.encode("a")[-1]].to(modules.final_norm.matrix)
+    expected = [float(((modules[name].operators @ modules[name].inputs[..., None])[..., 0] @ direction).sum()) for name in att.per_component]
+    assert [bar.get_height() for bar in parts] == pytest.approx(expected, abs=1e-10)
+    assert [bar.get_height() for bar in constants] == pytest.approx([att.constant, att.unembed_bias], abs=1e-12)
+    assert all(bar.get_hatch() for bar in constants)
+    assert sum(bar.get_height() for bar in ax.patches) == pytest.approx(att.logit, abs=1e-10)
+    labels = [t.get_text() for t in ax.get_xticklabels()]
+    assert labels == ["L0 resid_pre", "L0 attn_out", "L0 mlp_out", "L1 attn_out", "L1 mlp_out", "constant", "b_U"]
+    with pytest.raises(InputError, match="takes an Attribution"):
+        plot_component_contributions(modules["blocks.1.hook_resid_post"].logit_contributions("a"))
+
+
+def test_expert_heatmap_is_each_experts_part_of_each_token(final):
+    from tl_linmap.load.toy import toy_model
+    from tl_linmap.methods.experts import expert_contributions
+
+    split = expert_contributions(toy_model("qwen2_moe"), "The cat", 1)
+    live = split.position + 1
+    ax = plot_expert_contributions(split).axes[0]
+    assert torch.allclose(torch.as_tensor(ax.images[0].get_array()), split.values[:, :live].norm(dim=-1))
+    assert [t.get_text() for t in ax.get_yticklabels()] == [f"expert {e}" for e in split.experts]
+    assert [t.get_text() for t in ax.get_xticklabels()] == [token_label(t) for t in split.str_tokens[:live]]
+    with_rest = torch.as_tensor(plot_expert_contributions(split, rest=True).axes[0].images[0].get_array())
+    assert with_rest.shape == (len(split.experts) + 1, live)
+    assert torch.allclose(with_rest[-1], split.rest[:live].norm(dim=-1))
+    with pytest.raises(InputError, match="takes an ExpertContributions"):
+        plot_expert_contributions(final)
+
+
+def test_plot_of_names_the_kinds_a_result_offers():
+    assert plot_of(None, {"spectra": "plot_spectra", "decoded": "plot_decoded"}) is plot_spectra
+    assert plot_of("decoded", {"spectra": "plot_spectra", "decoded": "plot_decoded"}) is plot_decoded
+    with pytest.raises(InputError, match="kind must be one of 'spectra', 'decoded', got 'heat'"):
+        plot_of("heat", {"spectra": "plot_spectra", "decoded": "plot_decoded"})

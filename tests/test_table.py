@@ -9,7 +9,8 @@ import pytest
 from conftest import PROMPT
 
 import tl_linmap
-from tl_linmap.base.table import CELL_WIDTH, Table
+from tl_linmap.base.errors import InputError
+from tl_linmap.base.table import CELL_WIDTH, Table, table_row
 
 
 @dataclass
@@ -163,3 +164,32 @@ def test_to_pandas_without_pandas_says_how_to_get_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "pandas", None)  # import fails as if not installed
     with pytest.raises(ImportError, match="pip install pandas"):
         table().to_pandas()
+
+
+@table_row
+@dataclass
+class Shown:
+    token: str
+    score: float
+    count: int
+    tops: list
+    cell: tuple
+    note: str | None = None
+
+
+def test_a_table_row_prints_as_one_line_of_its_cells():
+    row = Shown(" Paris", 1.23456789, 3, [(" x", 0.5)] * 20, (1, 2))
+    text = repr(row)
+    assert "\n" not in text and len(text) < 2 * CELL_WIDTH + 60
+    assert text.startswith("Shown(token=' Paris', score=1.235, count=3, tops=[' x' 0.50, ")
+    assert text.endswith(" more], cell=[1, 2], note=None)")
+    assert repr(Shown("a", 0.0, 0, [], ())) == "Shown(token='a', score=0, count=0, tops=[], cell=[], note=None)"
+    page = parse(row._repr_html_())
+    assert [text for text, _ in page.rows[0]] == ["token", "score", "count", "tops", "cell", "note"]
+    assert page.rows[1][1] == ("1.235", "num") and len(page.rows) == 2  # one row, as its table shows it
+    assert row._repr_html_() == Table([row])._repr_html_()
+
+
+def test_table_row_takes_only_a_dataclass():
+    with pytest.raises(InputError, match="above @dataclass"):
+        table_row(Cells)

@@ -247,3 +247,42 @@ class Table(list):
         )
         table = f'<table class="tl-linmap-table"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
         return f"<style>{STYLE}</style>{table}"
+
+
+def _field_text(value) -> str:
+    # A field as a table cell shows it, in brackets when it is a list, so that its commas read as one field's.
+    if value is None:
+        return "None"
+    if isinstance(value, (list, tuple)):
+        return f"[{_text_cell(value, True, CELL_WIDTH)}]" if value else "[]"
+    return _text_cell(value, True, CELL_WIDTH)
+
+
+def _row_repr(row) -> str:
+    fields = ", ".join(f"{f.name}={_field_text(getattr(row, f.name))}" for f in dataclasses.fields(row) if f.repr)
+    return f"{type(row).__name__}({fields})"
+
+
+def _row_html(row) -> str:
+    return Table([row])._repr_html_()
+
+
+def table_row(cls: type) -> type:
+    """Class decorator: a dataclass row that shows itself as its `Table` shows it.
+
+    Put it above ``@dataclass``, which otherwise writes its own ``__repr__``. ``repr(row)``
+    is one line, ``Name(field=value, ...)``, each value as a table cell prints it (numbers
+    to 4 significant digits, token strings quoted, long lists cut at a token); the notebook
+    view is a one-row `Table`.
+
+    Args:
+        cls: A dataclass.
+
+    Returns:
+        The same class, with ``__repr__`` and ``_repr_html_``.
+    """
+    if not dataclasses.is_dataclass(cls):
+        raise InputError(f"table_row takes a dataclass (put it above @dataclass), got {cls.__name__}.")
+    cls.__repr__ = _row_repr
+    cls._repr_html_ = _row_html
+    return cls

@@ -36,6 +36,7 @@ from tl_linmap.freeze.system import (
     one_token_rows,
 )
 from tl_linmap.freeze.targets import resolve_target
+from tl_linmap.present import display
 from tl_linmap.reading.spectral import input_index, signed
 from tl_linmap.reading.tokens import TokenReader, decode_tokens
 from tl_linmap.results.maps import Contributions
@@ -399,6 +400,23 @@ class Pushed:
     target: str
     position: int
     reader: TokenReader = field(repr=False)
+
+    def __repr__(self) -> str:
+        return display.pushed_text(self)
+
+    def _repr_html_(self) -> str:
+        return display.pushed_html(self)
+
+    def to_table(self, top: int = 5) -> display.Table:
+        """One row per vector: its norm at the target and the tokens it promotes most there.
+
+        Args:
+            top: Tokens per vector.
+
+        Returns:
+            A `tl_linmap.base.table.Table` of `tl_linmap.present.display.VectorRow`.
+        """
+        return display.vector_rows(self, top)
 
     def logits(self) -> Float[Tensor, "k d_vocab"]:
         """The values read through the frozen final norm and the unembedding (linear parts).

@@ -69,7 +69,7 @@ def expert_contributions(
             total = system.push(rows)[0][name]
         return ExpertContributions(
             values=_padded(values, len(x)), rest=_padded(total - values.sum(0), len(x)), experts=experts, layer=layer,
-            target=name, position=last, tokens=system.tokens[0],
+            target=name, position=last, tokens=system.tokens[0], model=model,
         )
 
 

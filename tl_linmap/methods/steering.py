@@ -38,7 +38,8 @@ from tl_linmap.base.deprecation import renamed_fields
 from tl_linmap.base.errors import InputError
 from tl_linmap.base.hook_names import RESIDUAL_HOOKS
 from tl_linmap.base.prompts import Prompt, to_tokens
-from tl_linmap.base.table import Table
+from tl_linmap.base.table import Table, table_row
+from tl_linmap.present import display
 from tl_linmap.reading.spectral import signed
 from tl_linmap.reading.tokens import token_id
 from tl_linmap.results.maps import LinearMap, LinearMaps
@@ -185,6 +186,15 @@ class Steering(list):
             f"Steering({self.hook_name}, alpha={self.alpha}, positions={self.positions!r}, how={self.how!r}; "
             f"vector from {', '.join(map(repr, self.str_tokens))}; left out: {left_out})"
         )
+
+    def _repr_html_(self) -> str:
+        facts = [("steers", self.hook_name, False), ("alpha", str(self.alpha), True), ("positions", repr(self.positions), False),
+                 ("vector", f"{self.how} of {', '.join(map(repr, self.str_tokens))}", False), *_left_out(self)]
+        return display.summary_html(f"Steering hooks: r + {self.alpha} · ‖r‖ · v", facts)
+
+
+def _left_out(steering: Steering | OperatorSteering) -> list[display.Fact]:
+    return [("left out", ", ".join(map(repr, steering.left_out)) or "none", False), ("hooks", str(len(steering)), True)]
 
 
 def _position_mask(positions: Positions, resid: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "pos 1"]:
@@ -339,6 +349,11 @@ class OperatorSteering(list):
             f"operators of {', '.join(map(repr, self.str_tokens))}, cycled; left out: {left_out})"
         )
 
+    def _repr_html_(self) -> str:
+        facts = [("steers", self.hook_name, False), ("alpha", str(self.alpha), True), ("positions", repr(self.positions), False),
+                 ("operators", f"{len(self.operators)}, of {', '.join(map(repr, self.str_tokens))}, cycled", False), *_left_out(self)]
+        return display.summary_html(f"Operator steering hooks: r + {self.alpha} · ‖r‖ · v_p / ‖v_p‖", facts)
+
 
 def _source_map(source: LinearMap | LinearMaps, layer: int) -> tuple[LinearMap, str]:
     # The source's residual-stream map, checked, and the hook point to steer.
@@ -457,6 +472,7 @@ def word_tokens(model, text: str | Sequence[str]) -> list[str]:
     return found
 
 
+@table_row
 @dataclass
 class SweepRow:
     """How one steering strength moves the concept.
@@ -558,6 +574,7 @@ def _concept_ids(model, steering: Steering | OperatorSteering, concept_tokens: S
     return concept
 
 
+@table_row
 @dataclass
 class MethodRow:
     """One concept at one strength, steered both ways and scored on the same fixed text.

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from jaxtyping import Float
 from torch import Tensor
 
-from tl_linmap.base.table import NUM_CELL, STYLE, Table, visible
+from tl_linmap.base.table import NUM_CELL, STYLE, Table, table_row, visible
 
 #: Background colours (RGB) of the token views: magnitudes, positive and negative values.
 MAGNITUDE = (230, 120, 0)
@@ -104,6 +104,39 @@ def _frame(title: str, *parts: str) -> str:
     return f'<div class="tl-linmap"><style>{STYLE}</style><div><b>{title}</b></div>{"".join(parts)}</div>'
 
 
+#: One fact a summary shows: its name, its value as text, whether the value is a number (right-aligned).
+Fact = tuple[str, str, bool]
+
+
+def summary_html(title: str, facts: Sequence[Fact] = (), *parts: str) -> str:
+    """A result at a glance, as the other views here frame it: a title, its facts, more HTML.
+
+    Args:
+        title: Plain text (escaped here).
+        facts: ``(name, value, is_number)`` per fact, shown as a two-column table.
+        parts: HTML fragments after the facts (a `Table`'s ``_repr_html_``, `tokens_html`).
+
+    Returns:
+        An HTML fragment.
+    """
+    return _frame(html.escape(title), _facts(facts) if facts else "", *parts)
+
+
+def summary_text(name: str, facts: Sequence[Fact], *lines: str) -> str:
+    """A result in plain text (for ``repr``): ``Name(fact value; ...)``, then indented lines.
+
+    Args:
+        name: The result's type name.
+        facts: ``(name, value, is_number)`` per fact.
+        lines: Further lines (a table's text), each indented by two spaces.
+
+    Returns:
+        The text.
+    """
+    head = f"{name}({'; '.join(f'{fact} {value}' for fact, value, _ in facts)})"
+    return "\n".join([head, *("  " + line for text in lines for line in text.splitlines())])
+
+
 def _shares(result) -> tuple[list[float], list[float]]:
     # ‖J_i x_i‖ and its share of Σ_j ‖J_j x_j‖: which tokens the target's linear part comes from.
     norms = [float(n) for n in result.contributions().norm(dim=-1)]
@@ -174,6 +207,7 @@ def linear_map_text(lm, top: int = 5) -> str:
     return f"{type(lm).__name__}({facts})\n  largest shares of Σ‖J_i x_i‖: {largest}"
 
 
+@table_row
 @dataclass
 class MapRow:
     """One map of a `LinearMaps`, summarised.
@@ -239,6 +273,7 @@ def linear_maps_text(maps: Mapping) -> str:
     return f"{_maps_title(list(maps.values())[-1], rows)}\n{rows}"
 
 
+@table_row
 @dataclass
 class ComponentRow:
     """One component's part of an output token's logit.
@@ -323,3 +358,63 @@ def attribution_text(att, tokens: Sequence[str] | None = None, top: int = 5) -> 
     if heads:
         lines.append(f"  largest heads: {heads}")
     return "\n".join(lines + [str(component_rows(att))])
+
+
+@table_row
+@dataclass
+class VectorRow:
+    """One pushed vector read at its target (`tl_linmap.linear.matrix_free.Pushed`).
+
+    Attributes:
+        vector: Index of the vector.
+        norm: ``‖J_i v‖``, the size of what it becomes at the target.
+        top: The tokens it promotes most there, with their logits, highest first.
+    """
+
+    vector: int
+    norm: float
+    top: list[tuple[str, float]]
+
+
+def vector_rows(pushed, top: int = 5) -> Table:
+    """One row per pushed vector: how large it arrives, which tokens it promotes.
+
+    Args:
+        pushed: A `tl_linmap.linear.matrix_free.Pushed`: needs ``values`` and ``top_tokens(k)``.
+        top: Tokens per vector.
+
+    Returns:
+        A `tl_linmap.base.table.Table` of `VectorRow`.
+    """
+    norms = pushed.values.norm(dim=-1).tolist()
+    return Table(VectorRow(j, norm, tokens) for j, (norm, tokens) in enumerate(zip(norms, pushed.top_tokens(top))))
+
+
+def _pushed_facts(pushed) -> list[Fact]:
+    return [("vectors", str(len(pushed.vectors)), True), ("from", f"{pushed.source} at position {pushed.source_position}", False),
+            ("to", f"{pushed.target} at position {pushed.position}", False)]
+
+
+def pushed_text(pushed) -> str:
+    """A plain-text summary of pushed vectors (for ``repr``): where from, where to, what they promote.
+
+    Args:
+        pushed: See `vector_rows`.
+
+    Returns:
+        The facts, then the `vector_rows` table.
+    """
+    return summary_text(type(pushed).__name__, _pushed_facts(pushed), str(vector_rows(pushed, 3)))
+
+
+def pushed_html(pushed) -> str:
+    """Pushed vectors at a glance.
+
+    Args:
+        pushed: See `vector_rows`.
+
+    Returns:
+        An HTML fragment: the facts and the `vector_rows` table.
+    """
+    return summary_html(f"{len(pushed.vectors)} vectors pushed to {pushed.target}", _pushed_facts(pushed),
+                        vector_rows(pushed)._repr_html_())

@@ -14,7 +14,8 @@ characters and byte pieces visible.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+import sys
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
 import einops
@@ -24,6 +25,7 @@ from torch import Tensor
 
 from tl_linmap.base.deprecation import renamed_argument
 from tl_linmap.base.errors import InputError
+from tl_linmap.present.display import component_rows
 from tl_linmap.reading.spectral import input_index, stacked_tokens
 
 if TYPE_CHECKING:
@@ -32,8 +34,8 @@ if TYPE_CHECKING:
 
 
 __all__ = [
-    "plot_contribution_heatmap", "plot_decoded", "plot_logit_contributions", "plot_sequence_attribution", "plot_spectra",
-    "token_label",
+    "plot_component_contributions", "plot_contribution_heatmap", "plot_decoded", "plot_expert_contributions",
+    "plot_logit_contributions", "plot_of", "plot_sequence_attribution", "plot_singular_values", "plot_spectra", "token_label",
 ]
 
 
@@ -79,6 +81,25 @@ _MAX_BAR_LABELS = 16
 
 # Longest token label inside a grid cell before it is cut with an ellipsis.
 _MAX_CELL_LABEL = 14
+
+
+def plot_of(kind: str | None, plots: Mapping[str, str]) -> Callable[..., Figure]:
+    """The function of this module a result's ``.plot(kind)`` draws with.
+
+    Args:
+        kind: One of ``plots``' kinds (None: the first).
+        plots: Kind -> name of a plotting function here, as the result offers them.
+
+    Returns:
+        The function; it takes the result first, then the plot's own options.
+
+    Raises:
+        InputError: for a kind the result does not offer.
+    """
+    kind = next(iter(plots)) if kind is None else kind
+    if kind not in plots:
+        raise InputError(f"kind must be one of {', '.join(map(repr, plots))}, got {kind!r}.")
+    return getattr(sys.modules[__name__], plots[kind])
 
 
 def _pyplot():
@@ -178,20 +199,24 @@ def _operator(lm: LinearMap, token: TokenChoice, skip_first: bool) -> Float[Tens
     return lm.operators[_index(lm, token, skip_first)]
 
 
-def _noise_factor(operator: Float[Tensor, "d_out d_in"]) -> float:
+def _noise_factor(dtype: torch.dtype, shape: tuple[int, ...]) -> float:
     # The standard numerical-rank tolerance (numpy.linalg.matrix_rank): singular values
     # below σ_max · eps · max(d_out, d_in) are what rounding alone can produce.
-    return torch.finfo(operator.dtype).eps * max(operator.shape)
+    return torch.finfo(dtype).eps * max(shape)
+
+
+def _above_noise(values: Float[Tensor, " r"], factor: float, normalize: bool) -> Float[Tensor, " r"]:
+    # Descending singular values without the rounding noise (below σ_0 · factor).
+    # A zero operator keeps no value: it has no scale and nothing above the noise.
+    values = values[values > values[0] * factor]
+    return values / values[0] if normalize and len(values) else values
 
 
 def _spectrum(lm: LinearMap, token: TokenChoice, skip_first: bool, normalize: bool) -> tuple[Float[Tensor, " r"], float]:
     # The singular values above the rounding noise, and the noise factor (floor / σ_max).
     operator = _operator(lm, token, skip_first)
-    factor = _noise_factor(operator)
-    values = torch.linalg.svdvals(operator)
-    # A zero operator keeps no value: it has no scale and nothing above the noise.
-    values = values[values > values[0] * factor]
-    return (values / values[0] if normalize and len(values) else values), factor
+    factor = _noise_factor(operator.dtype, operator.shape)
+    return _above_noise(torch.linalg.svdvals(operator), factor, normalize), factor
 
 
 def _noise_note(factors: set[float], dtypes: set[torch.dtype]) -> str:
@@ -215,16 +240,16 @@ def _depth_colors(n: int) -> list:
     return [cmap(0.9 * i / max(n - 1, 1)) for i in range(n)]
 
 
-def _depth_key(fig: Figure, ax: Axes, names: list[str], colors: list) -> None:
-    # Few maps: a legend; many: a discrete colorbar labelled with a subset of names.
+def _depth_key(fig: Figure, ax: Axes, names: list[str], colors: list, what: str = "map", order: str = "depth") -> None:
+    # Few lines: a legend; many: a discrete colorbar labelled with a subset of names.
     if len(names) <= _MAX_LEGEND:
-        ax.legend(fontsize="small", title="map")
+        ax.legend(fontsize="small", title=what)
         return
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import BoundaryNorm, ListedColormap
 
     norm = BoundaryNorm([i - 0.5 for i in range(len(names) + 1)], len(names))
-    bar = fig.colorbar(ScalarMappable(norm, ListedColormap(colors)), ax=ax, label="map (depth)")
+    bar = fig.colorbar(ScalarMappable(norm, ListedColormap(colors)), ax=ax, label=f"{what} ({order})")
     step = -(-len(names) // _MAX_LEGEND)  # ceiling division
     ticks = list(range(0, len(names), step))
     bar.set_ticks(ticks, labels=[_short_name(names[i]) for i in ticks])
@@ -282,6 +307,52 @@ def plot_spectra(
     ax.set_title(f"Singular values of {_operator_label(next(iter(named.values())), token, skip_first)}")
     ax.grid(True, which="major", alpha=0.3)
     _depth_key(fig, ax, list(named), colors)
+    return fig
+
+
+def plot_singular_values(svd, *, normalize: bool = False, ax: Axes | None = None) -> Figure:
+    """Singular values of every operator one SVD holds: one line per input token, the stacked operator dashed.
+
+    Where `plot_spectra` compares one operator across maps, this compares the operators of
+    one map; the rounding noise is left out as there.
+
+    Args:
+        svd: A `tl_linmap.results.svd.OperatorSVD` (dense: every value; matrix-free: the top k).
+        normalize: Divide each line by its largest value, to compare shapes.
+        ax: Axes to draw into (default: a new figure).
+
+    Returns:
+        The Figure: ``ax.lines[r]`` holds ``svd.values[r]`` above the noise (input token
+        ``svd.tokens[r]``, coloured by position), then a black dashed line for the stacked
+        operator when the SVD has one; log ``y`` axis.
+
+    Raises:
+        InputError: for anything but an `OperatorSVD`.
+    """
+    if not all(hasattr(svd, name) for name in ("values", "tokens", "str_tokens", "stacked", "left", "right")):
+        raise InputError(f"plot_singular_values takes an OperatorSVD (lm.svd(), mf.svd(i)), got {type(svd).__name__}.")
+    _pyplot()  # fail before any work when matplotlib is missing
+    fig, ax = _figure(ax, (7, 4.5))
+    d_out, d_in = svd.left.shape[-1], svd.right.shape[-1]
+    factor = _noise_factor(svd.values.dtype, (d_out, d_in))
+    names = [f"{i} {token_label(svd.str_tokens[i])}" for i in svd.tokens]
+    colors = _depth_colors(len(names))
+    for values, name, color in zip(svd.values, names, colors):
+        ax.plot(_above_noise(values, factor, normalize).detach().cpu().numpy(), color=color, label=name)
+    factors = {factor}
+    if svd.stacked is not None:
+        wide = _noise_factor(svd.values.dtype, (d_out, len(svd.stacked_tokens) * d_in))
+        factors.add(wide)
+        values = _above_noise(svd.stacked.values, wide, normalize).detach().cpu().numpy()
+        stacked = ax.plot(values, color="black", linestyle="--", label="stacked")
+    ax.set_yscale("log")
+    ax.set_xlabel(f"j (0 = largest)\n{_noise_note(factors, {svd.values.dtype})}")
+    ax.set_ylabel("σ_j / σ_0" if normalize else "σ_j")
+    ax.set_title(f"Singular values of each J_i of {svd.target}", fontsize="medium")
+    ax.grid(True, which="major", alpha=0.3)
+    if len(names) > _MAX_LEGEND and svd.stacked is not None:
+        ax.add_artist(ax.legend(handles=stacked, loc="upper right", fontsize="small"))  # the colorbar keys only the tokens
+    _depth_key(fig, ax, names, colors, "input token", "position")
     return fig
 
 
@@ -445,6 +516,76 @@ def plot_logit_contributions(
     if skip_first:
         title += f"\nfirst token '{token_label(split.str_tokens[0])}' ({float(split.per_token[0]):.4g}) not shown"
     ax.set_title(title, fontsize="medium")
+    return fig
+
+
+def plot_component_contributions(attribution, *, ax: Axes | None = None) -> Figure:
+    """Bar chart of one logit split over components (embeddings, each layer's attention and MLP), plus its constants.
+
+    Args:
+        attribution: A `tl_linmap.results.attribution.Attribution` (`token_attribution`).
+        ax: Axes to draw into (default: a new figure).
+
+    Returns:
+        The Figure: ``ax.containers[0]`` holds one bar per component (its total over source
+        tokens), ``ax.containers[1]`` the hatched constant bars (``constant``, then ``b_U``);
+        together they sum to the logit.
+
+    Raises:
+        InputError: for anything without per-component parts.
+    """
+    if not all(hasattr(attribution, name) for name in ("per_component", "constant", "logit", "token")):
+        raise InputError(f"plot_component_contributions takes an Attribution (token_attribution), got {type(attribution).__name__}.")
+    _pyplot()  # fail before any work when matplotlib is missing
+    rows = component_rows(attribution)
+    parts, constants = rows[: len(attribution.per_component)], rows[len(attribution.per_component) :]
+    fig, ax = _figure(ax, (max(6.0, 2.0 + 0.3 * len(rows)), 4.5))
+    values = [row.total for row in parts]
+    bars = ax.bar(range(len(parts)), values, color=["tab:blue" if v >= 0 else "tab:red" for v in values])
+    # The constants sit apart, grey and hatched, as in `plot_logit_contributions`: no component holds them.
+    slots = [len(parts) + 0.5 + c for c in range(len(constants))]
+    constant = ax.bar(slots, [row.total for row in constants], color="lightgrey", edgecolor="dimgrey", hatch="//")
+    for container in (bars, constant) if len(parts) <= _MAX_BAR_LABELS else (constant,):
+        ax.bar_label(container, fmt="%.3g", fontsize="x-small", padding=2)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.margins(y=0.1)
+    ax.set_xticks([*range(len(parts)), *slots], [_short_name(row.component) for row in rows], rotation=90)
+    ax.set_ylabel("logit contribution")
+    ax.set_title(f"Logit of '{token_label(attribution.token)}' = {attribution.logit:.4g} by component", fontsize="medium")
+    return fig
+
+
+def plot_expert_contributions(split, *, rest: bool = False, ax: Axes | None = None) -> Figure:
+    """How much each expert of one block carried of each token's contribution, as an expert x token heatmap.
+
+    Args:
+        split: A `tl_linmap.results.experts.ExpertContributions`.
+        rest: Add a last row for every other path (attention, the residual stream, other
+            blocks); it is usually much the largest and flattens the experts' colour scale.
+        ax: Axes to draw into (default: a new figure).
+
+    Returns:
+        The Figure: ``ax.images[0]`` holds ``‖values[j, i]‖`` per expert ``j`` (rows, then the
+        rest's norms if asked) and input token ``i`` up to the target position.
+
+    Raises:
+        InputError: for anything but an `ExpertContributions`.
+    """
+    if not all(hasattr(split, name) for name in ("values", "rest", "experts", "position", "str_tokens")):
+        raise InputError(f"plot_expert_contributions takes an ExpertContributions, got {type(split).__name__}.")
+    _pyplot()  # fail before any work when matplotlib is missing
+    columns = split.position + 1  # the tokens after the target carry nothing
+    norms = split.values[:, :columns].norm(dim=-1)
+    names = [f"expert {e}" for e in split.experts]
+    if rest:
+        norms, names = torch.cat([norms, split.rest[None, :columns].norm(dim=-1)]), [*names, "rest"]
+    fig, ax = _figure(ax, (max(5.0, 3.0 + 0.4 * columns), 1.8 + 0.3 * len(names)))
+    image = ax.imshow(norms.detach().cpu().numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
+    ax.set_xticks(range(columns), [token_label(t) for t in split.str_tokens[:columns]], rotation=90)
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("input token i")
+    fig.colorbar(image, ax=ax, label="‖part of J_i x_i‖", fraction=0.05, pad=0.02)
+    ax.set_title(f"Block {split.layer}'s experts: their parts of each token's contribution to {split.target}", fontsize="medium")
     return fig
 
 

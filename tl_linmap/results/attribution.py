@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from jaxtyping import Float
 from torch import Tensor
 
 from tl_linmap.base.deprecation import renamed_fields
+from tl_linmap.base.errors import InputError
+from tl_linmap.base.table import Table, table_row
 from tl_linmap.present import display
+from tl_linmap.results.logit_split import LogitSplit
 
 
 @renamed_fields(sources="str_tokens")
@@ -42,11 +46,67 @@ class Attribution:
     constant: float
     unembed_bias: float
     str_tokens: list[str] = field(default_factory=list)
+
     def __repr__(self) -> str:
         return display.attribution_text(self)
 
     def _repr_html_(self) -> str:
         return display.attribution_html(self)
+
+    def logit_split(self) -> LogitSplit:
+        """The per-token split alone, as a `tl_linmap.results.logit_split.LogitSplit`.
+
+        Returns:
+            The same per-token terms; its constant is ``constant + unembed_bias``, so its
+            parts still sum to `logit`.
+        """
+        return LogitSplit(self.token, self.str_tokens, self.per_token, self.constant + self.unembed_bias, self.logit)
+
+    def to_table(self, by: Literal["component", "token", "head"] = "component") -> Table:
+        """The logit's parts as a table.
+
+        Args:
+            by: ``"component"``: one row per component (its total over source tokens), then
+                ``constant`` and ``b_U``; ``"token"``: one row per source token, then the
+                constant (``b_U`` included); ``"head"``: one row per head (its total), layer
+                by layer, without each layer's ``head_rest``.
+
+        Returns:
+            A `tl_linmap.base.table.Table`: of `tl_linmap.present.display.ComponentRow`, of
+            `tl_linmap.results.logit_split.TokenShare` or of `HeadShare`. The component and token
+            rows each sum to `logit`.
+
+        Raises:
+            InputError: for another ``by``.
+        """
+        if by == "component":
+            return display.component_rows(self)
+        if by == "token":
+            return self.logit_split().to_table()
+        if by == "head":
+            return Table(HeadShare(layer, head, float(values.sum())) for (layer, head), values in self.per_head.items())
+        raise InputError(f"by must be 'component', 'token' or 'head', got {by!r}.")
+
+    def plot(self, kind: Literal["tokens", "components"] = "tokens", **options):
+        """Bars of the logit's parts (needs the ``plot`` extra).
+
+        Args:
+            kind: ``"tokens"``: one bar per source token and the constant
+                (`tl_linmap.present.plotting.plot_logit_contributions` of `logit_split`; takes
+                ``skip_first``); ``"components"``: one bar per component, then the constants
+                (`tl_linmap.present.plotting.plot_component_contributions`).
+            **options: The plotting function's options (both take ``ax=``).
+
+        Returns:
+            The matplotlib Figure.
+
+        Raises:
+            InputError: for another kind.
+        """
+        from tl_linmap.present import plotting
+
+        draw = plotting.plot_of(kind, {"tokens": "plot_logit_contributions", "components": "plot_component_contributions"})
+        return draw(self.logit_split() if kind == "tokens" else self, **options)
 
     def total(self) -> float:
         """The sum of all parts.
@@ -57,6 +117,23 @@ class Attribution:
         return float(self.per_token.sum()) + self.constant + self.unembed_bias
 
 
+@table_row
+@dataclass
+class HeadShare:
+    """One attention head's part of an output token's logit.
+
+    Attributes:
+        layer: Its block.
+        head: Its index.
+        total: Its logit contribution, summed over source tokens.
+    """
+
+    layer: int
+    head: int
+    total: float
+
+
+@table_row
 @dataclass
 class GapRow:
     """The ordinary Jacobian next to the detached one, for one layer's residual stream.

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from jaxtyping import Float
@@ -13,7 +14,8 @@ from torch import Tensor
 from tl_linmap.base.checks import check_positive
 from tl_linmap.base.deprecation import renamed_fields
 from tl_linmap.base.errors import InputError
-from tl_linmap.base.table import Table
+from tl_linmap.base.table import Table, table_row
+from tl_linmap.present import display
 
 #: Token roles of `CorpusAnalysis.dimensionality`: single operators by where their token sits,
 #: and the stacked operator ``[J_1 … J_n]`` of every token but the first.
@@ -35,6 +37,7 @@ def token_role(index: int, position: int) -> str:
     return "last" if index == position else "middle"
 
 
+@table_row
 @dataclass
 class RankSpread:
     """How many dimensions the operators of one layer and token role use, across prompts.
@@ -68,6 +71,7 @@ class RankSpread:
     stable_q3: float
 
 
+@table_row
 @dataclass
 class ConceptCount:
     """The tokens one layer's leading singular directions write most often across prompts.
@@ -85,6 +89,7 @@ class ConceptCount:
     tokens: list[tuple[str, float]]
 
 
+@table_row
 @dataclass
 class ProfileRow:
     """Averaged attribution of one token role (or band of relative positions) across prompts.
@@ -136,6 +141,21 @@ class PromptSummary:
         total = self.attribution.abs().sum()
         return self.attribution / total if total > 0 else torch.zeros_like(self.attribution)
 
+    def _facts(self) -> list[display.Fact]:
+        return [("tokens", str(len(self.str_tokens)), True), ("logit of", repr(self.token), False),
+                ("targets", ", ".join(self.ranks), False)]
+
+    def __repr__(self) -> str:
+        shares = self.shares().tolist()
+        order = sorted(range(len(shares)), key=lambda i: -abs(shares[i]))[:5]
+        largest = ", ".join(f"{i}:{self.str_tokens[i]!r} {shares[i]:+.2f}" for i in order)
+        return display.summary_text(type(self).__name__, self._facts(), f"largest shares of the logit: {largest}")
+
+    def _repr_html_(self) -> str:
+        caption = "<div>Shares of the logit: blue raises it, red lowers it (hover for values).</div>"
+        return display.summary_html(f"One prompt of a corpus analysis: {''.join(self.str_tokens)!r}", self._facts(), caption,
+                                    display.tokens_html(self.str_tokens, self.shares(), signed=True))
+
 
 @dataclass
 class CorpusAnalysis:
@@ -153,8 +173,59 @@ class CorpusAnalysis:
     k: int = 3
     top: int = 5
 
+    #: Its three tables by kind (the method), and their plots (the `tl_linmap.present.plotting` function).
+    _TABLES = {"dimensionality": "dimensionality", "concepts": "concepts", "attribution": "attribution_profile"}
+    _PLOTS = {"dimensionality": "plot_corpus_dimensionality", "concepts": "plot_corpus_concepts", "attribution": "plot_corpus_attribution"}
+
     def __repr__(self) -> str:
         return f"CorpusAnalysis({len(self.summaries)} prompts, {len(self.targets)} targets, k={self.k}, top={self.top})"
+
+    def _repr_html_(self) -> str:
+        facts = [("prompts", str(len(self.summaries)), True), ("targets", ", ".join(self.targets), False),
+                 ("singular vectors read", str(self.k), True), ("tokens per vector", str(self.top), True)]
+        captions = {"dimensionality": "Ranks per layer and token role (median, quartiles)",
+                    "concepts": "Tokens each layer writes most often", "attribution": "The logit's shares by token role, averaged"}
+        tables = [f"<div>{caption}</div>{self.to_table(kind)._repr_html_()}" for kind, caption in captions.items()]
+        return display.summary_html(f"Corpus analysis of {len(self.summaries)} prompts", facts, *tables)
+
+    def to_table(self, kind: Literal["dimensionality", "concepts", "attribution"] = "dimensionality", **options) -> Table:
+        """One of the analysis's three tables, by the name its plot has.
+
+        Args:
+            kind: ``"dimensionality"`` (`dimensionality`, options ``roles``), ``"concepts"``
+                (`concepts`, ``top``) or ``"attribution"`` (`attribution_profile`, ``bands``).
+            **options: The method's options.
+
+        Returns:
+            A `tl_linmap.base.table.Table` of `RankSpread`, `ConceptCount` or `ProfileRow`.
+
+        Raises:
+            InputError: for another kind.
+        """
+        if kind not in self._TABLES:
+            raise InputError(f"kind must be one of {', '.join(map(repr, self._TABLES))}, got {kind!r}.")
+        return getattr(self, self._TABLES[kind])(**options)
+
+    def plot(self, kind: Literal["dimensionality", "concepts", "attribution"] = "dimensionality", **options):
+        """Draw one of the three tables (needs the ``plot`` extra).
+
+        Args:
+            kind: ``"dimensionality"``: `tl_linmap.present.plotting.plot_corpus_dimensionality`,
+                median and quartile band of one rank (``measure="rank90"``, ``"rank99"``,
+                ``"stable"``) per layer and token role; ``"concepts"``: `plot_corpus_concepts`,
+                the tokens each layer writes (``top``); ``"attribution"``: `plot_corpus_attribution`,
+                the averaged attribution profile (``bands``).
+            **options: The plotting function's options (all take ``ax=``).
+
+        Returns:
+            The matplotlib Figure.
+
+        Raises:
+            InputError: for another kind.
+        """
+        from tl_linmap.present import plotting
+
+        return plotting.plot_of(kind, self._PLOTS)(self, **options)
 
     def ranks(self, target: str, role: str) -> Float[Tensor, "n 3"]:
         """Every operator's ranks of one target and role, over all prompts.

@@ -2,10 +2,35 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import torch
 from jaxtyping import Float
 from torch import Tensor
+
+from tl_linmap.base.table import Table, table_row
+from tl_linmap.present import display
+from tl_linmap.reading.tokens import decode_tokens
+
+
+@table_row
+@dataclass
+class ExpertRow:
+    """What one expert of a block (or every other path) carried, over the tokens up to the target.
+
+    Attributes:
+        expert: The expert's index, or ``"rest"`` for every other path.
+        carried: ``Σ_i ‖part_i‖``, its parts' norms summed over input tokens.
+        source: The input token whose part is largest.
+        token: That token.
+        largest: Its part's norm.
+    """
+
+    expert: int | str
+    carried: float
+    source: int
+    token: str
+    largest: float
 
 
 @dataclass(frozen=True)
@@ -25,6 +50,7 @@ class ExpertContributions:
         target: Target hook name.
         position: Target position.
         tokens: The prompt's token ids.
+        model: The model (for decoding tokens).
     """
 
     values: Float[Tensor, "expert pos d_out"]
@@ -34,6 +60,12 @@ class ExpertContributions:
     target: str
     position: int
     tokens: Tensor
+    model: object = field(default=None, repr=False, compare=False)
+
+    @property
+    def str_tokens(self) -> list[str]:
+        """The input tokens, decoded."""
+        return decode_tokens(self.model, self.tokens)
 
     def contributions(self) -> Float[Tensor, "pos d_out"]:
         """Per-token contributions ``J_i x_i``: the experts' parts plus the rest.
@@ -58,5 +90,40 @@ class ExpertContributions:
             f"ExpertContributions(block {self.layer}, {self.target} at position {self.position}, "
             f"{len(self.experts)} experts; summed norm carried: {top})"
         )
+
+    def _repr_html_(self) -> str:
+        facts = [("block", str(self.layer), True), ("target", self.target, False),
+                 ("position", f"{self.position} ({self.str_tokens[self.position]!r})", False), ("experts used", str(len(self.experts)), True)]
+        return display.summary_html(f"Block {self.layer}'s experts' parts of the contributions to {self.target}", facts,
+                                    self.to_table()._repr_html_())
+
+    def to_table(self) -> Table:
+        """One row per expert the router chose, then one for every other path.
+
+        Returns:
+            A `tl_linmap.base.table.Table` of `ExpertRow`, over the tokens up to the target position.
+        """
+        live = self.position + 1
+        norms = torch.cat([self.norms(), self.rest.norm(dim=-1)[None]])[:, :live]
+        str_tokens = self.str_tokens
+        rows = Table()
+        for expert, parts in zip([*self.experts, "rest"], norms):
+            i = int(parts.argmax())
+            rows.append(ExpertRow(expert, float(parts.sum()), i, str_tokens[i], float(parts[i])))
+        return rows
+
+    def plot(self, *, rest: bool = False, ax=None):
+        """Heatmap of the experts' parts per input token (needs the ``plot`` extra).
+
+        Args:
+            rest: Add a row for every other path (usually much the largest).
+            ax: Matplotlib axes to draw into (default: a new figure).
+
+        Returns:
+            The Figure (`tl_linmap.present.plotting.plot_expert_contributions`).
+        """
+        from tl_linmap.present.plotting import plot_expert_contributions
+
+        return plot_expert_contributions(self, rest=rest, ax=ax)
 
 

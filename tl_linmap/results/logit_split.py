@@ -8,6 +8,24 @@ from jaxtyping import Float
 from torch import Tensor
 
 from tl_linmap.base.deprecation import renamed_fields
+from tl_linmap.base.table import Table, table_row
+from tl_linmap.present import display
+
+
+@table_row
+@dataclass
+class TokenShare:
+    """One input token's term of a logit split, or its constant.
+
+    Attributes:
+        source: Input token index, or ``"constant"``.
+        token: The input token (``""`` for the constant).
+        value: Its term of the logit.
+    """
+
+    source: int | str
+    token: str
+    value: float
 
 
 @renamed_fields(sources="str_tokens")
@@ -39,3 +57,33 @@ class LogitSplit:
             ``per_token.sum() + constant``, equal to `logit` to rounding.
         """
         return float(self.per_token.sum()) + self.constant
+
+    def __repr__(self) -> str:
+        return display.attribution_text(self)
+
+    def _repr_html_(self) -> str:
+        return display.attribution_html(self)
+
+    def to_table(self) -> Table:
+        """One row per input token, then the constant.
+
+        Returns:
+            A `tl_linmap.base.table.Table` of `TokenShare`; the values sum to `logit`.
+        """
+        rows = Table(TokenShare(i, token, float(v)) for i, (token, v) in enumerate(zip(self.str_tokens, self.per_token)))
+        rows.append(TokenShare("constant", "", self.constant))
+        return rows
+
+    def plot(self, *, skip_first: bool = False, ax=None):
+        """Bars of the split: one per input token, then the constant (needs the ``plot`` extra).
+
+        Args:
+            skip_first: Leave the first token's bar out (the title says how much it held).
+            ax: Matplotlib axes to draw into (default: a new figure).
+
+        Returns:
+            The Figure (`tl_linmap.present.plotting.plot_logit_contributions`).
+        """
+        from tl_linmap.present.plotting import plot_logit_contributions
+
+        return plot_logit_contributions(self, skip_first=skip_first, ax=ax)

@@ -74,6 +74,9 @@ class TargetResult:
 
     readout = renamed_attribute("readout", "reader")
 
+    #: What `plot` draws, by kind: the name of a `tl_linmap.present.plotting` function; the first is the default.
+    _PLOTS = {"contributions": "plot_contribution_heatmap", "logit": "plot_logit_contributions"}
+
     def contributions(self) -> Float[Tensor, "pos d_out"]:
         """Per-token contributions ``J_i x_i``; they sum to ``output - bias``.
 
@@ -87,6 +90,37 @@ class TargetResult:
 
     def _repr_html_(self) -> str:
         return display.linear_map_html(self)
+
+    def plot(self, kind: str | None = None, **options):
+        """Draw this map with one of `tl_linmap.present.plotting`'s functions (needs the ``plot`` extra).
+
+        Kinds, and the function that draws each (its options pass through):
+
+        - ``"spectra"`` (a `LinearMap`'s default): `plot_spectra`, singular values of ``J_i``
+          (``source=-1``, ``"all"`` for the stacked operator; ``skip_first``, ``normalize``);
+        - ``"decoded"``: `plot_decoded`, the tokens the top singular vectors write (``source``,
+          ``k``, ``top``, ``skip_first``);
+        - ``"contributions"`` (a `Contributions`' default): `plot_contribution_heatmap`,
+          ``‖J_i x_i‖`` per input token (``skip_first``);
+        - ``"logit"``: `plot_logit_contributions`, one logit split over the input tokens
+          (``token``, default the top token; ``skip_first``).
+
+        Every kind takes ``ax=`` (draw into those axes). The spectra and decoded tokens need
+        the operators, which a `Contributions` does not have.
+
+        Args:
+            kind: One of the kinds above (default: the first this result offers).
+            **options: The plotting function's options.
+
+        Returns:
+            The matplotlib Figure.
+
+        Raises:
+            InputError: for a kind this result does not offer.
+        """
+        from tl_linmap.present import plotting
+
+        return plotting.plot_of(kind, self._PLOTS)(self, **options)
 
     @property
     def str_tokens(self) -> list[str]:
@@ -175,6 +209,8 @@ class LinearMap(TargetResult):
     operators: Float[Tensor, "pos d_out d_in"]
     inputs: Float[Tensor, "pos d_in"]
 
+    _PLOTS = {"spectra": "plot_spectra", "decoded": "plot_decoded", **TargetResult._PLOTS}
+
     def contributions(self) -> Float[Tensor, "pos d_out"]:
         """Per-token contributions ``J_i x_i``.
 
@@ -262,6 +298,18 @@ class HeadSplit:
     b_O: Float[Tensor, " d_model"]
     post: FrozenAffine | None = None
 
+    def _facts(self) -> list[display.Fact]:
+        heads, d_head, d_model = self.W_O.shape
+        post = "none" if self.post is None else "frozen (an affine map)"
+        return [("heads", str(heads), True), ("d_head", str(d_head), True), ("d_model", str(d_model), True),
+                ("post-attention norm", post, False)]
+
+    def __repr__(self) -> str:
+        return display.summary_text(type(self).__name__, self._facts())
+
+    def _repr_html_(self) -> str:
+        return display.summary_html("HeadSplit: hook_z to hook_attn_out, post(z @ W_O + b_O)", self._facts())
+
     def apply(self, per_head: Float[Tensor, "... n_heads d_model"]) -> Float[Tensor, "... n_heads d_model"]:
         """Map per-head output vectors through the frozen post-attention norm (linear part).
 
@@ -305,6 +353,9 @@ class LinearMaps(Mapping):
     head_splits: dict[int, HeadSplit] = field(default_factory=dict, repr=False)
     norms: dict[str, FrozenAffine] = field(default_factory=dict, repr=False)
 
+    #: What `plot` draws, by kind: the name of a `tl_linmap.present.plotting` function; the first is the default.
+    _PLOTS = {"spectra": "plot_spectra", "decoded": "plot_decoded", "contributions": "plot_contribution_heatmap"}
+
     def __getitem__(self, name: str | LinearReadout) -> LinearMap:
         if isinstance(name, LinearReadout):
             name = name.name
@@ -335,6 +386,45 @@ class LinearMaps(Mapping):
 
     def _repr_html_(self) -> str:
         return display.linear_maps_html(self)
+
+    def to_table(self) -> Table:
+        """One row per map: its target, its width and its relative reconstruction error.
+
+        Returns:
+            A `tl_linmap.base.table.Table` of `tl_linmap.present.display.MapRow`, in the maps' order
+            (ranks per map: `dimensionality`; singular pairs as tokens: `decode`).
+        """
+        return display.map_rows(self)
+
+    def plot(self, kind: str | None = None, **options):
+        """Draw the maps, one line or row per map, with a `tl_linmap.present.plotting` function (``plot`` extra).
+
+        Kinds, and the function that draws each (its options pass through):
+
+        - ``"spectra"`` (default): `plot_spectra`, singular values of one input token's ``J_i``
+          in every map (``source=-1``, ``"all"`` for the stacked operators; ``skip_first``, ``normalize``);
+        - ``"decoded"``: `plot_decoded`, the tokens each residual-stream map's top singular
+          vectors write, as `decode` reads them (``source``, ``k``, ``top``, ``skip_first``);
+        - ``"contributions"``: `plot_contribution_heatmap`, ``‖J_i x_i‖`` per map and input token (``skip_first``).
+
+        Every kind takes ``ax=``. Plot a subset as ``LinearMaps({name: maps[name] for name in names})``;
+        one map's logit split is ``maps[name].plot("logit")``.
+
+        Args:
+            kind: One of the kinds above (default: ``"spectra"``).
+            **options: The plotting function's options.
+
+        Returns:
+            The matplotlib Figure.
+
+        Raises:
+            InputError: for another kind.
+        """
+        from tl_linmap.present import plotting
+
+        draw = plotting.plot_of(kind, self._PLOTS)
+        # Only residual-stream maps can be read through the unembedding (not hook_z), as in `decode`.
+        return draw({name: self[name] for name in self._residual(None)} if kind == "decoded" else self, **options)
 
     @property
     def final_norm(self) -> FrozenAffine | None:

@@ -11,7 +11,8 @@ from torch import Tensor
 
 from tl_linmap.base.checks import check_names
 from tl_linmap.base.errors import InputError
-from tl_linmap.base.table import Table
+from tl_linmap.base.table import Table, table_row
+from tl_linmap.present import display
 from tl_linmap.reading.readouts import LogitMetric
 
 
@@ -70,6 +71,7 @@ def check_layouts(layouts: Sequence[str] | None) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+@table_row
 @dataclass
 class PatchComparison:
     """A linear prediction of patching next to true activation patching, in one layout.
@@ -91,6 +93,26 @@ class PatchComparison:
     worst_cell: tuple[int, ...]
     predicted: float
     actual: float
+
+
+@table_row
+@dataclass
+class LayoutRow:
+    """One layout of a `PatchingAttribution`, summarised.
+
+    Attributes:
+        layout: Layout name.
+        axes: Its axes (with the patch-type axis of ``block_every`` first).
+        largest_cell: Index of the patch predicted to move the metric most (either way).
+        largest: Its predicted Δmetric.
+        mean_abs: Mean ``|Δmetric|`` over the cells.
+    """
+
+    layout: str
+    axes: str
+    largest_cell: tuple[int, ...]
+    largest: float
+    mean_abs: float
 
 
 def correlation(a: Tensor, b: Tensor) -> float:
@@ -236,3 +258,22 @@ class PatchingAttribution:
             f"PatchingAttribution({self.mode}, metric {self.metric}; clean {self.clean_metric:.4g}, "
             f"corrupted {self.corrupted_metric:.4g}; layouts {', '.join(self.values)})"
         )
+
+    def _repr_html_(self) -> str:
+        facts = [("mode", self.mode, False), ("metric", str(self.metric), False), ("clean metric", f"{self.clean_metric:.4g}", True),
+                 ("corrupted metric", f"{self.corrupted_metric:.4g}", True), ("positions", " ".join(map(repr, self.labels)), False)]
+        return display.summary_html(f"{self.mode.capitalize()} attribution patching", facts, self.to_table()._repr_html_())
+
+    def to_table(self) -> Table:
+        """One row per layout computed: its largest predicted patch and the mean effect.
+
+        Returns:
+            A `tl_linmap.base.table.Table` of `LayoutRow` (`compare_all` puts a prediction next to true patching).
+        """
+        rows = Table()
+        for layout, values in self.values.items():
+            values = values.detach().cpu().double()
+            cell = tuple(int(i) for i in torch.unravel_index(values.abs().argmax(), values.shape))
+            kinds = ("patch type",) if len(LAYOUTS[layout].acts) > 1 else ()
+            rows.append(LayoutRow(layout, " x ".join(kinds + LAYOUTS[layout].axes), cell, values[cell].item(), values.abs().mean().item()))
+        return rows

@@ -11,10 +11,12 @@ from tl_linmap.base.checks import check_positive
 from tl_linmap.base.deprecation import renamed_attribute
 from tl_linmap.base.errors import InputError
 from tl_linmap.base.hook_names import EMBED_HOOK
-from tl_linmap.base.table import Table
+from tl_linmap.base.table import Table, table_row
+from tl_linmap.present import display
 from tl_linmap.reading.tokens import decode_tokens
 
 
+@table_row
 @dataclass
 class SequenceRow:
     """One target position of a `SequenceAttribution`.
@@ -112,6 +114,17 @@ class SequenceAttribution:
             ))
         return rows
 
+    def to_table(self, top: int = 3) -> Table:
+        """The shared name of `table`: one row per target position.
+
+        Args:
+            top: Contributions listed per row (by absolute value).
+
+        Returns:
+            A `tl_linmap.base.table.Table` of `SequenceRow`.
+        """
+        return self.table(top)
+
     def plot(self, *, skip_first: bool = False, ax=None):
         """A heatmap of the contributions (`tl_linmap.present.plotting.plot_sequence_attribution`).
 
@@ -133,3 +146,10 @@ class SequenceAttribution:
             f"SequenceAttribution({what} {self.target} from {self.source}; {rows} x {len(self.tokens)} source positions; "
             f"relative error {self.relative_error:.1e})\n{self.table().to_string()}"
         )
+
+    def _repr_html_(self) -> str:
+        facts = [("target", self.target, False), ("source", self.source, False),
+                 ("values", "shares (they add up)" if self.kind == "value" else "contribution norms", False),
+                 ("target positions", str(len(self.positions)), True), ("source positions", str(len(self.tokens)), True),
+                 ("relative error", f"{self.relative_error:.2e}", True)]
+        return display.summary_html(f"Sequence attribution of {self.target}", facts, self.table()._repr_html_())

@@ -16,7 +16,8 @@ from tl_linmap.base.deprecation import (
     renamed_fields,
 )
 from tl_linmap.base.errors import InputError
-from tl_linmap.base.table import Table
+from tl_linmap.base.table import Table, table_row
+from tl_linmap.present import display
 from tl_linmap.reading.spectral import (
     Singular,
     effective_rank,
@@ -29,6 +30,7 @@ from tl_linmap.reading.spectral import (
 from tl_linmap.reading.tokens import TokenReader
 
 
+@table_row
 @dataclass
 class DecodedPair:
     """One singular pair of one operator, read as tokens.
@@ -59,8 +61,25 @@ class DecodedPair:
     right: list[tuple[str, float]]
     block_share: float | None = None
 
-    def _repr_html_(self) -> str:
-        return Table([self])._repr_html_()
+
+@table_row
+@dataclass
+class SingularRow:
+    """The largest singular values of one operator of an `OperatorSVD`.
+
+    Attributes:
+        target: Hook name of the map.
+        source: Input token index of ``J_i``, or ``"all"`` for the stacked operator.
+        token: The input token (``"all"``: how many tokens are stacked).
+        norm: ``‖J‖_F`` (None where only the top values are known, as matrix-free).
+        sigma: The largest singular values, descending.
+    """
+
+    target: str
+    source: int | str
+    token: str
+    norm: float | None
+    sigma: list[float]
 
 
 @renamed_fields(sources="str_tokens", readout="reader")
@@ -95,6 +114,57 @@ class OperatorSVD:
     stacked: Singular | None = None
     stacked_tokens: list[int] = field(default_factory=list)
     reader: TokenReader | None = field(default=None, repr=False)
+
+    def _facts(self) -> list[display.Fact]:
+        facts = [("target", self.target, False), ("position", f"{self.position} ({self.str_tokens[self.position]!r})", False),
+                 ("operators", str(len(self.tokens)), True), ("vectors kept", str(self.left.shape[1]), True)]
+        if self.stacked is not None:
+            facts.append(("stacked σ_0", f"{float(self.stacked.values[0]):.4g}", True))
+        return facts
+
+    def __repr__(self) -> str:
+        order = self.values[:, 0].argsort(descending=True)[:5].tolist()
+        largest = ", ".join(f"{self.tokens[r]}:{self.str_tokens[self.tokens[r]]!r} {float(self.values[r, 0]):.3g}" for r in order)
+        return display.summary_text(type(self).__name__, self._facts(), f"largest σ_0: {largest}")
+
+    def _repr_html_(self) -> str:
+        return display.summary_html(f"SVD of the operators of {self.target}", self._facts(), self.to_table()._repr_html_())
+
+    def to_table(self, top: int = 5) -> Table:
+        """The largest singular values of each operator, then of the stacked one.
+
+        Args:
+            top: Values per operator.
+
+        Returns:
+            A `tl_linmap.base.table.Table` of `SingularRow`, per input token in `tokens`, then
+            ``source="all"`` when this SVD has the stacked operator.
+        """
+        check_positive("top", top)
+        rows = Table(
+            SingularRow(self.target, i, self.str_tokens[i], None if self.energy is None else float(self.energy[r].sqrt()),
+                        self.values[r, :top].tolist())
+            for r, i in enumerate(self.tokens)
+        )
+        if self.stacked is not None:
+            values = self.stacked.values
+            rows.append(SingularRow(self.target, "all", f"{len(self.stacked_tokens)} tokens", float(values.norm()), values[:top].tolist()))
+        return rows
+
+    def plot(self, *, normalize: bool = False, ax=None):
+        """Singular values of every operator here, one line per input token (needs the ``plot`` extra).
+
+        Args:
+            normalize: Divide each line by its largest value.
+            ax: Matplotlib axes to draw into (default: a new figure).
+
+        Returns:
+            The Figure (`tl_linmap.present.plotting.plot_singular_values`); the same operator
+            across maps is `tl_linmap.present.plotting.plot_spectra`.
+        """
+        from tl_linmap.present.plotting import plot_singular_values
+
+        return plot_singular_values(self, normalize=normalize, ax=ax)
 
     def _rows(self, sources: int | Sequence[int] | None, skip_first: bool) -> list[int]:
         # Rows of `values` for the input indices asked for.
@@ -216,6 +286,7 @@ def operator_svd(
     )
 
 
+@table_row
 @dataclass
 class RankRow:
     """How many dimensions one operator uses.
