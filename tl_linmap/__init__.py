@@ -22,6 +22,10 @@ PUBLIC: dict[str, str] = {
     "SUPPORTED": "freeze.architectures",
     **dict.fromkeys(["freeze_hooks", "replay_hooks", "same_path_hooks"], "freeze.hooks"),
     "frozen": "freeze.apply",
+    "Dictionary": "freeze.dictionary",
+    "spliced": "freeze.splicing",
+    "feature_contributions": "linear.features",
+    "FeatureContributions": "results.features",
     **dict.fromkeys([
         "plot_contribution_heatmap", "plot_decoded", "plot_logit_contributions", "plot_patching",
         "plot_sequence_attribution", "plot_spectra",

@@ -26,12 +26,26 @@ class _Slot:
     tensor: Tensor
 
 
+def _dtype_attributes(modules: list[nn.Module]) -> list[tuple[nn.Module, torch.dtype]]:
+    # A module that records its dtype as an attribute and casts its input to it (SAELens' SAE).
+    return [(m, m.__dict__["dtype"]) for m in modules if isinstance(m.__dict__.get("dtype"), torch.dtype)]
+
+
+def _modules(model: nn.Module) -> list[nn.Module]:
+    # The module tree, and the modules a module keeps outside it: SAELens' _SAEWrapper holds its
+    # SAE in __dict__ (so that hook names carry no ".sae."), yet it computes in the model's forward.
+    tree = list(model.modules())
+    seen = {id(m) for m in tree}
+    kept = [v for m in tree for v in vars(m).values() if isinstance(v, nn.Module) and id(v) not in seen]
+    return tree + [m for k in kept for m in k.modules() if id(m) not in seen and not seen.add(id(m))]
+
+
 def _slots(model: nn.Module) -> list[_Slot]:
     # Every registration, not every tensor: a tied weight or one aliased under several
     # names sits in several slots, and each must get the same object back.
     return [
         _Slot(module, kind, key, tensor)
-        for module in model.modules()
+        for module in _modules(model)
         for kind in ("_parameters", "_buffers")
         for key, tensor in getattr(module, kind).items()
         if tensor is not None
@@ -90,13 +104,21 @@ def borrowed(model, dtype: torch.dtype | None) -> Iterator[None]:
     params = {id(s.tensor): s.tensor for s in slots if s.kind == "_parameters"}.values()
     # `.data` aliases the storage (no copy); the cast swaps in a new one, so these keep the bits.
     datas = [(p, p.data, p.requires_grad) for p in params]
-    modes = [(m, m.training) for m in model.modules()]
+    modules = _modules(model)
+    modes = [(m, m.training) for m in modules]
+    dtypes = _dtype_attributes(modules)
     cfg_dtype = getattr(model.cfg, "dtype", None)
     try:
         model.eval()
         model.requires_grad_(False)
+        for module, _ in modes:  # also those kept outside the tree
+            module.training = False
+        for param, _, _ in datas:
+            param.requires_grad_(False)
         if dtype is not None:
             model.cfg.dtype = dtype
+            for module, _ in dtypes:
+                module.dtype = dtype
             _cast(slots, dtype)
         yield
     finally:
@@ -109,3 +131,5 @@ def borrowed(model, dtype: torch.dtype | None) -> Iterator[None]:
             module.training = mode
         if dtype is not None:
             model.cfg.dtype = cfg_dtype
+            for module, own in dtypes:
+                module.dtype = own

@@ -16,6 +16,8 @@ from tl_linmap.base.compat import get_act_name, is_hooked
 from tl_linmap.base.errors import UnsupportedArchitectureError
 from tl_linmap.freeze import structure
 from tl_linmap.freeze.rules import POINTWISE_ACTIVATIONS, Detach, Ratio, Rebuild, Rule
+from tl_linmap.freeze.replacement import replacement_rules
+from tl_linmap.freeze.splicing import splices_of
 
 
 def _each_layer(act: str, n_layers: int, layer_type: str | None = None) -> tuple[str, ...]:
@@ -224,21 +226,21 @@ def rules_for(model) -> tuple[Rule, ...]:
 
     Returns:
         A bridge's rules from its structure (`bridge_rules`); a HookedTransformer's from its
-        config (`hooked_rules`).
+        config (`hooked_rules`); then one per dictionary spliced in (`tl_linmap.freeze.splicing.splices_of`).
 
     Raises:
-        UnsupportedArchitectureError: for an architecture or setting no rule covers, or a model
-            with a norm no rule freezes.
+        UnsupportedArchitectureError: for an architecture or setting no rule covers, a model
+            with a norm no rule freezes, or a spliced dictionary no rule covers.
     """
     # Reading a bridge's structure walks every module: cached per model, and recomputed when
     # the rule functions or the tested set change (as tests that break the rules do).
     if is_hooked(model):  # cheap, and a config flag may change between calls
-        return _checked(model, hooked_rules(model.cfg))
+        return _checked(model, replacement_rules(model, hooked_rules(model.cfg))) + tuple(splices_of(model))
     key = (bridge_rules, frozenset(SUPPORTED), len(model.hook_dict), architecture_of(model))
     cached = _CACHE.get(model)
     if cached is None or cached[0] != key:
         _CACHE[model] = cached = (key, _checked(model, bridge_rules(model)))
-    return cached[1]
+    return cached[1] + tuple(splices_of(model))
 
 
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

@@ -33,6 +33,7 @@ from tl_linmap.base.errors import InputError
 from tl_linmap.freeze import moe
 from tl_linmap.freeze.architectures import rules_for
 from tl_linmap.freeze.rules import Detach, Experts, Ratio, Rebuild
+from tl_linmap.freeze.splices import Leaves, Splice
 
 HookFn = Callable[..., "Tensor | None"]
 
@@ -88,6 +89,8 @@ def freeze_hooks(model, *, factors: Factors | None = None) -> HookList:
             hooks += moe.freeze_experts(rule, factors)
         elif isinstance(rule, Rebuild):
             hooks += [hook for name in rule.hook_names() for hook in _rebuild_hooks(rule, name, factors=factors)]
+        elif isinstance(rule, Splice):
+            hooks += rule.freeze(factors)
         else:
             for pre_name, post_name in rule.hook_names():
                 live: dict[str, Tensor] = {}
@@ -178,13 +181,16 @@ def factor_names_of(rule) -> list[str]:
     return [post for _, post in rule.hook_names()] if isinstance(rule, Ratio) else rule.hook_names()
 
 
-def replay_hooks(model, factors: Factors) -> HookList:
+def replay_hooks(model, factors: Factors, nodes: dict[str, Leaves] | None = None) -> HookList:
     """Hooks that replace every factor by a recorded one, making the model exactly affine.
 
     Args:
         model: The model `factors` were recorded on (same prompt length).
         factors: Filled by `freeze_hooks(model, factors=...)`; batch 1, broadcast (or, for
             factors over flattened tokens, tiled) to any batch.
+        nodes: Per spliced dictionary's site, its activations and error as given leaves
+            (`tl_linmap.freeze.splices.Splice.nodes`) instead of replayed: nothing before it then
+            reaches what follows except through them.
 
     Returns:
         ``(hook_name, fn)`` pairs for ``model.hooks(fwd_hooks=...)``.
@@ -200,6 +206,8 @@ def replay_hooks(model, factors: Factors) -> HookList:
             hooks += moe.replay_experts(rule, factors)
         elif isinstance(rule, Rebuild):
             hooks += [hook for name in rule.hook_names() for hook in _rebuild_hooks(rule, name, factor=factors[name])]
+        elif isinstance(rule, Splice):
+            hooks += rule.nodes(nodes[rule.site]) if nodes and rule.site in nodes else rule.replay(factors)
         else:
             for pre_name, post_name in rule.hook_names():
                 live: dict[str, Tensor] = {}

@@ -911,3 +911,35 @@ def plot_corpus_attribution(analysis, *, bands: int = 3, ax: Axes | None = None)
     ax.set_ylabel("share of Σ|logit terms| (mean over prompts)")
     ax.set_title(f"Where the predicted token's logit comes from ({len(analysis.summaries)} prompts)", fontsize="medium")
     return fig
+
+
+def plot_feature_contributions(result, *, n: int = 20, ax: Axes | None = None) -> Figure:
+    """The largest terms of a feature split (features, error terms, tokens), as horizontal bars.
+
+    Args:
+        result: A `tl_linmap.results.features.FeatureContributions`.
+        n: How many terms, largest magnitude first.
+        ax: Axes to draw into (default: a new figure).
+
+    Returns:
+        The Figure: one bar per term (``ax.patches``), features blue, error terms grey, tokens orange.
+
+    Raises:
+        InputError: for anything but a `FeatureContributions`.
+    """
+    if not all(hasattr(result, name) for name in ("rows", "target", "scalar")):
+        raise InputError(f"plot_feature_contributions takes a FeatureContributions, got {type(result).__name__}.")
+    _pyplot()
+    rows = sorted(result.rows(), key=lambda r: -abs(r.contribution))[:n][::-1]
+    colours = {"feature": "tab:blue", "error": "tab:gray", "token": "tab:orange", "attn": "tab:green", "mlp": "tab:red"}
+    labels = [
+        f"{r.site} #{r.feature} @{r.position} {token_label(r.token)}" if r.kind == "feature" else f"{r.kind} {r.site} @{r.position} {token_label(r.token)}"
+        for r in rows
+    ]
+    fig, ax = _figure(ax, (7.0, 1.0 + 0.28 * len(rows)))
+    ax.barh(range(len(rows)), [r.contribution for r in rows], color=[colours[r.kind] for r in rows])
+    ax.set_yticks(range(len(rows)), labels, fontsize="small")
+    ax.axvline(0, color="black", linewidth=0.5)
+    ax.set_xlabel("direct effect on the target" if result.scalar else "‖direct effect‖")
+    ax.set_title(f"Largest terms of {result.target}", fontsize="medium")
+    return fig

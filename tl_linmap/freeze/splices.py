@@ -1,0 +1,387 @@
+"""What users splice into a model: sparse autoencoders and transcoders, each a freeze rule of its own.
+
+A spliced dictionary's features are ``mask ⊙ pre`` (`tl_linmap.freeze.dictionary`); freezing the
+mask makes it linear. Three kinds are found, from the model's structure like the other rules:
+
+- SAELens SAEs and transcoders attached to a ``HookedSAETransformer`` (`SAELensSplice`): frozen
+  through their own hook points (``<hook>.hook_sae_acts_pre`` / ``hook_sae_acts_post``).
+- circuit-tracer's transcoders in a ``ReplacementModel`` (`tl_linmap.freeze.replacement`).
+- `Dictionary` objects handed to tl_linmap (`spliced`), on any TransformerLens model: spliced
+  through the hook points they read and write (`DictionarySplice`).
+
+The error term ``e = x - x̂`` (the model's value minus the reconstruction), where a splice keeps
+one, follows one of two named conventions (`ERRORS`):
+
+- ``"live"``: ``e`` is recomputed from the live values, so ``x̂ + e = x`` in every pass: the
+  model's maps are those of the model without the dictionary, and features split them exactly.
+- ``"constant"``: ``e`` is frozen at its inference value (circuit-tracer's and SAELens'
+  convention): paths from the tokens run through the features only, and ``e`` is an input
+  term of its own (`tl_linmap.features`), never folded into the bias.
+
+``"none"`` is a splice without error term: the model runs on the reconstruction.
+
+Each splice gives the hook lists `tl_linmap.freeze.hooks` asks of a rule (`Splice.freeze`,
+`Splice.replay`) and one more, `Splice.nodes`, where its activations and error are leaves given
+from outside (the direct effects of `tl_linmap.features`).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from tl_linmap.base.errors import UnsupportedArchitectureError
+from tl_linmap.freeze.dictionary import SAELENS_ACTIVATIONS, SAELENS_REFUSED, Dictionary, check_saelens_cfg, from_saelens
+
+#: The error conventions, by name (see the module docstring).
+ERRORS = ("live", "constant", "none")
+
+
+HookFn = Callable[..., "Tensor | None"]
+
+
+@dataclass(frozen=True)
+class Leaves:
+    """A splice's activations and error as given values (leaves of a node pass).
+
+    Attributes:
+        acts: ``(batch, pos, d_sae)`` feature activations.
+        error: ``(batch, pos, d_out)`` error term, or None where the splice has none.
+    """
+
+    acts: Tensor
+    error: Tensor | None
+
+
+class Splice(ABC):
+    """A dictionary spliced into a model: a freeze rule (the fields every rule has) and its hooks."""
+
+    #: The hook point whose value the splice writes: its name in results.
+    site: str
+    #: The error convention (`ERRORS`).
+    error: str
+    #: Its weights as a `Dictionary` (decoder directions, encoder, hook points).
+    dictionary: Dictionary
+    after_attention = False
+    windows = False  # a window of the prompt would change a TopK's choice; never cut
+    kind = "features"
+
+    @property
+    def factor_keys(self) -> list[str]:
+        """The keys its frozen factors are recorded under: the mask, and a constant error."""
+        return [f"{self.site}#mask"] + ([f"{self.site}#error"] if self.error == "constant" else [])
+
+    def hook_names(self) -> list[str]:
+        """Keys under which `freeze` records its factors (the rule interface).
+
+        Returns:
+            `factor_keys`.
+        """
+        return self.factor_keys
+
+    @abstractmethod
+    def freeze(self, factors: dict | None) -> list[tuple[str, HookFn]]:
+        """Hooks that detach its mask (and a constant error) without changing a value.
+
+        Args:
+            factors: Filled with the mask under ``site#mask``, a constant error under ``site#error``,
+                and, for `Leaves`, the activations and error values under ``site#acts`` / ``site#error_value``.
+
+        Returns:
+            ``(name, fn)`` pairs.
+        """
+
+    @abstractmethod
+    def replay(self, factors: dict) -> list[tuple[str, HookFn]]:
+        """Hooks that replace its mask (and a constant error) by recorded ones.
+
+        Args:
+            factors: As `freeze` filled them.
+
+        Returns:
+            ``(name, fn)`` pairs.
+        """
+
+    @abstractmethod
+    def nodes(self, leaves: Leaves) -> list[tuple[str, HookFn]]:
+        """Hooks that make its output ``acts W_dec + b_dec (+ skip) + error`` from given leaves.
+
+        Nothing before the splice reaches its output except a skip transcoder's linear path: the
+        direct effect of each feature and error on what follows.
+
+        Args:
+            leaves: The activations and error to use.
+
+        Returns:
+            ``(name, fn)`` pairs.
+        """
+
+
+def _recorded(factors: dict | None, site: str, mask: Tensor, acts: Tensor) -> None:
+    if factors is not None:
+        factors[f"{site}#mask"] = mask
+        factors[f"{site}#acts"] = acts.detach()
+
+
+def _with_error(recons: Tensor, orig: Tensor, error: str, site: str, factors: dict | None) -> Tensor:
+    # recons + (orig - recons): SAELens' own arithmetic, so a frozen value is bit for bit the plain one.
+    if error == "none":
+        return recons
+    e = orig - recons
+    if factors is not None:
+        factors[f"{site}#error_value"] = e.detach()
+        if error == "constant":
+            factors[f"{site}#error"] = e.detach()
+    return recons + (e if error == "live" else e.detach())
+
+
+# --- SAELens --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class SAELensSplice(Splice):
+    """A SAELens SAE or transcoder attached to a ``HookedSAETransformer`` (through its ``_SAEWrapper``).
+
+    Its hook points sit under the hook name it writes (``site``): ``hook_sae_acts_pre`` (the
+    pre-activations), ``hook_sae_acts_post`` (``mask ⊙ pre``), ``hook_sae_recons``,
+    ``hook_sae_error`` and ``hook_sae_output``. The wrapper computes the error under ``no_grad``;
+    a live error is rebuilt at ``hook_sae_output`` from the live input (an SAE's
+    ``hook_sae_input``; a transcoder's MLP output, the value ``hook_mlp_out`` would have had).
+
+    Attributes:
+        site: The hook name it writes (the wrapper's path).
+        sae: The SAELens SAE.
+        error: ``"none"`` where attached with ``use_error_term=False``; else ``"live"`` or ``"constant"``.
+    """
+
+    site: str
+    sae: object = field(repr=False)
+    error: str = "live"
+
+    @property
+    def dictionary(self) -> Dictionary:
+        return from_saelens(self.sae)
+
+    def _hook(self, point: str) -> str:
+        return f"{self.site}.hook_sae_{point}"
+
+    @property
+    def _orig(self) -> str:
+        # The wrapper's input: an SAE reads it at hook_sae_input, a transcoder's is its MLP's output.
+        if self.sae.cfg.metadata.hook_name_out in (None, self.sae.cfg.metadata.hook_name):
+            return self._hook("input")
+        return self.site.removesuffix("hook_mlp_out") + "mlp"
+
+    def _output(self, live: dict, error: str, factors: dict | None, constant: Tensor | None = None) -> HookFn:
+        def hook(out: Tensor, hook=None) -> Tensor:
+            recons = live.pop("recons").reshape(out.shape)
+            if constant is not None:
+                return recons + constant.expand_as(recons)
+            return _with_error(recons, live.pop("orig").reshape(out.shape), error, self.site, factors)
+
+        return hook
+
+    def _keeps(self, live: dict, *, orig: bool) -> list[tuple[str, HookFn]]:
+        keeps = [(self._hook("recons"), _keep(live, "recons"))]
+        return keeps + ([(self._orig, _keep(live, "orig"))] if orig else [])
+
+    def freeze(self, factors: dict | None) -> list[tuple[str, HookFn]]:
+        live: dict = {}
+
+        def post(act: Tensor, hook=None) -> Tensor:
+            pre = live.pop("pre")
+            mask = (act != 0).to(act.dtype)
+            _recorded(factors, self.site, mask, act)
+            return act.detach() + (pre - pre.detach()) * mask  # the value is act's bits; the gradient is mask
+
+        hooks = [(self._hook("acts_pre"), _keep(live, "pre")), (self._hook("acts_post"), post)]
+        if self.error == "none":
+            return hooks
+        return hooks + self._keeps(live, orig=True) + [(self._hook("output"), self._output(live, self.error, factors))]
+
+    def replay(self, factors: dict) -> list[tuple[str, HookFn]]:
+        live: dict = {}
+        mask = factors[f"{self.site}#mask"]
+        hooks = [(self._hook("acts_pre"), _keep(live, "pre")), (self._hook("acts_post"), lambda act, hook=None: live.pop("pre") * _fit(mask, act))]
+        if self.error == "none":
+            return hooks
+        constant = factors.get(f"{self.site}#error") if self.error == "constant" else None
+        return hooks + self._keeps(live, orig=constant is None) + [(self._hook("output"), self._output(live, self.error, None, constant))]
+
+    def nodes(self, leaves: Leaves) -> list[tuple[str, HookFn]]:
+        live: dict = {}
+        hooks = [(self._hook("acts_post"), lambda act, hook=None: _fit(leaves.acts, act))]
+        if self.error == "none":
+            return hooks
+        return hooks + self._keeps(live, orig=False) + [(self._hook("output"), self._output(live, self.error, None, leaves.error))]
+
+
+def _keep(live: dict, key: str) -> HookFn:
+    # Keyed by this closure, not hook.name: an alias hook reports its canonical name.
+    def hook(act: Tensor, hook=None) -> None:
+        live[key] = act
+
+    return hook
+
+
+def _fit(value: Tensor, act: Tensor) -> Tensor:
+    # A value recorded on one sequence, for a replay of several rows.
+    return value.expand_as(act) if value.shape[0] == 1 else value
+
+
+def saelens_splices(model, convention: str = "live") -> list[Splice]:
+    """The SAELens SAEs and transcoders attached to a ``HookedSAETransformer``, as splices.
+
+    Args:
+        model: Any model; only one with SAELens' ``_acts_to_saes`` has any.
+        convention: The error convention of those attached with ``use_error_term=True``.
+
+    Returns:
+        One `SAELensSplice` per attached SAE, in the model's order.
+
+    Raises:
+        UnsupportedArchitectureError: for an SAE class or setting no rule covers, naming it and its hook,
+            or a wrapper that skips special tokens (a mask of the input's tokens, not of its features).
+    """
+    wrappers = getattr(model, "_acts_to_saes", None) or {}
+    outputs = getattr(model, "_transcoder_output_hooks", {}) or {}
+    splices: list[Splice] = []
+    for hook_in, wrapper in wrappers.items():
+        sae = wrapper.sae
+        kind = type(sae).__name__
+        site = outputs.get(hook_in, hook_in)
+        where = f"the SAELens {kind} attached at {hook_in!r}"
+        if kind in SAELENS_REFUSED:
+            raise UnsupportedArchitectureError(f"{where}: tl_linmap has no freeze rule for it: {SAELENS_REFUSED[kind]}.")
+        if kind not in SAELENS_ACTIVATIONS:
+            raise UnsupportedArchitectureError(
+                f"{where}: tl_linmap has no freeze rule for this SAE class (it freezes {', '.join(SAELENS_ACTIVATIONS)}); "
+                "detach it (model.reset_saes()) or map the model without it."
+            )
+        check_saelens_cfg(sae, where)
+        if getattr(wrapper, "exclude_special_tokens", False):
+            raise UnsupportedArchitectureError(
+                f"{where} bypasses special tokens (exclude_special_tokens): attach it with exclude_special_tokens=False."
+            )
+        use_error = bool(wrapper.use_error_term)
+        if use_error and site != hook_in and not site.endswith("hook_mlp_out"):
+            raise UnsupportedArchitectureError(
+                f"{where} writes {site!r} with use_error_term=True: tl_linmap rebuilds a transcoder's error from its MLP's "
+                "output, so it must write a block's hook_mlp_out."
+            )
+        splices.append(SAELensSplice(site, sae, error=convention if use_error else "none"))
+    return splices
+
+
+# --- Dictionaries handed to tl_linmap -----------------------------------------------------------
+
+
+class _Last:
+    """What a splice's plain hook last wrote, so a later hook of the same splice sees the model's own value."""
+
+    def __init__(self) -> None:
+        self.out: Tensor | None = None
+        self.orig: Tensor | None = None
+
+    def resolve(self, act: Tensor) -> Tensor:
+        return self.orig if act is self.out else act
+
+
+def _rows(value: Tensor, n: int) -> Tensor:
+    return value.expand(n, *value.shape[1:]) if value.shape[0] == 1 else value
+
+
+@dataclass(frozen=True, eq=False)
+class DictionarySplice(Splice):
+    """A `Dictionary` spliced through the hook points it reads and writes (`tl_linmap.freeze.splicing.spliced`).
+
+    Its plain hooks run while it is spliced; the freeze, replay and node hooks come after them at
+    the same points and see, through `_Last`, the model's own value where the plain hook wrote
+    the reconstruction.
+
+    Attributes:
+        dictionary: Its weights.
+        error: Its error convention.
+    """
+
+    dictionary: Dictionary
+    error: str = "live"
+    last: _Last = field(default_factory=_Last, repr=False)
+
+    @property
+    def site(self) -> str:
+        return self.dictionary.hook_out
+
+    def _hooks(self, acts_of: Callable[[Dictionary, Tensor], Tensor], error_of: Callable[[Tensor, Tensor], Tensor]) -> list[tuple[str, HookFn]]:
+        # Its input kept at hook_in, its output computed at hook_out (in the activation's dtype and device).
+        live: dict = {}
+        d = self.dictionary
+
+        def take(act: Tensor, hook=None) -> None:
+            live["x"] = self.last.resolve(act)
+
+        def write(act: Tensor, hook=None) -> Tensor:
+            orig = live.pop("orig", None)
+            orig = self.last.resolve(act) if orig is None else orig
+            x = live.pop("x").flatten(2)
+            w = d.to(x)
+            recons = w.decode(acts_of(w, x), x).reshape(orig.shape)
+            return error_of(recons, orig)
+
+        return [(d.hook_in, take), *self._original(live), (d.hook_out, write)]
+
+    def _original(self, live: dict) -> list[tuple[str, HookFn]]:
+        # Hooks keeping the model's own value at hook_out under live["orig"], where hook_out's is not it.
+        return []
+
+    def plain(self) -> list[tuple[str, HookFn]]:
+        """Hooks that run the model with the dictionary spliced in (its mask and error live).
+
+        Returns:
+            ``(name, fn)`` pairs.
+        """
+        hooks = self._hooks(_masked, lambda r, o: r if self.error == "none" else r + (o - r))
+        name, write = hooks[-1]
+
+        def remember(act: Tensor, hook=None) -> Tensor:
+            self.last.out = None  # a new forward: act is the model's own value
+            out = write(act)
+            self.last.out, self.last.orig = out, act
+            return out
+
+        return [*hooks[:-1], (name, remember)]
+
+    def freeze(self, factors: dict | None) -> list[tuple[str, HookFn]]:
+        def acts_of(w: Dictionary, x: Tensor) -> Tensor:
+            pre = w.pre(x)
+            mask = w.mask(x, pre).detach()
+            acts = pre * mask
+            _recorded(factors, self.site, mask, acts)
+            return acts
+
+        return self._hooks(acts_of, lambda r, o: _with_error(r, o, self.error, self.site, factors))
+
+    def replay(self, factors: dict) -> list[tuple[str, HookFn]]:
+        mask, constant = factors[f"{self.site}#mask"], factors.get(f"{self.site}#error")
+
+        def error_of(r: Tensor, o: Tensor) -> Tensor:
+            if self.error == "none":
+                return r
+            return r + (_rows(constant, len(r)) if constant is not None else o - r)
+
+        return self._hooks(lambda w, x: w.pre(x) * _rows(mask, len(x)), error_of)
+
+    def nodes(self, leaves: Leaves) -> list[tuple[str, HookFn]]:
+        def error_of(r: Tensor, o: Tensor) -> Tensor:
+            return r if leaves.error is None else r + _rows(leaves.error, len(r)).reshape(r.shape)
+
+        return self._hooks(lambda w, x: _rows(leaves.acts, len(x)), error_of)
+
+
+def _masked(w: Dictionary, x: Tensor) -> Tensor:
+    pre = w.pre(x)
+    return pre * w.mask(x, pre)
