@@ -46,9 +46,11 @@ PUBLIC: dict[str, str] = {
     **dict.fromkeys(["generation_attribution", "sequence_attribution"], "methods.sequence"),
     "attribution_patching": "methods.patching",
     **dict.fromkeys([
-        "OperatorSteering", "Steering", "alpha_sweep", "compare_methods", "concept_vector", "steering_hooks", "word_tokens",
+        "OperatorSteering", "Steering", "alpha_sweep", "compare_methods", "concept_vector", "feature_steering", "steering_hooks",
+        "word_tokens",
     ], "methods.steering"),
     "corpus_analysis": "methods.corpus",
+    **dict.fromkeys(["FeatureMap", "feature_map", "feature_sources"], "methods.features"),
 }
 #: Public modules reached as attributes (``tl_linmap.load.datasets.phrases()``).
 MODULES: dict[str, str] = {"datasets": "load.datasets"}

@@ -235,6 +235,7 @@ def rules_for(model) -> tuple[Rule, ...]:
     # Reading a bridge's structure walks every module: cached per model, and recomputed when
     # the rule functions or the tested set change (as tests that break the rules do).
     if is_hooked(model):  # cheap, and a config flag may change between calls
+        _check_spliced_modules(model)
         return _checked(model, replacement_rules(model, hooked_rules(model.cfg))) + tuple(splices_of(model))
     key = (bridge_rules, frozenset(SUPPORTED), len(model.hook_dict), architecture_of(model))
     cached = _CACHE.get(model)
@@ -244,6 +245,22 @@ def rules_for(model) -> tuple[Rule, ...]:
 
 
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+#: Packages whose modules a HookedTransformer may hold: TransformerLens' own, torch's, and those whose
+#: splices `tl_linmap.freeze.splicing` reads (SAELens' SAE wrappers, circuit-tracer's replacement parts).
+KNOWN_MODULES = ("transformer_lens.", "torch.", "sae_lens.", "circuit_tracer.")
+
+
+def _check_spliced_modules(model) -> None:
+    # A module from elsewhere (a user's SAE put in place of a hook point) computes something no rule freezes.
+    for path, module in model.named_modules():
+        if path and not type(module).__module__.startswith(KNOWN_MODULES):
+            raise UnsupportedArchitectureError(
+                f"{type(module).__name__} (from {type(module).__module__}) is spliced into the model at {path!r}: tl_linmap has "
+                "no freeze rule for it, so its nonlinearity would stay live and no map would be exact. Hand its weights "
+                "over instead (tl_linmap.spliced(model, [tl_linmap.Dictionary(...)])) or attach it with SAELens."
+            )
 
 
 def _checked(model, rules: tuple[Rule, ...]) -> tuple[Rule, ...]:

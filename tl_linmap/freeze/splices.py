@@ -71,6 +71,16 @@ class Splice(ABC):
     kind = "features"
 
     @property
+    def input_hook(self) -> str:
+        """The hook point holding the vector its encoder reads (a feature's pre-activation is linear in it)."""
+        return self.dictionary.hook_in
+
+    @property
+    def output_hook(self) -> str:
+        """The hook point holding what it writes (where a steering vector in its output space is added)."""
+        return self.site
+
+    @property
     def factor_keys(self) -> list[str]:
         """The keys its frozen factors are recorded under: the mask, and a constant error."""
         return [f"{self.site}#mask"] + ([f"{self.site}#error"] if self.error == "constant" else [])
@@ -168,6 +178,16 @@ class SAELensSplice(Splice):
 
     def _hook(self, point: str) -> str:
         return f"{self.site}.hook_sae_{point}"
+
+    @property
+    def input_hook(self) -> str:
+        # The wrapper replaced the hook point it reads when it writes there too.
+        hook_in = self.sae.cfg.metadata.hook_name
+        return self._hook("input") if hook_in == self.site else hook_in
+
+    @property
+    def output_hook(self) -> str:
+        return self._hook("output")
 
     @property
     def _orig(self) -> str:

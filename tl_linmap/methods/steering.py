@@ -42,6 +42,8 @@ from tl_linmap.base.table import Table, table_row
 from tl_linmap.present import display
 from tl_linmap.reading.spectral import signed
 from tl_linmap.reading.tokens import token_id
+from tl_linmap.freeze.structure import layer_of
+from tl_linmap.methods.features import FeatureMap, _feature_id, find_splice
 from tl_linmap.results.maps import LinearMap, LinearMaps
 
 Positions = Literal["all"] | Sequence[int] | slice
@@ -377,7 +379,7 @@ def _source_map(source: LinearMap | LinearMaps, layer: int) -> tuple[LinearMap, 
 def steering_hooks(
     source: LinearMap | LinearMaps,
     *args,
-    layer: int,
+    layer: int | None = None,
     alpha: float = 1.0,
     positions: Positions = "all",
     how: Literal["contributions", "singular"] = "contributions",
@@ -394,9 +396,13 @@ def steering_hooks(
     run's own token embeddings ``x``, reused cyclically, summed over positions (see `OperatorSteering`).
     The paper's reference code scales by ``λ · ‖r_p‖ / (2 ‖v_p‖)``: its ``λ`` is ``2 · alpha``.
 
+    A feature's map (`tl_linmap.feature_map` to a residual hook point) steers along that map at its
+    target hook (``layer`` is then read from it; see also `feature_steering` for a decoder direction).
+
     Args:
-        source: A map of layer ``layer``'s residual stream, or `LinearMaps` containing one.
-        layer: Block whose output is steered.
+        source: A map of layer ``layer``'s residual stream, or `LinearMaps` containing one; or a
+            `tl_linmap.methods.features.FeatureMap` to a residual hook point.
+        layer: Block whose output is steered (not for a `FeatureMap`).
         alpha: Strength, relative to the residual norm at each position.
         positions: ``"all"`` (also every new position during generation), or indices /
             a slice into the positions of each forward call.
@@ -412,6 +418,8 @@ def steering_hooks(
         A `Steering` (``method="vector"``) or `OperatorSteering`: the hook list for
         ``model.hooks(fwd_hooks=...)`` or ``run_with_hooks``, with what it adds and the tokens used.
     """
+    if isinstance(source, FeatureMap):
+        return _map_steering(source, alpha, positions)
     if args:
         if len(args) != 1 or isinstance(source, (LinearMap, LinearMaps)):
             raise InputError("steering_hooks takes the source map first: steering_hooks(source, layer=..., alpha=...).")
@@ -422,9 +430,10 @@ def steering_hooks(
         raise InputError(f"method must be 'vector' (a fixed concept vector) or 'operator' (the steering operator), got {method!r}.")
     if method == "operator" and how != "contributions":
         raise InputError(f"how={how!r} builds a concept vector: it applies to method='vector' only.")
+    if layer is None:
+        raise InputError("steering_hooks needs layer=: the block whose hook_resid_post is steered.")
     source, name = _source_map(source, layer)
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-        raise InputError(f"alpha must be a number (a fraction of the residual norm, e.g. 0.25), got {alpha!r}.")
+    _check_alpha(alpha)
     _check_steered_positions(positions)
     start = 1 if skips_first(source, skip_first) else 0
     end = source.position % len(source.tokens) + 1
@@ -437,6 +446,51 @@ def steering_hooks(
                                 **used)
     vector = concept_vector(source, how=how, skip_first=skip_first)
     return Steering(hook_name=name, layer=layer, alpha=alpha, vector=vector, positions=positions, how=how, **used)
+
+
+def _check_alpha(alpha) -> None:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise InputError(f"alpha must be a number (a fraction of the residual norm, e.g. 0.25), got {alpha!r}.")
+
+
+def _map_steering(source: FeatureMap, alpha: float, positions: Positions) -> Steering:
+    # Along a feature's map to a residual hook point, at that hook.
+    if len(source.values) == 1 or not source.target.endswith(RESIDUAL_HOOKS):
+        raise InputError(
+            f"A feature's map steers where it was read: give one to a residual hook point (target='blocks.L.hook_resid_post'), "
+            f"not {source.target!r}; or steer along its decoder direction with feature_steering(model, site, feature)."
+        )
+    _check_alpha(alpha)
+    _check_steered_positions(positions)
+    vector = source.values / source.values.norm()
+    return Steering(hook_name=source.target, layer=layer_of(source.target) or 0, alpha=alpha, vector=vector, positions=positions,
+                    how=f"map of {source.site} #{source.feature}", str_tokens=[], left_out=[])
+
+
+def feature_steering(model, site: str, feature: int, *, alpha: float = 1.0, positions: Positions = "all") -> Steering:
+    """Hooks that add one feature's decoder direction where its dictionary writes: ``r + alpha · ‖r‖ · W_dec[f] / ‖W_dec[f]‖``.
+
+    Args:
+        model: A model with the dictionary spliced in (`tl_linmap.spliced`, a ``HookedSAETransformer``, ...);
+            the hooks also work on the model without it, at the same hook point.
+        site: The dictionary's output hook.
+        feature: The feature id.
+        alpha: Strength, relative to the norm at each position.
+        positions: ``"all"`` or the indices / slice steered in each forward call.
+
+    Returns:
+        A `Steering` (``model.hooks(fwd_hooks=...)``, `alpha_sweep`, `compare_methods`).
+
+    Raises:
+        InputError: for an unknown site or feature, or a bad alpha or positions.
+    """
+    splice = find_splice(model, site)
+    fid = _feature_id(splice, feature)
+    _check_alpha(alpha)
+    _check_steered_positions(positions)
+    direction = splice.dictionary.W_dec[fid].detach()
+    return Steering(hook_name=splice.output_hook, layer=layer_of(site) or 0, alpha=alpha, vector=direction / direction.norm(),
+                    positions=positions, how=f"decoder of {site} #{fid}", str_tokens=[], left_out=[])
 
 
 def _check_steered_positions(positions) -> None:

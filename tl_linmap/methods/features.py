@@ -1,0 +1,199 @@
+"""Feature-level questions: a feature's map to a target, what drives a feature, and patching by feature.
+
+Every function here reads the dictionaries spliced into a model (`tl_linmap.spliced`, SAELens'
+``HookedSAETransformer``, circuit-tracer's ``ReplacementModel``) and names a feature by its
+dictionary's output hook and its id (``(site, feature)``), at a position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from tl_linmap.base.compat import check_model
+from tl_linmap.base.errors import InputError
+from tl_linmap.base.prompts import Prompt, read_prompts
+from tl_linmap.freeze.splices import Leaves, Splice
+from tl_linmap.freeze.splicing import spliced, splices_of
+from tl_linmap.freeze.system import frozen_system
+from tl_linmap.linear.features import _node_pass, feature_contributions, target_rows
+from tl_linmap.reading.readouts import LinearReadout
+from tl_linmap.results.features import FeatureContributions
+
+
+def find_splice(model, site: str) -> Splice:
+    """The dictionary spliced into a model that writes ``site``.
+
+    Args:
+        model: A model with dictionaries spliced in.
+        site: A dictionary's output hook name (as in `FeatureContributions.sites`).
+
+    Returns:
+        Its splice.
+
+    Raises:
+        InputError: naming the sites there are.
+    """
+    splices = splices_of(model)
+    for splice in splices:
+        if splice.site == site:
+            return splice
+    sites = ", ".join(repr(s.site) for s in splices) or "none (splice one with tl_linmap.spliced)"
+    raise InputError(f"No dictionary writes {site!r}; the model's dictionaries write {sites}.")
+
+
+def _feature_id(splice: Splice, feature) -> int:
+    d_sae = splice.dictionary.d_sae
+    if isinstance(feature, bool) or not isinstance(feature, int) or not 0 <= feature < d_sae:
+        raise InputError(f"feature must be an int in [0, {d_sae}) for the dictionary at {splice.site!r}, got {feature!r}.")
+    return feature
+
+
+@dataclass(frozen=True, eq=False)
+class Preactivation(LinearReadout):
+    """A feature's pre-activation ``(x - c·b_dec) · W_enc[:, f] + b_enc[f]``: linear in its dictionary's input.
+
+    Attributes:
+        hook: The hook point the dictionary reads.
+        vector: ``W_enc[:, f]`` (a gated SAE's: scaled by ``exp(r_mag[f])``).
+        offset: The constant: ``b_enc[f] - c·b_dec · vector``.
+        label: Its name in results.
+    """
+
+    hook: str
+    vector: Tensor
+    offset: float
+    label: str
+
+    @property
+    def name(self) -> str:
+        return self.label
+
+    def check(self, model) -> None:
+        if self.hook not in model.hook_dict:
+            raise InputError(f"{self.label}: the model has no hook point {self.hook!r}.")
+
+    def weights(self, reader, d_out: int) -> tuple[Tensor, Tensor]:
+        w = self.vector.detach().to(reader.model.W_U)
+        return w, w.new_tensor(self.offset)
+
+
+def preactivation(splice: Splice, feature: int) -> Preactivation:
+    """The readout of one feature's pre-activation.
+
+    Args:
+        splice: A dictionary spliced into a model.
+        feature: Its feature id.
+
+    Returns:
+        A `Preactivation` on the dictionary's input hook.
+    """
+    d = splice.dictionary
+    w = d.W_enc[:, feature] * (d.r_mag[feature].exp() if d.activation == "gated" else 1)
+    b = (d.b_mag if d.activation == "gated" else d.b_enc)[feature]
+    offset = b - (d.b_dec @ w if d.apply_b_dec_to_input else 0)
+    return Preactivation(splice.input_hook, w.detach(), float(offset), f"pre({splice.site} #{feature})")
+
+
+def feature_sources(model, prompt: Prompt, site: str, feature: int, *, position: int = -1, modules: bool = True, dtype: torch.dtype | None = torch.float64) -> FeatureContributions:
+    """What drives one feature's pre-activation: its exact split by input token, layer and module, and earlier features.
+
+    The pre-activation is linear in the dictionary's input; with every factor frozen, it is the sum of
+    the direct effects of the token embeddings, every block's attention and MLP output before it
+    (``modules=True``), the earlier dictionaries' features and error terms, and a constant.
+
+    Args:
+        model: A model with dictionaries spliced in (see `tl_linmap.spliced`).
+        prompt: Text or token ids.
+        site: The feature's dictionary (its output hook).
+        feature: The feature id.
+        position: Where the feature is read (Python-style).
+        modules: Split by block and module too (False: tokens carry every path but the dictionaries').
+        dtype: Working dtype.
+
+    Returns:
+        A `tl_linmap.results.features.FeatureContributions` whose target is the pre-activation.
+
+    Raises:
+        InputError: for an unknown site or feature id.
+    """
+    check_model(model)
+    splice = find_splice(model, site)
+    return feature_contributions(model, prompt, preactivation(splice, _feature_id(splice, feature)), modules=modules, position=position, dtype=dtype)
+
+
+@dataclass(frozen=True)
+class FeatureMap:
+    """One feature's decoder direction pushed through the frozen system to a target: its effect per unit activation.
+
+    Attributes:
+        site: The feature's dictionary.
+        feature: The feature id.
+        source: The position it is written at.
+        target: What it is read at (a hook name or a readout's name).
+        position: The target position.
+        values: ``(k,)``: the target's change per unit of the feature's activation.
+    """
+
+    site: str
+    feature: int
+    source: int
+    target: str
+    position: int
+    values: Float[Tensor, " k"]
+
+    def __repr__(self) -> str:
+        size = f"{float(self.values[0]):.4g}" if len(self.values) == 1 else f"‖·‖ = {float(self.values.norm()):.4g}"
+        return f"FeatureMap({self.site} #{self.feature} at position {self.source} -> {self.target} at {self.position}: {size})"
+
+
+def feature_map(model, prompt: Prompt, site: str, feature: int, target="output", *, source: int | None = None, position: int = -1, dtype: torch.dtype | None = torch.float64) -> FeatureMap:
+    """A feature's map to a target: its decoder direction, written at one position, pushed through the frozen system.
+
+    Every other node (features, error terms, tokens) held at zero and the constant taken away, the
+    target is linear in the feature's activation; its slope is the map. Active or not, any feature has one.
+
+    Args:
+        model: A model with dictionaries spliced in.
+        prompt: Text or token ids (whose inference freezes the factors).
+        site: The feature's dictionary (its output hook).
+        feature: The feature id.
+        target: A hook name or a linear readout (`tl_linmap.Logit`, ...).
+        source: The position the feature is written at (default: the target position).
+        position: The target position (Python-style).
+        dtype: Working dtype.
+
+    Returns:
+        A `FeatureMap`.
+
+    Raises:
+        InputError: for an unknown site, feature id, or a source after the target.
+    """
+    check_model(model)
+    prompts = read_prompts(model, prompt, position=position, several=False)
+    splice = find_splice(model, site)
+    fid = _feature_id(splice, feature)
+    n, target_position = prompts.tokens[0].shape[1], prompts.positions[0]
+    source = target_position if source is None else source % n
+    if source > target_position:
+        raise InputError(f"source={source} comes after the target position {target_position}: a causal model's feature there cannot reach it.")
+    if isinstance(target, LinearReadout):
+        target.check(model)
+    hook = target.hook if isinstance(target, LinearReadout) else target
+    with spliced(model, error=None), frozen_system(model, prompts, [hook], dtype=dtype) as system:
+        name, label, rows, _ = target_rows(system, target)
+        nodes = {s.site: Leaves(torch.zeros_like(system.factors[f"{s.site}#acts"]), _zeros(system.factors.get(f"{s.site}#error_value"))) for s in splices_of(model)}
+        with torch.no_grad():
+            y0 = _node_pass(system, name, torch.zeros_like(system.x), nodes, {})
+            one = nodes[site].acts.clone()
+            one[0, source, fid] = 1.0
+            y1 = _node_pass(system, name, torch.zeros_like(system.x), {**nodes, site: Leaves(one, nodes[site].error)}, {})
+        values = rows @ (y1 - y0)
+    return FeatureMap(site, fid, source, label, target_position, values.detach())
+
+
+def _zeros(value: Tensor | None) -> Tensor | None:
+    return None if value is None else torch.zeros_like(value)
