@@ -25,7 +25,7 @@ PUBLIC: dict[str, str] = {
     "Dictionary": "freeze.dictionary",
     "spliced": "freeze.splicing",
     "feature_contributions": "linear.features",
-    "FeatureContributions": "results.features",
+    **dict.fromkeys(["FeatureContributions", "FeaturePatching"], "results.features"),
     **dict.fromkeys([
         "plot_contribution_heatmap", "plot_decoded", "plot_logit_contributions", "plot_patching",
         "plot_sequence_attribution", "plot_spectra",
@@ -40,6 +40,7 @@ PUBLIC: dict[str, str] = {
     **dict.fromkeys(["linear_map", "linear_maps"], "linear.dense"),
     **dict.fromkeys(["MatrixFree", "Pushed", "matrix_free", "push_forward", "randomized_svd", "token_contributions"], "linear.matrix_free"),
     "load_model": "load.models",
+    **dict.fromkeys(["bundled_saes", "load_sae", "sae_stats"], "load.saes"),
     "BUNDLED": "load.bundled",
     "prompt_pairs": "load.datasets",
     **dict.fromkeys(["layer_maps", "nonlinearity_gap", "token_attribution"], "methods.decomposition"),
@@ -50,7 +51,7 @@ PUBLIC: dict[str, str] = {
         "word_tokens",
     ], "methods.steering"),
     "corpus_analysis": "methods.corpus",
-    **dict.fromkeys(["FeatureMap", "feature_map", "feature_sources"], "methods.features"),
+    **dict.fromkeys(["FeatureMap", "feature_map", "feature_patching", "feature_sources"], "methods.features"),
 }
 #: Public modules reached as attributes (``tl_linmap.load.datasets.phrases()``).
 MODULES: dict[str, str] = {"datasets": "load.datasets"}

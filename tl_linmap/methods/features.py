@@ -20,8 +20,9 @@ from tl_linmap.freeze.splices import Leaves, Splice
 from tl_linmap.freeze.splicing import spliced, splices_of
 from tl_linmap.freeze.system import frozen_system
 from tl_linmap.linear.features import _node_pass, feature_contributions, target_rows
-from tl_linmap.reading.readouts import LinearReadout
-from tl_linmap.results.features import FeatureContributions
+from tl_linmap.reading.readouts import LinearReadout, logit_metric
+from tl_linmap.reading.tokens import decode_tokens
+from tl_linmap.results.features import FeatureContributions, FeaturePatching
 
 
 def find_splice(model, site: str) -> Splice:
@@ -197,3 +198,56 @@ def feature_map(model, prompt: Prompt, site: str, feature: int, target="output",
 
 def _zeros(value: Tensor | None) -> Tensor | None:
     return None if value is None else torch.zeros_like(value)
+
+
+def feature_patching(model, clean: Prompt, corrupted: Prompt, metric, *, dtype: torch.dtype | None = torch.float64) -> FeaturePatching:
+    """Predict patching every feature, one at a time, from a corrupted run into a clean one (see `FeaturePatching`).
+
+    Args:
+        model: A model with dictionaries spliced in.
+        clean: The clean prompt (text or token ids).
+        corrupted: The corrupted prompt, with as many tokens.
+        metric: A logit readout (``LogitDiff(answer, wrong)``, ``Logit``, ``LogitCombination``) or its short
+            forms ``(answer, wrong)`` and ``{token: coefficient}`` (`tl_linmap.reading.readouts.logit_metric`).
+        dtype: Working dtype.
+
+    Returns:
+        A `tl_linmap.results.features.FeaturePatching`.
+
+    Raises:
+        InputError: for prompts of different lengths, a bad metric, or a model without dictionaries.
+    """
+    check_model(model)
+    metric = logit_metric(model, metric)
+    clean_prompts = read_prompts(model, clean, position=metric.position, several=False)
+    corrupted_prompts = read_prompts(model, corrupted, position=metric.position, several=False)
+    n = clean_prompts.tokens[0].shape[1]
+    if corrupted_prompts.tokens[0].shape[1] != n:
+        raise InputError(
+            f"The clean prompt has {n} tokens and the corrupted one {corrupted_prompts.tokens[0].shape[1]}: patching swaps "
+            "activations position by position, so give two prompts of the same number of tokens."
+        )
+    splices = splices_of(model)
+    if not splices:
+        raise InputError("The model has no dictionaries spliced in: splice one with tl_linmap.spliced(model, [dictionary]).")
+    readout = metric.readout
+    with frozen_system(model, corrupted_prompts, [readout.hook], dtype=dtype) as other:
+        _, _, rows, c = target_rows(other, readout)
+        corrupted_acts = {s.site: other.factors[f"{s.site}#acts"][0] for s in splices}
+        corrupted_value = float(rows[0] @ other.outputs[other.names[0]] + c[0])
+    with frozen_system(model, clean_prompts, [readout.hook], dtype=dtype) as system:
+        name, label, rows, c = target_rows(system, readout)
+        values, clean_acts = {}, {}
+        for splice in splices:
+            acts = system.factors[f"{splice.site}#acts"]
+            error = system.factors.get(f"{splice.site}#error_value")
+            with torch.enable_grad():
+                leaf = acts.detach().clone().requires_grad_(True)
+                y = _node_pass(system, name, system.x, {splice.site: Leaves(leaf, error)}, {})
+                (grad,) = torch.autograd.grad(rows[0] @ y, [leaf], allow_unused=True)
+            grad = torch.zeros_like(leaf) if grad is None else grad
+            clean_acts[splice.site] = acts[0].detach()
+            values[splice.site] = (grad[0] * (corrupted_acts[splice.site].to(acts) - acts[0])).detach()
+        clean_value = float(rows[0] @ system.outputs[name] + c[0])
+    return FeaturePatching(label, tuple(values), values, clean_acts, {s: a.detach() for s, a in corrupted_acts.items()},
+                           clean_value, corrupted_value, decode_tokens(model, clean_prompts.tokens[0][0]))

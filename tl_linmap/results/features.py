@@ -234,3 +234,93 @@ class FeatureContributions:
 
     def _repr_html_(self) -> str:
         return display.summary_html(f"Feature contributions to {self.target}", self._facts(), self.top(10, kind=None, signed=False)._repr_html_())
+
+
+@table_row
+@dataclass
+class PatchRow:
+    """One feature's predicted patch: its activation taken from the corrupted run into the clean run.
+
+    Attributes:
+        site: The feature's dictionary.
+        position: Sequence position.
+        token: The clean prompt's token there.
+        feature: Feature id.
+        clean: Its activation in the clean run.
+        corrupted: In the corrupted run.
+        effect: The predicted change of the metric.
+    """
+
+    site: str
+    position: int
+    token: str
+    feature: int
+    clean: float
+    corrupted: float
+    effect: float
+
+
+@dataclass(frozen=True)
+class FeaturePatching:
+    """The predicted effect on a metric of patching every feature, one at a time, from a corrupted run into a clean one.
+
+    In the clean run's frozen system (its patterns, norm scales, activations and feature masks fixed,
+    the patched dictionary's error term held at its clean value, as SAELens' ``use_error_term``
+    patches do) the metric is affine in each feature's activation, so patching feature ``f`` changes
+    it by exactly ``J_f · (a_f^corrupted − a_f^clean)``; one reverse pass per dictionary gives every ``J_f``.
+
+    Attributes:
+        metric: The metric's name.
+        sites: The dictionaries' output hooks.
+        values: Per site, ``(pos, d_sae)`` predicted Δmetric (zero where the feature is off in both runs).
+        clean: Per site, ``(pos, d_sae)`` the clean run's activations.
+        corrupted: Per site, the corrupted run's.
+        clean_metric: The metric of the clean run (frozen forward).
+        corrupted_metric: The metric of the corrupted run.
+        str_tokens: The clean prompt's tokens.
+    """
+
+    metric: str
+    sites: tuple[str, ...]
+    values: dict[str, Tensor] = field(repr=False)
+    clean: dict[str, Tensor] = field(repr=False)
+    corrupted: dict[str, Tensor] = field(repr=False)
+    clean_metric: float
+    corrupted_metric: float
+    str_tokens: list[str] = field(repr=False)
+
+    def top(self, n: int = 10) -> Table:
+        """The patches with the largest predicted effect.
+
+        Args:
+            n: How many.
+
+        Returns:
+            A `tl_linmap.base.table.Table` of `PatchRow`, largest |effect| first.
+        """
+        rows = []
+        for site in self.sites:
+            values = self.values[site]
+            flat = values.abs().flatten()
+            for index in flat.topk(min(n, len(flat))).indices.tolist():
+                p, f = divmod(index, values.shape[1])
+                rows.append(PatchRow(site, p, self.str_tokens[p], f, float(self.clean[site][p, f]), float(self.corrupted[site][p, f]), float(values[p, f])))
+        return Table(sorted(rows, key=lambda r: -abs(r.effect))[:n])
+
+    def to_table(self) -> Table:
+        """Every patch with a nonzero predicted effect, largest first.
+
+        Returns:
+            A `tl_linmap.base.table.Table` of `PatchRow`.
+        """
+        return self.top(sum(int((v != 0).sum()) for v in self.values.values()))
+
+    def _facts(self) -> list:
+        return [("metric", self.metric, False), ("clean", number_text(self.clean_metric), True),
+                ("corrupted", number_text(self.corrupted_metric), True), ("dictionaries", str(len(self.sites)), True)]
+
+    def __repr__(self) -> str:
+        return display.summary_text("FeaturePatching", self._facts(), str(self.top(5)))
+
+    def _repr_html_(self) -> str:
+        return display.summary_html(f"Predicted feature patches of {self.metric}", self._facts(), self.top(10)._repr_html_())
