@@ -87,7 +87,11 @@ def llama_cfg() -> HookedTransformerConfig:
 
 
 CONFIGS = {"gpt2": gpt2_cfg, "llama": llama_cfg}
-TRANSCODERS = {"relu": ("relu", False), "jumprelu_skip": ("jumprelu", True), "topk_skip": ("topk", True)}
+TRANSCODERS = {
+    "relu": ("relu", False), "jumprelu_skip": ("jumprelu", True), "topk_skip": ("topk", True),
+    # Cross-layer transcoders: each layer's features write that layer's and every later layer's MLP output.
+    "clt_relu": ("clt_relu", False), "clt_jumprelu_skip": ("clt_jump_relu", True),
+}
 
 
 def transcoder_set(cfg, act: str, skip: bool, d_tc: int = 32, seed: int = 0) -> TranscoderSet:
@@ -108,16 +112,18 @@ def transcoder_set(cfg, act: str, skip: bool, d_tc: int = 32, seed: int = 0) -> 
     return TranscoderSet(transcoders, feature_input_hook="mlp.hook_in", feature_output_hook="mlp.hook_out", scan="random")
 
 
-def cross_layer_transcoder(cfg, d_tc: int = 16, seed: int = 0) -> CrossLayerTranscoder:
+def cross_layer_transcoder(cfg, act: str = "relu", skip: bool = False, d_tc: int = 16, seed: int = 0) -> CrossLayerTranscoder:
     g = torch.Generator().manual_seed(seed)
     clt = CrossLayerTranscoder(
-        cfg.n_layers, d_tc, cfg.d_model, activation_function="relu", skip_connection=False, lazy_decoder=False,
+        cfg.n_layers, d_tc, cfg.d_model, activation_function=act, skip_connection=skip, lazy_decoder=False,
         lazy_encoder=False, feature_input_hook="hook_resid_mid", feature_output_hook="hook_mlp_out", scan="random-clt",
         device=torch.device("cpu"), dtype=DT,
     )
     with torch.no_grad():
         for p in clt.parameters():
             p.copy_(torch.randn(p.shape, generator=g, dtype=DT) * 0.5)
+        if act == "jump_relu":  # some features above threshold, some below
+            clt.activation_function.threshold.fill_(0.05)
     return clt
 
 
@@ -207,7 +213,8 @@ def case(request):
     name, kind = request.param
     cfg = CONFIGS[name]()
     act, skip = TRANSCODERS[kind]
-    model = build(cfg, transcoder_set(cfg, act, skip))
+    transcoders = cross_layer_transcoder(cfg, act.removeprefix("clt_"), skip) if act.startswith("clt_") else transcoder_set(cfg, act, skip)
+    model = build(cfg, transcoders)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(DT)  # circuit-tracer builds its adjacency matrix in the default dtype
     try:
@@ -240,7 +247,7 @@ def test_matches_circuit_tracer_graph(case):
         row = A[n_feat + (L + 1) * n_pos + j]
         fc = tl_linmap.feature_contributions(model, TOKENS, target=logit_readout(model, t))
         assert_unchanged(model, before)
-        assert fc.convention == "constant" and fc.sites == tuple(f"blocks.{layer}.mlp.hook_out" for layer in range(L))
+        assert fc.convention == "constant" and fc.sites == tuple(f"blocks.{layer}.{model.original_feature_output_hook}" for layer in range(L))
         assert fc.values.shape[1] == 1 and fc.errors.shape == (L, n_pos, 1) and fc.tokens.shape == (n_pos, 1)
 
         # (a) the same active features after BOS, with the same activations
@@ -303,15 +310,3 @@ def test_linear_map(case):
     assert (maps["live"].bias - reference.bias).abs().max() < TOL
     # the constant error cuts the MLPs' paths that the transcoders do not carry
     assert (maps["constant"].operators - reference.operators).abs().max() > 1e-3
-
-
-def test_cross_layer_transcoder_refused():
-    cfg = gpt2_cfg()
-    model = build(cfg, cross_layer_transcoder(cfg))
-    before = snapshot(model)
-    with pytest.raises(tl_linmap.UnsupportedArchitectureError, match="cross-layer transcoder"):
-        tl_linmap.feature_contributions(model, TOKENS, target=logit_readout(model, 2))
-    assert_unchanged(model, before)
-    with pytest.raises(tl_linmap.UnsupportedArchitectureError, match="cross-layer transcoder"):
-        tl_linmap.linear_map(model, TOKENS, target="output")
-    assert_unchanged(model, before)

@@ -8,25 +8,21 @@ layer's transcoder at ``mlp.hook_out`` (`ReplacementSplice`): the MLP's output b
 transcoder's reconstruction plus the error ``mlp - x̂``, constant by default (circuit-tracer's
 convention) or live. Its JumpReLU and TopK keep negative pre-activations (``signed``).
 
-A cross-layer transcoder is refused (see `CROSS_LAYER`).
+A cross-layer transcoder's features are read at one layer and written into that layer's and every
+later layer's MLP output: one `CrossLayerSplice` per layer, sharing the activations each layer's
+encoder computed, so that layer ``l``'s output is ``Σ_{i≤l} a_i W_dec[i][:, l-i] + b_dec[l] (+ skip)``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 from torch import Tensor
 
 from tl_linmap.base.errors import UnsupportedArchitectureError
 from tl_linmap.freeze.dictionary import Dictionary
-from tl_linmap.freeze.splices import DictionarySplice, HookFn, Splice, _keep
-
-CROSS_LAYER = (
-    "a cross-layer transcoder's features write every later layer's MLP output, so one layer's output is a sum over "
-    "the encoders of all earlier layers: tl_linmap's splices are one dictionary per hook point, and this release "
-    "does not splice one dictionary across several (single-layer transcoders, with or without skip, are covered)"
-)
-
+from tl_linmap.freeze.splices import DictionarySplice, HookFn, Leaves, Splice, _keep, _recorded, _rows, _with_error
 
 def is_replacement(model) -> bool:
     """Whether a model is a circuit-tracer ``ReplacementModel`` on TransformerLens.
@@ -85,14 +81,14 @@ def replacement_splices(model, convention: str) -> list[Splice]:
         The splices, in layer order.
 
     Raises:
-        UnsupportedArchitectureError: for a cross-layer transcoder or an activation no rule covers.
+        UnsupportedArchitectureError: for an activation no rule covers.
     """
     if not is_replacement(model):
         return []
     transcoders = model.transcoders
-    if not hasattr(transcoders, "transcoders"):
-        raise UnsupportedArchitectureError(f"The ReplacementModel's {type(transcoders).__name__}: {CROSS_LAYER}.")
     out = model.original_feature_output_hook
+    if not hasattr(transcoders, "transcoders"):
+        return cross_layer_splices(model, transcoders, convention)
     return [
         ReplacementSplice(_dictionary(tc, layer, f"blocks.{layer}.{model.feature_input_hook}", f"blocks.{layer}.{out}"), error=convention)
         for layer, tc in enumerate(transcoders.transcoders)
@@ -119,3 +115,108 @@ def replacement_rules(model, rules: tuple) -> tuple:
         replace(rule, pairs=tuple((moved(a), moved(b)) for a, b in rule.pairs)) if hasattr(rule, "pairs") else replace(rule, names=tuple(map(moved, rule.names)))
         for rule in rules
     )
+
+
+@dataclass(frozen=True, eq=False)
+class CrossLayerSplice(Splice):
+    """One layer of a cross-layer transcoder: its encoder read at ``hook_in``, and its MLP output rebuilt
+    from the activations of this and every earlier layer (``shared``, filled by their encoders' hooks).
+
+    Attributes:
+        layer: The block.
+        dictionary: Its encoder and its features' decoder into its own layer.
+        decoders: ``W_dec[i][:, layer - i]`` for every ``i ≤ layer``: what layer ``i``'s features write here.
+        b_dec: This layer's decoder bias.
+        W_skip: ``(d, d)`` applied as ``x @ W_skip`` (circuit-tracer's orientation), or None.
+        shared: Activations per layer, shared by the transcoder's splices in one hook list.
+        error: The error convention.
+    """
+
+    layer: int
+    dictionary: Dictionary
+    decoders: tuple[Tensor, ...] = field(repr=False)
+    b_dec: Tensor = field(repr=False)
+    W_skip: Tensor | None = field(repr=False)
+    shared: dict = field(repr=False)
+    error: str = "constant"
+
+    @property
+    def site(self) -> str:
+        return self.dictionary.hook_out
+
+    def _hooks(self, acts_of: Callable[[Dictionary, Tensor], Tensor], error_of: Callable[[Tensor, Tensor], Tensor]) -> list[tuple[str, HookFn]]:
+        live: dict = {}
+        d = self.dictionary
+
+        def encode(act: Tensor, hook=None) -> None:
+            x = live["x"] = act.flatten(2)
+            self.shared[self.layer] = acts_of(d.to(x), x)
+
+        def write(act: Tensor, hook=None) -> Tensor:
+            x, orig = live.pop("x"), live.pop("orig")
+            recons = self.b_dec.to(x) + sum(self.shared[i] @ w.to(x) for i, w in enumerate(self.decoders))
+            if self.W_skip is not None:
+                recons = recons + x @ self.W_skip.to(x)
+            return error_of(recons.reshape(orig.shape), orig)
+
+        block = f"blocks.{self.layer}"
+        return [(d.hook_in, encode), (f"{block}.mlp.old_mlp", _keep(live, "orig")), (d.hook_out, write)]
+
+    def freeze(self, factors: dict | None) -> list[tuple[str, HookFn]]:
+        def acts_of(w: Dictionary, x: Tensor) -> Tensor:
+            pre = w.pre(x)
+            mask = w.mask(x, pre).detach()
+            acts = pre * mask
+            _recorded(factors, self.site, mask, acts)
+            return acts
+
+        return self._hooks(acts_of, lambda r, o: _with_error(r, o, self.error, self.site, factors))
+
+    def replay(self, factors: dict) -> list[tuple[str, HookFn]]:
+        mask, constant = factors[f"{self.site}#mask"], factors.get(f"{self.site}#error")
+
+        def error_of(r: Tensor, o: Tensor) -> Tensor:
+            if self.error == "none":
+                return r
+            return r + (_rows(constant, len(r)) if constant is not None else o - r)
+
+        return self._hooks(lambda w, x: w.pre(x) * _rows(mask, len(x)), error_of)
+
+    def nodes(self, leaves: Leaves) -> list[tuple[str, HookFn]]:
+        def error_of(r: Tensor, o: Tensor) -> Tensor:
+            return r if leaves.error is None else r + _rows(leaves.error, len(r)).reshape(r.shape)
+
+        return self._hooks(lambda w, x: _rows(leaves.acts, len(x)), error_of)
+
+
+def cross_layer_splices(model, clt, convention: str) -> list[Splice]:
+    """A cross-layer transcoder's layers as splices sharing their activations.
+
+    Args:
+        model: A ``ReplacementModel`` with a ``CrossLayerTranscoder``.
+        clt: The transcoder.
+        convention: The error convention.
+
+    Returns:
+        One `CrossLayerSplice` per layer.
+
+    Raises:
+        UnsupportedArchitectureError: for an activation other than ReLU and JumpReLU.
+    """
+    act = clt.activation_function
+    jump = type(act).__name__ == "JumpReLU"
+    if not jump and getattr(act, "__name__", None) != "relu":
+        raise UnsupportedArchitectureError(f"The ReplacementModel's cross-layer transcoder has the activation {act!r}: tl_linmap freezes ReLU and JumpReLU.")
+    shared: dict = {}
+    decoders = [clt._get_decoder_vectors(i).detach() for i in range(clt.n_layers)]  # (d_tc, n_layers - i, d_model)
+    splices: list[Splice] = []
+    for layer in range(clt.n_layers):
+        options = dict(activation="jumprelu", threshold=act.threshold[layer].detach().reshape(-1)) if jump else dict(activation="relu")
+        own = Dictionary(
+            W_enc=clt._get_encoder_weights(layer).detach().T, b_enc=clt.b_enc[layer].detach(), W_dec=decoders[layer][:, 0],
+            b_dec=clt.b_dec[layer].detach(), hook_in=f"blocks.{layer}.{clt.feature_input_hook}", hook_out=f"blocks.{layer}.{model.original_feature_output_hook}",
+            signed=True, **options,
+        )
+        skip = None if clt.W_skip is None else clt.W_skip[layer].detach()
+        splices.append(CrossLayerSplice(layer, own, tuple(decoders[i][:, layer - i] for i in range(layer + 1)), clt.b_dec[layer].detach(), skip, shared, error=convention))
+    return splices

@@ -560,10 +560,10 @@ def _continuation_logprobs(
 
 def alpha_sweep(
     model,
-    source: LinearMap | LinearMaps,
+    source: LinearMap | LinearMaps | FeatureMap | Steering,
     prompt: Prompt,
     *,
-    layer: int,
+    layer: int | None = None,
     alphas: Sequence[float] = DEFAULT_ALPHAS,
     concept_tokens: Sequence[int | str] | None = None,
     max_new_tokens: int = 20,
@@ -582,9 +582,10 @@ def alpha_sweep(
 
     Args:
         model: The model (TransformerBridge or HookedTransformer) the source map was computed on.
-        source: See `steering_hooks`.
+        source: See `steering_hooks`; or a `Steering` already built (`feature_steering`), swept over ``alphas``
+            (``layer``, ``positions``, ``how``, ``skip_first``, ``method`` are then its own).
         prompt: An unrelated prompt to steer (text or tokens).
-        layer: Block whose output is steered.
+        layer: Block whose output is steered (not for a `Steering`).
         alphas: Strengths to try.
         concept_tokens: Vocabulary ids or single-token strings whose log-probabilities are
             measured; default: `word_tokens` of the tokens that built the vector.
@@ -602,8 +603,11 @@ def alpha_sweep(
     """
     if not alphas:
         raise InputError("alphas is empty: give the strengths to try, e.g. alphas=(0, 0.1, 0.2).")
-    steering = steering_hooks(source, layer=layer, alpha=alphas[0], positions=positions, how=how, skip_first=skip_first,
-                              method=method)
+    if isinstance(source, Steering):
+        steering = source
+    else:
+        steering = steering_hooks(source, layer=layer, alpha=alphas[0], positions=positions, how=how, skip_first=skip_first,
+                                  method=method)
     concept = _concept_ids(model, steering, concept_tokens)
     tokens = to_tokens(model, prompt)
     start = tokens.shape[1]
