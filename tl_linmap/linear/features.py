@@ -64,12 +64,15 @@ def _give(value: Tensor):
     return hook
 
 
-def _module_values(system: FrozenSystem, names: list[str]) -> dict[str, Tensor]:
+def _module_values(system: FrozenSystem, names: list[str], target: str) -> dict[str, Tensor]:
+    # The modules' outputs in the replay, those that fire before the target only (the others cannot reach it).
     if not names:
         return {}
     hooks = [(EMBED_HOOK, lambda act, hook=None: system.x.reshape(act.shape))] + replay_hooks(system.model, system.factors)
     with torch.no_grad():
-        return capture(system.model, system.tokens, names, hooks, stop=False)
+        fired = list(capture(system.model, system.tokens, [*names, target], hooks, stop=False).items())
+    before = [name for name, _ in fired][: [name for name, _ in fired].index(target)]
+    return {name: value for name, value in fired if name in before}
 
 
 def node_effects(system: FrozenSystem, splices: list[Splice], name: str, rows: Tensor, *, modules: list[str] = ()) -> dict:
@@ -91,11 +94,11 @@ def node_effects(system: FrozenSystem, splices: list[Splice], name: str, rows: T
     factors = system.factors
     acts = {s.site: factors[f"{s.site}#acts"][0] for s in splices}
     errors = {s.site: factors.get(f"{s.site}#error_value") for s in splices}
-    values = _module_values(system, list(modules))
+    values = _module_values(system, list(modules), name)
     with torch.enable_grad():
         embeddings = _leaf(system.x)
         nodes = {site: Leaves(_leaf(a)[None], None if errors[site] is None else _leaf(errors[site])) for site, a in acts.items()}
-        module_leaves = {m: _leaf(values[m]) for m in modules}
+        module_leaves = {m: _leaf(v) for m, v in values.items()}
         y = _node_pass(system, name, embeddings, nodes, module_leaves)
         leaves = [embeddings, *(n.acts for n in nodes.values()), *(n.error for n in nodes.values() if n.error is not None), *module_leaves.values()]
         grads = [torch.autograd.grad(row @ y, leaves, retain_graph=True, allow_unused=True) for row in rows]
