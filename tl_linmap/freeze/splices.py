@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -174,7 +174,8 @@ class SAELensSplice(Splice):
 
     @property
     def dictionary(self) -> Dictionary:
-        return from_saelens(self.sae)
+        # SAELens' wrapper runs decode(encode(x)), which leaves a skip transcoder's W_skip out: as the model runs.
+        return replace(from_saelens(self.sae), W_skip=None)
 
     def _hook(self, point: str) -> str:
         return f"{self.site}.hook_sae_{point}"

@@ -8,7 +8,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from tl_linmap.base.exactness import check_exact, relative
+from tl_linmap.base.exactness import check_exact
 from tl_linmap.base.table import Table, number_text, table_row
 from tl_linmap.present import display
 from tl_linmap.reading.tokens import decode_tokens
@@ -112,12 +112,19 @@ class FeatureContributions:
         return self.values.sum(0) + self.errors.sum((0, 1)) + self.tokens.sum(0) + modules + self.constant
 
     def relative_error(self) -> float:
-        """How far the rebuilt target is from the frozen forward's, relative to it.
+        """How far the rebuilt target is from the frozen forward's, relative to the larger of it and its parts.
+
+        Large parts that cancel to a small target (features against their error term) carry rounding of
+        their own size, so the gap is measured against ``max(‖output‖, ‖Σ |part|‖)``.
 
         Returns:
-            ``‖total − output‖ / ‖output‖``.
+            ``‖total − output‖ / max(‖output‖, ‖Σ |part|‖)``.
         """
-        return relative(self.total(), self.output)
+        parts = self.values.abs().sum(0) + self.errors.abs().sum((0, 1)) + self.tokens.abs().sum(0) + self.constant.abs()
+        parts = parts + sum((m.abs().sum(0) for m in self.modules.values()), torch.zeros_like(parts))
+        scale = max(float(self.output.norm()), float(parts.norm()))
+        gap = float((self.total() - self.output).norm())
+        return gap / scale if scale else (0.0 if gap == 0 else float("inf"))
 
     def check(self) -> float:
         """Raise `tl_linmap.base.errors.FreezeError` unless the parts sum to the target.
