@@ -26,6 +26,7 @@ from tl_linmap.linear.matrix_free import Pushed
 from tl_linmap.load.toy import toy_model
 from tl_linmap.methods.corpus import corpus_analysis
 from tl_linmap.methods.experts import expert_contributions
+from tl_linmap.methods.features import FeatureMap
 from tl_linmap.methods.steering import (
     MethodRow,
     OperatorSteering,
@@ -45,7 +46,7 @@ LAYOUTS = ["resid_pre", "attn_head_out_all_pos", "block_every"]
 RESIDUAL = "blocks.1.hook_resid_post"
 
 #: Result classes made elsewhere than tl_linmap.results, and rows of the views and methods.
-ELSEWHERE = {Pushed, Steering, OperatorSteering, SweepRow, MethodRow, MapRow, ComponentRow, VectorRow}
+ELSEWHERE = {Pushed, Steering, OperatorSteering, SweepRow, MethodRow, MapRow, ComponentRow, VectorRow, FeatureMap}
 #: Dataclasses of tl_linmap.results that are no result: a patching layout's description, the maps' abstract base.
 NOT_RESULTS = {Layout, TargetResult}
 
@@ -84,6 +85,15 @@ def results(model, moe) -> dict[str, object]:
     experts = expert_contributions(moe, PROMPT, 1)
     svd = lm.svd(k=3)
     pushed = tl_linmap.push_forward(model, PROMPT, svd.left[-1, :2], source=RESIDUAL)
+    g = torch.Generator().manual_seed(0)
+    d = model.cfg.d_model
+    sae = tl_linmap.Dictionary(torch.randn(d, 40, generator=g, dtype=torch.float64), torch.zeros(40, dtype=torch.float64),
+                               torch.randn(40, d, generator=g, dtype=torch.float64), torch.zeros(d, dtype=torch.float64),
+                               hook_in="blocks.0.hook_resid_post")
+    with tl_linmap.spliced(model, [sae]):
+        features = tl_linmap.feature_contributions(model, PROMPT, target=tl_linmap.Logit(7))
+        feature_patching = tl_linmap.feature_patching(model, CLEAN, CORRUPTED, ("a", "b"))
+        feature_map = tl_linmap.feature_map(model, PROMPT, sae.hook_out, 3, target=tl_linmap.Logit(7))
     found = {
         "LinearMap": lm, "LinearMaps": maps, "Contributions": tl_linmap.token_contributions(model, PROMPT),
         "HeadSplit": maps.head_splits[1], "OperatorSVD": svd, "DecodedPair": lm.decode(k=1, top=3)[0],
@@ -101,6 +111,8 @@ def results(model, moe) -> dict[str, object]:
         "SweepRow": alpha_sweep(model, lm, "Hi", layer=1, alphas=(0.1,), concept_tokens=["a"], max_new_tokens=2)[0],
         "MethodRow": compare_methods(model, {"cat": lm}, "Hi", " you", layer=1, alphas=(0.1,), concept_tokens={"cat": ["a"]},
                                      progress=False)[0],
+        "FeatureContributions": features, "FeatureRow": features.to_table()[0], "FeaturePatching": feature_patching,
+        "PatchRow": feature_patching.to_table()[0], "FeatureMap": feature_map,
     }
     return found
 
@@ -186,6 +198,12 @@ def key_fields(name: str, result) -> list[str]:
         return [f"vectors {len(result.vectors)}", result.source, result.target]
     if name in ("Steering", "OperatorSteering"):
         return [result.hook_name, str(result.alpha), *map(repr, result.str_tokens)]
+    if name == "FeatureContributions":
+        return [result.target, f"active features {len(result.features)}", f"relative error {result.relative_error():.1e}"]
+    if name == "FeaturePatching":
+        return [result.metric, number_text(result.clean_metric), number_text(result.corrupted_metric)]
+    if name == "FeatureMap":
+        return [result.site, f"#{result.feature}", result.target]
     return row_keys(result)
 
 
@@ -343,6 +361,32 @@ def check_experts(results, model):
         assert row.token == split.str_tokens[row.source]
 
 
+def check_features(results, model):
+    split = results["FeatureContributions"]
+    rows = split.to_table()
+    features = [row for row in rows if row.kind == "feature"]
+    assert len(features) == len(split.features)
+    for row in features:
+        i = ((split.features[:, 1] == row.position) & (split.features[:, 2] == row.feature)).nonzero()[0, 0]
+        assert row.activation == pytest.approx(float(split.activations[i]), abs=1e-12)
+        assert row.contribution == pytest.approx(float(split.values[i, 0]), abs=1e-12)
+    tokens = [row for row in rows if row.kind == "token"]
+    assert sorted(row.contribution for row in tokens) == pytest.approx(sorted(split.tokens[:, 0].tolist()), abs=1e-12)
+    errors = [row for row in rows if row.kind == "error"]
+    assert sorted(row.contribution for row in errors) == pytest.approx(sorted(split.errors[0, :, 0].tolist()), abs=1e-12)
+    assert [abs(row.contribution) for row in rows] == sorted((abs(row.contribution) for row in rows), reverse=True)
+
+
+def check_feature_patching(results, model):
+    patching = results["FeaturePatching"]
+    site = patching.sites[0]
+    for row in patching.to_table():
+        assert row.effect == pytest.approx(float(patching.values[site][row.position, row.feature]), abs=1e-12)
+        assert row.clean == pytest.approx(float(patching.clean[site][row.position, row.feature]), abs=1e-12)
+        assert row.corrupted == pytest.approx(float(patching.corrupted[site][row.position, row.feature]), abs=1e-12)
+    assert len(patching.to_table()) == int((patching.values[site] != 0).sum())
+
+
 def check_pushed(results, model):
     pushed = results["Pushed"]
     rows = pushed.to_table(top=3)
@@ -358,6 +402,7 @@ TABLE_CHECKS = {
     "LinearMaps": check_linear_maps, "Attribution": check_attribution, "LogitSplit": check_logit_split,
     "OperatorSVD": check_operator_svd, "SequenceAttribution": check_sequence, "CorpusAnalysis": check_corpus,
     "PatchingAttribution": check_patching, "ExpertContributions": check_experts, "Pushed": check_pushed,
+    "FeatureContributions": check_features, "FeaturePatching": check_feature_patching,
 }
 
 
@@ -391,6 +436,7 @@ PLOTS = {
     "SequenceAttribution": [()],
     "CorpusAnalysis": [(), ("concepts",), ("attribution",)],
     "ExpertContributions": [()],
+    "FeatureContributions": [()],
 }
 
 

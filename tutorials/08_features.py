@@ -72,8 +72,10 @@ plt.savefig(FIGURES / "08_feature_contributions.png", dpi=120, bbox_inches="tigh
 
 # %% [markdown]
 # ## What the top features are
-# Each feature is read two ways: its decoder direction through `W_U` (the logit lens of what it
-# writes), and the bundled phrases' tokens on which it is most active.
+# The largest terms sit at the first token, the attention sink, whose residual stream is huge;
+# the features at the predicted token's own position say more about the prediction. Each is read
+# two ways: its decoder direction through `W_U` (the logit lens of what it writes), and the bundled
+# phrases' tokens on which it is most active.
 
 # %%
 phrases = datasets.phrases()
@@ -94,7 +96,9 @@ def activations(texts_tokens):
 
 
 corpus_acts, labels = activations(cache_tokens)
-top = split.top(5)
+print(split.top(5))
+last = split.position
+top = [row for row in split.top(len(split.features)) if row.position == last][:5]
 for row in top:
     f = row.feature
     lens = tl_linmap.top_tokens(model, sae.W_dec[f].to(model.W_U), k=6, bias=False)

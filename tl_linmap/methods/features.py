@@ -17,6 +17,7 @@ from tl_linmap.base.compat import check_model
 from tl_linmap.base.errors import InputError
 from tl_linmap.base.prompts import Prompt, read_prompts
 from tl_linmap.freeze.splices import Leaves, Splice
+from tl_linmap.present import display
 from tl_linmap.freeze.splicing import spliced, splices_of
 from tl_linmap.freeze.system import frozen_system
 from tl_linmap.linear.features import _node_pass, feature_contributions, target_rows
@@ -146,9 +147,16 @@ class FeatureMap:
     position: int
     values: Float[Tensor, " k"]
 
+    def _size(self) -> str:
+        return f"{float(self.values[0]):.4g}" if len(self.values) == 1 else f"‖·‖ = {float(self.values.norm()):.4g}"
+
     def __repr__(self) -> str:
-        size = f"{float(self.values[0]):.4g}" if len(self.values) == 1 else f"‖·‖ = {float(self.values.norm()):.4g}"
-        return f"FeatureMap({self.site} #{self.feature} at position {self.source} -> {self.target} at {self.position}: {size})"
+        return f"FeatureMap({self.site} #{self.feature} at position {self.source} -> {self.target} at {self.position}: {self._size()})"
+
+    def _repr_html_(self) -> str:
+        facts = [("feature", f"{self.site} #{self.feature}", False), ("written at", str(self.source), True),
+                 ("target", self.target, False), ("read at", str(self.position), True), ("per unit activation", self._size(), True)]
+        return display.summary_html("A feature's map", facts)
 
 
 def feature_map(model, prompt: Prompt, site: str, feature: int, target="output", *, source: int | None = None, position: int = -1, dtype: torch.dtype | None = torch.float64) -> FeatureMap:

@@ -940,6 +940,8 @@ def plot_feature_contributions(result, *, n: int = 20, ax: Axes | None = None) -
     ax.barh(range(len(rows)), [r.contribution for r in rows], color=[colours[r.kind] for r in rows])
     ax.set_yticks(range(len(rows)), labels, fontsize="small")
     ax.axvline(0, color="black", linewidth=0.5)
+    kinds = dict.fromkeys(r.kind for r in rows)
+    ax.legend(handles=[_pyplot().Rectangle((0, 0), 1, 1, color=colours[k]) for k in kinds], labels=list(kinds), fontsize="small")
     ax.set_xlabel("direct effect on the target" if result.scalar else "‖direct effect‖")
     ax.set_title(f"Largest terms of {result.target}", fontsize="medium")
     return fig
