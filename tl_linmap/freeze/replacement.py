@@ -22,7 +22,17 @@ from torch import Tensor
 
 from tl_linmap.base.errors import UnsupportedArchitectureError
 from tl_linmap.freeze.dictionary import Dictionary
-from tl_linmap.freeze.splices import DictionarySplice, HookFn, Leaves, Splice, _keep, _recorded, _rows, _with_error
+from tl_linmap.freeze.splices import (
+    DictionarySplice,
+    HookFn,
+    Leaves,
+    Splice,
+    _keep,
+    _recorded,
+    _rows,
+    _with_error,
+)
+
 
 def is_replacement(model) -> bool:
     """Whether a model is a circuit-tracer ``ReplacementModel`` on TransformerLens.

@@ -6,7 +6,7 @@ mask makes it linear. Three kinds are found, from the model's structure like the
 - SAELens SAEs and transcoders attached to a ``HookedSAETransformer`` (`SAELensSplice`): frozen
   through their own hook points (``<hook>.hook_sae_acts_pre`` / ``hook_sae_acts_post``).
 - circuit-tracer's transcoders in a ``ReplacementModel`` (`tl_linmap.freeze.replacement`).
-- `Dictionary` objects handed to tl_linmap (`spliced`), on any TransformerLens model: spliced
+- `Dictionary` objects handed to tl_linmap (`tl_linmap.freeze.splicing.spliced`), on any TransformerLens model: spliced
   through the hook points they read and write (`DictionarySplice`).
 
 The error term ``e = x - x̂`` (the model's value minus the reconstruction), where a splice keeps
@@ -15,14 +15,15 @@ one, follows one of two named conventions (`ERRORS`):
 - ``"live"``: ``e`` is recomputed from the live values, so ``x̂ + e = x`` in every pass: the
   model's maps are those of the model without the dictionary, and features split them exactly.
 - ``"constant"``: ``e`` is frozen at its inference value (circuit-tracer's and SAELens'
-  convention): paths from the tokens run through the features only, and ``e`` is an input
-  term of its own (`tl_linmap.features`), never folded into the bias.
+  convention): paths from the tokens run through the features only. In a feature split
+  (`tl_linmap.linear.features`) ``e`` is an input term of its own; a token-level map's
+  constant ``b`` (`tl_linmap.linear_map`) holds what it adds, which the feature split separates.
 
 ``"none"`` is a splice without error term: the model runs on the reconstruction.
 
 Each splice gives the hook lists `tl_linmap.freeze.hooks` asks of a rule (`Splice.freeze`,
 `Splice.replay`) and one more, `Splice.nodes`, where its activations and error are leaves given
-from outside (the direct effects of `tl_linmap.features`).
+from outside (the direct effects of `tl_linmap.linear.features`).
 """
 
 from __future__ import annotations
@@ -31,11 +32,16 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-import torch
 from torch import Tensor
 
 from tl_linmap.base.errors import UnsupportedArchitectureError
-from tl_linmap.freeze.dictionary import SAELENS_ACTIVATIONS, SAELENS_REFUSED, Dictionary, check_saelens_cfg, from_saelens
+from tl_linmap.freeze.dictionary import (
+    SAELENS_ACTIVATIONS,
+    SAELENS_REFUSED,
+    Dictionary,
+    check_saelens_cfg,
+    from_saelens,
+)
 
 #: The error conventions, by name (see the module docstring).
 ERRORS = ("live", "constant", "none")

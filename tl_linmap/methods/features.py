@@ -17,10 +17,10 @@ from tl_linmap.base.compat import check_model
 from tl_linmap.base.errors import InputError
 from tl_linmap.base.prompts import Prompt, read_prompts
 from tl_linmap.freeze.splices import Leaves, Splice
-from tl_linmap.present import display
 from tl_linmap.freeze.splicing import spliced, splices_of
 from tl_linmap.freeze.system import frozen_system
 from tl_linmap.linear.features import _node_pass, feature_contributions, target_rows
+from tl_linmap.present import display
 from tl_linmap.reading.readouts import LinearReadout, logit_metric
 from tl_linmap.reading.tokens import decode_tokens
 from tl_linmap.results.features import FeatureContributions, FeaturePatching

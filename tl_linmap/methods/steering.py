@@ -39,11 +39,11 @@ from tl_linmap.base.errors import InputError
 from tl_linmap.base.hook_names import RESIDUAL_HOOKS
 from tl_linmap.base.prompts import Prompt, to_tokens
 from tl_linmap.base.table import Table, table_row
+from tl_linmap.freeze.structure import layer_of
+from tl_linmap.methods.features import FeatureMap, _feature_id, find_splice
 from tl_linmap.present import display
 from tl_linmap.reading.spectral import signed
 from tl_linmap.reading.tokens import token_id
-from tl_linmap.freeze.structure import layer_of
-from tl_linmap.methods.features import FeatureMap, _feature_id, find_splice
 from tl_linmap.results.maps import LinearMap, LinearMaps
 
 Positions = Literal["all"] | Sequence[int] | slice
