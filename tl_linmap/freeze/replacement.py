@@ -25,12 +25,8 @@ from tl_linmap.freeze.dictionary import Dictionary
 from tl_linmap.freeze.splices import (
     DictionarySplice,
     HookFn,
-    Leaves,
     Splice,
     _keep,
-    _recorded,
-    _rows,
-    _with_error,
 )
 
 
@@ -128,9 +124,12 @@ def replacement_rules(model, rules: tuple) -> tuple:
 
 
 @dataclass(frozen=True, eq=False)
-class CrossLayerSplice(Splice):
+class CrossLayerSplice(DictionarySplice):
     """One layer of a cross-layer transcoder: its encoder read at ``hook_in``, and its MLP output rebuilt
     from the activations of this and every earlier layer (``shared``, filled by their encoders' hooks).
+
+    Its freeze, replay and node hooks are a `DictionarySplice`'s, with the activations computed where
+    the layer's input is read (later layers need them) and the output summed over the layers' decoders.
 
     Attributes:
         layer: The block.
@@ -139,20 +138,13 @@ class CrossLayerSplice(Splice):
         b_dec: This layer's decoder bias.
         W_skip: ``(d, d)`` applied as ``x @ W_skip`` (circuit-tracer's orientation), or None.
         shared: Activations per layer, shared by the transcoder's splices in one hook list.
-        error: The error convention.
     """
 
-    layer: int
-    dictionary: Dictionary
-    decoders: tuple[Tensor, ...] = field(repr=False)
-    b_dec: Tensor = field(repr=False)
-    W_skip: Tensor | None = field(repr=False)
-    shared: dict = field(repr=False)
-    error: str = "constant"
-
-    @property
-    def site(self) -> str:
-        return self.dictionary.hook_out
+    layer: int = 0
+    decoders: tuple[Tensor, ...] = field(default=(), repr=False)
+    b_dec: Tensor | None = field(default=None, repr=False)
+    W_skip: Tensor | None = field(default=None, repr=False)
+    shared: dict = field(default_factory=dict, repr=False)
 
     def _hooks(self, acts_of: Callable[[Dictionary, Tensor], Tensor], error_of: Callable[[Tensor, Tensor], Tensor]) -> list[tuple[str, HookFn]]:
         live: dict = {}
@@ -169,34 +161,7 @@ class CrossLayerSplice(Splice):
                 recons = recons + x @ self.W_skip.to(x)
             return error_of(recons.reshape(orig.shape), orig)
 
-        block = f"blocks.{self.layer}"
-        return [(d.hook_in, encode), (f"{block}.mlp.old_mlp", _keep(live, "orig")), (d.hook_out, write)]
-
-    def freeze(self, factors: dict | None) -> list[tuple[str, HookFn]]:
-        def acts_of(w: Dictionary, x: Tensor) -> Tensor:
-            pre = w.pre(x)
-            mask = w.mask(x, pre).detach()
-            acts = pre * mask
-            _recorded(factors, self.site, mask, acts)
-            return acts
-
-        return self._hooks(acts_of, lambda r, o: _with_error(r, o, self.error, self.site, factors))
-
-    def replay(self, factors: dict) -> list[tuple[str, HookFn]]:
-        mask, constant = factors[f"{self.site}#mask"], factors.get(f"{self.site}#error")
-
-        def error_of(r: Tensor, o: Tensor) -> Tensor:
-            if self.error == "none":
-                return r
-            return r + (_rows(constant, len(r)) if constant is not None else o - r)
-
-        return self._hooks(lambda w, x: w.pre(x) * _rows(mask, len(x)), error_of)
-
-    def nodes(self, leaves: Leaves) -> list[tuple[str, HookFn]]:
-        def error_of(r: Tensor, o: Tensor) -> Tensor:
-            return r if leaves.error is None else r + _rows(leaves.error, len(r)).reshape(r.shape)
-
-        return self._hooks(lambda w, x: _rows(leaves.acts, len(x)), error_of)
+        return [(d.hook_in, encode), (f"blocks.{self.layer}.mlp.old_mlp", _keep(live, "orig")), (d.hook_out, write)]
 
 
 def cross_layer_splices(model, clt, convention: str) -> list[Splice]:
@@ -228,5 +193,6 @@ def cross_layer_splices(model, clt, convention: str) -> list[Splice]:
             signed=True, **options,
         )
         skip = None if clt.W_skip is None else clt.W_skip[layer].detach()
-        splices.append(CrossLayerSplice(layer, own, tuple(decoders[i][:, layer - i] for i in range(layer + 1)), clt.b_dec[layer].detach(), skip, shared, error=convention))
+        splices.append(CrossLayerSplice(own, error=convention, layer=layer, decoders=tuple(decoders[i][:, layer - i] for i in range(layer + 1)),
+                                        b_dec=clt.b_dec[layer].detach(), W_skip=skip, shared=shared))
     return splices
