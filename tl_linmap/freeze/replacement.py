@@ -152,7 +152,7 @@ class CrossLayerSplice(DictionarySplice):
 
         def encode(act: Tensor, hook=None) -> None:
             x = live["x"] = act.flatten(2)
-            self.shared[self.layer] = acts_of(d.to(x), x)
+            self.shared[self.layer] = acts_of(self.weights(x), x)
 
         def write(act: Tensor, hook=None) -> Tensor:
             x, orig = live.pop("x"), live.pop("orig")

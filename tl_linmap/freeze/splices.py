@@ -338,10 +338,25 @@ class DictionarySplice(Splice):
     dictionary: Dictionary
     error: str = "live"
     last: _Last = field(default_factory=_Last, repr=False)
+    cast: dict = field(default_factory=dict, repr=False)
 
     @property
     def site(self) -> str:
         return self.dictionary.hook_out
+
+    def weights(self, like: Tensor) -> Dictionary:
+        """Its dictionary in ``like``'s dtype and device, cast once per splice (not per forward).
+
+        Args:
+            like: An activation of the pass.
+
+        Returns:
+            The `Dictionary`.
+        """
+        key = (like.dtype, like.device)
+        if key not in self.cast:
+            self.cast[key] = self.dictionary.to(like)
+        return self.cast[key]
 
     def _hooks(self, acts_of: Callable[[Dictionary, Tensor], Tensor], error_of: Callable[[Tensor, Tensor], Tensor]) -> list[tuple[str, HookFn]]:
         # Its input kept at hook_in, its output computed at hook_out (in the activation's dtype and device).
@@ -355,7 +370,7 @@ class DictionarySplice(Splice):
             orig = live.pop("orig", None)
             orig = self.last.resolve(act) if orig is None else orig
             x = live.pop("x").flatten(2)
-            w = d.to(x)
+            w = self.weights(x)
             recons = w.decode(acts_of(w, x), x).reshape(orig.shape)
             return error_of(recons, orig)
 
