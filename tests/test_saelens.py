@@ -681,3 +681,26 @@ def test_a_transcoder_with_error_term_must_write_an_mlp_output(model):
             tl_linmap.linear_map(model, model.to_tokens(PROMPT))
     finally:
         model.reset_saes()
+
+
+# --- The same SAE handed to tl_linmap directly -----------------------------------------------------
+
+
+@pytest.mark.parametrize("convention", CONVENTIONS)
+@pytest.mark.parametrize("name", ["standard", "jumprelu", "topk", "abstopk", "gated", "transcoder", "jumprelu_transcoder"])
+def test_a_saelens_sae_handed_to_spliced_is_the_attached_one(model, name, convention):
+    """``tl_linmap.spliced(model, [sae])`` on the bare model (no SAELens wrapper: tl_linmap's own splice of the
+    SAE's weights) maps as the HookedSAETransformer with the SAE attached, under every convention, and splits
+    a logit into the same features. (Skip transcoders differ on purpose: SAELens' wrapper drops ``W_skip``.)"""
+    tokens = model.to_tokens(PROMPT)
+    readout = tl_linmap.Logit(9)
+    with attached(model, name, convention) as (item,):
+        lm = tl_linmap.linear_map(model, tokens, target="output")
+        split = tl_linmap.feature_contributions(model, tokens, target=readout)
+    assert not model.acts_to_saes
+    with tl_linmap.spliced(model, [item.sae], error=convention):
+        ours = tl_linmap.linear_map(model, tokens, target="output")
+        our_split = tl_linmap.feature_contributions(model, tokens, target=readout)
+    assert _gap(ours.operators, lm.operators) <= TOL and _gap(ours.bias, lm.bias) <= TOL
+    assert torch.equal(our_split.features, split.features)
+    assert (our_split.values - split.values).abs().max() <= TOL and (our_split.errors - split.errors).abs().max() <= TOL
