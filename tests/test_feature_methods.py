@@ -93,16 +93,21 @@ def test_feature_sources_sum_to_the_preactivation_by_hand(bridge, sae):
 
 def test_feature_steering_adds_the_decoder_direction(bridge, sae):
     with tl_linmap.spliced(bridge, [sae]):
-        steering = tl_linmap.feature_steering(bridge, SITE, 11, alpha=0.5)
+        steering = tl_linmap.feature_steering(bridge, 11, alpha=0.5)
     assert steering.hook_name == SITE and steering.vector.norm().item() == pytest.approx(1.0)
     direction = sae.W_dec[11] / sae.W_dec[11].norm()
     resid = torch.randn(1, 6, 16, dtype=torch.float64)
     expected = resid + 0.5 * resid.norm(dim=-1, keepdim=True) * direction
     assert (steering.steer(resid) - expected).abs().max() < 1e-12
+    by_dictionary = tl_linmap.feature_steering(sae, 11, alpha=0.5)  # no model needed for a decoder direction
+    assert by_dictionary.hook_name == SITE and torch.equal(by_dictionary.vector, steering.vector)
     with pytest.raises(tl_linmap.InputError, match="No dictionary writes"):
-        tl_linmap.feature_steering(bridge, SITE, 11)  # outside spliced: no dictionary there
-    with tl_linmap.spliced(bridge, [sae]), pytest.raises(tl_linmap.InputError, match=r"feature must be an int in \[0, 48\)"):
-        tl_linmap.feature_steering(bridge, SITE, 48)
+        tl_linmap.feature_steering(bridge, 11)  # outside spliced: no dictionary there
+    with pytest.raises(tl_linmap.InputError, match=r"feature must be an int in \[0, 48\)"):
+        tl_linmap.feature_steering(sae, 48)
+    other = tl_linmap.Dictionary(sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, hook_in="blocks.1.hook_resid_post")
+    with tl_linmap.spliced(bridge, [sae, other]), pytest.raises(tl_linmap.InputError, match="2 dictionaries: name one with site="):
+        tl_linmap.feature_steering(bridge, 11)
 
 
 def test_map_steering_needs_a_residual_map(bridge, sae):

@@ -704,3 +704,15 @@ def test_a_saelens_sae_handed_to_spliced_is_the_attached_one(model, name, conven
     assert _gap(ours.operators, lm.operators) <= TOL and _gap(ours.bias, lm.bias) <= TOL
     assert torch.equal(our_split.features, split.features)
     assert (our_split.values - split.values).abs().max() <= TOL and (our_split.errors - split.errors).abs().max() <= TOL
+
+
+def test_attribution_patching_reads_through_an_sae_in_place_of_a_hook_point(model):
+    """SAELens puts its wrapper where blocks.1.hook_mlp_out was: the layouts read its output hook point. With a
+    live error the model is the bare model's, so every predicted patch is too."""
+    clean, corrupted = model.to_tokens(PROMPT), model.to_tokens("The dog")
+    bare = tl_linmap.attribution_patching(model, clean, corrupted, (9, 10), layouts=["mlp_out", "resid_pre"])
+    with attached(model, "topk", "live"):
+        assert "blocks.1.hook_mlp_out" not in model.hook_dict
+        spliced = tl_linmap.attribution_patching(model, clean, corrupted, (9, 10), layouts=["mlp_out", "resid_pre"])
+    for layout in ("mlp_out", "resid_pre"):
+        assert (spliced[layout] - bare[layout]).abs().max() <= TOL

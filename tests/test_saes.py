@@ -47,3 +47,12 @@ def test_the_bundled_sae_is_what_its_stats_say(name):
     assert sae.d_sae == stats["d_sae"] and sae.hook_in == stats.get("hook_name", sae.hook_in)
     assert 0 < stats["explained_variance"] <= 1 and stats["mean_l0"] > 0
     assert sae.W_enc.dtype == torch.float32  # stored in float16, read in float32 by default
+
+
+def test_settings_outside_the_mask_are_refused_and_transcoders_read_their_output_hook(tmp_path):
+    write_sae(tmp_path / "normed", architecture="standard", normalize_activations="layer_norm")
+    with pytest.raises(tl_linmap.InputError, match="normalize_activations='layer_norm'.*fold them into the weights"):
+        tl_linmap.load_sae(tmp_path / "normed")
+    write_sae(tmp_path / "tc", architecture="jumprelu_transcoder", hook_name_out="blocks.1.hook_mlp_out")
+    tc = tl_linmap.load_sae(tmp_path / "tc")
+    assert (tc.hook_in, tc.hook_out) == ("blocks.1.hook_resid_post", "blocks.1.hook_mlp_out")

@@ -140,8 +140,7 @@ print("map to the output, decoded:", tl_linmap.top_tokens(model, to_output.value
 # %%
 concept = [t for t, _ in tl_linmap.top_tokens(model, to_output.values.to(model.W_U), k=5, bias=False)]
 unrelated = "My favourite thing to do on the weekend is"
-with tl_linmap.spliced(model, [sae]):
-    by_decoder = tl_linmap.feature_steering(model, site, best.feature, alpha=0.5)
+by_decoder = tl_linmap.feature_steering(sae, best.feature, alpha=0.5)
 by_map = tl_linmap.steering_hooks(to_resid, alpha=0.5)
 alphas = (0.0, 0.25, 0.5, 1.0)
 sweeps = {

@@ -15,8 +15,8 @@ import weakref
 from tl_linmap.base.compat import get_act_name, is_hooked
 from tl_linmap.base.errors import UnsupportedArchitectureError
 from tl_linmap.freeze import structure
-from tl_linmap.freeze.rules import POINTWISE_ACTIVATIONS, Detach, Ratio, Rebuild, Rule
 from tl_linmap.freeze.replacement import replacement_rules
+from tl_linmap.freeze.rules import POINTWISE_ACTIVATIONS, Detach, Ratio, Rebuild, Rule
 from tl_linmap.freeze.splicing import splices_of
 
 

@@ -110,7 +110,7 @@ class Dictionary:
         Returns:
             ``(x - c·b_dec) W_enc + b_enc``.
         """
-        x = x - self.b_dec * self.apply_b_dec_to_input if self.apply_b_dec_to_input else x
+        x = x - self.b_dec if self.apply_b_dec_to_input else x
         if self.activation == "gated":
             return x @ (self.W_enc * self.r_mag.exp()) + self.b_mag
         return x @ self.W_enc + self.b_enc
@@ -135,7 +135,7 @@ class Dictionary:
             chosen = torch.zeros_like(pre, dtype=torch.bool).scatter_(-1, scores.topk(self.k, dim=-1, sorted=False).indices, True)
             on = chosen if self.activation == "abstopk" else chosen & positive
         else:
-            gate = (x - self.b_dec * self.apply_b_dec_to_input) @ self.W_enc + self.b_gate
+            gate = (x - self.b_dec if self.apply_b_dec_to_input else x) @ self.W_enc + self.b_gate
             on = (gate > 0) & (pre > 0)
         return on.to(pre.dtype)
 
@@ -185,6 +185,12 @@ def _check(d: Dictionary) -> None:
     missing = [n for n in needs if getattr(d, n) is None]
     if missing:
         raise InputError(f"Dictionary {d.name}: a {d.activation} dictionary needs {', '.join(missing)}.")
+    shapes = {"threshold": (d_sae,), "b_gate": (d_sae,), "r_mag": (d_sae,), "b_mag": (d_sae,), "W_skip": (d.W_dec.shape[1], d_in)}
+    for name, shape in shapes.items():
+        value = getattr(d, name)
+        if value is not None and (not isinstance(value, Tensor) or tuple(value.shape) != shape):
+            got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            raise InputError(f"Dictionary {d.name}: {name} must be a tensor of shape {shape}, got {got}.")
     if d.activation in ("topk", "abstopk") and (isinstance(d.k, bool) or not isinstance(d.k, int) or not 0 < d.k <= d_sae):
         raise InputError(f"Dictionary {d.name}: a {d.activation} dictionary needs k, an int in [1, d_sae={d_sae}], got {d.k!r}.")
     if d.apply_b_dec_to_input and d.b_dec.shape[0] != d_in:
@@ -207,14 +213,7 @@ def from_saelens(sae) -> Dictionary:
         UnsupportedArchitectureError: for an SAE class or setting no rule covers (named, with why).
     """
     kind = type(sae).__name__
-    where = f"{kind} at {getattr(sae.cfg.metadata, 'hook_name', '?')}"
-    if kind in SAELENS_REFUSED:
-        raise UnsupportedArchitectureError(f"{where}: {SAELENS_REFUSED[kind]}.")
-    if kind not in SAELENS_ACTIVATIONS:
-        raise UnsupportedArchitectureError(
-            f"{where}: tl_linmap has no freeze rule for this SAE class (it covers {', '.join(SAELENS_ACTIVATIONS)})."
-        )
-    check_saelens_cfg(sae, where)
+    check_saelens(sae, f"the SAELens {kind} at {getattr(sae.cfg.metadata, 'hook_name', '?')!r}")
     weights = {n: getattr(sae, n) for n in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold", "W_skip", "b_gate", "r_mag", "b_mag") if isinstance(getattr(sae, n, None), Tensor)}
     if kind == "GatedSAE":
         weights["b_enc"] = weights["b_gate"]  # unused by a gated SAE's magnitudes; kept for the shapes
@@ -227,6 +226,27 @@ def from_saelens(sae) -> Dictionary:
         k=getattr(sae.cfg, "k", None),
         apply_b_dec_to_input=bool(getattr(sae.cfg, "apply_b_dec_to_input", False)),
     )
+
+
+def check_saelens(sae, where: str) -> None:
+    """Refuse a SAELens SAE no rule covers: its class, or a setting that puts a nonlinearity outside the mask.
+
+    Args:
+        sae: A SAELens ``SAE``.
+        where: Its class and hook, for the message.
+
+    Raises:
+        UnsupportedArchitectureError: naming it and why.
+    """
+    kind = type(sae).__name__
+    if kind in SAELENS_REFUSED:
+        raise UnsupportedArchitectureError(f"{where}: tl_linmap has no freeze rule for it: {SAELENS_REFUSED[kind]}.")
+    if kind not in SAELENS_ACTIVATIONS:
+        training = " (a training SAE: load the inference SAE of its architecture from its saved weights)" if "Training" in kind else ""
+        raise UnsupportedArchitectureError(
+            f"{where}: tl_linmap has no freeze rule for this SAE class{training}; it freezes {', '.join(SAELENS_ACTIVATIONS)}."
+        )
+    check_saelens_cfg(sae, where)
 
 
 def check_saelens_cfg(sae, where: str) -> None:

@@ -22,7 +22,7 @@ mixture-of-experts model's lists also name the experts' ``act_fn`` modules (see
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
@@ -32,11 +32,8 @@ from tl_linmap.base.compat import check_model
 from tl_linmap.base.errors import InputError
 from tl_linmap.freeze import moe
 from tl_linmap.freeze.architectures import rules_for
-from tl_linmap.freeze.rules import Detach, Experts, Ratio, Rebuild
+from tl_linmap.freeze.rules import Detach, Experts, HookFn, Ratio, Rebuild
 from tl_linmap.freeze.splices import Leaves, Splice
-
-HookFn = Callable[..., "Tensor | None"]
-
 
 HookList = list[tuple[str, HookFn]]
 

@@ -22,12 +22,8 @@ from torch import Tensor
 
 from tl_linmap.base.errors import UnsupportedArchitectureError
 from tl_linmap.freeze.dictionary import Dictionary
-from tl_linmap.freeze.splices import (
-    DictionarySplice,
-    HookFn,
-    Splice,
-    _keep,
-)
+from tl_linmap.freeze.rules import HookFn
+from tl_linmap.freeze.splices import DictionarySplice, Splice, keep_hook
 
 
 def is_replacement(model) -> bool:
@@ -52,7 +48,7 @@ class ReplacementSplice(DictionarySplice):
 
     def _original(self, live: dict) -> list[tuple[str, HookFn]]:
         block = ".".join(self.site.split(".")[:2])
-        return [(f"{block}.mlp.old_mlp", _keep(live, "orig"))]
+        return [(f"{block}.mlp.old_mlp", keep_hook(live, "orig"))]
 
 
 def _dictionary(transcoder, layer: int, hook_in: str, hook_out: str) -> Dictionary:
@@ -146,7 +142,8 @@ class CrossLayerSplice(DictionarySplice):
     W_skip: Tensor | None = field(default=None, repr=False)
     shared: dict = field(default_factory=dict, repr=False)
 
-    def _hooks(self, acts_of: Callable[[Dictionary, Tensor], Tensor], error_of: Callable[[Tensor, Tensor], Tensor]) -> list[tuple[str, HookFn]]:
+    def _hooks(self, acts_of: Callable[[Dictionary, Tensor], Tensor], error_of: Callable[[Tensor, Tensor], Tensor], inputs: dict | None = None) -> list[tuple[str, HookFn]]:
+        # Its input is always at a hook point of its own (the block's MLP input): ``inputs`` stays empty.
         live: dict = {}
         d = self.dictionary
 
@@ -161,7 +158,7 @@ class CrossLayerSplice(DictionarySplice):
                 recons = recons + x @ self.W_skip.to(x)
             return error_of(recons.reshape(orig.shape), orig)
 
-        return [(d.hook_in, encode), (f"blocks.{self.layer}.mlp.old_mlp", _keep(live, "orig")), (d.hook_out, write)]
+        return [(d.hook_in, encode), (f"blocks.{self.layer}.mlp.old_mlp", keep_hook(live, "orig")), (d.hook_out, write)]
 
 
 def cross_layer_splices(model, clt, convention: str) -> list[Splice]:

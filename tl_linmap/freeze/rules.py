@@ -7,8 +7,14 @@ how to freeze the factor there; `tl_linmap.freeze.architectures` says which rule
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Union
+
+from torch import Tensor
+
+#: A TransformerLens hook function: ``fn(act, hook=None)`` returns the replacement, or None to keep ``act``.
+HookFn = Callable[..., "Tensor | None"]
 
 
 @dataclass(frozen=True)

@@ -34,20 +34,12 @@ from dataclasses import dataclass, field, replace
 
 from torch import Tensor
 
-from tl_linmap.base.errors import UnsupportedArchitectureError
-from tl_linmap.freeze.dictionary import (
-    SAELENS_ACTIVATIONS,
-    SAELENS_REFUSED,
-    Dictionary,
-    check_saelens_cfg,
-    from_saelens,
-)
+from tl_linmap.base.errors import InputError, UnsupportedArchitectureError
+from tl_linmap.freeze.dictionary import Dictionary, check_saelens, from_saelens
+from tl_linmap.freeze.rules import HookFn
 
 #: The error conventions, by name (see the module docstring).
 ERRORS = ("live", "constant", "none")
-
-
-HookFn = Callable[..., "Tensor | None"]
 
 
 @dataclass(frozen=True)
@@ -57,10 +49,13 @@ class Leaves:
     Attributes:
         acts: ``(batch, pos, d_sae)`` feature activations.
         error: ``(batch, pos, d_out)`` error term, or None where the splice has none.
+        inputs: Filled with the input it read (``"x"``), where that input is at no hook point of its own
+            (a dictionary reading and writing one hook point): what its features' pre-activations read.
     """
 
     acts: Tensor
     error: Tensor | None
+    inputs: dict | None = None
 
 
 class Splice(ABC):
@@ -73,8 +68,15 @@ class Splice(ABC):
     #: Its weights as a `Dictionary` (decoder directions, encoder, hook points).
     dictionary: Dictionary
     after_attention = False
-    windows = False  # a window of the prompt would change a TopK's choice; never cut
+    # Its factors are never cut to a window of the prompt or to the trimmed block of a replay (its
+    # input there would be one position, its mask all of them): such models replay whole prompts.
+    windows = False
     kind = "features"
+
+    @property
+    def own_input_hook(self) -> bool:
+        """Whether the vector its encoder reads is at a hook point of its own (False: it reads the point it writes)."""
+        return True
 
     @property
     def input_hook(self) -> str:
@@ -137,10 +139,12 @@ class Splice(ABC):
         """
 
 
-def _recorded(factors: dict | None, site: str, mask: Tensor, acts: Tensor) -> None:
+def _recorded(factors: dict | None, site: str, mask: Tensor, acts: Tensor, x: Tensor | None = None) -> None:
     if factors is not None:
         factors[f"{site}#mask"] = mask
         factors[f"{site}#acts"] = acts.detach()
+        if x is not None:  # the input, where no hook point of its own holds it
+            factors[f"{site}#input"] = x.detach()
 
 
 def _with_error(recons: Tensor, orig: Tensor, error: str, site: str, factors: dict | None) -> Tensor:
@@ -213,8 +217,8 @@ class SAELensSplice(Splice):
         return hook
 
     def _keeps(self, live: dict, *, orig: bool) -> list[tuple[str, HookFn]]:
-        keeps = [(self._hook("recons"), _keep(live, "recons"))]
-        return keeps + ([(self._orig, _keep(live, "orig"))] if orig else [])
+        keeps = [(self._hook("recons"), keep_hook(live, "recons"))]
+        return keeps + ([(self._orig, keep_hook(live, "orig"))] if orig else [])
 
     def freeze(self, factors: dict | None) -> list[tuple[str, HookFn]]:
         live: dict = {}
@@ -225,7 +229,7 @@ class SAELensSplice(Splice):
             _recorded(factors, self.site, mask, act)
             return act.detach() + (pre - pre.detach()) * mask  # the value is act's bits; the gradient is mask
 
-        hooks = [(self._hook("acts_pre"), _keep(live, "pre")), (self._hook("acts_post"), post)]
+        hooks = [(self._hook("acts_pre"), keep_hook(live, "pre")), (self._hook("acts_post"), post)]
         if self.error == "none":
             return hooks
         return hooks + self._keeps(live, orig=True) + [(self._hook("output"), self._output(live, self.error, factors))]
@@ -233,7 +237,7 @@ class SAELensSplice(Splice):
     def replay(self, factors: dict) -> list[tuple[str, HookFn]]:
         live: dict = {}
         mask = factors[f"{self.site}#mask"]
-        hooks = [(self._hook("acts_pre"), _keep(live, "pre")), (self._hook("acts_post"), lambda act, hook=None: live.pop("pre") * _fit(mask, act))]
+        hooks = [(self._hook("acts_pre"), keep_hook(live, "pre")), (self._hook("acts_post"), lambda act, hook=None: live.pop("pre") * _rows(mask, len(act)))]
         if self.error == "none":
             return hooks
         constant = factors.get(f"{self.site}#error") if self.error == "constant" else None
@@ -241,23 +245,28 @@ class SAELensSplice(Splice):
 
     def nodes(self, leaves: Leaves) -> list[tuple[str, HookFn]]:
         live: dict = {}
-        hooks = [(self._hook("acts_post"), lambda act, hook=None: _fit(leaves.acts, act))]
+        hooks = [(self._hook("acts_post"), lambda act, hook=None: _rows(leaves.acts, len(act)))]
         if self.error == "none":
             return hooks
         return hooks + self._keeps(live, orig=False) + [(self._hook("output"), self._output(live, self.error, None, leaves.error))]
 
 
-def _keep(live: dict, key: str) -> HookFn:
+def keep_hook(live: dict, key: str) -> HookFn:
+    """A hook that keeps the activation under ``live[key]`` and changes nothing.
+
+    Args:
+        live: Where to keep it.
+        key: Under which key.
+
+    Returns:
+        The hook function.
+    """
+
     # Keyed by this closure, not hook.name: an alias hook reports its canonical name.
     def hook(act: Tensor, hook=None) -> None:
         live[key] = act
 
     return hook
-
-
-def _fit(value: Tensor, act: Tensor) -> Tensor:
-    # A value recorded on one sequence, for a replay of several rows.
-    return value.expand_as(act) if value.shape[0] == 1 else value
 
 
 def saelens_splices(model, convention: str = "live") -> list[Splice]:
@@ -279,17 +288,9 @@ def saelens_splices(model, convention: str = "live") -> list[Splice]:
     splices: list[Splice] = []
     for hook_in, wrapper in wrappers.items():
         sae = wrapper.sae
-        kind = type(sae).__name__
         site = outputs.get(hook_in, hook_in)
-        where = f"the SAELens {kind} attached at {hook_in!r}"
-        if kind in SAELENS_REFUSED:
-            raise UnsupportedArchitectureError(f"{where}: tl_linmap has no freeze rule for it: {SAELENS_REFUSED[kind]}.")
-        if kind not in SAELENS_ACTIVATIONS:
-            raise UnsupportedArchitectureError(
-                f"{where}: tl_linmap has no freeze rule for this SAE class (it freezes {', '.join(SAELENS_ACTIVATIONS)}); "
-                "detach it (model.reset_saes()) or map the model without it."
-            )
-        check_saelens_cfg(sae, where)
+        where = f"the SAELens {type(sae).__name__} attached at {hook_in!r}"
+        check_saelens(sae, where)
         if getattr(wrapper, "exclude_special_tokens", False):
             raise UnsupportedArchitectureError(
                 f"{where} bypasses special tokens (exclude_special_tokens): attach it with exclude_special_tokens=False."
@@ -308,17 +309,27 @@ def saelens_splices(model, convention: str = "live") -> list[Splice]:
 
 
 class _Last:
-    """What a splice's plain hook last wrote, so a later hook of the same splice sees the model's own value."""
+    """What a splice's plain hook last wrote, so that a later hook of the same splice sees the model's own value.
+
+    Given back once (`resolve`) and dropped, so no activation (nor its graph) outlives its forward for long.
+    """
 
     def __init__(self) -> None:
         self.out: Tensor | None = None
         self.orig: Tensor | None = None
 
     def resolve(self, act: Tensor) -> Tensor:
-        return self.orig if act is self.out else act
+        if act is not self.out:
+            return act
+        orig, self.out, self.orig = self.orig, None, None
+        return orig
+
+    def clear(self) -> None:
+        self.out = self.orig = None
 
 
 def _rows(value: Tensor, n: int) -> Tensor:
+    # A value recorded on one sequence, for a pass of n rows.
     return value.expand(n, *value.shape[1:]) if value.shape[0] == 1 else value
 
 
@@ -358,8 +369,13 @@ class DictionarySplice(Splice):
             self.cast[key] = self.dictionary.to(like)
         return self.cast[key]
 
-    def _hooks(self, acts_of: Callable[[Dictionary, Tensor], Tensor], error_of: Callable[[Tensor, Tensor], Tensor]) -> list[tuple[str, HookFn]]:
-        # Its input kept at hook_in, its output computed at hook_out (in the activation's dtype and device).
+    @property
+    def own_input_hook(self) -> bool:
+        return self.dictionary.hook_in != self.dictionary.hook_out
+
+    def _hooks(self, acts_of: Callable[[Dictionary, Tensor], Tensor], error_of: Callable[[Tensor, Tensor], Tensor], inputs: dict | None = None) -> list[tuple[str, HookFn]]:
+        # Its output computed at hook_out (in the activation's dtype and device) from its input, kept at
+        # hook_in where that is another hook point (and, in ``inputs``, where it is not).
         live: dict = {}
         d = self.dictionary
 
@@ -369,12 +385,19 @@ class DictionarySplice(Splice):
         def write(act: Tensor, hook=None) -> Tensor:
             orig = live.pop("orig", None)
             orig = self.last.resolve(act) if orig is None else orig
-            x = live.pop("x").flatten(2)
+            x = (live.pop("x") if self.own_input_hook else orig).flatten(2)
+            if x.shape[-1] != d.W_enc.shape[0]:
+                raise InputError(
+                    f"Dictionary {d.name}: {d.hook_in!r} holds vectors of width {x.shape[-1]} (flattened after the position "
+                    f"axis), its W_enc reads {d.W_enc.shape[0]}: give a dictionary for this hook point."
+                )
+            if inputs is not None and not self.own_input_hook:
+                inputs["x"] = x
             w = self.weights(x)
             recons = w.decode(acts_of(w, x), x).reshape(orig.shape)
             return error_of(recons, orig)
 
-        return [(d.hook_in, take), *self._original(live), (d.hook_out, write)]
+        return [*([(d.hook_in, take)] if self.own_input_hook else []), *self._original(live), (d.hook_out, write)]
 
     def _original(self, live: dict) -> list[tuple[str, HookFn]]:
         # Hooks keeping the model's own value at hook_out under live["orig"], where hook_out's is not it.
@@ -402,7 +425,7 @@ class DictionarySplice(Splice):
             pre = w.pre(x)
             mask = w.mask(x, pre).detach()
             acts = pre * mask
-            _recorded(factors, self.site, mask, acts)
+            _recorded(factors, self.site, mask, acts, None if self.own_input_hook else x)
             return acts
 
         return self._hooks(acts_of, lambda r, o: _with_error(r, o, self.error, self.site, factors))
@@ -421,7 +444,7 @@ class DictionarySplice(Splice):
         def error_of(r: Tensor, o: Tensor) -> Tensor:
             return r if leaves.error is None else r + _rows(leaves.error, len(r)).reshape(r.shape)
 
-        return self._hooks(lambda w, x: _rows(leaves.acts, len(x)), error_of)
+        return self._hooks(lambda w, x: _rows(leaves.acts, len(x)), error_of, leaves.inputs)
 
 
 def _masked(w: Dictionary, x: Tensor) -> Tensor:

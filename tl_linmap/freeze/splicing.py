@@ -41,13 +41,51 @@ def splices_of(model) -> list[Splice]:
         model: A TransformerBridge or HookedTransformer.
 
     Returns:
-        The splices (empty for a model without any).
+        The splices (empty for a model without any), each after those that write the hook point it reads.
 
     Raises:
         UnsupportedArchitectureError: for a spliced module no rule covers (named, with its hook).
     """
     found = saelens_splices(model, convention(model)) + replacement_splices(model, convention(model, "constant"))
-    return found + list(_SPLICED.get(model, ()))
+    return ordered(model, found + list(_SPLICED.get(model, ())))
+
+
+def canonical(points: dict, name: str) -> str:
+    """The name a hook point has whatever alias names it (a bridge's ``blocks.0.hook_mlp_out`` is ``blocks.0.mlp.hook_out``).
+
+    Args:
+        points: The model's ``hook_dict`` (read once by the caller: a bridge builds it anew on each access).
+        name: A hook name.
+
+    Returns:
+        The hook point's own name (the name itself where it names no hook point).
+    """
+    return getattr(points.get(name), "name", None) or name
+
+
+def ordered(model, splices: list[Splice]) -> list[Splice]:
+    """Splices in an order where one that writes a hook point comes before one that reads it.
+
+    Hooks at one hook point run in the order they are added: a dictionary reading another's output
+    must see it, whichever was handed over first.
+
+    Args:
+        model: The model.
+        splices: The splices, in any order.
+
+    Returns:
+        The same splices, readers after writers (otherwise in their order).
+    """
+    if len(splices) < 2:
+        return list(splices)
+    points = model.hook_dict
+    pending, done = list(splices), []
+    while pending:
+        writes = {canonical(points, s.site) for s in pending}
+        ready = next((s for s in pending if canonical(points, s.dictionary.hook_in) not in writes - {canonical(points, s.site)}), pending[0])
+        pending.remove(ready)
+        done.append(ready)
+    return done
 
 
 def check_error(error) -> str:
@@ -94,7 +132,7 @@ def as_dictionary(item) -> Dictionary:
 
 
 @contextmanager
-def spliced(model, dictionaries: Sequence | Dictionary = (), *, error: str | None = "live") -> Iterator:
+def spliced(model, dictionaries: Sequence | Dictionary = (), *, error: str | None = None) -> Iterator:
     """Context manager: the model with dictionaries spliced in through hook points, under an error convention.
 
     Inside, the model's forward writes each dictionary's reconstruction at its ``hook_out`` (plus
@@ -107,8 +145,9 @@ def spliced(model, dictionaries: Sequence | Dictionary = (), *, error: str | Non
     Args:
         model: A TransformerBridge or HookedTransformer.
         dictionaries: `Dictionary` objects or SAELens SAEs, at any hook points with a position axis.
-        error: ``"live"``, ``"constant"`` or ``"none"`` (`tl_linmap.freeze.splices.ERRORS`); None: ``"live"``
-            for the dictionaries given, and the model's own splices as they are.
+        error: ``"live"``, ``"constant"`` or ``"none"`` (`tl_linmap.freeze.splices.ERRORS`); None (default):
+            ``"live"`` for the dictionaries given, and the model's own splices' as they are (SAELens': live;
+            a ``ReplacementModel``'s: constant).
 
     Returns:
         A context manager yielding the model.
@@ -124,7 +163,7 @@ def spliced(model, dictionaries: Sequence | Dictionary = (), *, error: str | Non
         check_error(error)
     if isinstance(dictionaries, Dictionary) or hasattr(dictionaries, "W_enc"):
         dictionaries = [dictionaries]
-    items = [DictionarySplice(as_dictionary(d), error=error or "live") for d in dictionaries]
+    items = ordered(model, [DictionarySplice(as_dictionary(d), error=error or "live") for d in dictionaries])
     _check_sites(model, items)
     plain = [hook for item in items for hook in item.plain()]
     added = _SPLICED.setdefault(model, [])
@@ -137,18 +176,22 @@ def spliced(model, dictionaries: Sequence | Dictionary = (), *, error: str | Non
     finally:
         for item in items:
             added.remove(item)
+            item.last.clear()
         conventions.pop()
 
 
 def _check_sites(model, items: list[DictionarySplice]) -> None:
-    taken = {splice.site for splice in splices_of(model)}
+    points = model.hook_dict
+    taken = {canonical(points, splice.site): splice.site for splice in splices_of(model)}
     for item in items:
         d = item.dictionary
         for name in (d.hook_in, d.hook_out):
-            if name not in model.hook_dict:
-                close = difflib.get_close_matches(name, list(model.hook_dict), n=3)
+            if name not in points:
+                close = difflib.get_close_matches(name, list(points), n=3)
                 hint = f" Did you mean {', '.join(close)}?" if close else ""
                 raise InputError(f"Dictionary {d.name}: the model has no hook point {name!r}.{hint}")
-        if d.hook_out in taken:
-            raise InputError(f"Two dictionaries write {d.hook_out!r}: splice one per hook point.")
-        taken.add(d.hook_out)
+        site = canonical(points, d.hook_out)
+        if site in taken:
+            same = "" if taken[site] == d.hook_out else f" (as {taken[site]!r}: the same hook point)"
+            raise InputError(f"Two dictionaries write {d.hook_out!r}{same}: splice one per hook point.")
+        taken[site] = d.hook_out

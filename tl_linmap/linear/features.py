@@ -18,11 +18,11 @@ from torch import Tensor
 from tl_linmap.base.compat import check_model, get_act_name
 from tl_linmap.base.errors import InputError
 from tl_linmap.base.hook_names import EMBED_HOOK
-from tl_linmap.base.prompts import Prompt, read_prompts
+from tl_linmap.base.prompts import Prompt, Prompts, read_prompts
 from tl_linmap.freeze.capture import at_position, capture
 from tl_linmap.freeze.hooks import replay_hooks
 from tl_linmap.freeze.splices import Leaves, Splice
-from tl_linmap.freeze.splicing import spliced, splices_of
+from tl_linmap.freeze.splicing import canonical, spliced, splices_of
 from tl_linmap.freeze.system import FrozenSystem, frozen_system
 from tl_linmap.freeze.targets import resolve_target
 from tl_linmap.reading.readouts import LinearReadout
@@ -39,22 +39,37 @@ def module_hooks(model, sites: Iterable[str]) -> list[str]:
     Returns:
         ``blocks.L.hook_attn_out`` and ``blocks.L.hook_mlp_out`` that the model has, in block order.
     """
-    taken = set(sites)
+    points = model.hook_dict
+    taken = {canonical(points, site) for site in sites}  # by hook point: a bridge's hook_mlp_out is mlp.hook_out
     names = [get_act_name(kind, layer) for layer in range(model.cfg.n_layers) for kind in ("attn_out", "mlp_out")]
-    return [n for n in names if n in model.hook_dict and n not in taken]
+    return [n for n in names if n in points and canonical(points, n) not in taken]
 
 
 def _leaf(value: Tensor) -> Tensor:
     return value.detach().clone().requires_grad_(True)
 
 
-def _node_pass(system: FrozenSystem, name: str, embeddings: Tensor, nodes: dict[str, Leaves], modules: dict[str, Tensor]) -> Tensor:
-    # The target's vector at the system's position, every leaf given.
+def node_pass(system: FrozenSystem, name: str, embeddings: Tensor, nodes: dict[str, Leaves], modules: dict[str, Tensor], *, input_of: str | None = None) -> Tensor:
+    """One replay of the frozen system with leaves given: the target's vector at the system's position.
+
+    Args:
+        system: The frozen system.
+        name: The target hook.
+        embeddings: The token embeddings to use, ``(1, pos, d)``.
+        nodes: Per splice's site, its activations and error (`tl_linmap.freeze.splices.Leaves`).
+        modules: Per module output hook, its value to use.
+        input_of: Read, instead of ``name``'s value, the input of the splice writing this site (which
+            reads the hook point it writes, so no hook point holds its input); its `Leaves` must have ``inputs``.
+
+    Returns:
+        ``(d_out,)``.
+    """
     n = system.tokens.shape[1]
     hooks = [(EMBED_HOOK, lambda act, hook=None: embeddings.reshape(act.shape))]
     hooks += replay_hooks(system.model, system.factors, nodes=nodes)
     hooks += [(hook_name, _give(value)) for hook_name, value in modules.items()]
-    return capture(system.model, system.tokens, [name], hooks, select=lambda act: at_position(act, system.position, n))[name][0]
+    y = capture(system.model, system.tokens, [name], hooks, select=lambda act: at_position(act, system.position, n))[name][0]
+    return y if input_of is None else nodes[input_of].inputs["x"][0, system.position]
 
 
 def _give(value: Tensor):
@@ -75,7 +90,7 @@ def _module_values(system: FrozenSystem, names: list[str], target: str) -> dict[
     return {name: value for name, value in fired if name in before}
 
 
-def node_effects(system: FrozenSystem, splices: list[Splice], name: str, rows: Tensor, *, modules: list[str] = ()) -> dict:
+def node_effects(system: FrozenSystem, splices: list[Splice], name: str, rows: Tensor, *, modules: list[str] = (), input_of: str | None = None) -> dict:
     """Every node's direct effect on ``rows · y``, ``y`` the target's vector at the system's position.
 
     Args:
@@ -85,6 +100,7 @@ def node_effects(system: FrozenSystem, splices: list[Splice], name: str, rows: T
         name: The target hook.
         rows: ``(k, d_out)`` covectors read from the target (an identity for the whole vector).
         modules: Module output hooks to make leaves too (`module_hooks`).
+        input_of: Read the input of the splice writing this site instead of the target hook (see `node_pass`).
 
     Returns:
         ``acts`` (per site, ``(pos, d_sae)``), ``features`` (per site, ``(k, pos, d_sae)``: the derivative),
@@ -97,14 +113,16 @@ def node_effects(system: FrozenSystem, splices: list[Splice], name: str, rows: T
     values = _module_values(system, list(modules), name)
     with torch.enable_grad():
         embeddings = _leaf(system.x)
-        nodes = {site: Leaves(_leaf(a)[None], None if errors[site] is None else _leaf(errors[site])) for site, a in acts.items()}
+        nodes = {site: Leaves(_leaf(a)[None], None if errors[site] is None else _leaf(errors[site]), {} if site == input_of else None)
+                 for site, a in acts.items()}
         module_leaves = {m: _leaf(v) for m, v in values.items()}
-        y = _node_pass(system, name, embeddings, nodes, module_leaves)
+        y = node_pass(system, name, embeddings, nodes, module_leaves, input_of=input_of)
         leaves = [embeddings, *(n.acts for n in nodes.values()), *(n.error for n in nodes.values() if n.error is not None), *module_leaves.values()]
         grads = [torch.autograd.grad(row @ y, leaves, retain_graph=True, allow_unused=True) for row in rows]
     with torch.no_grad():
-        zero_nodes = {site: Leaves(torch.zeros_like(n.acts), None if n.error is None else torch.zeros_like(n.error)) for site, n in nodes.items()}
-        y0 = _node_pass(system, name, torch.zeros_like(system.x), zero_nodes, {m: torch.zeros_like(v) for m, v in module_leaves.items()})
+        zero_nodes = {site: Leaves(torch.zeros_like(n.acts), None if n.error is None else torch.zeros_like(n.error), {} if site == input_of else None)
+                      for site, n in nodes.items()}
+        y0 = node_pass(system, name, torch.zeros_like(system.x), zero_nodes, {m: torch.zeros_like(v) for m, v in module_leaves.items()}, input_of=input_of)
 
     def part(i: int, like: Tensor) -> Tensor:
         return torch.stack([g[i] if g[i] is not None else torch.zeros_like(like) for g in grads])
@@ -191,21 +209,43 @@ def feature_contributions(
     """
     check_model(model)
     prompts = read_prompts(model, prompt, position=position, several=False)
+    with spliced(model, dictionaries, error=error):
+        return split_target(model, prompts, target, modules=modules, dtype=dtype)
+
+
+def split_target(model, prompts: Prompts, target, *, modules: bool = False, dtype: torch.dtype | None = torch.float64, input_of: str | None = None) -> FeatureContributions:
+    """`feature_contributions` of a prompt already read, on the model's splices as they are.
+
+    Args:
+        model: A model with dictionaries spliced in.
+        prompts: One prompt (`tl_linmap.base.prompts.read_prompts`).
+        target: A hook name or a linear readout.
+        modules: Also make the blocks' module outputs nodes.
+        dtype: Working dtype.
+        input_of: The target reads the input of the splice writing this site, where no hook point holds it
+            (its reference value is the input the frozen pass recorded).
+
+    Returns:
+        The `FeatureContributions`.
+
+    Raises:
+        InputError: for a bad target, or a model without dictionaries.
+    """
     if isinstance(target, LinearReadout):
         target.check(model)
-    with spliced(model, dictionaries, error=error):
-        splices = splices_of(model)
-        if not splices:
-            raise InputError(
-                "The model has no dictionaries spliced in: pass dictionaries=[tl_linmap.Dictionary(...) or a SAELens SAE], "
-                "attach SAEs to a HookedSAETransformer, or use a circuit-tracer ReplacementModel."
-            )
-        hook = target.hook if isinstance(target, LinearReadout) else target
-        with frozen_system(model, prompts, [hook], dtype=dtype) as system:
-            name, label, rows, c = target_rows(system, target)
-            effects = node_effects(system, splices, name, rows, modules=module_hooks(model, [s.site for s in splices]) if modules else [])
-            reference = rows @ system.outputs[name] + c
-        convention = next((s.error for s in splices if s.error != "none"), "none")
+    splices = splices_of(model)
+    if not splices:
+        raise InputError(
+            "The model has no dictionaries spliced in: pass dictionaries=[tl_linmap.Dictionary(...) or a SAELens SAE], "
+            "attach SAEs to a HookedSAETransformer, or use a circuit-tracer ReplacementModel."
+        )
+    hook = target.hook if isinstance(target, LinearReadout) else target
+    with frozen_system(model, prompts, [hook], dtype=dtype) as system:
+        name, label, rows, c = target_rows(system, target)
+        effects = node_effects(system, splices, name, rows, modules=module_hooks(model, [s.site for s in splices]) if modules else [], input_of=input_of)
+        read = system.outputs[name] if input_of is None else system.factors[f"{input_of}#input"][0, system.position]
+        reference = rows @ read + c
+    convention = next((s.error for s in splices if s.error != "none"), "none")
     return _result(model, prompts, system, splices, label, effects, c, reference, convention)
 
 

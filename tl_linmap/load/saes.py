@@ -20,8 +20,11 @@ from tl_linmap.freeze.dictionary import Dictionary
 SAE_DIR = Path(__file__).parent / "saes"
 
 
-#: SAELens architecture names and the activation each computes.
-ARCHITECTURES = {"standard": "relu", "jumprelu": "jumprelu", "topk": "topk", "abstopk": "abstopk"}
+#: SAELens architecture names and the activation each computes (transcoders: a ``hook_name_out`` in the cfg).
+ARCHITECTURES = {
+    "standard": "relu", "jumprelu": "jumprelu", "topk": "topk", "abstopk": "abstopk",
+    "transcoder": "relu", "skip_transcoder": "relu", "jumprelu_transcoder": "jumprelu", "jumprelu_skip_transcoder": "jumprelu",
+}
 
 
 def bundled_saes() -> list[str]:
@@ -76,10 +79,18 @@ def load_sae(name_or_path: str | Path, *, dtype: torch.dtype = torch.float32) ->
     architecture = cfg.get("architecture", "standard")
     if architecture not in ARCHITECTURES:
         raise InputError(f"{folder}: architecture {architecture!r}; this loader reads {', '.join(ARCHITECTURES)}.")
+    if cfg.get("normalize_activations", "none") not in ("none", None) or cfg.get("rescale_acts_by_decoder_norm"):
+        raise InputError(
+            f"{folder}: normalize_activations={cfg.get('normalize_activations')!r}, rescale_acts_by_decoder_norm="
+            f"{cfg.get('rescale_acts_by_decoder_norm', False)!r}: fold them into the weights first (SAELens: "
+            "fold_activation_norm_scaling_factor, fold_W_dec_norm), so that the features are a mask times a linear map."
+        )
     weights = {k: v.to(dtype) for k, v in load_file(str(folder / "sae_weights.safetensors")).items()}
-    hook = cfg.get("hook_name") or cfg.get("metadata", {}).get("hook_name")
+    metadata = cfg.get("metadata", {})
+    hook = cfg.get("hook_name") or metadata.get("hook_name")
+    hook_out = cfg.get("hook_name_out") or metadata.get("hook_name_out") or hook
     return Dictionary(
         W_enc=weights["W_enc"], b_enc=weights["b_enc"], W_dec=weights["W_dec"], b_dec=weights["b_dec"], threshold=weights.get("threshold"),
-        hook_in=hook, activation=ARCHITECTURES[architecture], k=cfg.get("k"),
-        apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", False)), name=f"{folder.name} @ {hook}",
+        W_skip=weights.get("W_skip"), hook_in=hook, hook_out=hook_out, activation=ARCHITECTURES[architecture], k=cfg.get("k"),
+        apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", False)), name=f"{folder.name} @ {hook_out}",
     )

@@ -19,7 +19,7 @@ from tl_linmap.base.prompts import Prompt, read_prompts
 from tl_linmap.freeze.splices import Leaves, Splice
 from tl_linmap.freeze.splicing import spliced, splices_of
 from tl_linmap.freeze.system import frozen_system
-from tl_linmap.linear.features import _node_pass, feature_contributions, target_rows
+from tl_linmap.linear.features import node_pass, split_target, target_rows
 from tl_linmap.present import display
 from tl_linmap.reading.readouts import LinearReadout, logit_metric
 from tl_linmap.reading.tokens import decode_tokens
@@ -47,7 +47,19 @@ def find_splice(model, site: str) -> Splice:
     raise InputError(f"No dictionary writes {site!r}; the model's dictionaries write {sites}.")
 
 
-def _feature_id(splice: Splice, feature) -> int:
+def check_feature(splice: Splice, feature) -> int:
+    """Check a feature id against a splice's dictionary.
+
+    Args:
+        splice: The splice.
+        feature: The id given.
+
+    Returns:
+        The id.
+
+    Raises:
+        InputError: for anything but an int in ``[0, d_sae)``.
+    """
     d_sae = splice.dictionary.d_sae
     if isinstance(feature, bool) or not isinstance(feature, int) or not 0 <= feature < d_sae:
         raise InputError(f"feature must be an int in [0, {d_sae}) for the dictionary at {splice.site!r}, got {feature!r}.")
@@ -91,16 +103,29 @@ def preactivation(splice: Splice, feature: int) -> Preactivation:
         feature: Its feature id.
 
     Returns:
-        A `Preactivation` on the dictionary's input hook.
+        A `Preactivation` on the dictionary's input hook (or, for a dictionary that reads the hook point it
+        writes, on that point: read there before the dictionary writes, see `tl_linmap.linear.features.node_pass`).
     """
     d = splice.dictionary
     w = d.W_enc[:, feature] * (d.r_mag[feature].exp() if d.activation == "gated" else 1)
     b = (d.b_mag if d.activation == "gated" else d.b_enc)[feature]
     offset = b - (d.b_dec @ w if d.apply_b_dec_to_input else 0)
-    return Preactivation(splice.input_hook, w.detach(), float(offset), f"pre({splice.site} #{feature})")
+    hook = splice.input_hook if splice.own_input_hook else splice.site
+    return Preactivation(hook, w.detach(), float(offset), f"pre({splice.site} #{feature})")
 
 
-def feature_sources(model, prompt: Prompt, site: str, feature: int, *, position: int = -1, modules: bool = True, dtype: torch.dtype | None = torch.float64) -> FeatureContributions:
+def feature_sources(
+    model,
+    prompt: Prompt,
+    site: str,
+    feature: int,
+    *,
+    position: int = -1,
+    modules: bool = True,
+    dictionaries=(),
+    error: str | None = None,
+    dtype: torch.dtype | None = torch.float64,
+) -> FeatureContributions:
     """What drives one feature's pre-activation: its exact split by input token, layer and module, and earlier features.
 
     The pre-activation is linear in the dictionary's input; with every factor frozen, it is the sum of
@@ -114,6 +139,8 @@ def feature_sources(model, prompt: Prompt, site: str, feature: int, *, position:
         feature: The feature id.
         position: Where the feature is read (Python-style).
         modules: Split by block and module too (False: tokens carry every path but the dictionaries').
+        dictionaries: Dictionaries to splice in for this call (`tl_linmap.spliced`).
+        error: Their error convention (see `tl_linmap.spliced`).
         dtype: Working dtype.
 
     Returns:
@@ -123,8 +150,13 @@ def feature_sources(model, prompt: Prompt, site: str, feature: int, *, position:
         InputError: for an unknown site or feature id.
     """
     check_model(model)
-    splice = find_splice(model, site)
-    return feature_contributions(model, prompt, preactivation(splice, _feature_id(splice, feature)), modules=modules, position=position, dtype=dtype)
+    prompts = read_prompts(model, prompt, position=position, several=False)
+    with spliced(model, dictionaries, error=error):
+        splice = find_splice(model, site)
+        target = preactivation(splice, check_feature(splice, feature))
+        # A dictionary that reads the hook point it writes: its input is read inside its own hook.
+        input_of = None if splice.own_input_hook else splice.site
+        return split_target(model, prompts, target, modules=modules, dtype=dtype, input_of=input_of)
 
 
 @dataclass(frozen=True)
@@ -159,7 +191,19 @@ class FeatureMap:
         return display.summary_html("A feature's map", facts)
 
 
-def feature_map(model, prompt: Prompt, site: str, feature: int, target="output", *, source: int | None = None, position: int = -1, dtype: torch.dtype | None = torch.float64) -> FeatureMap:
+def feature_map(
+    model,
+    prompt: Prompt,
+    site: str,
+    feature: int,
+    target="output",
+    *,
+    source: int | None = None,
+    position: int = -1,
+    dictionaries=(),
+    error: str | None = None,
+    dtype: torch.dtype | None = torch.float64,
+) -> FeatureMap:
     """A feature's map to a target: its decoder direction, written at one position, pushed through the frozen system.
 
     Every other node (features, error terms, tokens) held at zero and the constant taken away, the
@@ -173,6 +217,8 @@ def feature_map(model, prompt: Prompt, site: str, feature: int, target="output",
         target: A hook name or a linear readout (`tl_linmap.Logit`, ...).
         source: The position the feature is written at (default: the target position).
         position: The target position (Python-style).
+        dictionaries: Dictionaries to splice in for this call (`tl_linmap.spliced`).
+        error: Their error convention (see `tl_linmap.spliced`).
         dtype: Working dtype.
 
     Returns:
@@ -183,24 +229,25 @@ def feature_map(model, prompt: Prompt, site: str, feature: int, target="output",
     """
     check_model(model)
     prompts = read_prompts(model, prompt, position=position, several=False)
-    splice = find_splice(model, site)
-    fid = _feature_id(splice, feature)
-    n, target_position = prompts.tokens[0].shape[1], prompts.positions[0]
-    source = target_position if source is None else source % n
-    if source > target_position:
-        raise InputError(f"source={source} comes after the target position {target_position}: a causal model's feature there cannot reach it.")
     if isinstance(target, LinearReadout):
         target.check(model)
-    hook = target.hook if isinstance(target, LinearReadout) else target
-    with spliced(model, error=None), frozen_system(model, prompts, [hook], dtype=dtype) as system:
-        name, label, rows, _ = target_rows(system, target)
-        nodes = {s.site: Leaves(torch.zeros_like(system.factors[f"{s.site}#acts"]), _zeros(system.factors.get(f"{s.site}#error_value"))) for s in splices_of(model)}
-        with torch.no_grad():
-            y0 = _node_pass(system, name, torch.zeros_like(system.x), nodes, {})
-            one = nodes[site].acts.clone()
-            one[0, source, fid] = 1.0
-            y1 = _node_pass(system, name, torch.zeros_like(system.x), {**nodes, site: Leaves(one, nodes[site].error)}, {})
-        values = rows @ (y1 - y0)
+    n, target_position = prompts.tokens[0].shape[1], prompts.positions[0]
+    with spliced(model, dictionaries, error=error):
+        fid = check_feature(find_splice(model, site), feature)
+        source = target_position if source is None else source % n
+        if source > target_position:
+            raise InputError(f"source={source} comes after the target position {target_position}: a causal model's feature there cannot reach it.")
+        hook = target.hook if isinstance(target, LinearReadout) else target
+        with frozen_system(model, prompts, [hook], dtype=dtype) as system:
+            name, label, rows, _ = target_rows(system, target)
+            nodes = {s.site: Leaves(torch.zeros_like(system.factors[f"{s.site}#acts"]), _zeros(system.factors.get(f"{s.site}#error_value")))
+                     for s in splices_of(model)}
+            with torch.no_grad():
+                y0 = node_pass(system, name, torch.zeros_like(system.x), nodes, {})
+                one = nodes[site].acts.clone()
+                one[0, source, fid] = 1.0
+                y1 = node_pass(system, name, torch.zeros_like(system.x), {**nodes, site: Leaves(one, nodes[site].error)}, {})
+            values = rows @ (y1 - y0)
     return FeatureMap(site, fid, source, label, target_position, values.detach())
 
 
@@ -208,7 +255,9 @@ def _zeros(value: Tensor | None) -> Tensor | None:
     return None if value is None else torch.zeros_like(value)
 
 
-def feature_patching(model, clean: Prompt, corrupted: Prompt, metric, *, dtype: torch.dtype | None = torch.float64) -> FeaturePatching:
+def feature_patching(
+    model, clean: Prompt, corrupted: Prompt, metric, *, dictionaries=(), error: str | None = None, dtype: torch.dtype | None = torch.float64
+) -> FeaturePatching:
     """Predict patching every feature, one at a time, from a corrupted run into a clean one (see `FeaturePatching`).
 
     Args:
@@ -217,6 +266,8 @@ def feature_patching(model, clean: Prompt, corrupted: Prompt, metric, *, dtype: 
         corrupted: The corrupted prompt, with as many tokens.
         metric: A logit readout (``LogitDiff(answer, wrong)``, ``Logit``, ``LogitCombination``) or its short
             forms ``(answer, wrong)`` and ``{token: coefficient}`` (`tl_linmap.reading.readouts.logit_metric`).
+        dictionaries: Dictionaries to splice in for this call (`tl_linmap.spliced`).
+        error: Their error convention (see `tl_linmap.spliced`).
         dtype: Working dtype.
 
     Returns:
@@ -235,6 +286,11 @@ def feature_patching(model, clean: Prompt, corrupted: Prompt, metric, *, dtype: 
             f"The clean prompt has {n} tokens and the corrupted one {corrupted_prompts.tokens[0].shape[1]}: patching swaps "
             "activations position by position, so give two prompts of the same number of tokens."
         )
+    with spliced(model, dictionaries, error=error):
+        return _patching(model, clean_prompts, corrupted_prompts, metric, dtype)
+
+
+def _patching(model, clean_prompts, corrupted_prompts, metric, dtype) -> FeaturePatching:
     splices = splices_of(model)
     if not splices:
         raise InputError("The model has no dictionaries spliced in: splice one with tl_linmap.spliced(model, [dictionary]).")
@@ -251,7 +307,7 @@ def feature_patching(model, clean: Prompt, corrupted: Prompt, metric, *, dtype: 
             error = system.factors.get(f"{splice.site}#error_value")
             with torch.enable_grad():
                 leaf = acts.detach().clone().requires_grad_(True)
-                y = _node_pass(system, name, system.x, {splice.site: Leaves(leaf, error)}, {})
+                y = node_pass(system, name, system.x, {splice.site: Leaves(leaf, error)}, {})
                 (grad,) = torch.autograd.grad(rows[0] @ y, [leaf], allow_unused=True)
             grad = torch.zeros_like(leaf) if grad is None else grad
             clean_acts[splice.site] = acts[0].detach()

@@ -77,9 +77,13 @@ def check_mode(mode: str) -> str:
     return mode
 
 
-def _act_names(model, layouts: list[str]) -> list[str]:
+def _act_names(model, layouts: list[str]) -> dict[str, str]:
+    # Each activation's name in the layouts, and the hook point holding it: where SAELens put an SAE in
+    # place of a hook point (blocks.1.hook_mlp_out), its output hook point (what flows on).
     acts = dict.fromkeys(act for name in layouts for act in LAYOUTS[name].acts)
-    return [get_act_name(act, layer) for act in acts for layer in range(model.cfg.n_layers)]
+    points = model.hook_dict
+    names = [get_act_name(act, layer) for act in acts for layer in range(model.cfg.n_layers)]
+    return {name: name if name in points or f"{name}.hook_sae_output" not in points else f"{name}.hook_sae_output" for name in names}
 
 
 def _run(model, tokens: Tensor, names: list[str], metric: LogitMetric, hooks: list, grad: bool) -> tuple[dict[str, Tensor], dict[str, Tensor], float]:
@@ -173,7 +177,8 @@ def attribution_patching(
             "swaps activations position by position, so give two prompts of the same number of tokens."
         )
     check_position(metric.position, n)
-    names = _act_names(model, layouts)
+    points = _act_names(model, layouts)
+    names = list(points.values())
     with borrowed(model, dtype):
         factors: dict[str, Tensor] = {}
         hooks = freeze_hooks(model, factors=factors) if mode == "detached" else same_path_hooks(model)
@@ -182,8 +187,8 @@ def attribution_patching(
             check_factors(model, factors)
         corrupted_acts, _, corrupted_value = _run(model, corrupted_tokens, names, metric, same_path_hooks(model), grad=False)
     products = {}
-    for name in names:
-        product = grads[name] * (corrupted_acts[name] - clean_acts[name])
+    for name, point in points.items():
+        product = grads[point] * (corrupted_acts[point] - clean_acts[point])
         products[name] = product[0].sum(-1) if product.ndim == 4 else product[0].flatten(1).sum(-1)
     values = {layout: _layout_values(model, LAYOUTS[layout], products) for layout in layouts}
     return PatchingAttribution(

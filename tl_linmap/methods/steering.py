@@ -39,8 +39,11 @@ from tl_linmap.base.errors import InputError
 from tl_linmap.base.hook_names import RESIDUAL_HOOKS
 from tl_linmap.base.prompts import Prompt, to_tokens
 from tl_linmap.base.table import Table, table_row
+from tl_linmap.freeze.dictionary import Dictionary
+from tl_linmap.freeze.splices import DictionarySplice
+from tl_linmap.freeze.splicing import as_dictionary, splices_of
 from tl_linmap.freeze.structure import layer_of
-from tl_linmap.methods.features import FeatureMap, _feature_id, find_splice
+from tl_linmap.methods.features import FeatureMap, check_feature, find_splice
 from tl_linmap.present import display
 from tl_linmap.reading.spectral import signed
 from tl_linmap.reading.tokens import token_id
@@ -467,30 +470,38 @@ def _map_steering(source: FeatureMap, alpha: float, positions: Positions) -> Ste
                     how=f"map of {source.site} #{source.feature}", str_tokens=[], left_out=[])
 
 
-def feature_steering(model, site: str, feature: int, *, alpha: float = 1.0, positions: Positions = "all") -> Steering:
+def feature_steering(source, feature: int, *, site: str | None = None, alpha: float = 1.0, positions: Positions = "all") -> Steering:
     """Hooks that add one feature's decoder direction where its dictionary writes: ``r + alpha · ‖r‖ · W_dec[f] / ‖W_dec[f]‖``.
 
     Args:
-        model: A model with the dictionary spliced in (`tl_linmap.spliced`, a ``HookedSAETransformer``, ...);
-            the hooks also work on the model without it, at the same hook point.
-        site: The dictionary's output hook.
+        source: A `tl_linmap.Dictionary` (or a SAELens SAE), or a model with dictionaries spliced in
+            (`tl_linmap.spliced`, a ``HookedSAETransformer``, a ``ReplacementModel``; then ``site`` names one).
         feature: The feature id.
+        site: The dictionary's output hook, for a model with several (default: its only one).
         alpha: Strength, relative to the norm at each position.
         positions: ``"all"`` or the indices / slice steered in each forward call.
 
     Returns:
-        A `Steering` (``model.hooks(fwd_hooks=...)``, `alpha_sweep`, `compare_methods`).
+        A `Steering` (``model.hooks(fwd_hooks=...)``, `alpha_sweep`, `compare_methods`) at the hook point the
+        dictionary writes: the model needs no dictionary spliced to run it, except for a SAELens SAE, whose
+        output hook point (``<hook>.hook_sae_output``) exists only while it is attached.
 
     Raises:
-        InputError: for an unknown site or feature, or a bad alpha or positions.
+        InputError: for an unknown site or feature, several dictionaries and no site, or a bad alpha or positions.
     """
-    splice = find_splice(model, site)
-    fid = _feature_id(splice, feature)
+    if isinstance(source, Dictionary) or hasattr(source, "W_enc") and not hasattr(source, "hook_dict"):
+        splice = DictionarySplice(as_dictionary(source))
+    else:
+        splices = splices_of(source)
+        if site is None and len(splices) > 1:
+            raise InputError(f"The model has {len(splices)} dictionaries: name one with site= ({', '.join(repr(s.site) for s in splices)}).")
+        splice = find_splice(source, site if site is not None else (splices[0].site if splices else ""))
+    fid = check_feature(splice, feature)
     _check_alpha(alpha)
     _check_steered_positions(positions)
     direction = splice.dictionary.W_dec[fid].detach()
-    return Steering(hook_name=splice.output_hook, layer=layer_of(site) or 0, alpha=alpha, vector=direction / direction.norm(),
-                    positions=positions, how=f"decoder of {site} #{fid}", str_tokens=[], left_out=[])
+    return Steering(hook_name=splice.output_hook, layer=layer_of(splice.site) or 0, alpha=alpha, vector=direction / direction.norm(),
+                    positions=positions, how=f"decoder of {splice.site} #{fid}", str_tokens=[], left_out=[])
 
 
 def _check_steered_positions(positions) -> None:

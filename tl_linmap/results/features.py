@@ -149,8 +149,10 @@ class FeatureContributions:
             Its `FeatureRow`.
 
         Raises:
-            KeyError: if that feature is not active there.
+            KeyError: for a site that is not one of `sites`, or a feature not active there.
         """
+        if isinstance(site, str) and site not in self.sites:
+            raise KeyError(f"No dictionary writes {site!r} here; the sites are {', '.join(map(repr, self.sites))}.")
         index = self.sites.index(site) if isinstance(site, str) else site
         hit = ((self.features[:, 0] == index) & (self.features[:, 1] == position) & (self.features[:, 2] == feature)).nonzero()
         if not len(hit):
