@@ -43,7 +43,10 @@ sae = tl_linmap.load_sae("smollm2-resid15")
 stats = tl_linmap.sae_stats("smollm2-resid15")
 site = sae.hook_out
 print(sae)
-print({k: stats[k] for k in ("architecture", "d_sae", "explained_variance", "mean_l0", "text_source") if k in stats})
+heldout = stats["heldout"]  # measured on held-out text by scripts/train_sae.py
+print(f"{stats['architecture']} SAE, d_sae {stats['d_sae']}, k {stats['k']}, on {stats['hook_name']}: explained variance "
+      f"{heldout['explained_variance']:.3f}, mean L0 {heldout['mean_l0']:.1f}, dead {heldout['dead_fraction']:.1%} "
+      f"({heldout['n_tokens']} held-out tokens, positions {heldout['positions']})")
 
 # %% [markdown]
 # ## The prediction, split into features
@@ -72,8 +75,10 @@ plt.savefig(FIGURES / "08_feature_contributions.png", dpi=120, bbox_inches="tigh
 
 # %% [markdown]
 # ## What the top features are
-# The largest terms sit at the first token, the attention sink, whose residual stream is huge;
-# the features at the predicted token's own position say more about the prediction. Each is read
+# The largest terms sit at the first token, the attention sink, whose residual stream is ~130 times
+# the typical norm: the SAE was trained on positions 2 and later, so there its activations are huge
+# and its error term large. The features at the predicted token's own position say more about the
+# prediction. Each is read
 # two ways: its decoder direction through `W_U` (the logit lens of what it writes), and the bundled
 # phrases' tokens on which it is most active.
 

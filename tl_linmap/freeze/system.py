@@ -475,6 +475,7 @@ def frozen_system(
     position: int = -1,
     dtype: torch.dtype | None = torch.float64,
     source: str | None = None,
+    native: bool = True,
 ) -> Iterator[FrozenSystem]:
     """Borrow the model and run the passes every linear-system computation shares.
 
@@ -487,6 +488,8 @@ def frozen_system(
         dtype: Working dtype (the model comes back bit for bit on exit).
         source: The hook point the system starts from (`tl_linmap.freeze.targets.resolve_source`;
             None: the token embeddings). Every target must fire at or after it.
+        native: Run the plain forward, for ``natives`` (a map's native gap); False: a call that reports
+            none saves that pass, and ``natives`` are the frozen forward's.
 
     Returns:
         A context manager yielding the `FrozenSystem` (without graph or ``b``: see
@@ -507,22 +510,23 @@ def frozen_system(
     lease = _Lease()
     with borrowed(model, dtype):
         try:
-            natives, outputs, factors = _forwards(model, tokens, names, source)
+            natives, outputs, factors = _forwards(model, tokens, names, source, native)
             yield _system(model, tokens, position, names, source, natives, outputs, factors, lease)
         finally:
             lease.active = False
 
 
-def _forwards(model, tokens: Tensor, names: Sequence[str], source: str) -> tuple[Vectors, Vectors, Factors]:
-    # The plain forward (natives) and the frozen one (outputs, factors) of a borrowed model.
-    natives = capture(model, tokens, [*names, EMBED_HOOK])
+def _forwards(model, tokens: Tensor, names: Sequence[str], source: str, native: bool = True) -> tuple[Vectors, Vectors, Factors]:
+    # The plain forward (natives; without `native`, the frozen one stands in) and the frozen one
+    # (outputs, factors) of a borrowed model.
+    natives = capture(model, tokens, [*names, EMBED_HOOK]) if native else None
     factors: Factors = {}
     with torch.no_grad():
         # Up to the final norm, so every factor is recorded (and checked) for the replay.
-        outputs = capture(model, tokens, [*names, output_hook(model), source], freeze_hooks(model, factors=factors))
+        outputs = capture(model, tokens, [*names, output_hook(model), source, EMBED_HOOK], freeze_hooks(model, factors=factors))
     check_factors(model, factors)
     _check_order(source, names, list(outputs))
-    return natives, outputs, factors
+    return natives if native else outputs, outputs, factors
 
 
 def _system(model, tokens, position: int, names, source: str, natives: Vectors, outputs: Vectors, factors: Factors, lease: _Lease) -> FrozenSystem:

@@ -240,7 +240,7 @@ def split_target(model, prompts: Prompts, target, *, modules: bool = False, dtyp
             "attach SAEs to a HookedSAETransformer, or use a circuit-tracer ReplacementModel."
         )
     hook = target.hook if isinstance(target, LinearReadout) else target
-    with frozen_system(model, prompts, [hook], dtype=dtype) as system:
+    with frozen_system(model, prompts, [hook], dtype=dtype, native=False) as system:
         name, label, rows, c = target_rows(system, target)
         effects = node_effects(system, splices, name, rows, modules=module_hooks(model, [s.site for s in splices]) if modules else [], input_of=input_of)
         read = system.outputs[name] if input_of is None else system.factors[f"{input_of}#input"][0, system.position]

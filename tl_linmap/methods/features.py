@@ -238,7 +238,7 @@ def feature_map(
         if source > target_position:
             raise InputError(f"source={source} comes after the target position {target_position}: a causal model's feature there cannot reach it.")
         hook = target.hook if isinstance(target, LinearReadout) else target
-        with frozen_system(model, prompts, [hook], dtype=dtype) as system:
+        with frozen_system(model, prompts, [hook], dtype=dtype, native=False) as system:
             name, label, rows, _ = target_rows(system, target)
             nodes = {s.site: Leaves(torch.zeros_like(system.factors[f"{s.site}#acts"]), _zeros(system.factors.get(f"{s.site}#error_value")))
                      for s in splices_of(model)}
@@ -295,11 +295,11 @@ def _patching(model, clean_prompts, corrupted_prompts, metric, dtype) -> Feature
     if not splices:
         raise InputError("The model has no dictionaries spliced in: splice one with tl_linmap.spliced(model, [dictionary]).")
     readout = metric.readout
-    with frozen_system(model, corrupted_prompts, [readout.hook], dtype=dtype) as other:
+    with frozen_system(model, corrupted_prompts, [readout.hook], dtype=dtype, native=False) as other:
         _, _, rows, c = target_rows(other, readout)
         corrupted_acts = {s.site: other.factors[f"{s.site}#acts"][0] for s in splices}
         corrupted_value = float(rows[0] @ other.outputs[other.names[0]] + c[0])
-    with frozen_system(model, clean_prompts, [readout.hook], dtype=dtype) as system:
+    with frozen_system(model, clean_prompts, [readout.hook], dtype=dtype, native=False) as system:
         name, label, rows, c = target_rows(system, readout)
         values, clean_acts = {}, {}
         for splice in splices:
