@@ -68,3 +68,29 @@ def model(toy_models, family):
 def fresh_llama():
     """A float32 bridge the test may put through anything (it is not shared)."""
     return toy_model("llama", dtype=torch.float32)
+
+
+def _detach(act, hook=None):
+    return act.detach()
+
+
+def hand_freeze_hooks(model) -> list:
+    """For the oracles of the feature tests: norm scales and attention patterns detached, a gated MLP's gate,
+    or its pointwise activation as the ratio post/pre, written here (none of tl_linmap's rules)."""
+    hooks = [(n, _detach) for n in model.hook_dict if n.endswith("hook_scale") or n.endswith("attn.hook_pattern")]
+    gated = bool(getattr(model.cfg, "gated_mlp", False))
+    for layer in range(model.cfg.n_layers):
+        if gated:
+            hooks.append((f"blocks.{layer}.mlp.hook_pre", _detach))
+            continue
+        live = {}
+
+        def keep(pre, hook=None, live=live):
+            live["pre"] = pre
+
+        def ratio(post, hook=None, live=live):
+            pre = live.pop("pre")
+            return post.detach() + (pre - pre.detach()) * (post / pre).detach()
+
+        hooks += [(f"blocks.{layer}.mlp.hook_pre", keep), (f"blocks.{layer}.mlp.hook_post", ratio)]
+    return hooks

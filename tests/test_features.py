@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from conftest import BRIDGE, HOOKED
+from conftest import BRIDGE, HOOKED, hand_freeze_hooks
 from torch import Tensor
 
 import tl_linmap
@@ -142,31 +142,6 @@ def dictionaries(model, case: str) -> list[tl_linmap.Dictionary]:
 # --- The oracle's hooks -----------------------------------------------------------------------------
 
 
-def _detach(act: Tensor, hook=None) -> Tensor:
-    return act.detach()
-
-
-def model_freeze_hooks(model) -> list[tuple[str, Callable]]:
-    """Norm scales and attention patterns detached; a gated MLP's gate, or the GELU as its ratio post/pre."""
-    hooks = [(n, _detach) for n in model.hook_dict if n.endswith("hook_scale") or n.endswith("attn.hook_pattern")]
-    gated = bool(getattr(model.cfg, "gated_mlp", False))
-    for layer in range(model.cfg.n_layers):
-        if gated:
-            hooks.append((f"blocks.{layer}.mlp.hook_pre", _detach))
-            continue
-        live = {}
-
-        def keep(pre, hook=None, live=live):
-            live["pre"] = pre
-
-        def ratio(post, hook=None, live=live):
-            pre = live.pop("pre")
-            return post.detach() + (pre - pre.detach()) * (post / pre).detach()
-
-        hooks += [(f"blocks.{layer}.mlp.hook_pre", keep), (f"blocks.{layer}.mlp.hook_post", ratio)]
-    return hooks
-
-
 def oracle_acts(d: tl_linmap.Dictionary, x: Tensor) -> Tensor:
     """The dictionary's activations ``pre * mask`` with the mask detached, written from its definition."""
     xin = x - d.b_dec if d.apply_b_dec_to_input else x
@@ -232,7 +207,7 @@ def _quiet():
 def _oracle_forward(model, tokens, dicts, convention, embed, grab=None, record=None, leaves=None):
     """The model under the oracle's hooks (values unchanged), ``embed`` at hook_embed; (grabbed act, logits)."""
     seen = {}
-    hooks = [("hook_embed", lambda act, hook=None: embed[None].reshape(act.shape)), *model_freeze_hooks(model)]
+    hooks = [("hook_embed", lambda act, hook=None: embed[None].reshape(act.shape)), *hand_freeze_hooks(model)]
     for d in dicts:
         hooks += dictionary_hooks(d, convention, record, None if leaves is None else leaves[d.hook_out])
     if grab:
@@ -243,7 +218,7 @@ def _oracle_forward(model, tokens, dicts, convention, embed, grab=None, record=N
 
 
 def _embeddings(model, tokens) -> Tensor:
-    with _quiet(), model.hooks(fwd_hooks=model_freeze_hooks(model)):
+    with _quiet(), model.hooks(fwd_hooks=hand_freeze_hooks(model)):
         _, cache = model.run_with_cache(tokens, names_filter="hook_embed")
     return cache["hook_embed"][0].detach().clone()
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from conftest import hand_freeze_hooks
 from sae_lens import (
     AbsTopKSAE,
     AbsTopKSAEConfig,
@@ -215,30 +216,6 @@ def attached(model, case: str, convention: str, dtype: torch.dtype = torch.float
 # --- The oracle's hooks ---------------------------------------------------------------------------
 
 
-def _detach(act: Tensor, hook=None) -> Tensor:
-    return act.detach()
-
-
-def model_freeze_hooks(model) -> list[tuple[str, Callable]]:
-    """Norm scales and attention patterns detached; a gated MLP's gate, or the GELU as its ratio post/pre."""
-    hooks = [(n, _detach) for n in model.hook_dict if n.endswith("hook_scale") or n.endswith("attn.hook_pattern")]
-    for layer in range(model.cfg.n_layers):
-        if model.cfg.gated_mlp:
-            hooks.append((f"blocks.{layer}.mlp.hook_pre", _detach))
-            continue
-        live = {}
-
-        def keep(pre, hook=None, live=live):
-            live["pre"] = pre
-
-        def ratio(post, hook=None, live=live):
-            pre = live.pop("pre")
-            return post.detach() + (pre - pre.detach()) * (post / pre).detach()
-
-        hooks += [(f"blocks.{layer}.mlp.hook_pre", keep), (f"blocks.{layer}.mlp.hook_post", ratio)]
-    return hooks
-
-
 def _keep(live: dict, key: str) -> Callable:
     def hook(act, hook=None):
         live[key] = act
@@ -298,7 +275,7 @@ def _frozen_forward(model, tokens, items, convention, embed, grab: str | None = 
     seen = {}
     extra = [(grab, _keep(seen, "y"))] if grab else []
     with sae_hooks(model, items, convention, leaves) as hooks:
-        fwd = [("hook_embed", lambda act, hook=None: embed[None].reshape(act.shape)), *model_freeze_hooks(model), *hooks, *extra]
+        fwd = [("hook_embed", lambda act, hook=None: embed[None].reshape(act.shape)), *hand_freeze_hooks(model), *hooks, *extra]
         with model.hooks(fwd_hooks=fwd):
             logits = model(tokens)
     return (seen["y"] if grab else None), logits
