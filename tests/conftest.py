@@ -94,3 +94,12 @@ def hand_freeze_hooks(model) -> list:
 
         hooks += [(f"blocks.{layer}.mlp.hook_pre", keep), (f"blocks.{layer}.mlp.hook_post", ratio)]
     return hooks
+
+
+def assert_maps_by_convention(lm, bare, convention: str, tol: float = 1e-10) -> None:
+    """For the feature tests: with a live error the maps are the bare model's; with a constant one or none, not."""
+    gap = float((lm.operators - bare.operators).norm() / bare.operators.norm())
+    if convention == "live":
+        assert gap <= tol, f"live: the maps should be the model's own, differ by {gap:.1e}"
+    else:
+        assert gap > 1e-6, f"{convention}: the maps should not be the model's own"
