@@ -103,3 +103,25 @@ def assert_maps_by_convention(lm, bare, convention: str, tol: float = 1e-10) -> 
         assert gap <= tol, f"live: the maps should be the model's own, differ by {gap:.1e}"
     else:
         assert gap > 1e-6, f"{convention}: the maps should not be the model's own"
+
+
+
+def leaf_effects(logit, x, leaves: dict) -> dict:
+    """For the feature tests' oracles: each leaf's direct effect on a logit computed with leaves (value times gradient).
+
+    ``x`` is the embeddings' leaf, ``leaves`` per site ``(acts, error or None)``; the constant is what no leaf carries.
+    """
+    flat = [x] + [t for a, e in leaves.values() for t in (a, e) if t is not None]
+    grads = torch.autograd.grad(logit, flat, allow_unused=True)  # an SAE on the residual stream cuts the embeddings off
+    grads = {id(t): torch.zeros_like(t) if g is None else g for t, g in zip(flat, grads)}
+    out = {"logit": logit.detach(), "tokens": (grads[id(x)] * x).sum(-1).detach(), "acts": {}, "maps": {}, "errors": {}}
+    total = out["tokens"].sum()
+    for site, (a, e) in leaves.items():
+        out["acts"][site] = a.detach()[0]
+        out["maps"][site] = grads[id(a)][0]
+        total = total + (grads[id(a)] * a).sum()
+        if e is not None:
+            out["errors"][site] = (grads[id(e)] * e).sum(-1).detach()[0]
+            total = total + out["errors"][site].sum()
+    out["constant"] = out["logit"] - total.detach()
+    return out

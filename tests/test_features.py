@@ -25,7 +25,13 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from conftest import BRIDGE, HOOKED, assert_maps_by_convention, hand_freeze_hooks
+from conftest import (
+    BRIDGE,
+    HOOKED,
+    assert_maps_by_convention,
+    hand_freeze_hooks,
+    leaf_effects,
+)
 from torch import Tensor
 
 import tl_linmap
@@ -322,20 +328,8 @@ def contributions_oracle(model, tokens, dicts, convention, token: int) -> dict:
     with torch.enable_grad():
         _, logits_leaf = _oracle_forward(model, tokens, dicts, convention, x, leaves=leaves)
         logit = logits_leaf[0, -1, token]
-        flat = [x] + [t for a, e in leaves.values() for t in (a, e) if t is not None]
-        grads = torch.autograd.grad(logit, flat, allow_unused=True)  # an SAE on the residual stream cuts the embeddings off
-        grads = {id(t): torch.zeros_like(t) if g is None else g for t, g in zip(flat, grads)}
+        out = leaf_effects(logit, x, leaves)
     assert torch.allclose(logit, logits[0, -1, token], rtol=0, atol=1e-12)  # the leaves hold the forward's values
-    out = {"logit": logit.detach(), "tokens": (grads[id(x)] * x).sum(-1).detach(), "acts": {}, "maps": {}, "errors": {}}
-    total = out["tokens"].sum()
-    for site, (a, e) in leaves.items():
-        out["acts"][site] = a.detach()[0]
-        out["maps"][site] = grads[id(a)][0]
-        total = total + (grads[id(a)] * a).sum()
-        if e is not None:
-            out["errors"][site] = (grads[id(e)] * e).sum(-1).detach()[0]
-            total = total + out["errors"][site].sum()
-    out["constant"] = out["logit"] - total.detach()
     return out
 
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import assert_maps_by_convention, hand_freeze_hooks
+from conftest import assert_maps_by_convention, hand_freeze_hooks, leaf_effects
 from sae_lens import (
     AbsTopKSAE,
     AbsTopKSAEConfig,
@@ -389,19 +389,7 @@ def contributions_oracle(model, tokens, items, token: int) -> dict:
     with torch.enable_grad():
         _, logits = _frozen_forward(model, tokens, items, "constant", x, leaves=leaves)
         logit = logits[0, -1, token]
-        flat = [x] + [t for a, e in leaves.values() for t in (a, e) if t is not None]
-        grads = torch.autograd.grad(logit, flat, allow_unused=True)  # an SAE on the residual stream cuts the embeddings off
-        grads = {id(t): torch.zeros_like(t) if g is None else g for t, g in zip(flat, grads)}
-    out = {"logit": logit.detach(), "tokens": (grads[id(x)] * x).sum(-1).detach(), "acts": {}, "maps": {}, "errors": {}}
-    total = out["tokens"].sum()
-    for site, (a, e) in leaves.items():
-        out["acts"][site] = a.detach()[0]
-        out["maps"][site] = grads[id(a)][0]
-        total = total + (grads[id(a)] * a).sum()
-        if e is not None:
-            out["errors"][site] = (grads[id(e)] * e).sum(-1).detach()[0]
-            total = total + out["errors"][site].sum()
-    out["constant"] = out["logit"] - total.detach()
+        out = leaf_effects(logit, x, leaves)
     return out
 
 
