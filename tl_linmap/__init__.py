@@ -16,7 +16,7 @@ PUBLIC: dict[str, str] = {
     **dict.fromkeys(["FreezeError", "InputError", "LinmapError", "MemoryBudgetError", "UnsupportedArchitectureError"], "base.errors"),
     "tolerance": "base.exactness",
     "Table": "base.table",
-    **dict.fromkeys(["Direction", "LinearReadout", "Logit", "LogitCombination", "LogitDiff"], "reading.readouts"),
+    **dict.fromkeys(["CenteredLogit", "Direction", "LinearReadout", "Logit", "LogitCombination", "LogitDiff"], "reading.readouts"),
     **dict.fromkeys(["nearest_tokens", "top_tokens", "unembed"], "reading.tokens"),
     **dict.fromkeys(["effective_rank", "energy_rank", "stable_rank"], "reading.spectral"),
     "SUPPORTED": "freeze.architectures",
@@ -25,6 +25,8 @@ PUBLIC: dict[str, str] = {
     "Dictionary": "freeze.dictionary",
     "spliced": "freeze.splicing",
     "feature_contributions": "linear.features",
+    "attribution_graph": "linear.graph",
+    "Graph": "results.graph",
     **dict.fromkeys(["FeatureContributions", "FeaturePatching"], "results.features"),
     **dict.fromkeys([
         "plot_contribution_heatmap", "plot_decoded", "plot_logit_contributions", "plot_patching",

@@ -24,6 +24,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 
 import torch
 from torch import Tensor
@@ -178,7 +179,7 @@ def factor_names_of(rule) -> list[str]:
     return [post for _, post in rule.hook_names()] if isinstance(rule, Ratio) else rule.hook_names()
 
 
-def replay_hooks(model, factors: Factors, nodes: dict[str, Leaves] | None = None) -> HookList:
+def replay_hooks(model, factors: Factors, nodes: dict[str, Leaves] | None = None, *, held: bool = False) -> HookList:
     """Hooks that replace every factor by a recorded one, making the model exactly affine.
 
     Args:
@@ -188,6 +189,8 @@ def replay_hooks(model, factors: Factors, nodes: dict[str, Leaves] | None = None
         nodes: Per spliced dictionary's site, its activations and error as given leaves
             (`tl_linmap.freeze.splices.Splice.nodes`) instead of replayed: nothing before it then
             reaches what follows except through them.
+        held: Replay every error term as a constant, ``factors[site#error]`` (the graph's error nodes are
+            sources), also that of a dictionary under the ``"live"`` convention.
 
     Returns:
         ``(hook_name, fn)`` pairs for ``model.hooks(fwd_hooks=...)``.
@@ -204,7 +207,12 @@ def replay_hooks(model, factors: Factors, nodes: dict[str, Leaves] | None = None
         elif isinstance(rule, Rebuild):
             hooks += [hook for name in rule.hook_names() for hook in _rebuild_hooks(rule, name, factor=factors[name])]
         elif isinstance(rule, Splice):
-            hooks += rule.nodes(nodes[rule.site]) if nodes and rule.site in nodes else rule.replay(factors)
+            if nodes and rule.site in nodes:
+                hooks += rule.nodes(nodes[rule.site])
+            elif held and rule.error == "live":
+                hooks += replace(rule, error="constant").replay(factors)
+            else:
+                hooks += rule.replay(factors)
         else:
             for pre_name, post_name in rule.hook_names():
                 live: dict[str, Tensor] = {}

@@ -19,7 +19,7 @@ from tl_linmap.base.prompts import Prompt, read_prompts
 from tl_linmap.freeze.splices import Leaves, Splice
 from tl_linmap.freeze.splicing import spliced, splices_of
 from tl_linmap.freeze.system import frozen_system
-from tl_linmap.linear.features import node_pass, split_target, target_rows
+from tl_linmap.linear.features import node_pass, preactivation, split_target, target_rows
 from tl_linmap.present import display
 from tl_linmap.reading.readouts import LinearReadout, logit_metric
 from tl_linmap.reading.tokens import decode_tokens
@@ -64,54 +64,6 @@ def check_feature(splice: Splice, feature) -> int:
     if isinstance(feature, bool) or not isinstance(feature, int) or not 0 <= feature < d_sae:
         raise InputError(f"feature must be an int in [0, {d_sae}) for the dictionary at {splice.site!r}, got {feature!r}.")
     return feature
-
-
-@dataclass(frozen=True, eq=False)
-class Preactivation(LinearReadout):
-    """A feature's pre-activation ``(x - c·b_dec) · W_enc[:, f] + b_enc[f]``: linear in its dictionary's input.
-
-    Attributes:
-        hook: The hook point the dictionary reads.
-        vector: ``W_enc[:, f]`` (a gated SAE's: scaled by ``exp(r_mag[f])``).
-        offset: The constant: ``b_enc[f] - c·b_dec · vector``.
-        label: Its name in results.
-    """
-
-    hook: str
-    vector: Tensor
-    offset: float
-    label: str
-
-    @property
-    def name(self) -> str:
-        return self.label
-
-    def check(self, model) -> None:
-        if self.hook not in model.hook_dict:
-            raise InputError(f"{self.label}: the model has no hook point {self.hook!r}.")
-
-    def weights(self, reader, d_out: int) -> tuple[Tensor, Tensor]:
-        w = self.vector.detach().to(reader.model.W_U)
-        return w, w.new_tensor(self.offset)
-
-
-def preactivation(splice: Splice, feature: int) -> Preactivation:
-    """The readout of one feature's pre-activation.
-
-    Args:
-        splice: A dictionary spliced into a model.
-        feature: Its feature id.
-
-    Returns:
-        A `Preactivation` on the dictionary's input hook (or, for a dictionary that reads the hook point it
-        writes, on that point: read there before the dictionary writes, see `tl_linmap.linear.features.node_pass`).
-    """
-    d = splice.dictionary
-    w = d.W_enc[:, feature] * (d.r_mag[feature].exp() if d.activation == "gated" else 1)
-    b = (d.b_mag if d.activation == "gated" else d.b_enc)[feature]
-    offset = b - (d.b_dec @ w if d.apply_b_dec_to_input else 0)
-    hook = splice.input_hook if splice.own_input_hook else splice.site
-    return Preactivation(hook, w.detach(), float(offset), f"pre({splice.site} #{feature})")
 
 
 def feature_sources(

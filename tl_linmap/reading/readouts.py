@@ -67,13 +67,18 @@ class LinearReadout(ABC):
 def _logit_weights(reader: TokenReader, ids: list[int], coefficients: list[float]) -> tuple[Tensor, Tensor]:
     # Σ_k a_k logit_k = (W_U[:, ids] a) · norm(y) + b_U[ids] · a, with the norm frozen: affine in y.
     model = reader.model
-    if not reader.residual:
-        raise InputError("A logit is read from the residual stream: give a hook point there (hook_resid_*, output, ...).")
     reference = reader.final_norm.matrix if reader.final_norm is not None else model.W_U
     a = torch.tensor(coefficients, dtype=reference.dtype, device=reference.device)
-    u = model.W_U.detach()[:, ids].to(a) @ a
     bias = getattr(model, "b_U", None)
+    u = model.W_U.detach()[:, ids].to(a) @ a
     c = bias.detach()[ids].to(a) @ a if bias is not None else a.new_zeros(())
+    return _through_norm(reader, u, c)
+
+
+def _through_norm(reader: TokenReader, u: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+    # u · norm(y) + c as a covector on y: the frozen final norm is affine.
+    if not reader.residual:
+        raise InputError("A logit is read from the residual stream: give a hook point there (hook_resid_*, output, ...).")
     if reader.final_norm is None:
         return u, c
     return reader.final_norm.matrix.T @ u, c + reader.final_norm.offset @ u
@@ -198,6 +203,40 @@ class LogitCombination(LogitReadout):
             if isinstance(coefficient, bool) or not isinstance(coefficient, (int, float)) or not math.isfinite(coefficient):
                 raise InputError(f"The coefficient of {token!r} must be a finite number, got {coefficient!r}.")
         super().check(model)
+
+
+@dataclass(frozen=True, eq=False)
+class CenteredLogit(LinearReadout):
+    """A token's logit minus the mean logit over the vocabulary: circuit-tracer's logit node.
+
+    ``(W_U[:, t] - mean_v W_U[:, v]) · norm(y) + b_U[t] - mean(b_U)``: the softmax reads logits only up
+    to a shared shift, and this is the part of token ``t``'s that the shift does not cancel.
+    circuit-tracer's graphs read it without ``b_U``; its direct effects are the same (``b_U`` is constant).
+
+    Attributes:
+        token: Vocabulary id or single-token string.
+        hook: ``"output"`` or a residual hook (its logit lens).
+    """
+
+    token: int | str
+    hook: str = "output"
+
+    @property
+    def name(self) -> str:
+        return f"centered_logit({self.token!r})" if self.hook == "output" else f"centered_logit({self.token!r} @ {self.hook})"
+
+    def check(self, model) -> None:
+        token_id(model, self.token)
+        _check_hook(self.hook)
+
+    def weights(self, reader: TokenReader, d_out: int) -> tuple[Tensor, Tensor]:
+        model = reader.model
+        reference = reader.final_norm.matrix if reader.final_norm is not None else model.W_U
+        W_U, t = model.W_U.detach().to(reference), token_id(model, self.token)
+        u = W_U[:, t] - W_U.mean(-1)
+        bias = getattr(model, "b_U", None)
+        c = bias.detach().to(u)[t] - bias.detach().to(u).mean() if bias is not None else u.new_zeros(())
+        return _through_norm(reader, u, c)
 
 
 @dataclass(frozen=True, eq=False)

@@ -1,0 +1,98 @@
+"""An attribution graph as one self-contained SVG: tokens along the bottom, targets on top, layers between.
+
+Nodes sit above their position, at their layer (heads low in a block, features and errors in the
+middle, MLP outputs high); edges are lines whose width is the direct effect's size and whose colour its
+sign (blue adds, red takes away). Hovering a node or an edge shows its name and value. No script and no
+network: the page renders the same in a notebook, a browser and a saved file.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Sequence
+
+from tl_linmap.base.table import visible
+
+#: Each kind's colour and height within its layer (0: the block's input, 1: its output).
+STYLE = {
+    "token": ("#555555", 0.0),
+    "head": ("#e69f00", 0.3),
+    "feature": ("#009e73", 0.6),
+    "error": ("#999999", 0.6),
+    "mlp": ("#cc79a7", 0.8),
+    "target": ("#0072b2", 0.0),
+}
+_COLUMN, _ROW, _MARGIN = 120, 64, 60
+
+
+def _levels(nodes: Sequence[dict], n_layers: int) -> list[float]:
+    # Height of each node in layers: tokens below the first block, targets above the last.
+    out = []
+    for node in nodes:
+        kind = node["kind"]
+        out.append(-1.0 if kind == "token" else float(n_layers) if kind == "target" else node["layer"] + STYLE[kind][1])
+    return out
+
+
+def _places(nodes: Sequence[dict], n_layers: int) -> list[tuple[float, float]]:
+    # Nodes sharing a position and height spread side by side within the position's column.
+    levels = _levels(nodes, n_layers)
+    top = max(levels, default=0.0)
+    cells: dict[tuple[int, float], list[int]] = {}
+    for i, (node, level) in enumerate(zip(nodes, levels)):
+        cells.setdefault((node["position"], level), []).append(i)
+    places = [(0.0, 0.0)] * len(nodes)
+    for (pos, level), members in cells.items():
+        for j, i in enumerate(members):
+            offset = (j - (len(members) - 1) / 2) * min(18.0, (_COLUMN - 20) / max(len(members), 1))
+            places[i] = (_MARGIN + pos * _COLUMN + _COLUMN / 2 + offset, _MARGIN + (top - level) * _ROW)
+    return places
+
+
+def graph_html(nodes: Sequence[dict], edges: Sequence[tuple[int, int, float]], tokens: Sequence[str], title: str, *, n_layers: int) -> str:
+    """The page.
+
+    Args:
+        nodes: Per node: ``kind``, ``layer``, ``position``, ``label``, ``value``.
+        edges: ``(source, target, weight)``.
+        tokens: The prompt's tokens up to the target position (the columns).
+        title: The heading.
+        n_layers: The model's blocks (the targets' height).
+
+    Returns:
+        An HTML document with one inline SVG.
+    """
+    places = _places(nodes, n_layers)
+    width = _MARGIN * 2 + _COLUMN * max(len(tokens), 1)
+    height = _MARGIN * 2 + _ROW * (n_layers + 1) + 30
+    biggest = max((abs(w) for _, _, w in edges), default=1.0) or 1.0
+    parts = []
+    for s, t, w in sorted(edges, key=lambda e: abs(e[2])):  # strongest drawn last, on top
+        (x1, y1), (x2, y2) = places[s], places[t]
+        colour = "#2166ac" if w >= 0 else "#b2182b"
+        tip = html.escape(f"{nodes[s]['label']} → {nodes[t]['label']}: {w:+.4g}")
+        parts.append(
+            f'<line class="edge" x1="{x1:.1f}" y1="{y1:.1f}" x2="{x2:.1f}" y2="{y2:.1f}" stroke="{colour}" '
+            f'stroke-width="{0.4 + 5 * abs(w) / biggest:.2f}" stroke-opacity="0.55"><title>{tip}</title></line>'
+        )
+    for node, (x, y) in zip(nodes, places):
+        colour = STYLE[node["kind"]][0]
+        tip = html.escape(f"{node['label']}: {node['value']:+.4g}")
+        parts.append(f'<circle class="node kind-{node["kind"]}" cx="{x:.1f}" cy="{y:.1f}" r="6" fill="{colour}" stroke="white"><title>{tip}</title></circle>')
+        if node["kind"] == "target":
+            parts.append(f'<text x="{x:.1f}" y="{y - 12:.1f}" text-anchor="middle" font-size="11">{html.escape(node["label"])}</text>')
+    base = _MARGIN + _ROW * (max(_levels(nodes, n_layers), default=0.0) + 1) + 22
+    for pos, token in enumerate(tokens):
+        x = _MARGIN + pos * _COLUMN + _COLUMN / 2
+        parts.append(f'<text class="token" x="{x:.1f}" y="{base:.1f}" text-anchor="middle" font-family="monospace" font-size="12">{html.escape(visible(token))}</text>')
+    for layer in range(n_layers):
+        y = _MARGIN + (n_layers - layer) * _ROW
+        parts.append(f'<text x="8" y="{y:.1f}" font-size="10" fill="#888">L{layer}</text>')
+    legend = " ".join(f'<span style="color:{c}">&#9679; {k}</span>' for k, (c, _) in STYLE.items())
+    svg = f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}">{"".join(parts)}</svg>'
+    return (
+        f'<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title></head>'
+        f'<body style="font-family:sans-serif"><div class="tl-linmap-graph"><h3 style="margin:.3em 0">{html.escape(title)}</h3>'
+        f'<div style="font-size:.85em">{legend} &nbsp; <span style="color:#2166ac">— adds</span> <span style="color:#b2182b">— takes away</span></div>'
+        f"{svg}</div></body></html>"
+    )
