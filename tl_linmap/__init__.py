@@ -56,7 +56,7 @@ PUBLIC: dict[str, str] = {
     **dict.fromkeys(["FeatureMap", "feature_map", "feature_patching", "feature_sources"], "methods.features"),
 }
 #: Public modules reached as attributes (``tl_linmap.load.datasets.phrases()``).
-MODULES: dict[str, str] = {"datasets": "load.datasets"}
+MODULES: dict[str, str] = {"datasets": "load.datasets", "load": "load"}
 #: Names kept for one release: old name -> (module, name), each use warned about.
 DEPRECATED_NAMES: dict[str, tuple[str, str]] = {"top_singular": ("reading.spectral", "top_singular")}
 

@@ -255,6 +255,9 @@ def _rows_of(groups: list[_Group], readers: list[_Reader], batch: list[int], cap
     leaves = [g.leaf for g in groups]
     out = []
     for v in _read(captured, [readers[i] for i in batch]):
+        if not v.requires_grad:  # no node reaches it: a row of zeros, its value all constant
+            out.append(torch.zeros(sum(len(g.index) for g in groups), dtype=v.dtype, device=v.device))
+            continue
         grads = torch.autograd.grad(v, leaves, retain_graph=True, allow_unused=True)
         out.append(torch.cat([g.contributions((d if d is not None else torch.zeros_like(g.leaf))[None])[0] for g, d in zip(groups, grads)]))
     return torch.stack(out).detach() if out else torch.zeros(0, sum(len(g.index) for g in groups), dtype=groups[0].value.dtype)
@@ -477,9 +480,10 @@ def _reference(system: FrozenSystem, splices: list[Splice], groups: list[_Group]
 
 def _assemble(model, system, groups: list[_Group], readouts, w: Tensor, held: dict, order: list[int], table: Tensor, constants: Tensor, reference: Tensor) -> Graph:
     # Keep the nodes with rows, every error and token, and the targets; what the others carry into a row is its remainder.
-    sites = list(dict.fromkeys([g.site for g in groups] + [r.name for r in readouts]))
+    names = [_target_name(model, r) for r in readouts]
+    sites = list(dict.fromkeys([g.site for g in groups] + names))
     nodes = torch.cat([torch.cat([torch.full((len(g.index), 1), KINDS.index(g.kind)), torch.full((len(g.index), 1), sites.index(g.site)), g.index], 1) for g in groups]
-                      + [torch.tensor([[KINDS.index("target"), sites.index(r.name), system.position, j] for j, r in enumerate(readouts)])])
+                      + [torch.tensor([[KINDS.index("target"), sites.index(name), system.position, j] for j, name in enumerate(names)])])
     n_all, k = len(nodes), len(readouts)
     reader_node = torch.cat([_reader_nodes(groups), torch.arange(n_all - k, n_all)])  # per reader, its node
     row_node = reader_node[order]
@@ -514,11 +518,18 @@ def _assemble(model, system, groups: list[_Group], readouts, w: Tensor, held: di
     target_ids = [int(r.token) if isinstance(getattr(r, "token", None), int) else -1 for r in readouts]
     return Graph(
         nodes=nodes[kept], sites=tuple(sites), adjacency=adjacency, values=values, activations=activations, constants=constant,
-        remainders=remainders, totals=totals, weights=w.to(dt), targets=tuple(r.name for r in readouts),
+        remainders=remainders, totals=totals, weights=w.to(dt), targets=tuple(names),
         target_tokens=torch.tensor(target_ids), target_values=held["values"].to(dt), target_constants=held["constant"].to(dt),
         input_ids=system.tokens[0].cpu(), str_tokens=tuple(decode_tokens(model, system.tokens[0].tolist())), position=system.position,
         convention=next((s.error for s in splices_of(model) if s.error != "none"), "none"), model_name=str(getattr(model.cfg, "model_name", "")), config=_config(model),
     )
+
+
+def _target_name(model, readout: LinearReadout) -> str:
+    # circuit-tracer's logit targets by their token's text.
+    if isinstance(readout, CenteredLogit) and isinstance(readout.token, int):
+        return f"centered_logit({decode_tokens(model, [readout.token])[0]!r})"
+    return readout.name
 
 
 def _config(model) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import torch
 from jaxtyping import Float, Int
@@ -11,6 +12,7 @@ from torch import Tensor
 
 from tl_linmap.base.errors import InputError
 from tl_linmap.base.exactness import check_exact
+from tl_linmap.base.saving import config_hash, write
 from tl_linmap.base.table import Table, table_row
 from tl_linmap.present import display
 from tl_linmap.present.graph_view import graph_html
@@ -131,7 +133,7 @@ class Graph:
         targets: The targets' names.
         target_tokens: ``(k,)`` a logit target's token id, -1 for other readouts.
         target_values: ``(k,)`` the targets' values in the frozen forward with errors held.
-        target_constants: ``(k,)`` the targets with every source zero.
+        target_constants: ``(k,)`` the targets with every source node of the graph zero (a pruned error's total is in it).
         input_ids: The prompt's token ids.
         str_tokens: The prompt's tokens as text.
         position: The targets' position.
@@ -308,6 +310,7 @@ class Graph:
         return replace(
             self, nodes=self.nodes[keep], adjacency=a[keep][:, keep], values=self.values[keep], activations=self.activations[keep],
             constants=self.constants[keep], remainders=remainders[keep], totals=self.totals[keep],
+            target_constants=self.target_constants + self.totals[~nodes].sum(0),  # a pruned error's total moves there
         )
 
     def scores(self) -> tuple[float, float]:
@@ -428,7 +431,40 @@ class Graph:
     def _repr_html_(self) -> str:
         return display.summary_html("Graph", self._facts()) + self.to_html()
 
-    # --- elsewhere: circuit-tracer, files ---------------------------------------------------
+    # --- elsewhere: files, circuit-tracer ---------------------------------------------------
+
+    _TENSORS = ("nodes", "adjacency", "values", "activations", "constants", "remainders", "totals", "weights",
+                "target_tokens", "target_values", "target_constants", "input_ids")
+    _FIELDS = ("sites", "targets", "str_tokens", "position", "convention", "model_name", "config")
+
+    def save(self, path) -> Path:
+        """Save the graph to one ``.safetensors`` file (`tl_linmap.load` reads it back, bit for bit, without the model).
+
+        Args:
+            path: The file (``.safetensors`` is added where the name has no suffix).
+
+        Returns:
+            The path written.
+        """
+        fields = {name: getattr(self, name) for name in self._FIELDS}
+        fields["config_hash"] = config_hash(self.config)
+        return write(path, "Graph", {name: getattr(self, name) for name in self._TENSORS}, fields)
+
+    @classmethod
+    def from_saved(cls, tensors: dict, fields: dict) -> Graph:
+        """The graph `save` wrote (checked again on construction).
+
+        Args:
+            tensors: Its tensors.
+            fields: Its other fields.
+
+        Returns:
+            The `Graph`.
+        """
+        plain = {name: fields[name] for name in cls._FIELDS}
+        for name in ("sites", "targets", "str_tokens"):
+            plain[name] = tuple(plain[name])
+        return cls(**{name: tensors[name] for name in cls._TENSORS}, **plain)
 
     def to_circuit_tracer(self, model=None, scan: str | None = None):
         """This graph as a ``circuit_tracer.graph.Graph``: its pruning, its JSON files and its graph browser then work on it.
@@ -449,13 +485,12 @@ class Graph:
                 so that a row has a remainder circuit-tracer cannot hold... (see `remainders`).
             ImportError: where circuit-tracer is not installed.
         """
-        from circuit_tracer.graph import Graph as CTGraph  # noqa: PLC0415 - an optional package
-        from circuit_tracer.attribution.targets import LogitTarget  # noqa: PLC0415
-
         if self.kind_mask("head", "mlp").any():
             raise InputError("circuit-tracer's graphs have features, errors, tokens and logits as nodes: this graph has heads or MLP outputs. Build it with dictionaries and modules=False.")
         if (self.target_tokens < 0).any():
             raise InputError(f"circuit-tracer's targets are logits: {', '.join(t for t, i in zip(self.targets, self.target_tokens.tolist()) if i < 0)} is not one.")
+        from circuit_tracer.attribution.targets import LogitTarget  # noqa: PLC0415 - an optional package
+        from circuit_tracer.graph import Graph as CTGraph  # noqa: PLC0415
         n_layers = int(self.config["n_layers"])
         n_pos = len(self.input_ids)
         features = (self.kind_mask("feature") & (self.nodes[:, 2] > 0)).nonzero()[:, 0]
