@@ -26,6 +26,7 @@ and a constant larger by the demeaned ``b_U[t]`` (circuit-tracer's logit node ig
 Token nodes agree at every position, position 0 included.
 """
 
+import contextlib
 import os
 import warnings
 
@@ -35,6 +36,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from circuit_tracer import ReplacementModel, attribute
+from circuit_tracer.graph import compute_graph_scores, prune_graph
 from circuit_tracer.transcoder import SingleLayerTranscoder, TranscoderSet
 from circuit_tracer.transcoder.activation_functions import JumpReLU, TopK
 from circuit_tracer.transcoder.cross_layer_transcoder import CrossLayerTranscoder
@@ -310,3 +312,72 @@ def test_linear_map(case):
     assert (maps["live"].bias - reference.bias).abs().max() < TOL
     # the constant error cuts the MLPs' paths that the transcoders do not carry
     assert (maps["constant"].operators - reference.operators).abs().max() > 1e-3
+
+
+# --- Attribution graphs --------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _float64_default():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(DT)  # circuit-tracer's pruning allocates its weights in the default dtype
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _ct_columns(graph: tl_linmap.Graph, ct) -> torch.Tensor:
+    """Per node of a tl_linmap graph without position-0 features, its index in circuit-tracer's node order."""
+    kinds = tl_linmap.results.graph.KINDS
+    L, n_pos = ct.cfg.n_layers, ct.n_pos
+    n_feat = len(ct.selected_features)
+    feature = {tuple(k): i for i, k in enumerate(ct.active_features.cpu().tolist())}
+    out = []
+    for i in range(len(graph)):
+        kind, _, pos, idx = (int(v) for v in graph.nodes[i])
+        layer = graph.layer(i)
+        out.append({
+            "feature": lambda: feature[(layer, pos, idx)],
+            "error": lambda: n_feat + layer * n_pos + pos,
+            "token": lambda: n_feat + L * n_pos + pos,
+            "target": lambda: n_feat + (L + 1) * n_pos + idx,
+        }[kinds[kind]]())
+    return torch.tensor(out)
+
+
+def test_attribution_graph_is_circuit_tracers(case):
+    """``attribution_graph(...).to_circuit_tracer()``: circuit-tracer's nodes in its order, its adjacency matrix to 1e-10;
+    circuit-tracer's pruning and scores give on it what they give on its own graph, and tl_linmap's pruning and
+    scores, on its graph without position 0's features and errors (which circuit-tracer leaves out), the same numbers."""
+    model, ct = case
+    before = snapshot(model)
+    graph = tl_linmap.attribution_graph(model, TOKENS, max_logits=N_LOGITS)
+    assert_unchanged(model, before)
+    assert graph.convention == "constant" and graph.relative_error() <= 1e-12
+    mine = graph.to_circuit_tracer(scan="test")
+    assert torch.equal(mine.active_features, ct.active_features.cpu()) and torch.equal(mine.selected_features, ct.selected_features.cpu())
+    assert torch.equal(mine.input_tokens.cpu(), ct.input_tokens.cpu()) and torch.equal(mine.logit_token_ids.cpu(), ct.logit_token_ids.cpu())
+    assert (mine.logit_probabilities - ct.logit_probabilities.cpu()).abs().max() < 1e-12
+    assert (mine.activation_values - ct.activation_values.cpu()).abs().max() < TOL
+    A, B = mine.adjacency_matrix, ct.adjacency_matrix.cpu()
+    assert A.shape == B.shape and A.dtype == B.dtype == DT
+    assert (A - B).abs().max() < TOL * max(1.0, float(B.abs().max())), f"adjacency differs by {float((A - B).abs().max()):.1e}"
+    with _float64_default():
+        theirs, ours_in_ct = prune_graph(ct), prune_graph(mine)
+        ct_scores = compute_graph_scores(ct)
+        assert torch.equal(theirs.node_mask, ours_in_ct.node_mask) and torch.equal(theirs.edge_mask, ours_in_ct.edge_mask)
+        assert compute_graph_scores(mine) == pytest.approx(ct_scores, abs=1e-12)
+    # tl_linmap's own pruning and scores, on the same graph
+    same = graph.subgraph((graph.nodes[:, 2] > 0) & ~graph.kind_mask("token", "target"))
+    assert same.relative_error() <= 1e-12  # position 0's nodes are in the remainders now
+    cols = _ct_columns(same, ct)
+    assert (same.adjacency - B[cols][:, cols]).abs().max() < TOL * max(1.0, float(B.abs().max()))
+    for thresholds in ((0.8, 0.98), (0.5, 0.9)):
+        with _float64_default():
+            expected = prune_graph(ct, *thresholds)
+        ours = same.pruning(*thresholds)
+        assert torch.equal(ours.nodes, expected.node_mask[cols]), thresholds
+        assert torch.equal(ours.edges, expected.edge_mask[cols][:, cols]), thresholds
+        assert (ours.cumulative - expected.cumulative_scores[cols]).abs().max() < 1e-12
+    assert same.scores() == pytest.approx(ct_scores, abs=1e-12)

@@ -533,5 +533,8 @@ def _target_name(model, readout: LinearReadout) -> str:
 
 
 def _config(model) -> dict:
+    # What circuit-tracer's UnifiedConfig holds, so a graph converts without its model.
     cfg = model.cfg
-    return {key: getattr(cfg, key, None) for key in ("n_layers", "d_model", "d_vocab", "n_heads", "d_head", "model_name")}
+    keys = ("n_layers", "d_model", "d_head", "n_heads", "d_mlp", "d_vocab", "n_key_value_heads", "tokenizer_name", "model_name", "original_architecture")
+    out = {key: getattr(cfg, key, None) for key in keys}
+    return {key: value if value is None or isinstance(value, (int, str)) else str(value) for key, value in out.items()}

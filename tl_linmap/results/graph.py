@@ -466,7 +466,7 @@ class Graph:
             plain[name] = tuple(plain[name])
         return cls(**{name: tensors[name] for name in cls._TENSORS}, **plain)
 
-    def to_circuit_tracer(self, model=None, scan: str | None = None):
+    def to_circuit_tracer(self, scan: str | None = None):
         """This graph as a ``circuit_tracer.graph.Graph``: its pruning, its JSON files and its graph browser then work on it.
 
         circuit-tracer's nodes are features, one error per layer and position, tokens and logits, in
@@ -474,15 +474,13 @@ class Graph:
         first position (circuit-tracer has none at BOS) and errors there are left out, as it does.
 
         Args:
-            model: The model (for its config; None: the sizes recorded here).
             scan: circuit-tracer's name of the transcoders used (for its uploads).
 
         Returns:
             The ``circuit_tracer.graph.Graph``.
 
         Raises:
-            InputError: for a graph with modules as nodes, or one whose nodes were cut (``max_nodes``, pruning)
-                so that a row has a remainder circuit-tracer cannot hold... (see `remainders`).
+            InputError: for a graph with heads or MLP outputs as nodes, or a target that is not a logit.
             ImportError: where circuit-tracer is not installed.
         """
         if self.kind_mask("head", "mlp").any():
@@ -491,6 +489,7 @@ class Graph:
             raise InputError(f"circuit-tracer's targets are logits: {', '.join(t for t, i in zip(self.targets, self.target_tokens.tolist()) if i < 0)} is not one.")
         from circuit_tracer.attribution.targets import LogitTarget  # noqa: PLC0415 - an optional package
         from circuit_tracer.graph import Graph as CTGraph  # noqa: PLC0415
+        from circuit_tracer.utils.tl_nnsight_mapping import UnifiedConfig  # noqa: PLC0415
         n_layers = int(self.config["n_layers"])
         n_pos = len(self.input_ids)
         features = (self.kind_mask("feature") & (self.nodes[:, 2] > 0)).nonzero()[:, 0]
@@ -513,22 +512,10 @@ class Graph:
         adjacency = self.adjacency.new_zeros(size, size)
         kept = (column >= 0).nonzero()[:, 0]
         adjacency[column[kept][:, None], column[kept][None, :]] = self.adjacency[kept][:, kept]
-        cfg = model.cfg if model is not None else _UnifiedSizes(**self.config)
+        cfg = UnifiedConfig.from_dict({**self.config, "dtype": None})
         logit_targets = [LogitTarget(token_str=self.targets[j], vocab_idx=int(t)) for j, t in enumerate(self.target_tokens.tolist())]
         return CTGraph(
             input_string="".join(self.str_tokens), input_tokens=self.input_ids.clone(), active_features=active,
             adjacency_matrix=adjacency, cfg=cfg, selected_features=torch.arange(n_feat), activation_values=self.activations[features],
             logit_targets=logit_targets, logit_probabilities=self.weights.clone(), scan=scan, vocab_size=self.config.get("d_vocab"),
         )
-
-
-@dataclass
-class _UnifiedSizes:
-    """The sizes circuit-tracer reads of a model's config, for a graph whose model is not at hand."""
-
-    n_layers: int
-    d_model: int
-    d_vocab: int
-    n_heads: int | None = None
-    d_head: int | None = None
-    model_name: str | None = None
