@@ -198,6 +198,16 @@ def test_feature_rows_match_the_oracle(model, case, convention):
     assert graph.relative_error() <= 1e-12
 
 
+def test_a_float32_dictionary_on_a_float64_pass_stays_exact(model):
+    """The dictionary's weights are cast to the working dtype, its pre-activations' offsets too (a float32
+    ``b_dec · W_enc`` would miss by 1e-7)."""
+    tokens = model.to_tokens(PROMPT)
+    dicts = [d.to(torch.zeros((), dtype=torch.float32)) for d in dictionaries(model, "relu")]
+    assert dicts[0].W_enc.dtype == torch.float32 and dicts[0].apply_b_dec_to_input
+    graph = tl_linmap.attribution_graph(model, tokens, dictionaries=dicts, max_logits=2)
+    assert graph.adjacency.dtype == torch.float64 and graph.relative_error() <= 1e-12
+
+
 def test_targets_are_circuit_tracers_likeliest_tokens(model):
     """``target=None``: the likeliest next tokens until 0.95 of the probability (at most ``max_logits``), weighted by it."""
     tokens = model.to_tokens(PROMPT)

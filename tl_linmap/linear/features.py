@@ -205,7 +205,8 @@ def preactivation(splice: Splice, feature: int) -> Preactivation:
         A `Preactivation` on the dictionary's input hook (or, for a dictionary that reads the hook point it
         writes, on that point: read there before the dictionary writes, see `tl_linmap.linear.features.node_pass`).
     """
-    d = splice.dictionary
+    # In float64 whatever the dictionary's dtype: the offset is one number, and the splice sums in the working dtype.
+    d = splice.dictionary.to(splice.dictionary.W_enc.detach().new_zeros((), dtype=torch.float64))
     w = d.W_enc[:, feature] * (d.r_mag[feature].exp() if d.activation == "gated" else 1)
     b = (d.b_mag if d.activation == "gated" else d.b_enc)[feature]
     offset = b - (d.b_dec @ w if d.apply_b_dec_to_input else 0)
