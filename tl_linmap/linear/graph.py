@@ -251,16 +251,18 @@ def node_forward(system: FrozenSystem, splices: list[Splice], groups: list[_Grou
 
 
 def _rows_of(groups: list[_Group], readers: list[_Reader], batch: list[int], captured: dict) -> Tensor:
-    # The rows of some nodes: one reverse pass each through the kept node forward.
+    # The rows of some nodes: one batched reverse pass through the kept node forward (one per row, vectorised).
     leaves = [g.leaf for g in groups]
-    out = []
-    for v in _read(captured, [readers[i] for i in batch]):
-        if not v.requires_grad:  # no node reaches it: a row of zeros, its value all constant
-            out.append(torch.zeros(sum(len(g.index) for g in groups), dtype=v.dtype, device=v.device))
-            continue
-        grads = torch.autograd.grad(v, leaves, retain_graph=True, allow_unused=True)
-        out.append(torch.cat([g.contributions((d if d is not None else torch.zeros_like(g.leaf))[None])[0] for g, d in zip(groups, grads)]))
-    return torch.stack(out).detach() if out else torch.zeros(0, sum(len(g.index) for g in groups), dtype=groups[0].value.dtype)
+    n = sum(len(g.index) for g in groups)
+    values = _read(captured, [readers[i] for i in batch])
+    live = [i for i, v in enumerate(values) if v.requires_grad]  # the others: no node reaches them, a row of zeros
+    out = values.new_zeros(len(batch), n).detach()
+    if live:
+        picked = torch.stack([values[i] for i in live])
+        eye = torch.eye(len(live), dtype=picked.dtype, device=picked.device)
+        grads = torch.autograd.grad(picked, leaves, grad_outputs=eye, retain_graph=True, allow_unused=True, is_grads_batched=True)
+        out[live] = torch.cat([g.contributions(d if d is not None else torch.zeros_like(g.leaf).expand(len(live), *g.leaf.shape)) for g, d in zip(groups, grads)], 1).detach()
+    return out
 
 
 def attribution_graph(
@@ -278,7 +280,7 @@ def attribution_graph(
     position: int = -1,
     rows_per_pass: int = 64,
     dtype: torch.dtype | None = torch.float64,
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> Graph:
     """The attribution graph of one prediction: every node's direct effect on every other, exact.
 
@@ -302,14 +304,16 @@ def attribution_graph(
             ``"constant"``; a graph's error nodes are sources either way.
         modules: Make heads and MLP outputs nodes (None: where no dictionary is spliced in). Their values
             are ``g · v``, their effect on the weighted targets (see the module docstring).
-        max_nodes: Rows for at most this many features and modules, the most influential first (None: all).
+        max_nodes: Rows for at most this many features and modules, the most influential first (None: all). The
+            rows are held as ``(max_nodes + targets) × nodes`` numbers while they are computed: a graph of heads and
+            MLP outputs has ``n_layers · (n_heads + 1)`` nodes per position, so give one for long prompts.
         max_logits: For ``target=None``.
         logit_probability: For ``target=None``.
         weights: Per target, its weight in influence and pruning (None: its probability for ``target=None``, else 1).
         position: Target position (Python-style); nodes after it cannot reach it and are left out.
-        rows_per_pass: Rows between two re-rankings by influence.
+        rows_per_pass: Rows per reverse pass (vectorised) and between two re-rankings by influence.
         dtype: Working dtype (the model comes back bit for bit).
-        progress: Show a progress bar over rows.
+        progress: Show a progress bar over rows (None: where there are more than 256).
 
     Returns:
         A `tl_linmap.Graph`.
@@ -342,7 +346,7 @@ def _targets(target) -> list[LinearReadout] | None:
 
 
 def build_graph(model, prompts: Prompts, target, *, modules: bool | None, max_nodes: int | None, max_logits: int, logit_probability: float,
-                weights: Sequence[float] | None, rows_per_pass: int, dtype, progress: bool) -> Graph:
+                weights: Sequence[float] | None, rows_per_pass: int, dtype, progress: bool | None) -> Graph:
     """`attribution_graph` of a prompt already read, on the model's splices as they are.
 
     Args:
@@ -391,7 +395,7 @@ def build_graph(model, prompts: Prompts, target, *, modules: bool | None, max_no
         return _assemble(model, system, groups, readouts, w, held, expanded, table, constants, reference)
 
 
-def _expand(system, splices, groups: list[_Group], readers: list[_Reader], w: Tensor, max_nodes: int | None, rows_per_pass: int, progress: bool):
+def _expand(system, splices, groups: list[_Group], readers: list[_Reader], w: Tensor, max_nodes: int | None, rows_per_pass: int, progress: bool | None):
     # Rows for the targets, then for the most influential nodes with inputs; every row over every node.
     sizes = [len(g.index) for g in groups]
     n_nodes = sum(sizes)
@@ -404,7 +408,8 @@ def _expand(system, splices, groups: list[_Group], readers: list[_Reader], w: Te
             g.leaf = _leaf(g.value)
         captured = node_forward(system, splices, groups, {r.key for r in readers})
         order, table = list(range(inner, inner + k)), []
-        with tqdm(total=k + budget, disable=not progress, desc="attribution graph rows") as bar:
+        show = k + budget > 256 if progress is None else progress
+        with tqdm(total=k + budget, disable=not show, desc="attribution graph rows") as bar:
             table.append(_rows_of(groups, readers, order, captured))
             bar.update(k)
             done = torch.zeros(inner, dtype=torch.bool)

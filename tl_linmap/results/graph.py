@@ -355,11 +355,13 @@ class Graph:
         n = len(self)
         return Table([EdgeRow(self.label(int(i) % n), self.label(int(i) // n), float(self.adjacency.flatten()[i]), float(a.flatten()[i])) for i in flat if score.flatten()[i] > 0])
 
-    def path(self, target: int | str | None = None) -> GraphPath:
+    def path(self, target: int | str | None = None, sources: Tensor | None = None) -> GraphPath:
         """The path that carries most of a target's input: the largest product of shares from a token or error.
 
         Args:
             target: The target's index in `targets` or its name (None: the heaviest target).
+            sources: ``(n,)`` bool: the nodes it may start from (None: every token and error). A first token
+                that only feeds an attention sink can be left out with ``g.kind_mask("token") & (g.nodes[:, 2] > 0)``.
 
         Returns:
             The `GraphPath`.
@@ -374,8 +376,8 @@ class Graph:
             if torch.equal(new, reach):
                 break
             reach = new
-        sources = self.kind_mask("token", "error")
-        start = int(torch.argmax(torch.where(sources, reach, torch.zeros_like(reach))))
+        sources = self.kind_mask("token", "error") if sources is None else sources
+        start = int(torch.argmax(torch.where(sources, reach, torch.full_like(reach, -1.0))))
         path = [start]
         while path[-1] != int(targets[j]):
             s = path[-1]
