@@ -27,7 +27,7 @@ BRIDGE = _has("transformer_lens.model_bridge", "TransformerBridge")
 collect_ignore = ([] if HOOKED else ["test_hooked.py"]) + ([] if HOOKED and BRIDGE else ["test_cross.py"])
 # Likewise the splices of SAELens and circuit-tracer need those packages (CI's TransformerLens 2.18
 # environment has them): where one is missing its test file is not collected (a skip would fail in CI).
-collect_ignore += [f for f, pkg in (("test_saelens.py", "sae_lens"), ("test_replacement.py", "circuit_tracer")) if importlib.util.find_spec(pkg) is None]
+collect_ignore += [f for f, pkg in (("test_saelens.py", "sae_lens"), ("test_replacement.py", "circuit_tracer"), ("test_ct_frontend.py", "circuit_tracer")) if importlib.util.find_spec(pkg) is None]
 
 #: Where the README's set-up ran (CI sets CI=true), every test can run: a skip there is a failure.
 NO_SKIPS = os.environ.get("CI", "").lower() in ("1", "true", "yes")

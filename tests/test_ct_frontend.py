@@ -1,14 +1,18 @@
 # Runs in the TransformerLens 2.18 environment only (circuit-tracer), with headless Chromium and npm:
 #     .venv-tl2/bin/python -m pytest tests/test_ct_frontend.py -q
-"""circuit-tracer's own graph browser draws a graph circuit-tracer attributed, offline, in headless Chromium.
+# conftest.py does not collect it where circuit_tracer is not installed.
+"""circuit-tracer's own graph browser draws attribution graphs, offline, in headless Chromium.
 
-The graph: ``circuit_tracer.attribute`` on the tiny random float64 GPT-2-like ReplacementModel of
-test_replacement.py (ReLU transcoders), written by ``circuit_tracer.utils.create_graph_files``. The
-page: circuit-tracer's ``frontend/assets/index.html`` with its CDN scripts replaced by npm copies
-(tests/ct_frontend.py), served from localhost, opened with every node pinned (``pinnedIds``), so
-that the link graph draws each node's glyph and every edge between drawn nodes (on a canvas), and
-the subgraph panel draws every drawn node as a box and every edge as an SVG path. The DOM Chromium
-returns must hold as many of each as the graph JSON has, at the positions of real layouts.
+The model: the tiny random float64 GPT-2-like ReplacementModel of test_replacement.py (ReLU
+transcoders), built once. Two graphs of TOKENS, written by ``circuit_tracer.utils.create_graph_files``:
+``circuit_tracer.attribute``'s own, and ``tl_linmap.attribution_graph``'s turned into circuit-tracer's
+by ``Graph.to_circuit_tracer``. Their adjacency matrices are equal, so the two JSON files must hold
+the same nodes and links. The page: circuit-tracer's ``frontend/assets/index.html`` with its CDN
+scripts replaced by npm copies (tests/ct_frontend.py), served from localhost, opened with every node
+pinned (``pinnedIds``), so that the link graph draws each node's glyph and every edge between drawn
+nodes (on a canvas), and the subgraph panel draws every drawn node as a box and every edge as an SVG
+path. For each graph, the DOM Chromium returns must hold as many of each as its JSON has, at the
+positions of real layouts.
 """
 
 import json
@@ -24,17 +28,19 @@ import pytest
 pytest.importorskip("circuit_tracer")
 
 import torch
+from browser import render
 from circuit_tracer import attribute
 from circuit_tracer.utils import create_graph_files
+from ct_frontend import serve_circuit_tracer
+from test_replacement import TOKENS, build, gpt2_cfg, transcoder_set
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from transformers import PreTrainedTokenizerFast
 
-from browser import render
-from ct_frontend import serve_circuit_tracer
-from test_replacement import TOKENS, build, gpt2_cfg, transcoder_set
+import tl_linmap
 
 SLUG = "tiny-gpt2-relu"
+SOURCES = ("circuit-tracer", "tl_linmap")
 NUMBER = r"-?\d+(?:\.\d+)?(?:e[-+]?\d+)?"
 
 
@@ -47,27 +53,46 @@ def word_tokenizer(folder: Path, vocab_size: int) -> Path:
     return folder
 
 
-def graph_files(folder: Path) -> dict:
-    """circuit-tracer's graph of TOKENS on the tiny model, written by ``create_graph_files``; its JSON."""
-    cfg = gpt2_cfg()
-    model = build(cfg, transcoder_set(cfg, "relu", False))
+def ct_graph(model, source: str):
+    """The graph of TOKENS as a ``circuit_tracer.graph.Graph``: circuit-tracer's own, or tl_linmap's converted."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if source == "circuit-tracer":
+            return attribute(TOKENS, model, batch_size=256, max_n_logits=3, max_feature_nodes=100_000, verbose=False)
+        return tl_linmap.attribution_graph(model, TOKENS, max_logits=3).to_circuit_tracer(scan=model.scan)
+
+
+def graph_files(model, source: str, folder: Path) -> dict:
+    """The graph of TOKENS from ``source``, written by ``create_graph_files`` into ``folder/data``; its JSON."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)  # circuit-tracer builds its matrices in the default dtype
     try:
+        graph = ct_graph(model, source)
+        graph.cfg.tokenizer_name = str(word_tokenizer(folder / "tokenizer", model.cfg.d_vocab))  # graph.cfg is a copy
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            graph = attribute(TOKENS, model, batch_size=256, max_n_logits=3, max_feature_nodes=100_000, verbose=False)
-            graph.cfg.tokenizer_name = str(word_tokenizer(folder / "tokenizer", cfg.d_vocab))
             create_graph_files(graph, SLUG, folder / "data", node_threshold=0.8, edge_threshold=0.98)
     finally:
         torch.set_default_dtype(previous)
     return json.loads((folder / "data" / f"{SLUG}.json").read_text())
 
 
+@pytest.fixture(scope="module")
+def written(tmp_path_factory) -> dict:
+    """Per source: (folder with ``data/``, the graph JSON), from one model."""
+    cfg = gpt2_cfg()
+    model = build(cfg, transcoder_set(cfg, "relu", False))
+    out = {}
+    for source in SOURCES:
+        folder = tmp_path_factory.mktemp(source)
+        out[source] = folder, graph_files(model, source, folder)
+    return out
+
+
 class Dom(HTMLParser):
     """The elements of an HTML serialization: tag, classes, attributes, own text, ancestors' classes."""
 
-    VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
+    VOID = frozenset({"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"})
 
     def __init__(self, html: str):
         super().__init__(convert_charrefs=True)
@@ -107,8 +132,26 @@ def translate(element: dict) -> tuple[float, float]:
     return float(x), float(y)
 
 
-def test_circuit_tracer_frontend_draws_the_graph(tmp_path):
-    graph = graph_files(tmp_path)
+def test_both_graph_files_hold_the_same_graph(written):
+    (_, ours), (_, theirs) = written["tl_linmap"], written["circuit-tracer"]
+    assert [n["node_id"] for n in ours["nodes"]] == [n["node_id"] for n in theirs["nodes"]]
+    assert [n["feature_type"] for n in ours["nodes"]] == [n["feature_type"] for n in theirs["nodes"]]
+    for key in ("prompt_tokens", "prompt", "scan", "node_threshold"):
+        assert ours["metadata"][key] == theirs["metadata"][key], key
+    links = {(link["source"], link["target"]): link["weight"] for link in theirs["links"]}
+    assert len(links) == len(theirs["links"]) > 0
+    ours_links = {(link["source"], link["target"]): link["weight"] for link in ours["links"]}
+    assert len(ours_links) == len(ours["links"]) and ours_links.keys() == links.keys()
+    gaps = [abs(ours_links[k] - w) for k, w in links.items()]
+    assert max(gaps) <= 1e-9, max(gaps)
+    # ... and each node's influence on the logits, which create_graph_files computes from the adjacency.
+    for a, b in zip(ours["nodes"], theirs["nodes"]):
+        assert a["influence"] == pytest.approx(b["influence"], abs=1e-9), a["node_id"]
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_circuit_tracer_frontend_draws_the_graph(written, source, tmp_path):
+    folder, graph = written[source]
     nodes, links, meta = graph["nodes"], graph["links"], graph["metadata"]
     # The page hides nodes above its pruning threshold (the graph's node_threshold) but embeddings and logits.
     shown = {n["node_id"] for n in nodes if n["feature_type"] in ("embedding", "logit") or n["influence"] <= meta["node_threshold"]}
@@ -120,10 +163,11 @@ def test_circuit_tracer_frontend_draws_the_graph(tmp_path):
     assert len({(link["source"], link["target"]) for link in shown_links}) == len(shown_links)  # no parallel links
 
     figures = os.environ.get("TL_LINMAP_FIGURES")
-    png = Path(figures) / "ct_frontend.png" if figures else tmp_path / "ct_frontend.png"
+    name = "ct_frontend.png" if source == "circuit-tracer" else "ct_frontend_tl_linmap.png"
+    png = Path(figures) / name if figures else tmp_path / name
     png.parent.mkdir(parents=True, exist_ok=True)
     console = []
-    with serve_circuit_tracer(tmp_path / "data", {"slug": SLUG, "pinnedIds": ",".join(n["node_id"] for n in nodes)}) as url:
+    with serve_circuit_tracer(folder / "data", {"slug": SLUG, "pinnedIds": ",".join(n["node_id"] for n in nodes)}) as url:
         html = render(url, png=png, console=console)
     errors = [line for line in console if "Uncaught" in line or "rror" in line]
     assert not errors, errors

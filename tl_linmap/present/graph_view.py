@@ -13,13 +13,13 @@ from collections.abc import Sequence
 
 from tl_linmap.base.table import visible
 
-#: Each kind's colour and height within its layer (0: the block's input, 1: its output).
+#: Each kind's colour and height within its layer's band (0: the block's input, 1: its output).
 STYLE = {
     "token": ("#555555", 0.0),
-    "head": ("#e69f00", 0.3),
-    "feature": ("#009e73", 0.6),
-    "error": ("#999999", 0.6),
-    "mlp": ("#cc79a7", 0.8),
+    "head": ("#e69f00", 0.25),
+    "feature": ("#009e73", 0.5),
+    "error": ("#999999", 0.5),
+    "mlp": ("#cc79a7", 0.75),
     "target": ("#0072b2", 0.0),
 }
 _COLUMN, _ROW, _MARGIN = 120, 64, 60
@@ -30,7 +30,7 @@ def _levels(nodes: Sequence[dict], n_layers: int) -> list[float]:
     out = []
     for node in nodes:
         kind = node["kind"]
-        out.append(-1.0 if kind == "token" else float(n_layers) if kind == "target" else node["layer"] + STYLE[kind][1])
+        out.append(-0.5 if kind == "token" else n_layers + 0.5 if kind == "target" else node["layer"] + STYLE[kind][1])
     return out
 
 
@@ -41,11 +41,12 @@ def _places(nodes: Sequence[dict], n_layers: int) -> list[tuple[float, float]]:
     cells: dict[tuple[int, float], list[int]] = {}
     for i, (node, level) in enumerate(zip(nodes, levels)):
         cells.setdefault((node["position"], level), []).append(i)
-    places = [(0.0, 0.0)] * len(nodes)
+    places = [(0.0, 0.0, 0.0)] * len(nodes)
     for (pos, level), members in cells.items():
-        for j, i in enumerate(members):
-            offset = (j - (len(members) - 1) / 2) * min(18.0, (_COLUMN - 20) / max(len(members), 1))
-            places[i] = (_MARGIN + pos * _COLUMN + _COLUMN / 2 + offset, _MARGIN + (top - level) * _ROW)
+        gap = min(18.0, (_COLUMN - 20) / max(len(members), 1))
+        for j, i in enumerate(members):  # a crowded cell draws smaller nodes rather than overlapping ones
+            x = _MARGIN + pos * _COLUMN + _COLUMN / 2 + (j - (len(members) - 1) / 2) * gap
+            places[i] = (x, _MARGIN + (top - level) * _ROW, min(6.0, gap / 2 - 0.5))
     return places
 
 
@@ -64,29 +65,32 @@ def graph_html(nodes: Sequence[dict], edges: Sequence[tuple[int, int, float]], t
     """
     places = _places(nodes, n_layers)
     width = _MARGIN * 2 + _COLUMN * max(len(tokens), 1)
-    height = _MARGIN * 2 + _ROW * (n_layers + 1) + 30
+    height = _MARGIN * 2 + _ROW * (n_layers + 1) + 40
     biggest = max((abs(w) for _, _, w in edges), default=1.0) or 1.0
     parts = []
     for s, t, w in sorted(edges, key=lambda e: abs(e[2])):  # strongest drawn last, on top
-        (x1, y1), (x2, y2) = places[s], places[t]
+        (x1, y1, _), (x2, y2, _) = places[s], places[t]
         colour = "#2166ac" if w >= 0 else "#b2182b"
         tip = html.escape(f"{nodes[s]['label']} → {nodes[t]['label']}: {w:+.4g}")
         parts.append(
             f'<line class="edge" x1="{x1:.1f}" y1="{y1:.1f}" x2="{x2:.1f}" y2="{y2:.1f}" stroke="{colour}" '
             f'stroke-width="{0.4 + 5 * abs(w) / biggest:.2f}" stroke-opacity="0.55"><title>{tip}</title></line>'
         )
-    for node, (x, y) in zip(nodes, places):
+    n_target = 0
+    for node, (x, y, r) in zip(nodes, places):
         colour = STYLE[node["kind"]][0]
         tip = html.escape(f"{node['label']}: {node['value']:+.4g}")
-        parts.append(f'<circle class="node kind-{node["kind"]}" cx="{x:.1f}" cy="{y:.1f}" r="6" fill="{colour}" stroke="white"><title>{tip}</title></circle>')
-        if node["kind"] == "target":
-            parts.append(f'<text x="{x:.1f}" y="{y - 12:.1f}" text-anchor="middle" font-size="11">{html.escape(node["label"])}</text>')
-    base = _MARGIN + _ROW * (max(_levels(nodes, n_layers), default=0.0) + 1) + 22
+        parts.append(f'<circle class="node kind-{node["kind"]}" cx="{x:.1f}" cy="{y:.1f}" r="{r:.1f}" fill="{colour}" stroke="white"><title>{tip}</title></circle>')
+        if node["kind"] == "target":  # staggered: several targets share the last position
+            parts.append(f'<text class="target" x="{x:.1f}" y="{y - 10 - 13 * (n_target % 3):.1f}" text-anchor="middle" font-size="11">{html.escape(node["label"])}</text>')
+            n_target += 1
+    base = _MARGIN + _ROW * (max(_levels(nodes, n_layers), default=0.0) + 0.5) + 22
     for pos, token in enumerate(tokens):
         x = _MARGIN + pos * _COLUMN + _COLUMN / 2
         parts.append(f'<text class="token" x="{x:.1f}" y="{base:.1f}" text-anchor="middle" font-family="monospace" font-size="12">{html.escape(visible(token))}</text>')
-    for layer in range(n_layers):
-        y = _MARGIN + (n_layers - layer) * _ROW
+    top = max(_levels(nodes, n_layers), default=0.0)
+    for layer in range(n_layers):  # each block's band: from its input (below) to its output (above)
+        y = _MARGIN + (top - layer - 0.5) * _ROW
         parts.append(f'<text x="8" y="{y:.1f}" font-size="10" fill="#888">L{layer}</text>')
     legend = " ".join(f'<span style="color:{c}">&#9679; {k}</span>' for k, (c, _) in STYLE.items())
     svg = f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}">{"".join(parts)}</svg>'

@@ -36,6 +36,19 @@ def layer_of(site: str) -> int:
     return int(found.group(1)) if found else -1
 
 
+def short_label(name: str) -> str:
+    """A circuit-tracer logit target's name as its token (``"centered_logit(' Paris')"`` -> ``"' Paris'"``); others as they are.
+
+    Args:
+        name: A node's label.
+
+    Returns:
+        The shorter label.
+    """
+    found = re.fullmatch(r"centered_logit\((.*)\)", name)
+    return found.group(1) if found else name
+
+
 @table_row
 @dataclass
 class NodeRow:
@@ -400,10 +413,11 @@ class Graph:
             The HTML (an inline SVG; no script, no network).
         """
         g = self if node_threshold >= 1.0 and edge_threshold >= 1.0 else self.prune(node_threshold, edge_threshold)
-        nodes = [{"kind": KINDS[int(g.nodes[i, 0])], "layer": g.layer(i), "position": int(g.nodes[i, 2]), "label": g.label(i), "value": float(g.values[i])} for i in range(len(g))]
-        s, t = g.adjacency.nonzero(as_tuple=True)
-        edges = [(int(a), int(b), float(g.adjacency[b, a])) for a, b in zip(s.tolist(), t.tolist())]
-        heading = title or f"{''.join(self.str_tokens)!r} → {', '.join(self.targets)}"
+        nodes = [{"kind": KINDS[int(g.nodes[i, 0])], "layer": g.layer(i), "position": int(g.nodes[i, 2]), "label": short_label(g.label(i)), "value": float(g.values[i])}
+                 for i in range(len(g))]
+        t, s = g.adjacency.nonzero(as_tuple=True)  # rows are targets
+        edges = [(a, b, float(g.adjacency[b, a])) for a, b in zip(s.tolist(), t.tolist())]
+        heading = title or f"{''.join(self.str_tokens[: self.position + 1])!r} → {', '.join(short_label(t) for t in self.targets)}"
         return graph_html(nodes, edges, list(self.str_tokens[: self.position + 1]), heading, n_layers=int(self.config.get("n_layers") or 0))
 
     def show(self, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> None:
@@ -515,7 +529,7 @@ class Graph:
         kept = (column >= 0).nonzero()[:, 0]
         adjacency[column[kept][:, None], column[kept][None, :]] = self.adjacency[kept][:, kept]
         cfg = UnifiedConfig.from_dict({**self.config, "dtype": None})
-        logit_targets = [LogitTarget(token_str=self.targets[j], vocab_idx=int(t)) for j, t in enumerate(self.target_tokens.tolist())]
+        logit_targets = [LogitTarget(token_str=short_label(self.targets[j]).strip("'\""), vocab_idx=int(t)) for j, t in enumerate(self.target_tokens.tolist())]
         return CTGraph(
             input_string="".join(self.str_tokens), input_tokens=self.input_ids.clone(), active_features=active,
             adjacency_matrix=adjacency, cfg=cfg, selected_features=torch.arange(n_feat), activation_values=self.activations[features],
