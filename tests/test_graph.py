@@ -321,6 +321,7 @@ def test_path_and_tables(model):
     assert torch.allclose(torch.tensor(shares, dtype=torch.float64), torch.tensor(path.shares, dtype=torch.float64), rtol=0, atol=1e-12)
     assert abs(path.strength - float(graph.weights[0]) * float(torch.tensor(shares, dtype=torch.float64).prod())) <= 1e-12
     assert str(path).startswith(graph.label(path.nodes[0]))
+    assert path.describe().startswith(("the token", "the error")) and path.describe().count("feeds") == len(path.nodes) - 1
     table = graph.to_table(top=5)
     assert len(table) >= 5 and table.records()[0]["influence"] >= table.records()[1]["influence"]
     assert len(graph.edges(top=3)) == 3

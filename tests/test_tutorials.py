@@ -24,6 +24,7 @@ FIGURES = {
     "06_readouts_and_sequences.py": ["06_logit_diff_split.png", "06_sequence_heatmap.png", "06_generation_heatmap.png", "06_pushed_forward.png"],
     "07_many_prompts.py": ["07_corpus_dimensionality.png", "07_corpus_concepts.png", "07_corpus_attribution.png"],
     "08_features.py": ["08_feature_contributions.png", "08_feature_steering.png"],
+    "09_graphs.py": ["09_graph.html", "09_graph_influence.png"],
 }
 OVERRIDE = "TL_LINMAP_FIGURES"  # the one variable that sends a tutorial's figures elsewhere
 

@@ -98,6 +98,7 @@ class GraphPath:
     Attributes:
         nodes: Node indices, source first, target last.
         labels: Their labels.
+        kinds: Their kinds.
         weights: The edges' direct effects.
         shares: The edges' shares of their target's inputs.
         strength: The product of the shares, times the target's weight.
@@ -105,9 +106,37 @@ class GraphPath:
 
     nodes: tuple[int, ...]
     labels: tuple[str, ...]
+    kinds: tuple[str, ...]
     weights: tuple[float, ...]
     shares: tuple[float, ...]
     strength: float
+
+    def describe(self) -> str:
+        """The path in words.
+
+        Returns:
+            E.g. ``"the token 'iffel' at 2 feeds MLP 0 at 2 (100% of its input), which feeds head 23.4 at 8 (41%), ..."``.
+        """
+        def name(label: str, kind: str) -> str:
+            where = label.rpartition(" @")
+            at = f" at {where[2]}" if where[1] else ""
+            if kind == "token":
+                return f"the token {where[0]}{at}"
+            if kind == "head":
+                layer, head = where[0].removeprefix("L").split(".H")
+                return f"head {layer}.{head}{at}"
+            if kind == "mlp":
+                return f"MLP {where[0].removeprefix('MLP')}{at}"
+            if kind == "feature":
+                layer, feature = where[0].removeprefix("L").split(" #")
+                return f"feature {feature} of layer {layer}{at}"
+            if kind == "error":
+                return f"the error of layer {where[0].removeprefix('err L')}{at}"
+            return f"the target {short_label(label)}"
+
+        steps = [f"{'feeds' if i == 0 else 'which feeds'} {name(label, kind)} ({share:.0%}{' of its input' if i == 0 else ''})"
+                 for i, (label, kind, share) in enumerate(zip(self.labels[1:], self.kinds[1:], self.shares))]
+        return f"{name(self.labels[0], self.kinds[0])} {', '.join(steps)}"
 
     def __str__(self) -> str:
         steps = [self.labels[0]] + [f"--{w:+.3g} ({s:.0%})--> {label}" for label, w, s in zip(self.labels[1:], self.weights, self.shares)]
@@ -397,7 +426,8 @@ class Graph:
             path.append(int(torch.argmax(a[:, s] * reach)))
         weights = [float(self.adjacency[t, s]) for s, t in zip(path, path[1:])]
         shares = [float(a[t, s]) for s, t in zip(path, path[1:])]
-        return GraphPath(tuple(path), tuple(self.label(i) for i in path), tuple(weights), tuple(shares), float(reach[start]))
+        kinds = tuple(KINDS[int(self.nodes[i, 0])] for i in path)
+        return GraphPath(tuple(path), tuple(self.label(i) for i in path), kinds, tuple(weights), tuple(shares), float(reach[start]))
 
     # --- pictures ---------------------------------------------------------------------------
 
