@@ -403,3 +403,30 @@ def test_module_graphs_have_no_circuit_tracer_form(model):
     graph = tl_linmap.attribution_graph(model, model.to_tokens(PROMPT), max_logits=1)
     with pytest.raises(tl_linmap.InputError, match="heads or MLP outputs"):
         graph.to_circuit_tracer()
+
+
+def test_float32_is_checked_to_its_own_tolerance(model):
+    """In float32 the graph is checked to 1e-4 and its rows agree with float64's to that."""
+    tokens = model.to_tokens(PROMPT)
+    dicts = dictionaries(model, "skip_transcoder")
+    exact = tl_linmap.attribution_graph(model, tokens, dictionaries=dicts, max_logits=2)
+    single = tl_linmap.attribution_graph(model, tokens, dictionaries=dicts, max_logits=2, dtype=torch.float32)
+    assert single.adjacency.dtype == torch.float32 and single.relative_error() <= 1e-4
+    assert torch.equal(single.nodes, exact.nodes)  # the same features active
+    gap = float((single.adjacency.double() - exact.adjacency).abs().max() / exact.adjacency.abs().max())
+    assert 0 < gap <= 1e-4
+
+
+def test_show_displays_the_html(model, monkeypatch):
+    import sys
+    import types
+
+    shown = []
+    display = types.ModuleType("IPython.display")
+    display.HTML = lambda text: ("HTML", text)
+    display.display = shown.append
+    monkeypatch.setitem(sys.modules, "IPython", types.ModuleType("IPython"))
+    monkeypatch.setitem(sys.modules, "IPython.display", display)
+    graph = tl_linmap.attribution_graph(model, model.to_tokens(PROMPT), max_logits=1)
+    graph.show(node_threshold=0.5)
+    assert shown == [("HTML", graph.to_html(node_threshold=0.5))]
