@@ -5,11 +5,25 @@ Every public name is loaded on first use from the module that defines it (`PUBLI
 """
 
 import importlib
+import sys
+import types
 import warnings
 
+import tl_linmap.load
 from tl_linmap import _legacy
 
 _legacy.install()
+
+
+class _LoadPackage(types.ModuleType):
+    """``tl_linmap.load`` is the loading subpackage and, called, `tl_linmap.load.saved.load`: a function of that
+    name would be replaced by the subpackage the first time one of its modules is imported."""
+
+    def __call__(self, path):
+        return importlib.import_module("tl_linmap.load.saved").load(path)
+
+
+sys.modules["tl_linmap.load"].__class__ = _LoadPackage
 
 #: Public name -> the module that defines it.
 PUBLIC: dict[str, str] = {
@@ -56,7 +70,7 @@ PUBLIC: dict[str, str] = {
     **dict.fromkeys(["FeatureMap", "feature_map", "feature_patching", "feature_sources"], "methods.features"),
 }
 #: Public modules reached as attributes (``tl_linmap.load.datasets.phrases()``).
-MODULES: dict[str, str] = {"datasets": "load.datasets", "load": "load"}
+MODULES: dict[str, str] = {"datasets": "load.datasets", "load": "load"}  # load: also callable (_LoadPackage)
 #: Names kept for one release: old name -> (module, name), each use warned about.
 DEPRECATED_NAMES: dict[str, tuple[str, str]] = {"top_singular": ("reading.spectral", "top_singular")}
 

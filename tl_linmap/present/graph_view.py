@@ -22,7 +22,12 @@ STYLE = {
     "mlp": ("#cc79a7", 0.75),
     "target": ("#0072b2", 0.0),
 }
-_COLUMN, _ROW, _MARGIN = 120, 64, 60
+_COLUMN, _MARGIN = 120, 60
+
+
+def _row(n_layers: int) -> float:
+    # A layer's height: the whole graph about 900 px tall, a layer between 22 and 64 px.
+    return min(64.0, max(22.0, 900 / (n_layers + 2)))
 
 
 def _levels(nodes: Sequence[dict], n_layers: int) -> list[float]:
@@ -34,7 +39,7 @@ def _levels(nodes: Sequence[dict], n_layers: int) -> list[float]:
     return out
 
 
-def _places(nodes: Sequence[dict], n_layers: int) -> list[tuple[float, float]]:
+def _places(nodes: Sequence[dict], n_layers: int) -> list[tuple[float, float, float]]:
     # Nodes sharing a position and height spread side by side within the position's column.
     levels = _levels(nodes, n_layers)
     top = max(levels, default=0.0)
@@ -46,7 +51,7 @@ def _places(nodes: Sequence[dict], n_layers: int) -> list[tuple[float, float]]:
         gap = min(18.0, (_COLUMN - 20) / max(len(members), 1))
         for j, i in enumerate(members):  # a crowded cell draws smaller nodes rather than overlapping ones
             x = _MARGIN + pos * _COLUMN + _COLUMN / 2 + (j - (len(members) - 1) / 2) * gap
-            places[i] = (x, _MARGIN + (top - level) * _ROW, min(6.0, gap / 2 - 0.5))
+            places[i] = (x, _MARGIN + (top - level) * _row(n_layers), min(6.0, gap / 2 - 0.5))
     return places
 
 
@@ -65,7 +70,8 @@ def graph_html(nodes: Sequence[dict], edges: Sequence[tuple[int, int, float]], t
     """
     places = _places(nodes, n_layers)
     width = _MARGIN * 2 + _COLUMN * max(len(tokens), 1)
-    height = _MARGIN * 2 + _ROW * (n_layers + 1) + 40
+    row = _row(n_layers)
+    height = _MARGIN * 2 + row * (n_layers + 1) + 40
     biggest = max((abs(w) for _, _, w in edges), default=1.0) or 1.0
     parts = []
     for s, t, w in sorted(edges, key=lambda e: abs(e[2])):  # strongest drawn last, on top
@@ -84,16 +90,16 @@ def graph_html(nodes: Sequence[dict], edges: Sequence[tuple[int, int, float]], t
         if node["kind"] == "target":  # staggered: several targets share the last position
             parts.append(f'<text class="target" x="{x:.1f}" y="{y - 10 - 13 * (n_target % 3):.1f}" text-anchor="middle" font-size="11">{html.escape(node["label"])}</text>')
             n_target += 1
-    base = _MARGIN + _ROW * (max(_levels(nodes, n_layers), default=0.0) + 0.5) + 22
+    base = _MARGIN + row * (max(_levels(nodes, n_layers), default=0.0) + 0.5) + 22
     for pos, token in enumerate(tokens):
         x = _MARGIN + pos * _COLUMN + _COLUMN / 2
         parts.append(f'<text class="token" x="{x:.1f}" y="{base:.1f}" text-anchor="middle" font-family="monospace" font-size="12">{html.escape(visible(token))}</text>')
     top = max(_levels(nodes, n_layers), default=0.0)
     for layer in range(n_layers):  # each block's band: from its input (below) to its output (above)
-        y = _MARGIN + (top - layer - 0.5) * _ROW
+        y = _MARGIN + (top - layer - 0.5) * row
         parts.append(f'<text x="8" y="{y:.1f}" font-size="10" fill="#888">L{layer}</text>')
     legend = " ".join(f'<span style="color:{c}">&#9679; {k}</span>' for k, (c, _) in STYLE.items())
-    svg = f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}">{"".join(parts)}</svg>'
+    svg = f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height:.0f}" viewBox="0 0 {width} {height:.0f}">{"".join(parts)}</svg>'
     return (
         f'<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title></head>'
         f'<body style="font-family:sans-serif"><div class="tl-linmap-graph"><h3 style="margin:.3em 0">{html.escape(title)}</h3>'
