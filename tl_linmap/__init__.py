@@ -9,7 +9,7 @@ import sys
 import types
 import warnings
 
-import tl_linmap.load
+import tl_linmap.load  # noqa: F401 - made callable below
 from tl_linmap import _legacy
 
 _legacy.install()

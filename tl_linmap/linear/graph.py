@@ -1,6 +1,6 @@
 """Attribution graphs: every node's direct effect on every other, exact, in circuit-tracer's units.
 
-Inside a frozen system every node is a leaf of one replay (`node_pass`): the token embeddings,
+Inside a frozen system every node is a leaf of one replay (`node_forward`): the token embeddings,
 every spliced dictionary's active features and error terms, and (``modules=True``) every attention
 head's ``hook_z`` and every MLP's output, so that nothing reaches a node except through the nodes
 before it. A node with inputs reads a scalar from that replay: a feature its pre-activation, a target
@@ -33,7 +33,7 @@ from tl_linmap.freeze.splices import Leaves, Splice
 from tl_linmap.freeze.splicing import canonical, spliced, splices_of
 from tl_linmap.freeze.system import FrozenSystem, frozen_system
 from tl_linmap.linear.features import preactivation, target_rows
-from tl_linmap.reading.influence import normalized
+from tl_linmap.reading.influence import partial_influence
 from tl_linmap.reading.readouts import CenteredLogit, LinearReadout
 from tl_linmap.reading.tokens import decode_tokens
 from tl_linmap.results.graph import KINDS, Graph
@@ -407,21 +407,22 @@ def _expand(system, splices, groups: list[_Group], readers: list[_Reader], w: Te
         for g in groups:
             g.leaf = _leaf(g.value)
         captured = node_forward(system, splices, groups, {r.key for r in readers})
-        order, table = list(range(inner, inner + k)), []
+        order = list(range(inner, inner + k))
+        table = system.x.new_zeros(k + budget, n_nodes)  # every row over every node, filled as they come
         show = k + budget > 256 if progress is None else progress
         with tqdm(total=k + budget, disable=not show, desc="attribution graph rows") as bar:
-            table.append(_rows_of(groups, readers, order, captured))
+            table[:k] = _rows_of(groups, readers, order, captured)
             bar.update(k)
             done = torch.zeros(inner, dtype=torch.bool)
-            while int(done.sum()) < budget:
+            while len(order) < k + budget:
                 if max_nodes is None:
                     batch = (~done).nonzero()[:, 0][:rows_per_pass]
                 else:
-                    rows = torch.cat(table)
-                    score = partial_influence(rows, torch.tensor([reader_node[i] if i < inner else n_nodes + i - inner for i in order]), w, n_nodes)
-                    ranked = torch.argsort(score[reader_node], descending=True, stable=True)
-                    batch = ranked[~done[ranked]][: min(rows_per_pass, budget - int(done.sum()))]
-                table.append(_rows_of(groups, readers, batch.tolist(), captured))
+                    row_nodes = torch.tensor([int(reader_node[i]) if i < inner else n_nodes + i - inner for i in order])
+                    score = partial_influence(table[: len(order)], row_nodes, w, n_nodes)
+                    ranked = torch.argsort(score[reader_node].cpu(), descending=True, stable=True)
+                    batch = ranked[~done[ranked]][: min(rows_per_pass, k + budget - len(order))]
+                table[len(order) : len(order) + len(batch)] = _rows_of(groups, readers, batch.tolist(), captured)
                 order += batch.tolist()
                 done[batch] = True
                 bar.update(len(batch))
@@ -429,7 +430,7 @@ def _expand(system, splices, groups: list[_Group], readers: list[_Reader], w: Te
         constants = _read(node_forward(system, splices, groups, {r.key for r in readers}, zero=True), readers)
     for g in groups:
         g.leaf = None
-    return order, torch.cat(table).detach(), constants
+    return order, table, constants
 
 
 def _reader_nodes(groups: list[_Group]) -> Tensor:
@@ -440,31 +441,6 @@ def _reader_nodes(groups: list[_Group]) -> Tensor:
             out.append(torch.arange(start, start + len(g.index)))
         start += len(g.index)
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
-
-
-def partial_influence(rows: Tensor, row_nodes: Tensor, weights: Tensor, n_nodes: int) -> Tensor:
-    """Each node's influence on the targets through the rows computed so far (circuit-tracer's ranking).
-
-    Args:
-        rows: ``(r, n_nodes)`` the rows computed, targets first.
-        row_nodes: ``(r,)`` the node each row belongs to (targets: ``n_nodes + j``).
-        weights: The targets' weights.
-        n_nodes: Number of source columns (the targets come after them).
-
-    Returns:
-        ``(n_nodes,)`` influence.
-    """
-    a = normalized(rows)
-    prod = torch.zeros(n_nodes + len(weights), dtype=rows.dtype)
-    prod[n_nodes:] = weights
-    total = torch.zeros(n_nodes, dtype=rows.dtype)
-    for _ in range(1000):
-        step = prod[row_nodes] @ a
-        if not step.any():
-            break
-        total += step
-        prod = torch.cat([step, prod.new_zeros(len(weights))])
-    return total
 
 
 def _reference(system: FrozenSystem, splices: list[Splice], groups: list[_Group], gradient: dict, held: dict, rows: list) -> Tensor:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from jaxtyping import Bool, Float
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 
@@ -52,6 +52,33 @@ def influence(normalized_adjacency: Float[Tensor, "n n"], weights: Float[Tensor,
         term = term @ normalized_adjacency
         total += term
     raise RuntimeError(f"Influence did not end after {max_iter} path lengths: the graph has a cycle.")
+
+
+def partial_influence(rows: Float[Tensor, "r n"], row_nodes: Int[Tensor, " r"], weights: Float[Tensor, " k"], n_nodes: int) -> Float[Tensor, " n"]:
+    """Each node's influence on the targets through the rows computed so far (circuit-tracer's ranking of
+    which rows to compute next: ``compute_partial_influences``).
+
+    Args:
+        rows: ``(r, n_nodes)`` the rows computed, targets first.
+        row_nodes: ``(r,)`` the node each row belongs to (targets: ``n_nodes + j``).
+        weights: The targets' weights.
+        n_nodes: Number of source columns (the targets come after them).
+
+    Returns:
+        ``(n_nodes,)`` influence.
+    """
+    a = normalized(rows)
+    prod = rows.new_zeros(n_nodes + len(weights))
+    prod[n_nodes:] = weights
+    total = rows.new_zeros(n_nodes)
+    row_nodes = row_nodes.to(rows.device)
+    for _ in range(1000):
+        step = prod[row_nodes] @ a
+        if not step.any():
+            break
+        total += step
+        prod = torch.cat([step, prod.new_zeros(len(weights))])
+    return total
 
 
 def threshold(scores: Float[Tensor, " n"], fraction: float) -> Tensor:
