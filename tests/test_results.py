@@ -94,7 +94,9 @@ def results(model, moe) -> dict[str, object]:
         features = tl_linmap.feature_contributions(model, PROMPT, target=tl_linmap.Logit(7))
         feature_patching = tl_linmap.feature_patching(model, CLEAN, CORRUPTED, ("a", "b"))
         feature_map = tl_linmap.feature_map(model, PROMPT, sae.hook_out, 3, target=tl_linmap.Logit(7))
+    graph = tl_linmap.attribution_graph(model, PROMPT, max_logits=2)
     found = {
+        "Graph": graph, "NodeRow": graph.to_table()[0], "EdgeRow": graph.edges()[0], "GraphPath": graph.path(),
         "LinearMap": lm, "LinearMaps": maps, "Contributions": tl_linmap.token_contributions(model, PROMPT),
         "HeadSplit": maps.head_splits[1], "OperatorSVD": svd, "DecodedPair": lm.decode(k=1, top=3)[0],
         "RankRow": lm.dimensionality()[0], "SingularRow": svd.to_table()[0], "LogitSplit": lm.logit_contributions(7),
@@ -204,6 +206,10 @@ def key_fields(name: str, result) -> list[str]:
         return [result.metric, number_text(result.clean_metric), number_text(result.corrupted_metric)]
     if name == "FeatureMap":
         return [result.site, f"#{result.feature}", result.target]
+    if name == "Graph":
+        return [*result.targets, f"{int(result.kind_mask('head').sum())} heads", f"exact to {result.relative_error():.1e}"]
+    if name == "GraphPath":
+        return [result.labels[0], result.labels[-1]]
     return row_keys(result)
 
 
@@ -398,11 +404,29 @@ def check_pushed(results, model):
         assert [value for _, value in row.top] == pytest.approx(best.values.tolist(), rel=1e-10)
 
 
+def check_graph(results, model):
+    graph = results["Graph"]
+    influence = graph.influence()
+    rows = graph.to_table(top=None)
+    assert len(rows) == len(graph)
+    for row in rows:
+        assert row.label == graph.label(row.index) and row.position == int(graph.nodes[row.index, 2])
+        assert row.value == float(graph.values[row.index])
+        assert row.influence == (0.0 if row.kind == "target" else float(influence[row.index]))
+    edges = graph.edges(top=5)
+    assert len(set(graph.label(i) for i in range(len(graph)))) == len(graph)  # labels name nodes
+    for edge in edges:
+        t, s = edge.target_index, edge.source_index
+        assert (edge.source, edge.target) == (graph.label(s), graph.label(t))
+        assert edge.weight == float(graph.adjacency[t, s])
+        assert edge.share == pytest.approx(float(graph.adjacency[t, s].abs() / graph.adjacency[t].abs().sum()), rel=1e-12)
+
+
 TABLE_CHECKS = {
     "LinearMaps": check_linear_maps, "Attribution": check_attribution, "LogitSplit": check_logit_split,
     "OperatorSVD": check_operator_svd, "SequenceAttribution": check_sequence, "CorpusAnalysis": check_corpus,
     "PatchingAttribution": check_patching, "ExpertContributions": check_experts, "Pushed": check_pushed,
-    "FeatureContributions": check_features, "FeaturePatching": check_feature_patching,
+    "FeatureContributions": check_features, "FeaturePatching": check_feature_patching, "Graph": check_graph,
 }
 
 

@@ -462,6 +462,8 @@ def _reference(system: FrozenSystem, splices: list[Splice], groups: list[_Group]
 def _assemble(model, system, groups: list[_Group], readouts, w: Tensor, held: dict, order: list[int], table: Tensor, constants: Tensor, reference: Tensor) -> Graph:
     # Keep the nodes with rows, every error and token, and the targets; what the others carry into a row is its remainder.
     names = [_target_name(model, r) for r in readouts]
+    if len(set(names)) < len(names):  # tokens that decode alike (byte pieces): named by id
+        names = [r.name for r in readouts]
     sites = list(dict.fromkeys([g.site for g in groups] + names))
     nodes = torch.cat([torch.cat([torch.full((len(g.index), 1), KINDS.index(g.kind)), torch.full((len(g.index), 1), sites.index(g.site)), g.index], 1) for g in groups]
                       + [torch.tensor([[KINDS.index("target"), sites.index(name), system.position, j] for j, name in enumerate(names)])])

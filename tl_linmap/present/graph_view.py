@@ -56,8 +56,24 @@ def _places(nodes: Sequence[dict], n_layers: int) -> list[tuple[float, float, fl
 
 
 def graph_html(nodes: Sequence[dict], edges: Sequence[tuple[int, int, float]], tokens: Sequence[str], title: str, *, n_layers: int) -> str:
-    """The page.
+    """The page: `graph_fragment` in an HTML document of its own.
 
+    Args:
+        nodes: As for `graph_fragment`.
+        edges: As for `graph_fragment`.
+        tokens: As for `graph_fragment`.
+        title: As for `graph_fragment`.
+        n_layers: As for `graph_fragment`.
+
+    Returns:
+        An HTML document with one inline SVG.
+    """
+    body = graph_fragment(nodes, edges, tokens, title, n_layers=n_layers)
+    return f'<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title></head><body style="font-family:sans-serif">{body}</body></html>'
+
+
+def graph_fragment(nodes: Sequence[dict], edges: Sequence[tuple[int, int, float]], tokens: Sequence[str], title: str, *, n_layers: int) -> str:
+    """The graph as an HTML fragment (a notebook's cell output): a heading, a legend and one inline SVG.
     Args:
         nodes: Per node: ``kind``, ``layer``, ``position``, ``label``, ``value``.
         edges: ``(source, target, weight)``.
@@ -66,7 +82,7 @@ def graph_html(nodes: Sequence[dict], edges: Sequence[tuple[int, int, float]], t
         n_layers: The model's blocks (the targets' height).
 
     Returns:
-        An HTML document with one inline SVG.
+        A ``<div>``.
     """
     places = _places(nodes, n_layers)
     width = _MARGIN * 2 + _COLUMN * max(len(tokens), 1)
@@ -101,8 +117,7 @@ def graph_html(nodes: Sequence[dict], edges: Sequence[tuple[int, int, float]], t
     legend = " ".join(f'<span style="color:{c}">&#9679; {k}</span>' for k, (c, _) in STYLE.items())
     svg = f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height:.0f}" viewBox="0 0 {width} {height:.0f}">{"".join(parts)}</svg>'
     return (
-        f'<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title></head>'
-        f'<body style="font-family:sans-serif"><div class="tl-linmap-graph"><h3 style="margin:.3em 0">{html.escape(title)}</h3>'
+        f'<div class="tl-linmap-graph" style="font-family:sans-serif"><h3 style="margin:.3em 0">{html.escape(title)}</h3>'
         f'<div style="font-size:.85em">{legend} &nbsp; <span style="color:#2166ac">— adds</span> <span style="color:#b2182b">— takes away</span></div>'
-        f"{svg}</div></body></html>"
+        f"{svg}</div>"
     )

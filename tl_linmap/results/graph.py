@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -15,7 +16,7 @@ from tl_linmap.base.exactness import check_exact
 from tl_linmap.base.saving import config_hash, write
 from tl_linmap.base.table import Table, table_row
 from tl_linmap.present import display
-from tl_linmap.present.graph_view import graph_html
+from tl_linmap.present.graph_view import graph_fragment, graph_html
 from tl_linmap.reading import influence as inf
 
 #: Node kinds, by the code in `Graph.nodes`' first column.
@@ -83,12 +84,16 @@ class EdgeRow:
         target: The target node's label.
         weight: The direct effect.
         share: Its share of the target's inputs (``|weight| / Σ|inputs|``).
+        source_index: The source node's index.
+        target_index: The target node's index.
     """
 
     source: str
     target: str
     weight: float
     share: float
+    source_index: int
+    target_index: int
 
 
 @dataclass(frozen=True)
@@ -143,6 +148,9 @@ class GraphPath:
         return " ".join(steps)
 
     __repr__ = __str__
+
+    def _repr_html_(self) -> str:
+        return f"<p>{html.escape(str(self))}</p><p>{html.escape(self.describe())}</p>"
 
 
 @dataclass(frozen=True)
@@ -395,7 +403,8 @@ class Graph:
         score = a * (self.influence() + self._target_weights())[:, None]
         flat = torch.argsort(score.flatten(), descending=True)[:top]
         n = len(self)
-        return Table([EdgeRow(self.label(int(i) % n), self.label(int(i) // n), float(self.adjacency.flatten()[i]), float(a.flatten()[i])) for i in flat if score.flatten()[i] > 0])
+        return Table([EdgeRow(self.label(int(i) % n), self.label(int(i) // n), float(self.adjacency.flatten()[i]), float(a.flatten()[i]), int(i) % n, int(i) // n)
+                      for i in flat if score.flatten()[i] > 0])
 
     def path(self, target: int | str | None = None, sources: Tensor | None = None) -> GraphPath:
         """The path that carries most of a target's input: the largest product of shares from a token or error.
@@ -431,27 +440,31 @@ class Graph:
 
     # --- pictures ---------------------------------------------------------------------------
 
-    def to_html(self, node_threshold: float = 0.8, edge_threshold: float = 0.98, title: str | None = None) -> str:
-        """A self-contained HTML page of the pruned graph: tokens at the bottom, targets at the top, layers between.
-
-        Args:
-            node_threshold: Pruning's (1.0: every node).
-            edge_threshold: Pruning's (1.0: every edge).
-            title: A heading (default: the prompt and the targets).
-
-        Returns:
-            The HTML (an inline SVG; no script, no network).
-        """
+    def _view(self, node_threshold: float, edge_threshold: float, title: str | None) -> tuple:
         g = self if node_threshold >= 1.0 and edge_threshold >= 1.0 else self.prune(node_threshold, edge_threshold)
         nodes = [{"kind": KINDS[int(g.nodes[i, 0])], "layer": g.layer(i), "position": int(g.nodes[i, 2]), "label": short_label(g.label(i)), "value": float(g.values[i])}
                  for i in range(len(g))]
         t, s = g.adjacency.nonzero(as_tuple=True)  # rows are targets
         edges = [(a, b, float(g.adjacency[b, a])) for a, b in zip(s.tolist(), t.tolist())]
         heading = title or f"{''.join(self.str_tokens[: self.position + 1])!r} → {', '.join(short_label(t) for t in self.targets)}"
-        return graph_html(nodes, edges, list(self.str_tokens[: self.position + 1]), heading, n_layers=int(self.config.get("n_layers") or 0))
+        return nodes, edges, list(self.str_tokens[: self.position + 1]), heading
+
+    def to_html(self, node_threshold: float = 0.8, edge_threshold: float = 0.98, title: str | None = None) -> str:
+        """A self-contained HTML page of the pruned graph: tokens at the bottom, targets at the top, layers between.
+
+        Args:
+            node_threshold: Pruning's (1.0 with ``edge_threshold`` 1.0: every node and edge).
+            edge_threshold: Pruning's.
+            title: A heading (default: the prompt and the targets).
+
+        Returns:
+            The HTML (an inline SVG; no script, no network).
+        """
+        nodes, edges, tokens, heading = self._view(node_threshold, edge_threshold, title)
+        return graph_html(nodes, edges, tokens, heading, n_layers=int(self.config.get("n_layers") or 0))
 
     def show(self, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> None:
-        """Display `to_html` in a notebook.
+        """Display the pruned graph in a notebook (the picture of `to_html`).
 
         Args:
             node_threshold: Pruning's.
@@ -459,7 +472,8 @@ class Graph:
         """
         from IPython.display import HTML, display as show  # noqa: PLC0415 - only in a notebook
 
-        show(HTML(self.to_html(node_threshold, edge_threshold)))
+        nodes, edges, tokens, heading = self._view(node_threshold, edge_threshold, None)
+        show(HTML(graph_fragment(nodes, edges, tokens, heading, n_layers=int(self.config.get("n_layers") or 0))))
 
     def _facts(self) -> list:
         counts = {k: int(self.kind_mask(k).sum()) for k in KINDS}
@@ -475,7 +489,8 @@ class Graph:
         return display.summary_text("Graph", self._facts(), f"strongest path: {self.path()}")
 
     def _repr_html_(self) -> str:
-        return display.summary_html("Graph", self._facts()) + self.to_html()
+        nodes, edges, tokens, heading = self._view(0.8, 0.98, None)
+        return display.summary_html("Graph", self._facts()) + graph_fragment(nodes, edges, tokens, heading, n_layers=int(self.config.get("n_layers") or 0))
 
     # --- elsewhere: files, circuit-tracer ---------------------------------------------------
 
