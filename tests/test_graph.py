@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import hand_freeze_hooks
-from test_features import (
+from test_features import (  # noqa: F401 - model, models: the fixtures of test_features
     BUILDERS,
     PROMPT,
     _assert_same,
@@ -24,6 +24,8 @@ from test_features import (
     _snapshot,
     dictionaries,
     dictionary_hooks,
+    model,
+    models,
 )
 from torch import Tensor
 
@@ -32,18 +34,6 @@ from tl_linmap.base.guard import hook_count
 from tl_linmap.results.graph import KINDS
 
 TOL = 1e-10
-
-
-@pytest.fixture(scope="module")
-def models() -> dict:
-    return {name: build() for name, build in BUILDERS.items()}
-
-
-@pytest.fixture(params=list(BUILDERS))
-def model(request, models):
-    model = models[request.param]
-    yield model
-    assert hook_count(model) == 0, "a hook was left on the model"
 
 
 def _centered(logits: Tensor, tokens: list[int]) -> Tensor:
@@ -75,6 +65,23 @@ def _columns(graph, grads: dict, leaves: dict) -> Tensor:
     return torch.stack(out)
 
 
+def _oracle_rows(graph, leaves: dict, value_of) -> tuple[Tensor, Tensor]:
+    """Per node, (its row, its value): ``value_of(kind, site, pos, idx)`` gives a node's value as a function
+    of the leaves (None for a node without inputs); its row is each leaf node's value times the derivative."""
+    rows, values = [], []
+    for i in range(len(graph)):
+        value = value_of(*_node(graph, i))
+        if value is None:
+            rows.append(torch.zeros(len(graph), dtype=torch.float64))
+            values.append(torch.zeros((), dtype=torch.float64))
+            continue
+        grads = torch.autograd.grad(value, list(leaves.values()), retain_graph=True, allow_unused=True)
+        grads = {k: torch.zeros_like(v) if g is None else g for (k, v), g in zip(leaves.items(), grads)}
+        rows.append(_columns(graph, grads, leaves))
+        values.append(value.detach())
+    return torch.stack(rows), torch.stack(values)
+
+
 def _pre(d: tl_linmap.Dictionary, x: Tensor) -> Tensor:
     """Pre-activations from the dictionary's definition (a gated SAE's: its magnitudes')."""
     xin = x - d.b_dec if d.apply_b_dec_to_input else x
@@ -102,23 +109,13 @@ def feature_oracle(model, tokens, dicts, convention, graph) -> tuple[Tensor, Ten
     with torch.enable_grad(), _quiet(), model.hooks(fwd_hooks=hooks):
         logits = model(tokens)
         targets = _centered(logits, graph.target_tokens.tolist())
-        rows, values = [], []
-        flat = list(leaves.values())
-        for i in range(len(graph)):
-            kind, site, pos, idx = _node(graph, i)
+
+        def value_of(kind, site, pos, idx):
             if kind == "feature":
-                value = _pre(by_site[site], inputs[site][0, pos])[idx]
-            elif kind == "target":
-                value = targets[idx]
-            else:
-                rows.append(torch.zeros(len(graph), dtype=torch.float64))
-                values.append(torch.zeros((), dtype=torch.float64))
-                continue
-            grads = torch.autograd.grad(value, flat, retain_graph=True, allow_unused=True)
-            grads = {k: torch.zeros_like(v) if g is None else g for (k, v), g in zip(leaves.items(), grads)}
-            rows.append(_columns(graph, grads, leaves))
-            values.append(value.detach())
-    return torch.stack(rows), torch.stack(values)
+                return _pre(by_site[site], inputs[site][0, pos])[idx]
+            return targets[idx] if kind == "target" else None
+
+        return _oracle_rows(graph, leaves, value_of)
 
 
 def module_oracle(model, tokens, graph) -> tuple[Tensor, Tensor]:
@@ -151,24 +148,15 @@ def module_oracle(model, tokens, graph) -> tuple[Tensor, Tensor]:
     hooks += [(name, lambda act, hook=None, key=(kind, name): swap(act, key=key)) for kind, name in names]
     with torch.enable_grad(), _quiet(), model.hooks(fwd_hooks=hooks):
         targets = _centered(model(tokens), graph.target_tokens.tolist())
-        rows, values = [], []
-        for i in range(len(graph)):
-            kind, site, pos, idx = _node(graph, i)
+
+        def value_of(kind, site, pos, idx):
             if kind == "head":
-                value = g[(kind, site)][0, pos, idx] @ seen[(kind, site)][0, pos, idx]
-            elif kind == "mlp":
-                value = g[(kind, site)][0, pos] @ seen[(kind, site)][0, pos]
-            elif kind == "target":
-                value = targets[idx]
-            else:
-                rows.append(torch.zeros(len(graph), dtype=torch.float64))
-                values.append(torch.zeros((), dtype=torch.float64))
-                continue
-            grads = torch.autograd.grad(value, list(leaves.values()), retain_graph=True, allow_unused=True)
-            grads = {k: torch.zeros_like(v) if gr is None else gr for (k, v), gr in zip(leaves.items(), grads)}
-            rows.append(_columns(graph, grads, leaves))
-            values.append(value.detach())
-    return torch.stack(rows), torch.stack(values)
+                return g[(kind, site)][0, pos, idx] @ seen[(kind, site)][0, pos, idx]
+            if kind == "mlp":
+                return g[(kind, site)][0, pos] @ seen[(kind, site)][0, pos]
+            return targets[idx] if kind == "target" else None
+
+        return _oracle_rows(graph, leaves, value_of)
 
 
 def _assert_rows(graph, rows: Tensor, values: Tensor) -> None:
