@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
 from tl_linmap.base.compat import check_model, get_act_name
@@ -194,24 +195,42 @@ class Preactivation(LinearReadout):
         return w, w.new_tensor(self.offset)
 
 
+def preactivations(splice: Splice, features: Tensor) -> tuple[str, Float[Tensor, "n d_in"], Float[Tensor, " n"]]:
+    """Several features' pre-activations ``(x - c·b_dec) · W_enc[:, f] + b_enc[f]`` as covectors on the dictionary's input.
+
+    Computed in float64 whatever the dictionary's dtype (the offsets are single numbers; the splice sums in the
+    working dtype), from one cast of the dictionary.
+
+    Args:
+        splice: A dictionary spliced into a model.
+        features: ``(n,)`` feature ids.
+
+    Returns:
+        ``(hook, vectors, offsets)``: the hook read (the dictionary's input hook, or for a dictionary that reads
+        the hook point it writes, that point: read there before it writes, see `node_pass`), ``W_enc[:, f]``
+        per feature (a gated SAE's scaled by ``exp(r_mag[f])``), and the constants.
+    """
+    d = splice.dictionary.to(splice.dictionary.W_enc.detach().new_zeros((), dtype=torch.float64))
+    features = torch.as_tensor(features, dtype=torch.long, device=d.W_enc.device)
+    gated = d.activation == "gated"
+    vectors = (d.W_enc[:, features] * (d.r_mag[features].exp() if gated else 1)).T.contiguous().detach()
+    offsets = (d.b_mag if gated else d.b_enc)[features] - (vectors @ d.b_dec if d.apply_b_dec_to_input else 0)
+    hook = splice.input_hook if splice.own_input_hook else splice.site
+    return hook, vectors, offsets.detach()
+
+
 def preactivation(splice: Splice, feature: int) -> Preactivation:
-    """The readout of one feature's pre-activation.
+    """The readout of one feature's pre-activation (`preactivations` of one).
 
     Args:
         splice: A dictionary spliced into a model.
         feature: Its feature id.
 
     Returns:
-        A `Preactivation` on the dictionary's input hook (or, for a dictionary that reads the hook point it
-        writes, on that point: read there before the dictionary writes, see `tl_linmap.linear.features.node_pass`).
+        A `Preactivation` on the hook `preactivations` names.
     """
-    # In float64 whatever the dictionary's dtype: the offset is one number, and the splice sums in the working dtype.
-    d = splice.dictionary.to(splice.dictionary.W_enc.detach().new_zeros((), dtype=torch.float64))
-    w = d.W_enc[:, feature] * (d.r_mag[feature].exp() if d.activation == "gated" else 1)
-    b = (d.b_mag if d.activation == "gated" else d.b_enc)[feature]
-    offset = b - (d.b_dec @ w if d.apply_b_dec_to_input else 0)
-    hook = splice.input_hook if splice.own_input_hook else splice.site
-    return Preactivation(hook, w.detach(), float(offset), f"pre({splice.site} #{feature})")
+    hook, vectors, offsets = preactivations(splice, torch.tensor([feature]))
+    return Preactivation(hook, vectors[0], float(offsets[0]), f"pre({splice.site} #{feature})")
 
 
 def feature_contributions(

@@ -32,7 +32,7 @@ from tl_linmap.freeze.hooks import replay_hooks
 from tl_linmap.freeze.splices import Leaves, Splice
 from tl_linmap.freeze.splicing import canonical, spliced, splices_of
 from tl_linmap.freeze.system import FrozenSystem, frozen_system
-from tl_linmap.linear.features import preactivation, target_rows
+from tl_linmap.linear.features import preactivations, target_rows
 from tl_linmap.reading.influence import partial_influence
 from tl_linmap.reading.readouts import CenteredLogit, LinearReadout
 from tl_linmap.reading.tokens import decode_tokens
@@ -41,31 +41,63 @@ from tl_linmap.results.graph import KINDS, Graph
 
 @dataclass
 class _Group:
-    """One leaf of the node pass and the nodes it holds: ``index`` rows of ``(position, id)``."""
+    """One leaf of the node pass and the nodes it holds: ``index`` rows of ``(position, id)``.
+
+    A feature group's leaf is its active features' activations only (the dense activations are built
+    from it), so a batch of rows' gradients is ``rows × active`` rather than ``rows × positions × d_sae``.
+    """
 
     kind: str
     site: str
-    value: Tensor  # the leaf's value, (1, pos, ...)
+    value: Tensor  # the value at the hook, (1, pos, ...)
     index: Tensor  # (m, 2): position and id (feature id, head; 0 for one node per position)
     leaf: Tensor | None = field(default=None, repr=False)
 
+    def leaf_value(self) -> Tensor:
+        """What the leaf holds: the active activations of a feature group, else the whole value."""
+        return self.value[0, self.index[:, 0], self.index[:, 1]] if self.kind == "feature" else self.value
+
+    def dense(self, leaf: Tensor) -> Tensor:
+        """The value the node pass writes at the hook, built from a leaf (or a zero one)."""
+        if self.kind != "feature":
+            return leaf
+        at = (torch.zeros_like(self.index[:, 0]), self.index[:, 0], self.index[:, 1])
+        return self.value.new_zeros(self.value.shape).index_put(at, leaf)
+
     def contributions(self, grads: Tensor) -> Tensor:
-        """Each node's direct effect: its part of ``grad · value``, ``(rows, m)``."""
-        g = grads[:, 0] * self.value[0]
+        """Each node's direct effect, ``(rows, m)``, from the leaf's gradients ``(rows, *leaf.shape)``."""
+        g = grads * self.leaf_value()
         if self.kind == "feature":
-            return g[:, self.index[:, 0], self.index[:, 1]]
-        per = g.flatten(3).sum(-1) if g.ndim > 3 else g.sum(-1)[..., None]  # (rows, pos, heads or 1)
+            return g
+        per = g[:, 0].flatten(3).sum(-1) if g.ndim > 4 else g[:, 0].sum(-1)[..., None]  # (rows, pos, heads or 1)
         return per[:, self.index[:, 0], self.index[:, 1]]
 
 
 @dataclass
-class _Reader:
-    """Where a node with inputs reads its value: ``vector · captured[key][0, at] + offset``."""
+class _Readers:
+    """Nodes with inputs that read one captured activation: node ``j`` reads ``vectors[j] · act[0, at[j]] + offsets[j]``."""
 
     key: str
-    at: tuple
-    vector: Tensor
-    offset: float
+    at: Tensor  # (m, 1): position, or (m, 2): position and head
+    vectors: Tensor  # (m, width)
+    offsets: Tensor  # (m,)
+
+    def __len__(self) -> int:
+        return len(self.at)
+
+    def read(self, captured: dict, local: Tensor) -> Tensor:
+        """The values of some of them.
+
+        Args:
+            captured: Activations by key (`node_forward`).
+            local: Their indices here.
+
+        Returns:
+            ``(len(local),)``.
+        """
+        act = captured[self.key][0]
+        x = act[self.at[local, 0]] if self.at.shape[1] == 1 else act[self.at[local, 0], self.at[local, 1]]
+        return (x.flatten(1) * self.vectors[local]).sum(-1) + self.offsets[local]
 
 
 def module_nodes(model, sites: Sequence[str]) -> list[tuple[str, str]]:
@@ -153,14 +185,15 @@ def held_pass(system: FrozenSystem, splices: list[Splice], rows: list[tuple[str,
         ys = capture(system.model, system.tokens, names, _held_hooks(system, factors, x) + hooks, stop=False)
         values = torch.stack([cov @ ys[h][0, system.position].flatten() + c for h, cov, c in rows])
         leaves = [x, *errors.values(), *deltas.values()]
-        grads = [torch.autograd.grad(v, leaves, retain_graph=True, allow_unused=True) for v in values]
+        eye = torch.eye(len(values), dtype=values.dtype, device=values.device)
+        grads = torch.autograd.grad(values, leaves, grad_outputs=eye, retain_graph=True, allow_unused=True, is_grads_batched=True)
     with torch.no_grad():
         factors.update({f"{site}#error": torch.zeros_like(e) for site, e in errors.items()})
         y0 = capture(system.model, system.tokens, names, _held_hooks(system, factors, torch.zeros_like(system.x)), stop=False)
         constant = torch.stack([cov @ y0[h][0, system.position].flatten() + c for h, cov, c in rows])
 
     def stacked(i: int, like: Tensor) -> Tensor:
-        return torch.stack([g[i] if g[i] is not None else torch.zeros_like(like) for g in grads])
+        return grads[i] if grads[i] is not None else like.new_zeros(len(values), *like.shape)
 
     out = {"values": values.detach(), "constant": constant, "tokens": (stacked(0, x) * x.detach()).sum(-1)[:, 0]}
     out["errors"] = {site: (stacked(1 + i, e) * e.detach()).sum(-1)[:, 0] for i, (site, e) in enumerate(errors.items())}
@@ -196,28 +229,36 @@ def _groups(system: FrozenSystem, splices: list[Splice], modules: list[tuple[str
     return groups
 
 
-def _readers(system: FrozenSystem, splices: list[Splice], groups: list[_Group], gradient: dict[str, Tensor], targets: list[tuple[str, Tensor, Tensor]]) -> list[_Reader]:
-    # How each node with inputs reads its value, in node order (features, heads and MLPs, then targets).
+def _readers(system: FrozenSystem, splices: list[Splice], groups: list[_Group], gradient: dict[str, Tensor], targets: list[tuple[str, Tensor, Tensor]]) -> list[_Readers]:
+    # How each node with inputs reads its value, in node order (features, heads and MLPs), then the targets.
     by_site = {s.site: s for s in splices}
     readers = []
     for g in groups:
         if g.kind == "feature":
             splice = by_site[g.site]
-            for p, f in g.index.tolist():
-                pre = preactivation(splice, f)
-                key = pre.hook if splice.own_input_hook else f"{g.site}#x"
-                readers.append(_Reader(key, (0, p), pre.vector.to(system.x), pre.offset))
+            hook, vectors, offsets = preactivations(splice, g.index[:, 1])
+            key = hook if splice.own_input_hook else f"{g.site}#x"
+            readers.append(_Readers(key, g.index[:, :1], vectors.to(system.x), offsets.to(system.x)))
         elif g.kind in ("head", "mlp"):
-            for p, i in g.index.tolist():
-                at = (0, p, i) if g.kind == "head" else (0, p)
-                readers.append(_Reader(g.site, at, gradient[g.site][at], 0.0))
+            at = g.index if g.kind == "head" else g.index[:, :1]
+            grad = gradient[g.site][0]
+            vectors = grad[at[:, 0], at[:, 1]] if g.kind == "head" else grad[at[:, 0]]
+            readers.append(_Readers(g.site, at, vectors.flatten(1), vectors.new_zeros(len(at))))
     for hook, cov, c in targets:
-        readers.append(_Reader(hook, (0, system.position), cov, float(c)))
+        readers.append(_Readers(hook, torch.tensor([[system.position]]), cov[None], c.reshape(1)))
     return readers
 
 
-def _read(captured: dict, readers: list[_Reader]) -> Tensor:
-    return torch.stack([r.vector @ captured[r.key][r.at].flatten() + r.offset for r in readers])
+def _read(captured: dict, readers: list[_Readers], batch: Tensor) -> Tensor:
+    # The values of the nodes with inputs in ``batch`` (indices in reader order), in that order.
+    at, values, start = [], [], 0
+    for r in readers:
+        mask = (batch >= start) & (batch < start + len(r))
+        if mask.any():
+            at.append(mask.nonzero()[:, 0])
+            values.append(r.read(captured, batch[mask] - start))
+        start += len(r)
+    return torch.cat(values)[torch.argsort(torch.cat(at))]
 
 
 def node_forward(system: FrozenSystem, splices: list[Splice], groups: list[_Group], keys: set[str], zero: bool = False) -> dict:
@@ -233,7 +274,7 @@ def node_forward(system: FrozenSystem, splices: list[Splice], groups: list[_Grou
     Returns:
         Per key, the activation there (a splice reading the point it writes: under ``site#x``).
     """
-    value = (lambda g: torch.zeros_like(g.value)) if zero else (lambda g: g.leaf)
+    value = (lambda g: torch.zeros_like(g.value)) if zero else (lambda g: g.dense(g.leaf))
     acts = {g.site: value(g) for g in groups if g.kind == "feature"}
     errors = {g.site: value(g) for g in groups if g.kind == "error"}
     captured: dict = {}
@@ -250,19 +291,17 @@ def node_forward(system: FrozenSystem, splices: list[Splice], groups: list[_Grou
     return captured
 
 
-def _rows_of(groups: list[_Group], readers: list[_Reader], batch: list[int], captured: dict) -> Tensor:
-    # The rows of some nodes: one batched reverse pass through the kept node forward (one per row, vectorised).
+def _rows_of(groups: list[_Group], readers: list[_Readers], batch: list[int], captured: dict) -> Tensor:
+    # The rows of some nodes: one reverse pass through the kept node forward, vectorised over the rows.
     leaves = [g.leaf for g in groups]
     n = sum(len(g.index) for g in groups)
-    values = _read(captured, [readers[i] for i in batch])
-    live = [i for i, v in enumerate(values) if v.requires_grad]  # the others: no node reaches them, a row of zeros
+    values = _read(captured, readers, torch.tensor(batch, dtype=torch.long))
     out = values.new_zeros(len(batch), n).detach()
-    if live:
-        picked = torch.stack([values[i] for i in live])
-        eye = torch.eye(len(live), dtype=picked.dtype, device=picked.device)
-        grads = torch.autograd.grad(picked, leaves, grad_outputs=eye, retain_graph=True, allow_unused=True, is_grads_batched=True)
-        out[live] = torch.cat([g.contributions(d if d is not None else torch.zeros_like(g.leaf).expand(len(live), *g.leaf.shape)) for g, d in zip(groups, grads)], 1).detach()
-    return out
+    if not values.requires_grad:  # no node reaches any of them: rows of zeros, their values all constant
+        return out
+    eye = torch.eye(len(batch), dtype=values.dtype, device=values.device)
+    grads = torch.autograd.grad(values, leaves, grad_outputs=eye, retain_graph=True, allow_unused=True, is_grads_batched=True)
+    return torch.cat([g.contributions(d if d is not None else g.leaf.new_zeros(len(batch), *g.leaf.shape)) for g, d in zip(groups, grads)], 1).detach()
 
 
 def attribution_graph(
@@ -395,17 +434,17 @@ def build_graph(model, prompts: Prompts, target, *, modules: bool | None, max_no
         return _assemble(model, system, groups, readouts, w, held, expanded, table, constants, reference)
 
 
-def _expand(system, splices, groups: list[_Group], readers: list[_Reader], w: Tensor, max_nodes: int | None, rows_per_pass: int, progress: bool | None):
+def _expand(system, splices, groups: list[_Group], readers: list[_Readers], w: Tensor, max_nodes: int | None, rows_per_pass: int, progress: bool | None):
     # Rows for the targets, then for the most influential nodes with inputs; every row over every node.
     sizes = [len(g.index) for g in groups]
     n_nodes = sum(sizes)
-    k = len(readers) - sum(sizes[i] for i, g in enumerate(groups) if g.kind in ("feature", "head", "mlp"))
     reader_node = _reader_nodes(groups)  # node index of each inner reader
     inner = len(reader_node)
+    k = sum(len(r) for r in readers) - inner
     budget = inner if max_nodes is None else min(max_nodes, inner)
     with torch.enable_grad():
         for g in groups:
-            g.leaf = _leaf(g.value)
+            g.leaf = _leaf(g.leaf_value())
         captured = node_forward(system, splices, groups, {r.key for r in readers})
         order = list(range(inner, inner + k))
         table = system.x.new_zeros(k + budget, n_nodes)  # every row over every node, filled as they come
@@ -427,7 +466,7 @@ def _expand(system, splices, groups: list[_Group], readers: list[_Reader], w: Te
                 done[batch] = True
                 bar.update(len(batch))
     with torch.no_grad():
-        constants = _read(node_forward(system, splices, groups, {r.key for r in readers}, zero=True), readers)
+        constants = _read(node_forward(system, splices, groups, {r.key for r in readers}, zero=True), readers, torch.arange(inner + k))
     for g in groups:
         g.leaf = None
     return order, table, constants
