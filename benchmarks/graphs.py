@@ -266,7 +266,7 @@ def worker(name: str) -> dict:
     out["inner_all"] = inner_all
     out["relative_error"] = graph.relative_error()
     if route == "tlct":
-        mine = graph.to_circuit_tracer()
+        mine = graph.to_circuit_tracer(dtype=torch.float64)
         if n_tokens == 16 and CT_FILE.exists():
             out["compare"] = _compare(mine, CT_FILE)
     return out

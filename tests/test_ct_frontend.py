@@ -59,7 +59,7 @@ def ct_graph(model, source: str):
         warnings.simplefilter("ignore")
         if source == "circuit-tracer":
             return attribute(TOKENS, model, batch_size=256, max_n_logits=3, max_feature_nodes=100_000, verbose=False)
-        return tl_linmap.attribution_graph(model, TOKENS, max_logits=3).to_circuit_tracer(scan=model.scan)
+        return tl_linmap.attribution_graph(model, TOKENS, max_logits=3).to_circuit_tracer(scan=model.scan, dtype=torch.float64)
 
 
 def graph_files(model, source: str, folder: Path) -> dict:

@@ -373,7 +373,7 @@ def test_model_comes_back_bit_for_bit(name, monkeypatch):
     [
         (dict(target="output"), "target must be a readout"),
         (dict(target=[]), "target must be a readout"),
-        (dict(max_nodes=-1), "max_nodes must be a positive int or None"),
+        (dict(max_nodes=-1), "max_nodes must be a non-negative int or None"),
         (dict(rows_per_pass=0), "rows_per_pass must be a positive int"),
         (dict(target=[tl_linmap.Logit(3)], weights=[1.0, 2.0]), "weights has 2 entries for 1 targets"),
         (dict(modules=False), "no nodes between tokens and targets"),
@@ -420,3 +420,48 @@ def test_show_displays_the_html(model, monkeypatch):
     assert len(shown) == 1 and shown[0][0] == "HTML"
     page = graph.to_html(node_threshold=0.5)
     assert shown[0][1] in page and shown[0][1].count('class="node ') == page.count('class="node ') > 0  # the page's drawing
+
+
+def test_an_earlier_position_a_single_token_and_no_rows(model):
+    """Nodes after the target's position cannot reach it and are left out; a one-token prompt has a graph; with
+    max_nodes=0 only the targets have rows and every inner node's effect is in their remainders."""
+    tokens = model.to_tokens(PROMPT)
+    dicts = dictionaries(model, "relu")
+    earlier = tl_linmap.attribution_graph(model, tokens, dictionaries=dicts, max_logits=2, position=4)
+    assert earlier.position == 4 and int(earlier.nodes[:, 2].max()) == 4 and earlier.relative_error() <= 1e-12
+    one = tl_linmap.attribution_graph(model, tokens[:, :1], max_logits=2)
+    assert one.kind_mask("token").sum() == 1 and one.relative_error() <= 1e-12
+    bare = tl_linmap.attribution_graph(model, tokens, dictionaries=dicts, max_logits=2, max_nodes=0)
+    assert not bare.kind_mask("feature").any() and bare.remainders[bare.kind_mask("target")].abs().sum() > 0
+    assert bare.relative_error() <= 1e-12
+
+
+def test_a_dictionary_at_hook_z_sums_over_heads(model):
+    """An SAE on the heads' outputs (``hook_z``, all heads at once): its error nodes carry every head's part."""
+    cfg = model.cfg
+    d_in = cfg.n_heads * cfg.d_head
+    g = torch.Generator().manual_seed(11)
+    sae = tl_linmap.Dictionary(torch.randn(d_in, 20, generator=g, dtype=torch.float64) / d_in**0.5, torch.zeros(20, dtype=torch.float64),
+                               torch.randn(20, d_in, generator=g, dtype=torch.float64) / 20**0.5, torch.zeros(d_in, dtype=torch.float64),
+                               hook_in="blocks.1.attn.hook_z")
+    graph = tl_linmap.attribution_graph(model, model.to_tokens(PROMPT), dictionaries=[sae], error="constant", max_logits=2)
+    assert graph.kind_mask("error").sum() == model.to_tokens(PROMPT).shape[1] and graph.relative_error() <= 1e-12
+
+
+def test_targets_named_apart_and_weights_checked(model):
+    tokens = model.to_tokens(PROMPT)
+    d = torch.ones(model.cfg.d_model, dtype=torch.float64)
+    twice = [tl_linmap.Direction("blocks.1.hook_resid_post", d), tl_linmap.Direction("blocks.1.hook_resid_post", 2 * d)]
+    graph = tl_linmap.attribution_graph(model, tokens, target=twice, weights=[1.0, 0.0])
+    assert len(set(graph.targets)) == 2 and graph.targets[0].endswith("#0")
+    with pytest.raises(tl_linmap.InputError, match="No path with weight"):
+        graph.path(target=1)  # weight 0
+    assert "no path with weight" not in repr(graph)
+    for kwargs, match in (
+        (dict(weights=[1.0]), "weights are the targets' probabilities when target=None"),
+        (dict(target=twice, weights=[-1.0, 1.0]), "finite, non-negative"),
+        (dict(target=twice, weights=["a", 1.0]), "list of numbers"),
+        (dict(logit_probability=0.0), r"logit_probability must be a number in \(0, 1\]"),
+    ):
+        with pytest.raises(tl_linmap.InputError, match=match):
+            tl_linmap.attribution_graph(model, tokens, **kwargs)

@@ -355,7 +355,7 @@ def test_attribution_graph_is_circuit_tracers(case):
     graph = tl_linmap.attribution_graph(model, TOKENS, max_logits=N_LOGITS)
     assert_unchanged(model, before)
     assert graph.convention == "constant" and graph.relative_error() <= 1e-12
-    mine = graph.to_circuit_tracer(scan="test")
+    mine = graph.to_circuit_tracer(scan="test", dtype=DT)
     assert torch.equal(mine.active_features, ct.active_features.cpu()) and torch.equal(mine.selected_features, ct.selected_features.cpu())
     assert torch.equal(mine.input_tokens.cpu(), ct.input_tokens.cpu()) and torch.equal(mine.logit_token_ids.cpu(), ct.logit_token_ids.cpu())
     assert (mine.logit_probabilities - ct.logit_probabilities.cpu()).abs().max() < 1e-12
@@ -381,3 +381,18 @@ def test_attribution_graph_is_circuit_tracers(case):
         assert torch.equal(ours.edges, expected.edge_mask[cols][:, cols]), thresholds
         assert (ours.cumulative - expected.cumulative_scores[cols]).abs().max() < 1e-12
     assert same.scores() == pytest.approx(ct_scores, abs=1e-12)
+
+
+def test_circuit_tracer_graphs_in_its_own_dtype_and_of_an_earlier_position(case):
+    """By default the circuit-tracer graph is float32, as circuit-tracer's own, and its pruning runs as it is; a graph
+    of an earlier position is cut there (circuit-tracer reads logits at the prompt's last token)."""
+    model, _ = case
+    ct = tl_linmap.attribution_graph(model, TOKENS, max_logits=2).to_circuit_tracer()
+    assert ct.adjacency_matrix.dtype == torch.float32 == torch.get_default_dtype()
+    assert prune_graph(ct).node_mask.any()
+    earlier = tl_linmap.attribution_graph(model, TOKENS, max_logits=2, position=-2)
+    cut = earlier.to_circuit_tracer(dtype=DT)
+    assert torch.equal(cut.input_tokens, TOKENS[:-1]) and cut.n_pos == len(TOKENS) - 1
+    L, n = model.cfg.n_layers, len(TOKENS) - 1
+    assert cut.adjacency_matrix.shape[0] == len(cut.selected_features) + (L + 1) * n + 2
+    assert (earlier.nodes[:, 2] <= len(TOKENS) - 2).all()

@@ -20,6 +20,14 @@ class _LoadPackage(types.ModuleType):
     name would be replaced by the subpackage the first time one of its modules is imported."""
 
     def __call__(self, path):
+        """Load a result a ``.save(path)`` wrote: `tl_linmap.load.saved.load`.
+
+        Args:
+            path: The file.
+
+        Returns:
+            The result.
+        """
         return importlib.import_module("tl_linmap.load.saved").load(path)
 
 

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from tl_linmap.base.compat import check_model, get_act_name
@@ -195,7 +195,7 @@ class Preactivation(LinearReadout):
         return w, w.new_tensor(self.offset)
 
 
-def preactivations(splice: Splice, features: Tensor) -> tuple[str, Float[Tensor, "n d_in"], Float[Tensor, " n"]]:
+def preactivations(splice: Splice, features: Int[Tensor, " n"]) -> tuple[str, Float[Tensor, "n d_in"], Float[Tensor, " n"]]:
     """Several features' pre-activations ``(x - c·b_dec) · W_enc[:, f] + b_enc[f]`` as covectors on the dictionary's input.
 
     Computed in float64 whatever the dictionary's dtype (the offsets are single numbers; the splice sums in the

@@ -35,7 +35,7 @@ from tl_linmap.freeze.system import FrozenSystem, frozen_system
 from tl_linmap.linear.features import preactivations, target_rows
 from tl_linmap.reading.influence import partial_influence
 from tl_linmap.reading.readouts import CenteredLogit, LinearReadout
-from tl_linmap.reading.tokens import decode_tokens
+from tl_linmap.reading.tokens import decode_tokens, token_id
 from tl_linmap.results.graph import KINDS, Graph
 
 
@@ -69,7 +69,7 @@ class _Group:
         g = grads * self.leaf_value()
         if self.kind == "feature":
             return g
-        per = g[:, 0].flatten(3).sum(-1) if g.ndim > 4 else g[:, 0].sum(-1)[..., None]  # (rows, pos, heads or 1)
+        per = g[:, 0].flatten(3).sum(-1) if self.kind == "head" else g[:, 0].flatten(2).sum(-1)[..., None]  # (rows, pos, heads or 1)
         return per[:, self.index[:, 0], self.index[:, 1]]
 
 
@@ -186,7 +186,7 @@ def held_pass(system: FrozenSystem, splices: list[Splice], rows: list[tuple[str,
         values = torch.stack([cov @ ys[h][0, system.position].flatten() + c for h, cov, c in rows])
         leaves = [x, *errors.values(), *deltas.values()]
         eye = torch.eye(len(values), dtype=values.dtype, device=values.device)
-        grads = torch.autograd.grad(values, leaves, grad_outputs=eye, retain_graph=True, allow_unused=True, is_grads_batched=True)
+        grads = torch.autograd.grad(values, leaves, grad_outputs=eye, allow_unused=True, is_grads_batched=True)
     with torch.no_grad():
         factors.update({f"{site}#error": torch.zeros_like(e) for site, e in errors.items()})
         y0 = capture(system.model, system.tokens, names, _held_hooks(system, factors, torch.zeros_like(system.x)), stop=False)
@@ -195,8 +195,11 @@ def held_pass(system: FrozenSystem, splices: list[Splice], rows: list[tuple[str,
     def stacked(i: int, like: Tensor) -> Tensor:
         return grads[i] if grads[i] is not None else like.new_zeros(len(values), *like.shape)
 
-    out = {"values": values.detach(), "constant": constant, "tokens": (stacked(0, x) * x.detach()).sum(-1)[:, 0]}
-    out["errors"] = {site: (stacked(1 + i, e) * e.detach()).sum(-1)[:, 0] for i, (site, e) in enumerate(errors.items())}
+    def per_position(i: int, leaf: Tensor) -> Tensor:  # (k, pos): value times derivative, summed per position
+        return (stacked(i, leaf) * leaf.detach()).flatten(3).sum(-1)[:, 0]
+
+    out = {"values": values.detach(), "constant": constant, "tokens": per_position(0, x)}
+    out["errors"] = {site: per_position(1 + i, e) for i, (site, e) in enumerate(errors.items())}
     out["modules"] = {h: v.detach() for h, v in module_values.items()}
     out["inputs"] = {site: v.detach() for site, v in inputs.items()}
     out["gradients"] = {h: stacked(1 + len(errors) + i, d) for i, (h, d) in enumerate(deltas.items())}
@@ -211,11 +214,15 @@ def _groups(system: FrozenSystem, splices: list[Splice], modules: list[tuple[str
     # Every leaf of the node pass, with the nodes it holds up to the target position.
     last = system.position
     upto = torch.arange(last + 1)
-    one = lambda: torch.stack([upto, torch.zeros_like(upto)], 1)  # noqa: E731 - one node per position
+
+    def one() -> Tensor:  # one node per position
+        return torch.stack([upto, torch.zeros_like(upto)], 1)
+
     groups = []
     for s in splices:
         acts = system.factors[f"{s.site}#acts"]
         pos, fid = acts[0].nonzero(as_tuple=True)
+        pos, fid = pos.cpu(), fid.cpu()  # indices live on the CPU; they index tensors on any device
         keep = pos <= last
         groups.append(_Group("feature", s.site, acts, torch.stack([pos[keep], fid[keep]], 1)))
     for s in splices:
@@ -366,10 +373,25 @@ def attribution_graph(
     prompts = read_prompts(model, prompt, position=position, several=False)
     for name, n in (("max_nodes", max_nodes), ("rows_per_pass", rows_per_pass), ("max_logits", max_logits)):
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < (0 if name == "max_nodes" else 1)):
-            raise InputError(f"{name} must be a positive int{' or None' if name == 'max_nodes' else ''}, got {n!r}.")
+            kind = "a non-negative int or None" if name == "max_nodes" else "a positive int"
+            raise InputError(f"{name} must be {kind}, got {n!r}.")
+    if not (isinstance(logit_probability, (int, float)) and 0 < logit_probability <= 1):
+        raise InputError(f"logit_probability must be a number in (0, 1], got {logit_probability!r}.")
+    if weights is not None and target is None:
+        raise InputError("weights are the targets' probabilities when target=None; to weigh targets, pass target=[readout, ...] too.")
     with spliced(model, dictionaries, error=error):
         return build_graph(model, prompts, target, modules=modules, max_nodes=max_nodes, max_logits=max_logits,
                            logit_probability=logit_probability, weights=weights, rows_per_pass=rows_per_pass, dtype=dtype, progress=progress)
+
+
+def _weights(weights) -> Tensor:
+    try:
+        w = torch.tensor([float(v) for v in weights], dtype=torch.float64)
+    except (TypeError, ValueError) as err:
+        raise InputError(f"weights must be a list of numbers, one per target, got {weights!r}.") from err
+    if not torch.isfinite(w).all() or (w < 0).any() or not w.any():
+        raise InputError(f"weights must be finite, non-negative and not all zero (they weigh influence), got {w.tolist()}.")
+    return w
 
 
 def _targets(target) -> list[LinearReadout] | None:
@@ -417,7 +439,7 @@ def build_graph(model, prompts: Prompts, target, *, modules: bool | None, max_no
         if readouts is None:
             readouts, w = auto_targets(system, max_logits, logit_probability)
         else:
-            w = torch.ones(len(readouts)) if weights is None else torch.tensor([float(v) for v in weights])
+            w = torch.ones(len(readouts)) if weights is None else _weights(weights)
             if len(w) != len(readouts):
                 raise InputError(f"weights has {len(w)} entries for {len(readouts)} targets: give one per target.")
         w = w.to(system.x)
@@ -500,9 +522,10 @@ def _reference(system: FrozenSystem, splices: list[Splice], groups: list[_Group]
 
 def _assemble(model, system, groups: list[_Group], readouts, w: Tensor, held: dict, order: list[int], table: Tensor, constants: Tensor, reference: Tensor) -> Graph:
     # Keep the nodes with rows, every error and token, and the targets; what the others carry into a row is its remainder.
-    names = [_target_name(model, r) for r in readouts]
-    if len(set(names)) < len(names):  # tokens that decode alike (byte pieces): named by id
-        names = [r.name for r in readouts]
+    # The graph lives on the CPU, wherever the model ran.
+    table, constants, reference, w = table.cpu(), constants.cpu(), reference.cpu(), w.cpu()
+    held = {key: ({k: v.cpu() for k, v in value.items()} if isinstance(value, dict) else value.cpu()) for key, value in held.items()}
+    names = _target_names(model, readouts)
     sites = list(dict.fromkeys([g.site for g in groups] + names))
     nodes = torch.cat([torch.cat([torch.full((len(g.index), 1), KINDS.index(g.kind)), torch.full((len(g.index), 1), sites.index(g.site)), g.index], 1) for g in groups]
                       + [torch.tensor([[KINDS.index("target"), sites.index(name), system.position, j] for j, name in enumerate(names)])])
@@ -532,12 +555,13 @@ def _assemble(model, system, groups: list[_Group], readouts, w: Tensor, held: di
         elif g.kind == "error":
             totals[at] = held["errors"][g.site][:, g.index[:, 0]].T.to(dt)
         elif g.kind == "feature":
-            acts = g.value[0][g.index[:, 0], g.index[:, 1]].to(dt)
+            acts = g.leaf_value().cpu().to(dt)
             activations[at[at >= 0]] = acts[at >= 0]
         start += len(g.index)
     sources = totals.any(-1)
     values[sources] = totals[sources] @ w.to(dt)
-    target_ids = [int(r.token) if isinstance(getattr(r, "token", None), int) else -1 for r in readouts]
+    # circuit-tracer's logit nodes: a centered logit read at the output (any other readout is no logit node of its)
+    target_ids = [token_id(model, r.token) if isinstance(r, CenteredLogit) and r.hook == "output" else -1 for r in readouts]
     return Graph(
         nodes=nodes[kept], sites=tuple(sites), adjacency=adjacency, values=values, activations=activations, constants=constant,
         remainders=remainders, totals=totals, weights=w.to(dt), targets=tuple(names),
@@ -547,11 +571,19 @@ def _assemble(model, system, groups: list[_Group], readouts, w: Tensor, held: di
     )
 
 
-def _target_name(model, readout: LinearReadout) -> str:
-    # circuit-tracer's logit targets by their token's text.
-    if isinstance(readout, CenteredLogit) and isinstance(readout.token, int):
-        return f"centered_logit({decode_tokens(model, [readout.token])[0]!r})"
-    return readout.name
+def _target_names(model, readouts: list[LinearReadout]) -> list[str]:
+    # circuit-tracer's logit targets by their token's text; by id where tokens decode alike; numbered where names repeat.
+    def name(r: LinearReadout) -> str:
+        if isinstance(r, CenteredLogit) and isinstance(r.token, int):
+            return f"centered_logit({decode_tokens(model, [r.token])[0]!r})"
+        return r.name
+
+    names = [name(r) for r in readouts]
+    if len(set(names)) < len(names):
+        names = [r.name for r in readouts]
+    if len(set(names)) < len(names):
+        names = [f"{n} #{j}" for j, n in enumerate(names)]
+    return names
 
 
 def _config(model) -> dict:

@@ -51,7 +51,7 @@ def _places(nodes: Sequence[dict], n_layers: int) -> list[tuple[float, float, fl
         gap = min(18.0, (_COLUMN - 20) / max(len(members), 1))
         for j, i in enumerate(members):  # a crowded cell draws smaller nodes rather than overlapping ones
             x = _MARGIN + pos * _COLUMN + _COLUMN / 2 + (j - (len(members) - 1) / 2) * gap
-            places[i] = (x, _MARGIN + (top - level) * _row(n_layers), min(6.0, gap / 2 - 0.5))
+            places[i] = (x, _MARGIN + (top - level) * _row(n_layers), max(0.75, min(6.0, gap / 2 - 0.5)))
     return places
 
 
@@ -74,6 +74,7 @@ def graph_html(nodes: Sequence[dict], edges: Sequence[tuple[int, int, float]], t
 
 def graph_fragment(nodes: Sequence[dict], edges: Sequence[tuple[int, int, float]], tokens: Sequence[str], title: str, *, n_layers: int) -> str:
     """The graph as an HTML fragment (a notebook's cell output): a heading, a legend and one inline SVG.
+
     Args:
         nodes: Per node: ``kind``, ``layer``, ``position``, ``label``, ``value``.
         edges: ``(source, target, weight)``.

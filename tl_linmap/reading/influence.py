@@ -54,7 +54,7 @@ def influence(normalized_adjacency: Float[Tensor, "n n"], weights: Float[Tensor,
     raise RuntimeError(f"Influence did not end after {max_iter} path lengths: the graph has a cycle.")
 
 
-def partial_influence(rows: Float[Tensor, "r n"], row_nodes: Int[Tensor, " r"], weights: Float[Tensor, " k"], n_nodes: int) -> Float[Tensor, " n"]:
+def partial_influence(rows: Float[Tensor, "r n"], row_nodes: Int[Tensor, " r"], weights: Float[Tensor, " k"], n_nodes: int, max_iter: int = 128) -> Float[Tensor, " n"]:
     """Each node's influence on the targets through the rows computed so far (circuit-tracer's ranking of
     which rows to compute next: ``compute_partial_influences``).
 
@@ -63,25 +63,30 @@ def partial_influence(rows: Float[Tensor, "r n"], row_nodes: Int[Tensor, " r"], 
         row_nodes: ``(r,)`` the node each row belongs to (targets: ``n_nodes + j``).
         weights: The targets' weights.
         n_nodes: Number of source columns (the targets come after them).
+        max_iter: At most this many path lengths (circuit-tracer's bound).
 
     Returns:
         ``(n_nodes,)`` influence.
+
+    Raises:
+        RuntimeError: if the series has not ended after ``max_iter`` terms.
     """
-    a = normalized(rows)
+    a = rows.abs()
+    a = a / a.sum(dim=1, keepdim=True).clamp(min=1e-8)  # circuit-tracer's clamp here (1e-10 in `normalized`)
     prod = rows.new_zeros(n_nodes + len(weights))
     prod[n_nodes:] = weights
     total = rows.new_zeros(n_nodes)
     row_nodes = row_nodes.to(rows.device)
-    for _ in range(1000):
+    for _ in range(max_iter):
         step = prod[row_nodes] @ a
         if not step.any():
-            break
+            return total
         total += step
         prod = torch.cat([step, prod.new_zeros(len(weights))])
-    return total
+    raise RuntimeError(f"Partial influence did not end after {max_iter} path lengths: the rows have a cycle.")
 
 
-def threshold(scores: Float[Tensor, " n"], fraction: float) -> Tensor:
+def threshold(scores: Float[Tensor, " n"], fraction: float) -> Float[Tensor, ""]:
     """The score above which the highest scores carry ``fraction`` of their total.
 
     Args:

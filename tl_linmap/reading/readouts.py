@@ -232,8 +232,8 @@ class CenteredLogit(LinearReadout):
     def weights(self, reader: TokenReader, d_out: int) -> tuple[Tensor, Tensor]:
         model = reader.model
         reference = reader.final_norm.matrix if reader.final_norm is not None else model.W_U
-        W_U, t = model.W_U.detach().to(reference), token_id(model, self.token)
-        u = W_U[:, t] - W_U.mean(-1)
+        W_U, t = model.W_U.detach(), token_id(model, self.token)
+        u = W_U[:, t].to(reference) - (W_U.sum(-1, dtype=torch.float64) / W_U.shape[-1]).to(reference)  # no cast of all of W_U
         bias = getattr(model, "b_U", None)
         c = bias.detach().to(u)[t] - bias.detach().to(u).mean() if bias is not None else u.new_zeros(())
         return _through_norm(reader, u, c)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from tl_linmap.base.errors import InputError
@@ -21,7 +21,6 @@ from tl_linmap.reading import influence as inf
 
 #: Node kinds, by the code in `Graph.nodes`' first column.
 KINDS = ("feature", "error", "head", "mlp", "token", "target")
-_INNER = (0, 2, 3)  # features, heads, MLPs: the nodes with inputs a graph may leave out
 
 
 def layer_of(site: str) -> int:
@@ -157,8 +156,8 @@ class GraphPath:
 class Graph:
     """An attribution graph: nodes and the direct effect of each on each other, exact.
 
-    Nodes come in this order: features, error terms, heads, MLP outputs, tokens, targets (each
-    by site, then position). ``adjacency[t, s]`` is the direct effect of ``s`` on ``t``'s value with
+    Nodes come in this order: features, error terms (each by dictionary, then position), heads and MLP
+    outputs (block by block: a block's heads, then its MLP), tokens, targets. ``adjacency[t, s]`` is the direct effect of ``s`` on ``t``'s value with
     every other node held fixed and every factor frozen: into a feature, its pre-activation; out of a
     feature, scaled by its activation (circuit-tracer's units); into a head or MLP output, its value
     ``g · v`` (its effect on the weighted targets). Every node with inputs sums exactly:
@@ -217,7 +216,7 @@ class Graph:
 
     # --- what the graph holds ---------------------------------------------------------------
 
-    def kind_mask(self, *kinds: str) -> Tensor:
+    def kind_mask(self, *kinds: str) -> Bool[Tensor, " n"]:
         """The nodes of some kinds.
 
         Args:
@@ -342,7 +341,7 @@ class Graph:
         kept = self.pruning(node_threshold, edge_threshold)
         return self.subgraph(kept.nodes, kept.edges)
 
-    def subgraph(self, nodes: Tensor, edges: Tensor | None = None) -> Graph:
+    def subgraph(self, nodes: Bool[Tensor, " n"], edges: Bool[Tensor, "n n"] | None = None) -> Graph:
         """The graph restricted to some nodes (and edges); what the others carry into a kept row becomes its remainder.
 
         Args:
@@ -406,7 +405,7 @@ class Graph:
         return Table([EdgeRow(self.label(int(i) % n), self.label(int(i) // n), float(self.adjacency.flatten()[i]), float(a.flatten()[i]), int(i) % n, int(i) // n)
                       for i in flat if score.flatten()[i] > 0])
 
-    def path(self, target: int | str | None = None, sources: Tensor | None = None) -> GraphPath:
+    def path(self, target: int | str | None = None, sources: Bool[Tensor, " n"] | None = None) -> GraphPath:
         """The path that carries most of a target's input: the largest product of shares from a token or error.
 
         Args:
@@ -429,6 +428,8 @@ class Graph:
             reach = new
         sources = self.kind_mask("token", "error") if sources is None else sources
         start = int(torch.argmax(torch.where(sources, reach, torch.full_like(reach, -1.0))))
+        if not reach[start] > 0:
+            raise InputError(f"No path with weight reaches {self.targets[j]!r} from the sources given (its weight or every share on the way is 0).")
         path = [start]
         while path[-1] != int(targets[j]):
             s = path[-1]
@@ -486,7 +487,11 @@ class Graph:
         ]
 
     def __repr__(self) -> str:
-        return display.summary_text("Graph", self._facts(), f"strongest path: {self.path()}")
+        try:
+            strongest = f"strongest path: {self.path()}"
+        except InputError:
+            strongest = "no path with weight reaches the targets"
+        return display.summary_text("Graph", self._facts(), strongest)
 
     def _repr_html_(self) -> str:
         nodes, edges, tokens, heading = self._view(0.8, 0.98, None)
@@ -527,7 +532,7 @@ class Graph:
             plain[name] = tuple(plain[name])
         return cls(**{name: tensors[name] for name in cls._TENSORS}, **plain)
 
-    def to_circuit_tracer(self, scan: str | None = None):
+    def to_circuit_tracer(self, scan: str | None = None, dtype: torch.dtype = torch.float32):
         """This graph as a ``circuit_tracer.graph.Graph``: its pruning, its JSON files and its graph browser then work on it.
 
         circuit-tracer's nodes are features, one error per layer and position, tokens and logits, in
@@ -536,12 +541,15 @@ class Graph:
 
         Args:
             scan: circuit-tracer's name of the transcoders used (for its uploads).
+            dtype: Its adjacency matrix's dtype: float32, circuit-tracer's (its pruning allocates in the default
+                dtype); float64 keeps every digit (then run circuit-tracer's functions under ``torch.set_default_dtype``).
 
         Returns:
-            The ``circuit_tracer.graph.Graph``.
+            The ``circuit_tracer.graph.Graph`` (its prompt cut after the targets' position, where circuit-tracer reads logits).
 
         Raises:
-            InputError: for a graph with heads or MLP outputs as nodes, or a target that is not a logit.
+            InputError: for a graph with heads or MLP outputs as nodes, or a target that is not a `CenteredLogit`
+                read at the output (circuit-tracer's logit node).
             ImportError: where circuit-tracer is not installed.
         """
         if self.kind_mask("head", "mlp").any():
@@ -552,7 +560,7 @@ class Graph:
         from circuit_tracer.graph import Graph as CTGraph  # noqa: PLC0415
         from circuit_tracer.utils.tl_nnsight_mapping import UnifiedConfig  # noqa: PLC0415
         n_layers = int(self.config["n_layers"])
-        n_pos = len(self.input_ids)
+        n_pos = self.position + 1
         features = (self.kind_mask("feature") & (self.nodes[:, 2] > 0)).nonzero()[:, 0]
         errors = self.kind_mask("error").nonzero()[:, 0]
         tokens = self.kind_mask("token").nonzero()[:, 0]
@@ -576,7 +584,7 @@ class Graph:
         cfg = UnifiedConfig.from_dict({**self.config, "dtype": None})
         logit_targets = [LogitTarget(token_str=short_label(self.targets[j]).strip("'\""), vocab_idx=int(t)) for j, t in enumerate(self.target_tokens.tolist())]
         return CTGraph(
-            input_string="".join(self.str_tokens), input_tokens=self.input_ids.clone(), active_features=active,
-            adjacency_matrix=adjacency, cfg=cfg, selected_features=torch.arange(n_feat), activation_values=self.activations[features],
-            logit_targets=logit_targets, logit_probabilities=self.weights.clone(), scan=scan, vocab_size=self.config.get("d_vocab"),
+            input_string="".join(self.str_tokens[:n_pos]), input_tokens=self.input_ids[:n_pos].clone(), active_features=active,
+            adjacency_matrix=adjacency.to(dtype), cfg=cfg, selected_features=torch.arange(n_feat), activation_values=self.activations[features].to(dtype),
+            logit_targets=logit_targets, logit_probabilities=self.weights.to(dtype), scan=scan, vocab_size=self.config.get("d_vocab"),
         )
