@@ -458,8 +458,7 @@ def build_graph(model, prompts: Prompts, target, *, modules: bool | None, max_no
 
 def _expand(system, splices, groups: list[_Group], readers: list[_Readers], w: Tensor, max_nodes: int | None, rows_per_pass: int, progress: bool | None):
     # Rows for the targets, then for the most influential nodes with inputs; every row over every node.
-    sizes = [len(g.index) for g in groups]
-    n_nodes = sum(sizes)
+    n_nodes = sum(len(g.index) for g in groups)
     reader_node = _reader_nodes(groups)  # node index of each inner reader
     inner = len(reader_node)
     k = sum(len(r) for r in readers) - inner
