@@ -1,5 +1,6 @@
 """Loading real models offline: bundled GGUFs, local directories, the conversion cache, clear errors."""
 
+import gc
 import hashlib
 import importlib.metadata
 import json
@@ -272,6 +273,38 @@ def test_interrupted_write_leaves_no_entry(tiny_gguf, cache, conversions, monkey
     assert len(conversions) == 2
     (entry,) = cache.iterdir()
     assert entry.name.startswith("gguf-") and (entry / "tl_linmap_entry.json").is_file()
+
+
+def test_a_broken_entry_is_moved_aside_and_made_again(tiny_gguf, cache, conversions):
+    """The cache is derived data: a truncated entry is moved aside with one warning and converted again, bit for bit."""
+    expected = _logits(load_model(str(tiny_gguf)))  # that model maps the entry's file: gone before it is cut
+    gc.collect()
+    (entry,) = cache.iterdir()
+    weights = entry / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # truncated: reading it through mmap would kill the process
+    with pytest.warns(UserWarning, match="could not be read") as caught:
+        again = load_model(str(tiny_gguf))
+    assert len([w for w in caught if "could not be read" in str(w.message)]) == 1
+    assert len(conversions) == 2 and torch.equal(expected, _logits(again))
+    names = _contents(cache)
+    assert entry.name in names and any(n.startswith(".broken-gguf-" + entry.name) for n in names)
+    assert set(clear_cache().paths) == {cache / n for n in names}  # the broken copy is tl_linmap's too
+
+
+def test_an_entry_broken_again_right_after_writing_is_an_error(tiny_gguf, cache, conversions, monkeypatch):
+    load_model(str(tiny_gguf))
+
+    convert = gguf.from_pretrained
+
+    def unreadable(*args, **kwargs):  # the GGUF still converts; no cache entry can be read
+        if "gguf_file" in kwargs:
+            return convert(*args, **kwargs)
+        raise OSError("disk says no")
+
+    monkeypatch.setattr(gguf, "from_pretrained", unreadable)
+    with pytest.warns(UserWarning, match="could not be read"), pytest.raises(tl_linmap.LinmapError, match="just after it was written"):
+        load_model(str(tiny_gguf))
+    assert len(conversions) == 2  # moved aside and made again once, not in a loop
 
 
 def test_clear_cache_frees_only_its_own_entries(tiny_gguf, cache, conversions):

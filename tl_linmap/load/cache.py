@@ -21,6 +21,10 @@ _ENTRY_PREFIX = "gguf-"
 TEMP_PREFIX = ".tmp-gguf-"
 
 
+#: An entry that could not be read, moved aside before it is made again (`clear_cache` deletes it).
+BROKEN_PREFIX = ".broken-gguf-"
+
+
 ENTRY_META = "tl_linmap_entry.json"
 
 
@@ -52,7 +56,7 @@ def cache_dir() -> Path:
 
 
 def clear_cache() -> ClearedCache:
-    """Delete every converted model `load_model` cached, and any half-written one.
+    """Delete every converted model `load_model` cached, and any half-written or broken one.
 
     The next load of each GGUF converts it again (a minute or so). From a shell:
     ``python -c "import tl_linmap.load.models as l; print(l.clear_cache())"``. Only tl_linmap's
@@ -64,7 +68,7 @@ def clear_cache() -> ClearedCache:
     root = cache_dir()
     ours = sorted(
         path for path in (root.iterdir() if root.is_dir() else ())
-        if path.is_dir() and path.name.startswith((_ENTRY_PREFIX, TEMP_PREFIX))
+        if path.is_dir() and path.name.startswith((_ENTRY_PREFIX, TEMP_PREFIX, BROKEN_PREFIX))
     )
     n_bytes = sum(tree_size(path) for path in ours)
     for path in ours:

@@ -13,6 +13,7 @@ import torch
 
 from tl_linmap.base.errors import LinmapError
 from tl_linmap.load.cache import (
+    BROKEN_PREFIX,
     ENTRY_META,
     TEMP_PREFIX,
     cache_dir,
@@ -61,33 +62,79 @@ def _write_entry(entry: Path, tokenizer, hf_model, meta: dict) -> None:
 
 
 def load_gguf(path: Path, dtype: torch.dtype, cache: bool):
-    """(tokenizer, HF model) of a GGUF file, converted once and then read from the cache."""
+    """(tokenizer, HF model) of a GGUF file, converted once and then read from the cache.
+
+    The cache is derived data: an entry that cannot be read (truncated, edited) is moved aside, with one
+    warning, and made again; only a fresh entry that cannot be read either is an error.
+    """
     if not cache:
         return _convert_gguf(path, dtype)
     digest = file_digest(path)
     entry = cache_dir() / entry_name(digest, dtype)
-    if not (entry / ENTRY_META).is_file():
-        start = time.perf_counter()
-        say(
-            f"converting {path.name} ({path.stat().st_size / 1e6:.0f} MB GGUF) to {dtype_name(dtype)} weights once; "
-            f"dequantising takes a minute or so. Cached at {entry} for next time."
+    for fresh in (False, True):
+        if not (entry / ENTRY_META).is_file():
+            fresh = True
+            converted = _convert_to_entry(path, digest, dtype, entry)
+            if converted is not None:  # the cache could not be written: the conversion as it is
+                return converted
+        problem = damage(entry)  # checked first: reading a truncated weights file through mmap kills the process
+        if problem is None:
+            try:
+                return from_pretrained(str(path), str(entry), dtype)
+            except Exception as err:  # whatever broke in the entry, the remedy is the same
+                problem = str(err)
+        if fresh:
+            raise LinmapError(
+                f"The cached conversion of {path} at {entry} could not be read just after it was written ({problem}); "
+                "load with cache=False, and check the disk the cache is on (tl_linmap.load.cache.cache_dir())."
+            )
+        aside = entry.with_name(f"{BROKEN_PREFIX}{entry.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        entry.rename(aside)
+        warnings.warn(
+            f"The cached conversion of {path} at {entry} could not be read ({problem}); it was moved to {aside} "
+            "(tl_linmap.load.cache.clear_cache() deletes it) and is made again."
         )
-        tokenizer, hf_model = _convert_gguf(path, dtype)
-        meta = entry_meta(path, digest, dtype)
-        try:
-            _write_entry(entry, tokenizer, hf_model, meta)
-        except OSError as err:
-            warnings.warn(f"Could not cache the converted model at {entry} ({err}); the next load converts again.")
-            return tokenizer, hf_model
-        say(
-            f"converted and cached in {time.perf_counter() - start:.0f} s ({tree_size(entry) / 1e6:.0f} MB); "
-            "tl_linmap.load.cache.clear_cache() frees it."
-        )
-        del tokenizer, hf_model  # read it back below, so the first load returns what later loads will
+    raise AssertionError("unreachable: the second pass reads a fresh entry or raises")
+
+
+def damage(entry: Path) -> str | None:
+    """What is wrong with a cache entry's weights files, read from their own headers (no weight is read).
+
+    Args:
+        entry: A cache entry's directory.
+
+    Returns:
+        None for files whose sizes match their headers, else what does not.
+    """
+    for weights in sorted(entry.glob("*.safetensors")):
+        size = weights.stat().st_size
+        with weights.open("rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if n < 0 or 8 + n > size:
+                return f"{weights.name} is cut short in its header ({size} bytes)"
+            try:
+                header = json.loads(f.read(n))
+            except ValueError:
+                return f"{weights.name} has an unreadable header"
+        end = max((t["data_offsets"][1] for name, t in header.items() if name != "__metadata__"), default=0)
+        if 8 + n + end != size:
+            return f"{weights.name} holds {size} bytes, its header says {8 + n + end}"
+    return None
+
+
+def _convert_to_entry(path: Path, digest: str, dtype: torch.dtype, entry: Path):
+    # Convert and write the cache entry; returns the conversion itself only where the entry could not be written.
+    start = time.perf_counter()
+    say(
+        f"converting {path.name} ({path.stat().st_size / 1e6:.0f} MB GGUF) to {dtype_name(dtype)} weights once; "
+        f"dequantising takes a minute or so. Cached at {entry} for next time."
+    )
+    tokenizer, hf_model = _convert_gguf(path, dtype)
     try:
-        return from_pretrained(str(path), str(entry), dtype)
-    except Exception as err:  # whatever broke in the entry, the remedy is the same
-        raise LinmapError(
-            f"The cached conversion of {path} at {entry} could not be read ({err}); delete it with "
-            "tl_linmap.load.cache.clear_cache() or load with cache=False."
-        ) from err
+        _write_entry(entry, tokenizer, hf_model, entry_meta(path, digest, dtype))
+    except OSError as err:
+        warnings.warn(f"Could not cache the converted model at {entry} ({err}); the next load converts again.")
+        return tokenizer, hf_model
+    say(f"converted and cached in {time.perf_counter() - start:.0f} s ({tree_size(entry) / 1e6:.0f} MB); tl_linmap.load.cache.clear_cache() frees it.")
+    return None  # read back by the caller, so the first load returns what later loads will
