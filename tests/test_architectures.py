@@ -120,3 +120,41 @@ def test_a_norm_wrapped_without_hook_scale_is_frozen_only_if_rms():
         block.attn.q_a_layernorm.set_original_component(torch.nn.LayerNorm(width, dtype=torch.float64))
     with pytest.raises(UnsupportedArchitectureError, match=r"q_a_layernorm \(LayerNorm\) is a normalisation the bridge wraps"):
         tl_linmap.linear_map(model, PROMPT)
+
+
+class _Squash(torch.nn.Module):
+    """A user's module in the model: a nonlinearity no freeze rule knows."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        y = self.inner(x)
+        return y + 0.5 * torch.tanh(y)
+
+
+@pytest.mark.parametrize("call", ["linear_map", "token_contributions", "feature_contributions"])
+def test_an_exactness_failure_names_the_module_no_rule_knows(call):
+    """Where a check fails beside a module of no package tl_linmap knows, the error names it and its hook
+    (not "the weights were processed"), whichever call checked."""
+    from tl_linmap.load.toy import toy_model
+
+    model = toy_model("llama")
+    out = model.blocks[1].mlp.out
+    out.add_module("_original_component", _Squash(out._original_component))
+    match = r"_Squash \(from test_architectures\) at 'blocks\.1\.mlp\.out\._original_component', hook 'blocks\.1\.mlp\.out\.hook_out'"
+    with pytest.raises(tl_linmap.FreezeError, match=match):
+        if call == "feature_contributions":
+            d = model.cfg.d_model
+            sae = tl_linmap.Dictionary(torch.eye(d, dtype=torch.float64), torch.zeros(d, dtype=torch.float64), torch.eye(d, dtype=torch.float64),
+                                       torch.zeros(d, dtype=torch.float64), hook_in="blocks.0.hook_resid_post")
+            tl_linmap.feature_contributions(model, "The cat", target=tl_linmap.Logit(5), dictionaries=[sae])
+        else:
+            getattr(tl_linmap, call)(model, "The cat")
+
+
+def test_a_model_of_known_modules_has_no_foreign_one(toy_models):
+    from tl_linmap.freeze.architectures import foreign_modules
+
+    assert all(foreign_modules(m) == [] for m in toy_models.values())

@@ -9,11 +9,14 @@ live in `EXCEPTIONS`.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import dataclasses
 import weakref
 
 from tl_linmap.base.compat import get_act_name, is_hooked
-from tl_linmap.base.errors import UnsupportedArchitectureError
+from tl_linmap.base.errors import FreezeError, UnsupportedArchitectureError
 from tl_linmap.freeze import structure
 from tl_linmap.freeze.replacement import replacement_rules
 from tl_linmap.freeze.rules import POINTWISE_ACTIVATIONS, Detach, Ratio, Rebuild, Rule
@@ -250,6 +253,61 @@ _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 #: Packages whose modules a HookedTransformer may hold: TransformerLens' own, torch's, and those whose
 #: splices `tl_linmap.freeze.splicing` reads (SAELens' SAE wrappers, circuit-tracer's replacement parts).
 KNOWN_MODULES = ("transformer_lens.", "torch.", "sae_lens.", "circuit_tracer.")
+
+
+def foreign_modules(model) -> list[tuple[str, object]]:
+    """The modules of a model from no package tl_linmap's rules know (a user's SAE put in place of a hook point).
+
+    Args:
+        model: A TransformerBridge or HookedTransformer.
+
+    Returns:
+        ``(path, module)`` pairs in the model's order, each module once at its shortest path (a bridge's
+        Hugging Face modules are known).
+    """
+    known = (*KNOWN_MODULES, "transformers.", "transformers_modules.")
+    found: dict[int, tuple[str, object]] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        if path and not type(module).__module__.startswith(known):
+            if id(module) not in found or len(path) < len(found[id(module)][0]):
+                found[id(module)] = (path, module)
+    return list(found.values())
+
+
+def _nearest_hook(model, path: str) -> str | None:
+    # The hook point at the path, or the output hook of the innermost component around it.
+    parts = path.split(".")
+    for end in range(len(parts), 0, -1):
+        prefix = ".".join(parts[:end])
+        for name in (prefix, f"{prefix}.hook_out"):
+            if name in model.hook_dict:
+                return name
+    return None
+
+
+@contextmanager
+def naming_foreign(model) -> Iterator[None]:
+    """Add to an exactness failure (`tl_linmap.base.errors.FreezeError`) the modules of the model no rule knows.
+
+    A check that fails beside such a module is most likely its doing: its nonlinearity stayed live.
+
+    Args:
+        model: The model the checked result came from.
+
+    Returns:
+        A context manager.
+    """
+    try:
+        yield
+    except FreezeError as err:
+        foreign = foreign_modules(model)
+        if not foreign:
+            raise
+        where = "; ".join(f"{type(m).__name__} (from {type(m).__module__}) at {path!r}, hook {_nearest_hook(model, path)!r}" for path, m in foreign[:3])
+        raise FreezeError(
+            f"{err} The model holds modules no freeze rule knows, whose nonlinearities stay live: {where}. Hand an SAE's "
+            "weights over instead (tl_linmap.spliced(model, [tl_linmap.Dictionary(...)])), or take the module out."
+        ) from err
 
 
 def _check_spliced_modules(model) -> None:

@@ -52,6 +52,7 @@ from tl_linmap.base.hook_names import (
     target_depth,
 )
 from tl_linmap.base.prompts import Prompt, Prompts, read_prompts
+from tl_linmap.freeze.architectures import naming_foreign
 from tl_linmap.freeze.capture import at_position, capture, every_position
 from tl_linmap.freeze.factors import (
     at_rows,
@@ -508,7 +509,7 @@ def frozen_system(
     names = resolve_targets(model, targets)
     source = resolve_source(model, source, factor_names(model))
     lease = _Lease()
-    with borrowed(model, dtype):
+    with borrowed(model, dtype), naming_foreign(model):
         try:
             natives, outputs, factors = _forwards(model, tokens, names, source, native)
             yield _system(model, tokens, position, names, source, natives, outputs, factors, lease)

@@ -42,6 +42,7 @@ from tl_linmap.base.errors import InputError
 from tl_linmap.base.guard import borrowed
 from tl_linmap.base.hook_names import EMBED_HOOK, independent_target, target_depth
 from tl_linmap.base.prompts import Prompt, Prompts, read_prompts
+from tl_linmap.freeze.architectures import naming_foreign
 from tl_linmap.freeze.capture import at_position, capture, run_to_target
 from tl_linmap.freeze.hooks import same_path_hooks
 from tl_linmap.freeze.system import (
@@ -431,8 +432,9 @@ def _prompt_maps(model, prompt: Prompts, targets: Targets, options: MapOptions) 
                 bar.update(len(weights))
         maps = _assemble(system, wanted, weights, operators, scalar_ops, options.norms)
     if options.check:
-        for lm in maps.values():
-            lm.check()
+        with naming_foreign(model):
+            for lm in maps.values():
+                lm.check()
     return maps
 
 
@@ -557,9 +559,10 @@ def batched_linear_maps(model, prompts: Prompts, targets: Targets, options: MapO
                 all_ops, scalar_ops = _batch_rows(batch, wanted, weights, options.rows_per_pass, bar)
         results = [_assemble(s, wanted, ws, ops, sops, options.norms) for s, ws, ops, sops in zip(systems, weights, all_ops, scalar_ops)]
     if options.check:
-        for maps in results:
-            for lm in maps.values():
-                lm.check()
+        with naming_foreign(model):
+            for maps in results:
+                for lm in maps.values():
+                    lm.check()
     return results
 
 

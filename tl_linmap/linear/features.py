@@ -21,6 +21,7 @@ from tl_linmap.base.compat import check_model, get_act_name
 from tl_linmap.base.errors import InputError
 from tl_linmap.base.hook_names import EMBED_HOOK
 from tl_linmap.base.prompts import Prompt, Prompts, read_prompts
+from tl_linmap.freeze.architectures import naming_foreign
 from tl_linmap.freeze.capture import at_position, capture
 from tl_linmap.freeze.hooks import replay_hooks
 from tl_linmap.freeze.splices import Leaves, Splice
@@ -315,7 +316,8 @@ def split_target(model, prompts: Prompts, target, *, modules: bool = False, dtyp
         read = system.outputs[name] if input_of is None else system.factors[f"{input_of}#input"][0, system.position]
         reference = rows @ read + c
     convention = next((s.error for s in splices if s.error != "none"), "none")
-    return _result(model, prompts, system, splices, label, effects, c, reference, convention)
+    with naming_foreign(model):  # the result checks its sum on construction
+        return _result(model, prompts, system, splices, label, effects, c, reference, convention)
 
 
 def _result(model, prompts, system: FrozenSystem, splices: list[Splice], label: str, effects: dict, c: Tensor, reference: Tensor, convention: str) -> FeatureContributions:

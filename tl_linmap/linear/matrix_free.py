@@ -28,6 +28,7 @@ from tl_linmap.base.deprecation import (
 from tl_linmap.base.errors import InputError
 from tl_linmap.base.exactness import check_exact, relative
 from tl_linmap.base.prompts import Prompt, Prompts, read_prompts
+from tl_linmap.freeze.architectures import naming_foreign
 from tl_linmap.freeze.system import (
     FrozenSystem,
     batchable,
@@ -137,7 +138,8 @@ def _contributions(model, prompt: Prompts, options: ContributionOptions) -> Cont
             biases = biases or window_biases
         result = _assembled(system, name, parts, biases[name])
     if options.check:
-        result.check()
+        with naming_foreign(system.model):
+            result.check()
     return result
 
 
@@ -204,8 +206,9 @@ def batched_contributions(model, prompts: Prompts, options: ContributionOptions)
                         biases[b] = window_biases[name][g]
         results = [_assembled(system, name, own, bias) for system, own, bias in zip(systems, parts, biases)]
     if options.check:
-        for result in results:
-            result.check()
+        with naming_foreign(systems[0].model):
+            for result in results:
+                result.check()
     return results
 
 

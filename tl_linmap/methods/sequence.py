@@ -28,6 +28,7 @@ from tl_linmap.base.errors import InputError
 from tl_linmap.base.exactness import check_exact
 from tl_linmap.base.guard import borrowed
 from tl_linmap.base.prompts import Prompt, Prompts, read_prompts
+from tl_linmap.freeze.architectures import naming_foreign
 from tl_linmap.freeze.apply import applied
 from tl_linmap.freeze.hooks import same_path_hooks
 from tl_linmap.freeze.system import FrozenSystem, frozen_system, one_token_rows
@@ -145,7 +146,8 @@ def sequence_attribution(
             positions, values, bias, output, error, source=system.source, model=model,
         )
     if check:
-        check_exact(error, values.dtype, result.target)
+        with naming_foreign(model):
+            check_exact(error, values.dtype, result.target)
     return result
 
 
@@ -223,5 +225,6 @@ def generation_attribution(
         predicted=decode_tokens(model, generated), source=system.source, model=model,
     )
     if check:
-        check_exact(error, values.dtype, result.target)
+        with naming_foreign(model):
+            check_exact(error, values.dtype, result.target)
     return result
