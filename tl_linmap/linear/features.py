@@ -32,19 +32,20 @@ from tl_linmap.reading.readouts import LinearReadout
 from tl_linmap.results.features import FeatureContributions
 
 
-def module_hooks(model, sites: Iterable[str]) -> list[str]:
-    """Every block's attention and MLP output hooks, except where a dictionary writes.
+def module_hooks(model, sites: Iterable[str], kinds: tuple[str, ...] = ("attn_out", "mlp_out")) -> list[str]:
+    """Every block's module output hooks of some kinds, except where a dictionary writes.
 
     Args:
         model: A TransformerBridge or HookedTransformer.
         sites: Hooks dictionaries write (their features stand for that module).
+        kinds: Activation names (`get_act_name`), per block in this order.
 
     Returns:
-        ``blocks.L.hook_attn_out`` and ``blocks.L.hook_mlp_out`` that the model has, in block order.
+        ``blocks.L.hook_attn_out`` and ``blocks.L.hook_mlp_out`` (by default) that the model has, in block order.
     """
     points = model.hook_dict
     taken = {canonical(points, site) for site in sites}  # by hook point: a bridge's hook_mlp_out is mlp.hook_out
-    names = [get_act_name(kind, layer) for layer in range(model.cfg.n_layers) for kind in ("attn_out", "mlp_out")]
+    names = [get_act_name(kind, layer) for layer in range(model.cfg.n_layers) for kind in kinds]
     return [n for n in names if n in points and canonical(points, n) not in taken]
 
 

@@ -23,16 +23,16 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from tl_linmap.base.compat import check_model, get_act_name
+from tl_linmap.base.compat import check_model
 from tl_linmap.base.errors import InputError
 from tl_linmap.base.hook_names import EMBED_HOOK, output_hook
 from tl_linmap.base.prompts import Prompt, Prompts, read_prompts
 from tl_linmap.freeze.capture import capture
 from tl_linmap.freeze.hooks import replay_hooks
 from tl_linmap.freeze.splices import Leaves, Splice
-from tl_linmap.freeze.splicing import canonical, spliced, splices_of
+from tl_linmap.freeze.splicing import spliced, splices_of
 from tl_linmap.freeze.system import FrozenSystem, frozen_system
-from tl_linmap.linear.features import preactivations, target_rows
+from tl_linmap.linear.features import module_hooks, preactivations, target_rows
 from tl_linmap.reading.influence import partial_influence
 from tl_linmap.reading.readouts import CenteredLogit, LinearReadout
 from tl_linmap.reading.tokens import decode_tokens, token_id
@@ -110,10 +110,7 @@ def module_nodes(model, sites: Sequence[str]) -> list[tuple[str, str]]:
     Returns:
         ``(kind, hook)`` pairs (``"head"``: ``blocks.L.attn.hook_z``; ``"mlp"``: ``blocks.L.hook_mlp_out``), in block order.
     """
-    points = model.hook_dict
-    taken = {canonical(points, site) for site in sites}
-    names = [(kind, get_act_name(act, layer)) for layer in range(model.cfg.n_layers) for kind, act in (("head", "z"), ("mlp", "mlp_out"))]
-    return [(kind, n) for kind, n in names if n in points and canonical(points, n) not in taken]
+    return [("head" if n.endswith("hook_z") else "mlp", n) for n in module_hooks(model, sites, kinds=("z", "mlp_out"))]
 
 
 def auto_targets(system: FrozenSystem, max_logits: int, probability: float) -> tuple[list[LinearReadout], Tensor]:
