@@ -89,3 +89,15 @@ def test_target_depth():
     assert target_depth("blocks.3.attn.hook_z", 4) == 4
     assert target_depth("ln_final.hook_out", 4) == 4
     assert target_depth("hook_embed", 4) == 0
+
+
+def test_text_the_tokenizer_maps_outside_the_vocabulary_blames_the_tokenizer(monkeypatch):
+    """The user passed text: ids outside the vocabulary came from the tokenizer (a special token it adds), and the
+    error says so and what to pass, instead of asking for ids the user never gave."""
+    from tl_linmap.load.toy import toy_model
+
+    model = toy_model("llama")
+    vocab = model.cfg.d_vocab
+    monkeypatch.setattr(model, "to_tokens", lambda text, **kwargs: torch.tensor([[vocab, 5, 7]]))
+    with pytest.raises(tl_linmap.InputError, match=rf"tokenizer turned this text into ids the model has no embedding for \(\[{vocab}\]"):
+        tl_linmap.linear_map(model, "hello")

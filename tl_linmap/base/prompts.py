@@ -113,6 +113,13 @@ def to_tokens(model, prompt: Prompt) -> Int[Tensor, "1 pos"]:
             f"The prompt has {n_tokens} tokens, more than the model's context of {model.cfg.n_ctx}: shorten it to at most that."
         )
     if tokens.min() < 0 or tokens.max() >= model.cfg.d_vocab:
+        if isinstance(prompt, str):  # the user passed text: the tokenizer made these ids
+            outside = sorted({int(t) for t in tokens[0] if not 0 <= int(t) < model.cfg.d_vocab})
+            raise InputError(
+                f"The model's tokenizer turned this text into ids the model has no embedding for ({outside[:5]}; the "
+                f"vocabulary is [0, {model.cfg.d_vocab})): a special token it adds (BOS?) lies outside it. Pass the token "
+                "ids yourself (model.to_tokens(text, prepend_bos=False) and the BOS the model has), or fix the tokenizer's special tokens."
+            )
         raise InputError(f"Token ids must lie in [0, {model.cfg.d_vocab}); got {tokens.min()}..{tokens.max()}.")
     return tokens.to(model.cfg.device or "cpu")
 
