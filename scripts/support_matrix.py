@@ -2,8 +2,8 @@
 
 For each, a tiny random-weight model is booted (`tl_linmap.load.toy.toy_model`) and either mapped
 (float64 and float32 error of the output map, against its own forward) or refused, with
-tl_linmap's reason. Writes `tl_linmap/support_matrix.json` (read by the tests) and the README's
-table between its SUPPORT-MATRIX markers.
+tl_linmap's reason. Writes `tl_linmap/support_matrix.json` (read by the tests) and the table of the
+documentation's Supported architectures page (`docs/support.md`) between its SUPPORT-MATRIX markers.
 
     python scripts/support_matrix.py                        # every architecture: about 25 min on 2 cores
     python scripts/support_matrix.py --only XGLMForCausalLM  # recompute these rows, keep the others
@@ -116,13 +116,13 @@ def main(argv: list[str] | None = None) -> None:
     if only:
         rows = merged(json.loads(matrix.read_text()), rows)
     matrix.write_text(json.dumps(rows, indent=1) + "\n")
-    readme = ROOT / "README.md"
-    text = readme.read_text()
+    page = ROOT / "docs" / "support.md"
+    text = page.read_text()
     begin, end = "<!-- SUPPORT-MATRIX -->", "<!-- /SUPPORT-MATRIX -->"
     if begin in text:
         head, rest = text.split(begin)
         text = head + begin + "\n" + markdown(rows) + "\n" + end + rest.split(end)[1]
-        readme.write_text(text)
+        page.write_text(text)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Fixtures: tiny random-weight bridges of every supported family, in float64."""
 
+import dataclasses
 import importlib
 import importlib.util
 import os
@@ -125,3 +126,40 @@ def leaf_effects(logit, x, leaves: dict) -> dict:
             total = total + out["errors"][site].sum()
     out["constant"] = out["logit"] - total.detach()
     return out
+
+
+def assert_same(saved, loaded, path: str = "result") -> None:
+    """For the saving tests: a loaded result equals the one saved in every dataclass field (so a field the
+    file drops fails here), tensors bit for bit with their dtype, and a model it held is now a SavedModel of it."""
+    from tl_linmap.base.saving import SavedModel, model_config
+
+    if isinstance(loaded, SavedModel) and not isinstance(saved, SavedModel):
+        assert loaded.config == model_config(saved), f"{path}: another model's config"
+        assert all(saved.tokenizer.decode([i]) == text for i, text in loaded.strings.items()), f"{path}: token texts"
+        if loaded.full:
+            assert sorted(loaded.strings) == list(range(saved.cfg.d_vocab)), f"{path}: the whole vocabulary"
+            for name in ("W_U", "W_E", "b_U"):
+                weights = getattr(saved, name)  # a Parameter, saved as a tensor
+                assert_same(None if weights is None else weights.detach(), getattr(loaded, name), f"{path}.{name}")
+        return
+    assert type(saved) is type(loaded), f"{path}: a {type(saved).__name__} saved, a {type(loaded).__name__} loaded"
+    if isinstance(saved, torch.Tensor):
+        assert saved.dtype == loaded.dtype and saved.shape == loaded.shape and torch.equal(saved.cpu(), loaded), f"{path}: tensors differ"
+    elif isinstance(saved, SavedModel):
+        assert (saved.config, saved.strings, saved.full) == (loaded.config, loaded.strings, loaded.full), path
+    elif dataclasses.is_dataclass(saved):
+        for f in dataclasses.fields(saved):
+            if f.init:
+                assert_same(getattr(saved, f.name), getattr(loaded, f.name), f"{path}.{f.name}")
+    elif isinstance(saved, dict):
+        assert list(saved) == list(loaded), f"{path}: keys differ"
+        for key, value in saved.items():
+            assert_same(value, loaded[key], f"{path}[{key!r}]")
+    elif isinstance(saved, (list, tuple)):
+        assert len(saved) == len(loaded), f"{path}: lengths differ"
+        for i, (a, b) in enumerate(zip(saved, loaded)):
+            assert_same(a, b, f"{path}[{i}]")
+    elif isinstance(saved, float) and saved != saved:
+        assert loaded != loaded, f"{path}: nan saved"
+    else:
+        assert saved == loaded, f"{path}: {saved!r} saved, {loaded!r} loaded"

@@ -19,7 +19,8 @@ except ImportError:  # Python 3.10
     import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT / "tl_linmap" / "data"
+# The imported package's files (the checkout's, or site-packages' where scripts/wheel_check.sh runs the tests).
+DATA = Path(tl_linmap.__file__).parent / "data"
 
 
 def test_a_hundred_distinct_short_phrases_of_varied_kinds():

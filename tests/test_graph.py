@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import hand_freeze_hooks
+from conftest import assert_same, hand_freeze_hooks
 from test_features import (  # noqa: F401 - model, models: the fixtures of test_features
     BUILDERS,
     PROMPT,
@@ -333,11 +333,7 @@ def test_save_and_load_bit_for_bit(model, tmp_path):
     path = graph.save(tmp_path / "graph")
     assert path.suffix == ".safetensors"
     loaded = tl_linmap.load(path)
-    for name in graph._TENSORS:
-        a, b = getattr(graph, name), getattr(loaded, name)
-        assert a.dtype == b.dtype and torch.equal(a, b), name
-    for name in graph._FIELDS:
-        assert getattr(graph, name) == getattr(loaded, name), name
+    assert_same(graph, loaded)
     assert repr(loaded) == repr(graph) and loaded.to_html() == graph.to_html()
 
 

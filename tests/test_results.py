@@ -1,5 +1,6 @@
 """Every result shares its habits: a short text repr and a notebook view that name its key
-numbers, `to_table` rows that are its own numbers, `plot` figures with something drawn.
+numbers, `to_table` rows that are its own numbers, `plot` figures with something drawn, and a
+`save` file that loads back bit for bit and still prints, tabulates and plots without the model.
 
 One tiny float64 Llama (and a Qwen2-MoE for the experts) gives one instance of every result
 class; the class list is walked from the package, so a new result class without a case here
@@ -20,8 +21,10 @@ import torch
 
 import tl_linmap
 import tl_linmap.results
+from conftest import assert_same
 from tl_linmap.base.errors import InputError
-from tl_linmap.base.table import Table, number_text
+from tl_linmap.base.saving import Saveable
+from tl_linmap.base.table import Table, _row_html, number_text
 from tl_linmap.linear.matrix_free import Pushed
 from tl_linmap.load.toy import toy_model
 from tl_linmap.methods.corpus import corpus_analysis
@@ -507,3 +510,113 @@ def test_plot_kinds_are_the_plotting_functions(results):
             results["CorpusAnalysis"].plot("ranks")
     finally:
         plt.close("all")
+
+
+# --- save and load -----------------------------------------------------------------------------
+
+#: Every result that saves: all but the table rows, which travel inside their result.
+SAVED = [
+    "Graph", "GraphPath", "LinearMap", "LinearMaps", "Contributions", "HeadSplit", "OperatorSVD", "LogitSplit", "Attribution",
+    "PatchingAttribution", "SequenceAttribution", "CorpusAnalysis", "PromptSummary", "ExpertContributions", "Pushed",
+    "Steering", "OperatorSteering", "FeatureContributions", "FeaturePatching", "FeatureMap",
+]
+#: What reads vectors as tokens through the model's unembedding: a result saved without its vocabulary refuses it.
+DECODES = {
+    "LinearMap": lambda r: r.decode(k=2, top=3, stacked=True), "LinearMaps": lambda r: r.decode(k=1, top=3, targets=[RESIDUAL, "blocks.1.hook_attn_out"]),
+    "OperatorSVD": lambda r: r.decode(k=2, top=3, stacked=True), "Contributions": lambda r: r.logit_contributions(7).to_table(),
+}
+#: Plot kinds that read vectors as tokens (they need the vocabulary too).
+DECODED_PLOTS = {("decoded",), ("logit",)}
+
+
+def test_every_result_but_a_row_saves():
+    saveable = {cls.__name__ for cls in result_classes() if issubclass(cls, Saveable)}
+    assert saveable == set(SAVED)
+    assert all(cls._repr_html_ is _row_html for cls in result_classes() if cls.__name__ not in saveable)
+
+
+def reachable(value, seen=None):
+    """Everything a result holds: its fields, their fields, ... (to tell that no model is in reach)."""
+    seen = set() if seen is None else seen
+    if id(value) in seen:
+        return
+    seen.add(id(value))
+    yield value
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        children = [getattr(value, f.name) for f in dataclasses.fields(value)]
+    elif isinstance(value, dict):
+        children = list(value.values())
+    elif isinstance(value, (list, tuple)):
+        children = list(value)
+    else:
+        children = list(vars(value).values()) if hasattr(value, "__dict__") and not isinstance(value, (type, torch.Tensor)) else []
+    for child in children:
+        yield from reachable(child, seen)
+
+
+def drawn(fig) -> list[np.ndarray]:
+    """What a figure shows: its lines, images, bars and scatter points."""
+    out = []
+    for ax in fig.axes:
+        out += [line.get_xydata() for line in ax.lines] + [np.ma.getdata(image.get_array()) for image in ax.images]
+        out += [np.array([p.get_height() for p in ax.patches if hasattr(p, "get_height")])]
+        out += [np.ma.getdata(c.get_offsets()) for c in ax.collections]
+    return out
+
+
+@pytest.mark.parametrize("name", SAVED)
+def test_a_loaded_result_is_the_same_and_works_without_its_model(results, name, tmp_path):
+    result = results[name]
+    loaded = tl_linmap.load(result.save(tmp_path / name))
+    assert_same(result, loaded)
+    assert not any(isinstance(v, torch.nn.Module) for v in reachable(loaded)), f"a loaded {name} holds a model"
+    assert repr(loaded) == repr(result)
+    page = shown(loaded._repr_html_())
+    assert all(key in page for key in key_fields(name, result)), page
+    if hasattr(result, "to_table"):
+        assert loaded.to_table() == result.to_table()
+    if isinstance(result, list):  # steering: hooks again, at the same hook points
+        assert [hook for hook, _ in loaded] == [hook for hook, _ in result]
+    if name == "Steering":  # adding the same vector
+        resid = torch.randn(1, 3, len(result.vector), dtype=torch.float64)
+        assert torch.equal(loaded.steer(resid), result.steer(resid))
+    if name in DECODES:
+        with pytest.raises(InputError, match=r"load\(path, model=model\).*vocabulary=True"):
+            DECODES[name](loaded)
+    if name in PLOTS:
+        matplotlib = pytest.importorskip("matplotlib")
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        try:
+            for args in PLOTS[name]:
+                if args in DECODED_PLOTS:
+                    with pytest.raises(InputError, match="vocabulary=True"):
+                        loaded.plot(*args)
+                    continue
+                ours, theirs = drawn(loaded.plot(*args)), drawn(result.plot(*args))
+                assert len(ours) == len(theirs) and all(np.array_equal(a, b, equal_nan=True) for a, b in zip(ours, theirs)), f"{name}.plot{args}"
+        finally:
+            plt.close("all")
+
+
+@pytest.mark.parametrize("name", DECODES)
+def test_a_result_saved_with_its_vocabulary_decodes_without_its_model(results, name, tmp_path):
+    result = results[name]
+    loaded = tl_linmap.load(result.save(tmp_path / name, vocabulary=True))
+    assert_same(result, loaded)
+    assert DECODES[name](loaded) == DECODES[name](result)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gemma3"])
+def test_a_map_reads_its_predicted_tokens(toy_models, family):
+    model = toy_models[family]
+    lm = tl_linmap.linear_map(model, "The cat sat on the mat")
+    with torch.no_grad():
+        own = model(model.to_tokens("The cat sat on the mat"))[0, -1].to(torch.float64)
+    assert torch.allclose(lm.logits(), own, rtol=0, atol=1e-6 * float(own.abs().max()))  # RMSNorm's plain forward: ~1e-7
+    ids = own.topk(3).indices.tolist()
+    assert [token for token, _ in lm.top_tokens(3)] == [model.tokenizer.decode([i]) for i in ids]
+    readout = tl_linmap.linear_map(model, "The cat sat on the mat", target=tl_linmap.Logit(ids[0]))
+    with pytest.raises(InputError, match="already one number"):
+        readout.logits()

@@ -186,3 +186,14 @@ def test_logit_split_of_an_intermediate_layer_is_the_exact_logit_lens(llama_maps
     expected = (norm.weight * lm.output / scale) @ model.W_U[:, 7]
     assert split.logit == pytest.approx(float(expected), rel=1e-6)  # the plain forward's norm runs in float32
     assert split.total() == pytest.approx(split.logit, abs=1e-10)
+
+
+def test_decode_gives_a_zero_operator_no_share(toy_models):
+    # blocks.0.hook_resid_pre at the last position reads only the last token: every other operator is zero.
+    maps = tl_linmap.layer_maps(toy_models["llama"], PROMPT, layers=[0], modules=True)
+    rows = maps.decode(targets=["blocks.0.hook_resid_pre"])
+    zero = maps["blocks.0.hook_resid_pre"].operators.flatten(1).norm(dim=1) == 0
+    assert zero[:-1].all() and not zero[-1]
+    for row in rows:
+        assert (row.share is None) == bool(zero[row.source]), row
+        assert row.share is None or 0 < row.share <= 1 + 1e-12

@@ -277,6 +277,15 @@ def test_alpha_sweep_scores_one_fixed_continuation_with_and_without_steering(lla
     assert table[1].mentions == sum(int(t) in concept for t in steered)
 
 
+def test_alpha_sweep_prints_each_continuation_whole(llama):
+    source = tl_linmap.linear_map(llama, "Golden Gate", target="blocks.1.hook_resid_post")
+    table = alpha_sweep(llama, source, PROMPT, layer=1, alphas=(0.0, 2.0), concept_tokens=list("Gate"), max_new_tokens=60)
+    lines = str(table).splitlines()[2:]
+    assert any(len(row.text) > 40 for row in table)  # longer than a cell may be
+    for line, row in zip(lines, table):
+        assert line.split(" | ")[-1] in (row.text, repr(row.text))
+
+
 def test_word_tokens_keeps_single_token_spellings_of_content_words(llama):
     assert word_tokens(llama, "the Golden x") == ["x", "X"]  # bytes only: "Golden" is six tokens, "the" a function word
     source = tl_linmap.linear_map(llama, "Golden Gate", target="blocks.1.hook_resid_post")

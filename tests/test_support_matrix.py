@@ -46,9 +46,9 @@ def test_refused_rows_give_a_reason(rows):
                 assert EXCEPTIONS[arch] in row["reason"]
 
 
-def test_the_readme_shows_the_matrix(rows):
+def test_the_docs_show_the_matrix(rows):
     table = _script().markdown(list(rows.values()))
-    assert table in (ROOT / "README.md").read_text()
+    assert table in (ROOT / "docs" / "support.md").read_text()
 
 
 def test_only_replaces_the_rows_it_recomputed():

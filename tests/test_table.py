@@ -10,7 +10,7 @@ from conftest import PROMPT
 
 import tl_linmap
 from tl_linmap.base.errors import InputError
-from tl_linmap.base.table import CELL_WIDTH, Table, table_row
+from tl_linmap.base.table import CELL_WIDTH, LIST_WIDTH, Table, table_row
 
 
 @dataclass
@@ -89,7 +89,7 @@ def test_long_token_lists_are_cut_at_a_token_and_kept_whole_in_records():
     pairs = [(f" tok{i}", i / 10) for i in range(20)]
     rows = Table([Row("x", 1.0, pairs)])
     cell = str(rows).splitlines()[2].split(" | ")[2]
-    assert len(cell) <= CELL_WIDTH
+    assert len(cell) <= LIST_WIDTH
     shown = re.findall(r"'( tok\d+)' \d\.\d\d", cell)
     assert shown == [t for t, _ in pairs[: len(shown)]] and len(shown) >= 2
     assert cell.endswith(f"+{len(pairs) - len(shown)} more")
@@ -101,6 +101,22 @@ def test_long_text_is_cut_to_the_cell_width():
     rows = Table([Row("n" * 100, 1.0, [])])
     cell = str(rows).splitlines()[2].split(" | ")[0]
     assert cell.endswith("...") and len(cell) == CELL_WIDTH
+
+
+@dataclass
+class Continuation:
+    alpha: float
+    first: str
+    text: str
+
+
+def test_the_last_columns_text_is_never_cut():
+    # Nothing follows the last column, so a steered continuation prints whole (alpha_sweep's text).
+    text = "a sentence of about a hundred characters, longer than any cell may be, and it goes on and on."
+    line = str(Table([Continuation(0.1, text, text)])).splitlines()[2]
+    first, last = line.split(" | ")[1:]
+    assert len(first.strip()) == CELL_WIDTH and first.strip().endswith("...")
+    assert last == repr(text) or last == text
 
 
 def test_records_and_html():
@@ -134,13 +150,20 @@ def test_decoded_pairs_print_in_bounded_rows_with_left_and_right_apart(decoded):
     columns = decoded.columns()
     lines = str(decoded).splitlines()
     assert len(lines) == len(decoded) + 2
-    width = len(columns) * (CELL_WIDTH + len(" | "))
+    whole = 0
     for line, row in zip(lines[2:], decoded):
         cells = line.split(" | ")
-        assert len(cells) == len(columns) and len(line) <= width
-        assert all(len(cell) <= CELL_WIDTH for cell in cells)
-        left, right = cells[columns.index("left")].strip(), cells[columns.index("right")].strip()
-        assert left.startswith(repr(row.left[0][0])) and right.startswith(repr(row.right[0][0]))
+        assert len(cells) == len(columns)
+        for name, cell in zip(columns, cells):
+            assert len(cell.strip()) <= (LIST_WIDTH if name in ("left", "right") else CELL_WIDTH)
+        for side in ("left", "right"):
+            cell, pairs = cells[columns.index(side)].strip(), getattr(row, side)
+            assert len(pairs) == 10 and cell.startswith(repr(pairs[0][0]))
+            full = ", ".join(f"{t!r} {v:.2f}" for t, v in pairs)
+            if len(full) <= LIST_WIDTH:  # top=10 shows the ten tokens asked for
+                assert cell == full
+                whole += 1
+    assert whole >= len(decoded)  # at least half the lists fit whole
 
 
 def test_decoded_pairs_html_show_every_token_and_align_numbers(decoded):
@@ -180,7 +203,7 @@ class Shown:
 def test_a_table_row_prints_as_one_line_of_its_cells():
     row = Shown(" Paris", 1.23456789, 3, [(" x", 0.5)] * 20, (1, 2))
     text = repr(row)
-    assert "\n" not in text and len(text) < 2 * CELL_WIDTH + 60
+    assert "\n" not in text and len(text) < LIST_WIDTH + 80  # the other fields take about 70
     assert text.startswith("Shown(token=' Paris', score=1.235, count=3, tops=[' x' 0.50, ")
     assert text.endswith(" more], cell=[1, 2], note=None)")
     assert repr(Shown("a", 0.0, 0, [], ())) == "Shown(token='a', score=0, count=0, tops=[], cell=[], note=None)"

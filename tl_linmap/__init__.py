@@ -19,16 +19,17 @@ class _LoadPackage(types.ModuleType):
     """``tl_linmap.load`` is the loading subpackage and, called, `tl_linmap.load.saved.load`: a function of that
     name would be replaced by the subpackage the first time one of its modules is imported."""
 
-    def __call__(self, path):
+    def __call__(self, path, model=None):
         """Load a result a ``.save(path)`` wrote: `tl_linmap.load.saved.load`.
 
         Args:
             path: The file.
+            model: The model the result was computed with (optional: without it the result keeps what it saved of it).
 
         Returns:
             The result.
         """
-        return importlib.import_module("tl_linmap.load.saved").load(path)
+        return importlib.import_module("tl_linmap.load.saved").load(path, model)
 
 
 sys.modules["tl_linmap.load"].__class__ = _LoadPackage

@@ -1,7 +1,8 @@
 # ---
 # jupyter:
 #   jupytext:
-#     formats: py:percent
+#     formats: ipynb,py:percent
+#     notebook_metadata_filter: -jupytext.text_representation
 #   kernelspec:
 #     display_name: Python 3
 #     name: python3
@@ -17,7 +18,8 @@
 # token. This notebook computes that system for SmolLM2-135M, checks that it reconstructs
 # the model's output exactly, and reads what the operators say.
 #
-# Open as a notebook with `jupytext --to notebook 01_quickstart.py`, or run it as a script.
+# Open `01_quickstart.ipynb` (this file's pair, kept in step by jupytext) in Jupyter, or run this file
+# as a script.
 
 # %%
 import os
@@ -49,6 +51,7 @@ lm = tl_linmap.linear_map(model, prompt)
 print(lm.operators.shape, "one d_model x d_model operator per input token")
 print(f"relative reconstruction error: {lm.relative_error():.2e}")
 print(f"gap of the plain forward (HF's RMSNorm runs in float32) to the float64 reference: {lm.native_gap():.2e}")
+lm  # a notebook shows its HTML summary: the tokens coloured by their contribution
 
 # %% [markdown]
 # The reconstruction is not taken on trust: rebuild `y` by hand from the operators and the
@@ -91,6 +94,7 @@ fig = plotting.plot_logit_contributions(split)
 fig.savefig(FIGURES / "01_paris_logit.png", dpi=120, bbox_inches="tight")
 fig = plotting.plot_logit_contributions(split, skip_first=True)
 fig.savefig(FIGURES / "01_paris_logit_without_first.png", dpi=120, bbox_inches="tight")
+split
 
 # %% [markdown]
 # ## What an operator does

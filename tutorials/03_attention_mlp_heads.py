@@ -1,7 +1,8 @@
 # ---
 # jupyter:
 #   jupytext:
-#     formats: py:percent
+#     formats: ipynb,py:percent
+#     notebook_metadata_filter: -jupytext.text_representation
 #   kernelspec:
 #     display_name: Python 3
 #     name: python3
@@ -49,6 +50,7 @@ attn = torch.stack([att.per_component[utils.get_act_name("attn_out", L)] for L i
 mlp = torch.stack([att.per_component[utils.get_act_name("mlp_out", L)] for L in range(n)])
 print("from the embeddings directly:", float(att.per_component[utils.get_act_name("resid_pre", 0)].sum()))
 print("all attention layers:", float(attn.sum()), " all MLP layers:", float(mlp.sum()))
+att  # a notebook shows its HTML summary
 
 # %%
 fig, ax = plt.subplots(figsize=(9, 3.5))

@@ -1,7 +1,8 @@
 # ---
 # jupyter:
 #   jupytext:
-#     formats: py:percent
+#     formats: ipynb,py:percent
+#     notebook_metadata_filter: -jupytext.text_representation
 #   kernelspec:
 #     display_name: Python 3
 #     name: python3
@@ -53,6 +54,7 @@ prompt = "The Eiffel Tower is in the city of"
 graph = tl_linmap.attribution_graph(model, prompt, max_logits=3, max_nodes=160)
 print(graph)
 print(graph.to_table(top=12))
+graph  # a notebook draws it
 
 # %% [markdown]
 # ## Pruned, and the path that carries the most

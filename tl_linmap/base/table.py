@@ -17,8 +17,13 @@ from tl_linmap.base.errors import InputError
 SEPARATOR = " | "
 
 
-#: Widest cell of the plain-text view, in characters; `Table.to_string` takes another.
+#: Widest text cell of the plain-text view, in characters (the last column's text is never cut: nothing
+#: follows it); `Table.to_string` takes another.
 CELL_WIDTH = 40
+
+#: Widest list cell (tokens and their scores) of the plain-text view: room for the ten tokens a
+#: ``top=10`` asks for, so a decode table shows what was asked rather than two and "+8 more".
+LIST_WIDTH = 160
 
 
 # Whitespace shown as a glyph, so that token boundaries survive in HTML.
@@ -119,11 +124,11 @@ def _join(items: list[str], width: int | None) -> str:
     return f"{len(items)} items"
 
 
-def _text_cell(value, quoted: bool, width: int | None) -> str:
+def _text_cell(value, quoted: bool, width: int | None, list_width: int | None) -> str:
     if _is_pairs(value):
-        return _join([f"{token!r} {score:.2f}" for token, score in value], width)
+        return _join([f"{token!r} {score:.2f}" for token, score in value], list_width)
     if isinstance(value, (list, tuple)):
-        return _join([repr(v) if isinstance(v, str) else _scalar(v, False) for v in value], width) if value else "-"
+        return _join([repr(v) if isinstance(v, str) else _scalar(v, False) for v in value], list_width) if value else "-"
     text = _scalar(value, quoted)
     return text if width is None or len(text) <= width else text[: width - 3] + "..."
 
@@ -141,7 +146,7 @@ def _html_cell(value, quoted: bool, numeric: bool) -> str:
         return f'<td class="list">{"".join(token_span(v) for v in value)}</td>'
     if isinstance(value, str) and quoted:
         return f"<td>{token_span(value)}</td>"
-    return f"<td>{html.escape(_text_cell(value, False, None))}</td>"
+    return f"<td>{html.escape(_text_cell(value, False, None, None))}</td>"
 
 
 class Table(list):
@@ -208,13 +213,14 @@ class Table(list):
             quoted.append(any(isinstance(v, str) and _needs_quotes(v) for v in values))
         return numeric, quoted
 
-    def to_string(self, cell_width: int | None = CELL_WIDTH) -> str:
+    def to_string(self, cell_width: int | None = CELL_WIDTH, list_width: int | None = LIST_WIDTH) -> str:
         """The table as plain text: ``" | "`` between columns, numbers right-aligned.
 
         Args:
-            cell_width: Longest cell in characters; longer token lists keep their first
-                whole tokens and say how many more there are, other text ends in ``...``
-                (None: never cut).
+            cell_width: Longest text cell in characters, except in the last column, which is
+                never cut; longer text ends in ``...`` (None: nothing is cut, lists neither).
+            list_width: Longest list cell (tokens and scores) in characters; a longer list keeps
+                its first whole tokens and says how many more there are.
 
         Returns:
             A header, a rule and one line per row.
@@ -223,7 +229,11 @@ class Table(list):
             return "(empty table)"
         numeric, quoted = self._column_kinds()
         columns = self.columns()
-        rows = [columns] + [[_text_cell(getattr(row, c), q, cell_width) for c, q in zip(columns, quoted)] for row in self]
+        list_width = None if cell_width is None else list_width
+        widths = [cell_width] * (len(columns) - 1) + [None]
+        rows = [columns] + [
+            [_text_cell(getattr(row, c), q, w, list_width) for c, q, w in zip(columns, quoted, widths)] for row in self
+        ]
         widths = [max(len(r[i]) for r in rows) for i in range(len(numeric))]
         lines = [
             SEPARATOR.join(cell.rjust(w) if num else cell.ljust(w) for cell, w, num in zip(r, widths, numeric)).rstrip() for r in rows
@@ -254,8 +264,8 @@ def _field_text(value) -> str:
     if value is None:
         return "None"
     if isinstance(value, (list, tuple)):
-        return f"[{_text_cell(value, True, CELL_WIDTH)}]" if value else "[]"
-    return _text_cell(value, True, CELL_WIDTH)
+        return f"[{_text_cell(value, True, CELL_WIDTH, LIST_WIDTH)}]" if value else "[]"
+    return _text_cell(value, True, CELL_WIDTH, LIST_WIDTH)
 
 
 def _row_repr(row) -> str:

@@ -108,8 +108,6 @@ def architecture_of(model) -> str:
     return str(getattr(cfg, "architecture", None) or getattr(cfg, "original_architecture", None) or type(model).__name__)
 
 
-#: Architectures whose structure-derived rules are tested exact against an independent oracle
-#: (`tests/test_architectures.py`); the support matrix in the README lists them with their errors.
 SUPPORTED: set[str] = {
     "LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Gemma3ForCausalLM", "GPT2LMHeadModel", "GPTNeoXForCausalLM",
     "MistralForCausalLM", "Ministral3ForCausalLM", "GemmaForCausalLM", "Gemma2ForCausalLM", "Olmo2ForCausalLM",
@@ -126,6 +124,9 @@ SUPPORTED: set[str] = {
     # Multi-head latent attention, its query latent's RMS norm frozen as a ratio (`structure.norm_ratios`).
     "YoutuForCausalLM", "Glm4MoeLiteForCausalLM",
 }
+"""Architectures (Hugging Face class names) whose structure-derived rules are tested exact against an
+independent oracle (`tests/test_architectures.py`): only these are mapped. The support matrix
+(docs/support.md) lists them with their errors, and the others with the reason they are refused."""
 
 
 #: The real exceptions of the structure-derived rules, by architecture: what the model's hook
@@ -214,7 +215,7 @@ def bridge_rules(model) -> tuple[Rule, ...]:
         rules = [dataclasses.replace(rule, windows=False) if rule.after_attention else rule for rule in rules]
     if arch not in SUPPORTED:
         raise UnsupportedArchitectureError(
-            f"{arch} is not in tl_linmap's tested support matrix (see the README). Its structure shows no part "
+            f"{arch} is not in tl_linmap's tested support matrix (see docs/support.md). Its structure shows no part "
             "without a freeze rule; to map it anyway, add it to tl_linmap.freeze.architectures.SUPPORTED (every result is "
             "still checked to reconstruct the model's output)."
         )

@@ -41,6 +41,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from tl_linmap.base.checks import check_dtype
+from tl_linmap.base.compat import get_act_name
 from tl_linmap.base.errors import FreezeError, InputError
 from tl_linmap.base.guard import borrowed, hook_count
 from tl_linmap.base.hook_names import (
@@ -401,6 +402,21 @@ class FrozenSystem:
         """
         self._alive()
         return frozen_norm(self.model, norm, self.factors, self.position)
+
+    def attention_pattern(self, layer: int) -> Float[Tensor, "n_heads query key"] | None:
+        """One block's attention pattern as this system holds it frozen.
+
+        Args:
+            layer: Block index.
+
+        Returns:
+            ``pattern[h, q, k]``: the weight head ``h`` gives key position ``k`` at query position
+            ``q`` (each row sums to one); None where the pattern is frozen through the queries and
+            keys that make it (a wrapped attention whose ``hook_pattern`` only observes), so no
+            pattern was recorded.
+        """
+        pattern = self.factors.get(get_act_name("pattern", layer))
+        return None if pattern is None else pattern[0]
 
     def reader(self, name: str) -> TokenReader:
         """How a target's vectors are read as tokens: through ``ln_final`` frozen at the target position.

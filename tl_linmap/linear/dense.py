@@ -42,6 +42,7 @@ from tl_linmap.base.errors import InputError
 from tl_linmap.base.guard import borrowed
 from tl_linmap.base.hook_names import EMBED_HOOK, independent_target, target_depth
 from tl_linmap.base.prompts import Prompt, Prompts, read_prompts
+from tl_linmap.base.progress import check_progress, progress_bar
 from tl_linmap.freeze.architectures import naming_foreign
 from tl_linmap.freeze.capture import at_position, capture, run_to_target
 from tl_linmap.freeze.hooks import same_path_hooks
@@ -122,7 +123,7 @@ class MapOptions:
             (`tl_linmap.freeze.system.frozen_system`).
         rows_per_pass: Rows per batched pass (None: what fits in half the free memory).
         check: Check every map's reconstruction (`tl_linmap.base.exactness`).
-        progress: Show a progress bar over Jacobian rows or columns.
+        progress: A progress bar over Jacobian rows or columns: None (default) once the call lasts a few seconds, True at once, False never.
         norms: Further norm modules to return frozen.
         route: ``"rows"``, ``"columns"`` or ``"auto"``.
         source: The hook point the maps start from (None: the token embeddings); resolved
@@ -132,7 +133,7 @@ class MapOptions:
     dtype: torch.dtype | None = torch.float64
     rows_per_pass: int | None = None
     check: bool = True
-    progress: bool = False
+    progress: bool | None = None
     norms: tuple[str, ...] = ()
     route: str = "auto"
     source: str | None = None
@@ -144,7 +145,7 @@ def map_options(
     dtype: torch.dtype | None = torch.float64,
     rows_per_pass: int | None = None,
     check: bool = True,
-    progress: bool = False,
+    progress: bool | None = None,
     norms: Sequence[str] = (),
     route: str = "auto",
     chunk_size: int | None = None,
@@ -173,7 +174,7 @@ def map_options(
     route = check_route(route)
     check_model(model)
     norms = tuple(check_norms(model, norms)) if norms else ()
-    return MapOptions(dtype=dtype, rows_per_pass=rows_per_pass, check=check, progress=progress, norms=norms, route=route, source=source)
+    return MapOptions(dtype=dtype, rows_per_pass=rows_per_pass, check=check, progress=check_progress(progress), norms=norms, route=route, source=source)
 
 
 def _rows(y: Float[Tensor, " d_out"], x: Tensor, rows_per_pass: int, bar: tqdm) -> Float[Tensor, "pos d_out d_in"]:
@@ -297,7 +298,7 @@ def _scalar_map(system: FrozenSystem, name: str, w: Tensor, c: Tensor, label: st
 
 
 def _head_splits(system: FrozenSystem) -> dict[int, HeadSplit]:
-    # Per layer whose hook_z is a target: W_O, b_O and the frozen post-attention norm, for per-head maps.
+    # Per layer whose hook_z is a target: W_O, b_O, the frozen post-attention norm and pattern, for per-head maps.
     model, readouts = system.model, {}
     for layer in range(model.cfg.n_layers):
         if get_act_name("z", layer) not in system.names:
@@ -310,6 +311,7 @@ def _head_splits(system: FrozenSystem) -> dict[int, HeadSplit]:
             W_O=w_o.to(system.x.dtype),
             b_O=(w_o.new_zeros(w_o.shape[-1]) if b_o is None else b_o.detach()).to(system.x.dtype),
             post=system.frozen_norm(post) if f"{post}.hook_scale" in model.hook_dict else None,
+            pattern=system.attention_pattern(layer),
         )
     return readouts
 
@@ -323,7 +325,7 @@ def linear_maps(
     dtype: torch.dtype | None = torch.float64,
     rows_per_pass: int | None = None,
     check: bool = True,
-    progress: bool = False,
+    progress: bool | None = None,
     norms: Sequence[str] = (),
     route: str = "auto",
     chunk_size: int | None = None,
@@ -350,7 +352,7 @@ def linear_maps(
             `tl_linmap.base.errors.MemoryBudgetError` naming a safe one.
         check: Raise `tl_linmap.base.errors.FreezeError` if a map does not reconstruct its output
             within `tl_linmap.base.exactness.tolerance` (1e-12 in float64).
-        progress: Show a progress bar over Jacobian rows or columns.
+        progress: A progress bar over Jacobian rows or columns: None (default) once the call lasts a few seconds, True at once, False never.
         norms: Further norm modules (e.g. ``"blocks.3.ln2"``) to return frozen at ``position``
             (``ln_final`` and the post-attention norms of mapped ``hook_z`` always are).
         route: ``"rows"``, ``"columns"`` or ``"auto"`` (whichever `tl_linmap.base.budget.choose_route`
@@ -418,7 +420,7 @@ def _prompt_maps(model, prompt: Prompts, targets: Targets, options: MapOptions) 
             route = _cheaper_route(system, wanted, weights)
         if route == "columns":
             system = system.with_biases()
-            with tqdm(total=(system.position + 1) * d_in, disable=not options.progress, desc="detached Jacobian columns") as bar:
+            with progress_bar((system.position + 1) * d_in, "detached Jacobian columns", options.progress) as bar:
                 operators = _columns(system, options.rows_per_pass, bar)
             scalar_ops = {label: einops.einsum(operators[name], w, "pos d_out d_in, d_out -> pos d_in")[:, None] for label, (name, w, _) in weights.items()}
         else:
@@ -426,7 +428,7 @@ def _prompt_maps(model, prompt: Prompts, targets: Targets, options: MapOptions) 
             ys = system.ys
             rows = [ys[name].shape[0] for name in wanted] + [1] * len(weights)
             chunk = plan_rows(model, n, max(rows), len(rows), system.x.dtype, options.rows_per_pass, system.x.device)
-            with torch.enable_grad(), tqdm(total=sum(rows), disable=not options.progress, desc="detached Jacobian rows") as bar:
+            with torch.enable_grad(), progress_bar(sum(rows), "detached Jacobian rows", options.progress) as bar:
                 operators = {name: _rows(ys[name], system.x, chunk, bar) for name in wanted}
                 scalar_ops = {label: vjp(ys[name], system.x, w[None]).transpose(0, 1) for label, (name, w, _) in weights.items()}
                 bar.update(len(weights))
@@ -547,7 +549,7 @@ def batched_linear_maps(model, prompts: Prompts, targets: Targets, options: MapO
         batch = dataclasses.replace(batch, systems=tuple(systems))
         if route == "columns":
             total = sum((s.position + 1) * d_in for s in systems)
-            with tqdm(total=total, disable=not options.progress, desc="detached Jacobian columns") as bar:
+            with progress_bar(total, "detached Jacobian columns", options.progress) as bar:
                 all_ops = [_columns(system, options.rows_per_pass, bar) for system in systems]
             scalar_ops = [
                 {label: einops.einsum(ops[name], w, "pos d_out d_in, d_out -> pos d_in")[:, None] for label, (name, w, _) in ws.items()}
@@ -555,7 +557,7 @@ def batched_linear_maps(model, prompts: Prompts, targets: Targets, options: MapO
             ]
         else:
             total = (sum(systems[0].outputs[name].shape[0] for name in wanted) + len(targets.readouts)) * len(systems)
-            with tqdm(total=total, disable=not options.progress, desc="detached Jacobian rows") as bar:
+            with progress_bar(total, "detached Jacobian rows", options.progress) as bar:
                 all_ops, scalar_ops = _batch_rows(batch, wanted, weights, options.rows_per_pass, bar)
         results = [_assemble(s, wanted, ws, ops, sops, options.norms) for s, ws, ops, sops in zip(systems, weights, all_ops, scalar_ops)]
     if options.check:
@@ -586,7 +588,7 @@ def plain_jacobians(model, prompt: Prompts, targets: Sequence[str], *, dtype: to
         acts = capture(model, tokens, targets, same_path_hooks(model), x)
         ys = {name: at_position(acts[name], position, n)[0] for name in targets}
         chunk = plan_rows(model, n, max(y.shape[0] for y in ys.values()), len(ys), x.dtype, None, x.device)
-        with tqdm(disable=True) as bar:
+        with progress_bar(None, "", False) as bar:
             return {name: _rows(y, x, chunk, bar) for name, y in ys.items()}
 
 
@@ -599,7 +601,7 @@ def linear_map(
     dtype: torch.dtype | None = torch.float64,
     rows_per_pass: int | None = None,
     check: bool = True,
-    progress: bool = False,
+    progress: bool | None = None,
     route: str = "auto",
     chunk_size: int | None = None,
     source: str | None = None,
@@ -620,7 +622,7 @@ def linear_map(
         rows_per_pass: Rows per batched pass (see `linear_maps`).
         check: Raise `tl_linmap.base.errors.FreezeError` unless the system reconstructs the output
             within `tl_linmap.base.exactness.tolerance` (1e-12 in float64).
-        progress: Show a progress bar over Jacobian rows or columns.
+        progress: A progress bar over Jacobian rows or columns: None (default) once the call lasts a few seconds, True at once, False never.
         route: ``"rows"``, ``"columns"`` or ``"auto"`` (see `linear_maps`); for one target
             ``"auto"`` almost always picks rows.
         chunk_size: Deprecated name of ``rows_per_pass``.

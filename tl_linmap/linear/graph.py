@@ -21,12 +21,13 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from tl_linmap.base.compat import check_model
 from tl_linmap.base.errors import InputError
 from tl_linmap.base.hook_names import EMBED_HOOK, output_hook
 from tl_linmap.base.prompts import Prompt, Prompts, read_prompts
+from tl_linmap.base.progress import progress_bar
+from tl_linmap.base.saving import model_config
 from tl_linmap.freeze.capture import capture
 from tl_linmap.freeze.hooks import replay_hooks
 from tl_linmap.freeze.splices import Leaves, Splice
@@ -356,7 +357,7 @@ def attribution_graph(
         position: Target position (Python-style); nodes after it cannot reach it and are left out.
         rows_per_pass: Rows per reverse pass (vectorised) and between two re-rankings by influence.
         dtype: Working dtype (the model comes back bit for bit).
-        progress: Show a progress bar over rows (None: where there are more than 256).
+        progress: A progress bar over rows: None (default) once the call lasts a few seconds, True at once, False never.
 
     Returns:
         A `tl_linmap.Graph`.
@@ -418,7 +419,7 @@ def build_graph(model, prompts: Prompts, target, *, modules: bool | None, max_no
         weights: As for `attribution_graph`.
         rows_per_pass: As for `attribution_graph`.
         dtype: Working dtype.
-        progress: Show a progress bar.
+        progress: A progress bar: None (default) once the call lasts a few seconds, True at once, False never.
 
     Returns:
         The `Graph`.
@@ -466,8 +467,7 @@ def _expand(system, splices, groups: list[_Group], readers: list[_Readers], w: T
         captured = node_forward(system, splices, groups, {r.key for r in readers})
         order = list(range(inner, inner + k))
         table = system.x.new_zeros(k + budget, n_nodes)  # every row over every node, filled as they come
-        show = k + budget > 256 if progress is None else progress
-        with tqdm(total=k + budget, disable=not show, desc="attribution graph rows") as bar:
+        with progress_bar(k + budget, "attribution graph rows", progress) as bar:
             table[:k] = _rows_of(groups, readers, order, captured)
             bar.update(k)
             done = torch.zeros(inner, dtype=torch.bool)
@@ -563,7 +563,7 @@ def _assemble(model, system, groups: list[_Group], readouts, w: Tensor, held: di
         remainders=remainders, totals=totals, weights=w.to(dt), targets=tuple(names),
         target_tokens=torch.tensor(target_ids), target_values=held["values"].to(dt), target_constants=held["constant"].to(dt),
         input_ids=system.tokens[0].cpu(), str_tokens=tuple(decode_tokens(model, system.tokens[0].tolist())), position=system.position,
-        convention=next((s.error for s in splices_of(model) if s.error != "none"), "none"), model_name=str(getattr(model.cfg, "model_name", "")), config=_config(model),
+        convention=next((s.error for s in splices_of(model) if s.error != "none"), "none"), model_name=str(getattr(model.cfg, "model_name", "")), config=model_config(model),
     )
 
 
@@ -580,11 +580,3 @@ def _target_names(model, readouts: list[LinearReadout]) -> list[str]:
     if len(set(names)) < len(names):
         names = [f"{n} #{j}" for j, n in enumerate(names)]
     return names
-
-
-def _config(model) -> dict:
-    # What circuit-tracer's UnifiedConfig holds, so a graph converts without its model.
-    cfg = model.cfg
-    keys = ("n_layers", "d_model", "d_head", "n_heads", "d_mlp", "d_vocab", "n_key_value_heads", "tokenizer_name", "model_name", "original_architecture")
-    out = {key: getattr(cfg, key, None) for key in keys}
-    return {key: value if value is None or isinstance(value, (int, str)) else str(value) for key, value in out.items()}

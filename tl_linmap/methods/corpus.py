@@ -28,12 +28,12 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from tl_linmap.base.checks import check_layers, check_positive
 from tl_linmap.base.compat import check_model, get_act_name
 from tl_linmap.base.errors import InputError
 from tl_linmap.base.prompts import Prompt, read_prompts
+from tl_linmap.base.progress import progress_bar
 from tl_linmap.linear.dense import (
     MapOptions,
     Targets,
@@ -114,7 +114,7 @@ def corpus_analysis(
     token: int | str | None = None,
     dtype: torch.dtype | None = torch.float64,
     rows_per_pass: int | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> CorpusAnalysis:
     """Dimensionality, decoded concepts and attribution profiles of many prompts, streamed.
 
@@ -133,7 +133,7 @@ def corpus_analysis(
             predicted next token).
         dtype: Working dtype (float64 default; float32 is about twice as fast).
         rows_per_pass: Rows per batched pass (see `tl_linmap.linear.dense.linear_maps`).
-        progress: Show a progress bar over prompts.
+        progress: A progress bar over prompts: None (default) once the call lasts a few seconds, True at once, False never.
 
     Returns:
         A `CorpusAnalysis`.
@@ -155,7 +155,7 @@ def corpus_analysis(
         raise InputError(f"prompts must be a list (or any iterable) of prompts, got one string: pass [{prompts!r}].")
     total = len(prompts) if isinstance(prompts, Sequence) else None
     stream = _maps_for(model, prompts, split_targets(model, mapped), map_options(model, dtype=dtype, rows_per_pass=rows_per_pass))
-    for maps in tqdm(stream, total=total, disable=not progress, desc="prompts"):
+    for maps in progress_bar(total, "prompts", progress, stream):
         analysis.summaries.append(summarise(maps, targets, final, token, k=k, top=top))
     if not analysis.summaries:
         raise InputError("No prompts: give at least one prompt (e.g. tl_linmap.load.datasets.phrases()).")

@@ -55,7 +55,7 @@ def layer_maps(
     dtype: torch.dtype | None = torch.float64,
     rows_per_pass: int | None = None,
     check: bool = True,
-    progress: bool = False,
+    progress: bool | None = None,
     route: str = "auto",
     chunk_size: int | None = None,
     source: str | None = None,
@@ -73,7 +73,7 @@ def layer_maps(
         dtype: Working dtype (float64 default; the model comes back bit for bit).
         rows_per_pass: Rows per batched pass (see `tl_linmap.linear.dense.linear_maps`).
         check: Raise `tl_linmap.base.errors.FreezeError` unless every map is exact.
-        progress: Show a progress bar over Jacobian rows or columns.
+        progress: A progress bar over Jacobian rows or columns: None (default) once the call lasts a few seconds, True at once, False never.
         route: ``"rows"``, ``"columns"`` or ``"auto"`` (see `tl_linmap.linear.dense.linear_maps`;
             ``"auto"`` picks columns for many targets on short prompts).
         chunk_size: Deprecated name of ``rows_per_pass``.

@@ -16,6 +16,7 @@ from torch import Tensor
 from tl_linmap.base.compat import check_model
 from tl_linmap.base.errors import InputError
 from tl_linmap.base.prompts import Prompt, read_prompts
+from tl_linmap.base.saving import Saveable
 from tl_linmap.freeze.splices import Leaves, Splice
 from tl_linmap.freeze.splicing import spliced, splices_of
 from tl_linmap.freeze.system import frozen_system
@@ -112,7 +113,7 @@ def feature_sources(
 
 
 @dataclass(frozen=True)
-class FeatureMap:
+class FeatureMap(Saveable):
     """One feature's decoder direction pushed through the frozen system to a target: its effect per unit activation.
 
     Attributes:

@@ -19,7 +19,6 @@ from collections.abc import Sequence
 import torch
 from jaxtyping import Int
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from tl_linmap.base.budget import plan_tokens
 from tl_linmap.base.checks import check_dtype, check_position, check_positive
@@ -28,6 +27,7 @@ from tl_linmap.base.errors import InputError
 from tl_linmap.base.exactness import check_exact
 from tl_linmap.base.guard import borrowed
 from tl_linmap.base.prompts import Prompt, Prompts, read_prompts
+from tl_linmap.base.progress import progress_bar
 from tl_linmap.freeze.architectures import naming_foreign
 from tl_linmap.freeze.apply import applied
 from tl_linmap.freeze.hooks import same_path_hooks
@@ -48,7 +48,7 @@ def _row_weights(system: FrozenSystem, name: str, readouts: Sequence[LinearReado
 
 def _attribute(
     system: FrozenSystem, name: str, positions: list[int], readouts: Sequence[LinearReadout] | None,
-    tokens_per_pass: int | None, progress: bool,
+    tokens_per_pass: int | None, progress: bool | None,
 ) -> tuple[Tensor, Tensor, Tensor, float]:
     # (values, bias, output, relative error) of every row, by windows of one-token rows at every position.
     x = system.x[0].detach()
@@ -60,7 +60,7 @@ def _attribute(
     values = x.new_zeros(len(positions), x.shape[0])
     totals = x.new_zeros(len(positions), reference.shape[-1])
     bias = None
-    with tqdm(total=last + 1, disable=not progress, desc="sequence contributions") as bar:
+    with progress_bar(last + 1, "sequence contributions", progress) as bar:
         for start in range(0, last + 1, step):
             k = min(step, last + 1 - start)
             window = system.window(start, graph=False)  # positions start..end: every later position is kept
@@ -103,7 +103,7 @@ def sequence_attribution(
     dtype: torch.dtype | None = torch.float64,
     tokens_per_pass: int | None = None,
     check: bool = True,
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> SequenceAttribution:
     """Contributions of every source position to every target position, from one set of forward passes.
 
@@ -121,7 +121,7 @@ def sequence_attribution(
         tokens_per_pass: Source tokens pushed per forward pass (see `tl_linmap.linear.matrix_free.token_contributions`).
         check: Raise `tl_linmap.base.errors.FreezeError` unless every row reconstructs the model's
             vector within `tl_linmap.base.exactness.tolerance`.
-        progress: Show a progress bar over source tokens.
+        progress: A progress bar over source tokens: None (default) once the call lasts a few seconds, True at once, False never.
 
     Returns:
         A `SequenceAttribution` with one row per target position.
@@ -179,7 +179,7 @@ def generation_attribution(
     dtype: torch.dtype | None = torch.float64,
     tokens_per_pass: int | None = None,
     check: bool = True,
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> SequenceAttribution:
     """Generate greedily, then split every generated token's logit over the prompt and the earlier generated tokens.
 
@@ -196,7 +196,7 @@ def generation_attribution(
         dtype: Working dtype (the model comes back bit for bit).
         tokens_per_pass: Source tokens pushed per forward pass.
         check: Raise `tl_linmap.base.errors.FreezeError` unless every row is exact.
-        progress: Show a progress bar over source tokens.
+        progress: A progress bar over source tokens: None (default) once the call lasts a few seconds, True at once, False never.
 
     Returns:
         A `SequenceAttribution` of kind ``"value"`` whose ``predicted`` holds the generated

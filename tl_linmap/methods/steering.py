@@ -30,7 +30,6 @@ import einops
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from tl_linmap.base.checks import is_int
 from tl_linmap.base.compat import get_act_name
@@ -38,6 +37,8 @@ from tl_linmap.base.deprecation import renamed_fields
 from tl_linmap.base.errors import InputError
 from tl_linmap.base.hook_names import RESIDUAL_HOOKS
 from tl_linmap.base.prompts import Prompt, to_tokens
+from tl_linmap.base.progress import progress_bar
+from tl_linmap.base.saving import Saveable
 from tl_linmap.base.table import Table, table_row
 from tl_linmap.freeze.dictionary import Dictionary
 from tl_linmap.freeze.splices import DictionarySplice
@@ -143,7 +144,7 @@ def concept_vector(
 
 @renamed_fields(sources="str_tokens")
 @dataclass(eq=False, repr=False)
-class Steering(list):
+class Steering(list, Saveable):
     """Steering hooks, with what they add: a ``[(hook_name, fn)]`` list for ``model.hooks``.
 
     At each steered position the residual ``r`` becomes ``r + alpha · ‖r‖ · vector``.
@@ -168,6 +169,8 @@ class Steering(list):
     left_out: list[str]
     positions: Positions = "all"
     how: str = "contributions"
+
+    _STR_TOKENS = None  # the tokens used, not the prompt: no prompt for a saved file's header
 
     def __post_init__(self) -> None:
         self.append((self.hook_name, self.steer))
@@ -217,7 +220,7 @@ def _position_mask(positions: Positions, resid: Float[Tensor, "batch pos d_model
 
 @renamed_fields(sources="str_tokens")
 @dataclass(eq=False, repr=False)
-class OperatorSteering(list):
+class OperatorSteering(list, Saveable):
     """The paper's steering operator: a ``[(hook_name, fn)]`` list for ``model.hooks``.
 
     The source prompt's operators ``J_0 … J_{n-1}`` (its map at ``blocks.{layer}.hook_resid_post``,
@@ -263,6 +266,8 @@ class OperatorSteering(list):
     _cached: int = field(default=0, init=False, repr=False)  # positions this call reads from a KV cache
     _embedded: bool = field(default=False, init=False, repr=False)  # hook_embed ran in this call
     _position_embeddings: Tensor | None = field(default=None, init=False, repr=False)
+
+    _STR_TOKENS = None  # the tokens used, not the prompt: no prompt for a saved file's header
 
     def __post_init__(self) -> None:
         position_hook = [(get_act_name("pos_embed"), self._read_positions)] if self.learned_positions else []
@@ -582,6 +587,7 @@ def alpha_sweep(
     how: Literal["contributions", "singular"] = "contributions",
     skip_first: SkipFirst = "auto",
     method: Method = "vector",
+    progress: bool | None = None,
 ) -> Table:
     """Steer a prompt at several strengths and measure how far the concept moves.
 
@@ -605,6 +611,7 @@ def alpha_sweep(
         how: See `concept_vector`.
         skip_first: See `concept_vector`.
         method: ``"vector"`` or ``"operator"``; see `steering_hooks`.
+        progress: A progress bar over alphas: None (default) once the call lasts a few seconds, True at once, False never.
 
     Returns:
         A `tl_linmap.base.table.Table` of `SweepRow`, one per alpha.
@@ -626,7 +633,7 @@ def alpha_sweep(
     with torch.no_grad():
         plain = _greedy(model, tokens, max_new_tokens)
         base = _continuation_logprobs(model, plain, start, concept)
-        for alpha in alphas:
+        for alpha in progress_bar(len(alphas), "alpha sweep", progress, alphas):
             with model.hooks(fwd_hooks=dataclasses.replace(steering, alpha=alpha)):
                 shift = float((_continuation_logprobs(model, plain, start, concept) - base).mean())
                 new = _greedy(model, tokens, max_new_tokens)[0, start:]
@@ -672,7 +679,7 @@ def compare_methods(
     alphas: Sequence[float] = DEFAULT_ALPHAS,
     concept_tokens: dict[str, Sequence[int | str]] | None = None,
     skip_first: SkipFirst = "auto",
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> Table:
     """The concept vector and the steering operator side by side, on one fixed text.
 
@@ -692,7 +699,7 @@ def compare_methods(
         concept_tokens: Concept label -> vocabulary ids or single-token strings measured
             (default: `word_tokens` of the source tokens used).
         skip_first: See `concept_vector`.
-        progress: Show a progress bar.
+        progress: A progress bar: None (default) once the call lasts a few seconds, True at once, False never.
 
     Returns:
         A `tl_linmap.base.table.Table` of `MethodRow`, one per concept and alpha.
@@ -710,7 +717,7 @@ def compare_methods(
     added = model.to_tokens(continuation, prepend_bos=False).to(tokens.device)
     start, text = tokens.shape[1], torch.cat([tokens, added], dim=1)
     rows = []
-    with torch.no_grad(), tqdm(total=len(sources) * len(alphas), disable=not progress, desc="steering comparison") as bar:
+    with torch.no_grad(), progress_bar(len(sources) * len(alphas), "steering comparison", progress) as bar:
         for label, source in sources.items():
             hooks = {method: steering_hooks(source, layer=layer, skip_first=skip_first, method=method)
                      for method in ("vector", "operator")}

@@ -1,2 +1,2 @@
-"""Presenting values: notebook HTML and text views, matplotlib figures. Knows no result class:
-`tl_linmap.results.maps` draws itself through it."""
+"""Presenting values: notebook HTML and text views, circuitsvis views (`views`), matplotlib figures.
+Knows no result class: `tl_linmap.results.maps` draws itself through it."""

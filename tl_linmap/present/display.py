@@ -87,7 +87,15 @@ def tokens_html(
     return f'<div class="tl-linmap-tokens">{"".join(spans)}</div>'
 
 
-def _shape(tensor) -> str:
+def shape_text(tensor) -> str:
+    """A tensor's shape as a fact shows it.
+
+    Args:
+        tensor: Anything with a ``shape``.
+
+    Returns:
+        The sizes joined by ``×`` (``"4 × 16 × 16"``).
+    """
     return " \u00d7 ".join(str(n) for n in tensor.shape)
 
 
@@ -168,7 +176,7 @@ def map_facts(lm) -> list[tuple[str, str, bool]]:
              ("tokens", str(len(tokens)), True)]
     for name, symbol in (("operators", "J"), ("inputs", "x")):
         if getattr(lm, name, None) is not None:
-            facts.append((f"{name} {symbol}", _shape(getattr(lm, name)), False))
+            facts.append((f"{name} {symbol}", shape_text(getattr(lm, name)), False))
     return facts + [("relative error", f"{lm.relative_error():.2e}", True), ("native gap", f"{lm.native_gap():.2e}", True)]
 
 
@@ -418,3 +426,68 @@ def pushed_html(pushed) -> str:
     """
     return summary_html(f"{len(pushed.vectors)} vectors pushed to {pushed.target}", _pushed_facts(pushed),
                         vector_rows(pushed)._repr_html_())
+
+
+def token_rows_html(
+    title: str, tokens: Sequence[str], rows: Mapping[str, Sequence[float] | Float[Tensor, " pos"]], signed: bool = False,
+) -> str:
+    """Several values per token: one labelled row of coloured tokens per value, each on its own scale.
+
+    Args:
+        title: Plain text (escaped here).
+        tokens: Decoded tokens.
+        rows: Label -> one number per token.
+        signed: Colour positive values blue and negative ones red (else one hue for ``|value|``).
+
+    Returns:
+        An HTML fragment: a two-column table, the label and its `tokens_html`.
+    """
+    cells = "".join(f"<tr><th>{html.escape(label)}</th><td>{tokens_html(tokens, values, signed)}</td></tr>" for label, values in rows.items())
+    return _frame(html.escape(title), f'<table class="tl-linmap-table"><tbody>{cells}</tbody></table>')
+
+
+# Compact, inline (a cell is repeated n² times per head): a heatmap cell and a key token written upwards.
+_CELL = "width:1.1em;height:1.1em;padding:0;border:1px solid #8882"
+_KEY = "writing-mode:vertical-rl;transform:rotate(180deg);font-family:monospace;white-space:pre;font-weight:normal;padding:2px 0"
+
+
+def pattern_html(
+    title: str, tokens: Sequence[str], pattern: Float[Tensor, "n_heads query key"], names: Sequence[str],
+) -> str:
+    """Attention patterns as heatmaps: per head, a row per query token and a column per key token.
+
+    Weights are drawn on an absolute scale (opacity ``MAX_ALPHA · weight``), so heads compare.
+
+    Args:
+        title: Plain text (escaped here).
+        tokens: The decoded tokens (escaped here; whitespace shown).
+        pattern: ``pattern[h, q, k]``, head ``h``'s weight on key ``k`` at query ``q``.
+        names: One name per head (e.g. ``"L1H3"``).
+
+    Returns:
+        An HTML fragment: one table per head; each cell's tooltip names its query and key tokens and the weight.
+
+    Raises:
+        ValueError: if the pattern is not ``[head, len(tokens), len(tokens)]`` or ``names`` has another length.
+    """
+    n = len(tokens)
+    if pattern.ndim != 3 or tuple(pattern.shape[1:]) != (n, n) or len(names) != len(pattern):
+        raise ValueError(f"pattern of shape {tuple(pattern.shape)} with {len(names)} names for {n} tokens; "
+                         f"expected [head, {n}, {n}] and one name per head.")
+    shown = [html.escape(visible(token)) for token in tokens]
+    keys = "".join(f'<th style="{_KEY}">{token}</th>' for token in shown)
+    heads = []
+    for name, weights in zip(names, pattern.tolist()):
+        rows = []
+        for q, row in enumerate(weights):
+            cells = "".join(
+                f'<td style="{_CELL};background-color:{_colour(w, 1.0, False)}" '
+                f'title="{html.escape(name)} {q}:{shown[q]} \u2192 {k}:{shown[k]}: {w:.4f}"></td>'
+                for k, w in enumerate(row)
+            )
+            rows.append(f'<tr><th style="font-family:monospace;white-space:pre;font-weight:normal">{q} {shown[q]}</th>{cells}</tr>')
+        caption = f"<caption>{html.escape(name)}</caption>"
+        heads.append(f'<table style="display:inline-table;border-collapse:collapse;margin:0 1em 1em 0">{caption}'
+                     f"<tr><th></th>{keys}</tr>{''.join(rows)}</table>")
+    explain = "<div>Rows: query (destination) tokens; columns: key (source) tokens; hover for weights.</div>"
+    return _frame(html.escape(title), explain, "<div>" + "".join(heads) + "</div>")

@@ -5,19 +5,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+import torch
 from jaxtyping import Float
 from torch import Tensor
 
 from tl_linmap.base.deprecation import renamed_fields
 from tl_linmap.base.errors import InputError
+from tl_linmap.base.saving import Saveable
 from tl_linmap.base.table import Table, table_row
-from tl_linmap.present import display
+from tl_linmap.present import display, views
 from tl_linmap.results.logit_split import LogitSplit
 
 
 @renamed_fields(sources="str_tokens")
 @dataclass
-class Attribution:
+class Attribution(Saveable):
     """One output token's logit, split exactly over source tokens, layers, modules and heads.
 
     ``per_token.sum() + constant + unembed_bias == logit`` (to float64 rounding); the
@@ -52,6 +54,31 @@ class Attribution:
 
     def _repr_html_(self) -> str:
         return display.attribution_html(self)
+
+    def show(self, backend: views.Backend = None) -> views.View:
+        """The source tokens coloured by their part of the logit (blue raises it, red lowers it), for a notebook.
+
+        With circuitsvis installed (the ``circuitsvis`` extra) its coloured tokens with a selector
+        (`tl_linmap.present.views.colored_tokens`): the per-token total, then each component of
+        `per_component`, then the largest heads (`tl_linmap.present.display.TOP_HEADS`, as ``L1H3``);
+        hovering a token lists all of them. Otherwise, or with ``backend="html"``, this result's own
+        HTML (the tokens coloured by their share, the component totals, the largest heads).
+
+        Args:
+            backend: ``"circuitsvis"``, ``"html"``, or None (circuitsvis where installed).
+
+        Returns:
+            A `tl_linmap.present.views.View`, displayed as a cell's value.
+
+        Raises:
+            InputError: for another backend, or ``"circuitsvis"`` where it is not installed.
+        """
+        heads = sorted(self.per_head.items(), key=lambda item: -abs(float(item[1].sum())))[: display.TOP_HEADS]
+        columns = {f"logit of {self.token!r}": self.per_token, **self.per_component}
+        columns.update({f"L{layer}H{head}": values for (layer, head), values in heads})
+        values = torch.stack([v.to(self.per_token) for v in columns.values()], dim=1)
+        tokens = self.str_tokens or [f"#{i}" for i in range(len(values))]  # as the own HTML names tokens it was not given
+        return views.colored_tokens(tokens, values, list(columns), signed=True, html=self._repr_html_, backend=backend)
 
     def logit_split(self) -> LogitSplit:
         """The per-token split alone, as a `tl_linmap.results.logit_split.LogitSplit`.

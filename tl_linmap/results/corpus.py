@@ -14,6 +14,7 @@ from torch import Tensor
 from tl_linmap.base.checks import check_positive
 from tl_linmap.base.deprecation import renamed_fields
 from tl_linmap.base.errors import InputError
+from tl_linmap.base.saving import Saveable
 from tl_linmap.base.table import Table, table_row
 from tl_linmap.present import display
 
@@ -113,7 +114,7 @@ class ProfileRow:
 
 @renamed_fields(sources="str_tokens")
 @dataclass
-class PromptSummary:
+class PromptSummary(Saveable):
     """What `corpus_analysis` keeps of one prompt: a few numbers per operator, no operators.
 
     Attributes:
@@ -158,7 +159,7 @@ class PromptSummary:
 
 
 @dataclass
-class CorpusAnalysis:
+class CorpusAnalysis(Saveable):
     """Per-prompt summaries of many prompts' linear maps, and the tables over them.
 
     Attributes:

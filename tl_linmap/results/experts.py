@@ -8,6 +8,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from tl_linmap.base.saving import Saveable
 from tl_linmap.base.table import Table, table_row
 from tl_linmap.present import display
 from tl_linmap.reading.tokens import decode_tokens
@@ -34,7 +35,7 @@ class ExpertRow:
 
 
 @dataclass(frozen=True)
-class ExpertContributions:
+class ExpertContributions(Saveable):
     """Which expert of one block carried which token's contribution to a target.
 
     With every factor frozen the target is affine in the block's MLP output, and that output is
@@ -61,6 +62,8 @@ class ExpertContributions:
     position: int
     tokens: Tensor
     model: object = field(default=None, repr=False, compare=False)
+
+    _TOKEN_IDS = "tokens"
 
     @property
     def str_tokens(self) -> list[str]:

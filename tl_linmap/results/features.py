@@ -9,6 +9,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from tl_linmap.base.exactness import check_exact
+from tl_linmap.base.saving import Saveable
 from tl_linmap.base.table import Table, number_text, table_row
 from tl_linmap.present import display
 from tl_linmap.reading.tokens import decode_tokens
@@ -39,7 +40,7 @@ class FeatureRow:
 
 
 @dataclass(frozen=True)
-class FeatureContributions:
+class FeatureContributions(Saveable):
     """A target as the exact sum of direct effects: every active feature, error term, input token (and module).
 
     With attention patterns, norm scales, activations and every dictionary's feature mask frozen,
@@ -88,6 +89,8 @@ class FeatureContributions:
     input_ids: Tensor = field(repr=False)
     convention: str = "live"
     model: object = field(default=None, repr=False, compare=False)
+
+    _TOKEN_IDS = "input_ids"
 
     def __post_init__(self) -> None:
         self.check()
@@ -270,7 +273,7 @@ class PatchRow:
 
 
 @dataclass(frozen=True)
-class FeaturePatching:
+class FeaturePatching(Saveable):
     """The predicted effect on a metric of patching every feature, one at a time, from a corrupted run into a clean one.
 
     In the clean run's frozen system (its patterns, norm scales, activations and feature masks fixed,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import html
 import re
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -13,7 +12,7 @@ from torch import Tensor
 
 from tl_linmap.base.errors import InputError
 from tl_linmap.base.exactness import check_exact
-from tl_linmap.base.saving import config_hash, write
+from tl_linmap.base.saving import Saveable, config_hash
 from tl_linmap.base.table import Table, table_row
 from tl_linmap.present import display
 from tl_linmap.present.graph_view import graph_fragment, graph_html
@@ -96,7 +95,7 @@ class EdgeRow:
 
 
 @dataclass(frozen=True)
-class GraphPath:
+class GraphPath(Saveable):
     """The path that carries most of the targets' input: at each step, the largest share of the next node's inputs.
 
     Attributes:
@@ -153,7 +152,7 @@ class GraphPath:
 
 
 @dataclass(frozen=True)
-class Graph:
+class Graph(Saveable):
     """An attribution graph: nodes and the direct effect of each on each other, exact.
 
     Nodes come in this order: features, error terms (each by dictionary, then position), heads and MLP
@@ -497,40 +496,12 @@ class Graph:
         nodes, edges, tokens, heading = self._view(0.8, 0.98, None)
         return display.summary_html("Graph", self._facts()) + graph_fragment(nodes, edges, tokens, heading, n_layers=int(self.config.get("n_layers") or 0))
 
-    # --- elsewhere: files, circuit-tracer ---------------------------------------------------
+    # --- elsewhere: files (`Saveable.save`), circuit-tracer -----------------------------
 
-    _TENSORS = ("nodes", "adjacency", "values", "activations", "constants", "remainders", "totals", "weights",
-                "target_tokens", "target_values", "target_constants", "input_ids")
-    _FIELDS = ("sites", "targets", "str_tokens", "position", "convention", "model_name", "config")
+    _TOKEN_IDS = "input_ids"
 
-    def save(self, path) -> Path:
-        """Save the graph to one ``.safetensors`` file (`tl_linmap.load` reads it back, bit for bit, without the model).
-
-        Args:
-            path: The file (``.safetensors`` is added where the name has no suffix).
-
-        Returns:
-            The path written.
-        """
-        fields = {name: getattr(self, name) for name in self._FIELDS}
-        fields["config_hash"] = config_hash(self.config)
-        return write(path, "Graph", {name: getattr(self, name) for name in self._TENSORS}, fields)
-
-    @classmethod
-    def from_saved(cls, tensors: dict, fields: dict) -> Graph:
-        """The graph `save` wrote (checked again on construction).
-
-        Args:
-            tensors: Its tensors.
-            fields: Its other fields.
-
-        Returns:
-            The `Graph`.
-        """
-        plain = {name: fields[name] for name in cls._FIELDS}
-        for name in ("sites", "targets", "str_tokens"):
-            plain[name] = tuple(plain[name])
-        return cls(**{name: tensors[name] for name in cls._TENSORS}, **plain)
+    def _model(self) -> dict:
+        return {"name": self.model_name, "config_hash": config_hash(self.config), "config": self.config}
 
     def to_circuit_tracer(self, scan: str | None = None, dtype: torch.dtype = torch.float32):
         """This graph as a ``circuit_tracer.graph.Graph``: its pruning, its JSON files and its graph browser then work on it.

@@ -8,8 +8,9 @@ from jaxtyping import Float
 from torch import Tensor
 
 from tl_linmap.base.deprecation import renamed_fields
+from tl_linmap.base.saving import Saveable
 from tl_linmap.base.table import Table, table_row
-from tl_linmap.present import display
+from tl_linmap.present import display, views
 
 
 @table_row
@@ -30,7 +31,7 @@ class TokenShare:
 
 @renamed_fields(sources="str_tokens")
 @dataclass
-class LogitSplit:
+class LogitSplit(Saveable):
     """One token's logit (through the frozen final norm) split exactly over input tokens.
 
     For a target other than the model's output this is the logit lens of that target, made
@@ -63,6 +64,25 @@ class LogitSplit:
 
     def _repr_html_(self) -> str:
         return display.attribution_html(self)
+
+    def show(self, backend: views.Backend = None) -> views.View:
+        """The input tokens coloured by their term of the logit (blue raises it, red lowers it), for a notebook.
+
+        With circuitsvis installed (the ``circuitsvis`` extra) its coloured tokens, on a scale
+        symmetric about zero (`tl_linmap.present.views.colored_tokens`); otherwise, or with
+        ``backend="html"``, this split's own HTML.
+
+        Args:
+            backend: ``"circuitsvis"``, ``"html"``, or None (circuitsvis where installed).
+
+        Returns:
+            A `tl_linmap.present.views.View`, displayed as a cell's value.
+
+        Raises:
+            InputError: for another backend, or ``"circuitsvis"`` where it is not installed.
+        """
+        return views.colored_tokens(self.str_tokens, self.per_token[:, None], [f"logit of {self.token!r}"], signed=True,
+                                    html=self._repr_html_, backend=backend)
 
     def to_table(self) -> Table:
         """One row per input token, then the constant.

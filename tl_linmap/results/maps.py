@@ -22,7 +22,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from tl_linmap.base.checks import check_names, is_int
+from tl_linmap.base.checks import check_names, check_positive, is_int
 from tl_linmap.base.compat import get_act_name
 from tl_linmap.base.deprecation import (
     renamed_argument,
@@ -33,8 +33,9 @@ from tl_linmap.base.deprecation import (
 from tl_linmap.base.errors import InputError
 from tl_linmap.base.exactness import check_exact, relative
 from tl_linmap.base.hook_names import EMBED_HOOK, OUTPUT_HOOK, RESIDUAL_HOOKS
+from tl_linmap.base.saving import Saveable
 from tl_linmap.base.table import Table
-from tl_linmap.present import display
+from tl_linmap.present import display, views
 from tl_linmap.reading.readouts import LinearReadout
 from tl_linmap.reading.tokens import FrozenAffine, TokenReader, decode_tokens, token_id
 from tl_linmap.results.logit_split import LogitSplit
@@ -42,7 +43,7 @@ from tl_linmap.results.svd import OperatorSVD, dimensionality, operator_svd
 
 
 @dataclass(kw_only=True)
-class TargetResult:
+class TargetResult(Saveable):
     """What every result about one target vector shares: its affine part and the model's values.
 
     Attributes:
@@ -73,6 +74,7 @@ class TargetResult:
     scale: float | None = field(default=None, repr=False)
 
     readout = renamed_attribute("readout", "reader")
+    _TOKEN_IDS = "tokens"
 
     #: What `plot` draws, by kind: the name of a `tl_linmap.present.plotting` function; the first is the default.
     _PLOTS = {"contributions": "plot_contribution_heatmap", "logit": "plot_logit_contributions"}
@@ -90,6 +92,26 @@ class TargetResult:
 
     def _repr_html_(self) -> str:
         return display.linear_map_html(self)
+
+    def show(self, backend: views.Backend = None) -> views.View:
+        """The input tokens coloured by the size of their term ``‖J_i x_i‖``, for a notebook.
+
+        With circuitsvis installed (the ``circuitsvis`` extra) its coloured tokens
+        (`tl_linmap.present.views.colored_tokens`); otherwise, or with ``backend="html"``, this
+        result's own HTML (its facts and the tokens coloured by their share of ``Σ_j ‖J_j x_j‖``).
+
+        Args:
+            backend: ``"circuitsvis"``, ``"html"``, or None (circuitsvis where installed).
+
+        Returns:
+            A `tl_linmap.present.views.View`, displayed as a cell's value.
+
+        Raises:
+            InputError: for another backend, or ``"circuitsvis"`` where it is not installed.
+        """
+        norms = self.contributions().norm(dim=-1)[:, None]
+        return views.colored_tokens(self.str_tokens, norms, [f"‖J_i x_i‖ of {self.target}"], signed=False,
+                                    html=self._repr_html_, backend=backend)
 
     def plot(self, kind: str | None = None, **options):
         """Draw this map with one of `tl_linmap.present.plotting`'s functions (needs the ``plot`` extra).
@@ -162,6 +184,34 @@ class TargetResult:
             The relative error, within `tl_linmap.base.exactness.tolerance` of the dtype.
         """
         return check_exact(self.relative_error(), self.output.dtype, self.target)
+
+    def logits(self) -> Float[Tensor, " d_vocab"]:
+        """The logits the linear system predicts: `reconstruct` read through the frozen final norm and ``W_U``.
+
+        For the model's output these are its next-token logits (to the working dtype's rounding);
+        for an inner residual target, that layer's logit lens.
+
+        Returns:
+            One logit per vocabulary token.
+
+        Raises:
+            InputError: without a token reader, or for a target outside the residual stream.
+        """
+        if self.reader is None or self.scale is not None:
+            raise InputError("Only a map of a residual-stream vector has logits; a readout's map is already one number (reconstruct()).")
+        return self.reader.logits(self.reconstruct(), affine=True)
+
+    def top_tokens(self, k: int = 5) -> list[tuple[str, float]]:
+        """The ``k`` tokens with the highest predicted logits (`logits`).
+
+        Args:
+            k: How many tokens.
+
+        Returns:
+            ``(token, logit)`` pairs, highest first.
+        """
+        check_positive("k", k)
+        return self.reader.top(self.logits(), k)[0]
 
     def logit_contributions(self, token: int | str | LinearReadout) -> LogitSplit:
         """One vocabulary token's logit (or a linear readout) split exactly over the input tokens.
@@ -291,18 +341,28 @@ class Contributions(TargetResult):
 
 
 @dataclass
-class HeadSplit:
-    """How one layer's ``hook_z`` becomes its ``hook_attn_out``: ``post(z @ W_O + b_O)``."""
+class HeadSplit(Saveable):
+    """How one layer's ``hook_z`` becomes its ``hook_attn_out``: ``post(z @ W_O + b_O)``.
+
+    Attributes:
+        W_O: The heads' output weights.
+        b_O: The output bias (zeros where the model has none).
+        post: The post-attention norm frozen at the target position, or None.
+        pattern: The layer's frozen attention pattern ``[head, query, key]``, which made ``z``
+            (None where the pattern is frozen through queries and keys and was not recorded).
+    """
 
     W_O: Float[Tensor, "n_heads d_head d_model"]
     b_O: Float[Tensor, " d_model"]
     post: FrozenAffine | None = None
+    pattern: Float[Tensor, "n_heads query key"] | None = field(default=None, repr=False)
 
     def _facts(self) -> list[display.Fact]:
         heads, d_head, d_model = self.W_O.shape
         post = "none" if self.post is None else "frozen (an affine map)"
+        pattern = "not recorded" if self.pattern is None else display.shape_text(self.pattern)
         return [("heads", str(heads), True), ("d_head", str(d_head), True), ("d_model", str(d_model), True),
-                ("post-attention norm", post, False)]
+                ("post-attention norm", post, False), ("frozen pattern", pattern, False)]
 
     def __repr__(self) -> str:
         return display.summary_text(type(self).__name__, self._facts())
@@ -340,7 +400,7 @@ class MissingMapError(InputError, KeyError):
 
 @renamed_fields(readouts="head_splits")
 @dataclass
-class LinearMaps(Mapping):
+class LinearMaps(Mapping, Saveable):
     """Linear maps of several hook points of one inference, indexed by hook name.
 
     Attributes:
@@ -378,6 +438,9 @@ class LinearMaps(Mapping):
     def __iter__(self) -> Iterator[str]:
         return iter(self.maps)
 
+    def _prompt(self) -> dict | None:
+        return next(iter(self.maps.values()))._prompt() if self.maps else None
+
     def __len__(self) -> int:
         return len(self.maps)
 
@@ -386,6 +449,83 @@ class LinearMaps(Mapping):
 
     def _repr_html_(self) -> str:
         return display.linear_maps_html(self)
+
+    def show(self, targets: Sequence[str] | None = None, backend: views.Backend = None) -> views.View:
+        """The input tokens coloured by ``‖J_i x_i‖`` in each map, for a notebook.
+
+        With circuitsvis installed (the ``circuitsvis`` extra) its coloured tokens with a selector
+        over the maps (`tl_linmap.present.views.colored_tokens`); otherwise, or with
+        ``backend="html"``, one row of coloured tokens per map. Each map has its own scale.
+
+        Args:
+            targets: Hook names (default: every map).
+            backend: ``"circuitsvis"``, ``"html"``, or None (circuitsvis where installed).
+
+        Returns:
+            A `tl_linmap.present.views.View`, displayed as a cell's value.
+
+        Raises:
+            InputError: for a name these maps do not hold, no maps, or a bad backend.
+        """
+        names = self._names(targets, self.maps)
+        if not names:
+            raise InputError("These maps are empty: there is nothing to show.")
+        norms = {name: self[name].contributions().norm(dim=-1) for name in names}
+        first = self[names[0]]
+        tokens = first.str_tokens
+        title = f"‖J_i x_i‖ per input token in {len(names)} maps at position {first.position % len(tokens)}"
+        return views.colored_tokens(tokens, torch.stack(list(norms.values()), dim=1), names, signed=False,
+                                    html=lambda: display.token_rows_html(title, tokens, norms), backend=backend)
+
+    def pattern(self, layer: int, head: int | None = None) -> Float[Tensor, "*n_heads query key"]:
+        """A layer's attention pattern, as frozen in these maps (the one every map here holds fixed).
+
+        Args:
+            layer: Block index (its ``attn.hook_z`` must be mapped: ``modules=True``).
+            head: A head index, or None for every head.
+
+        Returns:
+            ``pattern[h, q, k]``, head ``h``'s weight on key position ``k`` at query position
+            ``q`` (each row sums to one); ``[q, k]`` for one head.
+
+        Raises:
+            InputError: for a layer whose ``hook_z`` is not mapped, a head that does not exist, or
+                a model whose pattern is frozen through its queries and keys (none was recorded).
+        """
+        layer, _ = self._z(layer)
+        pattern = self.head_splits[layer].pattern
+        if pattern is None:
+            raise InputError(
+                f"Layer {layer}'s pattern was not recorded: this model's attention is frozen through its queries and "
+                "keys (its hook_pattern only observes). Read the pattern off model.run_with_cache instead."
+            )
+        return pattern if head is None else pattern[self._head_index(layer, head)]
+
+    def show_pattern(self, layer: int, head: int | None = None, backend: views.Backend = None) -> views.View:
+        """A layer's frozen attention pattern (`pattern`) as heatmaps, for a notebook.
+
+        With circuitsvis installed (the ``circuitsvis`` extra) ``attention_heads`` (every head) or
+        ``attention_pattern`` (one); otherwise, or with ``backend="html"``, one table per head.
+
+        Args:
+            layer: Block index (its ``attn.hook_z`` must be mapped: ``modules=True``).
+            head: A head index, or None for every head.
+            backend: ``"circuitsvis"``, ``"html"``, or None (circuitsvis where installed).
+
+        Returns:
+            A `tl_linmap.present.views.View`, displayed as a cell's value.
+
+        Raises:
+            InputError: as `pattern`, or for a bad backend.
+        """
+        pattern = self.pattern(layer, head)
+        layer, z = self._z(layer)
+        heads = range(len(pattern)) if head is None else [int(head)]
+        pattern = pattern if head is None else pattern[None]
+        names = [f"L{layer}H{h}" for h in heads]
+        tokens = z.str_tokens
+        title = f"Frozen attention pattern of layer {layer}" + ("" if head is None else f", head {int(head)}")
+        return views.attention(tokens, pattern, names, html=lambda: display.pattern_html(title, tokens, pattern, names), backend=backend)
 
     def to_table(self) -> Table:
         """One row per map: its target, its width and its relative reconstruction error.
@@ -626,10 +766,13 @@ class LinearMaps(Mapping):
             InputError: for a layer whose ``hook_z`` is not mapped, or a head that does not exist.
         """
         layer, _ = self._z(layer)
+        return self.heads(layer)[f"{get_act_name('result', layer)}.{self._head_index(layer, head)}"]
+
+    def _head_index(self, layer: int, head: int) -> int:
         n_heads = self.head_splits[layer].W_O.shape[0]
         if not is_int(head) or not 0 <= int(head) < n_heads:
             raise InputError(f"Layer {layer} has {n_heads} heads; head must be an int in [0, {n_heads}), got {head!r}.")
-        return self.heads(layer)[f"{get_act_name('result', layer)}.{int(head)}"]
+        return int(head)
 
 
 __getattr__ = renamed_names(__name__, {"HeadReadout": "HeadSplit"})

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from tl_linmap.base.checks import check_names
 from tl_linmap.base.errors import InputError
+from tl_linmap.base.saving import Saveable
 from tl_linmap.base.table import Table, table_row
 from tl_linmap.present import display
 from tl_linmap.reading.readouts import LogitMetric
@@ -132,7 +133,7 @@ def correlation(a: Tensor, b: Tensor) -> float:
 
 
 @dataclass
-class PatchingAttribution:
+class PatchingAttribution(Saveable):
     """Predicted Δmetric of every activation patch of a clean/corrupted pair, per layout.
 
     ``values[layout]`` has the shape ``transformer_lens.patching``'s function of that layout
@@ -157,6 +158,8 @@ class PatchingAttribution:
     corrupted_metric: float
     clean_tokens: list[str] = field(repr=False)
     corrupted_tokens: list[str] = field(repr=False)
+
+    _STR_TOKENS = "clean_tokens"
 
     def __getitem__(self, layout: str) -> Tensor:
         """The predicted Δmetric of one layout.

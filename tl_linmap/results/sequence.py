@@ -11,6 +11,7 @@ from tl_linmap.base.checks import check_positive
 from tl_linmap.base.deprecation import renamed_attribute
 from tl_linmap.base.errors import InputError
 from tl_linmap.base.hook_names import EMBED_HOOK
+from tl_linmap.base.saving import Saveable
 from tl_linmap.base.table import Table, table_row
 from tl_linmap.present import display
 from tl_linmap.reading.tokens import decode_tokens
@@ -39,7 +40,7 @@ class SequenceRow:
 
 
 @dataclass
-class SequenceAttribution:
+class SequenceAttribution(Saveable):
     """Contributions of every source position to every target position of one prompt.
 
     Row ``r`` is target position ``positions[r]``; column ``i`` is source position ``i``
@@ -72,6 +73,8 @@ class SequenceAttribution:
     predicted: list[str] | None = None
     source: str = EMBED_HOOK
     model: object = field(default=None, repr=False)
+
+    _TOKEN_IDS = "tokens"
 
     @property
     def str_tokens(self) -> list[str]:

@@ -16,6 +16,7 @@ from tl_linmap.base.deprecation import (
     renamed_fields,
 )
 from tl_linmap.base.errors import InputError
+from tl_linmap.base.saving import Saveable
 from tl_linmap.base.table import Table, table_row
 from tl_linmap.present import display
 from tl_linmap.reading.spectral import (
@@ -84,7 +85,7 @@ class SingularRow:
 
 @renamed_fields(sources="str_tokens", readout="reader")
 @dataclass
-class OperatorSVD:
+class OperatorSVD(Saveable):
     """Singular value decompositions of one map's operators, each pair signed along the output.
 
     Attributes:
@@ -213,7 +214,7 @@ class OperatorSVD:
             i = self.tokens[row]
             for j in range(k):
                 sigma = float(self.values[row, j])
-                share = None if self.energy is None else sigma**2 / float(self.energy[row])
+                share = None if self.energy is None or not self.energy[row] else sigma**2 / float(self.energy[row])  # a zero operator: no share
                 table.append(DecodedPair(self.target, i, self.str_tokens[i], j, sigma, share, writes[a * k + j], reads[a * k + j]))
         if stacked:
             table.extend(self._decode_stacked(k, top))
