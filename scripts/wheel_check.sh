@@ -3,10 +3,9 @@
 # `twine check` passes both; both hold every file under tl_linmap/. The wheel, installed (not editable) in a fresh
 # virtual environment, runs the demo (`python -m tl_linmap demo` and the `tl-linmap` script) and the fast tests
 # taken from the sdist, importing tl_linmap from site-packages (checked: never from this checkout).
-# Needs only the package registry; leaves nothing behind but its timing line.
+# Needs only the package registry; leaves nothing in the checkout but setuptools' (ignored) tl_linmap.egg-info.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-REPO="$PWD"
 PYTHON="${PYTHON:-python}"
 export HF_HUB_OFFLINE=1
 unset TL_LINMAP_FIGURES PYTHONPATH  # nothing written into the checkout, nothing imported from it
@@ -16,7 +15,7 @@ START=$SECONDS
 phase() { echo "== $1 (at $((SECONDS - START)) s)"; }
 
 # Repository tests, not package tests: they read files of the checkout that no installed package has
-# (each is checked to exist, so a renamed test fails here instead of silently running).
+# (each entry is checked to exist, so the lists cannot go stale).
 IGNORE=(
     tests/test_tutorials.py      # runs tutorials/*.py and their notebooks
     tests/test_support_matrix.py # loads scripts/support_matrix.py and compares with docs/support.md

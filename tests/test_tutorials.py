@@ -157,7 +157,7 @@ def test_notebook_runs_in_a_kernel_and_shows_its_figures(stem, tmp_path):
         f"the {KERNEL} kernel would run {_kernel_python()}, not this Python: `python -m ipykernel install --user`"
     notebook = nbformat.read(TUTORIALS / f"{stem}.ipynb", as_version=4)
     client = nbclient.NotebookClient(
-        notebook, kernel_name=KERNEL, timeout=900, resources={"metadata": {"path": str(tmp_path)}},
+        notebook, kernel_name=KERNEL, timeout=1800, resources={"metadata": {"path": str(tmp_path)}},
         coalesce_streams=True,  # one output per stream and cell, progress bars at their last state
         extra_arguments=[f"--IPKernelApp.exec_lines={STRICT_DEPRECATIONS}"],
     )
