@@ -253,14 +253,55 @@ def test_model_untouched_after_bad_input(fresh_llama):
     _assert_same(fresh_llama, before)
 
 
+def _block_dtypes(model) -> list[set[torch.dtype]]:
+    return [{p.dtype for p in block.parameters()} for block in model.blocks]
+
+
 def test_borrowed_casts_inside_and_restores(fresh_llama):
     before = _snapshot(fresh_llama)
     with borrowed(fresh_llama, torch.float64):
-        assert all(v.dtype == torch.float64 for v in fresh_llama.state_dict().values() if v.is_floating_point())
+        inside = [p for block in fresh_llama.blocks for p in block.parameters()]
+        outside = [v for v in fresh_llama.parameters() if not any(v is p for p in inside)]
+        assert outside and all(v.dtype == torch.float64 for v in outside if v.is_floating_point())
+        assert _block_dtypes(fresh_llama) == [{torch.float32}] * fresh_llama.cfg.n_layers  # cast on the way
         assert not any(p.requires_grad for p in fresh_llama.parameters())
         assert not any(m.training for m in fresh_llama.modules())
         assert fresh_llama.cfg.dtype == torch.float64
     _assert_same(fresh_llama, before)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_borrowed_casts_a_block_only_while_a_pass_runs_through_it(fresh_llama, grad):
+    """No second copy of the model: one block in the working dtype at a time, except where a graph may keep them."""
+    seen = {}
+
+    def look(layer):
+        return lambda act, hook: seen.__setitem__(layer, _block_dtypes(fresh_llama))  # hook.name is the canonical alias
+
+    before = _snapshot(fresh_llama)
+    n = fresh_llama.cfg.n_layers
+    with borrowed(fresh_llama, torch.float64), torch.set_grad_enabled(grad):
+        fresh_llama.run_with_hooks(PROMPT, fwd_hooks=[(f"blocks.{layer}.hook_mlp_out", look(layer)) for layer in range(n)])
+        after = _block_dtypes(fresh_llama)
+    for layer in range(n):
+        dtypes = seen[layer]
+        assert dtypes[layer] == {torch.float64}
+        expected_before = {torch.float64} if grad else {torch.float32}
+        assert all(d == expected_before for d in dtypes[:layer])  # kept only where a graph may refer to them
+        assert all(d == {torch.float32} for d in dtypes[layer + 1 :])  # not reached yet
+    assert after == [{torch.float64 if grad else torch.float32}] * n
+    _assert_same(fresh_llama, before)
+
+
+def test_borrowed_puts_back_a_block_a_stopped_pass_left_cast(fresh_llama):
+    """A pass that stops at a target inside a block never leaves it: the next pass puts that block back."""
+    from tl_linmap.freeze.capture import run_to_target
+
+    with borrowed(fresh_llama, torch.float64), torch.no_grad():
+        run_to_target(fresh_llama, fresh_llama.to_tokens(PROMPT), "blocks.1.hook_attn_out")
+        assert _block_dtypes(fresh_llama)[1] == {torch.float64}
+        run_to_target(fresh_llama, fresh_llama.to_tokens(PROMPT), "blocks.0.hook_attn_out")
+        assert _block_dtypes(fresh_llama)[:2] == [{torch.float64}, {torch.float32}]
 
 
 def test_borrowed_keeps_tied_weights_tied_inside():

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
+from tl_linmap.base.devices import model_devices
 from tl_linmap.base.errors import MemoryBudgetError
 
 #: Share of the free memory one computation may fill; the rest is left to the user's session.
@@ -121,16 +122,22 @@ def activation_bytes(model, n_tokens: int, itemsize: int) -> int:
     return itemsize * n_tokens * ACTIVATIONS_PER_ROW * width
 
 
-def fit_rows(per_row: int, stored: int, limit: int, requested: int | None, device: torch.device, name: str) -> int:
+def fit_rows(
+    per_row: int, stored: int, limit: int, requested: int | None, device: torch.device, name: str, others: Sequence[torch.device] = ()
+) -> int:
     """Rows per pass that fit in the budget once the results are stored.
+
+    A model split over devices runs each block's rows on that block's device: every device
+    must hold a row's activations, the results are stored on ``device`` only.
 
     Args:
         per_row: Bytes one row holds in flight.
         stored: Bytes of results kept for the whole computation.
         limit: Most rows a pass can usefully take.
         requested: The user's choice, or None to pick one.
-        device: Where the computation runs.
+        device: Where the results are kept (the model's input device).
         name: The argument the user sets (named in the error).
+        others: The other devices the model's blocks run on (`tl_linmap.base.devices.model_devices`).
 
     Returns:
         The rows per pass.
@@ -143,14 +150,18 @@ def fit_rows(per_row: int, stored: int, limit: int, requested: int | None, devic
     budget = int(free * MEMORY_FRACTION) - stored
     if budget < per_row:
         raise MemoryBudgetError(
-            f"The results need {stored / _GIB:.2f} GiB, with {free / _GIB:.2f} GiB free: "
+            f"The results need {stored / _GIB:.2f} GiB, with {free / _GIB:.2f} GiB free on {device}: "
             "use fewer targets or a shorter prompt."
         )
-    fits = int(min(limit, budget // per_row))
+    spare = {device: budget, **{d: int(available_bytes(d) * MEMORY_FRACTION) for d in others if d != device}}
+    tightest = min(spare, key=spare.get)
+    fits = int(min(limit, spare[tightest] // per_row))
+    if fits < 1:
+        raise MemoryBudgetError(f"One row of the pass needs {per_row / _GIB:.2f} GiB, with {spare[tightest] / _GIB:.2f} GiB to spare on {tightest}.")
     if requested is not None and requested > fits:
         raise MemoryBudgetError(
             f"{name}={requested} risks running out of memory (about {requested * per_row / _GIB:.2f} GiB "
-            f"in flight, {budget / _GIB:.2f} GiB to spare); use {name}={fits} or less."
+            f"in flight, {spare[tightest] / _GIB:.2f} GiB to spare on {tightest}); use {name}={fits} or less."
         )
     return requested or fits
 
@@ -176,7 +187,7 @@ def plan_rows(model, n_tokens: int, d_out: int, n_targets: int, dtype: torch.dty
     item = torch.finfo(dtype).bits // 8
     per_row = item * n_tokens * model.cfg.d_model + activation_bytes(model, n_tokens, item)  # + the row's gradient
     operators = item * n_tokens * d_out * model.cfg.d_model * n_targets
-    fits = fit_rows(per_row, operators, d_out, requested, device, "rows_per_pass")
+    fits = fit_rows(per_row, operators, d_out, requested, device, "rows_per_pass", model_devices(model))
     return requested or min(fits, max(32, ROW_POSITIONS // n_tokens))
 
 
@@ -202,7 +213,7 @@ def plan_columns(model, n_tokens: int, window: int, widths: Sequence[int], dtype
     d_in = model.cfg.d_model
     per_row = item * (window * d_in + sum(widths)) + activation_bytes(model, window, item)
     operators = item * n_tokens * d_in * sum(widths)
-    return fit_rows(per_row, operators, d_in, requested, device, "rows_per_pass")
+    return fit_rows(per_row, operators, d_in, requested, device, "rows_per_pass", model_devices(model))
 
 
 def plan_tokens(model, n_tokens: int, last: int, dtype: torch.dtype, requested: int | None, device: torch.device) -> int:
@@ -227,7 +238,7 @@ def plan_tokens(model, n_tokens: int, last: int, dtype: torch.dtype, requested: 
     """
     item = torch.finfo(dtype).bits // 8
     per_row = item * n_tokens * model.cfg.d_model + activation_bytes(model, n_tokens, item)
-    fits = fit_rows(per_row, 0, last + 1, requested, device, "tokens_per_pass")
+    fits = fit_rows(per_row, 0, last + 1, requested, device, "tokens_per_pass", model_devices(model))
     return requested or max(1, min(fits, max(WINDOW_ROWS, -(-(last + 1) // MAX_WINDOWS))))
 
 

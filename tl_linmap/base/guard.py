@@ -4,16 +4,25 @@ Whatever happens inside (an error half-way included), the model leaves `borrowed
 bit as it came in: the very tensors it held (not casts of casts, which would round every
 weight a narrowing working dtype cannot hold), with their ``requires_grad`` flags, the
 train/eval mode of every module, ``cfg.dtype`` and its hooks.
+
+A working dtype other than the model's costs no second copy of the model: a block's weights
+are cast when the pass reaches the block (``blocks.L.hook_resid_pre``) and put back when it
+leaves it (``hook_resid_post``), so a pass holds the model in its own dtype plus one block in
+the working dtype. Only a pass that may build an autograd graph (grad enabled) keeps the
+blocks it casts until the borrow ends, since the graph refers to them; the tensors outside
+the blocks (embeddings, unembedding, final norm, spliced dictionaries) are cast on entry.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+
+from tl_linmap.base.compat import get_act_name
 
 
 @dataclass(frozen=True)
@@ -71,6 +80,68 @@ def _cast(slots: list[_Slot], dtype: torch.dtype) -> None:
             slot.module._buffers[slot.key] = cast_buffers[id(tensor)]
 
 
+def _restore(slots: list[_Slot], datas: dict[int, Tensor]) -> None:
+    # Undo `_cast`: each slot gets its own tensor back, each parameter its own storage.
+    for slot in slots:
+        if slot.kind == "_parameters":
+            slot.tensor.data = datas[id(slot.tensor)]
+        else:
+            slot.module._buffers[slot.key] = slot.tensor
+
+
+def _split_by_block(model, slots: list[_Slot]) -> tuple[list[_Slot], list[list[_Slot]]]:
+    # (slots cast on entry, slots cast with their block). A tensor goes with a block only if it is
+    # registered in that block alone: one shared with another block or with the rest of the model
+    # (a tied weight, a shared rotary buffer) must stay cast while either is running.
+    blocks = list(getattr(model, "blocks", None) or [])
+    if not blocks or not hasattr(model, "hooks"):
+        return slots, []
+    owner = {id(m): layer for layer, block in enumerate(blocks) for m in block.modules()}
+    homes: dict[int, set] = {}
+    for slot in slots:
+        homes.setdefault(id(slot.tensor), set()).add(owner.get(id(slot.module)))
+    alone = {key: next(iter(home)) for key, home in homes.items() if len(home) == 1 and None not in home}
+    per_block: list[list[_Slot]] = [[] for _ in blocks]
+    for slot in slots:
+        if id(slot.tensor) in alone:
+            per_block[alone[id(slot.tensor)]].append(slot)
+    return [s for s in slots if id(s.tensor) not in alone], per_block
+
+
+@dataclass
+class _BlockCasts:
+    """Which blocks hold working-dtype weights now, and which must keep them (a graph may refer to them)."""
+
+    per_block: list[list[_Slot]]
+    datas: dict[int, Tensor]
+    dtype: torch.dtype
+    cast: set[int] = field(default_factory=set)
+    kept: set[int] = field(default_factory=set)
+
+    def enter(self, layer: int) -> None:
+        # A pass stopped inside a block (a target there) never left it: put that one back now.
+        for other in self.cast - self.kept - {layer}:
+            self.leave(other)
+        if layer not in self.cast:
+            _cast(self.per_block[layer], self.dtype)
+            self.cast.add(layer)
+        if torch.is_grad_enabled():
+            self.kept.add(layer)
+
+    def leave(self, layer: int) -> None:
+        if layer in self.cast and layer not in self.kept:
+            _restore(self.per_block[layer], self.datas)
+            self.cast.discard(layer)
+
+    def hooks(self) -> list:
+        """``(name, fn)`` hooks casting each block on entry and restoring it on exit."""
+        hooks = []
+        for layer in range(len(self.per_block)):
+            hooks.append((get_act_name("resid_pre", layer), lambda act, hook=None, layer=layer: self.enter(layer)))
+            hooks.append((get_act_name("resid_post", layer), lambda act, hook=None, layer=layer: self.leave(layer)))
+        return hooks
+
+
 def hook_count(model) -> int:
     """Number of forward and backward hooks attached to the model's hook points.
 
@@ -89,12 +160,14 @@ def borrowed(model, dtype: torch.dtype | None) -> Iterator[None]:
     """Temporarily put the model in eval mode, without parameter grads, in ``dtype``.
 
     The original tensors stay referenced while the model is borrowed and are put back on
-    exit, so a narrowing ``dtype`` (float64 -> float32, float32 -> bfloat16) loses nothing;
-    the price is holding the model in both dtypes meanwhile (nothing extra when ``dtype``
-    is None or the model's own).
+    exit, so a narrowing ``dtype`` (float64 -> float32, float32 -> bfloat16) loses nothing.
+    A block's weights are cast only while a pass runs through it (see the module docstring),
+    except in passes with grad enabled, whose graph keeps them; everything outside the blocks
+    is cast on entry.
 
     Args:
-        model: A TransformerBridge or HookedTransformer (any ``nn.Module`` with a ``cfg`` works).
+        model: A TransformerBridge or HookedTransformer, or any ``nn.Module`` (one without
+            ``blocks`` and hook points is cast whole on entry).
         dtype: Working floating dtype, or None to keep the model's own.
 
     Returns:
@@ -107,7 +180,8 @@ def borrowed(model, dtype: torch.dtype | None) -> Iterator[None]:
     modules = _modules(model)
     modes = [(m, m.training) for m in modules]
     dtypes = _dtype_attributes(modules)
-    cfg_dtype = getattr(model.cfg, "dtype", None)
+    cfg = getattr(model, "cfg", None)  # a submodule borrowed alone has none
+    cfg_dtype = getattr(cfg, "dtype", None)
     try:
         model.eval()
         model.requires_grad_(False)
@@ -115,12 +189,21 @@ def borrowed(model, dtype: torch.dtype | None) -> Iterator[None]:
             module.training = False
         for param, _, _ in datas:
             param.requires_grad_(False)
-        if dtype is not None:
-            model.cfg.dtype = dtype
-            for module, _ in dtypes:
-                module.dtype = dtype
-            _cast(slots, dtype)
-        yield
+        if dtype is None:
+            yield
+            return
+        if cfg is not None:
+            cfg.dtype = dtype
+        for module, _ in dtypes:
+            module.dtype = dtype
+        on_entry, per_block = _split_by_block(model, slots)
+        _cast(on_entry, dtype)
+        if not per_block:
+            yield
+            return
+        casts = _BlockCasts(per_block, {id(p): data for p, data, _ in datas}, dtype)
+        with model.hooks(fwd_hooks=casts.hooks()):
+            yield
     finally:
         for slot in slots:
             getattr(slot.module, slot.kind)[slot.key] = slot.tensor
@@ -129,7 +212,7 @@ def borrowed(model, dtype: torch.dtype | None) -> Iterator[None]:
             param.requires_grad_(flag)
         for module, mode in modes:
             module.training = mode
-        if dtype is not None:
-            model.cfg.dtype = cfg_dtype
+        if dtype is not None and cfg is not None:
+            cfg.dtype = cfg_dtype
             for module, own in dtypes:
                 module.dtype = own

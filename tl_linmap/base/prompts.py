@@ -15,6 +15,7 @@ from torch import Tensor
 
 from tl_linmap.base.checks import as_index, check_position
 from tl_linmap.base.compat import check_model
+from tl_linmap.base.devices import input_device
 from tl_linmap.base.errors import InputError
 
 Prompt = Union[str, Sequence[int], Tensor]
@@ -121,7 +122,7 @@ def to_tokens(model, prompt: Prompt) -> Int[Tensor, "1 pos"]:
                 "ids yourself (model.to_tokens(text, prepend_bos=False) and the BOS the model has), or fix the tokenizer's special tokens."
             )
         raise InputError(f"Token ids must lie in [0, {model.cfg.d_vocab}); got {tokens.min()}..{tokens.max()}.")
-    return tokens.to(model.cfg.device or "cpu")
+    return tokens.to(input_device(model))  # a dispatched model's cfg.device can be meta
 
 
 def _is_prompt_list(prompts) -> bool:

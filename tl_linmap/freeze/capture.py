@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from tl_linmap.base.devices import input_device
 from tl_linmap.base.errors import FreezeError, InputError
 from tl_linmap.base.hook_names import EMBED_HOOK
 from tl_linmap.freeze.apply import applied
@@ -43,17 +44,19 @@ def capture(
             batch does not hold whole activations.
 
     Returns:
-        Activation (with its batch axis, or its `select`ed part) per target name.
+        Activation (with its batch axis, or its `select`ed part) per target name, on the model's
+        input device (`tl_linmap.base.devices.input_device`: a block on another device sends it there).
 
     Raises:
         FreezeError: if a target hook never fired.
     """
     captured: dict[str, Tensor] = {}
     wanted = set(targets)
+    device = input_device(model)
 
     def keep(name: str):
         def hook(act: Tensor, hook=None) -> None:
-            captured[name] = act if select is None else select(act)
+            captured[name] = (act if select is None else select(act)).to(device)
             if stop and wanted <= captured.keys():
                 raise _Stop
 
@@ -61,7 +64,7 @@ def capture(
 
     fwd = list(hooks) + [(name, keep(name)) for name in wanted]
     if embeddings is not None:
-        fwd.insert(0, (EMBED_HOOK, lambda act, hook=None: embeddings))
+        fwd.insert(0, (EMBED_HOOK, lambda act, hook=None: embeddings.to(act.device)))
     with applied(model, fwd):
         try:
             model(tokens)

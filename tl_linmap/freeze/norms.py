@@ -7,6 +7,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from tl_linmap.base.devices import input_device, runs_on
+from tl_linmap.base.guard import borrowed
 from tl_linmap.freeze.hooks import (
     Factors,
     HookList,
@@ -36,11 +38,12 @@ def frozen_norm(model, norm: str, factors: Factors, position: int) -> FrozenAffi
 def _probed(model, module: str, hooks: Callable[[Tensor], HookList]) -> FrozenAffine:
     # The module as an affine map: run on the zero vector and the basis vectors, with hooks
     # (made knowing the probes) replacing what the input would have decided.
-    reference = next(model.parameters())
-    d_model = model.cfg.d_model
-    probes = torch.cat([reference.new_zeros(1, d_model), torch.eye(d_model, dtype=reference.dtype, device=reference.device)])[:, None]
-    with quiet_norm_edits(), model.hooks(fwd_hooks=hooks(probes)), torch.no_grad():
-        out = model.get_submodule(module)(probes)[:, 0]
+    # Called outside a pass, the module has no block cast for it (`borrowed`): borrow it alone.
+    norm = model.get_submodule(module)
+    dtype, device = model.cfg.dtype, runs_on(norm) or input_device(model)
+    probes = torch.cat([torch.zeros(1, model.cfg.d_model, dtype=dtype), torch.eye(model.cfg.d_model, dtype=dtype)]).to(device)[:, None]
+    with borrowed(norm, dtype), quiet_norm_edits(), model.hooks(fwd_hooks=hooks(probes)), torch.no_grad():
+        out = norm(probes)[:, 0].to(input_device(model))
     return FrozenAffine(matrix=(out[1:] - out[0]).T, offset=out[0])
 
 

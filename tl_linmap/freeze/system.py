@@ -249,7 +249,7 @@ class FrozenSystem:
             hooks = trim_hooks(self.trim, self.position) + replay_hooks(self.model, trimmed)
         tokens = self.tokens.expand(len(embeddings), -1)
         # First in the list, so every other hook at the source (a replay's) sees the replacement.
-        hooks = [(self.source, lambda act, hook=None: embeddings.reshape(act.shape))] + hooks
+        hooks = [(self.source, lambda act, hook=None: embeddings.reshape(act.shape).to(act.device))] + hooks
         # A copy of the one position, so a wide batch does not keep whole activations alive.
         select = (lambda act: every_position(act, n).clone()) if every else (lambda act: at_position(act, self.position, n).clone())
         return capture(self.model, tokens, self.names, hooks, select=select)
@@ -525,10 +525,11 @@ def frozen_system(
     names = resolve_targets(model, targets)
     source = resolve_source(model, source, factor_names(model))
     lease = _Lease()
+    linear = purely_linear(model)  # before the borrow, whose own hooks add nothing
     with borrowed(model, dtype), naming_foreign(model):
         try:
             natives, outputs, factors = _forwards(model, tokens, names, source, native)
-            yield _system(model, tokens, position, names, source, natives, outputs, factors, lease)
+            yield _system(model, tokens, position, names, source, natives, outputs, factors, lease, linear)
         finally:
             lease.active = False
 
@@ -536,9 +537,9 @@ def frozen_system(
 def _forwards(model, tokens: Tensor, names: Sequence[str], source: str, native: bool = True) -> tuple[Vectors, Vectors, Factors]:
     # The plain forward (natives; without `native`, the frozen one stands in) and the frozen one
     # (outputs, factors) of a borrowed model.
-    natives = capture(model, tokens, [*names, EMBED_HOOK]) if native else None
     factors: Factors = {}
-    with torch.no_grad():
+    with torch.no_grad():  # no graph: a graph would keep every block cast to the working dtype (`borrowed`)
+        natives = capture(model, tokens, [*names, EMBED_HOOK]) if native else None
         # Up to the final norm, so every factor is recorded (and checked) for the replay.
         outputs = capture(model, tokens, [*names, output_hook(model), source, EMBED_HOOK], freeze_hooks(model, factors=factors))
     check_factors(model, factors)
@@ -546,8 +547,10 @@ def _forwards(model, tokens: Tensor, names: Sequence[str], source: str, native: 
     return natives if native else outputs, outputs, factors
 
 
-def _system(model, tokens, position: int, names, source: str, natives: Vectors, outputs: Vectors, factors: Factors, lease: _Lease) -> FrozenSystem:
-    # One prompt's system from its plain and frozen activations (batch 1, no padding).
+def _system(
+    model, tokens, position: int, names, source: str, natives: Vectors, outputs: Vectors, factors: Factors, lease: _Lease, linear: bool
+) -> FrozenSystem:
+    # One prompt's system from its plain and frozen activations (batch 1, no padding); `linear`: `purely_linear(model)`.
     n = tokens.shape[1]
     x = every_position(outputs[source], n) if source != EMBED_HOOK else natives[EMBED_HOOK]
     trim = trimmed_block(names, model.cfg, model.hook_dict) if windowable(model) else None
@@ -566,7 +569,7 @@ def _system(model, tokens, position: int, names, source: str, natives: Vectors, 
         final_norm=frozen_norm(model, "ln_final", factors, position) if "ln_final.hook_scale" in factors else None,
         lease=lease,
         trim=trim,
-        linear=purely_linear(model) and source.endswith(WHOLE_STREAM_SOURCES),
+        linear=linear and source.endswith(WHOLE_STREAM_SOURCES),
         source=source,
     )
 
@@ -762,6 +765,7 @@ def frozen_batch(
     longest = max(lengths)
     lease = _Lease()
     systems: list[FrozenSystem | None] = [None] * len(prompts)
+    linear = purely_linear(model)
     with borrowed(model, dtype):
         try:
             # One forward per prompt length: a padded row would change the model's own float32
@@ -779,7 +783,7 @@ def frozen_batch(
                 for row, b in enumerate(members):
                     own = factors if len(members) == 1 else {name: f[row : row + 1] for name, f in factors.items()}
                     acts = [{name: a[row : row + 1] for name, a in group.items()} for group in (natives, outputs)]
-                    systems[b] = _system(model, tokens[row : row + 1], prompts.positions[b], names, source, *acts, own, lease)
+                    systems[b] = _system(model, tokens[row : row + 1], prompts.positions[b], names, source, *acts, own, lease, linear)
             tokens = torch.stack([torch.cat([t[0], t[0, -1:].expand(longest - len(t[0]))]) for t in prompts.tokens])
             factors = None
             if cuttable:

@@ -21,6 +21,7 @@ from tl_linmap.base.compat import check_model, get_act_name
 from tl_linmap.base.errors import InputError
 from tl_linmap.base.hook_names import EMBED_HOOK
 from tl_linmap.base.prompts import Prompt, Prompts, read_prompts
+from tl_linmap.base.devices import resident
 from tl_linmap.freeze.architectures import naming_foreign
 from tl_linmap.freeze.capture import at_position, capture
 from tl_linmap.freeze.hooks import replay_hooks
@@ -193,7 +194,7 @@ class Preactivation(LinearReadout):
             raise InputError(f"{self.label}: the model has no hook point {self.hook!r}.")
 
     def weights(self, reader, d_out: int) -> tuple[Tensor, Tensor]:
-        w = self.vector.detach().to(reader.model.W_U)
+        w = self.vector.detach().to(resident(reader.model, "W_U"))
         return w, w.new_tensor(self.offset)
 
 

@@ -20,6 +20,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from tl_linmap.base.budget import activation_bytes, fit_rows, plan_tokens
+from tl_linmap.base.devices import model_devices
 from tl_linmap.base.checks import check_positive
 from tl_linmap.base.deprecation import (
     renamed_argument,
@@ -199,7 +200,7 @@ def batched_contributions(model, prompts: Prompts, options: ContributionOptions)
                 def fits(window: int) -> int:  # prompts per pass: rows of (up to) `step` tokens and b, within the budget
                     per_row = item * window * x.shape[-1] + activation_bytes(model, window, item)
                     rows = min(step, window) + 1
-                    return fit_rows(per_row, 0, rows * len(systems), None, x.device, "tokens_per_pass") // rows
+                    return fit_rows(per_row, 0, rows * len(systems), None, x.device, "tokens_per_pass", model_devices(model)) // rows
 
                 for group in batch.groups(start, fits):
                     stop = lasts[group[0]] + 1

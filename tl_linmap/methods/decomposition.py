@@ -20,6 +20,7 @@ from tl_linmap.base.compat import check_model, get_act_name
 from tl_linmap.base.errors import InputError
 from tl_linmap.base.prompts import Prompt, read_prompts
 from tl_linmap.base.table import Table
+from tl_linmap.base.devices import resident
 from tl_linmap.freeze.targets import resolve_target
 from tl_linmap.linear.dense import (
     MapOptions,
@@ -154,8 +155,8 @@ def _final_readout(model, token, final: str) -> tuple[str, Tensor | None, Tensor
         pairs, label = [(token, 1.0)], None
     ids = [token_id(model, t) for t, _ in pairs]
     a = torch.tensor([coefficient for _, coefficient in pairs], dtype=torch.float64)
-    u = model.W_U.detach()[:, ids].double() @ a
-    b_u = getattr(model, "b_U", None)
+    u = resident(model, "W_U")[:, ids].double() @ a
+    b_u = resident(model, "b_U")
     unembed_bias = 0.0 if b_u is None else float(b_u.detach()[ids].double() @ a)
     return label or model.tokenizer.decode(ids), u, u, unembed_bias
 

@@ -27,6 +27,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from tl_linmap.base.errors import InputError
+from tl_linmap.base.devices import resident
 from tl_linmap.reading.tokens import TokenReader, decode_tokens, token_id
 
 
@@ -67,10 +68,10 @@ class LinearReadout(ABC):
 def _logit_weights(reader: TokenReader, ids: list[int], coefficients: list[float]) -> tuple[Tensor, Tensor]:
     # Σ_k a_k logit_k = (W_U[:, ids] a) · norm(y) + b_U[ids] · a, with the norm frozen: affine in y.
     model = reader.model
-    reference = reader.final_norm.matrix if reader.final_norm is not None else model.W_U
+    reference = reader.final_norm.matrix if reader.final_norm is not None else resident(model, "W_U")
     a = torch.tensor(coefficients, dtype=reference.dtype, device=reference.device)
-    bias = getattr(model, "b_U", None)
-    u = model.W_U.detach()[:, ids].to(a) @ a
+    bias = resident(model, "b_U")
+    u = resident(model, "W_U")[:, ids].to(a) @ a
     c = bias.detach()[ids].to(a) @ a if bias is not None else a.new_zeros(())
     return _through_norm(reader, u, c)
 
@@ -231,10 +232,10 @@ class CenteredLogit(LinearReadout):
 
     def weights(self, reader: TokenReader, d_out: int) -> tuple[Tensor, Tensor]:
         model = reader.model
-        reference = reader.final_norm.matrix if reader.final_norm is not None else model.W_U
-        W_U, t = model.W_U.detach(), token_id(model, self.token)
+        reference = reader.final_norm.matrix if reader.final_norm is not None else resident(model, "W_U")
+        W_U, t = resident(model, "W_U"), token_id(model, self.token)
         u = W_U[:, t].to(reference) - (W_U.sum(-1, dtype=torch.float64) / W_U.shape[-1]).to(reference)  # no cast of all of W_U
-        bias = getattr(model, "b_U", None)
+        bias = resident(model, "b_U")
         c = bias.detach().to(u)[t] - bias.detach().to(u).mean() if bias is not None else u.new_zeros(())
         return _through_norm(reader, u, c)
 
@@ -267,7 +268,7 @@ class Direction(LinearReadout):
     def weights(self, reader: TokenReader, d_out: int) -> tuple[Tensor, Tensor]:
         if self.vector.shape[0] != d_out:
             raise InputError(f"{self.hook!r} has width {d_out}; the Direction's vector has {self.vector.shape[0]}.")
-        w = self.vector.detach().to(reader.model.W_U)  # the working dtype and device
+        w = self.vector.detach().to(resident(reader.model, "W_U"))  # the working dtype and device
         return w, w.new_zeros(())
 
 

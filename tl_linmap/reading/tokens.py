@@ -13,6 +13,7 @@ from tl_linmap.base.checks import check_positive, check_vector, is_int
 from tl_linmap.base.compat import check_model
 from tl_linmap.base.deprecation import renamed_names
 from tl_linmap.base.errors import InputError
+from tl_linmap.base.devices import resident
 
 
 @dataclass
@@ -41,8 +42,8 @@ def unembed(model, vector: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d
     """
     check_model(model)
     check_vector(model, vector, one=False)
-    logits = vector @ model.W_U.detach().to(vector)
-    bias = getattr(model, "b_U", None)
+    logits = vector @ resident(model, "W_U").to(vector)
+    bias = resident(model, "b_U")
     return logits if bias is None else logits + bias.detach().to(vector)
 
 
@@ -68,7 +69,7 @@ def top_tokens(model, vector: Float[Tensor, " d_model"], k: int = 5, bias: bool 
     check_model(model)
     check_vector(model, vector, one=True)
     k = check_positive("k", k, at_most=model.cfg.d_vocab)
-    logits = unembed(model, vector) if bias else vector @ model.W_U.detach().to(vector)
+    logits = unembed(model, vector) if bias else vector @ resident(model, "W_U").to(vector)
     top = logits.topk(k)
     return _decode(model, top.indices, top.values)
 
@@ -90,7 +91,7 @@ def nearest_tokens(model, vector: Float[Tensor, " d_model"], k: int = 5) -> list
     check_model(model)
     check_vector(model, vector, one=True)
     k = check_positive("k", k, at_most=model.cfg.d_vocab)
-    embeddings = model.W_E.detach().to(vector)
+    embeddings = resident(model, "W_E").to(vector)
     cosine = embeddings @ vector / (embeddings.norm(dim=-1) * vector.norm()).clamp_min(1e-30)
     top = cosine.topk(k)
     return _decode(model, top.indices, top.values)
@@ -164,8 +165,8 @@ class TokenReader:
             )
         if self.final_norm is not None:
             vectors = vectors @ self.final_norm.matrix.T + (self.final_norm.offset if affine else 0)
-        logits = vectors @ self.model.W_U.detach().to(vectors)
-        bias = getattr(self.model, "b_U", None)
+        logits = vectors @ resident(self.model, "W_U").to(vectors)
+        bias = resident(self.model, "b_U")
         return logits + bias.detach().to(vectors) if affine and bias is not None else logits
 
     def cosines(self, vectors: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_vocab"]:
@@ -177,7 +178,7 @@ class TokenReader:
         Returns:
             Cosines over the vocabulary.
         """
-        embeddings = self.model.W_E.detach().to(vectors)
+        embeddings = resident(self.model, "W_E").to(vectors)
         return (vectors @ embeddings.T) / (vectors.norm(dim=-1, keepdim=True) * embeddings.norm(dim=-1)).clamp_min(1e-30)
 
     def top(self, scores: Float[Tensor, "... d_vocab"], k: int) -> list[list[tuple[str, float]]]:
