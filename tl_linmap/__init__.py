@@ -64,6 +64,8 @@ PUBLIC: dict[str, str] = {
     "CorpusAnalysis": "results.corpus",
     **dict.fromkeys(["linear_map", "linear_maps"], "linear.dense"),
     **dict.fromkeys(["MatrixFree", "Pushed", "matrix_free", "push_forward", "randomized_svd", "token_contributions"], "linear.matrix_free"),
+    **dict.fromkeys(["ModelShape", "plan"], "linear.plan"),
+    "Plan": "results.plan",
     "load_model": "load.models",
     **dict.fromkeys(["bundled_saes", "load_sae", "sae_stats"], "load.saes"),
     "BUNDLED": "load.bundled",

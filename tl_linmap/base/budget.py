@@ -122,8 +122,44 @@ def activation_bytes(model, n_tokens: int, itemsize: int) -> int:
     return itemsize * n_tokens * ACTIVATIONS_PER_ROW * width
 
 
+def row_bytes(model, n_tokens: int, itemsize: int) -> int:
+    """Memory one row of a backward pass or a token push holds: its input (or gradient) and its activations.
+
+    Args:
+        model: The model (for its widths).
+        n_tokens: Positions the pass runs.
+        itemsize: Bytes per number.
+
+    Returns:
+        Bytes per row in flight.
+    """
+    return itemsize * n_tokens * model.cfg.d_model + activation_bytes(model, n_tokens, itemsize)
+
+
+def column_bytes(model, window: int, widths: Sequence[int], itemsize: int) -> int:
+    """Memory one basis embedding pushed through a window holds: its input, its outputs and its activations.
+
+    Args:
+        model: The model (for its widths).
+        window: Positions in the window.
+        widths: ``d_out`` of each target.
+        itemsize: Bytes per number.
+
+    Returns:
+        Bytes per row in flight.
+    """
+    return itemsize * (window * model.cfg.d_model + sum(widths)) + activation_bytes(model, window, itemsize)
+
+
 def fit_rows(
-    per_row: int, stored: int, limit: int, requested: int | None, device: torch.device, name: str, others: Sequence[torch.device] = ()
+    per_row: int,
+    stored: int,
+    limit: int,
+    requested: int | None,
+    device: torch.device,
+    name: str,
+    free: int | None = None,
+    others: Sequence[torch.device] = (),
 ) -> int:
     """Rows per pass that fit in the budget once the results are stored.
 
@@ -137,6 +173,8 @@ def fit_rows(
         requested: The user's choice, or None to pick one.
         device: Where the results are kept (the model's input device).
         name: The argument the user sets (named in the error).
+        free: Free bytes on the device (None: `available_bytes` now); `tl_linmap.linear.plan`
+            passes the figure a run will see, so that plan and run pick the same rows.
         others: The other devices the model's blocks run on (`tl_linmap.base.devices.model_devices`).
 
     Returns:
@@ -146,7 +184,7 @@ def fit_rows(
         MemoryBudgetError: if the results alone, or the user's choice, would not fit;
             the message gives a size that fits.
     """
-    free = available_bytes(device)
+    free = available_bytes(device) if free is None else free
     budget = int(free * MEMORY_FRACTION) - stored
     if budget < per_row:
         raise MemoryBudgetError(
@@ -166,7 +204,12 @@ def fit_rows(
     return requested or fits
 
 
-def plan_rows(model, n_tokens: int, d_out: int, n_targets: int, dtype: torch.dtype, requested: int | None, device: torch.device) -> int:
+def _others(model, free: int | None) -> list[torch.device]:
+    # A plan gives the free memory it foresees (and plans each device itself); a run looks at every device.
+    return model_devices(model) if free is None else []
+
+
+def plan_rows(model, n_tokens: int, d_out: int, n_targets: int, dtype: torch.dtype, requested: int | None, device: torch.device, free: int | None = None) -> int:
     """Output rows per batched backward: about `ROW_POSITIONS` row-positions, within the budget.
 
     Args:
@@ -177,6 +220,7 @@ def plan_rows(model, n_tokens: int, d_out: int, n_targets: int, dtype: torch.dty
         dtype: Working dtype.
         requested: The user's ``rows_per_pass``, or None to pick one.
         device: Where the computation runs.
+        free: Free bytes on the device (None: `available_bytes` now).
 
     Returns:
         Rows per pass.
@@ -185,13 +229,13 @@ def plan_rows(model, n_tokens: int, d_out: int, n_targets: int, dtype: torch.dty
         MemoryBudgetError: if the operators themselves, or the user's choice, would not fit.
     """
     item = torch.finfo(dtype).bits // 8
-    per_row = item * n_tokens * model.cfg.d_model + activation_bytes(model, n_tokens, item)  # + the row's gradient
+    per_row = row_bytes(model, n_tokens, item)
     operators = item * n_tokens * d_out * model.cfg.d_model * n_targets
-    fits = fit_rows(per_row, operators, d_out, requested, device, "rows_per_pass", model_devices(model))
+    fits = fit_rows(per_row, operators, d_out, requested, device, "rows_per_pass", free, _others(model, free))
     return requested or min(fits, max(32, ROW_POSITIONS // n_tokens))
 
 
-def plan_columns(model, n_tokens: int, window: int, widths: Sequence[int], dtype: torch.dtype, requested: int | None, device: torch.device) -> int:
+def plan_columns(model, n_tokens: int, window: int, widths: Sequence[int], dtype: torch.dtype, requested: int | None, device: torch.device, free: int | None = None) -> int:
     """Basis embeddings per forward pass of one token's window, within the budget.
 
     Args:
@@ -202,6 +246,7 @@ def plan_columns(model, n_tokens: int, window: int, widths: Sequence[int], dtype
         dtype: Working dtype.
         requested: The user's ``rows_per_pass``, or None to pick one.
         device: Where the computation runs.
+        free: Free bytes on the device (None: `available_bytes` now).
 
     Returns:
         Rows per pass (at most ``d_model``, the basis of one token).
@@ -211,12 +256,12 @@ def plan_columns(model, n_tokens: int, window: int, widths: Sequence[int], dtype
     """
     item = torch.finfo(dtype).bits // 8
     d_in = model.cfg.d_model
-    per_row = item * (window * d_in + sum(widths)) + activation_bytes(model, window, item)
+    per_row = column_bytes(model, window, widths, item)
     operators = item * n_tokens * d_in * sum(widths)
-    return fit_rows(per_row, operators, d_in, requested, device, "rows_per_pass", model_devices(model))
+    return fit_rows(per_row, operators, d_in, requested, device, "rows_per_pass", free, _others(model, free))
 
 
-def plan_tokens(model, n_tokens: int, last: int, dtype: torch.dtype, requested: int | None, device: torch.device) -> int:
+def plan_tokens(model, n_tokens: int, last: int, dtype: torch.dtype, requested: int | None, device: torch.device, free: int | None = None) -> int:
     """Tokens per forward pass of `tl_linmap.linear.matrix_free.token_contributions`.
 
     As many as fit, in up to `MAX_WINDOWS` windows of at least `WINDOW_ROWS` tokens: each
@@ -229,6 +274,7 @@ def plan_tokens(model, n_tokens: int, last: int, dtype: torch.dtype, requested: 
         dtype: Working dtype.
         requested: The user's ``tokens_per_pass``, or None to pick one.
         device: Where the computation runs.
+        free: Free bytes on the device (None: `available_bytes` now).
 
     Returns:
         Tokens per pass.
@@ -237,8 +283,8 @@ def plan_tokens(model, n_tokens: int, last: int, dtype: torch.dtype, requested: 
         MemoryBudgetError: if the user's choice would not fit.
     """
     item = torch.finfo(dtype).bits // 8
-    per_row = item * n_tokens * model.cfg.d_model + activation_bytes(model, n_tokens, item)
-    fits = fit_rows(per_row, 0, last + 1, requested, device, "tokens_per_pass", model_devices(model))
+    per_row = row_bytes(model, n_tokens, item)
+    fits = fit_rows(per_row, 0, last + 1, requested, device, "tokens_per_pass", free, _others(model, free))
     return requested or max(1, min(fits, max(WINDOW_ROWS, -(-(last + 1) // MAX_WINDOWS))))
 
 

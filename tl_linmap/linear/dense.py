@@ -55,6 +55,7 @@ from tl_linmap.freeze.system import (
     vjp,
 )
 from tl_linmap.freeze.targets import check_norms, resolve_target, resolve_targets
+from tl_linmap.linear.plan import refuse_unfit
 from tl_linmap.reading.readouts import LinearReadout
 from tl_linmap.reading.tokens import TokenReader
 from tl_linmap.results.maps import HeadSplit, LinearMap, LinearMaps
@@ -402,6 +403,10 @@ def maps_of(model, prompts: Prompts, targets: Targets, options: MapOptions) -> L
     Raises:
         As `linear_maps`.
     """
+    if targets.maps:  # readouts alone cost a reverse row each: nothing to plan
+        longest = max(range(len(prompts)), key=lambda i: prompts.lengths[i])
+        refuse_unfit(model, prompts.lengths[longest], "linear_map", options.dtype, targets=targets.maps, route=options.route,
+                     rows_per_pass=options.rows_per_pass, position=prompts.positions[longest])
     if not prompts.batch:
         return _prompt_maps(model, prompts, targets, options)
     if batchable(model) and len(prompts) > 1:  # one prompt has nothing to share

@@ -33,6 +33,7 @@ from tl_linmap.freeze.hooks import replay_hooks
 from tl_linmap.freeze.splices import Leaves, Splice
 from tl_linmap.freeze.splicing import spliced, splices_of
 from tl_linmap.freeze.system import FrozenSystem, frozen_system
+from tl_linmap.linear.plan import refuse_unfit
 from tl_linmap.linear.features import module_hooks, preactivations, target_rows
 from tl_linmap.reading.influence import partial_influence
 from tl_linmap.reading.readouts import CenteredLogit, LinearReadout
@@ -377,6 +378,10 @@ def attribution_graph(
         raise InputError(f"logit_probability must be a number in (0, 1], got {logit_probability!r}.")
     if weights is not None and target is None:
         raise InputError("weights are the targets' probabilities when target=None; to weigh targets, pass target=[readout, ...] too.")
+    if not dictionaries and (modules or (modules is None and not splices_of(model))):
+        # Heads and MLP outputs as nodes: the plan knows their number (features it cannot count before the run).
+        refuse_unfit(model, prompts.lengths[0], "attribution_graph", dtype, max_nodes=max_nodes, rows_per_pass=rows_per_pass,
+                     position=prompts.positions[0])
     with spliced(model, dictionaries, error=error):
         return build_graph(model, prompts, target, modules=modules, max_nodes=max_nodes, max_logits=max_logits,
                            logit_probability=logit_probability, weights=weights, rows_per_pass=rows_per_pass, dtype=dtype, progress=progress)

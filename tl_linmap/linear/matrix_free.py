@@ -40,6 +40,7 @@ from tl_linmap.freeze.system import (
     one_token_rows,
 )
 from tl_linmap.freeze.targets import resolve_target
+from tl_linmap.linear.plan import refuse_unfit
 from tl_linmap.present import display
 from tl_linmap.reading.spectral import input_index, signed
 from tl_linmap.reading.tokens import TokenReader, decode_tokens
@@ -125,11 +126,18 @@ def token_contributions(
     prompts = read_prompts(model, prompt_or_tokens, position=position, attention_mask=attention_mask)
     options = ContributionOptions(target=target, dtype=dtype, tokens_per_pass=tokens_per_pass, check=check, source=source,
                                   progress=check_progress(progress))
+    _refuse_unfit(model, prompts, "token_contributions", dtype, rows_per_pass=tokens_per_pass)
     if not prompts.batch:
         return _contributions(model, prompts, options)
     if batchable(model) and len(prompts) > 1:  # one prompt has nothing to share
         return batched_contributions(model, prompts, options)
     return [_contributions(model, prompt, options) for prompt in prompts.singles()]
+
+
+def _refuse_unfit(model, prompts: Prompts, what: str, dtype: torch.dtype | None, **options) -> None:
+    # The plan's memory check on the longest prompt, before any work (`tl_linmap.linear.plan.refuse_unfit`).
+    longest = max(range(len(prompts)), key=lambda i: prompts.lengths[i])
+    refuse_unfit(model, prompts.lengths[longest], what, dtype, position=prompts.positions[longest], **options)
 
 
 def _contributions(model, prompt: Prompts, options: ContributionOptions) -> Contributions:
@@ -200,7 +208,7 @@ def batched_contributions(model, prompts: Prompts, options: ContributionOptions)
                 def fits(window: int) -> int:  # prompts per pass: rows of (up to) `step` tokens and b, within the budget
                     per_row = item * window * x.shape[-1] + activation_bytes(model, window, item)
                     rows = min(step, window) + 1
-                    return fit_rows(per_row, 0, rows * len(systems), None, x.device, "tokens_per_pass", model_devices(model)) // rows
+                    return fit_rows(per_row, 0, rows * len(systems), None, x.device, "tokens_per_pass", others=model_devices(model)) // rows
 
                 for group in batch.groups(start, fits):
                     stop = lasts[group[0]] + 1
@@ -569,6 +577,7 @@ def matrix_free(
         ...     top = mf.svd(-1, k=8)
     """
     prompts = read_prompts(model, prompt_or_tokens, position=position, attention_mask=attention_mask)
+    _refuse_unfit(model, prompts, "matrix_free", dtype)
     if prompts.batch:
         # Each MatrixFree works on its own prompt's windows, so no model needs `batchable` here.
         with frozen_batch(model, prompts, [target], dtype=dtype, source=source) as batch:
