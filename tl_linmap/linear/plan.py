@@ -6,8 +6,8 @@ takes: it calls the same functions with the free memory the run will see). Per d
 - the model's own weights, in their own dtype, where they are placed;
 - weights cast to the working dtype where it differs from the model's: the non-block
   parameters (embedding, unembedding, final norm), and one block at a time on routes without
-  an autograd graph (token pushes, matrix-free products, the columns route) or every block on
-  routes whose graph holds them (the rows route of `linear_map`, `attribution_graph`);
+  an autograd graph (token pushes, the columns route) or every block on routes whose graph
+  holds them (the rows route of `linear_map`, `matrix_free`'s windows, `attribution_graph`);
 - the frozen factors of every layer (attention patterns, norm scales, MLP activations), the
   graph of one forward where the route keeps one, and the rows in flight (`budget.row_bytes`);
 - the results: dense operators ``pos × d_out × d_in`` per target, a graph's rows.
@@ -362,7 +362,7 @@ def _route(shape: ModelShape, what: str, n: int, last: int, targets: Sequence[st
     if what == "token_contributions":
         return "tokens", False
     if what == "matrix_free":
-        return "products", False
+        return "products", True  # each token's window keeps a graph for the transposed products
     if what == "attribution_graph":
         return "graph rows", True
     if route == "auto":
@@ -381,7 +381,7 @@ def _work(shape: ModelShape, what: str, route: str, n: int, last: int, dtype: to
         pushes = sum(min(step, last + 1 - s) * _forward_flops(shape, last + 1 - s) for s in range(0, last + 1, step))
         return _Work(route, step, False, step * budget.row_bytes(shape, n, item), item * n * shape.d_model, setup + shape.n_layers * pushes)
     if route == "products":
-        return _Work(route, 1, False, budget.row_bytes(shape, n, item), 0, setup + products * shape.n_layers * _forward_flops(shape, n))
+        return _Work(route, 1, True, budget.row_bytes(shape, n, item), 0, setup + products * shape.n_layers * _forward_flops(shape, n))
     if route == "graph rows":
         inner = n * shape.n_layers * (shape.n_heads + 1)  # heads and MLP outputs per position
         rows = (inner if max_nodes is None else min(max_nodes, inner)) + 1
