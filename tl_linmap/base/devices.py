@@ -115,20 +115,24 @@ def loaded(module: nn.Module) -> Iterator[None]:
         yield
 
 
-def resident(model, name: str) -> Tensor | None:
-    """A weight the model exposes as an attribute (``W_U``, ``b_U``, ``W_E``), loaded if offloaded.
+def resident(model, name: str, owner: nn.Module | None = None) -> Tensor | None:
+    """A weight a module exposes as an attribute (``W_U``, ``b_U``, ``W_E``, ``W_O``), loaded if offloaded.
 
     Args:
-        model: A TransformerBridge or HookedTransformer.
+        model: A TransformerBridge or HookedTransformer, or the module holding the attribute.
         name: The attribute.
+        owner: The submodule whose weights it is read from (default: the model's ``unembed`` for
+            ``W_U``/``b_U``, its ``embed`` for ``W_E``, else ``model`` itself).
 
     Returns:
         The tensor, detached (a copy where it had to be loaded from an offload), or None where
-        the model has no such attribute.
+        there is no such attribute.
     """
-    owner = getattr(model, "unembed" if name in ("W_U", "b_U") else "embed", None)
-    value = getattr(model, name, None)
-    if not isinstance(value, Tensor) or value.device != META or not isinstance(owner, nn.Module):
+    if owner is None:
+        owner = getattr(model, {"W_U": "unembed", "b_U": "unembed", "W_E": "embed"}.get(name, ""), model)
+    if not (isinstance(owner, nn.Module) and is_offloaded(owner)):
+        value = getattr(model, name, None)
         return value.detach() if isinstance(value, Tensor) else value
     with loaded(owner):
-        return getattr(model, name).detach().clone()
+        value = getattr(model, name, None)
+        return value.detach().clone() if isinstance(value, Tensor) else value

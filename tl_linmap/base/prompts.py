@@ -79,7 +79,7 @@ def to_tokens(model, prompt: Prompt) -> Int[Tensor, "1 pos"]:
     if isinstance(prompt, str):
         if not prompt.strip():
             raise InputError("The prompt is empty; give at least one token of text.")
-        tokens = model.to_tokens(prompt, truncate=False)
+        tokens = model.to_tokens(prompt, truncate=False, move_to_device=False)  # moved below, to where it runs
     elif isinstance(prompt, (list, tuple)) and any(isinstance(p, str) for p in prompt):
         if not all(isinstance(p, str) for p in prompt):
             raise InputError("The prompt mixes strings and token ids: pass one string, or a list of token ids.")

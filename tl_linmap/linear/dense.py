@@ -43,6 +43,7 @@ from tl_linmap.base.guard import borrowed
 from tl_linmap.base.hook_names import EMBED_HOOK, independent_target, target_depth
 from tl_linmap.base.prompts import Prompt, Prompts, read_prompts
 from tl_linmap.base.progress import check_progress, progress_bar
+from tl_linmap.base.devices import resident
 from tl_linmap.freeze.architectures import naming_foreign
 from tl_linmap.freeze.capture import at_position, capture, run_to_target
 from tl_linmap.freeze.hooks import same_path_hooks
@@ -305,8 +306,7 @@ def _head_splits(system: FrozenSystem) -> dict[int, HeadSplit]:
         if get_act_name("z", layer) not in system.names:
             continue
         attn = model.blocks[layer].attn
-        w_o = attn.W_O.detach()
-        b_o = getattr(attn, "b_O", None)
+        w_o, b_o = resident(attn, "W_O"), resident(attn, "b_O")
         post = f"blocks.{layer}.{_POST_ATTN_NORM}"
         readouts[layer] = HeadSplit(
             W_O=w_o.to(system.x.dtype),

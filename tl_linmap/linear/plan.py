@@ -449,7 +449,7 @@ def _n_tokens(model, prompt_or_length) -> int:
     if isinstance(prompt_or_length, torch.Tensor):
         return int(prompt_or_length.shape[-1])
     if isinstance(prompt_or_length, str) and hasattr(model, "to_tokens"):
-        return int(model.to_tokens(prompt_or_length).shape[-1])
+        return int(model.to_tokens(prompt_or_length, move_to_device=False).shape[-1])
     raise InputError(f"prompt_or_length must be token ids or a length here (text needs a model with a tokenizer), got {type(prompt_or_length).__name__}.")
 
 

@@ -537,7 +537,7 @@ def word_tokens(model, text: str | Sequence[str]) -> list[str]:
     for word in (w for w in words if w.lower() not in _FUNCTION_WORDS):
         for form in dict.fromkeys((word, word.lower(), word.capitalize())):
             for variant in (" " + form, form):
-                if variant not in found and len(model.to_tokens(variant, prepend_bos=False)[0]) == 1:
+                if variant not in found and len(model.to_tokens(variant, prepend_bos=False, move_to_device=False)[0]) == 1:
                     found.append(variant)
     return found
 
@@ -714,7 +714,7 @@ def compare_methods(
     if not isinstance(continuation, str) or not continuation:
         raise InputError(f"continuation must be the fixed text to score after the prompt, got {continuation!r}.")
     tokens = to_tokens(model, prompt)
-    added = model.to_tokens(continuation, prepend_bos=False).to(tokens.device)
+    added = model.to_tokens(continuation, prepend_bos=False, move_to_device=False).to(tokens.device)
     start, text = tokens.shape[1], torch.cat([tokens, added], dim=1)
     rows = []
     with torch.no_grad(), progress_bar(len(sources) * len(alphas), "steering comparison", progress) as bar:

@@ -112,7 +112,7 @@ def token_id(model, token: int | str) -> int:
             ``[0, d_vocab)``.
     """
     if isinstance(token, str):
-        ids = model.to_tokens(token, prepend_bos=False)[0]
+        ids = model.to_tokens(token, prepend_bos=False, move_to_device=False)[0]
         if len(ids) != 1:
             pieces = [model.tokenizer.decode([int(i)]) for i in ids[:6]]
             split = f" ({' + '.join(map(repr, pieces))}{' + ...' if len(ids) > 6 else ''})" if pieces else ""
