@@ -6,12 +6,18 @@ from conftest import PROMPT
 
 import tl_linmap
 from tl_linmap.base import budget
-from tl_linmap.base.devices import input_device, is_offloaded, loaded, model_devices, resident
+from tl_linmap.base.devices import (
+    input_device,
+    is_offloaded,
+    loaded,
+    model_devices,
+    resident,
+)
 from tl_linmap.base.guard import hook_count
 from tl_linmap.load import toy
 
 pytest.importorskip("transformer_lens.model_bridge")
-from transformer_lens.model_bridge import TransformerBridge  # noqa: E402
+from transformer_lens.model_bridge import TransformerBridge
 
 #: ``max_memory`` on the CPU: the embedding stays and the blocks, the final norm and the
 #: unembedding go to disk; or nothing fits and the whole model goes to disk.

@@ -107,7 +107,9 @@ def loaded(module: nn.Module) -> Iterator[None]:
     if not is_offloaded(module):
         yield
         return
-    from accelerate.utils import align_module_device  # only a dispatched model has meta weights, so accelerate is there
+    from accelerate.utils import (
+        align_module_device,  # only a dispatched model has meta weights, so accelerate is there
+    )
 
     with contextlib.ExitStack() as stack:
         for sub in module.modules():  # accelerate hooks the leaves that own the weights
