@@ -61,7 +61,18 @@ def _slots(model: nn.Module) -> list[_Slot]:
     ]
 
 
-def _cast(slots: list[_Slot], dtype: torch.dtype) -> None:
+Pool = dict[tuple, list[Tensor]]
+
+
+def _converted(source: Tensor, dtype: torch.dtype, pool: Pool | None) -> Tensor:
+    # `source.to(dtype)`, into a tensor of that shape a block left behind where there is one:
+    # blocks share their shapes, and copying into memory already mapped is several times
+    # faster than a fresh allocation each pass.
+    spares = pool.get((source.shape, source.device)) if pool is not None else None
+    return spares.pop().copy_(source) if spares else source.to(dtype)
+
+
+def _cast(slots: list[_Slot], dtype: torch.dtype, pool: Pool | None = None) -> None:
     # What nn.Module.to(dtype) does, but once per distinct tensor, so shared tensors stay
     # shared. Gradients are left alone: nothing inside reads them.
     cast_buffers: dict[int, Tensor] = {}
@@ -73,11 +84,24 @@ def _cast(slots: list[_Slot], dtype: torch.dtype) -> None:
         if slot.kind == "_parameters":
             if id(tensor) not in cast_params:
                 cast_params.add(id(tensor))
-                tensor.data = tensor.data.to(dtype)
+                tensor.data = _converted(tensor.data, dtype, pool)
         else:
             if id(tensor) not in cast_buffers:
-                cast_buffers[id(tensor)] = tensor.to(dtype)
+                cast_buffers[id(tensor)] = _converted(tensor, dtype, pool)
             slot.module._buffers[slot.key] = cast_buffers[id(tensor)]
+
+
+def _casts_of(slots: list[_Slot], datas: dict[int, Tensor]) -> list[Tensor]:
+    # The working-dtype tensors a cast block holds now, each once (an offloaded block's are meta: none).
+    held = {}
+    for slot in slots:
+        if slot.kind == "_parameters":
+            current, own = slot.tensor.data, datas[id(slot.tensor)]
+        else:
+            current, own = slot.module._buffers[slot.key], slot.tensor
+        if current.device.type != "meta" and current.data_ptr() != own.data_ptr():
+            held[current.data_ptr()] = current
+    return list(held.values())
 
 
 def _restore(slots: list[_Slot], datas: dict[int, Tensor]) -> None:
@@ -117,20 +141,25 @@ class _BlockCasts:
     dtype: torch.dtype
     cast: set[int] = field(default_factory=set)
     kept: set[int] = field(default_factory=set)
+    pool: Pool = field(default_factory=dict)  # a restored block's casts, for the next block to copy into
 
     def enter(self, layer: int) -> None:
         # A pass stopped inside a block (a target there) never left it: put that one back now.
         for other in self.cast - self.kept - {layer}:
             self.leave(other)
         if layer not in self.cast:
-            _cast(self.per_block[layer], self.dtype)
+            _cast(self.per_block[layer], self.dtype, self.pool)
+            self.pool.clear()  # spares of shapes this block has not: never more than one block's worth
             self.cast.add(layer)
         if torch.is_grad_enabled():
             self.kept.add(layer)
 
     def leave(self, layer: int) -> None:
         if layer in self.cast and layer not in self.kept:
+            spares = _casts_of(self.per_block[layer], self.datas)
             _restore(self.per_block[layer], self.datas)
+            for spare in spares:
+                self.pool.setdefault((spare.shape, spare.device), []).append(spare)
             self.cast.discard(layer)
 
     def hooks(self) -> list:
