@@ -58,7 +58,7 @@ def input_device(model) -> torch.device:
     embed = getattr(model, "embed", None)
     device = runs_on(embed) if isinstance(embed, nn.Module) else None
     if device is None:
-        device = _execution_device(getattr(model, "original_model", model)) or torch.device(model.cfg.device or "cpu")
+        device = _execution_device(getattr(model, "original_model", model)) or torch.device(getattr(model.cfg, "device", None) or "cpu")
     return torch.device("cpu") if device == META else device
 
 

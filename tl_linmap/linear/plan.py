@@ -29,8 +29,10 @@ from importlib import resources
 import torch
 
 from tl_linmap.base import budget
+from tl_linmap.base.checks import check_dtype
 from tl_linmap.base.errors import InputError, MemoryBudgetError
 from tl_linmap.base.hook_names import target_depth
+from tl_linmap.freeze.targets import resolve_targets
 from tl_linmap.results.plan import DevicePeak, Plan
 
 #: The entry points a plan covers.
@@ -495,8 +497,7 @@ def make_plan(
         raise InputError(f"route must be 'auto', 'rows' or 'columns', got {route!r}.")
     shape = shape_of(model)
     n = _n_tokens(model, prompt_or_length)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise InputError(f"dtype must be a floating torch dtype (torch.float32, torch.float64), got {dtype!r}.")
+    dtype = check_dtype(dtype) or shape.dtype
     specs = device_specs(devices, shape)
     loaded = bool(shape.block_devices) if loaded is None else loaded
     own, item = _itemsize(shape.dtype), _itemsize(dtype)
@@ -615,8 +616,15 @@ def refuse_unfit(model, n_tokens: int, what: str, dtype: torch.dtype | None, **o
     Raises:
         MemoryBudgetError: with the plan's numbers (or the budget's own message about ``rows_per_pass``).
     """
+    # The entry point's own checks first, so a bad argument is refused in their words, not the plan's.
+    check_dtype(dtype)
+    if "targets" in options:
+        options["targets"] = resolve_targets(model, options["targets"])
     shape = shape_of(model)
-    plan_ = make_plan(shape, n_tokens, what, dtype=dtype or shape.dtype, timed=False, loaded=True, **options)
+    try:
+        plan_ = make_plan(shape, n_tokens, what, dtype=dtype or shape.dtype, timed=False, loaded=True, **options)
+    except InputError:
+        return  # what the plan cannot model (an unusual target) is not refused here
     if plan_.reason:
         raise MemoryBudgetError(plan_.reason)  # the budget's own words (a safe rows_per_pass)
     plan_.check()
