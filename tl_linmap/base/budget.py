@@ -10,15 +10,22 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import sys
 from collections.abc import Sequence
 
 import torch
 
-from tl_linmap.base.errors import MemoryBudgetError
+from tl_linmap.base.errors import InputError, MemoryBudgetError
 
 #: Share of the free memory one computation may fill; the rest is left to the user's session.
 MEMORY_FRACTION = 0.5
+
+
+#: Most memory a dense call (`tl_linmap.linear.dense.linear_maps`) takes by default for its passes in
+#: flight and the maps it keeps in memory, whatever is free: maps beyond it go to disk, where reading
+#: one back costs milliseconds, while memory held by results stays taken for the whole session.
+DEFAULT_MEMORY = 2**30
 
 
 #: Activation-sized tensors one batch row keeps alive in a pass (a rough, conservative count:
@@ -106,6 +113,55 @@ def available_bytes(device: torch.device) -> int:
     return FALLBACK_FREE_BYTES
 
 
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_memory(memory: int | str) -> int:
+    """A memory size as bytes: an int, or text such as ``"2GB"``, ``"512 MiB"``, ``"1.5g"``.
+
+    Args:
+        memory: Bytes (a positive int), or a number and a unit (B, KB, MB, GB, TB: powers of 1000;
+            KiB, MiB, GiB, TiB: powers of 1024; case does not matter).
+
+    Returns:
+        The bytes.
+
+    Raises:
+        InputError: for anything else, saying what to pass.
+    """
+    advice = 'give memory as bytes (an int, e.g. 2_000_000_000) or text such as "2GB" or "512MiB"'
+    if isinstance(memory, bool) or not isinstance(memory, (int, str)):
+        raise InputError(f"memory must be bytes or a size as text: {advice}; got {memory!r}.")
+    if isinstance(memory, str):
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*", memory.lower())
+        if match is None or match.group(2) not in _UNITS:
+            raise InputError(f"memory={memory!r} is not a size: {advice}.")
+        memory = int(float(match.group(1)) * _UNITS[match.group(2)])
+    if memory <= 0:
+        raise InputError(f"memory must be positive: {advice}; got {memory!r}.")
+    return memory
+
+
+def memory_budget(memory: int | str | None, device: torch.device) -> int:
+    """The memory a dense call may take for its passes and the maps it keeps in memory.
+
+    Args:
+        memory: The user's budget (see `parse_memory`), or None for the default: `MEMORY_FRACTION`
+            of the free memory (`available_bytes`), at most `DEFAULT_MEMORY`.
+        device: Where the computation runs.
+
+    Returns:
+        The budget in bytes.
+
+    Raises:
+        InputError: for a ``memory`` that is not a size.
+    """
+    if memory is not None:
+        return parse_memory(memory)
+    return min(int(available_bytes(device) * MEMORY_FRACTION), DEFAULT_MEMORY)
+
+
 def activation_bytes(model, n_tokens: int, itemsize: int) -> int:
     """Memory one batch row holds in a pass: `ACTIVATIONS_PER_ROW` activations of the widest layer.
 
@@ -121,7 +177,7 @@ def activation_bytes(model, n_tokens: int, itemsize: int) -> int:
     return itemsize * n_tokens * ACTIVATIONS_PER_ROW * width
 
 
-def fit_rows(per_row: int, stored: int, limit: int, requested: int | None, device: torch.device, name: str) -> int:
+def fit_rows(per_row: int, stored: int, limit: int, requested: int | None, device: torch.device, name: str, memory: int | None = None) -> int:
     """Rows per pass that fit in the budget once the results are stored.
 
     Args:
@@ -131,6 +187,7 @@ def fit_rows(per_row: int, stored: int, limit: int, requested: int | None, devic
         requested: The user's choice, or None to pick one.
         device: Where the computation runs.
         name: The argument the user sets (named in the error).
+        memory: The call's budget in bytes (`memory_budget`); None: `MEMORY_FRACTION` of the free memory.
 
     Returns:
         The rows per pass.
@@ -139,8 +196,13 @@ def fit_rows(per_row: int, stored: int, limit: int, requested: int | None, devic
         MemoryBudgetError: if the results alone, or the user's choice, would not fit;
             the message gives a size that fits.
     """
-    free = available_bytes(device)
-    budget = int(free * MEMORY_FRACTION) - stored
+    free = available_bytes(device) if memory is None else memory
+    budget = (int(free * MEMORY_FRACTION) if memory is None else memory) - stored
+    if budget < per_row and memory is not None:
+        raise MemoryBudgetError(
+            f"memory={memory} bytes leaves no room for one row of a pass (about {(per_row + stored) / 2**20:.0f} MiB with the maps "
+            f"kept in memory): give memory={max(per_row + stored, 2 * per_row)} or more (or a smaller rows_per_pass)."
+        )
     if budget < per_row:
         raise MemoryBudgetError(
             f"The results need {stored / _GIB:.2f} GiB, with {free / _GIB:.2f} GiB free: "
@@ -155,7 +217,8 @@ def fit_rows(per_row: int, stored: int, limit: int, requested: int | None, devic
     return requested or fits
 
 
-def plan_rows(model, n_tokens: int, d_out: int, n_targets: int, dtype: torch.dtype, requested: int | None, device: torch.device) -> int:
+def plan_rows(model, n_tokens: int, d_out: int, n_targets: int, dtype: torch.dtype, requested: int | None, device: torch.device,
+              memory: int | None = None) -> int:
     """Output rows per batched backward: about `ROW_POSITIONS` row-positions, within the budget.
 
     Args:
@@ -166,6 +229,7 @@ def plan_rows(model, n_tokens: int, d_out: int, n_targets: int, dtype: torch.dty
         dtype: Working dtype.
         requested: The user's ``rows_per_pass``, or None to pick one.
         device: Where the computation runs.
+        memory: The call's budget (see `fit_rows`).
 
     Returns:
         Rows per pass.
@@ -176,11 +240,12 @@ def plan_rows(model, n_tokens: int, d_out: int, n_targets: int, dtype: torch.dty
     item = torch.finfo(dtype).bits // 8
     per_row = item * n_tokens * model.cfg.d_model + activation_bytes(model, n_tokens, item)  # + the row's gradient
     operators = item * n_tokens * d_out * model.cfg.d_model * n_targets
-    fits = fit_rows(per_row, operators, d_out, requested, device, "rows_per_pass")
+    fits = fit_rows(per_row, operators, d_out, requested, device, "rows_per_pass", memory)
     return requested or min(fits, max(32, ROW_POSITIONS // n_tokens))
 
 
-def plan_columns(model, n_tokens: int, window: int, widths: Sequence[int], dtype: torch.dtype, requested: int | None, device: torch.device) -> int:
+def plan_columns(model, n_tokens: int, window: int, widths: Sequence[int], dtype: torch.dtype, requested: int | None, device: torch.device,
+                 memory: int | None = None, held: Sequence[int] | None = None) -> int:
     """Basis embeddings per forward pass of one token's window, within the budget.
 
     Args:
@@ -191,6 +256,8 @@ def plan_columns(model, n_tokens: int, window: int, widths: Sequence[int], dtype
         dtype: Working dtype.
         requested: The user's ``rows_per_pass``, or None to pick one.
         device: Where the computation runs.
+        memory: The call's budget (see `fit_rows`).
+        held: ``d_out`` of the targets whose operators stay in memory (None: every target's).
 
     Returns:
         Rows per pass (at most ``d_model``, the basis of one token).
@@ -200,9 +267,10 @@ def plan_columns(model, n_tokens: int, window: int, widths: Sequence[int], dtype
     """
     item = torch.finfo(dtype).bits // 8
     d_in = model.cfg.d_model
-    per_row = item * (window * d_in + sum(widths)) + activation_bytes(model, window, item)
-    operators = item * n_tokens * d_in * sum(widths)
-    return fit_rows(per_row, operators, d_in, requested, device, "rows_per_pass")
+    # A row's outputs are held three times over: the replay's, less b, divided by the basis' scale.
+    per_row = item * (window * d_in + 3 * sum(widths)) + activation_bytes(model, window, item)
+    operators = item * n_tokens * d_in * sum(widths if held is None else held)
+    return fit_rows(per_row, operators, d_in, requested, device, "rows_per_pass", memory)
 
 
 def plan_tokens(model, n_tokens: int, last: int, dtype: torch.dtype, requested: int | None, device: torch.device) -> int:
