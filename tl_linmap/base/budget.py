@@ -25,7 +25,7 @@ MEMORY_FRACTION = 0.5
 #: Most memory a dense call (`tl_linmap.linear.dense.linear_maps`) takes by default for its passes in
 #: flight and the maps it keeps in memory, whatever is free: maps beyond it go to disk, where reading
 #: one back costs milliseconds, while memory held by results stays taken for the whole session.
-DEFAULT_MEMORY = 2**30
+DEFAULT_MEMORY = 2**29
 
 
 #: Activation-sized tensors one batch row keeps alive in a pass (a rough, conservative count:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import shutil
 import tempfile
@@ -119,7 +120,8 @@ def check_store(store: str | Path | None) -> str | Path | None:
     """Validate a ``store=`` value.
 
     Args:
-        store: None, ``"memory"``, ``"disk"`` or a directory (a `pathlib.Path`, or a string naming one).
+        store: None, ``"memory"``, ``"disk"`` or a directory (a `pathlib.Path`, or a string with a
+            ``/`` or naming an existing directory).
 
     Returns:
         None, ``"memory"``, ``"disk"`` or a `pathlib.Path`.
@@ -133,6 +135,9 @@ def check_store(store: str | Path | None) -> str | Path | None:
         return store
     if not isinstance(store, (str, Path)) or not str(store).strip():
         raise InputError(f"{advice}; got {store!r}.")
+    if isinstance(store, str) and "/" not in store and os.sep not in store and not Path(store).is_dir():
+        # A bare word is more likely a mistyped keyword than a new directory in the working directory.
+        raise InputError(f'store={store!r} is neither "memory" nor "disk": {advice} (a new one as Path({store!r}) or "./{store}").')
     path = Path(store).expanduser()
     if path.exists() and not path.is_dir():
         raise InputError(f"store={str(store)!r} is a file: {advice}.")
@@ -486,7 +491,7 @@ def linear_maps(
         memory: The call's memory budget beyond the model: its passes in flight and the maps it
             keeps in memory (half of it at most; the rest is the passes'). Bytes, or text such as
             ``"2GB"`` or ``"512MiB"``; default: `tl_linmap.base.budget.MEMORY_FRACTION` of the
-            free memory, at most `tl_linmap.base.budget.DEFAULT_MEMORY` (1 GiB).
+            free memory, at most `tl_linmap.base.budget.DEFAULT_MEMORY` (512 MiB).
         store: Where the maps go. None (default): in memory within ``memory``, the rest written
             to a temporary directory as they are computed (removed with the result) and read back
             on access; ``"memory"``: every map in memory (`MemoryBudgetError` if they exceed a

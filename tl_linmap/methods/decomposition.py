@@ -86,7 +86,7 @@ def layer_maps(
             source on are mapped (the source itself, if a target, maps to the identity).
         attention_mask: With a padded token batch: 1 for real tokens, 0 for padding
             (see `tl_linmap.linear.dense.linear_maps`).
-        memory: The call's memory budget (bytes or text such as ``"2GB"``; default at most 1 GiB):
+        memory: The call's memory budget (bytes or text such as ``"2GB"``; default at most 512 MiB):
             maps beyond half of it go to disk (see `tl_linmap.linear.dense.linear_maps`).
         store: None (in memory within ``memory``, the rest on disk), ``"memory"``, ``"disk"`` or a
             directory (see `tl_linmap.linear.dense.linear_maps`).
