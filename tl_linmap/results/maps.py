@@ -19,6 +19,7 @@ import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import einops
 import torch
@@ -428,8 +429,7 @@ def cast_affine(affine: FrozenAffine | None, dtype: torch.dtype) -> FrozenAffine
     return None if affine is None else FrozenAffine(affine.matrix.to(dtype), affine.offset.to(dtype))
 
 
-@dataclass(frozen=True)
-class SpilledMap:
+class SpilledMap(NamedTuple):
     """A `LinearMap` whose operators live on disk (`tl_linmap.base.spill`), read back on access.
 
     Attributes:
