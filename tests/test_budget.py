@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tl_linmap.base import budget
-from tl_linmap.base.errors import MemoryBudgetError
+from tl_linmap.base.errors import InputError, MemoryBudgetError
 
 CPU = torch.device("cpu")
 SMOLLM2 = SimpleNamespace(cfg=SimpleNamespace(d_model=576, d_mlp=1536))
@@ -98,3 +98,19 @@ def test_forward_row_cost():
     gpt2 = SimpleNamespace(n_heads=12, d_head=64, n_key_value_heads=None, d_mlp=3072, gated_mlp=False, d_model=768)
     assert budget.forward_row_cost(llama) == pytest.approx(1.6)  # + Q, K and the gate
     assert budget.forward_row_cost(gpt2) == pytest.approx(1.2)  # + Q and K
+
+
+@pytest.mark.parametrize("text, size", [("2GB", 2 * 10**9), ("512 MiB", 2**29), ("1.5g", 1_500_000_000), (4096, 4096)])
+def test_memory_sizes_read_as_bytes(text, size):
+    assert budget.parse_memory(text) == size
+
+
+@pytest.mark.parametrize("bad", ["lots", "2 GBs", 0, -5, 1.5, True, None])
+def test_a_memory_that_is_no_size_says_what_to_pass(bad):
+    with pytest.raises(InputError, match='"2GB"'):
+        budget.parse_memory(bad)
+
+
+def test_the_default_memory_is_a_share_of_the_free_memory_capped():
+    assert 0 < budget.memory_budget(None, CPU) <= budget.DEFAULT_MEMORY
+    assert budget.memory_budget("1MB", CPU) == 10**6

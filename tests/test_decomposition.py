@@ -116,3 +116,108 @@ def test_nonlinearity_gap_shows_why_detaching_matters(model):
     for row in rows:
         assert row.detached_error < 1e-12
         assert row.plain_error > 1e-4 and row.operator_gap > 1e-4
+
+
+# Maps held only as needed: a budget (memory=), a store (store=) and a dtype (maps_dtype=).
+SHORT = "The cat sat on the mat"
+
+
+@pytest.fixture(scope="module")
+def llama(toy_models):
+    return toy_models["llama"]
+
+
+@pytest.fixture(scope="module")
+def in_memory(llama):
+    return {route: layer_maps(llama, SHORT, layers=[0, 1], modules=True, route=route, store="memory", rows_per_pass=8, progress=False)
+            for route in ("columns", "rows")}
+
+
+def _map_bytes(maps):
+    return next(iter(maps.values())).operators.nbytes
+
+
+@pytest.mark.parametrize("route", ["columns", "rows"])
+def test_maps_over_the_budget_go_to_disk_and_read_back_bit_for_bit(llama, in_memory, route):
+    reference = in_memory[route]
+    memory = 2 * 3 * _map_bytes(reference) + 4 * 2**20  # three maps kept in memory, the rest for the passes
+    maps = layer_maps(llama, SHORT, layers=[0, 1], modules=True, route=route, memory=memory, rows_per_pass=8, progress=False)
+    assert 0 < len(maps.spilled) < len(maps) and maps.directory.is_dir()
+    assert len(list(maps.directory.glob("*.safetensors"))) == len(maps.spilled)
+    for name in reference:
+        assert torch.equal(maps[name].operators, reference[name].operators), name
+        assert maps[name].operators.stride() == reference[name].operators.stride(), name
+        assert torch.equal(maps[name].bias, reference[name].bias)
+
+
+def test_store_disk_spills_every_map_and_every_method_still_works(llama, in_memory, tmp_path):
+    reference = in_memory["columns"]
+    maps = layer_maps(llama, SHORT, layers=[0, 1], modules=True, route="columns", store="disk", rows_per_pass=8, progress=False)
+    assert maps.spilled == list(reference)
+    name = "blocks.1.hook_resid_post"
+    assert torch.equal(maps.contributions()[name], reference.contributions()[name])
+    assert torch.equal(maps.heads(1)["blocks.1.attn.hook_result.0"].operators, reference.heads(1)["blocks.1.attn.hook_result.0"].operators)
+    assert torch.equal(maps.pattern(0), reference.pattern(0))
+    assert [row.relative_error for row in maps.to_table()] == [row.relative_error for row in reference.to_table()]
+    assert torch.equal(maps.svd(targets=[name])[name].stacked.values, reference.svd(targets=[name])[name].stacked.values)
+    assert repr(maps) == repr(reference)
+    maps.show(backend="html")
+    path = maps.save(tmp_path / "maps")
+    loaded = tl_linmap.load(path)
+    assert torch.equal(loaded[name].operators, reference[name].operators)
+
+
+def test_a_directory_store_keeps_its_files_and_a_temporary_one_goes_with_the_result(llama, tmp_path):
+    kept = layer_maps(llama, SHORT, layers=[0], store=tmp_path / "maps", progress=False)
+    assert kept.directory == tmp_path / "maps" and len(list(kept.directory.glob("*.safetensors"))) == len(kept)
+    temporary = layer_maps(llama, SHORT, layers=[0], store="disk", progress=False)
+    directory = temporary.directory
+    del temporary
+    import gc
+
+    gc.collect()
+    assert not directory.exists()
+    assert len(list((tmp_path / "maps").glob("*.safetensors"))) == 2
+
+
+def test_maps_kept_in_float32_are_the_float64_maps_rounded(llama, in_memory):
+    reference = in_memory["columns"]
+    for store in ("memory", "disk"):
+        maps = layer_maps(llama, SHORT, layers=[0, 1], modules=True, route="columns", store=store, maps_dtype=torch.float32,
+                          rows_per_pass=8, progress=False)
+        for name in reference:
+            assert torch.equal(maps[name].operators, reference[name].operators.float()), name
+            assert maps[name].bias.dtype == torch.float32
+        maps["blocks.1.hook_resid_post"].check()  # at float32's tolerance
+        maps.heads(1)
+
+
+def test_spilling_leaves_the_model_as_it_was(llama):
+    before = {k: v.clone() for k, v in llama.state_dict().items()}
+    layer_maps(llama, SHORT, layers=[0], store="disk", progress=False)
+    after = llama.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) and before[k].dtype == after[k].dtype for k in before)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"memory": "lots"}, '"2GB"'),
+    ({"memory": -1}, "positive"),
+    ({"store": "ram"}, '"memory", "disk"'),
+    ({"store": 3}, "directory"),
+    ({"maps_dtype": torch.int32}, "torch.float32"),
+    ({"maps_dtype": "float32"}, "torch.float32"),
+])
+def test_bad_budget_arguments_say_what_to_pass(llama, kwargs, match):
+    with pytest.raises(tl_linmap.InputError, match=match):
+        layer_maps(llama, SHORT, layers=[0], **kwargs)
+
+
+def test_a_store_that_is_a_file_is_refused(llama, tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(tl_linmap.InputError, match="is a file"):
+        layer_maps(llama, SHORT, layers=[0], store=tmp_path / "file")
+
+
+def test_maps_over_a_memory_only_store_name_the_way_out(llama):
+    with pytest.raises(tl_linmap.MemoryBudgetError, match="leave store= out"):
+        layer_maps(llama, SHORT, layers=[0, 1], modules=True, store="memory", memory="10KB", progress=False)

@@ -10,16 +10,23 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import sys
 from collections.abc import Sequence
 
 import torch
 
 from tl_linmap.base.devices import model_devices
-from tl_linmap.base.errors import MemoryBudgetError
+from tl_linmap.base.errors import InputError, MemoryBudgetError
 
 #: Share of the free memory one computation may fill; the rest is left to the user's session.
 MEMORY_FRACTION = 0.5
+
+
+#: Most memory a dense call (`tl_linmap.linear.dense.linear_maps`) takes by default for its passes in
+#: flight and the maps it keeps in memory, whatever is free: maps beyond it go to disk, where reading
+#: one back costs milliseconds, while memory held by results stays taken for the whole session.
+DEFAULT_MEMORY = 2**29
 
 
 #: Activation-sized tensors one batch row keeps alive in a pass (a rough, conservative count:
@@ -107,6 +114,51 @@ def available_bytes(device: torch.device) -> int:
     return FALLBACK_FREE_BYTES
 
 
+def parse_memory(memory: int | str) -> int:
+    """A memory size as bytes: an int, or text such as ``"2GB"``, ``"512 MiB"``, ``"1.5g"``.
+
+    Args:
+        memory: Bytes (a positive int), or a number and a unit (B, KB, MB, GB, TB: powers of 1000;
+            KiB, MiB, GiB, TiB: powers of 1024; case does not matter).
+
+    Returns:
+        The bytes.
+
+    Raises:
+        InputError: for anything else, saying what to pass.
+    """
+    advice = 'give memory as bytes (an int, e.g. 2_000_000_000) or text such as "2GB" or "512MiB"'
+    if isinstance(memory, bool) or not isinstance(memory, (int, str)):
+        raise InputError(f"memory must be bytes or a size as text: {advice}; got {memory!r}.")
+    if isinstance(memory, str):
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*", memory.lower())
+        if match is None or match.group(2) not in _UNITS:
+            raise InputError(f"memory={memory!r} is not a size: {advice}.")
+        memory = int(float(match.group(1)) * _UNITS[match.group(2)])
+    if memory <= 0:
+        raise InputError(f"memory must be positive: {advice}; got {memory!r}.")
+    return memory
+
+
+def memory_budget(memory: int | str | None, device: torch.device) -> int:
+    """The memory a dense call may take for its passes and the maps it keeps in memory.
+
+    Args:
+        memory: The user's budget (see `parse_memory`), or None for the default: `MEMORY_FRACTION`
+            of the free memory (`available_bytes`), at most `DEFAULT_MEMORY`.
+        device: Where the computation runs.
+
+    Returns:
+        The budget in bytes.
+
+    Raises:
+        InputError: for a ``memory`` that is not a size.
+    """
+    if memory is not None:
+        return parse_memory(memory)
+    return min(int(available_bytes(device) * MEMORY_FRACTION), DEFAULT_MEMORY)
+
+
 def activation_bytes(model, n_tokens: int, itemsize: int) -> int:
     """Memory one batch row holds in a pass: `ACTIVATIONS_PER_ROW` activations of the widest layer.
 
@@ -148,7 +200,8 @@ def column_bytes(model, window: int, widths: Sequence[int], itemsize: int) -> in
     Returns:
         Bytes per row in flight.
     """
-    return itemsize * (window * model.cfg.d_model + sum(widths)) + activation_bytes(model, window, itemsize)
+    # A row's outputs are held three times over: the replay's, less b, divided by the basis' scale.
+    return itemsize * (window * model.cfg.d_model + 3 * sum(widths)) + activation_bytes(model, window, itemsize)
 
 
 def fit_rows(
@@ -160,6 +213,7 @@ def fit_rows(
     name: str,
     free: int | None = None,
     others: Sequence[torch.device] = (),
+    memory: int | None = None,
 ) -> int:
     """Rows per pass that fit in the budget once the results are stored.
 
@@ -176,6 +230,7 @@ def fit_rows(
         free: Free bytes on the device (None: `available_bytes` now); `tl_linmap.linear.plan`
             passes the figure a run will see, so that plan and run pick the same rows.
         others: The other devices the model's blocks run on (`tl_linmap.base.devices.model_devices`).
+        memory: The call's budget in bytes (`memory_budget`), instead of `MEMORY_FRACTION` of ``free``.
 
     Returns:
         The rows per pass.
@@ -185,7 +240,12 @@ def fit_rows(
             the message gives a size that fits.
     """
     free = available_bytes(device) if free is None else free
-    budget = int(free * MEMORY_FRACTION) - stored
+    budget = (int(free * MEMORY_FRACTION) if memory is None else memory) - stored
+    if budget < per_row and memory is not None:
+        raise MemoryBudgetError(
+            f"memory={memory} bytes leaves no room for one row of a pass (about {(per_row + stored) / 2**20:.0f} MiB with the maps "
+            f"kept in memory): give memory={max(per_row + stored, 2 * per_row)} or more (or a smaller rows_per_pass)."
+        )
     if budget < per_row:
         raise MemoryBudgetError(
             f"The results need {stored / _GIB:.2f} GiB, with {free / _GIB:.2f} GiB free on {device}: "
@@ -209,7 +269,10 @@ def _others(model, free: int | None) -> list[torch.device]:
     return model_devices(model) if free is None else []
 
 
-def plan_rows(model, n_tokens: int, d_out: int, n_targets: int, dtype: torch.dtype, requested: int | None, device: torch.device, free: int | None = None) -> int:
+def plan_rows(
+    model, n_tokens: int, d_out: int, n_targets: int, dtype: torch.dtype, requested: int | None, device: torch.device,
+    free: int | None = None, memory: int | None = None,
+) -> int:
     """Output rows per batched backward: about `ROW_POSITIONS` row-positions, within the budget.
 
     Args:
@@ -221,6 +284,7 @@ def plan_rows(model, n_tokens: int, d_out: int, n_targets: int, dtype: torch.dty
         requested: The user's ``rows_per_pass``, or None to pick one.
         device: Where the computation runs.
         free: Free bytes on the device (None: `available_bytes` now).
+        memory: The call's budget (see `fit_rows`).
 
     Returns:
         Rows per pass.
@@ -231,11 +295,14 @@ def plan_rows(model, n_tokens: int, d_out: int, n_targets: int, dtype: torch.dty
     item = torch.finfo(dtype).bits // 8
     per_row = row_bytes(model, n_tokens, item)
     operators = item * n_tokens * d_out * model.cfg.d_model * n_targets
-    fits = fit_rows(per_row, operators, d_out, requested, device, "rows_per_pass", free, _others(model, free))
+    fits = fit_rows(per_row, operators, d_out, requested, device, "rows_per_pass", free, _others(model, free), memory)
     return requested or min(fits, max(32, ROW_POSITIONS // n_tokens))
 
 
-def plan_columns(model, n_tokens: int, window: int, widths: Sequence[int], dtype: torch.dtype, requested: int | None, device: torch.device, free: int | None = None) -> int:
+def plan_columns(
+    model, n_tokens: int, window: int, widths: Sequence[int], dtype: torch.dtype, requested: int | None, device: torch.device,
+    free: int | None = None, memory: int | None = None, held: Sequence[int] | None = None,
+) -> int:
     """Basis embeddings per forward pass of one token's window, within the budget.
 
     Args:
@@ -247,6 +314,8 @@ def plan_columns(model, n_tokens: int, window: int, widths: Sequence[int], dtype
         requested: The user's ``rows_per_pass``, or None to pick one.
         device: Where the computation runs.
         free: Free bytes on the device (None: `available_bytes` now).
+        memory: The call's budget (see `fit_rows`).
+        held: ``d_out`` of the targets whose operators stay in memory (None: every target's).
 
     Returns:
         Rows per pass (at most ``d_model``, the basis of one token).
@@ -257,8 +326,8 @@ def plan_columns(model, n_tokens: int, window: int, widths: Sequence[int], dtype
     item = torch.finfo(dtype).bits // 8
     d_in = model.cfg.d_model
     per_row = column_bytes(model, window, widths, item)
-    operators = item * n_tokens * d_in * sum(widths)
-    return fit_rows(per_row, operators, d_in, requested, device, "rows_per_pass", free, _others(model, free))
+    operators = item * n_tokens * d_in * sum(widths if held is None else held)
+    return fit_rows(per_row, operators, d_in, requested, device, "rows_per_pass", free, _others(model, free), memory)
 
 
 def plan_tokens(model, n_tokens: int, last: int, dtype: torch.dtype, requested: int | None, device: torch.device, free: int | None = None) -> int:

@@ -18,9 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import re
+import shutil
+import tempfile
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple
 
 import einops
@@ -32,18 +37,21 @@ from tqdm.auto import tqdm
 from tl_linmap.base.budget import (
     choose_route,
     forward_row_cost,
+    memory_budget,
+    parse_memory,
     plan_columns,
     plan_rows,
 )
 from tl_linmap.base.checks import check_names, check_positive
 from tl_linmap.base.compat import check_model, get_act_name
 from tl_linmap.base.deprecation import renamed_argument
-from tl_linmap.base.errors import InputError
+from tl_linmap.base.errors import InputError, MemoryBudgetError
 from tl_linmap.base.guard import borrowed
 from tl_linmap.base.hook_names import EMBED_HOOK, independent_target, target_depth
 from tl_linmap.base.prompts import Prompt, Prompts, read_prompts
 from tl_linmap.base.progress import check_progress, progress_bar
 from tl_linmap.base.devices import resident
+from tl_linmap.base.spill import SpilledTensor, SpillWriter
 from tl_linmap.freeze.architectures import naming_foreign
 from tl_linmap.freeze.capture import at_position, capture, run_to_target
 from tl_linmap.freeze.hooks import same_path_hooks
@@ -59,7 +67,15 @@ from tl_linmap.freeze.targets import check_norms, resolve_target, resolve_target
 from tl_linmap.linear.plan import refuse_unfit
 from tl_linmap.reading.readouts import LinearReadout
 from tl_linmap.reading.tokens import TokenReader
-from tl_linmap.results.maps import HeadSplit, LinearMap, LinearMaps
+from tl_linmap.results.maps import (
+    Contributions,
+    HeadSplit,
+    LinearMap,
+    LinearMaps,
+    MapStore,
+    SpilledMap,
+    cast_maps,
+)
 
 #: Values of ``route=``: ``"rows"`` (reverse mode, ``d_out`` rows per target), ``"columns"``
 #: (basis embeddings pushed forward, ``d_in`` per token), ``"auto"`` (the cheaper by `choose_route`).
@@ -96,6 +112,60 @@ def check_route(route: str) -> str:
     return route
 
 
+#: Values of ``store=`` besides a directory: ``"memory"`` (every map in memory), ``"disk"`` (every map
+#: in a temporary directory); None (the default) keeps maps in memory within the ``memory=`` budget and
+#: spills the rest to a temporary directory.
+STORES = ("memory", "disk")
+
+
+def check_store(store: str | Path | None) -> str | Path | None:
+    """Validate a ``store=`` value.
+
+    Args:
+        store: None, ``"memory"``, ``"disk"`` or a directory (a `pathlib.Path`, or a string with a
+            ``/`` or naming an existing directory).
+
+    Returns:
+        None, ``"memory"``, ``"disk"`` or a `pathlib.Path`.
+
+    Raises:
+        InputError: for anything else, or a path that is a file.
+    """
+    advice = ('store must be None (maps in memory within memory=, the rest on disk), "memory", "disk" '
+              '(a temporary directory) or a directory to keep the maps\' files in')
+    if store is None or store in STORES:
+        return store
+    if not isinstance(store, (str, Path)) or not str(store).strip():
+        raise InputError(f"{advice}; got {store!r}.")
+    if isinstance(store, str) and "/" not in store and os.sep not in store and not Path(store).is_dir():
+        # A bare word is more likely a mistyped keyword than a new directory in the working directory.
+        raise InputError(f'store={store!r} is neither "memory" nor "disk": {advice} (a new one as Path({store!r}) or "./{store}").')
+    path = Path(store).expanduser()
+    if path.exists() and not path.is_dir():
+        raise InputError(f"store={str(store)!r} is a file: {advice}.")
+    return path
+
+
+def check_maps_dtype(maps_dtype: torch.dtype | None) -> torch.dtype | None:
+    """Validate a ``maps_dtype=`` value.
+
+    Args:
+        maps_dtype: None (keep the working dtype) or a floating torch dtype.
+
+    Returns:
+        The same value.
+
+    Raises:
+        InputError: for anything else.
+    """
+    if maps_dtype is None or maps_dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
+        return maps_dtype
+    raise InputError(
+        f"maps_dtype must be None (the working dtype) or torch.float64, torch.float32, torch.float16 or torch.bfloat16, "
+        f"e.g. maps_dtype=torch.float32 to keep the maps in half the memory; got {maps_dtype!r}."
+    )
+
+
 def rows_argument(rows_per_pass: int | None, chunk_size: int | None) -> int | None:
     """Validate ``rows_per_pass`` (``chunk_size`` is its deprecated name).
 
@@ -130,6 +200,9 @@ class MapOptions:
         route: ``"rows"``, ``"columns"`` or ``"auto"``.
         source: The hook point the maps start from (None: the token embeddings); resolved
             where the model is borrowed.
+        memory: The call's memory budget in bytes (None: `tl_linmap.base.budget.memory_budget`'s default).
+        store: Where the maps go (`check_store`).
+        maps_dtype: The dtype the maps are kept in (None: the working dtype).
     """
 
     dtype: torch.dtype | None = torch.float64
@@ -139,6 +212,9 @@ class MapOptions:
     norms: tuple[str, ...] = ()
     route: str = "auto"
     source: str | None = None
+    memory: int | None = None
+    store: str | Path | None = "memory"
+    maps_dtype: torch.dtype | None = None
 
 
 def map_options(
@@ -152,6 +228,9 @@ def map_options(
     route: str = "auto",
     chunk_size: int | None = None,
     source: str | None = None,
+    memory: int | str | None = None,
+    store: str | Path | None = "memory",
+    maps_dtype: torch.dtype | None = None,
 ) -> MapOptions:
     """The keyword options of a dense entry point (`linear_maps`), checked, as one value.
 
@@ -165,18 +244,25 @@ def map_options(
         route: As for `linear_maps` (the old names warn).
         chunk_size: Deprecated name of ``rows_per_pass``.
         source: As for `linear_maps` (resolved where the model is borrowed).
+        memory: As for `linear_maps`.
+        store: As for `linear_maps` (default here ``"memory"``: the old behaviour, for callers
+            that need every map in memory).
+        maps_dtype: As for `linear_maps`.
 
     Returns:
         The `MapOptions`.
 
     Raises:
-        InputError: for a bad ``rows_per_pass``, route, model or norm.
+        InputError: for a bad ``rows_per_pass``, route, model, norm, ``memory``, ``store`` or ``maps_dtype``.
     """
     rows_per_pass = rows_argument(rows_per_pass, chunk_size)
     route = check_route(route)
     check_model(model)
     norms = tuple(check_norms(model, norms)) if norms else ()
-    return MapOptions(dtype=dtype, rows_per_pass=rows_per_pass, check=check, progress=check_progress(progress), norms=norms, route=route, source=source)
+    return MapOptions(
+        dtype=dtype, rows_per_pass=rows_per_pass, check=check, progress=check_progress(progress), norms=norms, route=route, source=source,
+        memory=None if memory is None else parse_memory(memory), store=check_store(store), maps_dtype=check_maps_dtype(maps_dtype),
+    )
 
 
 def _rows(y: Float[Tensor, " d_out"], x: Tensor, rows_per_pass: int, bar: tqdm) -> Float[Tensor, "pos d_out d_in"]:
@@ -218,14 +304,46 @@ def basis_scale(system: FrozenSystem) -> float:
     return float(2 ** min(round(math.log2(wanted)), cap))
 
 
-def _columns(system: FrozenSystem, rows_per_pass: int | None, bar: tqdm) -> dict[str, Float[Tensor, "pos d_out d_in"]]:
-    # Every target's operators at once, by pushing basis embeddings through each token's window.
+class _Sink:
+    """Where one target's columns go as the columns route computes them: a tensor in memory, or a spill file.
+
+    A spilled target's columns are written as they come, ``J_i`` stored transposed (each pass's
+    columns are then one contiguous run of the file), and its contributions ``J_i x_i`` are summed
+    from the same float64 columns, for its exactness check.
+    """
+
+    def __init__(self, x: Float[Tensor, "pos d_in"], d_out: int, writer: SpillWriter | None):
+        self.x, self.writer, self.nonzero = x, writer, False
+        n, d_in = x.shape
+        self.operators = x.new_zeros(n, d_out, d_in) if writer is None else None
+        self.values = None if writer is None else x.new_zeros(n, d_out)
+
+    def put(self, token: int, dims: range, cols: Float[Tensor, "k d_out"]) -> None:
+        if self.writer is None:
+            self.operators[token, :, dims.start : dims.stop] = cols.T
+            return
+        d_in, d_out = self.x.shape[1], cols.shape[1]
+        self.writer.write((token * d_in + dims.start) * d_out, cols)
+        self.values[token] += cols.T @ self.x[token, dims.start : dims.stop]
+        self.nonzero = self.nonzero or bool(cols.any())
+
+    def any(self) -> bool:
+        return bool(self.operators.any()) if self.writer is None else self.nonzero
+
+
+def _columns(
+    system: FrozenSystem, rows_per_pass: int | None, bar: tqdm, writers: dict[str, SpillWriter] | None = None, memory: int | None = None,
+) -> dict[str, _Sink]:
+    # Every target's operators at once, by pushing basis embeddings through each token's window;
+    # a target with a writer goes to disk as its columns come.
+    writers = writers or {}
     x = system.x
     n, d_in = x.shape[1], x.shape[2]
     widths = [system.outputs[name].shape[0] for name in system.names]
+    held = [w for name, w in zip(system.names, widths) if name not in writers]
     last = system.position
-    chunks = [plan_columns(system.model, n, last + 1 - i, widths, x.dtype, rows_per_pass, x.device) for i in range(last + 1)]
-    operators = {name: x.new_zeros(n, w, d_in) for name, w in zip(system.names, widths)}
+    chunks = [plan_columns(system.model, n, last + 1 - i, widths, x.dtype, rows_per_pass, x.device, memory=memory, held=held) for i in range(last + 1)]
+    sinks = {name: _Sink(x[0].detach(), w, writers.get(name)) for name, w in zip(system.names, widths)}
     scale = basis_scale(system)
     for token, chunk in enumerate(chunks):
         window = system.window(token, graph=False)
@@ -234,12 +352,13 @@ def _columns(system: FrozenSystem, rows_per_pass: int | None, bar: tqdm) -> dict
             columns, biases = window.push_basis(0, dims, scale)
             window = dataclasses.replace(window, biases=biases)  # b once per window
             for name, cols in columns.items():
-                operators[name][token, :, dims.start : dims.stop] = cols.T
+                sinks[name].put(token, dims, cols)
+            del columns
             bar.update(len(dims))
-    for name, ops in operators.items():
-        if not ops.any():
+    for name, sink in sinks.items():
+        if not sink.any():
             raise independent_target(name, system.source)
-    return operators
+    return sinks
 
 
 class Targets(NamedTuple):
@@ -332,6 +451,9 @@ def linear_maps(
     chunk_size: int | None = None,
     source: str | None = None,
     attention_mask: Tensor | None = None,
+    memory: int | str | None = None,
+    store: str | Path | None = None,
+    maps_dtype: torch.dtype | None = None,
 ) -> LinearMaps | list[LinearMaps]:
     """Linear maps of several targets of one inference, sharing every forward pass.
 
@@ -367,21 +489,36 @@ def linear_maps(
             target must come at or after it and depend on it.
         attention_mask: With a padded token batch ``(batch, pos)``: 1 for real tokens, 0 for
             padding, on either side (`tl_linmap.base.prompts.prompt_batch`).
+        memory: The call's memory budget beyond the model: its passes in flight and the maps it
+            keeps in memory (half of it at most; the rest is the passes'). Bytes, or text such as
+            ``"2GB"`` or ``"512MiB"``; default: `tl_linmap.base.budget.MEMORY_FRACTION` of the
+            free memory, at most `tl_linmap.base.budget.DEFAULT_MEMORY` (512 MiB).
+        store: Where the maps go. None (default): in memory within ``memory``, the rest written
+            to a temporary directory as they are computed (removed with the result) and read back
+            on access; ``"memory"``: every map in memory (`MemoryBudgetError` if they exceed a
+            given ``memory``); ``"disk"``: every map to a temporary directory; a directory (a
+            `pathlib.Path` or a string): every map there, kept. A map a readout reads stays in
+            memory. Indexing gives the same `LinearMap`, bit for bit, wherever it is kept
+            (`tl_linmap.results.maps.LinearMaps.spilled` names those on disk).
+        maps_dtype: The dtype the maps are kept in (None: the working ``dtype``), e.g.
+            ``torch.float32`` for half the memory or disk. Every map is checked (``check``) in
+            the working dtype first; the kept maps then hold every float tensor in ``maps_dtype``
+            (their own ``check`` then at its tolerance).
 
     Returns:
         `tl_linmap.results.maps.LinearMaps` keyed by hook name; for a list of prompts (or a token
         batch), a list of them, one per prompt, each equal to the one-prompt call's
-        (`batched_linear_maps`).
+        (`batched_linear_maps`; prompt by prompt where their maps would not all stay in memory).
 
     Raises:
         InputError: for a bad model, prompt, dtype, position, targets, norms,
-            ``rows_per_pass`` or route.
-        MemoryBudgetError: if the operators, or the given ``rows_per_pass``, would not fit.
+            ``rows_per_pass``, route, ``memory``, ``store`` or ``maps_dtype``.
+        MemoryBudgetError: if the given ``rows_per_pass``, or a pass's row, would not fit the budget.
         FreezeError: if ``check`` and a map does not reconstruct its output.
     """
     options = map_options(
         model, dtype=dtype, rows_per_pass=rows_per_pass, chunk_size=chunk_size, check=check, progress=progress,
-        route=route, source=source, norms=norms,
+        route=route, source=source, norms=norms, memory=memory, store=store, maps_dtype=maps_dtype,
     )
     targets = split_targets(model, targets)
     prompts = read_prompts(model, prompt_or_tokens, position=position, attention_mask=attention_mask)
@@ -409,13 +546,78 @@ def maps_of(model, prompts: Prompts, targets: Targets, options: MapOptions) -> L
                      rows_per_pass=options.rows_per_pass, position=prompts.positions[longest])
     if not prompts.batch:
         return _prompt_maps(model, prompts, targets, options)
-    if batchable(model) and len(prompts) > 1:  # one prompt has nothing to share
+    if batchable(model) and len(prompts) > 1 and _batch_in_memory(model, prompts, targets, options):  # one prompt has nothing to share
         return batched_linear_maps(model, prompts, targets, options)
-    return [_prompt_maps(model, prompt, targets, options) for prompt in prompts.singles()]
+    return [_prompt_maps(model, prompt, targets, options, index) for index, prompt in enumerate(prompts.singles())]
 
 
-def _prompt_maps(model, prompt: Prompts, targets: Targets, options: MapOptions) -> LinearMaps:
-    # One prompt's maps: every target from one frozen system, by the route options (or its cost) picks.
+def _batch_in_memory(model, prompts: Prompts, targets: Targets, options: MapOptions) -> bool:
+    # The batched route holds every prompt's maps at once: only where they all stay in memory
+    # (estimated at d_model wide each, before anything runs); else prompt by prompt, each spilling.
+    if options.store == "memory":
+        return True
+    if options.store is not None:
+        return False
+    item = torch.finfo(options.dtype or model.cfg.dtype).bits // 8
+    n = sum(tokens.shape[-1] for tokens in prompts.tokens)
+    size = item * n * model.cfg.d_model**2 * len(targets.maps)
+    return size <= memory_budget(options.memory, torch.device(model.cfg.device)) // 2
+
+
+@dataclass
+class _Spill:
+    """Where one prompt's maps go: which stay in memory, and the directory of those that do not.
+
+    Attributes:
+        held: Hook names kept in memory.
+        directory: Where spilled maps' files go (None: none spilled).
+        temporary: Whether ``directory`` is removed with the result.
+        memory: The call's budget for passes and held maps (None: plan on the free memory).
+    """
+
+    held: set[str]
+    directory: Path | None
+    temporary: bool
+    memory: int | None
+
+    def writer(self, index: int, name: str, shape: tuple[int, ...], dtype: torch.dtype, order: tuple[int, ...], contiguous: bool) -> SpillWriter:
+        file = f"{index:04d}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}.safetensors"
+        return SpillWriter(self.directory / file, shape, dtype, order, contiguous)
+
+    def discard(self) -> None:
+        if self.temporary and self.directory is not None:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _plan_spill(options: MapOptions, sizes: dict[str, int], keep: set[str], device: torch.device, prompt_index: int | None) -> _Spill:
+    # Maps stay in memory, in order, while they fit in half the budget (the rest is the passes');
+    # ``keep`` (the hooks readouts read) always stays.
+    memory = None if options.store == "memory" and options.memory is None else memory_budget(options.memory, device)
+    if options.store == "memory":
+        if memory is not None and sum(sizes.values()) > memory:
+            raise MemoryBudgetError(
+                f"The maps take {sum(sizes.values()) / 2**30:.2f} GiB, over memory={memory} bytes: leave store= out "
+                "(maps beyond the budget go to disk), or give a larger memory=."
+            )
+        return _Spill(set(sizes), None, False, memory)
+    held, total = set(keep), sum(sizes[name] for name in keep if name in sizes)
+    if options.store is None:
+        for name, size in sizes.items():
+            if name not in held and total + size <= memory // 2:
+                held.add(name)
+                total += size
+    if set(sizes) <= held:
+        return _Spill(held, None, False, memory)
+    if isinstance(options.store, Path):
+        directory = options.store if prompt_index is None else options.store / f"prompt-{prompt_index}"
+        directory.mkdir(parents=True, exist_ok=True)
+        return _Spill(held, directory, False, memory)
+    return _Spill(held, Path(tempfile.mkdtemp(prefix="tl_linmap-maps-")), True, memory)
+
+
+def _prompt_maps(model, prompt: Prompts, targets: Targets, options: MapOptions, prompt_index: int | None = None) -> LinearMaps:
+    # One prompt's maps: every target from one frozen system, by the route options (or its cost)
+    # picks; maps beyond the budget are written to disk as they are computed, and checked then.
     route = options.route
     with frozen_system(model, prompt, targets.hooks, dtype=options.dtype, source=options.source) as system:
         n, d_in = system.x.shape[1:]
@@ -423,26 +625,77 @@ def _prompt_maps(model, prompt: Prompts, targets: Targets, options: MapOptions) 
         weights = _readout_weights(system, targets.readouts)
         if route == "auto":
             route = _cheaper_route(system, wanted, weights)
-        if route == "columns":
-            system = system.with_biases()
-            with progress_bar((system.position + 1) * d_in, "detached Jacobian columns", options.progress) as bar:
-                operators = _columns(system, options.rows_per_pass, bar)
-            scalar_ops = {label: einops.einsum(operators[name], w, "pos d_out d_in, d_out -> pos d_in")[:, None] for label, (name, w, _) in weights.items()}
-        else:
-            system = system.with_graph().with_biases()
-            ys = system.ys
-            rows = [ys[name].shape[0] for name in wanted] + [1] * len(weights)
-            chunk = plan_rows(model, n, max(rows), len(rows), system.x.dtype, options.rows_per_pass, system.x.device)
-            with torch.enable_grad(), progress_bar(sum(rows), "detached Jacobian rows", options.progress) as bar:
-                operators = {name: _rows(ys[name], system.x, chunk, bar) for name in wanted}
-                scalar_ops = {label: vjp(ys[name], system.x, w[None]).transpose(0, 1) for label, (name, w, _) in weights.items()}
-                bar.update(len(weights))
-        maps = _assemble(system, wanted, weights, operators, scalar_ops, options.norms)
+        item = system.x.element_size()
+        sizes = {name: item * n * system.outputs[name].shape[0] * d_in for name in wanted}
+        spill = _plan_spill(options, sizes, {name for name, _, _ in weights.values()}, system.x.device, prompt_index)
+        try:
+            with naming_foreign(model):
+                route_maps = _columns_maps if route == "columns" else _rows_maps
+                system, operators, spilled = route_maps(system, wanted, weights, spill, options)
+            scalar_ops = operators.pop(_SCALARS)
+            maps = _assemble(system, wanted, weights, operators, scalar_ops, options.norms, spilled, spill)
+        except BaseException:
+            spill.discard()
+            raise
     if options.check:
         with naming_foreign(model):
-            for lm in maps.values():
-                lm.check()
-    return maps
+            for name in maps.maps:
+                if name not in spilled:  # the spilled maps were checked as they were written
+                    maps[name].check()
+    return maps if options.maps_dtype in (None, system.x.dtype) else cast_maps(maps, options.maps_dtype)
+
+
+_SCALARS = "$scalars"  # the readouts' maps, among a route's operators
+
+
+def _checked_spill(system: FrozenSystem, name: str, spilled: SpilledTensor, values: Tensor | None, lm: LinearMap | None, check: bool) -> SpilledTensor:
+    # The exactness check of a map written to disk, on its float64 values before any down-cast.
+    if check:
+        (lm or Contributions(values=values, **system.result_fields(name))).check()
+    return spilled
+
+
+def _columns_maps(system: FrozenSystem, wanted: list[str], weights: dict, spill: _Spill, options: MapOptions) -> tuple[FrozenSystem, dict, dict]:
+    system = system.with_biases()
+    n, d_in = system.x.shape[1:]
+    dtype = options.maps_dtype or system.x.dtype
+    writers = {
+        name: spill.writer(index, name, (n, system.outputs[name].shape[0], d_in), dtype, (0, 2, 1), True)
+        for index, name in enumerate(wanted) if name not in spill.held
+    }
+    with progress_bar((system.position + 1) * d_in, "detached Jacobian columns", options.progress) as bar:
+        sinks = _columns(system, options.rows_per_pass, bar, writers, spill.memory)
+    spilled = {name: _checked_spill(system, name, w.spilled, sinks[name].values, None, options.check) for name, w in writers.items()}
+    operators = {name: sink.operators for name, sink in sinks.items() if name not in writers}
+    operators[_SCALARS] = {
+        label: einops.einsum(operators[name], w, "pos d_out d_in, d_out -> pos d_in")[:, None] for label, (name, w, _) in weights.items()
+    }
+    return system, operators, spilled
+
+
+def _rows_maps(system: FrozenSystem, wanted: list[str], weights: dict, spill: _Spill, options: MapOptions) -> tuple[FrozenSystem, dict, dict]:
+    system = system.with_graph().with_biases()
+    ys, x = system.ys, system.x
+    n = x.shape[1]
+    rows = [ys[name].shape[0] for name in wanted] + [1] * len(weights)
+    held = [r for name, r in zip(wanted, rows) if name in spill.held]
+    chunk = plan_rows(system.model, n, max(rows), max(len(held), 1), x.dtype, options.rows_per_pass, x.device, memory=spill.memory)
+    operators, spilled = {}, {}
+    with torch.enable_grad(), progress_bar(sum(rows), "detached Jacobian rows", options.progress) as bar:
+        for index, name in enumerate(wanted):
+            ops = _rows(ys[name], x, chunk, bar)
+            if name in spill.held:
+                operators[name] = ops
+                continue
+            lm = LinearMap(operators=ops, inputs=x[0].detach(), **system.result_fields(name))
+            order = tuple(sorted(range(ops.ndim), key=lambda d: -ops.stride(d)))  # its memory order, so it loads with its strides
+            writer = spill.writer(index, name, tuple(ops.shape), options.maps_dtype or x.dtype, order, ops.is_contiguous())
+            writer.write_tensor(ops)
+            spilled[name] = _checked_spill(system, name, writer.spilled, None, lm, options.check)
+            del ops, lm
+        operators[_SCALARS] = {label: vjp(ys[name], x, w[None]).transpose(0, 1) for label, (name, w, _) in weights.items()}
+        bar.update(len(weights))
+    return system, operators, spilled
 
 
 def _cheaper_route(system: FrozenSystem, wanted: list[str], weights: dict) -> str:
@@ -454,15 +707,27 @@ def _cheaper_route(system: FrozenSystem, wanted: list[str], weights: dict) -> st
     return choose_route(d_in, n, system.position, shapes, forward_row_cost(system.model.cfg))
 
 
-def _assemble(system: FrozenSystem, wanted: list[str], weights: dict, operators: dict, scalar_ops: dict, norms: Sequence[str]) -> LinearMaps:
-    # One prompt's LinearMaps from its operators (b known), with its head readouts and frozen norms.
+def _assemble(
+    system: FrozenSystem, wanted: list[str], weights: dict, operators: dict, scalar_ops: dict, norms: Sequence[str],
+    spilled: dict[str, SpilledTensor] | None = None, spill: _Spill | None = None,
+) -> LinearMaps:
+    # One prompt's LinearMaps from its operators (b known), with its head readouts and frozen norms;
+    # a map whose operators went to disk is kept as a SpilledMap, read back on access.
+    spilled = spilled or {}
     inputs = system.x[0].detach()
     head_splits = _head_splits(system)
     frozen_norms = {f"blocks.{layer}.{_POST_ATTN_NORM}": r.post for layer, r in head_splits.items() if r.post is not None}
-    results = {name: LinearMap(operators=operators[name], inputs=inputs, **system.result_fields(name)) for name in wanted}
+    results = {}
+    for name in wanted:
+        if name in spilled:
+            empty = torch.empty(spilled[name].shape, dtype=inputs.dtype, device="meta")
+            results[name] = SpilledMap(LinearMap(operators=empty, inputs=inputs, **system.result_fields(name)), spilled[name])
+        else:
+            results[name] = LinearMap(operators=operators[name], inputs=inputs, **system.result_fields(name))
     results.update({label: _scalar_map(system, name, w, c, label, scalar_ops[label]) for label, (name, w, c) in weights.items()})
+    ordered = {key: results[key] for key in [*wanted, *weights]}
     return LinearMaps(
-        {key: results[key] for key in [*wanted, *weights]},
+        MapStore(ordered, spill.directory, spill.temporary) if spilled else ordered,
         head_splits=head_splits,
         norms={"ln_final": system.final_norm, **frozen_norms, **{norm: system.frozen_norm(norm) for norm in norms}},
     )
@@ -555,7 +820,9 @@ def batched_linear_maps(model, prompts: Prompts, targets: Targets, options: MapO
         if route == "columns":
             total = sum((s.position + 1) * d_in for s in systems)
             with progress_bar(total, "detached Jacobian columns", options.progress) as bar:
-                all_ops = [_columns(system, options.rows_per_pass, bar) for system in systems]
+                all_ops = [
+                    {name: sink.operators for name, sink in _columns(system, options.rows_per_pass, bar).items()} for system in systems
+                ]
             scalar_ops = [
                 {label: einops.einsum(ops[name], w, "pos d_out d_in, d_out -> pos d_in")[:, None] for label, (name, w, _) in ws.items()}
                 for ops, ws in zip(all_ops, weights)
@@ -570,6 +837,8 @@ def batched_linear_maps(model, prompts: Prompts, targets: Targets, options: MapO
             for maps in results:
                 for lm in maps.values():
                     lm.check()
+    if options.maps_dtype not in (None, results[0][wanted[0]].operators.dtype if wanted else None):
+        results = [cast_maps(maps, options.maps_dtype) for maps in results]
     return results
 
 

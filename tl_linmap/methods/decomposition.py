@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -61,6 +62,9 @@ def layer_maps(
     chunk_size: int | None = None,
     source: str | None = None,
     attention_mask: Tensor | None = None,
+    memory: int | str | None = None,
+    store: str | Path | None = None,
+    maps_dtype: torch.dtype | None = None,
 ) -> LinearMaps | list[LinearMaps]:
     """Exact linear maps of the residual stream (and optionally every module) per layer.
 
@@ -83,17 +87,23 @@ def layer_maps(
             source on are mapped (the source itself, if a target, maps to the identity).
         attention_mask: With a padded token batch: 1 for real tokens, 0 for padding
             (see `tl_linmap.linear.dense.linear_maps`).
+        memory: The call's memory budget (bytes or text such as ``"2GB"``; default at most 512 MiB):
+            maps beyond half of it go to disk (see `tl_linmap.linear.dense.linear_maps`).
+        store: None (in memory within ``memory``, the rest on disk), ``"memory"``, ``"disk"`` or a
+            directory (see `tl_linmap.linear.dense.linear_maps`).
+        maps_dtype: The dtype the maps are kept in after their check (None: ``dtype``).
 
     Returns:
         `tl_linmap.results.maps.LinearMaps` keyed by hook name (``blocks.L.hook_resid_post``, ...);
-        for a list of prompts (or a token batch), one per prompt, their passes shared.
+        for a list of prompts (or a token batch), one per prompt, their passes shared where
+        their maps all stay in memory. Maps on disk are read back on access, bit for bit.
 
     Raises:
         InputError: for a bad model, prompt, ``layers`` or any argument of `tl_linmap.linear.dense.linear_maps`.
     """
     options = map_options(
         model, dtype=dtype, rows_per_pass=rows_per_pass, chunk_size=chunk_size, check=check, progress=progress,
-        route=route, source=source,
+        route=route, source=source, memory=memory, store=store, maps_dtype=maps_dtype,
     )
     targets = split_targets(model, _mapped_targets(model, layers, modules, source))
     prompts = read_prompts(model, prompt_or_tokens, position=position, attention_mask=attention_mask)

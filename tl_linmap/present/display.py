@@ -255,7 +255,8 @@ def linear_maps_html(maps: Mapping) -> str:
     if not maps:
         return _frame("No maps")
     rows = map_rows(maps)
-    name, last = list(maps.items())[-1]
+    name = list(maps)[-1]
+    last = maps[name]  # one map read (a map kept on disk is read on access)
     last_map = f"<div>Last map: <code>{html.escape(name)}</code></div>"
     return _frame(html.escape(_maps_title(last, rows)), rows._repr_html_(), last_map, _contribution_view(last, last.str_tokens))
 
@@ -278,7 +279,7 @@ def linear_maps_text(maps: Mapping) -> str:
     if not maps:
         return "No maps"
     rows = map_rows(maps)
-    return f"{_maps_title(list(maps.values())[-1], rows)}\n{rows}"
+    return f"{_maps_title(maps[list(maps)[-1]], rows)}\n{rows}"
 
 
 @table_row

@@ -156,7 +156,8 @@ def _named(maps: Mapping[str, TargetResult] | TargetResult) -> dict[str, TargetR
         )
     if not maps:
         raise InputError("No maps to plot.")
-    return dict(maps)
+    # LinearMaps as they are: a map kept on disk is read when drawn, not all at once.
+    return maps if isinstance(maps, dict) or hasattr(maps, "spilled") else dict(maps)
 
 
 def _linear(named: dict[str, TargetResult]) -> dict[str, LinearMap]:

@@ -13,9 +13,13 @@ dtype, `tl_linmap.base.exactness`).
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import warnings
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
 
 import einops
 import torch
@@ -34,6 +38,7 @@ from tl_linmap.base.errors import InputError
 from tl_linmap.base.exactness import check_exact, relative
 from tl_linmap.base.hook_names import EMBED_HOOK, OUTPUT_HOOK, RESIDUAL_HOOKS
 from tl_linmap.base.saving import Saveable
+from tl_linmap.base.spill import SpilledTensor
 from tl_linmap.base.table import Table
 from tl_linmap.present import display, views
 from tl_linmap.reading.readouts import LinearReadout
@@ -392,6 +397,120 @@ class HeadSplit(Saveable):
         return self.post.matrix @ self.b_O + self.post.offset
 
 
+def cast_map(lm: LinearMap, dtype: torch.dtype) -> LinearMap:
+    """A map with every float tensor in ``dtype`` (its operators, inputs, ``b``, outputs, reader's norm).
+
+    Args:
+        lm: The map.
+        dtype: A floating dtype.
+
+    Returns:
+        A new `LinearMap` (the same one where nothing changes).
+    """
+    if lm.operators.dtype == dtype and lm.inputs.dtype == dtype:
+        return lm
+    tensors = {name: getattr(lm, name).to(dtype) for name in ("operators", "inputs", "bias", "output", "native_output")}
+    reader = lm.reader
+    if reader is not None and reader.final_norm is not None:
+        reader = dataclasses.replace(reader, final_norm=cast_affine(reader.final_norm, dtype))
+    return dataclasses.replace(lm, reader=reader, **tensors)
+
+
+def cast_affine(affine: FrozenAffine | None, dtype: torch.dtype) -> FrozenAffine | None:
+    """A frozen norm in ``dtype``.
+
+    Args:
+        affine: The frozen norm, or None.
+        dtype: A floating dtype.
+
+    Returns:
+        The cast norm, or None.
+    """
+    return None if affine is None else FrozenAffine(affine.matrix.to(dtype), affine.offset.to(dtype))
+
+
+class SpilledMap(NamedTuple):
+    """A `LinearMap` whose operators live on disk (`tl_linmap.base.spill`), read back on access.
+
+    Attributes:
+        fields: The map without its operators (they are an empty tensor on the ``meta`` device).
+        operators: Where the operators are.
+    """
+
+    fields: LinearMap
+    operators: SpilledTensor
+
+    def load(self) -> LinearMap:
+        """The map, its operators read from disk.
+
+        Returns:
+            The `LinearMap`, bit for bit as computed.
+        """
+        return dataclasses.replace(self.fields, operators=self.operators.load())
+
+
+class MapStore(Mapping):
+    """`LinearMaps.maps` where some maps live on disk: each read back when indexed, none kept.
+
+    Iterating, ``.items()`` and every `LinearMaps` method read one spilled map at a time, so
+    memory holds the maps kept in memory and one more. A temporary directory is removed with
+    the store (when no result refers to it any longer); a directory the user named is kept.
+
+    Args:
+        maps: Per hook name, in order, a `LinearMap` (kept in memory) or a `SpilledMap`.
+        directory: Where the spilled maps' files are (None: nothing spilled).
+        temporary: Remove ``directory`` with this store.
+    """
+
+    def __init__(self, maps: Mapping[str, LinearMap | SpilledMap], directory: Path | None = None, temporary: bool = False):
+        self._maps = dict(maps)
+        self.directory = directory
+        if temporary and directory is not None:
+            self._cleanup = weakref.finalize(self, shutil.rmtree, str(directory), True)
+
+    def __getitem__(self, name: str) -> LinearMap:
+        lm = self._maps[name]
+        return lm.load() if isinstance(lm, SpilledMap) else lm
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._maps)
+
+    def __len__(self) -> int:
+        return len(self._maps)
+
+    @property
+    def spilled(self) -> list[str]:
+        """The hook names whose operators are on disk."""
+        return [name for name, lm in self._maps.items() if isinstance(lm, SpilledMap)]
+
+    def nbytes(self) -> int:
+        """Bytes of the operators held in memory.
+
+        Returns:
+            The sum over the maps kept in memory.
+        """
+        return sum(lm.operators.nbytes for lm in self._maps.values() if isinstance(lm, LinearMap))
+
+    def cast(self, dtype: torch.dtype) -> MapStore:
+        """The maps kept in memory in ``dtype`` (spilled ones were written in it already).
+
+        Args:
+            dtype: A floating dtype.
+
+        Returns:
+            A store sharing this one's files (and their lifetime).
+        """
+        store = MapStore({
+            name: cast_map(lm, dtype) if isinstance(lm, LinearMap) else SpilledMap(cast_map(lm.fields, dtype), lm.operators)
+            for name, lm in self._maps.items()
+        }, self.directory)
+        store._owner = self  # the files live as long as any store that reads them
+        return store
+
+    def __repr__(self) -> str:
+        return f"MapStore({len(self)} maps, {len(self.spilled)} on disk in {str(self.directory)!r})"
+
+
 class MissingMapError(InputError, KeyError):
     """`LinearMaps` holds no map of that name (a `KeyError` too, as a mapping's lookups expect)."""
 
@@ -404,12 +523,14 @@ class LinearMaps(Mapping, Saveable):
     """Linear maps of several hook points of one inference, indexed by hook name.
 
     Attributes:
-        maps: `LinearMap` per hook name.
+        maps: `LinearMap` per hook name: a dict, or a `MapStore` where some maps live on disk
+            (`tl_linmap.linear.dense.linear_maps` under a ``memory=`` budget or ``store="disk"``):
+            indexing reads such a map back, bit for bit, and every method reads one at a time.
         head_splits: Per layer whose ``hook_z`` was mapped, how it becomes ``hook_attn_out`` (for `heads`).
         norms: Norm modules frozen at the target position (``"ln_final"`` always), as affine maps.
     """
 
-    maps: dict[str, LinearMap]
+    maps: Mapping[str, LinearMap]
     head_splits: dict[int, HeadSplit] = field(default_factory=dict, repr=False)
     norms: dict[str, FrozenAffine] = field(default_factory=dict, repr=False)
 
@@ -438,8 +559,18 @@ class LinearMaps(Mapping, Saveable):
     def __iter__(self) -> Iterator[str]:
         return iter(self.maps)
 
+    @property
+    def spilled(self) -> list[str]:
+        """The hook names whose operators live on disk (read back on access); empty where all are in memory."""
+        return list(getattr(self.maps, "spilled", []))
+
+    @property
+    def directory(self) -> Path | None:
+        """Where the spilled maps' files are (None where every map is in memory)."""
+        return getattr(self.maps, "directory", None)
+
     def _prompt(self) -> dict | None:
-        return next(iter(self.maps.values()))._prompt() if self.maps else None
+        return self.maps[next(iter(self.maps))]._prompt() if self.maps else None
 
     def __len__(self) -> int:
         return len(self.maps)
@@ -776,3 +907,22 @@ class LinearMaps(Mapping, Saveable):
 
 
 __getattr__ = renamed_names(__name__, {"HeadReadout": "HeadSplit"})
+
+
+def cast_maps(maps: LinearMaps, dtype: torch.dtype) -> LinearMaps:
+    """Maps with every float tensor in ``dtype``: the maps kept in memory, head splits, frozen norms.
+
+    Args:
+        maps: The maps (spilled ones were written in ``dtype`` already).
+        dtype: A floating dtype.
+
+    Returns:
+        New `LinearMaps` (the maps on disk shared).
+    """
+    store = maps.maps.cast(dtype) if isinstance(maps.maps, MapStore) else {name: cast_map(lm, dtype) for name, lm in maps.maps.items()}
+    splits = {
+        layer: HeadSplit(W_O=s.W_O.to(dtype), b_O=s.b_O.to(dtype), post=cast_affine(s.post, dtype),
+                         pattern=None if s.pattern is None else s.pattern.to(dtype))
+        for layer, s in maps.head_splits.items()
+    }
+    return LinearMaps(store, head_splits=splits, norms={name: cast_affine(n, dtype) for name, n in maps.norms.items()})
