@@ -26,7 +26,7 @@ def test_the_plan_names_the_rows_and_route_the_run_takes(toy_models, monkeypatch
     n = model.to_tokens(PROMPT).shape[-1]
     taken = []
     real_rows, real_tokens = dense.plan_rows, matrix_free.plan_tokens
-    monkeypatch.setattr(dense, "plan_rows", lambda *args: taken.append(("rows", real_rows(*args))) or taken[-1][1])
+    monkeypatch.setattr(dense, "plan_rows", lambda *args, **kw: taken.append(("rows", real_rows(*args, **kw))) or taken[-1][1])
     monkeypatch.setattr(matrix_free, "plan_tokens", lambda *args: taken.append(("tokens", real_tokens(*args))) or taken[-1][1])
     tl_linmap.linear_map(model, PROMPT, check=False)
     tl_linmap.token_contributions(model, PROMPT, check=False)

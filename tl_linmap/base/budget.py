@@ -114,6 +114,10 @@ def available_bytes(device: torch.device) -> int:
     return FALLBACK_FREE_BYTES
 
 
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
 def parse_memory(memory: int | str) -> int:
     """A memory size as bytes: an int, or text such as ``"2GB"``, ``"512 MiB"``, ``"1.5g"``.
 

@@ -392,13 +392,20 @@ def _work(shape: ModelShape, what: str, route: str, n: int, last: int, dtype: to
                      setup + shape.n_layers * (_forward_flops(shape, n) + rows * _backward_flops(shape, n)))
     shapes = [(_target_width(shape, t), target_depth(t, shape.n_layers)) for t in targets]
     widths = [w for w, _ in shapes]
-    stored = item * n * shape.d_model * sum(widths)
+    # As `linear_maps` by default: maps stay in memory while they fit half the call's budget, the rest go to disk.
+    memory = min(int(free * budget.MEMORY_FRACTION), budget.DEFAULT_MEMORY)
+    held, total = [], 0
+    for width in widths:
+        if total + item * n * shape.d_model * width <= memory // 2:
+            held.append(width)
+            total += item * n * shape.d_model * width
+    stored = total
     if route == "columns":
-        rows = budget.plan_columns(shape, n, last + 1, widths, dtype, rows_per_pass, device, free)
+        rows = budget.plan_columns(shape, n, last + 1, widths, dtype, rows_per_pass, device, free, memory=memory, held=held)
         depth = max(d for _, d in shapes)
         pushes = sum(shape.d_model * depth * _forward_flops(shape, last + 1 - i) for i in range(last + 1))
         return _Work(route, rows, False, rows * budget.column_bytes(shape, last + 1, widths, item), stored, setup + pushes)
-    rows = budget.plan_rows(shape, n, max(widths), len(widths), dtype, rows_per_pass, device, free)
+    rows = budget.plan_rows(shape, n, max(widths), max(len(held), 1), dtype, rows_per_pass, device, free, memory=memory)
     backward = sum(w * d * _backward_flops(shape, n) for w, d in shapes)
     return _Work(route, rows, True, rows * budget.row_bytes(shape, n, item), stored, setup + shape.n_layers * _forward_flops(shape, n) + backward)
 
