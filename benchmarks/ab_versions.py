@@ -24,6 +24,13 @@ CALLS = {
         "with tl_linmap.matrix_free(toy('llama', d_model=256, n_layers=4, d_mlp=768), T(32)) as mf: mf.svd(-1, k=8)"
     ),
     "linear_map, SmolLM2, 12 tokens, float32": "tl_linmap.linear_map(smollm2(), 'The capital of France is a city that', dtype=torch.float32)",
+    # The float32 model mapped in float64: its blocks cast as the pass reaches them (issue 27).
+    "token_contributions, SmolLM2 float32 in float64, 12 tokens": (
+        "tl_linmap.token_contributions(smollm2(), 'The capital of France is a city that')"
+    ),
+    "linear_map rows, SmolLM2 float32 in float64, 12 tokens": (
+        "tl_linmap.linear_map(smollm2(), 'The capital of France is a city that', route='rows')"
+    ),
 }
 
 _CHILD = r"""
