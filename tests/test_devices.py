@@ -3,6 +3,7 @@
 import pytest
 import torch
 from conftest import PROMPT
+from transformer_lens.model_bridge import TransformerBridge
 
 import tl_linmap
 from tl_linmap.base import budget
@@ -15,9 +16,6 @@ from tl_linmap.base.devices import (
 )
 from tl_linmap.base.guard import hook_count
 from tl_linmap.load import toy
-
-pytest.importorskip("transformer_lens.model_bridge")
-from transformer_lens.model_bridge import TransformerBridge
 
 #: ``max_memory`` on the CPU: the embedding stays and the blocks, the final norm and the
 #: unembedding go to disk; or nothing fits and the whole model goes to disk.

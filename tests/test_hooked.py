@@ -332,3 +332,26 @@ def test_reading_tools_plots_report_and_generation(hooked, tmp_path):
         steered = model.generate(PROMPT, max_new_tokens=4, do_sample=False, verbose=False, use_past_kv_cache=True)
     plain = model.generate(PROMPT, max_new_tokens=4, do_sample=False, verbose=False, use_past_kv_cache=True)
     assert steered != plain and hook_count(model) == 0
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_a_float32_model_maps_in_float64_one_block_cast_at_a_time(family):
+    """No second copy: each block in float64 only while a pass without graph runs through it; the map is exact."""
+    from tl_linmap.base.guard import borrowed
+    from tl_linmap.freeze.capture import run_to_target
+
+    model = hooked_toy_model(family, dtype=torch.float32)
+    seen = {}
+
+    def look(layer):
+        return lambda act, hook: seen.__setitem__(layer, [{p.dtype for p in b.parameters()} for b in model.blocks])
+
+    n = model.cfg.n_layers
+    with borrowed(model, torch.float64), torch.no_grad():
+        run_to_target(model, model.to_tokens(PROMPT), f"blocks.{n - 1}.hook_resid_post", [(f"blocks.{i}.hook_attn_out", look(i)) for i in range(n)])
+    for layer in range(n):
+        assert seen[layer] == [{torch.float64} if i == layer else {torch.float32} for i in range(n)]
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    contributions = tl_linmap.token_contributions(model, PROMPT)
+    assert contributions.relative_error() < 1e-12
+    assert tl_linmap.linear_map(model, PROMPT).relative_error() < 1e-12

@@ -171,6 +171,13 @@ class _BlockCasts:
         return hooks
 
 
+def _hookable(model, names: list[str]) -> bool:
+    # Every block boundary is a plain hook point: not where a spliced SAE (SAELens' _SAEWrapper) took its
+    # place, whose boundary hooks run inside the SAE; such a model is cast whole on entry instead.
+    points = model.hook_dict
+    return all(hasattr(points.get(name), "add_hook") for name in names)
+
+
 def hook_count(model) -> int:
     """Number of forward and backward hooks attached to the model's hook points.
 
@@ -227,10 +234,14 @@ def borrowed(model, dtype: torch.dtype | None) -> Iterator[None]:
             module.dtype = dtype
         on_entry, per_block = _split_by_block(model, slots)
         _cast(on_entry, dtype)
-        if not per_block:
-            yield
+        if not any(s.tensor.is_floating_point() and s.tensor.dtype != dtype for block in per_block for s in block):
+            yield  # nothing to cast in the blocks (the model is in the working dtype already)
             return
         casts = _BlockCasts(per_block, {id(p): data for p, data, _ in datas}, dtype)
+        if not _hookable(model, [name for name, _ in casts.hooks()]):
+            _cast([s for block in per_block for s in block], dtype)
+            yield
+            return
         with model.hooks(fwd_hooks=casts.hooks()):
             yield
     finally:
