@@ -144,6 +144,11 @@ def parse_memory(memory: int | str) -> int:
     return memory
 
 
+class DefaultBudget(int):
+    """The budget a call takes when the user gave none: where one row of a pass needs more, the pass
+    gets `MEMORY_FRACTION` of the free memory instead of being refused (maps still spill beyond it)."""
+
+
 def memory_budget(memory: int | str | None, device: torch.device) -> int:
     """The memory a dense call may take for its passes and the maps it keeps in memory.
 
@@ -160,7 +165,7 @@ def memory_budget(memory: int | str | None, device: torch.device) -> int:
     """
     if memory is not None:
         return parse_memory(memory)
-    return min(int(available_bytes(device) * MEMORY_FRACTION), DEFAULT_MEMORY)
+    return DefaultBudget(min(int(available_bytes(device) * MEMORY_FRACTION), DEFAULT_MEMORY))
 
 
 def activation_bytes(model, n_tokens: int, itemsize: int) -> int:
@@ -245,7 +250,9 @@ def fit_rows(
     """
     free = available_bytes(device) if free is None else free
     budget = (int(free * MEMORY_FRACTION) if memory is None else memory) - stored
-    if budget < per_row and memory is not None:
+    if budget < per_row and isinstance(memory, DefaultBudget):
+        budget = int(free * MEMORY_FRACTION) - stored  # the default's cap is for the maps held, not a reason to refuse
+    elif budget < per_row and memory is not None:
         raise MemoryBudgetError(
             f"memory={memory} bytes leaves no room for one row of a pass (about {(per_row + stored) / 2**20:.0f} MiB with the maps "
             f"kept in memory): give memory={max(per_row + stored, 2 * per_row)} or more (or a smaller rows_per_pass)."

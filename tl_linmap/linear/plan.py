@@ -359,8 +359,9 @@ def _free_for_rows(free: int, fixed: int) -> int:
     return max(0, free - fixed)
 
 
-def _route(shape: ModelShape, what: str, n: int, last: int, targets: Sequence[str], route: str) -> tuple[str, bool]:
-    # The route the run takes (for "auto", by the run's own count) and whether it keeps an autograd graph.
+def _route(shape: ModelShape, what: str, n: int, last: int, targets: Sequence[str], route: str, graph_fits: bool = True) -> tuple[str, bool]:
+    # The route the run takes (for "auto", by the run's own count, and columns where the rows route's
+    # graph of cast blocks would not fit: `tl_linmap.linear.dense.graph_fits`) and whether it keeps a graph.
     if what == "token_contributions":
         return "tokens", False
     if what == "matrix_free":
@@ -370,6 +371,7 @@ def _route(shape: ModelShape, what: str, n: int, last: int, targets: Sequence[st
     if route == "auto":
         shapes = [(_target_width(shape, t), target_depth(t, shape.n_layers)) for t in targets]
         route = budget.choose_route(shape.d_model, n, last, shapes, budget.forward_row_cost(shape))
+        route = route if graph_fits else "columns"
     return route, route == "rows"
 
 
@@ -393,7 +395,7 @@ def _work(shape: ModelShape, what: str, route: str, n: int, last: int, dtype: to
     shapes = [(_target_width(shape, t), target_depth(t, shape.n_layers)) for t in targets]
     widths = [w for w, _ in shapes]
     # As `linear_maps` by default: maps stay in memory while they fit half the call's budget, the rest go to disk.
-    memory = min(int(free * budget.MEMORY_FRACTION), budget.DEFAULT_MEMORY)
+    memory = budget.DefaultBudget(min(int(free * budget.MEMORY_FRACTION), budget.DEFAULT_MEMORY))
     held, total = [], 0
     for width in widths:
         if total + item * n * shape.d_model * width <= memory // 2:
@@ -518,7 +520,8 @@ def make_plan(
             free.append(budget.available_bytes(spec.device) - weights)
         else:
             free.append(spec.memory - own * (b + o))
-    route, graph_route = _route(shape, what, n, position % n, targets, route)
+    graph_fits = not cast or all(item * b <= f * budget.MEMORY_FRACTION for b, f in zip(blocks, free))
+    route, graph_route = _route(shape, what, n, position % n, targets, route, graph_fits)
     factors, graph = _factors(shape, n, item), _graph(shape, n, item)
 
     def casts(i: int) -> int:
