@@ -229,3 +229,33 @@ def test_config_hash_is_stable_and_sensitive():
     a = saving.config_hash({"n_layers": 2, "d_model": 16})
     assert a == saving.config_hash({"d_model": 16, "n_layers": 2}) and len(a) == 16
     assert a != saving.config_hash({"n_layers": 3, "d_model": 16})
+
+
+def _tensors(value, seen=None):
+    # Every tensor a result holds, through its dataclasses and containers (not the model).
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return [t for f in dataclasses.fields(value) for t in _tensors(getattr(value, f.name))]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(v)]
+    return []
+
+
+def test_a_result_moves_to_a_device_the_user_names(toy_models):
+    """Results come back on the model's input device; `.to` moves every tensor of one, a new result, the model left alone."""
+    model = toy_models["llama"]
+    results = [
+        tl_linmap.linear_map(model, "The cat sat"),
+        tl_linmap.token_contributions(model, "The cat sat"),
+        tl_linmap.layer_maps(model, "The cat sat", modules=True, store="memory"),
+    ]
+    for result in results:
+        moved = result.to("meta")
+        assert type(moved) is type(result) and moved is not result
+        held = _tensors(moved)
+        assert held and all(t.device.type == "meta" for t in held)
+        assert all(t.device.type == "cpu" for t in _tensors(result))  # the original is untouched
+    assert next(model.parameters()).device.type == "cpu"

@@ -13,6 +13,7 @@ The header also records the format, the versions that wrote the file, the prompt
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -235,6 +236,39 @@ class Saveable:
             InputError: for a ``model`` other than the one this result holds.
         """
         return write(path, self, vocabulary=self._VOCABULARY if vocabulary is None else vocabulary, model=model)
+
+    def to(self, device: str | torch.device):
+        """This result with every tensor it holds on ``device`` (results come back on the model's input device).
+
+        The model it refers to stays where it is, and so do the maps of a `tl_linmap.results.maps.LinearMaps`
+        that wrote some to disk (read back on the CPU, as they are indexed).
+
+        Args:
+            device: A torch device, e.g. ``"cpu"`` or ``"cuda:1"``.
+
+        Returns:
+            A new result of the same class (this one if nothing had to move).
+        """
+        return _moved(self, torch.device(device))
+
+
+def _moved(value, device: torch.device):
+    # A result's tensors moved, its structure (dataclasses, containers) copied around them; a model,
+    # a handle to a file (a NamedTuple) or anything else is kept as it is.
+    if isinstance(value, Tensor):
+        return value.to(device)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        moved = copy.copy(value)
+        for f in dataclasses.fields(value):
+            object.__setattr__(moved, f.name, _moved(getattr(value, f.name), device))
+        return moved
+    if isinstance(value, list):
+        return [_moved(v, device) for v in value]
+    if type(value) is tuple:
+        return tuple(_moved(v, device) for v in value)
+    if type(value) is dict:
+        return {k: _moved(v, device) for k, v in value.items()}
+    return value
 
 
 class _Encoder:
