@@ -6,14 +6,12 @@ Each run is a fresh subprocess: a random-weight Llama-like bridge in float32 (`t
 mapped in float64; its peak resident memory over what was resident after loading (Linux's
 ``VmHWM``, reset through ``/proc/self/clear_refs``) and its wall time, beside the plan's
 prediction (the new bytes: the peak less the loaded weights; the time at the matmul rate the plan
-measures). The plan's memory model casts one block at a time on routes without a graph; where
-the borrow still casts the whole model, "whole cast" adds the other blocks' float64 copies.
+measures). Plan and borrow alike cast one block at a time on routes without a graph.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 import time
@@ -42,11 +40,9 @@ Path("/proc/self/clear_refs").write_text("5")
 start_bytes, start = high_water(), time.perf_counter()
 call(model, tokens, dtype=torch.float64, check=False, progress=False)
 seconds = time.perf_counter() - start
-blocks = sorted(b.numel() for b in [torch.cat([p.flatten() for p in blk.parameters()]) for blk in model.blocks])
 device = plan.devices[0]
 print(json.dumps(dict(
     predicted=(device.peak_gib - device.weights_gib) * 2**30, measured=high_water() - start_bytes,
-    whole_cast=0 if plan.route == "rows" else 8 * sum(blocks[:-1]),
     predicted_s=plan.seconds, measured_s=seconds, route=plan.route, rows=plan.rows_per_pass, rate=plan.rate,
 )))
 """
@@ -64,20 +60,18 @@ def main() -> None:
         "",
         f"`python benchmarks/plan_check.py`, {time.strftime('%Y-%m-%d')}: random-weight Llama-like bridges in float32 mapped in",
         "float64, each run in a fresh process. Memory: peak resident bytes the run added (MB); the plan's",
-        "prediction (its memory model: one block cast at a time without a graph) and, with the borrow's whole",
-        "cast of today, the same plus the other blocks' float64 copies. Time: seconds, the plan's at the matmul",
-        "rate its probe measured (1024² float64).",
+        "prediction (one block cast at a time without a graph, as the borrow does). Time: seconds, the plan's at",
+        "the matmul rate its probe measured (1024² float64).",
         "",
-        "| d_model × layers | tokens | what | route, rows | predicted MB | whole cast MB | measured MB | pred/meas (whole cast) | predicted s | measured s | pred/meas s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| d_model × layers | tokens | what | route, rows | predicted MB | measured MB | pred/meas | predicted s | measured s | pred/meas s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for d_model, n_layers in SIZES:
         for n in LENGTHS:
             for what in WHATS:
                 r = run(d_model, n_layers, n, what)
-                whole = r["predicted"] + r["whole_cast"]
-                row = (f"| {d_model} × {n_layers} | {n} | {what} | {r['route']}, {r['rows']} | {r['predicted'] / 1e6:.0f} | {whole / 1e6:.0f} | "
-                       f"{r['measured'] / 1e6:.0f} | {r['predicted'] / r['measured']:.2f} ({whole / r['measured']:.2f}) | "
+                row = (f"| {d_model} × {n_layers} | {n} | {what} | {r['route']}, {r['rows']} | {r['predicted'] / 1e6:.0f} | "
+                       f"{r['measured'] / 1e6:.0f} | {r['predicted'] / r['measured']:.2f} | "
                        f"{r['predicted_s']:.3g} | {r['measured_s']:.3g} | {r['predicted_s'] / r['measured_s']:.2f} |")
                 print(row, flush=True)
                 lines.append(row)

@@ -230,3 +230,18 @@ def test_linear_maps_returns_linear_maps(toy_models):
     assert isinstance(maps, tl_linmap.LinearMaps)
     assert list(maps) == ["ln_final.hook_out", "blocks.0.hook_resid_post"]
     assert maps.final_norm is maps.norms["ln_final"]
+
+
+def test_auto_route_avoids_a_graph_of_cast_blocks_that_would_not_fit(fresh_llama, monkeypatch):
+    """A float32 model mapped in float64: the rows route's graph keeps every block cast; where that copy
+    would not fit, auto takes the columns route (one block cast at a time), with the same map."""
+    target = "blocks.0.hook_attn_out"  # shallow and wide: auto takes the rows route where it fits
+    routes, real = [], jacobian._rows
+    monkeypatch.setattr(jacobian, "_rows", lambda *args: routes.append("rows") or real(*args))
+    rows = tl_linmap.linear_map(fresh_llama, PROMPT, target=target)
+    assert routes == ["rows"]
+    cast = sum(p.numel() for block in fresh_llama.blocks for p in block.parameters()) * 8
+    monkeypatch.setattr(jacobian, "available_bytes", lambda device: cast)  # half of it is the budget: too small
+    auto = tl_linmap.linear_map(fresh_llama, PROMPT, target=target)
+    assert routes == ["rows"]  # not again
+    assert _relative_diff(auto.operators, rows.operators) < 1e-12
