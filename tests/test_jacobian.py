@@ -162,7 +162,7 @@ def test_forward_route_chunks_and_memory_budget(toy_models, monkeypatch):
     assert torch.allclose(whole.operators, chunked.operators, rtol=0, atol=1e-14 * whole.operators.abs().max())
     planned = []
     real_plan = jacobian.plan_columns
-    monkeypatch.setattr(jacobian, "plan_columns", lambda *args: planned.append(real_plan(*args)) or planned[-1])
+    monkeypatch.setattr(jacobian, "plan_columns", lambda *args, **kw: planned.append(real_plan(*args, **kw)) or planned[-1])
     monkeypatch.setattr(budget, "available_bytes", lambda device: 4 * 2**20)  # 4 MiB free
     small = tl_linmap.linear_map(model, SHORT, route="columns")
     assert 1 <= planned[0] <= planned[-1] and planned[0] < model.cfg.d_model  # longer windows, fewer rows

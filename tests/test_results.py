@@ -98,7 +98,9 @@ def results(model, moe) -> dict[str, object]:
         feature_patching = tl_linmap.feature_patching(model, CLEAN, CORRUPTED, ("a", "b"))
         feature_map = tl_linmap.feature_map(model, PROMPT, sae.hook_out, 3, target=tl_linmap.Logit(7))
     graph = tl_linmap.attribution_graph(model, PROMPT, max_logits=2)
+    plan = tl_linmap.plan(model, PROMPT, "token_contributions")
     found = {
+        "Plan": plan, "DevicePeak": plan.devices[0],
         "Graph": graph, "NodeRow": graph.to_table()[0], "EdgeRow": graph.edges()[0], "GraphPath": graph.path(),
         "LinearMap": lm, "LinearMaps": maps, "Contributions": tl_linmap.token_contributions(model, PROMPT),
         "HeadSplit": maps.head_splits[1], "OperatorSVD": svd, "DecodedPair": lm.decode(k=1, top=3)[0],
@@ -213,6 +215,9 @@ def key_fields(name: str, result) -> list[str]:
         return [*result.targets, f"{int(result.kind_mask('head').sum())} heads", f"exact to {result.relative_error():.1e}"]
     if name == "GraphPath":
         return [result.labels[0], result.labels[-1]]
+    if name == "Plan":
+        return [result.what, repr(result.route), f"{result.rows_per_pass} rows per pass", "fits" if result.fits else "does not fit",
+                *(d.device for d in result.devices)]
     return row_keys(result)
 
 
@@ -425,11 +430,19 @@ def check_graph(results, model):
         assert edge.share == pytest.approx(float(graph.adjacency[t, s].abs() / graph.adjacency[t].abs().sum()), rel=1e-12)
 
 
+def check_plan(results, model):
+    plan = results["Plan"]
+    rows = plan.to_table()
+    assert list(rows) == list(plan.devices) and int(rows[0].peak_gib * 2**30) == plan.peak_bytes[0]
+    assert rows[0].fits == plan.fits and rows[0].peak_gib >= rows[0].weights_gib
+
+
 TABLE_CHECKS = {
     "LinearMaps": check_linear_maps, "Attribution": check_attribution, "LogitSplit": check_logit_split,
     "OperatorSVD": check_operator_svd, "SequenceAttribution": check_sequence, "CorpusAnalysis": check_corpus,
     "PatchingAttribution": check_patching, "ExpertContributions": check_experts, "Pushed": check_pushed,
     "FeatureContributions": check_features, "FeaturePatching": check_feature_patching, "Graph": check_graph,
+    "Plan": check_plan,
 }
 
 
@@ -518,7 +531,7 @@ def test_plot_kinds_are_the_plotting_functions(results):
 SAVED = [
     "Graph", "GraphPath", "LinearMap", "LinearMaps", "Contributions", "HeadSplit", "OperatorSVD", "LogitSplit", "Attribution",
     "PatchingAttribution", "SequenceAttribution", "CorpusAnalysis", "PromptSummary", "ExpertContributions", "Pushed",
-    "Steering", "OperatorSteering", "FeatureContributions", "FeaturePatching", "FeatureMap",
+    "Steering", "OperatorSteering", "FeatureContributions", "FeaturePatching", "FeatureMap", "Plan",
 ]
 #: What reads vectors as tokens through the model's unembedding: a result saved without its vocabulary refuses it.
 DECODES = {

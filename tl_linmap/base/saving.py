@@ -149,12 +149,13 @@ class SavedModel:
             raise self._missing(f"the text of token {lost[0]} (it holds the prompt's tokens only)")
         return "".join(self.strings[i] for i in ids)
 
-    def to_tokens(self, text: str, prepend_bos: bool = False) -> Tensor:
+    def to_tokens(self, text: str, prepend_bos: bool = False, move_to_device: bool = True) -> Tensor:
         """The one saved token whose text is ``text`` (how `tl_linmap.reading.tokens.token_id` reads a string).
 
         Args:
             text: A single token's text, e.g. ``" Paris"``.
             prepend_bos: Must be False: a saved vocabulary cannot tokenize.
+            move_to_device: Ignored (a saved vocabulary's ids are on the CPU), as a model's ``to_tokens`` takes it.
 
         Returns:
             ``(1, 1)`` ids.

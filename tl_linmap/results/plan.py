@@ -10,11 +10,13 @@ import math
 from dataclasses import dataclass
 
 from tl_linmap.base.errors import MemoryBudgetError
-from tl_linmap.base.table import Table
+from tl_linmap.base.saving import Saveable
+from tl_linmap.base.table import Table, table_row
 
 _GIB = 2**30
 
 
+@table_row
 @dataclass(frozen=True)
 class DevicePeak:
     """One device's share of a plan, in GiB (one row of `Plan.to_table`).
@@ -42,7 +44,7 @@ class DevicePeak:
 
 
 @dataclass(frozen=True)
-class Plan:
+class Plan(Saveable):
     """A run's predicted peak memory per device and time, and the route and rows per pass it takes.
 
     Attributes:
