@@ -107,7 +107,7 @@ class Plan(Saveable):
         )
 
     def _repr_html_(self) -> str:
-        return f"<p>{repr(self)}</p>" + self.to_table()._repr_html_()
+        return f"<p>{self!r}</p>" + self.to_table()._repr_html_()
 
     def check(self) -> Plan:
         """Refuse a run that will not fit, with the plan's numbers.
