@@ -20,6 +20,7 @@ IGNORE=(
     tests/test_tutorials.py      # runs tutorials/*.py and their notebooks
     tests/test_support_matrix.py # loads scripts/support_matrix.py and compares with docs/support.md
     tests/test_docs.py           # reads docs/, mkdocs.yml and README.md (and needs the docs extra)
+    tests/test_benchmarks.py     # runs benchmarks/gpu.py
 )
 DESELECT=(
     tests/test_corpus.py::test_the_table_script_resumes_where_a_run_stopped  # loads scripts/dataset_tables.py
