@@ -127,8 +127,9 @@ def resident(model, name: str, owner: nn.Module | None = None) -> Tensor | None:
             ``W_U``/``b_U``, its ``embed`` for ``W_E``, else ``model`` itself).
 
     Returns:
-        The tensor, detached (a copy where it had to be loaded from an offload), or None where
-        there is no such attribute.
+        The tensor, detached (a copy where it had to be loaded from an offload, else a view of the
+        weight: copy it before keeping it across passes of a borrowed model), or None where there is
+        no such attribute.
     """
     if owner is None:
         owner = getattr(model, {"W_U": "unembed", "b_U": "unembed", "W_E": "embed"}.get(name, ""), model)

@@ -427,11 +427,12 @@ def _head_splits(system: FrozenSystem) -> dict[int, HeadSplit]:
         if get_act_name("z", layer) not in system.names:
             continue
         attn = model.blocks[layer].attn
+        # Copies: a block a stopped pass left cast lends its memory to the next block's cast (`borrowed`).
         w_o, b_o = resident(attn, "W_O"), resident(attn, "b_O")
         post = f"blocks.{layer}.{_POST_ATTN_NORM}"
         readouts[layer] = HeadSplit(
-            W_O=w_o.to(system.x.dtype),
-            b_O=(w_o.new_zeros(w_o.shape[-1]) if b_o is None else b_o.detach()).to(system.x.dtype),
+            W_O=w_o.to(system.x.dtype, copy=True),
+            b_O=(w_o.new_zeros(w_o.shape[-1]) if b_o is None else b_o.detach()).to(system.x.dtype, copy=True),
             post=system.frozen_norm(post) if f"{post}.hook_scale" in model.hook_dict else None,
             pattern=system.attention_pattern(layer),
         )
