@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import gc
 import math
-import re
 import time
 import warnings
 from collections.abc import Callable
@@ -33,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from peak_memory import high_water, reset
 
 import tl_linmap
 from tl_linmap.base.exactness import relative
@@ -125,10 +125,6 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _high_water() -> int:
-    return int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
-
-
 def measure(call: Callable[[], float], device: str) -> tuple[float, float, float]:
     """Run ``call`` (which returns its relative error): seconds, peak GiB it added, the error."""
     gc.collect()
@@ -137,14 +133,13 @@ def measure(call: Callable[[], float], device: str) -> tuple[float, float, float
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
-        base = _high_water()
+        base = reset()
     _sync(device)
     start = time.perf_counter()
     error = call()
     _sync(device)
     seconds = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else _high_water()
+    peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else high_water()
     return seconds, max(0, peak - base) / 2**30, error
 
 

@@ -14,6 +14,8 @@ import json
 import subprocess
 import sys
 
+from peak_memory import PRELUDE
+
 _CHILD = r"""
 import json, time, warnings
 warnings.filterwarnings("ignore")
@@ -21,24 +23,20 @@ import tl_linmap
 
 model = tl_linmap.load_model("smollm2")
 
-def status(key):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
+from peak_memory import high_water, reset
 
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")  # resets VmHWM to the current resident set
-base = status("VmRSS:")
+base = reset()
 start = time.perf_counter()
 maps = tl_linmap.layer_maps(model, "The capital of France is a city in", modules=True, progress=False)
 seconds = time.perf_counter() - start
-print(json.dumps({"peak": status("VmHWM:"), "growth": status("VmHWM:") - base, "seconds": seconds, "maps": len(maps),
+print(json.dumps({"peak": high_water(), "growth": high_water() - base, "seconds": seconds, "maps": len(maps),
                   "file": tl_linmap.__file__}))
 """
 
 
 def main() -> None:
     # From / so that the tl_linmap imported is the installed one, or PYTHONPATH's.
-    out = subprocess.run([sys.executable, "-c", _CHILD], capture_output=True, text=True, check=True, cwd="/")
+    out = subprocess.run([sys.executable, "-c", PRELUDE + _CHILD], capture_output=True, text=True, check=True, cwd="/")
     r = json.loads(out.stdout.strip().splitlines()[-1])
     print(f"layer_maps(SmolLM2, 8 tokens, modules=True): {r['maps']} maps, peak {r['peak'] / 1e9:.2f} GB "
           f"({r['growth'] / 1e9:.2f} GB above the loaded model), {r['seconds']:.0f} s; tl_linmap from {r['file']}")

@@ -17,27 +17,25 @@ import sys
 import time
 from pathlib import Path
 
+from peak_memory import PRELUDE
+
 SIZES = [(256, 2), (512, 2), (768, 4), (1024, 4)]  # (d_model, n_layers); d_mlp = 2 d_model, d_head 64
 LENGTHS = [8, 32]
 WHATS = ["token_contributions", "linear_map"]
 OUT = Path(__file__).parent / "results" / "plan_check.md"
 
 CHILD = r"""
-import json, re, sys, time
-from pathlib import Path
+import json, sys, time
 import torch, tl_linmap
+from peak_memory import high_water, reset
 from tl_linmap.load.toy import toy_model
-
-def high_water():
-    return int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
 
 d_model, n_layers, n, what = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 model = toy_model("llama", d_model=d_model, n_layers=n_layers, n_heads=d_model // 64, d_mlp=2 * d_model, n_ctx=64, dtype=torch.float32)
 tokens = torch.randint(2, 200, (1, n), generator=torch.Generator().manual_seed(0))
 plan = tl_linmap.plan(model, tokens, what, dtype=torch.float64)
 call = tl_linmap.linear_map if what == "linear_map" else tl_linmap.token_contributions
-Path("/proc/self/clear_refs").write_text("5")
-start_bytes, start = high_water(), time.perf_counter()
+start_bytes, start = reset(), time.perf_counter()
 call(model, tokens, dtype=torch.float64, check=False, progress=False)
 seconds = time.perf_counter() - start
 device = plan.devices[0]
@@ -49,7 +47,7 @@ print(json.dumps(dict(
 
 
 def run(d_model: int, n_layers: int, n: int, what: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", CHILD, str(d_model), str(n_layers), str(n), what],
+    out = subprocess.run([sys.executable, "-c", PRELUDE + CHILD, str(d_model), str(n_layers), str(n), what],
                          capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1])
     return json.loads(out.stdout.strip().splitlines()[-1])
 

@@ -16,6 +16,8 @@ import json
 import subprocess
 import sys
 
+from peak_memory import PRELUDE
+
 CALLS = {
     "token_contributions": "tl_linmap.token_contributions(model, tokens, dtype=torch.float64)",
     "push_forward (8 vectors from layer 0)": "tl_linmap.push_forward(model, tokens, torch.randn(8, model.cfg.d_model), source='blocks.0.hook_resid_pre', source_position=0, dtype=torch.float64)",
@@ -33,18 +35,14 @@ size, call = json.loads(sys.argv[1])
 model = toy_model("llama", dtype=torch.bfloat16, n_ctx=64, **size)
 tokens = torch.randint(3, 250, (1, 12), generator=torch.Generator().manual_seed(0))
 
-def status(key):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
+from peak_memory import high_water, reset
 
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")  # resets VmHWM to the current resident set
-base = status("VmRSS:")
+base = reset()
 start = time.perf_counter()
 exec(call)
 seconds = time.perf_counter() - start
 params = sum(p.numel() for p in model.parameters())
-print(json.dumps({"peak": status("VmHWM:") - base, "params": params, "seconds": seconds, "file": tl_linmap.__file__}))
+print(json.dumps({"peak": high_water() - base, "params": params, "seconds": seconds, "file": tl_linmap.__file__}))
 """
 
 SIZES = {
@@ -55,7 +53,7 @@ SIZES = {
 
 def run(size: dict, call: str) -> dict:
     # Run from / so that the tl_linmap imported is the installed one, or PYTHONPATH's (an A/B of versions).
-    out = subprocess.run([sys.executable, "-c", _CHILD, json.dumps([size, call])], capture_output=True, text=True, check=True, cwd="/")
+    out = subprocess.run([sys.executable, "-c", PRELUDE + _CHILD, json.dumps([size, call])], capture_output=True, text=True, check=True, cwd="/")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
