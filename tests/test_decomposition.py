@@ -1,5 +1,7 @@
 """Layers, modules and heads: every decomposition sums exactly, for every family."""
 
+import weakref
+
 import pytest
 import torch
 from conftest import PROMPT
@@ -9,6 +11,7 @@ from tl_linmap.freeze.capture import run_to_target
 from tl_linmap.base.compat import get_act_name
 from tl_linmap.methods.decomposition import layer_maps, nonlinearity_gap, token_attribution
 from tl_linmap.base.guard import borrowed
+from tl_linmap.base.spill import SpilledTensor
 from tl_linmap.freeze.hooks import same_path_hooks
 
 
@@ -165,6 +168,39 @@ def test_store_disk_spills_every_map_and_every_method_still_works(llama, in_memo
     path = maps.save(tmp_path / "maps")
     loaded = tl_linmap.load(path)
     assert torch.equal(loaded[name].operators, reference[name].operators)
+
+
+def test_spilled_maps_are_saved_one_at_a_time_and_load_still_on_disk(llama, in_memory, tmp_path, monkeypatch):
+    reference = in_memory["columns"]
+    memory = 2 * 3 * _map_bytes(reference) + 4 * 2**20
+    maps = layer_maps(llama, SHORT, layers=[0, 1], modules=True, route="columns", memory=memory, rows_per_pass=8, progress=False)
+    assert 0 < len(maps.spilled) < len(maps)
+    alive, most, reads = [], [0], []
+
+    def watched(read):
+        def read_and_count(self):
+            alive[:] = [ref for ref in alive if ref() is not None]
+            most[0] = max(most[0], len(alive))  # spilled maps still in memory as another is read
+            tensor = read(self)
+            reads.append(self.key)
+            alive.append(weakref.ref(tensor))
+            return tensor
+        return read_and_count
+
+    monkeypatch.setattr(SpilledTensor, "stored", watched(SpilledTensor.stored))
+    monkeypatch.setattr(SpilledTensor, "load", watched(SpilledTensor.load))
+    path = maps.save(tmp_path / "maps")
+    assert len(reads) >= len(maps.spilled) and most[0] == 0
+    reads.clear()
+    loaded = tl_linmap.load(path)
+    assert not reads and loaded.spilled == maps.spilled and loaded.directory == tmp_path
+    for name in reference:
+        assert torch.equal(loaded[name].operators, reference[name].operators), name
+        assert loaded[name].operators.stride() == reference[name].operators.stride(), name
+        assert torch.equal(loaded[name].bias, reference[name].bias)
+    loaded.save(path)  # over the file its maps are read from
+    again = tl_linmap.load(path)
+    assert all(torch.equal(again[name].operators, reference[name].operators) for name in reference)
 
 
 def test_a_directory_store_keeps_its_files_and_a_temporary_one_goes_with_the_result(llama, tmp_path):

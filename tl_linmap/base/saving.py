@@ -25,10 +25,10 @@ from typing import ClassVar
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
 from tl_linmap.base.errors import InputError
+from tl_linmap.base.spill import SpilledTensor, write_file
 
 #: The format written; a file of a newer one is refused (`read`). Format 1 held a `Graph`'s fields
 #: flat and nothing else; 2 holds any result, fields nested (format 1 files still load).
@@ -214,7 +214,9 @@ class Saveable:
 
         Tensors are saved as they are (dtype, layout; moved to the CPU), everything else as JSON in the
         header, with the model's name and config hash, the prompt's tokens, the dtype and the versions
-        of tl_linmap, TransformerLens and torch. Nothing is pickled.
+        of tl_linmap, TransformerLens and torch. Nothing is pickled. Maps kept on disk (a
+        `tl_linmap.results.maps.LinearMaps` under a memory budget) are copied in one at a time and
+        load still on disk, read from this file on access.
 
         Loaded without the model, the result prints, makes its tables and plots; where it held its model
         (a map's token reader) it keeps the text of the prompt's tokens. Reading vectors as tokens
@@ -277,7 +279,8 @@ class _Encoder:
 
     def __init__(self, vocabulary: bool):
         self.vocabulary = vocabulary
-        self.tensors: dict[str, Tensor] = {}
+        self.tensors: dict[str, Tensor | SpilledTensor] = {}
+        self.spilled: list[str] = []
         self._views: dict[tuple, str] = {}
         self._storages: set[int] = set()
         self.models: list = []
@@ -288,6 +291,8 @@ class _Encoder:
             return value
         if isinstance(value, Tensor):
             return self.tensor(value, path)
+        if isinstance(value, SpilledTensor):
+            return self.spilled_tensor(value, path)
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
             return self.dataclass(value, path)
         if _is_model(value):
@@ -299,6 +304,7 @@ class _Encoder:
         if isinstance(value, list):
             return [self.value(v, f"{path}.{i}") for i, v in enumerate(value)]
         if isinstance(value, Mapping):
+            value = value._saved_form() if hasattr(value, "_saved_form") else value  # maps on disk (results.maps.MapStore), not read
             if all(isinstance(k, str) and not k.startswith("$") for k in value):
                 return {k: self.value(v, f"{path}.{k}") for k, v in value.items()}
             return {"$dict": [[self.value(k, path), self.value(v, f"{path}.{_key(k)}")] for k, v in value.items()]}
@@ -330,6 +336,15 @@ class _Encoder:
             self.tensors[key] = dense.cpu()
             self._views[view] = key
         return {"$tensor": key} if order == sorted(order) else {"$tensor": key, "order": order}
+
+    def spilled_tensor(self, spilled: SpilledTensor, path: str) -> dict:
+        # A tensor on disk is copied into the file as its own file stores it, when the file is written,
+        # and loads as it was: on disk, in the saved file (read skips it).
+        key = path if path not in self.tensors else f"{path}#{len(self.tensors)}"
+        self.tensors[key] = spilled
+        self.spilled.append(key)
+        return {"$spilled": key, "shape": list(spilled.shape), "dtype": str(spilled.dtype).removeprefix("torch."),
+                "order": list(spilled.order), "contiguous": spilled.contiguous}
 
     def dataclass(self, value, path: str) -> dict:
         cls = type(value)
@@ -386,7 +401,7 @@ def write(path: str | Path, result: Saveable, *, vocabulary: bool = False, model
     path = path if path.suffix else path.with_suffix(".safetensors")
     encoder = _Encoder(vocabulary)
     root = encoder.value(result, "")
-    floats = [t.dtype for t in encoder.tensors.values() if t.is_floating_point()]
+    floats = [t.dtype for t in encoder.tensors.values() if t.dtype.is_floating_point]
     held = [_summary(m) for m in encoder.models]
     given = None if model is None else _summary(model)
     if given and held and given["config_hash"] not in {m["config_hash"] for m in held}:
@@ -397,9 +412,10 @@ def write(path: str | Path, result: Saveable, *, vocabulary: bool = False, model
         "dtype": str(floats[0]).removeprefix("torch.") if floats else None,
         "models": [encoder.model(m, i) for i, m in enumerate(encoder.models)],
         "root": root,
+        "spilled": encoder.spilled,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(encoder.tensors, str(path), metadata={_KEY: json.dumps(header)})
+    write_file(path, encoder.tensors, {_KEY: json.dumps(header)})
     return path
 
 
@@ -428,12 +444,13 @@ def read(path: str | Path) -> tuple[dict, dict[str, Tensor]]:
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            tensors = {k: _aligned(f.get_tensor(k)) for k in f.keys()}  # noqa: SIM118 - a safe_open handle is no dict
+            header = json.loads(meta[_KEY]) if _KEY in meta else {}
+            on_disk = set(header.get("spilled", ()))  # read on access (rebuild)
+            tensors = {k: _aligned(f.get_tensor(k)) for k in f.keys() if k not in on_disk}  # noqa: SIM118 - a safe_open handle is no dict
     except Exception as err:  # safetensors raises its own types for a file that is not one
         raise InputError(f"{str(path)!r} is not a safetensors file ({err}): give the path a result's .save() wrote.") from err
     if _KEY not in meta:
         raise InputError(f"{str(path)!r} is a safetensors file tl_linmap did not write (no {_KEY!r} header): load it with safetensors.")
-    header = json.loads(meta[_KEY])
     if header.get("format", 0) > FORMAT:
         raise InputError(
             f"{str(path)!r} was saved in format {header['format']} by tl_linmap {header['versions'].get('tl_linmap')}; this tl_linmap "
@@ -442,7 +459,7 @@ def read(path: str | Path) -> tuple[dict, dict[str, Tensor]]:
     return header, tensors
 
 
-def rebuild(header: dict, tensors: dict[str, Tensor], find_class: Callable[[str], type], model=None):
+def rebuild(header: dict, tensors: dict[str, Tensor], find_class: Callable[[str], type], model=None, path: str | Path | None = None):
     """The result a format-2 header and its tensors describe.
 
     Args:
@@ -450,11 +467,12 @@ def rebuild(header: dict, tensors: dict[str, Tensor], find_class: Callable[[str]
         tensors: As `read` gives them.
         find_class: ``"module:qualname"`` -> the dataclass (`tl_linmap.load.saved` finds tl_linmap's own, and only those).
         model: The model to put where the result held one (None: a `SavedModel`).
+        path: The file read, where tensors saved from disk stay (a `SpilledTensor` of it each).
 
     Returns:
         The result.
     """
-    decoder = _Decoder(tensors, find_class)
+    decoder = _Decoder(tensors, find_class, path)
     def stand_in(record: dict) -> SavedModel:
         vocabulary = record["vocabulary"]
         ids = vocabulary["ids"] if vocabulary["ids"] is not None else range(len(vocabulary["strings"]))
@@ -468,9 +486,10 @@ def rebuild(header: dict, tensors: dict[str, Tensor], find_class: Callable[[str]
 class _Decoder:
     """The inverse of `_Encoder`."""
 
-    def __init__(self, tensors: dict[str, Tensor], find_class: Callable[[str], type]):
+    def __init__(self, tensors: dict[str, Tensor], find_class: Callable[[str], type], path: str | Path | None = None):
         self.tensors = tensors
         self.find_class = find_class
+        self.path = path
         self.models: list = []
 
     def value(self, value):
@@ -482,6 +501,11 @@ class _Decoder:
             tensor = self.tensors[value["$tensor"]]
             order = value.get("order")
             return tensor if order is None else tensor.permute(sorted(range(len(order)), key=order.__getitem__))
+        if "$spilled" in value:
+            if self.path is None:
+                raise InputError("This result holds tensors read from its file on access: give rebuild the file's path.")
+            return SpilledTensor(Path(self.path), tuple(value["shape"]), getattr(torch, value["dtype"]), tuple(value["order"]),
+                                 value["contiguous"], value["$spilled"])
         if "$class" in value:
             cls = self.find_class(value["$class"])
             fields = {name: self.value(v) for name, v in value["fields"].items()}

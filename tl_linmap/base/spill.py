@@ -5,6 +5,7 @@ written into a preallocated ``.safetensors`` file, slice by slice as its columns
 that it never needs to be whole in memory; `SpilledTensor.load` gives it back bit for bit, in the
 memory layout it was computed in. The file is an ordinary safetensors file (one tensor,
 ``"operators"``, stored in its memory order; the header's metadata says how to permute it back).
+A saved result's file (`tl_linmap.base.saving`) holds such tensors too, each under its own key.
 """
 
 from __future__ import annotations
@@ -19,8 +20,13 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-#: safetensors' names of the dtypes a map may be kept in.
-_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+#: safetensors' names of torch's dtypes.
+DTYPE_NAMES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64", torch.int32: "I32",
+    torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}
+#: The dtypes a map may be kept in.
+_FLOATS = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 #: The one tensor a spill file holds.
 _NAME = "operators"
@@ -38,6 +44,7 @@ class SpilledTensor:
             with its last two axes swapped).
         contiguous: Whether `load` gives a contiguous tensor (else the permuted view of the
             stored one, with the strides it was computed with).
+        key: The tensor's name in the file.
     """
 
     path: Path
@@ -45,11 +52,26 @@ class SpilledTensor:
     dtype: torch.dtype
     order: tuple[int, ...]
     contiguous: bool = True
+    key: str = _NAME
 
     @property
     def nbytes(self) -> int:
         """Bytes the tensor takes in memory once loaded."""
         return _numel(self.shape) * _itemsize(self.dtype)
+
+    @property
+    def stored_shape(self) -> list[int]:
+        """The shape the file holds it in (its axes in `order`)."""
+        return [self.shape[axis] for axis in self.order]
+
+    def stored(self) -> Tensor:
+        """The tensor as its file holds it, its axes in `order` (what a copy into another file writes).
+
+        Returns:
+            A contiguous tensor of `stored_shape`.
+        """
+        with safe_open(str(self.path), framework="pt") as f:
+            return f.get_tensor(self.key)
 
     def load(self) -> Tensor:
         """The tensor, read from its file (a fresh copy in memory).
@@ -57,8 +79,7 @@ class SpilledTensor:
         Returns:
             The tensor, bit for bit as written.
         """
-        with safe_open(str(self.path), framework="pt") as f:
-            stored = f.get_tensor(_NAME)
+        stored = self.stored()
         tensor = stored.permute(sorted(range(len(self.order)), key=self.order.__getitem__))
         # A copy, so that products start on torch's own 64-byte alignment (see saving._aligned) and
         # the file's memory map is not kept alive by the result.
@@ -76,6 +97,44 @@ def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
+def _header(entries: dict[str, tuple[torch.dtype, list[int]]], metadata: dict[str, str]) -> bytes:
+    # A safetensors file's first bytes for tensors of these dtypes and stored shapes, their data in this order.
+    header, offset = {}, 0
+    for key, (dtype, shape) in entries.items():
+        nbytes = _numel(shape) * _itemsize(dtype)
+        header[key] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps({**header, "__metadata__": metadata}).encode()
+    text += b" " * (-len(text) % 8)  # safetensors aligns the data on 8 bytes
+    return struct.pack("<Q", len(text)) + text
+
+
+def write_file(path: str | Path, tensors: dict[str, Tensor | SpilledTensor], metadata: dict[str, str]) -> None:
+    """Write a safetensors file one tensor at a time; a `SpilledTensor` is copied from its file as it is stored.
+
+    safetensors' own ``save_file`` needs every tensor in memory at once: written this way, a result
+    whose maps live on disk is saved holding one of them. The file is written beside ``path`` and
+    renamed, so a file that a spilled tensor is read from can be replaced by its own result.
+
+    Args:
+        path: The file.
+        tensors: Name -> a contiguous CPU tensor, or a `SpilledTensor` (written in its stored layout).
+        metadata: The header's text entries.
+    """
+    # Widest elements first (as safetensors orders them), so that each tensor starts aligned to its element size.
+    keys = sorted(tensors, key=lambda key: -_itemsize(tensors[key].dtype))
+    entries = {key: (t.dtype, t.stored_shape if isinstance(t, SpilledTensor) else list(t.shape)) for key in keys for t in [tensors[key]]}
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "wb") as f:
+        f.write(_header(entries, metadata))
+        for key in keys:
+            tensor = tensors[key].stored() if isinstance(tensors[key], SpilledTensor) else tensors[key]
+            f.write(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))
+            del tensor
+    os.replace(partial, path)
+
+
 class SpillWriter:
     """A preallocated safetensors file of one tensor, written in slices of its stored layout.
 
@@ -88,19 +147,15 @@ class SpillWriter:
     """
 
     def __init__(self, path: str | Path, shape: tuple[int, ...], dtype: torch.dtype, order: tuple[int, ...], contiguous: bool = True):
-        if dtype not in _DTYPES:
-            raise TypeError(f"A spilled tensor must be one of {list(_DTYPES)}, not {dtype}.")
+        if dtype not in _FLOATS:
+            raise TypeError(f"A spilled tensor must be one of {list(_FLOATS)}, not {dtype}.")
         self.spilled = SpilledTensor(Path(path), tuple(shape), dtype, tuple(order), contiguous)
-        stored = [shape[axis] for axis in order]
         nbytes = self.spilled.nbytes
-        header = {_NAME: {"dtype": _DTYPES[dtype], "shape": stored, "data_offsets": [0, nbytes]},
-                  "__metadata__": {"order": json.dumps(list(order))}}
-        text = json.dumps(header).encode()
-        text += b" " * (-len(text) % 8)  # safetensors aligns the data on 8 bytes
-        self._start = 8 + len(text)
+        head = _header({_NAME: (dtype, self.spilled.stored_shape)}, {"order": json.dumps(list(order))})
+        self._start = len(head)
         self._item = _itemsize(dtype)
         with open(self.spilled.path, "wb") as f:
-            f.write(struct.pack("<Q", len(text)) + text)
+            f.write(head)
             f.truncate(self._start + nbytes)  # zeros (a sparse file) where nothing is written
 
     def write(self, offset: int, values: Tensor) -> None:

@@ -75,7 +75,6 @@ from tl_linmap.results.maps import (
     LinearMap,
     LinearMaps,
     MapStore,
-    SpilledMap,
     cast_maps,
 )
 
@@ -734,18 +733,15 @@ def _assemble(
     spilled: dict[str, SpilledTensor] | None = None, spill: _Spill | None = None,
 ) -> LinearMaps:
     # One prompt's LinearMaps from its operators (b known), with its head readouts and frozen norms;
-    # a map whose operators went to disk is kept as a SpilledMap, read back on access.
+    # a map whose operators went to disk holds its SpilledTensor, read back on access (MapStore).
     spilled = spilled or {}
     inputs = system.x[0].detach()
     head_splits = _head_splits(system)
     frozen_norms = {f"blocks.{layer}.{_POST_ATTN_NORM}": r.post for layer, r in head_splits.items() if r.post is not None}
-    results = {}
-    for name in wanted:
-        if name in spilled:
-            empty = torch.empty(spilled[name].shape, dtype=inputs.dtype, device="meta")
-            results[name] = SpilledMap(LinearMap(operators=empty, inputs=inputs, **system.result_fields(name)), spilled[name])
-        else:
-            results[name] = LinearMap(operators=operators[name], inputs=inputs, **system.result_fields(name))
+    results = {
+        name: LinearMap(operators=spilled[name] if name in spilled else operators[name], inputs=inputs, **system.result_fields(name))
+        for name in wanted
+    }
     results.update({label: _scalar_map(system, name, w, c, label, scalar_ops[label]) for label, (name, w, c) in weights.items()})
     ordered = {key: results[key] for key in [*wanted, *weights]}
     return LinearMaps(

@@ -21,7 +21,8 @@ def load(path: str | Path, model=None):
             original did. Without it the result holds a `tl_linmap.base.saving.SavedModel`.
 
     Returns:
-        The result, equal to the one saved bit for bit (its tensors on the CPU).
+        The result, equal to the one saved bit for bit (its tensors on the CPU; maps that were on disk
+        when saved are read from this file on access).
 
     Raises:
         InputError: for a missing file, one tl_linmap did not write, one of a newer format, one that
@@ -36,7 +37,7 @@ def load(path: str | Path, model=None):
     def find_class(name: str) -> type:
         return _class(name, path, header)
 
-    return rebuild(header, tensors, find_class, model)
+    return rebuild(header, tensors, find_class, model, path)
 
 
 def _check_model(header: dict, model) -> None:

@@ -440,6 +440,19 @@ class SpilledMap(NamedTuple):
     fields: LinearMap
     operators: SpilledTensor
 
+    @classmethod
+    def of(cls, lm: LinearMap) -> SpilledMap:
+        """The spilled map of a `LinearMap` whose ``operators`` is a `SpilledTensor`.
+
+        Args:
+            lm: The map, its operators a file's tensor.
+
+        Returns:
+            The map's fields and its operators' file, apart.
+        """
+        empty = torch.empty(lm.operators.shape, dtype=lm.operators.dtype, device="meta")
+        return cls(dataclasses.replace(lm, operators=empty), lm.operators)
+
     def load(self) -> LinearMap:
         """The map, its operators read from disk.
 
@@ -449,22 +462,30 @@ class SpilledMap(NamedTuple):
         return dataclasses.replace(self.fields, operators=self.operators.load())
 
 
+def _is_spilled(lm) -> bool:
+    return isinstance(lm, SpilledMap) or isinstance(getattr(lm, "operators", None), SpilledTensor)
+
+
 class MapStore(Mapping):
     """`LinearMaps.maps` where some maps live on disk: each read back when indexed, none kept.
 
     Iterating, ``.items()`` and every `LinearMaps` method read one spilled map at a time, so
     memory holds the maps kept in memory and one more. A temporary directory is removed with
     the store (when no result refers to it any longer); a directory the user named is kept.
+    Saved (`save`), the spilled maps are copied into the result's file one at a time, and loaded
+    they are read from that file on access, as they were from their own.
 
     Args:
-        maps: Per hook name, in order, a `LinearMap` (kept in memory) or a `SpilledMap`.
-        directory: Where the spilled maps' files are (None: nothing spilled).
+        maps: Per hook name, in order, a `LinearMap` (kept in memory, or on disk where its
+            ``operators`` is a `SpilledTensor`) or a `SpilledMap`.
+        directory: Where the spilled maps' files are (None: the first spilled map's folder).
         temporary: Remove ``directory`` with this store.
     """
 
     def __init__(self, maps: Mapping[str, LinearMap | SpilledMap], directory: Path | None = None, temporary: bool = False):
-        self._maps = dict(maps)
-        self.directory = directory
+        self._maps = {name: SpilledMap.of(lm) if isinstance(lm, LinearMap) and _is_spilled(lm) else lm for name, lm in maps.items()}
+        spilled = [lm.operators.path for lm in self._maps.values() if isinstance(lm, SpilledMap)]
+        self.directory = directory if directory is not None or not spilled else Path(spilled[0]).parent
         if temporary and directory is not None:
             self._cleanup = weakref.finalize(self, shutil.rmtree, str(directory), True)
 
@@ -507,6 +528,12 @@ class MapStore(Mapping):
         store._owner = self  # the files live as long as any store that reads them
         return store
 
+    def _saved_form(self) -> dict[str, LinearMap]:
+        # What a saved result's file holds in this store's place (tl_linmap.base.saving): a spilled map as
+        # a LinearMap whose operators are its SpilledTensor, copied into the file without the others.
+        return {name: dataclasses.replace(lm.fields, operators=lm.operators) if isinstance(lm, SpilledMap) else lm
+                for name, lm in self._maps.items()}
+
     def __repr__(self) -> str:
         return f"MapStore({len(self)} maps, {len(self.spilled)} on disk in {str(self.directory)!r})"
 
@@ -536,6 +563,11 @@ class LinearMaps(Mapping, Saveable):
 
     #: What `plot` draws, by kind: the name of a `tl_linmap.present.plotting` function; the first is the default.
     _PLOTS = {"spectra": "plot_spectra", "decoded": "plot_decoded", "contributions": "plot_contribution_heatmap"}
+
+    def __post_init__(self) -> None:
+        # Loaded from a file that holds spilled maps, they stay there (read back on access).
+        if not isinstance(self.maps, MapStore) and any(_is_spilled(lm) for lm in self.maps.values()):
+            self.maps = MapStore(self.maps)
 
     def __getitem__(self, name: str | LinearReadout) -> LinearMap:
         if isinstance(name, LinearReadout):
