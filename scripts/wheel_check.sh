@@ -44,7 +44,8 @@ with tarfile.open(sdist) as tar:
     in_sdist = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
 package = [p for p in expected if p.startswith("tl_linmap/")]
 problems = [f"not in the wheel: {p}" for p in package if p not in in_wheel]
-problems += [f"not in the sdist: {p}" for p in expected + ["README.md", "pyproject.toml"] if p not in in_sdist]
+problems += [f"not in the sdist: {p}" for p in expected + ["README.md", "pyproject.toml", "LICENSE"] if p not in in_sdist]
+problems += [] if any(n.endswith(".dist-info/licenses/LICENSE") for n in in_wheel) else ["not in the wheel's metadata: LICENSE"]
 problems += [f"in the wheel but no package file: {n}" for n in sorted(in_wheel) if not n.startswith("tl_linmap/") and ".dist-info/" not in n]
 problems += [f"compiled file in the wheel: {n}" for n in sorted(in_wheel) if "__pycache__" in n or n.endswith(".pyc")]
 print("\n".join(problems) or f"wheel: all {len(package)} files under tl_linmap/ (package data included); sdist: those and {len(expected) - len(package)} under tests/")

@@ -31,6 +31,7 @@ from torch import Tensor
 
 import tl_linmap
 from tl_linmap.base.guard import hook_count
+from tl_linmap.present.views import View
 from tl_linmap.results.graph import KINDS
 
 TOL = 1e-10
@@ -401,21 +402,12 @@ def test_float32_is_checked_to_its_own_tolerance(model):
     assert 0 < gap <= 1e-4
 
 
-def test_show_displays_the_html(model, monkeypatch):
-    import sys
-    import types
-
-    shown = []
-    display = types.ModuleType("IPython.display")
-    display.HTML = lambda text: ("HTML", text)
-    display.display = shown.append
-    monkeypatch.setitem(sys.modules, "IPython", types.ModuleType("IPython"))
-    monkeypatch.setitem(sys.modules, "IPython.display", display)
+def test_show_gives_the_pages_drawing_as_a_view(model):
     graph = tl_linmap.attribution_graph(model, model.to_tokens(PROMPT), max_logits=1)
-    graph.show(node_threshold=0.5)
-    assert len(shown) == 1 and shown[0][0] == "HTML"
+    view = graph.show(node_threshold=0.5)
+    assert isinstance(view, View) and view.backend == "html" and view._repr_html_() == view.html
     page = graph.to_html(node_threshold=0.5)
-    assert shown[0][1] in page and shown[0][1].count('class="node ') == page.count('class="node ') > 0  # the page's drawing
+    assert view.html in page and view.html.count('class="node ') == page.count('class="node ') > 0  # the page's drawing
 
 
 def test_an_earlier_position_a_single_token_and_no_rows(model):

@@ -14,7 +14,7 @@ from tl_linmap.base.errors import InputError
 from tl_linmap.base.exactness import check_exact
 from tl_linmap.base.saving import Saveable, config_hash
 from tl_linmap.base.table import Table, table_row
-from tl_linmap.present import display
+from tl_linmap.present import display, views
 from tl_linmap.present.graph_view import graph_fragment, graph_html
 from tl_linmap.reading import influence as inf
 
@@ -463,17 +463,18 @@ class Graph(Saveable):
         nodes, edges, tokens, heading = self._view(node_threshold, edge_threshold, title)
         return graph_html(nodes, edges, tokens, heading, n_layers=int(self.config.get("n_layers") or 0))
 
-    def show(self, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> None:
-        """Display the pruned graph in a notebook (the picture of `to_html`).
+    def show(self, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> views.View:
+        """The pruned graph for a notebook (the picture of `to_html`), as every result's ``show()`` gives it.
 
         Args:
             node_threshold: Pruning's.
             edge_threshold: Pruning's.
-        """
-        from IPython.display import HTML, display as show  # noqa: PLC0415 - only in a notebook
 
+        Returns:
+            A `tl_linmap.present.views.View` of tl_linmap's own SVG (no script), displayed as a cell's value.
+        """
         nodes, edges, tokens, heading = self._view(node_threshold, edge_threshold, None)
-        show(HTML(graph_fragment(nodes, edges, tokens, heading, n_layers=int(self.config.get("n_layers") or 0))))
+        return views.View(graph_fragment(nodes, edges, tokens, heading, n_layers=int(self.config.get("n_layers") or 0)), "html")
 
     def _facts(self) -> list:
         counts = {k: int(self.kind_mask(k).sum()) for k in KINDS}
