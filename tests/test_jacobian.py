@@ -15,6 +15,7 @@ from tl_linmap.freeze.capture import run_to_target
 from tl_linmap.base.errors import MemoryBudgetError
 from tl_linmap.base.guard import borrowed
 from tl_linmap.freeze.hooks import same_path_hooks
+from tl_linmap.load.toy import toy_model
 
 
 @pytest.mark.parametrize("target", ["output", "blocks.0.hook_resid_post", "blocks.1.hook_attn_out", "blocks.0.hook_mlp_out"])
@@ -97,16 +98,12 @@ def test_gemma_sliding_and_full_attention_layers_are_exact(toy_models):
 
 
 def test_attention_softcapping_is_frozen_with_the_pattern():
-    from tl_linmap.load.toy import toy_model
-
     model = toy_model("gemma3", attn_logit_softcapping=5.0, final_logit_softcapping=30.0)
     assert model.cfg.attn_scores_soft_cap == 5.0
     assert tl_linmap.linear_map(model, PROMPT).relative_error() < 1e-12
 
 
 def test_processed_weights_stay_exact():
-    from tl_linmap.load.toy import toy_model
-
     model = toy_model("gpt2")
     model.enable_compatibility_mode(disable_warnings=True)  # fold_ln, centering, value-bias folding
     assert tl_linmap.linear_map(model, PROMPT).relative_error() < 1e-12
@@ -232,16 +229,17 @@ def test_linear_maps_returns_linear_maps(toy_models):
     assert maps.final_norm is maps.norms["ln_final"]
 
 
-def test_auto_route_avoids_a_graph_of_cast_blocks_that_would_not_fit(fresh_llama, monkeypatch):
-    """A float32 model mapped in float64: the rows route's graph keeps every block cast; where that copy
-    would not fit, auto takes the columns route (one block cast at a time), with the same map."""
-    target = "blocks.0.hook_attn_out"  # shallow and wide: auto takes the rows route where it fits
+def test_auto_route_keeps_the_rows_route_where_a_cast_copy_would_not_fit(monkeypatch):
+    """A float32 model mapped in float64: the rows route's graph holds one cast block, not a copy of them all,
+    so auto takes the rows route even where such a copy would not fit, with the same map."""
+    model = toy_model("llama", dtype=torch.float32, d_model=64, d_mlp=1024, n_layers=4)  # wide blocks, small maps
+    target, prompt = "blocks.0.hook_attn_out", "The cat sat"  # shallow and wide: auto takes the rows route
     routes, real = [], jacobian._rows
     monkeypatch.setattr(jacobian, "_rows", lambda *args: routes.append("rows") or real(*args))
-    rows = tl_linmap.linear_map(fresh_llama, PROMPT, target=target)
+    rows = tl_linmap.linear_map(model, prompt, target=target)
     assert routes == ["rows"]
-    cast = sum(p.numel() for block in fresh_llama.blocks for p in block.parameters()) * 8
-    monkeypatch.setattr(jacobian, "available_bytes", lambda device: cast)  # half of it is the budget: too small
-    auto = tl_linmap.linear_map(fresh_llama, PROMPT, target=target)
-    assert routes == ["rows"]  # not again
-    assert _relative_diff(auto.operators, rows.operators) < 1e-12
+    cast = sum(p.numel() for block in model.blocks for p in block.parameters()) * 8
+    monkeypatch.setattr(budget, "available_bytes", lambda device: cast)  # half of it is the budget: no room for a copy
+    auto = tl_linmap.linear_map(model, prompt, target=target)
+    assert routes == ["rows", "rows"]
+    assert torch.equal(auto.operators, rows.operators)

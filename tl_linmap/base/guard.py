@@ -8,9 +8,12 @@ train/eval mode of every module, ``cfg.dtype`` and its hooks.
 A working dtype other than the model's costs no second copy of the model: a block's weights
 are cast when the pass reaches the block (``blocks.L.hook_resid_pre``) and put back when it
 leaves it (``hook_resid_post``), so a pass holds the model in its own dtype plus one block in
-the working dtype. Only a pass that may build an autograd graph (grad enabled) keeps the
-blocks it casts until the borrow ends, since the graph refers to them; the tensors outside
-the blocks (embeddings, unembedding, final norm, spliced dictionaries) are cast on entry.
+the working dtype. An autograd graph built on the way does not keep the casts either: what it
+saves of a cast weight (the weight, or a view of it) is saved as a recipe, the model's own
+tensor and the view, and cast again when a backward pass needs it
+(``torch.autograd.graph.saved_tensors_hooks``), so the reverse-mode routes hold one block too.
+The tensors outside the blocks (embeddings, unembedding, final norm, spliced dictionaries) are
+cast on entry.
 """
 
 from __future__ import annotations
@@ -64,6 +67,21 @@ def _slots(model: nn.Module) -> list[_Slot]:
 Pool = dict[tuple, list[Tensor]]
 
 
+@dataclass(frozen=True)
+class _Recast:
+    """What a graph saves in place of a view of a cast weight: the model's own tensor and the view."""
+
+    own: Tensor
+    dtype: torch.dtype
+    size: torch.Size
+    stride: tuple[int, ...]
+    offset: int
+
+    def tensor(self) -> Tensor:
+        # The cast was `own.to(dtype)` (a fresh tensor), so casting again lays the values out as it did.
+        return self.own.to(self.dtype).as_strided(self.size, self.stride, self.offset)
+
+
 def _converted(source: Tensor, dtype: torch.dtype, pool: Pool | None) -> Tensor:
     # `source.to(dtype)`, into a tensor of that shape a block left behind where there is one:
     # blocks share their shapes, and copying into memory already mapped is several times
@@ -91,8 +109,9 @@ def _cast(slots: list[_Slot], dtype: torch.dtype, pool: Pool | None = None) -> N
             slot.module._buffers[slot.key] = cast_buffers[id(tensor)]
 
 
-def _casts_of(slots: list[_Slot], datas: dict[int, Tensor]) -> list[Tensor]:
-    # The working-dtype tensors a cast block holds now, each once (an offloaded block's are meta: none).
+def _casts_of(slots: list[_Slot], datas: dict[int, Tensor]) -> list[tuple[Tensor, Tensor]]:
+    # The working-dtype tensors a cast block holds now, each once, with the model's own tensor each was
+    # cast from (an offloaded block's are meta: none).
     held = {}
     for slot in slots:
         if slot.kind == "_parameters":
@@ -100,7 +119,7 @@ def _casts_of(slots: list[_Slot], datas: dict[int, Tensor]) -> list[Tensor]:
         else:
             current, own = slot.module._buffers[slot.key], slot.tensor
         if current.device.type != "meta" and current.data_ptr() != own.data_ptr():
-            held[current.data_ptr()] = current
+            held[current.data_ptr()] = (current, own)
     return list(held.values())
 
 
@@ -134,33 +153,53 @@ def _split_by_block(model, slots: list[_Slot]) -> tuple[list[_Slot], list[list[_
 
 @dataclass
 class _BlockCasts:
-    """Which blocks hold working-dtype weights now, and which must keep them (a graph may refer to them)."""
+    """Which blocks hold working-dtype weights now, and what of them a graph saves (as a `_Recast`)."""
 
     per_block: list[list[_Slot]]
     datas: dict[int, Tensor]
     dtype: torch.dtype
     cast: set[int] = field(default_factory=set)
-    kept: set[int] = field(default_factory=set)
+    graphed: set[int] = field(default_factory=set)  # cast in a pass with grad enabled: never pooled
     pool: Pool = field(default_factory=dict)  # a restored block's casts, for the next block to copy into
+    owners: dict[int, Tensor] = field(default_factory=dict)  # a cast's storage -> the model's own tensor
 
     def enter(self, layer: int) -> None:
-        # A pass stopped inside a block (a target there) never left it: put that one back now.
-        for other in self.cast - self.kept - {layer}:
+        graph = torch.is_grad_enabled()
+        # A pass stopped inside a block (a target there) never left it: put that one back now, and this one
+        # too where a pass without a graph cast it and this one builds a graph (its casts are not known to pack).
+        for other in self.cast - ({layer} if not graph or layer in self.graphed else set()):
             self.leave(other)
         if layer not in self.cast:
-            _cast(self.per_block[layer], self.dtype, self.pool)
+            # A graph's casts are fresh tensors, never pooled: memory a graph might still read is not reused.
+            _cast(self.per_block[layer], self.dtype, None if graph else self.pool)
             self.pool.clear()  # spares of shapes this block has not: never more than one block's worth
             self.cast.add(layer)
-        if torch.is_grad_enabled():
-            self.kept.add(layer)
+            if graph:
+                self.graphed.add(layer)
+                self.owners.update({cast.untyped_storage().data_ptr(): own for cast, own in _casts_of(self.per_block[layer], self.datas)})
 
     def leave(self, layer: int) -> None:
-        if layer in self.cast and layer not in self.kept:
-            spares = _casts_of(self.per_block[layer], self.datas)
+        if layer in self.cast:
+            spares = [cast for cast, _ in _casts_of(self.per_block[layer], self.datas)]
             _restore(self.per_block[layer], self.datas)
             for spare in spares:
-                self.pool.setdefault((spare.shape, spare.device), []).append(spare)
+                self.owners.pop(spare.untyped_storage().data_ptr(), None)
+                if layer not in self.graphed:
+                    self.pool.setdefault((spare.shape, spare.device), []).append(spare)
             self.cast.discard(layer)
+            self.graphed.discard(layer)
+
+    def pack(self, tensor: Tensor):
+        """What a graph saves of ``tensor``: a `_Recast` for a view of a block's cast, else the tensor."""
+        own = self.owners.get(tensor.untyped_storage().data_ptr()) if tensor.device.type != "meta" else None
+        if own is None or tensor.dtype != self.dtype:
+            return tensor
+        return _Recast(own, tensor.dtype, tensor.size(), tensor.stride(), tensor.storage_offset())
+
+    @staticmethod
+    def unpack(saved) -> Tensor:
+        """A saved tensor back, cast again where it was a `_Recast`."""
+        return saved.tensor() if isinstance(saved, _Recast) else saved
 
     def hooks(self) -> list:
         """``(name, fn)`` hooks casting each block on entry and restoring it on exit."""
@@ -197,9 +236,8 @@ def borrowed(model, dtype: torch.dtype | None) -> Iterator[None]:
 
     The original tensors stay referenced while the model is borrowed and are put back on
     exit, so a narrowing ``dtype`` (float64 -> float32, float32 -> bfloat16) loses nothing.
-    A block's weights are cast only while a pass runs through it (see the module docstring),
-    except in passes with grad enabled, whose graph keeps them; everything outside the blocks
-    is cast on entry.
+    A block's weights are cast only while a pass runs through it, and a graph saves them as a
+    recipe to cast again (see the module docstring); everything outside the blocks is cast on entry.
 
     Args:
         model: A TransformerBridge or HookedTransformer, or any ``nn.Module`` (one without
@@ -242,7 +280,7 @@ def borrowed(model, dtype: torch.dtype | None) -> Iterator[None]:
             _cast([s for block in per_block for s in block], dtype)
             yield
             return
-        with model.hooks(fwd_hooks=casts.hooks()):
+        with model.hooks(fwd_hooks=casts.hooks()), torch.autograd.graph.saved_tensors_hooks(casts.pack, casts.unpack):
             yield
     finally:
         for slot in slots:

@@ -538,7 +538,7 @@ def _forwards(model, tokens: Tensor, names: Sequence[str], source: str, native: 
     # The plain forward (natives; without `native`, the frozen one stands in) and the frozen one
     # (outputs, factors) of a borrowed model.
     factors: Factors = {}
-    with torch.no_grad():  # no graph: a graph would keep every block cast to the working dtype (`borrowed`)
+    with torch.no_grad():  # values only: the replay builds the graph a route needs
         natives = capture(model, tokens, [*names, EMBED_HOOK]) if native else None
         # Up to the final norm, so every factor is recorded (and checked) for the replay.
         outputs = capture(model, tokens, [*names, output_hook(model), source, EMBED_HOOK], freeze_hooks(model, factors=factors))

@@ -35,8 +35,6 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from tl_linmap.base.budget import (
-    MEMORY_FRACTION,
-    available_bytes,
     choose_route,
     forward_row_cost,
     memory_budget,
@@ -52,7 +50,7 @@ from tl_linmap.base.guard import borrowed
 from tl_linmap.base.hook_names import EMBED_HOOK, independent_target, target_depth
 from tl_linmap.base.prompts import Prompt, Prompts, read_prompts
 from tl_linmap.base.progress import check_progress, progress_bar
-from tl_linmap.base.devices import input_device, resident
+from tl_linmap.base.devices import resident
 from tl_linmap.base.spill import SpilledTensor, SpillWriter
 from tl_linmap.freeze.architectures import naming_foreign
 from tl_linmap.freeze.capture import at_position, capture, run_to_target
@@ -706,26 +704,7 @@ def _cheaper_route(system: FrozenSystem, wanted: list[str], weights: dict) -> st
     shapes = [(system.outputs[name].shape[0], target_depth(name, n_layers)) for name in wanted]
     shapes += [(1, target_depth(name, n_layers)) for name, _, _ in weights.values()]  # a readout is one row
     n, d_in = system.x.shape[1:]
-    route = choose_route(d_in, n, system.position, shapes, forward_row_cost(system.model.cfg))
-    return route if route == "columns" or graph_fits(system.model, system.x.dtype) else "columns"
-
-
-def graph_fits(model, dtype: torch.dtype) -> bool:
-    """Whether the rows route's graph fits: it keeps every block cast to the working dtype (`tl_linmap.base.guard.borrowed`).
-
-    Args:
-        model: The borrowed model (its blocks in their own dtype between passes).
-        dtype: The working dtype.
-
-    Returns:
-        True where each device's blocks, cast, fit in `tl_linmap.base.budget.MEMORY_FRACTION` of its free memory.
-    """
-    need: dict[torch.device, int] = {}
-    for param in (p for block in model.blocks for p in block.parameters()):
-        if param.is_floating_point() and param.dtype != dtype:
-            device = input_device(model) if param.device.type == "meta" else param.device
-            need[device] = need.get(device, 0) + param.numel() * (torch.finfo(dtype).bits // 8)
-    return all(size <= available_bytes(device) * MEMORY_FRACTION for device, size in need.items())
+    return choose_route(d_in, n, system.position, shapes, forward_row_cost(system.model.cfg))
 
 
 def _assemble(

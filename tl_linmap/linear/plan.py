@@ -5,9 +5,8 @@ takes: it calls the same functions with the free memory the run will see). Per d
 
 - the model's own weights, in their own dtype, where they are placed;
 - weights cast to the working dtype where it differs from the model's: the non-block
-  parameters (embedding, unembedding, final norm), and one block at a time on routes without
-  an autograd graph (token pushes, the columns route) or every block on routes whose graph
-  holds them (the rows route of `linear_map`, `matrix_free`'s windows, `attribution_graph`);
+  parameters (embedding, unembedding, final norm), and one block at a time on every route (a
+  graph saves its casts as recipes to cast again: `tl_linmap.base.guard`);
 - the frozen factors of every layer (attention patterns, norm scales, MLP activations), the
   graph of one forward where the route keeps one, and the rows in flight (`budget.row_bytes`);
 - the results: dense operators ``pos × d_out × d_in`` per target, a graph's rows.
@@ -314,7 +313,7 @@ class _Work:
     # What a route adds to memory and time, before it is spread over devices.
     route: str
     rows: int
-    graph: bool  # the route keeps an autograd graph (and with it every cast block)
+    graph: bool  # the route keeps an autograd graph
     in_flight: int  # bytes of the rows in flight
     stored: int  # results kept
     flops: float
@@ -359,9 +358,8 @@ def _free_for_rows(free: int, fixed: int) -> int:
     return max(0, free - fixed)
 
 
-def _route(shape: ModelShape, what: str, n: int, last: int, targets: Sequence[str], route: str, graph_fits: bool = True) -> tuple[str, bool]:
-    # The route the run takes (for "auto", by the run's own count, and columns where the rows route's
-    # graph of cast blocks would not fit: `tl_linmap.linear.dense.graph_fits`) and whether it keeps a graph.
+def _route(shape: ModelShape, what: str, n: int, last: int, targets: Sequence[str], route: str) -> tuple[str, bool]:
+    # The route the run takes (for "auto", by the run's own count) and whether it keeps a graph.
     if what == "token_contributions":
         return "tokens", False
     if what == "matrix_free":
@@ -371,7 +369,6 @@ def _route(shape: ModelShape, what: str, n: int, last: int, targets: Sequence[st
     if route == "auto":
         shapes = [(_target_width(shape, t), target_depth(t, shape.n_layers)) for t in targets]
         route = budget.choose_route(shape.d_model, n, last, shapes, budget.forward_row_cost(shape))
-        route = route if graph_fits else "columns"
     return route, route == "rows"
 
 
@@ -520,15 +517,11 @@ def make_plan(
             free.append(budget.available_bytes(spec.device) - weights)
         else:
             free.append(spec.memory - own * (b + o))
-    graph_fits = not cast or all(item * b <= f * budget.MEMORY_FRACTION for b, f in zip(blocks, free))
-    route, graph_route = _route(shape, what, n, position % n, targets, route, graph_fits)
+    route, graph_route = _route(shape, what, n, position % n, targets, route)
     factors, graph = _factors(shape, n, item), _graph(shape, n, item)
 
-    def casts(i: int) -> int:
-        if not cast:
-            return 0
-        cast_blocks = blocks[i] if graph_route else max(per_device[i], default=0)
-        return item * (others[i] + cast_blocks)
+    def casts(i: int) -> int:  # the non-block weights and one block
+        return item * (others[i] + max(per_device[i], default=0)) if cast else 0
 
     def fixed(i: int) -> int:  # allocated before the passes: casts, factors, the graph
         return casts(i) + int(share[i] * (factors + (graph if graph_route else 0)))
