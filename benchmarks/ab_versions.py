@@ -31,6 +31,10 @@ CALLS = {
     "linear_map rows, SmolLM2 float32 in float64, 12 tokens": (
         "tl_linmap.linear_map(smollm2(), 'The capital of France is a city that', route='rows')"
     ),
+    # A graph per token window, a backward per product: where the cast blocks fit, the graph keeps them.
+    "matrix_free svd, SmolLM2 float32 in float64, 12 tokens": (
+        "with tl_linmap.matrix_free(smollm2(), 'The capital of France is a city that') as mf: mf.svd(-1, k=4)"
+    ),
 }
 
 _CHILD = r"""

@@ -1,6 +1,6 @@
 """The paper's configurations as `tl_linmap.plan` predicts them (no weights, no GPU needed).
 
-    python benchmarks/plan_table.py            # prints the table; writes docs/scale.md's table
+    python benchmarks/plan_table.py            # prints the table; writes it into docs/scale.md and README.md
 
 Qwen 3 14B, Gemma 3 12B, Llama 3.1 8B (bundled configs, bfloat16 weights), 16 and 256 tokens,
 float32 and float64, on one H100, one H200 and two H100s, for `token_contributions` and
@@ -21,7 +21,8 @@ LENGTHS = (16, 256)
 DTYPES = (torch.float32, torch.float64)
 DEVICES = {"1 H100": "H100", "1 H200": "H200", "2 H100": ["H100", "H100"]}
 WHATS = ("token_contributions", "linear_map")
-SCALE = Path(__file__).parents[1] / "docs" / "scale.md"
+ROOT = Path(__file__).parents[1]
+DOCUMENTS = (ROOT / "docs" / "scale.md", ROOT / "README.md")
 START, END = "<!-- plan_table: start -->", "<!-- plan_table: end -->"
 
 
@@ -50,10 +51,11 @@ def table() -> list[str]:
 def main() -> None:
     lines = table()
     print("\n".join(lines))
-    text = SCALE.read_text()
     block = "\n".join([START, *lines, END])
-    SCALE.write_text(re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S))
-    print(f"wrote {SCALE}")
+    for document in DOCUMENTS:
+        text = document.read_text()
+        document.write_text(re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S))
+        print(f"wrote {document}")
 
 
 if __name__ == "__main__":

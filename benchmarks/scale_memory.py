@@ -3,7 +3,10 @@
 A random Llama-shaped bridge of about 0.5B parameters is built in bfloat16, then each call runs
 in its own process: the peak resident set during the call (the kernel's high-water mark, reset
 after the model is built) is printed against the model's own size and against what one full
-float64 copy of it would take (the borrow's cost before blocks were cast one at a time).
+float64 copy of it would take (the borrow's cost before blocks were cast one at a time). The
+routes that keep a graph keep the cast blocks where they fit the runtime's share of free memory;
+the calls marked "no room" run as on a machine where they would not (free memory reported as one
+float64 copy, so half of it cannot hold one), where the graph saves recipes to cast again.
 
     python benchmarks/scale_memory.py            # about 5 minutes on 2 cores
     python benchmarks/scale_memory.py --quick    # a 0.1B model
@@ -24,6 +27,10 @@ CALLS = {
     "logit readout (linear_map, rows)": "tl_linmap.linear_map(model, tokens, target=tl_linmap.Logit(5), dtype=torch.float64)",
     "matrix_free svd k=4": "exec('with tl_linmap.matrix_free(model, tokens, dtype=torch.float64) as mf: mf.svd(k=4)')",
 }
+_NO_ROOM = "tl_linmap.base.budget.available_bytes = lambda device: 8 * sum(p.numel() for p in model.parameters())\n"
+CALLS.update({
+    f"{label}, no room": _NO_ROOM + call for label, call in CALLS.items() if label.startswith(("logit readout", "matrix_free"))
+})
 
 _CHILD = r"""
 import json, os, sys, time, warnings

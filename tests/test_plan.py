@@ -107,6 +107,20 @@ def test_predicted_memory_is_within_a_factor_of_two_of_the_measured():
     assert 0.5 < predicted / measured < 2, (predicted, measured)  # 1.4 when written
 
 
+def test_a_graph_route_is_planned_with_every_cast_block_only_where_they_fit():
+    """As `borrowed` does: a graph keeps the cast blocks where they fit a quarter of free memory, else holds one."""
+    model = toy_model("llama", dtype=torch.float32, d_model=64, d_mlp=1024, n_layers=4)
+    blocks = 8 * sum(p.numel() for block in model.blocks for p in block.parameters())
+    target = ("blocks.0.hook_attn_out",)
+    roomy = tl_linmap.plan(model, 3, "linear_map", devices=(2**34, 1e9), targets=target)
+    tight = tl_linmap.plan(model, 3, "linear_map", devices=(3 * blocks, 1e9), targets=target)  # a quarter holds 0.6 of them
+    assert roomy.route == tight.route == "rows"
+    assert 1 <= roomy.devices[0].casts_gib * _GIB / blocks < 1.1  # every block, and the few non-block weights
+    assert 0.25 <= tight.devices[0].casts_gib * _GIB / blocks < 0.35  # one block of four
+    contributions = tl_linmap.plan(model, 3, "token_contributions", devices=(2**34, 1e9))
+    assert contributions.devices[0].casts_gib == tight.devices[0].casts_gib  # no graph: one block, room or not
+
+
 def test_configs_plan_without_weights(toy_models):
     model = toy_models["llama"]
     plan = tl_linmap.plan(model.cfg, 12, "token_contributions", devices=(2 * _GIB, 1e9))  # a TransformerLens config alone

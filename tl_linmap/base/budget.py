@@ -22,6 +22,11 @@ from tl_linmap.base.errors import InputError, MemoryBudgetError
 #: Share of the free memory one computation may fill; the rest is left to the user's session.
 MEMORY_FRACTION = 0.5
 
+#: Share of the free memory an autograd graph may keep cast blocks in (half the computation's):
+#: beyond it the graph saves recipes to cast again (`tl_linmap.base.guard`), and the rest is for
+#: the rows in flight and the results.
+GRAPH_CAST_FRACTION = MEMORY_FRACTION / 2
+
 
 #: Most memory a dense call (`tl_linmap.linear.dense.linear_maps`) takes by default for its passes in
 #: flight and the maps it keeps in memory, whatever is free: maps beyond it go to disk, where reading

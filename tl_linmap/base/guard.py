@@ -8,23 +8,26 @@ train/eval mode of every module, ``cfg.dtype`` and its hooks.
 A working dtype other than the model's costs no second copy of the model: a block's weights
 are cast when the pass reaches the block (``blocks.L.hook_resid_pre``) and put back when it
 leaves it (``hook_resid_post``), so a pass holds the model in its own dtype plus one block in
-the working dtype. An autograd graph built on the way does not keep the casts either: what it
-saves of a cast weight (the weight, or a view of it) is saved as a recipe, the model's own
-tensor and the view, and cast again when a backward pass needs it
-(``torch.autograd.graph.saved_tensors_hooks``), so the reverse-mode routes hold one block too.
-The tensors outside the blocks (embeddings, unembedding, final norm, spliced dictionaries) are
-cast on entry.
+the working dtype. An autograd graph built on the way refers to the casts: where every block, cast,
+fits in a quarter of free memory (`tl_linmap.base.budget.GRAPH_CAST_FRACTION`), a pass with
+grad enabled keeps its blocks cast until the borrow ends, and each backward reads them as they are;
+where they would not fit, what the graph saves of a cast weight (the weight, or a view of it) is
+saved as a recipe, the model's own tensor and the view, and cast again whenever a backward pass
+reads it (``torch.autograd.graph.saved_tensors_hooks``), so that the reverse-mode routes hold one
+block too, at the price of a cast per weight per backward. The tensors outside the blocks
+(embeddings, unembedding, final norm, spliced dictionaries) are cast on entry.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
+from tl_linmap.base import budget
 from tl_linmap.base.compat import get_act_name
 
 
@@ -153,33 +156,38 @@ def _split_by_block(model, slots: list[_Slot]) -> tuple[list[_Slot], list[list[_
 
 @dataclass
 class _BlockCasts:
-    """Which blocks hold working-dtype weights now, and what of them a graph saves (as a `_Recast`)."""
+    """Which blocks hold working-dtype weights now, which a graph keeps, and what of them a graph saves as a `_Recast`."""
 
     per_block: list[list[_Slot]]
     datas: dict[int, Tensor]
     dtype: torch.dtype
+    recast: bool  # a graph saves casts as recipes (they would not fit), instead of keeping the blocks cast
     cast: set[int] = field(default_factory=set)
-    graphed: set[int] = field(default_factory=set)  # cast in a pass with grad enabled: never pooled
+    kept: set[int] = field(default_factory=set)  # cast until the borrow ends: a graph reads them
+    graphed: set[int] = field(default_factory=set)  # cast in a pass with grad enabled, saved as recipes: never pooled
     pool: Pool = field(default_factory=dict)  # a restored block's casts, for the next block to copy into
     owners: dict[int, Tensor] = field(default_factory=dict)  # a cast's storage -> the model's own tensor
 
     def enter(self, layer: int) -> None:
         graph = torch.is_grad_enabled()
-        # A pass stopped inside a block (a target there) never left it: put that one back now, and this one
-        # too where a pass without a graph cast it and this one builds a graph (its casts are not known to pack).
-        for other in self.cast - ({layer} if not graph or layer in self.graphed else set()):
+        # A pass stopped inside a block (a target there) never left it: put that one back now.
+        for other in self.cast - self.kept - {layer}:
             self.leave(other)
+        if graph and self.recast and layer in self.cast and layer not in self.graphed:
+            self.leave(layer)  # cast by a pass without a graph: cast afresh, where pack knows the casts
         if layer not in self.cast:
-            # A graph's casts are fresh tensors, never pooled: memory a graph might still read is not reused.
+            # A graph's casts are fresh tensors, never pooled: memory a graph may still read is not reused.
             _cast(self.per_block[layer], self.dtype, None if graph else self.pool)
             self.pool.clear()  # spares of shapes this block has not: never more than one block's worth
             self.cast.add(layer)
-            if graph:
+            if graph and self.recast:
                 self.graphed.add(layer)
                 self.owners.update({cast.untyped_storage().data_ptr(): own for cast, own in _casts_of(self.per_block[layer], self.datas)})
+        if graph and not self.recast:
+            self.kept.add(layer)
 
     def leave(self, layer: int) -> None:
-        if layer in self.cast:
+        if layer in self.cast and layer not in self.kept:
             spares = [cast for cast, _ in _casts_of(self.per_block[layer], self.datas)]
             _restore(self.per_block[layer], self.datas)
             for spare in spares:
@@ -210,6 +218,19 @@ class _BlockCasts:
         return hooks
 
 
+def _casts_fit(per_block: list[list[_Slot]], dtype: torch.dtype) -> bool:
+    # Whether every block, cast, fits in a graph's share of its device's free memory (an offloaded
+    # block's weights, on meta, take none): then a graph may keep them.
+    need: dict[torch.device, int] = {}
+    seen: set[int] = set()
+    for slot in (slot for block in per_block for slot in block):
+        tensor = slot.tensor
+        if tensor.is_floating_point() and tensor.dtype != dtype and tensor.device.type != "meta" and id(tensor) not in seen:
+            seen.add(id(tensor))
+            need[tensor.device] = need.get(tensor.device, 0) + tensor.numel() * (torch.finfo(dtype).bits // 8)
+    return all(size <= budget.available_bytes(device) * budget.GRAPH_CAST_FRACTION for device, size in need.items())
+
+
 def _hookable(model, names: list[str]) -> bool:
     # Every block boundary is a plain hook point: not where a spliced SAE (SAELens' _SAEWrapper) took its
     # place, whose boundary hooks run inside the SAE; such a model is cast whole on entry instead.
@@ -236,8 +257,9 @@ def borrowed(model, dtype: torch.dtype | None) -> Iterator[None]:
 
     The original tensors stay referenced while the model is borrowed and are put back on
     exit, so a narrowing ``dtype`` (float64 -> float32, float32 -> bfloat16) loses nothing.
-    A block's weights are cast only while a pass runs through it, and a graph saves them as a
-    recipe to cast again (see the module docstring); everything outside the blocks is cast on entry.
+    A block's weights are cast only while a pass runs through it, except in passes with grad
+    enabled, whose graph keeps them where they fit and saves them as recipes to cast again where
+    they would not (see the module docstring); everything outside the blocks is cast on entry.
 
     Args:
         model: A TransformerBridge or HookedTransformer, or any ``nn.Module`` (one without
@@ -275,12 +297,13 @@ def borrowed(model, dtype: torch.dtype | None) -> Iterator[None]:
         if not any(s.tensor.is_floating_point() and s.tensor.dtype != dtype for block in per_block for s in block):
             yield  # nothing to cast in the blocks (the model is in the working dtype already)
             return
-        casts = _BlockCasts(per_block, {id(p): data for p, data, _ in datas}, dtype)
+        casts = _BlockCasts(per_block, {id(p): data for p, data, _ in datas}, dtype, recast=not _casts_fit(per_block, dtype))
         if not _hookable(model, [name for name, _ in casts.hooks()]):
             _cast([s for block in per_block for s in block], dtype)
             yield
             return
-        with model.hooks(fwd_hooks=casts.hooks()), torch.autograd.graph.saved_tensors_hooks(casts.pack, casts.unpack):
+        recipes = torch.autograd.graph.saved_tensors_hooks(casts.pack, casts.unpack) if casts.recast else nullcontext()
+        with model.hooks(fwd_hooks=casts.hooks()), recipes:
             yield
     finally:
         for slot in slots:

@@ -5,8 +5,11 @@ takes: it calls the same functions with the free memory the run will see). Per d
 
 - the model's own weights, in their own dtype, where they are placed;
 - weights cast to the working dtype where it differs from the model's: the non-block
-  parameters (embedding, unembedding, final norm), and one block at a time on every route (a
-  graph saves its casts as recipes to cast again: `tl_linmap.base.guard`);
+  parameters (embedding, unembedding, final norm), and one block at a time on routes without
+  an autograd graph (token pushes, the columns route); on routes with one (the rows route of
+  `linear_map`, `matrix_free`'s windows, `attribution_graph`) every block where they fit a
+  quarter of free memory (`budget.GRAPH_CAST_FRACTION`), else one block, the graph saving recipes to cast again
+  (`tl_linmap.base.guard`);
 - the frozen factors of every layer (attention patterns, norm scales, MLP activations), the
   graph of one forward where the route keeps one, and the rows in flight (`budget.row_bytes`);
 - the results: dense operators ``pos × d_out × d_in`` per target, a graph's rows.
@@ -313,7 +316,7 @@ class _Work:
     # What a route adds to memory and time, before it is spread over devices.
     route: str
     rows: int
-    graph: bool  # the route keeps an autograd graph
+    graph: bool  # the route keeps an autograd graph (and with it the cast blocks, where they fit)
     in_flight: int  # bytes of the rows in flight
     stored: int  # results kept
     flops: float
@@ -518,10 +521,11 @@ def make_plan(
         else:
             free.append(spec.memory - own * (b + o))
     route, graph_route = _route(shape, what, n, position % n, targets, route)
+    keeps = graph_route and all(item * b <= f * budget.GRAPH_CAST_FRACTION for b, f in zip(blocks, free))  # as `borrowed` decides
     factors, graph = _factors(shape, n, item), _graph(shape, n, item)
 
-    def casts(i: int) -> int:  # the non-block weights and one block
-        return item * (others[i] + max(per_device[i], default=0)) if cast else 0
+    def casts(i: int) -> int:  # the non-block weights, and every block where a graph keeps them, else one
+        return item * (others[i] + (blocks[i] if keeps else max(per_device[i], default=0))) if cast else 0
 
     def fixed(i: int) -> int:  # allocated before the passes: casts, factors, the graph
         return casts(i) + int(share[i] * (factors + (graph if graph_route else 0)))

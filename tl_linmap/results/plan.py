@@ -25,8 +25,8 @@ class DevicePeak:
         device: The device's name.
         capacity_gib: Memory the run may use there (free memory, or a named card's memory).
         weights_gib: The model's own weights placed there, in their own dtype.
-        casts_gib: Weights cast to the working dtype (non-block parameters, and one block:
-            see `tl_linmap.linear.plan`).
+        casts_gib: Weights cast to the working dtype (non-block parameters, and one block or
+            every block: see `tl_linmap.linear.plan`).
         work_gib: Frozen factors, the autograd graph where the route keeps one, and the rows in flight.
         results_gib: What the run stores (dense operators, a graph's rows).
         peak_gib: The predicted peak: the larger of the set-up (reference forward, logits) and the passes.
