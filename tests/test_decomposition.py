@@ -11,6 +11,10 @@ from tl_linmap.freeze.capture import run_to_target
 from tl_linmap.base.compat import get_act_name
 from tl_linmap.methods.decomposition import layer_maps, nonlinearity_gap, token_attribution
 from tl_linmap.base.guard import borrowed
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from tl_linmap.base.saving import read
 from tl_linmap.base.spill import SpilledTensor
 from tl_linmap.freeze.hooks import same_path_hooks
 
@@ -198,9 +202,38 @@ def test_spilled_maps_are_saved_one_at_a_time_and_load_still_on_disk(llama, in_m
         assert torch.equal(loaded[name].operators, reference[name].operators), name
         assert loaded[name].operators.stride() == reference[name].operators.stride(), name
         assert torch.equal(loaded[name].bias, reference[name].bias)
-    loaded.save(path)  # over the file its maps are read from
+    loaded.save(path)  # over the file its maps are read from: both read it still
     again = tl_linmap.load(path)
     assert all(torch.equal(again[name].operators, reference[name].operators) for name in reference)
+    assert all(torch.equal(loaded[name].operators, reference[name].operators) for name in reference)
+    assert read(path)[0]["format"] == 3  # older versions refuse it rather than misread it
+    assert read(in_memory["columns"].save(tmp_path / "held"))[0]["format"] == 2  # nothing spilled: as before
+
+
+def test_a_loaded_result_refuses_maps_from_a_file_saved_over_or_gone(llama, tmp_path, monkeypatch):
+    maps = layer_maps(llama, SHORT, layers=[0], store="disk", progress=False)
+    monkeypatch.chdir(tmp_path)
+    loaded = tl_linmap.load(maps.save("maps"))  # a relative path, then another working directory
+    monkeypatch.chdir("/")
+    name = loaded.spilled[0]
+    assert torch.equal(loaded[name].operators, maps[name].operators)
+    layer_maps(llama, "A dog ran", layers=[0], store="disk", progress=False).save(tmp_path / "maps")  # another result, same file
+    with pytest.raises(tl_linmap.InputError, match="saved over"):
+        loaded[name]
+    (tmp_path / "maps.safetensors").unlink()
+    with pytest.raises(tl_linmap.InputError, match="is gone"):
+        loaded[name]
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_a_file_lacking_a_spilled_map_is_refused_on_load(llama, tmp_path):
+    maps = layer_maps(llama, SHORT, layers=[0], store="disk", progress=False)
+    path = maps.save(tmp_path / "maps")
+    header, tensors = read(path)
+    kept = {key: tensor for key, tensor in load_file(path).items() if key != header["spilled"][0]}
+    save_file(kept, str(path), metadata=safe_open(str(path), framework="pt").metadata())
+    with pytest.raises(tl_linmap.InputError, match="lacks the tensors its header lists"):
+        tl_linmap.load(path)
 
 
 def test_a_directory_store_keeps_its_files_and_a_temporary_one_goes_with_the_result(llama, tmp_path):

@@ -15,6 +15,7 @@ from tl_linmap.base.devices import (
     resident,
 )
 from tl_linmap.base.guard import hook_count
+from tl_linmap.linear import dense as jacobian
 from tl_linmap.load import toy
 
 #: ``max_memory`` on the CPU: the embedding stays and the blocks, the final norm and the
@@ -155,3 +156,18 @@ def test_rows_are_planned_on_the_tightest_device(monkeypatch):
     assert split == 2**30 * budget.MEMORY_FRACTION // 2**20
     with pytest.raises(tl_linmap.MemoryBudgetError, match="to spare on meta"):
         budget.fit_rows(2**20, 0, 10**6, split + 1, torch.device("cpu"), "rows_per_pass", others=[torch.device("meta")])
+
+
+def test_auto_takes_the_columns_route_where_the_offloaded_weights_a_graph_keeps_would_not_fit(dispatched, monkeypatch):
+    """Offloaded weights are loaded in the working dtype inside each module's forward, out of the borrow's reach:
+    a graph keeps each one it reads, so the rows route is taken only where they fit a graph's share of memory."""
+    routes, real = [], jacobian._rows
+    monkeypatch.setattr(jacobian, "_rows", lambda *args: routes.append("rows") or real(*args))
+    target = "blocks.0.hook_attn_out"  # shallow and wide: auto takes the rows route where it may
+    expected = tl_linmap.linear_map(dispatched, PROMPT, target=target).operators
+    assert routes == ["rows"]
+    assert any(p.device.type == "meta" for block in dispatched.blocks for p in block.parameters())
+    monkeypatch.setattr(budget, "GRAPH_CAST_FRACTION", 0.0)  # no room for a graph's casts (the rows and results keep theirs)
+    got = tl_linmap.linear_map(dispatched, PROMPT, target=target).operators
+    assert routes == ["rows"]  # the columns route, this time
+    assert (got - expected).abs().max() <= 1e-12 * expected.abs().max()

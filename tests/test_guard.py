@@ -1,9 +1,9 @@
 """The user's model comes out of tl_linmap bit for bit as it went in, also after an error half-way."""
 
 import contextlib
+import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -274,10 +274,10 @@ def test_borrowed_casts_inside_and_restores(fresh_llama):
     _assert_same(fresh_llama, before)
 
 
-def _no_room_for_a_cast_copy(monkeypatch, model) -> None:
-    # Free memory reported as one float64 copy of the blocks: the runtime's half of it cannot hold them.
+def _no_room_for_a_cast_copy(monkeypatch, model, copies: int = 1) -> None:
+    # Free memory reported as `copies` float64 copies of the blocks: a graph's quarter of it cannot hold one.
     copy = 8 * sum(p.numel() for block in model.blocks for p in block.parameters())
-    monkeypatch.setattr(budget, "available_bytes", lambda device: copy)
+    monkeypatch.setattr(budget, "available_bytes", lambda device: copies * copy)
 
 
 @pytest.mark.parametrize(("grad", "room"), [(False, True), (True, True), (True, False)])
@@ -364,7 +364,7 @@ def test_a_graph_route_holds_no_cast_copy_of_the_blocks_where_it_would_not_fit(r
     """A bfloat16 model mapped in float64 by a route that keeps a graph, with too little memory for a float64 copy
     of the blocks: its peak is far below one (1.06 and 0.82 of one before the graph saved its casts as recipes,
     0.25 and 0.20 after)."""
-    if not Path("/proc/self/clear_refs").exists():
+    if not os.access("/proc/self/clear_refs", os.W_OK):
         pytest.skip("peak resident memory is reset through Linux's /proc")  # CI runs on Linux, where this must not skip
     run = subprocess.run([sys.executable, "-c", _GRAPH_PEAK, route], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr
@@ -380,6 +380,41 @@ def test_borrowed_puts_back_a_block_a_stopped_pass_left_cast(fresh_llama):
         assert _block_dtypes(fresh_llama)[1] == {torch.float64}
         run_to_target(fresh_llama, fresh_llama.to_tokens(PROMPT), "blocks.0.hook_attn_out")
         assert _block_dtypes(fresh_llama)[:2] == [{torch.float64}, {torch.float32}]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_results_are_the_same_bits_whether_a_graph_keeps_its_casts_or_recasts_them(family, monkeypatch):
+    """Kept, pooled or cast again, a block's cast has the layout a fresh cast has (gpt2's q, k and v are strided
+    views of one fused weight), so products round alike in every mode."""
+    model = toy_model(family, dtype=torch.float32, d_model=64, d_mlp=2048, n_layers=4)
+    generator = torch.Generator().manual_seed(0)
+    v, u = (torch.randn(1, 64, dtype=torch.float64, generator=generator) for _ in range(2))
+
+    def results():
+        with tl_linmap.matrix_free(model, "The cat sat on the mat") as mf:
+            op = mf.operator(3)
+            products = op.matvec(v), op.rmatvec(u)
+        return (*products, tl_linmap.linear_map(model, "The cat sat", route="rows", rows_per_pass=4).operators)
+
+    kept = results()
+    _no_room_for_a_cast_copy(monkeypatch, model, copies=3)  # room for the rows, not for a copy
+    recast = results()
+    assert all(torch.equal(a, b) for a, b in zip(kept, recast))
+
+
+def test_a_call_inside_a_running_borrow_leaves_its_blocks_as_they_were(fresh_llama):
+    """A call inside another call's borrow (inside `with tl_linmap.matrix_free(...)`) works in the running borrow,
+    so neither puts back the other's tensors: a block a stopped pass left cast still holds its own weights."""
+    from tl_linmap.freeze.capture import run_to_target
+
+    own = {name: p.detach().clone() for name, p in fresh_llama.blocks.named_parameters()}
+    with borrowed(fresh_llama, torch.float64), torch.no_grad():
+        run_to_target(fresh_llama, fresh_llama.to_tokens(PROMPT), "blocks.1.hook_attn_out")  # block 1 left cast
+        assert tl_linmap.linear_map(fresh_llama, PROMPT).relative_error() < 1e-12
+        for name, p in fresh_llama.blocks.named_parameters():
+            assert torch.equal(p.detach().to(own[name].dtype), own[name]), name
+        with pytest.raises(InputError, match="dtype=torch.float64"):
+            tl_linmap.linear_map(fresh_llama, PROMPT, dtype=torch.float32)
 
 
 def test_borrowed_keeps_tied_weights_tied_inside():

@@ -13,6 +13,7 @@ from tl_linmap.base import budget
 from tl_linmap.linear import dense as jacobian
 from tl_linmap.freeze.capture import run_to_target
 from tl_linmap.base.errors import MemoryBudgetError
+from tl_linmap.base import guard
 from tl_linmap.base.guard import borrowed
 from tl_linmap.freeze.hooks import same_path_hooks
 from tl_linmap.load.toy import toy_model
@@ -239,7 +240,9 @@ def test_auto_route_keeps_the_rows_route_where_a_cast_copy_would_not_fit(monkeyp
     rows = tl_linmap.linear_map(model, prompt, target=target)
     assert routes == ["rows"]
     cast = sum(p.numel() for block in model.blocks for p in block.parameters()) * 8
-    monkeypatch.setattr(budget, "available_bytes", lambda device: cast)  # half of it is the budget: no room for a copy
+    monkeypatch.setattr(budget, "available_bytes", lambda device: cast)  # a graph's quarter of it: no room for a copy
+    recasts, recast = [], guard._Recast.tensor
+    monkeypatch.setattr(guard._Recast, "tensor", lambda self: recasts.append(1) or recast(self))
     auto = tl_linmap.linear_map(model, prompt, target=target)
-    assert routes == ["rows", "rows"]
+    assert routes == ["rows", "rows"] and recasts  # the graph cast its weights again instead of keeping them
     assert torch.equal(auto.operators, rows.operators)

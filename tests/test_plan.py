@@ -1,8 +1,8 @@
 """Plans: the route and rows a run takes, refusal before any work, memory near the measured, configs without weights."""
 
+import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -96,7 +96,7 @@ print((plan.devices[0].peak_gib - plan.devices[0].weights_gib) * 2**30, status("
 
 
 def test_predicted_memory_is_within_a_factor_of_two_of_the_measured():
-    if not Path("/proc/self/clear_refs").exists():
+    if not os.access("/proc/self/clear_refs", os.W_OK):
         pytest.skip("peak resident memory is reset through Linux's /proc")  # CI runs on Linux, where this must not skip
     # A fresh process: in the suite's own, memory freed by earlier tests is still resident, and the call reuses
     # it without raising the high-water mark (CI measured 0 bytes there).

@@ -13,15 +13,15 @@ fits in a quarter of free memory (`tl_linmap.base.budget.GRAPH_CAST_FRACTION`), 
 grad enabled keeps its blocks cast until the borrow ends, and each backward reads them as they are;
 where they would not fit, what the graph saves of a cast weight (the weight, or a view of it) is
 saved as a recipe, the model's own tensor and the view, and cast again whenever a backward pass
-reads it (``torch.autograd.graph.saved_tensors_hooks``), so that the reverse-mode routes hold one
-block too, at the price of a cast per weight per backward. The tensors outside the blocks
+reads it (``torch.autograd.graph.saved_tensors_hooks``, pushed only while such a block runs), so
+that the reverse-mode routes hold one block too, at the price of a cast per weight per backward. The tensors outside the blocks
 (embeddings, unembedding, final norm, spliced dictionaries) are cast on entry.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from tl_linmap.base import budget
 from tl_linmap.base.compat import get_act_name
+from tl_linmap.base.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -85,11 +86,17 @@ class _Recast:
         return self.own.to(self.dtype).as_strided(self.size, self.stride, self.offset)
 
 
+def _layout(tensor: Tensor) -> tuple:
+    # What a spare must match to stand for `source.to(dtype)`: the same shape, strides and device
+    # (a cast of another layout would round the products differently in the last bit).
+    return tensor.shape, tensor.stride(), tensor.device
+
+
 def _converted(source: Tensor, dtype: torch.dtype, pool: Pool | None) -> Tensor:
-    # `source.to(dtype)`, into a tensor of that shape a block left behind where there is one:
+    # `source.to(dtype)`, into a tensor of that layout a block left behind where there is one:
     # blocks share their shapes, and copying into memory already mapped is several times
     # faster than a fresh allocation each pass.
-    spares = pool.get((source.shape, source.device)) if pool is not None else None
+    spares = pool.get(_layout(source)) if pool is not None else None
     return spares.pop().copy_(source) if spares else source.to(dtype)
 
 
@@ -167,6 +174,7 @@ class _BlockCasts:
     graphed: set[int] = field(default_factory=set)  # cast in a pass with grad enabled, saved as recipes: never pooled
     pool: Pool = field(default_factory=dict)  # a restored block's casts, for the next block to copy into
     owners: dict[int, Tensor] = field(default_factory=dict)  # a cast's storage -> the model's own tensor
+    hooks_on: torch.autograd.graph.saved_tensors_hooks | None = None  # pushed while a graphed block runs
 
     def enter(self, layer: int) -> None:
         graph = torch.is_grad_enabled()
@@ -183,6 +191,7 @@ class _BlockCasts:
             if graph and self.recast:
                 self.graphed.add(layer)
                 self.owners.update({cast.untyped_storage().data_ptr(): own for cast, own in _casts_of(self.per_block[layer], self.datas)})
+                self._recipes(True)
         if graph and not self.recast:
             self.kept.add(layer)
 
@@ -193,14 +202,36 @@ class _BlockCasts:
             for spare in spares:
                 self.owners.pop(spare.untyped_storage().data_ptr(), None)
                 if layer not in self.graphed:
-                    self.pool.setdefault((spare.shape, spare.device), []).append(spare)
+                    self.pool.setdefault(_layout(spare), []).append(spare)
             self.cast.discard(layer)
-            self.graphed.discard(layer)
+            if layer in self.graphed:
+                self.graphed.discard(layer)
+                if not self.graphed:
+                    self._recipes(False)
+
+    def _recipes(self, on: bool) -> None:
+        # The graph's saved-tensor hooks are pushed only while a block cast for a graph is running, so that
+        # code between passes (torch.func refuses such hooks) and tensors saved elsewhere never meet them.
+        if on and self.hooks_on is None:
+            self.hooks_on = torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+            self.hooks_on.__enter__()
+        elif not on and self.hooks_on is not None:
+            self.hooks_on.__exit__(None, None, None)
+            self.hooks_on = None
+
+    def close(self) -> None:
+        """Pop the graph's hooks where a pass stopped inside a block left them pushed (the blocks are restored apart)."""
+        self._recipes(False)
 
     def pack(self, tensor: Tensor):
         """What a graph saves of ``tensor``: a `_Recast` for a view of a block's cast, else the tensor."""
-        own = self.owners.get(tensor.untyped_storage().data_ptr()) if tensor.device.type != "meta" else None
-        if own is None or tensor.dtype != self.dtype:
+        if tensor.layout is not torch.strided or tensor.device.type == "meta" or tensor.dtype != self.dtype:
+            return tensor
+        try:
+            own = self.owners.get(tensor.untyped_storage().data_ptr())
+        except (RuntimeError, NotImplementedError):  # a tensor subclass without a storage
+            return tensor
+        if own is None:
             return tensor
         return _Recast(own, tensor.dtype, tensor.size(), tensor.stride(), tensor.storage_offset())
 
@@ -251,6 +282,12 @@ def hook_count(model) -> int:
     return sum(len(p.fwd_hooks) + len(p.bwd_hooks) for p in points)
 
 
+#: The models a running borrow casts block by block (id -> working dtype): a borrow inside one works
+#: in it, since two borrows casting and putting back the same blocks would each restore the other's
+#: casts (and a pooled cast holds another block's weights by then).
+_CASTING: dict[int, torch.dtype] = {}
+
+
 @contextmanager
 def borrowed(model, dtype: torch.dtype | None) -> Iterator[None]:
     """Temporarily put the model in eval mode, without parameter grads, in ``dtype``.
@@ -261,6 +298,9 @@ def borrowed(model, dtype: torch.dtype | None) -> Iterator[None]:
     enabled, whose graph keeps them where they fit and saves them as recipes to cast again where
     they would not (see the module docstring); everything outside the blocks is cast on entry.
 
+    Inside a borrow that casts the model block by block (a call inside ``with
+    tl_linmap.matrix_free(...)``), a borrow in the same dtype (or None) works in the running one.
+
     Args:
         model: A TransformerBridge or HookedTransformer, or any ``nn.Module`` (one without
             ``blocks`` and hook points is cast whole on entry).
@@ -268,7 +308,19 @@ def borrowed(model, dtype: torch.dtype | None) -> Iterator[None]:
 
     Returns:
         A context manager; on exit the model is as it was, bit for bit.
+
+    Raises:
+        InputError: inside a running borrow of the model in another dtype.
     """
+    running = _CASTING.get(id(model))
+    if running is not None:
+        if dtype not in (None, running):
+            raise InputError(
+                f"This model is in use by a tl_linmap call working in {running} (a `with tl_linmap.matrix_free(...)` "
+                f"block?): pass dtype={running} here, or make this call outside that block."
+            )
+        yield  # the running borrow has the model as this one would: eval mode, no grads, its casts
+        return
     slots = _slots(model)
     params = {id(s.tensor): s.tensor for s in slots if s.kind == "_parameters"}.values()
     # `.data` aliases the storage (no copy); the cast swaps in a new one, so these keep the bits.
@@ -302,9 +354,13 @@ def borrowed(model, dtype: torch.dtype | None) -> Iterator[None]:
             _cast([s for block in per_block for s in block], dtype)
             yield
             return
-        recipes = torch.autograd.graph.saved_tensors_hooks(casts.pack, casts.unpack) if casts.recast else nullcontext()
-        with model.hooks(fwd_hooks=casts.hooks()), recipes:
-            yield
+        _CASTING[id(model)] = dtype
+        try:
+            with model.hooks(fwd_hooks=casts.hooks()):
+                yield
+        finally:
+            del _CASTING[id(model)]
+            casts.close()
     finally:
         for slot in slots:
             getattr(slot.module, slot.kind)[slot.key] = slot.tensor

@@ -17,6 +17,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import uuid
 from collections.abc import Callable, Mapping
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -28,11 +29,12 @@ from safetensors import safe_open
 from torch import Tensor
 
 from tl_linmap.base.errors import InputError
-from tl_linmap.base.spill import SpilledTensor, write_file
+from tl_linmap.base.spill import FILE_ID, SpilledTensor, write_file
 
-#: The format written; a file of a newer one is refused (`read`). Format 1 held a `Graph`'s fields
-#: flat and nothing else; 2 holds any result, fields nested (format 1 files still load).
-FORMAT = 2
+#: The newest format written; a file of a newer one is refused (`read`). Format 1 held a `Graph`'s
+#: fields flat and nothing else; 2 holds any result, fields nested; 3 (written only where needed) also
+#: holds tensors read on access, a `LinearMaps`' spilled maps. Older files still load.
+FORMAT = 3
 _KEY = "tl_linmap"
 #: The model config entries recorded (what circuit-tracer's ``UnifiedConfig`` needs, and the sizes a reader checks).
 CONFIG_KEYS = ("n_layers", "d_model", "d_head", "n_heads", "d_mlp", "d_vocab", "n_key_value_heads", "tokenizer_name", "model_name",
@@ -407,16 +409,28 @@ def write(path: str | Path, result: Saveable, *, vocabulary: bool = False, model
     if given and held and given["config_hash"] not in {m["config_hash"] for m in held}:
         raise InputError(f"This result holds the model {held[0]['name']!r}, not the {given['name']!r} given: leave model= out.")
     header = {
-        "format": FORMAT, "kind": type(result).__name__, "versions": versions(),
+        "format": FORMAT if encoder.spilled else 2, "kind": type(result).__name__, "versions": versions(),
         "model": given or (held[0] if held else result._model()), "prompt": result._prompt(),
         "dtype": str(floats[0]).removeprefix("torch.") if floats else None,
         "models": [encoder.model(m, i) for i, m in enumerate(encoder.models)],
         "root": root,
         "spilled": encoder.spilled,
+        "file_id": _file_id(path, {key: encoder.tensors[key] for key in encoder.spilled}),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_file(path, encoder.tensors, {_KEY: json.dumps(header)})
+    write_file(path, encoder.tensors, {_KEY: json.dumps(header), FILE_ID: header["file_id"]})
     return path
+
+
+def _file_id(path: Path, spilled: dict[str, SpilledTensor]) -> str:
+    # A new name for the file's contents, unless this is a result loaded from `path` saved back over it
+    # (each tensor it reads from there goes back under its own key): then its maps still read the file.
+    target = path.resolve()
+    ours = [(key, t) for key, t in spilled.items() if t.file_id is not None and t.path.resolve() == target]
+    ids = {t.file_id for _, t in ours}
+    if ours and len(ids) == 1 and all(t.key == key for key, t in ours):
+        return ids.pop()
+    return uuid.uuid4().hex
 
 
 def _aligned(tensor: Tensor) -> Tensor:
@@ -446,11 +460,14 @@ def read(path: str | Path) -> tuple[dict, dict[str, Tensor]]:
             meta = f.metadata() or {}
             header = json.loads(meta[_KEY]) if _KEY in meta else {}
             on_disk = set(header.get("spilled", ()))  # read on access (rebuild)
-            tensors = {k: _aligned(f.get_tensor(k)) for k in f.keys() if k not in on_disk}  # noqa: SIM118 - a safe_open handle is no dict
+            missing = sorted(on_disk - set(f.keys()))  # noqa: SIM118 - a safe_open handle is no dict
+            tensors = {k: _aligned(f.get_tensor(k)) for k in f.keys() if k not in on_disk}  # noqa: SIM118
     except Exception as err:  # safetensors raises its own types for a file that is not one
         raise InputError(f"{str(path)!r} is not a safetensors file ({err}): give the path a result's .save() wrote.") from err
     if _KEY not in meta:
         raise InputError(f"{str(path)!r} is a safetensors file tl_linmap did not write (no {_KEY!r} header): load it with safetensors.")
+    if missing:
+        raise InputError(f"{str(path)!r} lacks the tensors its header lists ({', '.join(missing[:3])}): the file is damaged; save the result again.")
     if header.get("format", 0) > FORMAT:
         raise InputError(
             f"{str(path)!r} was saved in format {header['format']} by tl_linmap {header['versions'].get('tl_linmap')}; this tl_linmap "
@@ -472,7 +489,7 @@ def rebuild(header: dict, tensors: dict[str, Tensor], find_class: Callable[[str]
     Returns:
         The result.
     """
-    decoder = _Decoder(tensors, find_class, path)
+    decoder = _Decoder(tensors, find_class, path, header.get("file_id"))
     def stand_in(record: dict) -> SavedModel:
         vocabulary = record["vocabulary"]
         ids = vocabulary["ids"] if vocabulary["ids"] is not None else range(len(vocabulary["strings"]))
@@ -486,10 +503,12 @@ def rebuild(header: dict, tensors: dict[str, Tensor], find_class: Callable[[str]
 class _Decoder:
     """The inverse of `_Encoder`."""
 
-    def __init__(self, tensors: dict[str, Tensor], find_class: Callable[[str], type], path: str | Path | None = None):
+    def __init__(self, tensors: dict[str, Tensor], find_class: Callable[[str], type], path: str | Path | None = None,
+                 file_id: str | None = None):
         self.tensors = tensors
         self.find_class = find_class
         self.path = path
+        self.file_id = file_id
         self.models: list = []
 
     def value(self, value):
@@ -504,8 +523,8 @@ class _Decoder:
         if "$spilled" in value:
             if self.path is None:
                 raise InputError("This result holds tensors read from its file on access: give rebuild the file's path.")
-            return SpilledTensor(Path(self.path), tuple(value["shape"]), getattr(torch, value["dtype"]), tuple(value["order"]),
-                                 value["contiguous"], value["$spilled"])
+            return SpilledTensor(Path(self.path).resolve(), tuple(value["shape"]), getattr(torch, value["dtype"]), tuple(value["order"]),
+                                 value["contiguous"], value["$spilled"], self.file_id)
         if "$class" in value:
             cls = self.find_class(value["$class"])
             fields = {name: self.value(v) for name, v in value["fields"].items()}

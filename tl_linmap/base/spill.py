@@ -20,11 +20,20 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-#: safetensors' names of torch's dtypes.
+from tl_linmap.base.errors import InputError
+
+#: safetensors' names of torch's dtypes (those this torch has).
 DTYPE_NAMES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64", torch.int32: "I32",
-    torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+    getattr(torch, name): code for name, code in (
+        ("float64", "F64"), ("float32", "F32"), ("float16", "F16"), ("bfloat16", "BF16"), ("float8_e4m3fn", "F8_E4M3"),
+        ("float8_e5m2", "F8_E5M2"), ("int64", "I64"), ("int32", "I32"), ("int16", "I16"), ("int8", "I8"), ("uint64", "U64"),
+        ("uint32", "U32"), ("uint16", "U16"), ("uint8", "U8"), ("bool", "BOOL"),
+    ) if hasattr(torch, name)
 }
+
+#: The metadata entry naming a file's contents: a result loaded from it reads its spilled tensors
+#: only while the file still holds them (`SpilledTensor.file_id`).
+FILE_ID = "tl_linmap_file"
 #: The dtypes a map may be kept in.
 _FLOATS = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
@@ -45,6 +54,7 @@ class SpilledTensor:
         contiguous: Whether `load` gives a contiguous tensor (else the permuted view of the
             stored one, with the strides it was computed with).
         key: The tensor's name in the file.
+        file_id: The file's `FILE_ID` when it was read (None: a spill file, which nothing else writes).
     """
 
     path: Path
@@ -53,6 +63,7 @@ class SpilledTensor:
     order: tuple[int, ...]
     contiguous: bool = True
     key: str = _NAME
+    file_id: str | None = None
 
     @property
     def nbytes(self) -> int:
@@ -70,8 +81,16 @@ class SpilledTensor:
         Returns:
             A contiguous tensor of `stored_shape`.
         """
-        with safe_open(str(self.path), framework="pt") as f:
-            return f.get_tensor(self.key)
+        try:
+            with safe_open(str(self.path), framework="pt") as f:
+                if self.file_id is not None and (f.metadata() or {}).get(FILE_ID) != self.file_id:
+                    raise InputError(
+                        f"{str(self.path)!r} was saved over since this result was loaded from it, and no longer holds its "
+                        "maps: load the result again, or save other results to other files."
+                    )
+                return f.get_tensor(self.key)
+        except FileNotFoundError as err:
+            raise InputError(f"{str(self.path)!r}, where this result's maps are, is gone: keep the file while the result is used.") from err
 
     def load(self) -> Tensor:
         """The tensor, read from its file (a fresh copy in memory).
@@ -123,16 +142,23 @@ def write_file(path: str | Path, tensors: dict[str, Tensor | SpilledTensor], met
     """
     # Widest elements first (as safetensors orders them), so that each tensor starts aligned to its element size.
     keys = sorted(tensors, key=lambda key: -_itemsize(tensors[key].dtype))
+    unknown = sorted({str(t.dtype) for t in tensors.values() if t.dtype not in DTYPE_NAMES})
+    if unknown:
+        raise TypeError(f"safetensors has no name for {', '.join(unknown)}: a saved tensor must be one of {list(DTYPE_NAMES)}.")
     entries = {key: (t.dtype, t.stored_shape if isinstance(t, SpilledTensor) else list(t.shape)) for key in keys for t in [tensors[key]]}
     path = Path(path)
     partial = path.with_name(path.name + ".partial")
-    with open(partial, "wb") as f:
-        f.write(_header(entries, metadata))
-        for key in keys:
-            tensor = tensors[key].stored() if isinstance(tensors[key], SpilledTensor) else tensors[key]
-            f.write(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))
-            del tensor
-    os.replace(partial, path)
+    try:
+        with open(partial, "wb") as f:
+            f.write(_header(entries, metadata))
+            for key in keys:
+                tensor = tensors[key].stored() if isinstance(tensors[key], SpilledTensor) else tensors[key]
+                f.write(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))
+                del tensor
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
 
 
 class SpillWriter:

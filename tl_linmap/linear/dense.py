@@ -50,7 +50,8 @@ from tl_linmap.base.guard import borrowed
 from tl_linmap.base.hook_names import EMBED_HOOK, independent_target, target_depth
 from tl_linmap.base.prompts import Prompt, Prompts, read_prompts
 from tl_linmap.base.progress import check_progress, progress_bar
-from tl_linmap.base.devices import resident
+from tl_linmap.base import budget
+from tl_linmap.base.devices import input_device, resident
 from tl_linmap.base.spill import SpilledTensor, SpillWriter
 from tl_linmap.freeze.architectures import naming_foreign
 from tl_linmap.freeze.capture import at_position, capture, run_to_target
@@ -704,7 +705,17 @@ def _cheaper_route(system: FrozenSystem, wanted: list[str], weights: dict) -> st
     shapes = [(system.outputs[name].shape[0], target_depth(name, n_layers)) for name in wanted]
     shapes += [(1, target_depth(name, n_layers)) for name, _, _ in weights.values()]  # a readout is one row
     n, d_in = system.x.shape[1:]
-    return choose_route(d_in, n, system.position, shapes, forward_row_cost(system.model.cfg))
+    route = choose_route(d_in, n, system.position, shapes, forward_row_cost(system.model.cfg))
+    return route if route == "columns" or _offloaded_casts_fit(system.model, system.x.dtype) else "columns"
+
+
+def _offloaded_casts_fit(model, dtype: torch.dtype) -> bool:
+    # Weights offloaded to disk are loaded (in the working dtype) inside each module's forward, out of the
+    # borrow's reach: a graph keeps every one it reads, and no recipe stands for them. The rows route takes
+    # them only where they fit a graph's share of the input device's memory.
+    offloaded = [p for block in model.blocks for p in block.parameters() if p.device.type == "meta" and p.is_floating_point()]
+    need = sum(p.numel() for p in offloaded) * (torch.finfo(dtype).bits // 8)
+    return need <= budget.available_bytes(input_device(model)) * budget.GRAPH_CAST_FRACTION
 
 
 def _assemble(
