@@ -229,8 +229,11 @@ def test_rendered_tutorials_are_not_blank_and_show_their_figures(tmp_path):
             assert page is not None, f"no rendered page for {stem} under {site / 'tutorials'}"
             (reporters / f"{stem}.html").write_text(REPORTER.format(page="/" + page.relative_to(site).as_posix()))
             shot = tmp_path / f"{stem}.png"
-            dom = render(f"{url}_reporters/{stem}.html", png=shot, budget_ms=30000, window=(1280, 1600))
-            report = json.loads(html.unescape(dom.split('<pre id="report">', 1)[1].split("</pre>", 1)[0]) or "null")
+            for budget_ms in (30000, 120000):  # a page on a loaded host once missed the first budget (seen here, not in CI)
+                dom = render(f"{url}_reporters/{stem}.html", png=shot, budget_ms=budget_ms, window=(1280, 1600))
+                report = json.loads(html.unescape(dom.split('<pre id="report">', 1)[1].split("</pre>", 1)[0]) or "null")
+                if report is not None:
+                    break
             assert report is not None, f"{stem}: the page never finished loading in Chromium"
             assert _heading(stem) in report["text"], f"{stem}: its title is not on the page"
             figures = [image for image in report["images"] if image["inline"] and image["width"] > 0]
