@@ -5,6 +5,8 @@ import importlib
 import importlib.util
 import inspect
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tests never reach a model hub
 
@@ -167,3 +169,33 @@ def assert_same(saved, loaded, path: str = "result") -> None:
         assert loaded != loaded, f"{path}: nan saved"
     else:
         assert saved == loaded, f"{path}: {saved!r} saved, {loaded!r} loaded"
+
+
+#: What a peak-memory child starts with: `status(key)` reads /proc/self/status in bytes, `reset()` restarts the
+#: high-water mark from what is resident now (`VmHWM - reset()` is then the peak a call adds).
+_PEAK_PRELUDE = """
+import re
+from pathlib import Path
+
+def status(key):
+    return int(re.search(key + r":\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
+
+def reset():
+    Path("/proc/self/clear_refs").write_text("5")
+    return status("VmRSS")
+"""
+
+
+def peak_memory_child(code: str, *args: str) -> list[float]:
+    """Run ``code`` in a fresh Python (after `_PEAK_PRELUDE`) and read the numbers its last line prints.
+
+    A fresh process, since in the suite's own, memory freed by earlier tests is still resident and a call
+    reuses it without raising the high-water mark (CI once measured 0 bytes there). Skips where Linux's
+    /proc cannot reset the mark (CI runs on Linux, where it must not skip).
+    """
+    if not os.access("/proc/self/clear_refs", os.W_OK):
+        pytest.skip("peak resident memory is reset through Linux's /proc")
+    run = subprocess.run([sys.executable, "-c", _PEAK_PRELUDE + code, *args], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    return [float(v) for v in run.stdout.strip().splitlines()[-1].split()]
+

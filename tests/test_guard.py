@@ -1,13 +1,10 @@
 """The user's model comes out of tl_linmap bit for bit as it went in, also after an error half-way."""
 
 import contextlib
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import PROMPT
+from conftest import PROMPT, peak_memory_child
 
 import tl_linmap
 from tl_linmap.base.errors import InputError, LinmapError
@@ -335,21 +332,16 @@ def test_a_graph_through_cast_blocks_differentiates_as_the_cast_model(fresh_llam
 
 
 _GRAPH_PEAK = """
-import re, sys
-from pathlib import Path
+import sys
 import torch
 import tl_linmap
 from tl_linmap.load.toy import toy_model
 
-def status(key):
-    return int(re.search(key + r":\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
-
 model = toy_model("llama", dtype=torch.bfloat16, d_model=256, n_layers=8, n_heads=4, d_mlp=1024, n_ctx=32)
 tokens = torch.randint(3, 200, (1, 6), generator=torch.Generator().manual_seed(0))
 copy = 8 * sum(p.numel() for block in model.blocks for p in block.parameters())
-tl_linmap.base.budget.available_bytes = lambda device: copy  # its runtime share, half, cannot hold a copy
-Path("/proc/self/clear_refs").write_text("5")  # the high-water mark starts again from what is resident now
-start = status("VmRSS")
+tl_linmap.base.budget.available_bytes = lambda device: copy  # a graph's quarter of it cannot hold a copy
+start = reset()
 if sys.argv[1] == "rows":
     tl_linmap.linear_map(model, tokens, target=tl_linmap.Logit(5), dtype=torch.float64, route="rows", progress=False)
 else:
@@ -364,11 +356,8 @@ def test_a_graph_route_holds_no_cast_copy_of_the_blocks_where_it_would_not_fit(r
     """A bfloat16 model mapped in float64 by a route that keeps a graph, with too little memory for a float64 copy
     of the blocks: its peak is far below one (1.06 and 0.82 of one before the graph saved its casts as recipes,
     0.25 and 0.20 after on TransformerLens 4; the SVD 0.40 to 0.52 on 3.9's bridge, which saves more of its own)."""
-    if not os.access("/proc/self/clear_refs", os.W_OK):
-        pytest.skip("peak resident memory is reset through Linux's /proc")  # CI runs on Linux, where this must not skip
-    run = subprocess.run([sys.executable, "-c", _GRAPH_PEAK, route], capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr
-    assert 0 < float(run.stdout.split()[-1]) < 0.65
+    (peak,) = peak_memory_child(_GRAPH_PEAK, route)
+    assert 0 < peak < 0.65
 
 
 def test_borrowed_puts_back_a_block_a_stopped_pass_left_cast(fresh_llama):

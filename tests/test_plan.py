@@ -1,11 +1,9 @@
 """Plans: the route and rows a run takes, refusal before any work, memory near the measured, configs without weights."""
 
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from conftest import peak_memory_child
 
 import tl_linmap
 from tl_linmap.base import budget
@@ -76,33 +74,21 @@ def test_a_plan_that_does_not_fit_raises_with_its_numbers():
 
 
 _MEASURE = """
-import re
-from pathlib import Path
 import torch
 import tl_linmap
 from tl_linmap.load.toy import toy_model
 
-def status(key):
-    return int(re.search(key + r":\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
-
 model = toy_model("llama", d_model=256, n_layers=2, n_heads=4, d_mlp=512, n_ctx=64)
 tokens = torch.randint(2, 200, (1, 48), generator=torch.Generator().manual_seed(0))
 plan = tl_linmap.plan(model, tokens, "linear_map")
-Path("/proc/self/clear_refs").write_text("5")  # the high-water mark starts again from what is resident now
-start = status("VmRSS")
+start = reset()
 tl_linmap.linear_map(model, tokens, check=False, progress=False)
 print((plan.devices[0].peak_gib - plan.devices[0].weights_gib) * 2**30, status("VmHWM") - start)
 """
 
 
 def test_predicted_memory_is_within_a_factor_of_two_of_the_measured():
-    if not os.access("/proc/self/clear_refs", os.W_OK):
-        pytest.skip("peak resident memory is reset through Linux's /proc")  # CI runs on Linux, where this must not skip
-    # A fresh process: in the suite's own, memory freed by earlier tests is still resident, and the call reuses
-    # it without raising the high-water mark (CI measured 0 bytes there).
-    run = subprocess.run([sys.executable, "-c", _MEASURE], capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr
-    predicted, measured = map(float, run.stdout.split()[-2:])  # what the run adds to the loaded model
+    predicted, measured = peak_memory_child(_MEASURE)  # what the run adds to the loaded model
     assert measured > 0, "the high-water mark did not move: the measurement is broken, not the plan"
     assert 0.5 < predicted / measured < 2, (predicted, measured)  # 1.4 when written
 

@@ -14,8 +14,9 @@ grad enabled keeps its blocks cast until the borrow ends, and each backward read
 where they would not fit, what the graph saves of a cast weight (the weight, or a view of it) is
 saved as a recipe, the model's own tensor and the view, and cast again whenever a backward pass
 reads it (``torch.autograd.graph.saved_tensors_hooks``, pushed only while such a block runs), so
-that the reverse-mode routes hold one block too, at the price of a cast per weight per backward. The tensors outside the blocks
-(embeddings, unembedding, final norm, spliced dictionaries) are cast on entry.
+that the reverse-mode routes hold one block too, at the price of a cast per weight per backward.
+The tensors outside the blocks (embeddings, unembedding, final norm, spliced dictionaries) are
+cast on entry.
 """
 
 from __future__ import annotations
@@ -200,8 +201,9 @@ class _BlockCasts:
             spares = [cast for cast, _ in _casts_of(self.per_block[layer], self.datas)]
             _restore(self.per_block[layer], self.datas)
             for spare in spares:
-                self.owners.pop(spare.untyped_storage().data_ptr(), None)
-                if layer not in self.graphed:
+                if layer in self.graphed:
+                    self.owners.pop(spare.untyped_storage().data_ptr(), None)
+                else:
                     self.pool.setdefault(_layout(spare), []).append(spare)
             self.cast.discard(layer)
             if layer in self.graphed:

@@ -477,7 +477,7 @@ def read(path: str | Path) -> tuple[dict, dict[str, Tensor]]:
 
 
 def rebuild(header: dict, tensors: dict[str, Tensor], find_class: Callable[[str], type], model=None, path: str | Path | None = None):
-    """The result a format-2 header and its tensors describe.
+    """The result a format-2 or format-3 header and its tensors describe.
 
     Args:
         header: As `read` gives it.

@@ -462,8 +462,9 @@ class SpilledMap(NamedTuple):
         return dataclasses.replace(self.fields, operators=self.operators.load())
 
 
-def _is_spilled(lm) -> bool:
-    return isinstance(lm, SpilledMap) or isinstance(getattr(lm, "operators", None), SpilledTensor)
+def _on_disk(lm: LinearMap) -> bool:
+    # A map whose operators are a file's tensor (as saving writes and loading reads a spilled map).
+    return isinstance(lm.operators, SpilledTensor)
 
 
 class MapStore(Mapping):
@@ -483,7 +484,7 @@ class MapStore(Mapping):
     """
 
     def __init__(self, maps: Mapping[str, LinearMap | SpilledMap], directory: Path | None = None, temporary: bool = False):
-        self._maps = {name: SpilledMap.of(lm) if isinstance(lm, LinearMap) and _is_spilled(lm) else lm for name, lm in maps.items()}
+        self._maps = {name: SpilledMap.of(lm) if isinstance(lm, LinearMap) and _on_disk(lm) else lm for name, lm in maps.items()}
         spilled = [lm.operators.path for lm in self._maps.values() if isinstance(lm, SpilledMap)]
         self.directory = directory if directory is not None or not spilled else Path(spilled[0]).parent
         if temporary and directory is not None:
@@ -566,7 +567,7 @@ class LinearMaps(Mapping, Saveable):
 
     def __post_init__(self) -> None:
         # Loaded from a file that holds spilled maps, they stay there (read back on access).
-        if not isinstance(self.maps, MapStore) and any(_is_spilled(lm) for lm in self.maps.values()):
+        if not isinstance(self.maps, MapStore) and any(_on_disk(lm) for lm in self.maps.values()):
             self.maps = MapStore(self.maps)
 
     def __getitem__(self, name: str | LinearReadout) -> LinearMap:
